@@ -1,0 +1,183 @@
+//! The `tally` command line. Parses arguments, sets up logging, and calls into
+//! the library; `anyhow` lives here and in `main.rs` only.
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+use crate::app::App;
+use crate::bench::{self, AppendBench};
+use crate::config::{DatabaseConfig, LogConfig, ServerConfig};
+use crate::store::{self, redact_url, Backend};
+
+/// Tally: event-sourced usage metering.
+///
+/// Ingests one usage event per API call (HTTP now, NATS JetStream next), stores
+/// each exactly once in an event log (SQLite or PostgreSQL), and answers
+/// questions about usage. Every option can also be set with the `TALLY_*`
+/// environment variable shown beside it.
+#[derive(Debug, Parser)]
+#[command(name = "tally", version, about, long_about)]
+pub struct Cli {
+    #[command(flatten)]
+    db: DatabaseConfig,
+    #[command(flatten)]
+    log: LogConfig,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the server: HTTP ingest (`POST /v1/events`), `/healthz`, `/readyz`.
+    Serve(ServerConfig),
+    /// Apply pending database migrations and exit.
+    Migrate,
+    /// Start a server on the embedded default, send sample traffic, print what happened, keep serving.
+    Demo(DemoArgs),
+    /// Benchmarks that compare Tally with a baseline measured in the same run.
+    Bench {
+        #[command(subcommand)]
+        which: BenchCommand,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+struct DemoArgs {
+    #[command(flatten)]
+    server: ServerConfig,
+    /// Sample events to send.
+    #[arg(long, default_value_t = 300)]
+    events: usize,
+    /// Exit after sending instead of serving until Ctrl-C.
+    #[arg(long)]
+    exit: bool,
+}
+
+#[derive(Debug, Subcommand)]
+enum BenchCommand {
+    /// Append path vs. the database's physical limit (COPY / bare multi-row INSERT).
+    Append {
+        /// Database to measure.
+        #[arg(long, value_parser = ["postgres", "sqlite"])]
+        backend: String,
+        /// Events per path.
+        #[arg(long, default_value_t = 1_000_000)]
+        events: usize,
+        /// Events per transaction.
+        #[arg(long, default_value_t = 1_000)]
+        batch: usize,
+        /// Rounds; the best of each path is reported.
+        #[arg(long, default_value_t = 1)]
+        rounds: usize,
+        /// Use this PostgreSQL database instead of a throwaway cluster.
+        #[arg(long)]
+        postgres_url: Option<String>,
+    },
+}
+
+/// Entry point of the binary.
+pub async fn run() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    crate::telemetry::init(&cli.log.log, cli.log.log_format);
+    match cli.command {
+        Command::Serve(server) => {
+            let app = App::build(&cli.db, &server).await.with_context(|| {
+                format!("starting Tally on {}", redact_url(&cli.db.database_url))
+            })?;
+            let shutdown = shutdown_on_signal();
+            app.run(shutdown).await?;
+        }
+        Command::Migrate => {
+            let store = store::connect(&cli.db.database_url, &cli.db.store_options()).await?;
+            store.migrate().await?;
+            store.close().await;
+            println!("migrations applied to {}", redact_url(&cli.db.database_url));
+        }
+        Command::Demo(args) => demo(&cli.db, args).await?,
+        Command::Bench { which } => match which {
+            BenchCommand::Append {
+                backend,
+                events,
+                batch,
+                rounds,
+                postgres_url,
+            } => {
+                let backend = if backend == "postgres" {
+                    Backend::Postgres
+                } else {
+                    Backend::Sqlite
+                };
+                bench::append(&AppendBench {
+                    backend,
+                    events,
+                    batch: batch.max(1),
+                    rounds: rounds.max(1),
+                    postgres_url,
+                })
+                .await?;
+            }
+        },
+    }
+    Ok(())
+}
+
+async fn demo(db: &DatabaseConfig, args: DemoArgs) -> anyhow::Result<()> {
+    let app = App::build(db, &args.server)
+        .await
+        .with_context(|| format!("starting Tally on {}", redact_url(&db.database_url)))?;
+    let base = format!("http://{}", app.local_addr());
+    let store = app.store();
+    let shutdown = shutdown_on_signal();
+    let server = tokio::spawn(app.run(shutdown.clone()));
+    println!(
+        "Tally is running at {base} on {}",
+        redact_url(&db.database_url)
+    );
+    crate::demo::send_sample_traffic(&base, args.events).await?;
+    let counts = store.counts().await?;
+    println!(
+        "\nThe event log now holds {} events; rejected_events holds {} payloads.",
+        counts.events, counts.rejected
+    );
+    if args.exit {
+        shutdown.cancel();
+    } else {
+        println!("\nTally keeps running at {base} — try:");
+        println!("  curl -s {base}/readyz");
+        println!("  curl -s -X POST {base}/v1/events -H 'content-type: application/json' \\");
+        println!("       -d '{{\"id\":\"my-first\",\"ts\":\"{}\",\"api\":\"openai\",\"tokens_in\":10,\"cost\":\"0.0001\"}}'", chrono::Utc::now().format("%Y-%m-%dT%H:%M:%SZ"));
+        println!("  sqlite3 tally.db 'SELECT api, count(*), sum(cost_nanos) FROM usage_events GROUP BY api'");
+        println!("Press Ctrl-C to stop.");
+    }
+    server.await.context("server task")??;
+    Ok(())
+}
+
+/// A token cancelled on Ctrl-C or SIGTERM.
+fn shutdown_on_signal() -> CancellationToken {
+    let token = CancellationToken::new();
+    let t = token.clone();
+    tokio::spawn(async move {
+        let ctrl_c = tokio::signal::ctrl_c();
+        #[cfg(unix)]
+        {
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(mut term) => {
+                    tokio::select! {
+                        _ = ctrl_c => {}
+                        _ = term.recv() => {}
+                    }
+                }
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                }
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = ctrl_c.await;
+        tracing::info!("shutdown requested");
+        t.cancel();
+    });
+    token
+}

@@ -1,0 +1,152 @@
+//! `tally demo`: Tally's main job in one command, on the embedded default.
+//!
+//! Starts the server, sends a few hundred realistic events over HTTP — with
+//! duplicates, a conflicting resend and broken events among them — prints what
+//! Tally accepted and rejected and why, and leaves the server running.
+
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use crate::event::codec::to_wire_json;
+use crate::ingest::IngestReport;
+use crate::synth::{self, SynthConfig};
+
+/// Errors of the demo's client side.
+#[derive(Debug, thiserror::Error)]
+pub enum DemoError {
+    /// The HTTP request failed.
+    #[error("request to Tally failed: {0}")]
+    Http(#[from] reqwest::Error),
+    /// Tally answered something unexpected.
+    #[error("unexpected answer: {0}")]
+    Unexpected(String),
+}
+
+/// What the demo sent and what Tally answered, summed over requests.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct DemoSummary {
+    /// Events sent (items, including broken ones).
+    pub sent: usize,
+    /// Accepted (stored) events.
+    pub accepted: usize,
+    /// Duplicates recognised.
+    pub duplicates: usize,
+    /// Conflicts recognised.
+    pub conflicts: usize,
+    /// Items rejected by validation.
+    pub rejected: usize,
+    /// Whole bodies refused with 4xx.
+    pub bodies_refused: usize,
+}
+
+/// Sends the demo traffic to a running Tally at `base` (e.g. `http://127.0.0.1:8080`).
+pub async fn send_sample_traffic(base: &str, count: usize) -> Result<DemoSummary, DemoError> {
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()?;
+    let url = format!("{base}/v1/events");
+    let cfg = SynthConfig {
+        id_prefix: format!("demo-{:06x}", rand::random::<u32>() & 0xff_ffff),
+        ..SynthConfig::default()
+    };
+    let events = synth::events(&cfg, 0, count);
+    let mut summary = DemoSummary::default();
+    let post = |body: Vec<Value>| {
+        let client = client.clone();
+        let url = url.clone();
+        async move {
+            let resp = client.post(&url).json(&body).send().await?;
+            let status = resp.status();
+            let text = resp.text().await?;
+            if !status.is_success() {
+                return Err(DemoError::Unexpected(format!("{status}: {text}")));
+            }
+            serde_json::from_str::<IngestReport>(&text)
+                .map(|r| (body.len(), r))
+                .map_err(|e| DemoError::Unexpected(format!("{e}: {text}")))
+        }
+    };
+
+    println!("Sending {count} events in batches of 100 to {url} …");
+    let mut samples: Vec<String> = Vec::new();
+    let add =
+        |summary: &mut DemoSummary, (n, r): (usize, IngestReport), samples: &mut Vec<String>| {
+            summary.sent += n;
+            summary.accepted += r.accepted;
+            summary.duplicates += r.duplicates;
+            summary.conflicts += r.conflicts;
+            summary.rejected += r.rejected.len();
+            for e in r.rejected.iter().chain(&r.conflicting).take(8) {
+                samples.push(format!(
+                    "  #{:<3} {:<28} {}",
+                    e.index,
+                    e.id.as_deref().unwrap_or("(no id)"),
+                    e.error
+                ));
+            }
+        };
+    for chunk in events.chunks(100) {
+        let out = post(chunk.iter().map(to_wire_json).collect()).await?;
+        add(&mut summary, out, &mut samples);
+    }
+
+    // A retrying producer resends a batch: every event is a duplicate, none counted twice.
+    let resend: Vec<Value> = events.iter().take(40).map(to_wire_json).collect();
+    println!("Resending 40 events, as a producer retrying after a timeout would …");
+    let out = post(resend).await?;
+    add(&mut summary, out, &mut samples);
+
+    // The same id with a different cost, and broken events beside a valid one.
+    let mut changed = to_wire_json(&events[0]);
+    changed["cost"] = json!("99.5");
+    let now = chrono::Utc::now();
+    let broken = vec![
+        changed,
+        json!({"id": format!("{}-typo", cfg.id_prefix), "ts": now.to_rfc3339(), "api": "openai", "latencyMs": 120}),
+        json!({"id": format!("{}-neg", cfg.id_prefix), "ts": now.to_rfc3339(), "api": "openai", "cost": "-0.01"}),
+        json!({"id": format!("{}-noapi", cfg.id_prefix), "ts": now.to_rfc3339()}),
+        json!({"id": format!("{}-future", cfg.id_prefix), "ts": (now + chrono::Duration::hours(2)).to_rfc3339(), "api": "openai"}),
+        json!({"id": format!("{}-precise", cfg.id_prefix), "ts": now.timestamp_millis(), "api": "openai", "cost": "0.0000000001"}),
+        json!({"id": format!("{}-ok", cfg.id_prefix), "ts": now.timestamp_millis(), "api": "openai", "status": 429, "tokens_in": 12}),
+    ];
+    println!("Sending a conflicting resend and five broken events beside a valid one …");
+    let out = post(broken).await?;
+    add(&mut summary, out, &mut samples);
+
+    let resp = client
+        .post(&url)
+        .header("content-type", "application/json")
+        .body("{\"id\": \"half")
+        .send()
+        .await?;
+    println!(
+        "Sending a truncated body … {} {}",
+        resp.status(),
+        resp.text().await.unwrap_or_default()
+    );
+    summary.bodies_refused += 1;
+
+    println!("\n  sent        {:>6}", summary.sent + 1);
+    println!("  accepted    {:>6}", summary.accepted);
+    println!("  duplicates  {:>6}  (counted once)", summary.duplicates);
+    println!(
+        "  conflicts   {:>6}  (same id, different content: kept in rejected_events)",
+        summary.conflicts
+    );
+    println!(
+        "  rejected    {:>6}  (kept in rejected_events with the reason)",
+        summary.rejected
+    );
+    println!(
+        "  bodies refused {:>3}  (unparseable, kept in rejected_events)",
+        summary.bodies_refused
+    );
+    if !samples.is_empty() {
+        println!("\nWhy events were not counted:");
+        for s in samples.iter().take(12) {
+            println!("{s}");
+        }
+    }
+    Ok(summary)
+}

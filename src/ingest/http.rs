@@ -1,0 +1,98 @@
+//! `POST /v1/events`: reads the body within the size limit, hands it to
+//! [`Intake`](super::Intake), and maps the outcome to a status code.
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::header::{CONTENT_LENGTH, CONTENT_TYPE};
+use axum::http::{HeaderMap, StatusCode};
+use axum::Json;
+
+use super::{IngestError, IngestReport};
+use crate::event::codec::CodecError;
+use crate::http::{ApiError, AppState};
+use crate::store::Origin;
+
+/// Ingests one body. Answers 200 only after the accepted events are committed.
+pub async fn post_events(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Json<IngestReport>, ApiError> {
+    let max = state.max_body_bytes;
+    let declared = headers
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|len| len > max) {
+        return Err(too_large(max));
+    }
+    let bytes = axum::body::to_bytes(body, max).await.map_err(|e| {
+        if is_length_limit(&e) {
+            too_large(max)
+        } else {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "unreadable_body",
+                format!("could not read the request body: {e}"),
+            )
+        }
+    })?;
+    let content_type = headers.get(CONTENT_TYPE).and_then(|v| v.to_str().ok());
+    let origin = Origin {
+        source: "http",
+        subject: Some("/v1/events".to_string()),
+    };
+    match state.intake.ingest(&bytes, content_type, &origin).await {
+        Ok(report) => {
+            state.note_database(true, None);
+            Ok(Json(report))
+        }
+        Err(IngestError::Body(e)) => Err(match e {
+            CodecError::UnsupportedMediaType(_) => ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_media_type",
+                e.to_string(),
+            ),
+            CodecError::TooManyEvents { .. } => ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too_many_events",
+                e.to_string(),
+            ),
+            CodecError::Empty => {
+                ApiError::new(StatusCode::BAD_REQUEST, "empty_batch", e.to_string())
+            }
+            CodecError::Unparseable(_) => {
+                ApiError::new(StatusCode::BAD_REQUEST, "unparseable_body", e.to_string())
+            }
+        }),
+        Err(IngestError::Store(e)) => {
+            let message = e.to_string();
+            state.note_database(false, Some(&message));
+            tracing::warn!(error = %message, "append failed; answering 503");
+            Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "store_unavailable",
+                "the event log is unavailable; nothing from this request was stored. Retry with the same ids: duplicates are harmless",
+            ))
+        }
+    }
+}
+
+fn too_large(max: usize) -> ApiError {
+    ApiError::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "body_too_large",
+        format!("the request body is larger than the limit of {max} bytes; split the batch (TALLY_MAX_BODY_BYTES sets the limit)"),
+    )
+}
+
+fn is_length_limit(e: &axum::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = source {
+        if err.is::<http_body_util::LengthLimitError>() {
+            return true;
+        }
+        source = err.source();
+    }
+    false
+}

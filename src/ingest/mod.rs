@@ -1,0 +1,181 @@
+//! Ingest: bodies from the outside world → validated events → the event log.
+//!
+//! [`Intake::ingest`] is the one path every source takes (HTTP now, NATS next):
+//! decode ([`crate::event::codec`]), validate ([`crate::event::validate`]) and
+//! append valid events *and* rejected items in one store transaction. A caller
+//! reports success (HTTP 200, NATS ack) only after it returns `Ok`, i.e. after
+//! the commit: an answered event is never lost, and a retried one is a duplicate.
+
+pub mod http;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::event::codec::{decode_body, CodecError, Encoding};
+use crate::event::{validate, ValidationRules};
+use crate::store::{EventStore, Origin, Outcome, RejectKind, Rejected, StoreError};
+
+/// Limits applied to every body, whatever its source.
+#[derive(Debug, Clone)]
+pub struct IntakeLimits {
+    /// Oldest accepted `ts`, relative to now.
+    pub late_arrival_horizon: Duration,
+    /// Newest accepted `ts`, relative to now.
+    pub max_future_skew: Duration,
+    /// Most events in one body.
+    pub max_events: usize,
+}
+
+/// Decodes, validates and appends bodies. Cheap to clone.
+#[derive(Clone)]
+pub struct Intake {
+    store: Arc<dyn EventStore>,
+    limits: IntakeLimits,
+}
+
+/// The answer to one body: what was counted, and why each other item was not.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct IngestReport {
+    /// Events stored now.
+    pub accepted: usize,
+    /// Events whose id was already stored with the same content.
+    pub duplicates: usize,
+    /// Events whose id was already stored with different content (kept in `rejected_events`).
+    pub conflicts: usize,
+    /// Items that failed decoding or validation.
+    pub rejected: Vec<ItemError>,
+    /// The conflicting items, with what differs.
+    #[serde(default)]
+    pub conflicting: Vec<ItemError>,
+}
+
+/// Why one item of a body was not counted.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ItemError {
+    /// 0-based position in the body (for NDJSON: among the non-blank lines).
+    pub index: usize,
+    /// The item's `id` when it had a readable one.
+    pub id: Option<String>,
+    /// What is wrong and how to fix it.
+    pub error: String,
+}
+
+/// Why a body as a whole was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    /// The body could not be split into items (stored in `rejected_events` when possible).
+    #[error(transparent)]
+    Body(#[from] CodecError),
+    /// The event log could not commit; nothing from this body was stored.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl Intake {
+    /// An intake writing to `store`.
+    pub fn new(store: Arc<dyn EventStore>, limits: IntakeLimits) -> Self {
+        Self { store, limits }
+    }
+
+    /// The store this intake appends to.
+    pub fn store(&self) -> &Arc<dyn EventStore> {
+        &self.store
+    }
+
+    /// Ingests one body. `Ok` means every accepted event and every rejected item is committed.
+    pub async fn ingest(
+        &self,
+        body: &[u8],
+        content_type: Option<&str>,
+        origin: &Origin,
+    ) -> Result<IngestReport, IngestError> {
+        let decoded = Encoding::detect(content_type, body).and_then(|enc| {
+            decode_body(body, enc, self.limits.max_events).map(|items| (enc, items))
+        });
+        let (encoding, items) = match decoded {
+            Ok(ok) => ok,
+            Err(e) => {
+                // The whole body is refused, but it is still kept, with the reason.
+                let reject = Rejected {
+                    kind: RejectKind::Unparseable,
+                    event_id: None,
+                    item_index: None,
+                    reason: e.to_string(),
+                    content_type: content_type.map(str::to_string),
+                    payload: body.to_vec(),
+                };
+                self.store.append(&[], &[reject], origin).await?;
+                crate::telemetry::body_rejected(origin.source, &e);
+                return Err(e.into());
+            }
+        };
+
+        let rules = ValidationRules {
+            max_future_skew: self.limits.max_future_skew,
+            ..ValidationRules::now(self.limits.late_arrival_horizon)
+        };
+        let mut events = Vec::with_capacity(items.len());
+        let mut positions = Vec::with_capacity(items.len());
+        let mut rejects = Vec::new();
+        let mut report = IngestReport::default();
+        for (index, item) in items.into_iter().enumerate() {
+            let result = match item.value {
+                Err(e) => Err((None, e)),
+                Ok(v) => validate(&v, &rules).map_err(|e| (readable_id(&v), e)),
+            };
+            match result {
+                Ok(event) => {
+                    events.push(event);
+                    positions.push(index);
+                }
+                Err((id, error)) => {
+                    let message = error.to_string();
+                    report.rejected.push(ItemError {
+                        index,
+                        id: id.clone(),
+                        error: message.clone(),
+                    });
+                    rejects.push(Rejected {
+                        kind: RejectKind::Invalid,
+                        event_id: id,
+                        item_index: i32::try_from(index).ok(),
+                        reason: message,
+                        content_type: Some(encoding.content_type().to_string()),
+                        payload: item.raw,
+                    });
+                }
+            }
+        }
+
+        let outcomes = self.store.append(&events, &rejects, origin).await?;
+        for ((outcome, event), index) in outcomes.iter().zip(&events).zip(positions) {
+            match outcome {
+                Outcome::Inserted => report.accepted += 1,
+                Outcome::Duplicate => report.duplicates += 1,
+                Outcome::Conflict => {
+                    report.conflicts += 1;
+                    report.conflicting.push(ItemError {
+                        index,
+                        id: Some(event.id.clone()),
+                        error: format!(
+                            "id `{}` is already stored with different content; the stored event is kept (details in rejected_events)",
+                            event.id
+                        ),
+                    });
+                }
+            }
+        }
+        crate::telemetry::batch_ingested(origin.source, &report);
+        Ok(report)
+    }
+}
+
+/// The item's `id` when it is a readable string, so the sender can match the error.
+fn readable_id(v: &Value) -> Option<String> {
+    v.get("id")
+        .and_then(Value::as_str)
+        .map(|s| s.chars().take(128).collect())
+}

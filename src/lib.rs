@@ -1,0 +1,37 @@
+//! # Tally — event-sourced usage metering
+//!
+//! Services emit one *usage event* per API call. Tally stores each event
+//! exactly once in an append-only log and derives everything else from it.
+//! Read the modules in the order an event travels through them:
+//!
+//! 1. [`event`] — the wire contract: the [`event::Event`] model, validation
+//!    (every rule names its field) and codecs (JSON, NDJSON, MessagePack,
+//!    CloudEvents).
+//! 2. [`ingest`] — bodies from HTTP (and, next, NATS JetStream) are decoded,
+//!    validated and appended in one transaction; the sender hears "accepted"
+//!    only after the commit.
+//! 3. [`store`] — the event log (`usage_events`, `rejected_events`) behind the
+//!    [`store::EventStore`] trait, one backend per file: PostgreSQL and SQLite.
+//!    Deduplication by id is exact and has no time window.
+//!
+//! Projections (hourly/daily/monthly aggregates), alerts and the query API
+//! follow the same path and are added by later milestones (see ARCHITECTURE.md).
+//!
+//! Around the data flow: [`config`] (flags and `TALLY_*` variables),
+//! [`telemetry`] (logging), [`http`] (router, errors, health), [`app`]
+//! (wiring and shutdown), [`cli`] (the `tally` command), [`bench`], [`demo`],
+//! [`synth`] (seeded synthetic events) and [`devserver`] (throwaway
+//! PostgreSQL for tests and benchmarks).
+
+pub mod app;
+pub mod bench;
+pub mod cli;
+pub mod config;
+pub mod demo;
+pub mod devserver;
+pub mod event;
+pub mod http;
+pub mod ingest;
+pub mod store;
+pub mod synth;
+pub mod telemetry;

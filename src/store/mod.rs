@@ -1,0 +1,384 @@
+//! The event log: `usage_events` (the source of truth) and `rejected_events`.
+//!
+//! Two backends implement [`EventStore`]: [`postgres::PgStore`] for production
+//! and [`sqlite::SqliteStore`] as the embedded default. Both append a batch in
+//! one transaction and classify every event as inserted, duplicate or conflict
+//! with the same pure logic ([`classify`]), so their answers cannot drift apart;
+//! `tests/it/store.rs` runs one conformance suite against both.
+
+pub mod postgres;
+pub mod sqlite;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+
+use crate::event::codec::to_wire_json;
+use crate::event::{ErrorType, Event};
+
+/// Which database a store writes to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// PostgreSQL (production).
+    Postgres,
+    /// SQLite (embedded default).
+    Sqlite,
+}
+
+impl Backend {
+    /// The backend a database URL names.
+    pub fn from_url(url: &str) -> Result<Self, StoreError> {
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Ok(Backend::Postgres)
+        } else if url.starts_with("sqlite:") {
+            Ok(Backend::Sqlite)
+        } else {
+            Err(StoreError::UnsupportedUrl(redact_url(url)))
+        }
+    }
+
+    /// Lower-case name, as used on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Postgres => "postgres",
+            Backend::Sqlite => "sqlite",
+        }
+    }
+}
+
+/// Errors of the event log.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database refused or could not be reached.
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    /// A migration could not be applied.
+    #[error("migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    /// The URL names no supported backend.
+    #[error("unsupported database URL `{0}`: use sqlite://PATH or postgres://USER@HOST/DB")]
+    UnsupportedUrl(String),
+    /// A stored row could not be read back as an event.
+    #[error("stored row for event `{id}` is unreadable: {reason}")]
+    CorruptRow {
+        /// The event id of the row.
+        id: String,
+        /// What failed to decode.
+        reason: String,
+    },
+}
+
+/// What happened to one event of an appended batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Stored now; counted.
+    Inserted,
+    /// The same id with the same content was already stored (or earlier in the batch).
+    Duplicate,
+    /// The same id was stored with different content; recorded in `rejected_events`.
+    Conflict,
+}
+
+/// Why a payload ended up in `rejected_events`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RejectKind {
+    /// The body could not be decoded at all.
+    Unparseable,
+    /// One item failed validation.
+    Invalid,
+    /// The id exists with different content.
+    Conflict,
+}
+
+impl RejectKind {
+    /// The value of `rejected_events.kind`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RejectKind::Unparseable => "unparseable",
+            RejectKind::Invalid => "invalid",
+            RejectKind::Conflict => "conflict",
+        }
+    }
+}
+
+/// Where a batch came from, stored with each rejected payload.
+#[derive(Debug, Clone)]
+pub struct Origin {
+    /// `http`, `nats` or `import`.
+    pub source: &'static str,
+    /// NATS subject or HTTP path.
+    pub subject: Option<String>,
+}
+
+/// A payload that was not accepted, with the reason.
+#[derive(Debug, Clone)]
+pub struct Rejected {
+    /// What kind of failure.
+    pub kind: RejectKind,
+    /// The event id when one could be read.
+    pub event_id: Option<String>,
+    /// Position of the item in its body (0-based), `None` for a whole body.
+    pub item_index: Option<i32>,
+    /// What is wrong and how to fix it.
+    pub reason: String,
+    /// Content type the payload was read as.
+    pub content_type: Option<String>,
+    /// The raw bytes.
+    pub payload: Vec<u8>,
+}
+
+/// A row of `rejected_events`, as read back.
+#[derive(Debug, Clone)]
+pub struct RejectedRow {
+    /// When Tally stored it.
+    pub received_at: DateTime<Utc>,
+    /// `http`, `nats` or `import`.
+    pub source: String,
+    /// NATS subject or HTTP path.
+    pub subject: Option<String>,
+    /// `unparseable`, `invalid` or `conflict`.
+    pub kind: String,
+    /// The event id when one could be read.
+    pub event_id: Option<String>,
+    /// Position in the body.
+    pub item_index: Option<i32>,
+    /// Why it was rejected.
+    pub reason: String,
+    /// The raw bytes.
+    pub payload: Vec<u8>,
+}
+
+/// Row counts of the log, for tests, the demo and operators.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct LogCounts {
+    /// Rows in `usage_events`.
+    pub events: i64,
+    /// Rows in `rejected_events`.
+    pub rejected: i64,
+}
+
+/// The append-only event log. One implementation per backend.
+#[async_trait]
+pub trait EventStore: Send + Sync + 'static {
+    /// Which backend this is.
+    fn backend(&self) -> Backend;
+
+    /// Applies pending migrations from `schema/<backend>/` (idempotent).
+    async fn migrate(&self) -> Result<(), StoreError>;
+
+    /// Cheap liveness probe for `/readyz`.
+    async fn ping(&self) -> Result<(), StoreError>;
+
+    /// Appends events and rejected payloads in one transaction.
+    ///
+    /// Returns one [`Outcome`] per event, in order. Conflicts are also written to
+    /// `rejected_events` in the same transaction. Either everything is committed
+    /// or nothing is (and an error is returned).
+    async fn append(
+        &self,
+        events: &[Event],
+        rejects: &[Rejected],
+        origin: &Origin,
+    ) -> Result<Vec<Outcome>, StoreError>;
+
+    /// The stored event with this id.
+    async fn get_event(&self, id: &str) -> Result<Option<Event>, StoreError>;
+
+    /// Row counts of `usage_events` and `rejected_events`.
+    async fn counts(&self) -> Result<LogCounts, StoreError>;
+
+    /// The most recent rejected payloads, newest first.
+    async fn recent_rejected(&self, limit: i64) -> Result<Vec<RejectedRow>, StoreError>;
+
+    /// Closes the pools, waiting for connections to be returned.
+    async fn close(&self);
+}
+
+/// Pool settings shared by both backends.
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    /// Most connections in the pool (PostgreSQL) or read pool (SQLite).
+    pub max_connections: u32,
+    /// How long to wait for a connection before giving up (keeps requests from hanging when the DB is down).
+    pub acquire_timeout: Duration,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        Self {
+            max_connections: 10,
+            acquire_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Opens the store a URL names (without migrating).
+pub async fn connect(url: &str, options: &StoreOptions) -> Result<Arc<dyn EventStore>, StoreError> {
+    Ok(match Backend::from_url(url)? {
+        Backend::Postgres => Arc::new(postgres::PgStore::connect(url, options).await?),
+        Backend::Sqlite => Arc::new(sqlite::SqliteStore::connect(url, options).await?),
+    })
+}
+
+/// A URL with its password replaced, safe to log.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let creds = &url[scheme + 3..at];
+            match creds.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
+                None => url.to_string(),
+            }
+        }
+        _ => url.to_string(),
+    }
+}
+
+/// The columns of `usage_events` that carry the event, in bind order.
+pub(crate) const EVENT_COLUMNS: &str =
+    "id, ts, api, endpoint, method, key, \"user\", model, status, success, \
+     error_type, error_message, latency_ms, request_bytes, response_bytes, tokens_in, tokens_out, \
+     cost_nanos, cached, metadata";
+
+/// Indices of the first occurrence of each id: the only events a backend inserts.
+pub(crate) fn first_occurrences(events: &[Event]) -> Vec<usize> {
+    let mut seen = HashSet::with_capacity(events.len());
+    (0..events.len())
+        .filter(|&i| seen.insert(events[i].id.as_str()))
+        .collect()
+}
+
+/// Classifies every event of a batch once the backend knows which ids it
+/// inserted and what was already stored for the others.
+///
+/// The "winner" of an id is the stored row, or the first occurrence in this batch
+/// when that one was inserted now. Every other occurrence is a duplicate when it
+/// equals the winner and a conflict otherwise.
+pub(crate) fn classify(
+    events: &[Event],
+    inserted: &HashSet<String>,
+    existing: &HashMap<String, Event>,
+) -> (Vec<Outcome>, Vec<Rejected>) {
+    let mut first: HashMap<&str, usize> = HashMap::new();
+    let mut outcomes = Vec::with_capacity(events.len());
+    let mut conflicts = Vec::new();
+    for (i, e) in events.iter().enumerate() {
+        let first_index = *first.entry(e.id.as_str()).or_insert(i);
+        let is_new = inserted.contains(&e.id);
+        if is_new && first_index == i {
+            outcomes.push(Outcome::Inserted);
+            continue;
+        }
+        let winner = if is_new {
+            Some(&events[first_index])
+        } else {
+            existing.get(&e.id)
+        };
+        match winner {
+            Some(w) if w == e => outcomes.push(Outcome::Duplicate),
+            Some(w) => {
+                outcomes.push(Outcome::Conflict);
+                conflicts.push(conflict_record(e, w, i));
+            }
+            // Not inserted yet not found: only possible if a concurrent delete ran;
+            // reporting a duplicate would hide it, so call it a conflict.
+            None => {
+                outcomes.push(Outcome::Conflict);
+                conflicts.push(Rejected {
+                    kind: RejectKind::Conflict,
+                    event_id: Some(e.id.clone()),
+                    item_index: i32::try_from(i).ok(),
+                    reason: format!("id `{}` was neither inserted nor found", e.id),
+                    content_type: Some("application/json".into()),
+                    payload: to_wire_json(e).to_string().into_bytes(),
+                });
+            }
+        }
+    }
+    (outcomes, conflicts)
+}
+
+fn conflict_record(e: &Event, stored: &Event, index: usize) -> Rejected {
+    let new = to_wire_json(e);
+    let old = to_wire_json(stored);
+    let mut differing: Vec<&str> = crate::event::validate::FIELDS
+        .iter()
+        .copied()
+        .filter(|f| new.get(f) != old.get(f))
+        .collect();
+    if differing.is_empty() {
+        differing.push("(normalised form)");
+    }
+    Rejected {
+        kind: RejectKind::Conflict,
+        event_id: Some(e.id.clone()),
+        item_index: i32::try_from(index).ok(),
+        reason: format!(
+            "conflict: id `{}` is already stored with different content (differs in: {}); the stored event is kept. Use a new id for a new call",
+            e.id,
+            differing.join(", ")
+        ),
+        content_type: Some("application/json".into()),
+        payload: new.to_string().into_bytes(),
+    }
+}
+
+/// Builds an [`Event`] from a row of [`EVENT_COLUMNS`] (in that order), given the
+/// backend-specific `ts` (column 1) and `metadata` (column 19, JSON text).
+pub(crate) fn event_from_row<'r, R>(row: &'r R, ts: DateTime<Utc>) -> Result<Event, StoreError>
+where
+    R: sqlx::Row,
+    usize: sqlx::ColumnIndex<R>,
+    String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    i32: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    f64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    bool: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+{
+    let id: String = row.try_get(0)?;
+    let corrupt = |reason: String| StoreError::CorruptRow {
+        id: id.clone(),
+        reason,
+    };
+    let error_type: Option<String> = row.try_get(10)?;
+    let error_type = match error_type {
+        Some(t) => Some(ErrorType::parse(&t).ok_or_else(|| corrupt(format!("error_type {t:?}")))?),
+        None => None,
+    };
+    let metadata: Option<String> = row.try_get(19)?;
+    let metadata = match metadata {
+        Some(text) => serde_json::from_str(&text).map_err(|e| corrupt(format!("metadata: {e}")))?,
+        None => Default::default(),
+    };
+    Ok(Event {
+        ts,
+        api: row.try_get(2)?,
+        endpoint: row.try_get(3)?,
+        method: row.try_get(4)?,
+        key: row.try_get(5)?,
+        user: row.try_get(6)?,
+        model: row.try_get(7)?,
+        status: row.try_get(8)?,
+        success: row.try_get(9)?,
+        error_type,
+        error_message: row.try_get(11)?,
+        latency_ms: row.try_get(12)?,
+        request_bytes: row.try_get(13)?,
+        response_bytes: row.try_get(14)?,
+        tokens_in: row.try_get(15)?,
+        tokens_out: row.try_get(16)?,
+        cost_nanos: row.try_get(17)?,
+        cached: row.try_get(18)?,
+        metadata,
+        id,
+    })
+}
+
+/// `metadata` as stored: JSON text, NULL when empty.
+pub(crate) fn metadata_json(e: &Event) -> Option<String> {
+    (!e.metadata.is_empty())
+        .then(|| serde_json::to_string(&e.metadata).unwrap_or_else(|_| "{}".to_string()))
+}
