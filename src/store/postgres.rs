@@ -149,6 +149,34 @@ impl PgStore {
             .collect()
     }
 
+    async fn append_once(
+        &self,
+        events: &[Event],
+        unique: &[&Event],
+        rejects: &[Rejected],
+        origin: &Origin,
+    ) -> Result<Vec<Outcome>, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let inserted = if unique.is_empty() {
+            HashSet::new()
+        } else {
+            Self::insert_events(&mut tx, unique).await?
+        };
+        // Only ids that were not inserted need their stored version; in the common
+        // case (no duplicates) this is skipped entirely.
+        let missing: Vec<&str> = unique
+            .iter()
+            .map(|e| e.id.as_str())
+            .filter(|id| !inserted.contains(*id))
+            .collect();
+        let existing = Self::fetch_events(&mut *tx, &missing).await?;
+        let (outcomes, conflicts) = classify(events, &inserted, &existing);
+        Self::insert_rejects(&mut tx, rejects, origin).await?;
+        Self::insert_rejects(&mut tx, &conflicts, origin).await?;
+        tx.commit().await?;
+        Ok(outcomes)
+    }
+
     async fn insert_rejects(
         tx: &mut Transaction<'_, Postgres>,
         rejects: &[Rejected],
@@ -181,6 +209,13 @@ impl PgStore {
     }
 }
 
+/// Deadlock and serialization failures: the transaction was rolled back and may be retried.
+fn is_retryable(e: &sqlx::Error) -> bool {
+    e.as_database_error()
+        .and_then(|d| d.code())
+        .is_some_and(|c| c == "40P01" || c == "40001")
+}
+
 #[async_trait]
 impl EventStore for PgStore {
     fn backend(&self) -> Backend {
@@ -203,29 +238,24 @@ impl EventStore for PgStore {
         rejects: &[Rejected],
         origin: &Origin,
     ) -> Result<Vec<Outcome>, StoreError> {
-        let mut tx = self.pool.begin().await?;
-        let unique: Vec<&Event> = first_occurrences(events)
+        // Rows are inserted in id order, so two batches that share ids take their
+        // unique-index locks in the same order and cannot deadlock. The retry is a
+        // backstop for lock cycles we did not foresee; the transaction is all or nothing.
+        let mut unique: Vec<&Event> = first_occurrences(events)
             .into_iter()
             .map(|i| &events[i])
             .collect();
-        let inserted = if unique.is_empty() {
-            HashSet::new()
-        } else {
-            Self::insert_events(&mut tx, &unique).await?
-        };
-        // Only ids that were not inserted need their stored version; in the common
-        // case (no duplicates) this is skipped entirely.
-        let missing: Vec<&str> = unique
-            .iter()
-            .map(|e| e.id.as_str())
-            .filter(|id| !inserted.contains(*id))
-            .collect();
-        let existing = Self::fetch_events(&mut *tx, &missing).await?;
-        let (outcomes, conflicts) = classify(events, &inserted, &existing);
-        Self::insert_rejects(&mut tx, rejects, origin).await?;
-        Self::insert_rejects(&mut tx, &conflicts, origin).await?;
-        tx.commit().await?;
-        Ok(outcomes)
+        unique.sort_unstable_by(|a, b| a.id.cmp(&b.id));
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match self.append_once(events, &unique, rejects, origin).await {
+                Err(StoreError::Database(e)) if attempt < 4 && is_retryable(&e) => {
+                    tracing::debug!(error = %e, attempt, "append retried");
+                }
+                other => return other,
+            }
+        }
     }
 
     async fn get_event(&self, id: &str) -> Result<Option<Event>, StoreError> {

@@ -1,1 +1,8 @@
+//! Integration tests: one binary, real PostgreSQL (started by `support`) and SQLite files.
 
+mod cli;
+mod event;
+mod ingest_http;
+mod prop;
+mod store;
+mod support;

@@ -1,0 +1,185 @@
+//! Test support: a private PostgreSQL cluster for the whole test binary (a fresh
+//! database per test), SQLite files in temp dirs, and a Tally server on port 0.
+
+use std::sync::{Arc, OnceLock};
+
+use chrono::{DateTime, Utc};
+use tally::app::App;
+use tally::config::ServerConfig;
+use tally::devserver::TempPostgres;
+use tally::event::Event;
+use tally::store::{self, Backend, EventStore, StoreOptions};
+use tokio_util::sync::CancellationToken;
+
+/// One cluster per test process; its watchdog stops it when the process exits.
+pub fn postgres() -> &'static TempPostgres {
+    static PG: OnceLock<Result<TempPostgres, String>> = OnceLock::new();
+    PG.get_or_init(|| TempPostgres::start(false).map_err(|e| e.to_string()))
+        .as_ref()
+        .unwrap_or_else(|e| panic!("cannot start PostgreSQL for the tests: {e}"))
+}
+
+/// A store on a fresh database, and what keeps it alive.
+pub struct TestStore {
+    pub store: Arc<dyn EventStore>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+/// A migrated store of the given backend on a fresh database.
+pub async fn store(backend: Backend) -> TestStore {
+    let (url, dir) = match backend {
+        Backend::Postgres => {
+            let pg = postgres();
+            let url = pg.create_database("t").expect("create test database");
+            (url, None)
+        }
+        Backend::Sqlite => {
+            let dir = tempfile::tempdir().expect("temp dir");
+            let url = format!("sqlite://{}", dir.path().join("tally.db").display());
+            (url, Some(dir))
+        }
+    };
+    let store = store::connect(&url, &StoreOptions::default())
+        .await
+        .expect("connect store");
+    store.migrate().await.expect("migrate");
+    TestStore { store, _dir: dir }
+}
+
+/// Server config with defaults and port 0.
+pub fn server_config() -> ServerConfig {
+    use clap::Parser;
+    #[derive(Parser)]
+    struct Wrap {
+        #[command(flatten)]
+        c: ServerConfig,
+    }
+    let mut c = Wrap::parse_from(["tally"]).c;
+    c.http_addr = "127.0.0.1:0".parse().expect("addr");
+    c
+}
+
+/// A running Tally server over `store`, stopped on drop.
+pub struct TestServer {
+    pub base: String,
+    pub client: reqwest::Client,
+    shutdown: CancellationToken,
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+impl TestServer {
+    pub async fn start(store: Arc<dyn EventStore>, config: ServerConfig) -> Self {
+        let app = App::with_store(store, &config).await.expect("build app");
+        let base = format!("http://{}", app.local_addr());
+        let shutdown = CancellationToken::new();
+        tokio::spawn(app.run(shutdown.clone()));
+        Self {
+            base,
+            client: reqwest::Client::new(),
+            shutdown,
+        }
+    }
+
+    /// POSTs a body to /v1/events; returns status and JSON answer.
+    pub async fn post(
+        &self,
+        content_type: Option<&str>,
+        body: impl Into<reqwest::Body>,
+    ) -> (u16, serde_json::Value) {
+        let mut req = self
+            .client
+            .post(format!("{}/v1/events", self.base))
+            .body(body);
+        if let Some(ct) = content_type {
+            req = req.header("content-type", ct);
+        }
+        let resp = req.send().await.expect("request");
+        let status = resp.status().as_u16();
+        let text = resp.text().await.expect("body");
+        let json = serde_json::from_str(&text)
+            .unwrap_or_else(|e| panic!("answer is not JSON ({e}): {text}"));
+        (status, json)
+    }
+
+    pub async fn post_json(&self, body: &serde_json::Value) -> (u16, serde_json::Value) {
+        self.post(Some("application/json"), body.to_string()).await
+    }
+
+    pub async fn get(&self, path: &str) -> (u16, serde_json::Value) {
+        let resp = self
+            .client
+            .get(format!("{}{path}", self.base))
+            .send()
+            .await
+            .expect("request");
+        let status = resp.status().as_u16();
+        (status, resp.json().await.expect("json"))
+    }
+}
+
+/// A minimal valid wire event.
+pub fn wire(id: &str) -> serde_json::Value {
+    serde_json::json!({"id": id, "ts": now_rfc3339(), "api": "openai"})
+}
+
+pub fn now_rfc3339() -> String {
+    Utc::now().to_rfc3339()
+}
+
+/// A full event (every field set) for round-trip tests.
+pub fn full_event(id: &str, ts: DateTime<Utc>) -> Event {
+    use chrono::SubsecRound;
+    Event {
+        id: id.to_string(),
+        ts: ts.trunc_subsecs(6),
+        api: "openai".into(),
+        endpoint: Some("/v1/chat/completions".into()),
+        method: Some("POST".into()),
+        key: Some("key_01".into()),
+        user: Some("ユーザー-😀".into()),
+        model: Some("gpt-4o".into()),
+        status: Some(429),
+        success: false,
+        error_type: Some(tally::event::ErrorType::RateLimit),
+        error_message: Some("slow down\nplease".into()),
+        latency_ms: Some(123.456),
+        request_bytes: Some(1024),
+        response_bytes: Some(0),
+        tokens_in: Some(1500),
+        tokens_out: Some(0),
+        cost_nanos: Some(2_300_000),
+        cached: true,
+        metadata: [
+            ("region".to_string(), "eu-west-1".to_string()),
+            ("تجربة".to_string(), "✓".to_string()),
+        ]
+        .into_iter()
+        .collect(),
+    }
+}
+
+/// Generates `#[tokio::test]`s running one async test function on both backends.
+macro_rules! both_backends {
+    ($($name:ident),* $(,)?) => {
+        $(
+            mod $name {
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn postgres() {
+                    let s = crate::support::store(tally::store::Backend::Postgres).await;
+                    super::$name(&s).await;
+                }
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn sqlite() {
+                    let s = crate::support::store(tally::store::Backend::Sqlite).await;
+                    super::$name(&s).await;
+                }
+            }
+        )*
+    };
+}
+pub(crate) use both_backends;
