@@ -96,17 +96,17 @@ pub async fn append(params: &AppendBench) -> Result<AppendResult, BenchError> {
     };
     let tmp = tempfile_dir()?;
     // Keep the throwaway cluster alive for the whole run.
-    let mut _cluster = None;
+    let mut cluster = None;
     for round in 1..=params.rounds {
         let (baseline, tally) = match params.backend {
             Backend::Postgres => {
                 let url = match &params.postgres_url {
                     Some(u) => u.clone(),
                     None => {
-                        if _cluster.is_none() {
-                            _cluster = Some(TempPostgres::start(true)?);
+                        if cluster.is_none() {
+                            cluster = Some(TempPostgres::start(true)?);
                         }
-                        let pg = _cluster.as_ref().expect("cluster was just started");
+                        let pg = cluster.as_ref().expect("cluster was just started");
                         pg.create_database("bench")?
                     }
                 };

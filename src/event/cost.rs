@@ -112,13 +112,17 @@ mod tests {
     #[test]
     fn rejects_what_cannot_be_exact() {
         assert!(parse_nanos("0.0000000001")
-            .unwrap_err()
+            .expect_err("must fail")
             .contains("10 fractional digits"));
-        assert!(parse_nanos("-0.5").unwrap_err().contains("negative"));
+        assert!(parse_nanos("-0.5")
+            .expect_err("must fail")
+            .contains("negative"));
         assert!(parse_nanos("9223372036.854775808")
-            .unwrap_err()
+            .expect_err("must fail")
             .contains("too large"));
-        assert!(parse_nanos("1e400").unwrap_err().contains("too large"));
+        assert!(parse_nanos("1e400")
+            .expect_err("must fail")
+            .contains("too large"));
         for bad in ["", ".", "abc", "1.2.3", "1e", "0x10", "1,5", "NaN"] {
             assert!(parse_nanos(bad).is_err(), "{bad} should fail");
         }

@@ -67,7 +67,7 @@ async fn duplicate_in_later_batch_changes_nothing(s: &TestStore) {
     let b = full_event("d-2", Utc::now());
     let first = s
         .store
-        .append(&[a.clone()], &[], &origin())
+        .append(std::slice::from_ref(&a), &[], &origin())
         .await
         .expect("append");
     assert_eq!(first, vec![Outcome::Inserted]);
@@ -101,7 +101,7 @@ async fn conflict_keeps_the_stored_event_and_records_the_newcomer(s: &TestStore)
     changed.cost_nanos = Some(99);
     changed.tokens_in = Some(1);
     s.store
-        .append(&[original.clone()], &[], &origin())
+        .append(std::slice::from_ref(&original), &[], &origin())
         .await
         .expect("append");
     let out = s
@@ -140,7 +140,7 @@ async fn rejects_commit_with_the_batch(s: &TestStore) {
         .store
         .append(
             &[full_event("ok-1", Utc::now())],
-            &[reject.clone()],
+            std::slice::from_ref(&reject),
             &origin(),
         )
         .await
