@@ -251,6 +251,45 @@ pub(crate) fn first_occurrences(events: &[Event]) -> Vec<usize> {
         .collect()
 }
 
+/// The ids of `unique` that were not inserted: only these need their stored
+/// version read back (none in the common, duplicate-free case).
+pub(crate) fn not_inserted<'a>(unique: &[&'a Event], inserted: &HashSet<String>) -> Vec<&'a str> {
+    unique
+        .iter()
+        .map(|e| e.id.as_str())
+        .filter(|id| !inserted.contains(*id))
+        .collect()
+}
+
+/// Columns read back by `recent_rejected`, in [`rejected_from_row`] order.
+pub(crate) const REJECTED_COLUMNS: &str =
+    "received_at, source, subject, kind, event_id, item_index, reason, payload";
+
+/// Builds a [`RejectedRow`] from a row of [`REJECTED_COLUMNS`], given the
+/// backend-specific `received_at` (column 0).
+pub(crate) fn rejected_from_row<'r, R>(
+    row: &'r R,
+    received_at: DateTime<Utc>,
+) -> Result<RejectedRow, StoreError>
+where
+    R: sqlx::Row,
+    usize: sqlx::ColumnIndex<R>,
+    String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    i32: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    Vec<u8>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+{
+    Ok(RejectedRow {
+        received_at,
+        source: row.try_get(1)?,
+        subject: row.try_get(2)?,
+        kind: row.try_get(3)?,
+        event_id: row.try_get(4)?,
+        item_index: row.try_get(5)?,
+        reason: row.try_get(6)?,
+        payload: row.try_get(7)?,
+    })
+}
+
 /// Classifies every event of a batch once the backend knows which ids it
 /// inserted and what was already stored for the others.
 ///

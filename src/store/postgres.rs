@@ -10,8 +10,9 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
 use sqlx::{Postgres, Row, Transaction};
 
 use super::{
-    classify, event_from_row, first_occurrences, metadata_json, Backend, EventStore, LogCounts,
-    Origin, Outcome, Rejected, RejectedRow, StoreError, StoreOptions, EVENT_COLUMNS,
+    classify, event_from_row, first_occurrences, metadata_json, not_inserted, rejected_from_row,
+    Backend, EventStore, LogCounts, Origin, Outcome, Rejected, RejectedRow, StoreError,
+    StoreOptions, EVENT_COLUMNS, REJECTED_COLUMNS,
 };
 use crate::event::Event;
 
@@ -162,13 +163,7 @@ impl PgStore {
         } else {
             Self::insert_events(&mut tx, unique).await?
         };
-        // Only ids that were not inserted need their stored version; in the common
-        // case (no duplicates) this is skipped entirely.
-        let missing: Vec<&str> = unique
-            .iter()
-            .map(|e| e.id.as_str())
-            .filter(|id| !inserted.contains(*id))
-            .collect();
+        let missing = not_inserted(unique, &inserted);
         let existing = Self::fetch_events(&mut *tx, &missing).await?;
         let (outcomes, conflicts) = classify(events, &inserted, &existing);
         Self::insert_rejects(&mut tx, rejects, origin).await?;
@@ -272,26 +267,11 @@ impl EventStore for PgStore {
     }
 
     async fn recent_rejected(&self, limit: i64) -> Result<Vec<RejectedRow>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT received_at, source, subject, kind, event_id, item_index, reason, payload \
-             FROM rejected_events ORDER BY seq DESC LIMIT $1",
-        )
-        .bind(limit)
-        .fetch_all(&self.pool)
-        .await?;
+        let sql =
+            format!("SELECT {REJECTED_COLUMNS} FROM rejected_events ORDER BY seq DESC LIMIT $1");
+        let rows = sqlx::query(&sql).bind(limit).fetch_all(&self.pool).await?;
         rows.iter()
-            .map(|r| {
-                Ok(RejectedRow {
-                    received_at: r.try_get(0)?,
-                    source: r.try_get(1)?,
-                    subject: r.try_get(2)?,
-                    kind: r.try_get(3)?,
-                    event_id: r.try_get(4)?,
-                    item_index: r.try_get(5)?,
-                    reason: r.try_get(6)?,
-                    payload: r.try_get(7)?,
-                })
-            })
+            .map(|r| rejected_from_row(r, r.try_get(0)?))
             .collect()
     }
 

@@ -17,8 +17,9 @@ use sqlx::sqlite::{
 use sqlx::{QueryBuilder, Row, Sqlite, Transaction};
 
 use super::{
-    classify, event_from_row, first_occurrences, metadata_json, Backend, EventStore, LogCounts,
-    Origin, Outcome, Rejected, RejectedRow, StoreError, StoreOptions, EVENT_COLUMNS,
+    classify, event_from_row, first_occurrences, metadata_json, not_inserted, rejected_from_row,
+    Backend, EventStore, LogCounts, Origin, Outcome, Rejected, RejectedRow, StoreError,
+    StoreOptions, EVENT_COLUMNS, REJECTED_COLUMNS,
 };
 use crate::event::{format_ts, Event};
 
@@ -212,11 +213,7 @@ impl EventStore for SqliteStore {
             .map(|i| &events[i])
             .collect();
         let inserted = Self::insert_events(&mut tx, &unique).await?;
-        let missing: Vec<&str> = unique
-            .iter()
-            .map(|e| e.id.as_str())
-            .filter(|id| !inserted.contains(*id))
-            .collect();
+        let missing = not_inserted(&unique, &inserted);
         let existing = Self::fetch_events(&mut *tx, &missing).await?;
         let (outcomes, conflicts) = classify(events, &inserted, &existing);
         Self::insert_rejects(&mut tx, rejects, origin).await?;
@@ -239,26 +236,16 @@ impl EventStore for SqliteStore {
     }
 
     async fn recent_rejected(&self, limit: i64) -> Result<Vec<RejectedRow>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT received_at, source, subject, kind, event_id, item_index, reason, payload \
-             FROM rejected_events ORDER BY seq DESC LIMIT ?",
-        )
-        .bind(limit)
-        .fetch_all(&self.reader)
-        .await?;
+        let sql =
+            format!("SELECT {REJECTED_COLUMNS} FROM rejected_events ORDER BY seq DESC LIMIT ?");
+        let rows = sqlx::query(&sql)
+            .bind(limit)
+            .fetch_all(&self.reader)
+            .await?;
         rows.iter()
             .map(|r| {
                 let received: String = r.try_get(0)?;
-                Ok(RejectedRow {
-                    received_at: parse_ts(&received).unwrap_or_default(),
-                    source: r.try_get(1)?,
-                    subject: r.try_get(2)?,
-                    kind: r.try_get(3)?,
-                    event_id: r.try_get(4)?,
-                    item_index: r.try_get(5)?,
-                    reason: r.try_get(6)?,
-                    payload: r.try_get(7)?,
-                })
+                rejected_from_row(r, parse_ts(&received).unwrap_or_default())
             })
             .collect()
     }
