@@ -1,14 +1,18 @@
 //! Wiring: the store, the HTTP router and (later) the NATS consumer, projectors
 //! and alert relay, built from config and run until a shutdown signal.
 
+use std::future::IntoFuture;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{DatabaseConfig, ServerConfig};
+use crate::health::Health;
 use crate::http::{router, AppState};
+use crate::ingest::nats::{NatsError, NatsIntake};
 use crate::store::{self, redact_url, EventStore, StoreError};
 
 /// Why the server could not start or stopped with an error.
@@ -28,12 +32,17 @@ pub enum AppError {
     /// The HTTP server failed.
     #[error("HTTP server failed: {0}")]
     Serve(std::io::Error),
+    /// NATS ingest could not be set up as configured.
+    #[error(transparent)]
+    Nats(#[from] NatsError),
 }
 
 /// A built, not yet running, Tally server.
 pub struct App {
     state: AppState,
     listener: TcpListener,
+    nats: Option<NatsIntake>,
+    shutdown_timeout: Duration,
 }
 
 impl App {
@@ -56,9 +65,17 @@ impl App {
                 addr: server.http_addr,
                 source,
             })?;
+        let health = Arc::new(Health::default());
+        let state = AppState::new(store, server, health.clone());
+        let nats = match &server.nats.connection.nats_url {
+            Some(_) => Some(NatsIntake::start(&server.nats, state.intake.clone(), health).await?),
+            None => None,
+        };
         Ok(Self {
-            state: AppState::new(store, server),
+            state,
             listener,
+            nats,
+            shutdown_timeout: server.shutdown_timeout,
         })
     }
 
@@ -75,15 +92,46 @@ impl App {
     }
 
     /// Serves until `shutdown` is cancelled, then finishes in-flight requests
-    /// (each one's transaction commits or rolls back as a whole) and closes the store.
+    /// and the NATS batch in flight (each one's transaction commits or rolls
+    /// back as a whole) and closes the store. Work still unfinished after the
+    /// shutdown timeout is abandoned unacknowledged, so JetStream redelivers it.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), AppError> {
         let store = self.state.store.clone();
-        tracing::info!(addr = %self.local_addr(), backend = store.backend().name(), "Tally is listening");
-        axum::serve(self.listener, router(self.state))
+        tracing::info!(addr = %self.local_addr(), backend = store.backend().name(), nats = self.nats.is_some(), "Tally is listening");
+        let deadline = CancellationToken::new();
+        let timer = {
+            let (shutdown, deadline, timeout) =
+                (shutdown.clone(), deadline.clone(), self.shutdown_timeout);
+            tokio::spawn(async move {
+                shutdown.cancelled().await;
+                tokio::time::sleep(timeout).await;
+                deadline.cancel();
+            })
+        };
+        let nats = self
+            .nats
+            .map(|n| tokio::spawn(n.run(shutdown.clone(), deadline.clone())));
+        let http = axum::serve(self.listener, router(self.state))
             .with_graceful_shutdown(shutdown.cancelled_owned())
-            .await
-            .map_err(AppError::Serve)?;
+            .into_future();
+        let http = tokio::spawn(async move {
+            tokio::select! {
+                r = http => r,
+                // Idle keep-alive clients must not hold the process past the deadline.
+                _ = deadline.cancelled() => Ok(()),
+            }
+        });
+        if let Some(nats) = nats {
+            let _ = nats.await;
+        }
+        let served = http.await;
+        timer.abort();
         store.close().await;
+        match served {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(AppError::Serve(e)),
+            Err(e) => return Err(AppError::Serve(std::io::Error::other(e))),
+        }
         tracing::info!("Tally stopped");
         Ok(())
     }

@@ -7,7 +7,11 @@ use tokio_util::sync::CancellationToken;
 
 use crate::app::App;
 use crate::bench::{self, AppendBench};
-use crate::config::{DatabaseConfig, LogConfig, ServerConfig};
+use std::path::PathBuf;
+
+use crate::config::{DatabaseConfig, LogConfig, NatsConnection, ServerConfig};
+use crate::emit::{EmitConfig, EmitEncoding};
+use crate::ingest::nats;
 use crate::store::{self, redact_url, Backend};
 
 /// Tally: event-sourced usage metering.
@@ -35,6 +39,8 @@ enum Command {
     Migrate,
     /// Start a server on the embedded default, send sample traffic, print what happened, keep serving.
     Demo(DemoArgs),
+    /// Publish synthetic (or NDJSON) usage events to NATS JetStream; a load generator and self-check.
+    Emit(EmitArgs),
     /// Benchmarks that compare Tally with a baseline measured in the same run.
     Bench {
         #[command(subcommand)]
@@ -52,6 +58,57 @@ struct DemoArgs {
     /// Exit after sending instead of serving until Ctrl-C.
     #[arg(long)]
     exit: bool,
+}
+
+#[derive(Debug, clap::Args)]
+struct EmitArgs {
+    #[command(flatten)]
+    conn: NatsConnection,
+    /// Distinct valid events to publish (duplicates and malformed payloads come on top).
+    #[arg(long, default_value_t = 10_000)]
+    count: usize,
+    /// Messages per second (default: as fast as JetStream acknowledges).
+    #[arg(long)]
+    rate: Option<f64>,
+    /// Distinct APIs (at most 10).
+    #[arg(long, default_value_t = 5)]
+    apis: usize,
+    /// Distinct API keys.
+    #[arg(long, default_value_t = 50)]
+    keys: usize,
+    /// Distinct models (at most 20).
+    #[arg(long, default_value_t = 8)]
+    models: usize,
+    /// Fraction of events published again (half with a new Nats-Msg-Id, so JetStream cannot drop them).
+    #[arg(long, default_value_t = 0.0)]
+    duplicates: f64,
+    /// Fraction of events with timestamps hours to days back.
+    #[arg(long, default_value_t = 0.0)]
+    late: f64,
+    /// Fraction of extra malformed payloads.
+    #[arg(long, default_value_t = 0.0)]
+    invalid: f64,
+    /// Message encoding.
+    #[arg(long, value_enum, default_value = "json")]
+    encoding: EmitEncoding,
+    /// RNG seed: the same seed publishes the same traffic.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Events per message (a JSON/MessagePack array; at most 1,000).
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
+    /// Subject prefix; the event's API is appended (`usage.events.openai`).
+    #[arg(long, default_value = "usage.events")]
+    subject_prefix: String,
+    /// Publish the events of this NDJSON file instead of synthetic ones.
+    #[arg(long)]
+    input: Option<PathBuf>,
+    /// Write the totals Tally should end up with (JSON) to this file.
+    #[arg(long)]
+    expect: Option<PathBuf>,
+    /// Prefix of synthetic event ids (default: random, so runs do not collide).
+    #[arg(long)]
+    id_prefix: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -95,6 +152,7 @@ pub async fn run() -> anyhow::Result<()> {
             println!("migrations applied to {}", redact_url(&cli.db.database_url));
         }
         Command::Demo(args) => demo(&cli.db, args).await?,
+        Command::Emit(args) => emit(args).await?,
         Command::Bench { which } => match which {
             BenchCommand::Append {
                 backend,
@@ -151,6 +209,64 @@ async fn demo(db: &DatabaseConfig, args: DemoArgs) -> anyhow::Result<()> {
         println!("Press Ctrl-C to stop.");
     }
     server.await.context("server task")??;
+    Ok(())
+}
+
+async fn emit(args: EmitArgs) -> anyhow::Result<()> {
+    let client = nats::connect(&args.conn, "tally-emit", None).await?;
+    let js = async_nats::jetstream::new(client.clone());
+    let defaults = EmitConfig::default();
+    let cfg = EmitConfig {
+        count: args.count,
+        rate: args.rate,
+        apis: args.apis,
+        keys: args.keys,
+        models: args.models,
+        duplicates: args.duplicates,
+        late: args.late,
+        invalid: args.invalid,
+        encoding: args.encoding,
+        seed: args.seed,
+        batch: args.batch,
+        subject_prefix: args.subject_prefix,
+        input: args.input,
+        id_prefix: args.id_prefix.unwrap_or(defaults.id_prefix),
+        progress: args.count >= 100_000 || crate::emit::stderr_is_terminal(),
+        ..defaults
+    };
+    let (summary, expect) = crate::emit::emit(&js, &cfg).await?;
+    client.flush().await.context("flushing NATS")?;
+    println!(
+        "published {} messages in {:.1}s ({:.0} msg/s): {} events, {} re-published duplicates, {} late, {} malformed",
+        summary.published,
+        summary.seconds,
+        summary.published as f64 / summary.seconds.max(1e-9),
+        summary.events,
+        summary.duplicate_events,
+        summary.late_events,
+        summary.invalid_messages
+    );
+    println!(
+        "acked {}, failed {}, dropped by JetStream as duplicate Nats-Msg-Id {}",
+        summary.acked, summary.failed, summary.jetstream_duplicates
+    );
+    if let Some(path) = &args.expect {
+        let body = serde_json::to_vec_pretty(&expect)?;
+        std::fs::write(path, body).with_context(|| format!("writing {}", path.display()))?;
+        println!(
+            "expected in Tally: {} events (cost {}), {} messages in rejected_events; details in {}",
+            expect.events,
+            expect.totals.cost,
+            expect.rejected_messages,
+            path.display()
+        );
+    }
+    if summary.failed > 0 {
+        anyhow::bail!(
+            "{} publishes were not acknowledged by JetStream",
+            summary.failed
+        );
+    }
     Ok(())
 }
 

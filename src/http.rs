@@ -1,7 +1,6 @@
 //! The HTTP surface: shared state, the router, health endpoints and the one
 //! error type every handler answers with.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,6 +12,7 @@ use axum::{Json, Router};
 use serde_json::json;
 
 use crate::config::ServerConfig;
+use crate::health::{Health, NatsState};
 use crate::ingest::Intake;
 use crate::store::EventStore;
 
@@ -25,25 +25,18 @@ pub struct AppState {
     pub store: Arc<dyn EventStore>,
     /// Largest accepted body, in bytes.
     pub max_body_bytes: usize,
-    /// Last known database state, so a change is logged once, not on every probe.
-    db_up: Arc<AtomicBool>,
+    /// Dependency states shared with the background tasks.
+    pub health: Arc<Health>,
 }
 
 impl AppState {
     /// State for a server with this config over this store.
-    pub fn new(store: Arc<dyn EventStore>, config: &ServerConfig) -> Self {
+    pub fn new(store: Arc<dyn EventStore>, config: &ServerConfig, health: Arc<Health>) -> Self {
         Self {
             intake: Intake::new(store.clone(), config.intake_limits()),
             store,
             max_body_bytes: config.max_body_bytes,
-            db_up: Arc::new(AtomicBool::new(true)),
-        }
-    }
-
-    /// Records the database state and logs a change.
-    pub fn note_database(&self, up: bool, error: Option<&str>) {
-        if self.db_up.swap(up, Ordering::Relaxed) != up {
-            crate::telemetry::database_state_changed(up, error);
+            health,
         }
     }
 }
@@ -65,6 +58,9 @@ async fn healthz() -> Json<serde_json::Value> {
 }
 
 /// Ready when the database answers within two seconds.
+///
+/// NATS being down does not make Tally unready: HTTP ingest still works and the
+/// stream keeps the messages; the answer says `degraded` and shows the state.
 async fn readyz(State(state): State<AppState>) -> Response {
     let probe = tokio::time::timeout(Duration::from_secs(2), state.store.ping()).await;
     let error = match probe {
@@ -72,19 +68,27 @@ async fn readyz(State(state): State<AppState>) -> Response {
         Ok(Err(e)) => Some(e.to_string()),
         Err(_) => Some("no answer within 2s".to_string()),
     };
-    state.note_database(error.is_none(), error.as_deref());
-    match error {
-        None => Json(json!({"status": "ready", "checks": {"database": {"status": "up"}}}))
-            .into_response(),
-        Some(e) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({
-                "status": "not_ready",
-                "checks": {"database": {"status": "down", "error": e}}
-            })),
-        )
-            .into_response(),
-    }
+    state
+        .health
+        .note_database(error.is_none(), error.as_deref());
+    let nats = state.health.nats();
+    let database = match &error {
+        None => json!({"status": "up"}),
+        Some(e) => json!({"status": "down", "error": e}),
+    };
+    let (code, status) = match (&error, nats) {
+        (Some(_), _) => (StatusCode::SERVICE_UNAVAILABLE, "not_ready"),
+        (None, NatsState::Down) => (StatusCode::OK, "degraded"),
+        (None, _) => (StatusCode::OK, "ready"),
+    };
+    (
+        code,
+        Json(json!({
+            "status": status,
+            "checks": {"database": database, "nats": {"status": nats.as_str()}}
+        })),
+    )
+        .into_response()
 }
 
 async fn not_found() -> ApiError {

@@ -51,3 +51,17 @@ pub fn database_state_changed(up: bool, error: Option<&str>) {
         tracing::warn!(error = error.unwrap_or(""), "database is unreachable");
     }
 }
+
+/// The NATS connection changed state; logged once per change.
+pub fn nats_state_changed(state: crate::health::NatsState, detail: &str) {
+    match state {
+        crate::health::NatsState::Up => tracing::info!(detail, "NATS is connected"),
+        crate::health::NatsState::Down => {
+            tracing::warn!(
+                detail,
+                "NATS is unreachable; HTTP ingest keeps working, NATS ingest resumes on reconnect"
+            )
+        }
+        crate::health::NatsState::Disabled => {}
+    }
+}

@@ -465,3 +465,34 @@ pub fn to_wire_json(e: &Event) -> Value {
     }
     Value::Object(m)
 }
+
+/// Encodes a JSON value as MessagePack (integers stay integers, decimals
+/// stay strings), for producers such as `tally emit`.
+pub fn to_msgpack(v: &Value) -> Vec<u8> {
+    fn convert(v: &Value) -> rmpv::Value {
+        match v {
+            Value::Null => rmpv::Value::Nil,
+            Value::Bool(b) => rmpv::Value::Boolean(*b),
+            Value::Number(n) => {
+                if let Some(i) = n.as_i64() {
+                    rmpv::Value::from(i)
+                } else if let Some(u) = n.as_u64() {
+                    rmpv::Value::from(u)
+                } else {
+                    rmpv::Value::F64(n.as_f64().unwrap_or(f64::NAN))
+                }
+            }
+            Value::String(s) => rmpv::Value::from(s.as_str()),
+            Value::Array(a) => rmpv::Value::Array(a.iter().map(convert).collect()),
+            Value::Object(o) => rmpv::Value::Map(
+                o.iter()
+                    .map(|(k, v)| (rmpv::Value::from(k.as_str()), convert(v)))
+                    .collect(),
+            ),
+        }
+    }
+    let mut out = Vec::new();
+    // Writing to a Vec cannot fail.
+    let _ = rmpv::encode::write_value(&mut out, &convert(v));
+    out
+}

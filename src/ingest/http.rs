@@ -44,7 +44,7 @@ pub async fn post_events(
     };
     match state.intake.ingest(&bytes, content_type, &origin).await {
         Ok(report) => {
-            state.note_database(true, None);
+            state.health.note_database(true, None);
             Ok(Json(report))
         }
         Err(IngestError::Body(e)) => Err(match e {
@@ -67,7 +67,7 @@ pub async fn post_events(
         }),
         Err(IngestError::Store(e)) => {
             let message = e.to_string();
-            state.note_database(false, Some(&message));
+            state.health.note_database(false, Some(&message));
             tracing::warn!(error = %message, "append failed; answering 503");
             Err(ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,

@@ -7,6 +7,7 @@
 //! the commit: an answered event is never lost, and a retried one is a duplicate.
 
 pub mod http;
+pub mod nats;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::event::codec::{decode_body, CodecError, Encoding};
-use crate::event::{validate, ValidationRules};
+use crate::event::{validate, Event, ValidationRules};
 use crate::store::{EventStore, Origin, Outcome, RejectKind, Rejected, StoreError};
 
 /// Limits applied to every body, whatever its source.
@@ -85,13 +86,26 @@ impl Intake {
         &self.store
     }
 
-    /// Ingests one body. `Ok` means every accepted event and every rejected item is committed.
-    pub async fn ingest(
+    /// Validation rules as of now (the horizon moves with the clock).
+    pub fn rules(&self) -> ValidationRules {
+        ValidationRules {
+            max_future_skew: self.limits.max_future_skew,
+            ..ValidationRules::now(self.limits.late_arrival_horizon)
+        }
+    }
+
+    /// Decodes and validates one body without touching the store.
+    ///
+    /// Split from the append so that a NATS batch of many messages is appended
+    /// in one transaction, and so that decoding the next batch overlaps the
+    /// write of this one.
+    pub fn prepare(
         &self,
         body: &[u8],
         content_type: Option<&str>,
-        origin: &Origin,
-    ) -> Result<IngestReport, IngestError> {
+        subject: Option<&str>,
+        rules: &ValidationRules,
+    ) -> Prepared {
         let decoded = Encoding::detect(content_type, body).and_then(|enc| {
             decode_body(body, enc, self.limits.max_events).map(|items| (enc, items))
         });
@@ -106,52 +120,114 @@ impl Intake {
                     reason: e.to_string(),
                     content_type: content_type.map(str::to_string),
                     payload: body.to_vec(),
+                    subject: subject.map(str::to_string),
                 };
-                self.store.append(&[], &[reject], origin).await?;
-                crate::telemetry::body_rejected(origin.source, &e);
-                return Err(e.into());
+                return Prepared {
+                    events: Vec::new(),
+                    positions: Vec::new(),
+                    rejects: vec![reject],
+                    rejected: Vec::new(),
+                    body_error: Some(e),
+                };
             }
         };
 
-        let rules = ValidationRules {
-            max_future_skew: self.limits.max_future_skew,
-            ..ValidationRules::now(self.limits.late_arrival_horizon)
+        let mut prepared = Prepared {
+            events: Vec::with_capacity(items.len()),
+            positions: Vec::with_capacity(items.len()),
+            rejects: Vec::new(),
+            rejected: Vec::new(),
+            body_error: None,
         };
-        let mut events = Vec::with_capacity(items.len());
-        let mut positions = Vec::with_capacity(items.len());
-        let mut rejects = Vec::new();
-        let mut report = IngestReport::default();
         for (index, item) in items.into_iter().enumerate() {
             let result = match item.value {
                 Err(e) => Err((None, e)),
-                Ok(v) => validate(&v, &rules).map_err(|e| (readable_id(&v), e)),
+                Ok(v) => validate(&v, rules).map_err(|e| (readable_id(&v), e)),
             };
             match result {
                 Ok(event) => {
-                    events.push(event);
-                    positions.push(index);
+                    prepared.events.push(event);
+                    prepared.positions.push(index);
                 }
                 Err((id, error)) => {
                     let message = error.to_string();
-                    report.rejected.push(ItemError {
+                    prepared.rejected.push(ItemError {
                         index,
                         id: id.clone(),
                         error: message.clone(),
                     });
-                    rejects.push(Rejected {
+                    prepared.rejects.push(Rejected {
                         kind: RejectKind::Invalid,
                         event_id: id,
                         item_index: i32::try_from(index).ok(),
                         reason: message,
                         content_type: Some(encoding.content_type().to_string()),
                         payload: item.raw,
+                        subject: subject.map(str::to_string),
                     });
                 }
             }
         }
+        prepared
+    }
 
-        let outcomes = self.store.append(&events, &rejects, origin).await?;
-        for ((outcome, event), index) in outcomes.iter().zip(&events).zip(positions) {
+    /// Ingests one body. `Ok` means every accepted event and every rejected item is committed.
+    pub async fn ingest(
+        &self,
+        body: &[u8],
+        content_type: Option<&str>,
+        origin: &Origin,
+    ) -> Result<IngestReport, IngestError> {
+        let mut prepared = self.prepare(body, content_type, None, &self.rules());
+        let outcomes = self
+            .store
+            .append(&prepared.events, &prepared.rejects, origin)
+            .await?;
+        if let Some(e) = prepared.body_error.take() {
+            crate::telemetry::body_rejected(origin.source, &e);
+            return Err(e.into());
+        }
+        let report = prepared.report(&outcomes);
+        crate::telemetry::batch_ingested(origin.source, &report);
+        Ok(report)
+    }
+}
+
+/// One decoded and validated body, ready to append.
+#[derive(Debug)]
+pub struct Prepared {
+    /// Valid events, in body order.
+    pub events: Vec<Event>,
+    /// Body position of each valid event.
+    positions: Vec<usize>,
+    /// Items (or the whole body) to keep in `rejected_events`.
+    pub rejects: Vec<Rejected>,
+    /// What the sender is told about each rejected item.
+    rejected: Vec<ItemError>,
+    /// Set when the body as a whole could not be decoded.
+    pub body_error: Option<CodecError>,
+}
+
+impl Prepared {
+    /// True when nothing in the body can be counted: a producer bug, not a transient failure.
+    pub fn all_rejected(&self) -> bool {
+        self.events.is_empty() && !self.rejects.is_empty()
+    }
+
+    /// The sender's report, given the store's outcome for each of `events`.
+    pub fn report(&self, outcomes: &[Outcome]) -> IngestReport {
+        let mut report = IngestReport {
+            rejected: self.rejected.clone(),
+            ..IngestReport::default()
+        };
+        if let Some(e) = &self.body_error {
+            report.rejected.push(ItemError {
+                index: 0,
+                id: None,
+                error: e.to_string(),
+            });
+        }
+        for ((outcome, event), &index) in outcomes.iter().zip(&self.events).zip(&self.positions) {
             match outcome {
                 Outcome::Inserted => report.accepted += 1,
                 Outcome::Duplicate => report.duplicates += 1,
@@ -168,8 +244,7 @@ impl Intake {
                 }
             }
         }
-        crate::telemetry::batch_ingested(origin.source, &report);
-        Ok(report)
+        report
     }
 }
 

@@ -71,6 +71,24 @@ pub enum StoreError {
     },
 }
 
+impl StoreError {
+    /// True when the database refused the *data* (a constraint or a value it
+    /// cannot store): retrying the same rows cannot succeed. Everything else
+    /// (connection lost, pool exhausted, server shutting down) is worth a retry.
+    pub fn is_data_error(&self) -> bool {
+        match self {
+            StoreError::Database(sqlx::Error::Database(e)) => {
+                !matches!(e.kind(), sqlx::error::ErrorKind::Other)
+                    || e.code().is_some_and(|c| c.starts_with("22"))
+                    // SQLite: SQLITE_CONSTRAINT (19), SQLITE_TOOBIG (18), SQLITE_MISMATCH (20).
+                    || e.code().is_some_and(|c| matches!(c.as_ref(), "18" | "19" | "20"))
+            }
+            StoreError::CorruptRow { .. } => true,
+            _ => false,
+        }
+    }
+}
+
 /// What happened to one event of an appended batch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
@@ -128,6 +146,8 @@ pub struct Rejected {
     pub content_type: Option<String>,
     /// The raw bytes.
     pub payload: Vec<u8>,
+    /// Subject it arrived on when it differs within a batch (NATS); else the batch's [`Origin`].
+    pub subject: Option<String>,
 }
 
 /// A row of `rejected_events`, as read back.
@@ -333,6 +353,7 @@ pub(crate) fn classify(
                     reason: format!("id `{}` was neither inserted nor found", e.id),
                     content_type: Some("application/json".into()),
                     payload: to_wire_json(e).to_string().into_bytes(),
+                    subject: None,
                 });
             }
         }
@@ -362,6 +383,7 @@ fn conflict_record(e: &Event, stored: &Event, index: usize) -> Rejected {
         ),
         content_type: Some("application/json".into()),
         payload: new.to_string().into_bytes(),
+        subject: None,
     }
 }
 

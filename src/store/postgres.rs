@@ -186,12 +186,16 @@ impl PgStore {
         let reason: Vec<&str> = rejects.iter().map(|r| r.reason.as_str()).collect();
         let ctype: Vec<Option<&str>> = rejects.iter().map(|r| r.content_type.as_deref()).collect();
         let payload: Vec<&[u8]> = rejects.iter().map(|r| r.payload.as_slice()).collect();
+        let subject: Vec<Option<&str>> = rejects
+            .iter()
+            .map(|r| r.subject.as_deref().or(origin.subject.as_deref()))
+            .collect();
         sqlx::query(
             "INSERT INTO rejected_events (source, subject, kind, event_id, item_index, reason, content_type, payload) \
-             SELECT $1, $2, * FROM UNNEST($3::text[], $4::text[], $5::int4[], $6::text[], $7::text[], $8::bytea[])",
+             SELECT $1, * FROM UNNEST($2::text[], $3::text[], $4::text[], $5::int4[], $6::text[], $7::text[], $8::bytea[])",
         )
         .bind(origin.source)
-        .bind(origin.subject.as_deref())
+        .bind(subject)
         .bind(kind)
         .bind(event_id)
         .bind(index)

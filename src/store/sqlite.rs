@@ -129,7 +129,7 @@ impl SqliteStore {
             qb.push_values(chunk, |mut b, r| {
                 b.push_bind(now.as_str())
                     .push_bind(origin.source)
-                    .push_bind(origin.subject.as_deref())
+                    .push_bind(r.subject.as_deref().or(origin.subject.as_deref()))
                     .push_bind(r.kind.as_str())
                     .push_bind(r.event_id.as_deref())
                     .push_bind(r.item_index)

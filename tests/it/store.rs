@@ -135,6 +135,7 @@ async fn rejects_commit_with_the_batch(s: &TestStore) {
         reason: "field `status`: must be between 100 and 599, got 600".into(),
         content_type: Some("application/json".into()),
         payload: b"{\"id\":\"bad-1\",\"status\":600}".to_vec(),
+        subject: None,
     };
     let out = s
         .store
