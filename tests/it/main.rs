@@ -3,6 +3,7 @@
 mod cli;
 mod event;
 mod ingest_http;
+mod ingest_nats;
 mod prop;
 mod store;
 mod support;

@@ -1,6 +1,8 @@
 //! Test support: a private PostgreSQL cluster for the whole test binary (a fresh
 //! database per test), SQLite files in temp dirs, and a Tally server on port 0.
 
+pub mod proc;
+
 use std::sync::{Arc, OnceLock};
 
 use chrono::{DateTime, Utc};
