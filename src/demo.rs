@@ -127,6 +127,11 @@ pub async fn send_sample_traffic(base: &str, count: usize) -> Result<DemoSummary
     );
     summary.bodies_refused += 1;
 
+    print_summary(&summary, &samples);
+    Ok(summary)
+}
+
+fn print_summary(summary: &DemoSummary, samples: &[String]) {
     println!("\n  sent        {:>6}", summary.sent + 1);
     println!("  accepted    {:>6}", summary.accepted);
     println!("  duplicates  {:>6}  (counted once)", summary.duplicates);
@@ -148,5 +153,144 @@ pub async fn send_sample_traffic(base: &str, count: usize) -> Result<DemoSummary
             println!("{s}");
         }
     }
+}
+
+/// The same traffic as [`send_sample_traffic`], published to JetStream
+/// (`usage.events.<api>`), the main ingest path. The summary is read back from
+/// the event log and the notices on `usage.rejected`, so it shows what Tally did.
+pub async fn send_sample_traffic_nats(
+    client: &async_nats::Client,
+    store: &std::sync::Arc<dyn crate::store::EventStore>,
+    count: usize,
+) -> Result<DemoSummary, DemoError> {
+    use futures::StreamExt;
+    let nats_err = |e: &dyn std::fmt::Display| DemoError::Unexpected(format!("NATS: {e}"));
+    let js = async_nats::jetstream::new(client.clone());
+    let mut notices = client
+        .subscribe("usage.rejected")
+        .await
+        .map_err(|e| nats_err(&e))?;
+    let before = store
+        .counts()
+        .await
+        .map_err(|e| DemoError::Unexpected(e.to_string()))?;
+    let cfg = SynthConfig {
+        id_prefix: format!("demo-{:06x}", rand::random::<u32>() & 0xff_ffff),
+        ..SynthConfig::default()
+    };
+    let events = synth::events(&cfg, 0, count);
+    let publish = |subject: String, msg_id: String, body: Vec<u8>| {
+        let js = js.clone();
+        async move {
+            let msg = async_nats::jetstream::message::PublishMessage::build()
+                .payload(body.into())
+                .header("Content-Type", "application/json")
+                .message_id(msg_id);
+            js.send_publish(subject, msg)
+                .await
+                .map_err(|e| nats_err(&e))?
+                .await
+                .map_err(|e| nats_err(&e))
+        }
+    };
+    let mut summary = DemoSummary::default();
+    println!("Publishing {count} events to usage.events.<api>, 100 per message …");
+    for (i, chunk) in events.chunks(100).enumerate() {
+        let body: Vec<Value> = chunk.iter().map(to_wire_json).collect();
+        let subject = format!("usage.events.{}", chunk[0].api);
+        publish(
+            subject,
+            format!("{}-{i}", cfg.id_prefix),
+            serde_json::to_vec(&body).unwrap_or_default(),
+        )
+        .await?;
+        summary.sent += chunk.len();
+    }
+    println!("Re-publishing 40 events with a new Nats-Msg-Id, as a retrying producer would …");
+    let resend: Vec<Value> = events.iter().take(40).map(to_wire_json).collect();
+    publish(
+        "usage.events.openai".into(),
+        format!("{}-resend", cfg.id_prefix),
+        serde_json::to_vec(&resend).unwrap_or_default(),
+    )
+    .await?;
+    summary.sent += 40;
+    let mut changed = to_wire_json(&events[0]);
+    changed["cost"] = json!("99.5");
+    let now = chrono::Utc::now();
+    let broken = vec![
+        changed,
+        json!({"id": format!("{}-typo", cfg.id_prefix), "ts": now.to_rfc3339(), "api": "openai", "latencyMs": 120}),
+        json!({"id": format!("{}-neg", cfg.id_prefix), "ts": now.to_rfc3339(), "api": "openai", "cost": "-0.01"}),
+        json!({"id": format!("{}-noapi", cfg.id_prefix), "ts": now.to_rfc3339()}),
+        json!({"id": format!("{}-future", cfg.id_prefix), "ts": (now + chrono::Duration::hours(2)).to_rfc3339(), "api": "openai"}),
+        json!({"id": format!("{}-precise", cfg.id_prefix), "ts": now.timestamp_millis(), "api": "openai", "cost": "0.0000000001"}),
+        json!({"id": format!("{}-ok", cfg.id_prefix), "ts": now.timestamp_millis(), "api": "openai", "status": 429, "tokens_in": 12}),
+    ];
+    println!("Publishing a conflicting resend and five broken events beside a valid one …");
+    publish(
+        "usage.events.openai".into(),
+        format!("{}-broken", cfg.id_prefix),
+        serde_json::to_vec(&broken).unwrap_or_default(),
+    )
+    .await?;
+    summary.sent += broken.len();
+    println!("Publishing a truncated body …");
+    publish(
+        "usage.events.openai".into(),
+        format!("{}-truncated", cfg.id_prefix),
+        b"{\"id\": \"half".to_vec(),
+    )
+    .await?;
+
+    // Tally answers producers on usage.rejected; wait for the 7 notices and the commits.
+    let mut samples = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let mut seen = 0;
+    while seen < 7 {
+        match tokio::time::timeout_at(deadline, notices.next()).await {
+            Ok(Some(m)) => {
+                seen += 1;
+                let v: Value = serde_json::from_slice(&m.payload).unwrap_or_default();
+                match v["kind"].as_str() {
+                    Some("conflict") => summary.conflicts += 1,
+                    Some("unparseable") => summary.bodies_refused += 1,
+                    _ => summary.rejected += 1,
+                }
+                samples.push(format!(
+                    "  {:<12} {:<28} {}",
+                    v["kind"].as_str().unwrap_or(""),
+                    v["event_id"].as_str().unwrap_or("(no id)"),
+                    v["reason"].as_str().unwrap_or("")
+                ));
+            }
+            _ => {
+                return Err(DemoError::Unexpected(format!(
+                    "only {seen} of 7 rejection notices arrived within 30s"
+                )))
+            }
+        }
+    }
+    let want = before.events + count as i64 + 1;
+    loop {
+        let now = store
+            .counts()
+            .await
+            .map_err(|e| DemoError::Unexpected(e.to_string()))?;
+        if now.events >= want {
+            summary.accepted = (now.events - before.events) as usize;
+            break;
+        }
+        if tokio::time::Instant::now() > deadline {
+            return Err(DemoError::Unexpected(format!(
+                "{} of {} events counted after 30s",
+                now.events - before.events,
+                want - before.events
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    summary.duplicates = summary.sent - summary.accepted - summary.conflicts - summary.rejected;
+    print_summary(&summary, &samples);
     Ok(summary)
 }

@@ -26,12 +26,13 @@ fn help_documents_every_option_with_its_env_var() {
     }
 }
 
+/// Through a private nats-server (the main path) and with `--http-only`.
 #[test]
 fn demo_runs_on_sqlite_and_reports_what_happened() {
-    let dir = tempfile::tempdir().expect("dir");
-    let db = format!("sqlite://{}", dir.path().join("demo.db").display());
-    let out = tally()
-        .args([
+    for extra in [None, Some("--http-only")] {
+        let dir = tempfile::tempdir().expect("dir");
+        let db = format!("sqlite://{}", dir.path().join("demo.db").display());
+        let mut args = vec![
             "--database-url",
             &db,
             "demo",
@@ -40,28 +41,35 @@ fn demo_runs_on_sqlite_and_reports_what_happened() {
             "--events",
             "200",
             "--exit",
-        ])
-        .output()
-        .expect("run demo");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "demo failed: {stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    // 200 generated + 1 valid among the broken ones; 40 resent duplicates; 1 conflict; 5 invalid.
-    for line in [
-        "accepted       201",
-        "duplicates      40",
-        "conflicts        1",
-        "rejected         5",
-    ] {
-        assert!(stdout.contains(line), "missing {line:?} in:\n{stdout}");
+        ];
+        args.extend(extra);
+        let out = tally().args(&args).output().expect("run demo");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "demo {extra:?} failed: {stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(
+            stdout.contains("Started a private nats-server"),
+            extra.is_none(),
+            "the demo takes the NATS path unless told otherwise:\n{stdout}"
+        );
+        // 200 generated + 1 valid among the broken ones; 40 resent duplicates; 1 conflict; 5 invalid.
+        for line in [
+            "accepted       201",
+            "duplicates      40",
+            "conflicts        1",
+            "rejected         5",
+            "bodies refused   1",
+        ] {
+            assert!(stdout.contains(line), "missing {line:?} in:\n{stdout}");
+        }
+        assert!(
+            stdout.contains("The event log now holds 201 events; rejected_events holds 7 payloads"),
+            "{stdout}"
+        );
     }
-    assert!(
-        stdout.contains("The event log now holds 201 events"),
-        "{stdout}"
-    );
 }
 
 #[test]

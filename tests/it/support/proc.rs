@@ -193,8 +193,7 @@ pub async fn log_sums(db_url: &str) -> (i64, Sums) {
                SUM(CASE WHEN success THEN 1 ELSE 0 END), SUM(CASE WHEN success THEN 0 ELSE 1 END), \
                COALESCE(SUM(tokens_in), 0), COALESCE(SUM(tokens_out), 0), COALESCE(SUM(cost_nanos), 0) \
                FROM usage_events GROUP BY 1, 2";
-    let rows: Vec<SumRow> = if db_url.starts_with("sqlite:")
-    {
+    let rows: Vec<SumRow> = if db_url.starts_with("sqlite:") {
         let pool = sqlx::SqlitePool::connect(db_url).await.expect("sqlite");
         let r = sqlx::query_as(sql).fetch_all(&pool).await.expect("sums");
         pool.close().await;
