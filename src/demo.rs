@@ -97,19 +97,7 @@ pub async fn send_sample_traffic(base: &str, count: usize) -> Result<DemoSummary
     let out = post(resend).await?;
     add(&mut summary, out, &mut samples);
 
-    // The same id with a different cost, and broken events beside a valid one.
-    let mut changed = to_wire_json(&events[0]);
-    changed["cost"] = json!("99.5");
-    let now = chrono::Utc::now();
-    let broken = vec![
-        changed,
-        json!({"id": format!("{}-typo", cfg.id_prefix), "ts": now.to_rfc3339(), "api": "openai", "latencyMs": 120}),
-        json!({"id": format!("{}-neg", cfg.id_prefix), "ts": now.to_rfc3339(), "api": "openai", "cost": "-0.01"}),
-        json!({"id": format!("{}-noapi", cfg.id_prefix), "ts": now.to_rfc3339()}),
-        json!({"id": format!("{}-future", cfg.id_prefix), "ts": (now + chrono::Duration::hours(2)).to_rfc3339(), "api": "openai"}),
-        json!({"id": format!("{}-precise", cfg.id_prefix), "ts": now.timestamp_millis(), "api": "openai", "cost": "0.0000000001"}),
-        json!({"id": format!("{}-ok", cfg.id_prefix), "ts": now.timestamp_millis(), "api": "openai", "status": 429, "tokens_in": 12}),
-    ];
+    let broken = broken_batch(&cfg.id_prefix, &events[0]);
     println!("Sending a conflicting resend and five broken events beside a valid one …");
     let out = post(broken).await?;
     add(&mut summary, out, &mut samples);
@@ -215,18 +203,7 @@ pub async fn send_sample_traffic_nats(
     )
     .await?;
     summary.sent += 40;
-    let mut changed = to_wire_json(&events[0]);
-    changed["cost"] = json!("99.5");
-    let now = chrono::Utc::now();
-    let broken = vec![
-        changed,
-        json!({"id": format!("{}-typo", cfg.id_prefix), "ts": now.to_rfc3339(), "api": "openai", "latencyMs": 120}),
-        json!({"id": format!("{}-neg", cfg.id_prefix), "ts": now.to_rfc3339(), "api": "openai", "cost": "-0.01"}),
-        json!({"id": format!("{}-noapi", cfg.id_prefix), "ts": now.to_rfc3339()}),
-        json!({"id": format!("{}-future", cfg.id_prefix), "ts": (now + chrono::Duration::hours(2)).to_rfc3339(), "api": "openai"}),
-        json!({"id": format!("{}-precise", cfg.id_prefix), "ts": now.timestamp_millis(), "api": "openai", "cost": "0.0000000001"}),
-        json!({"id": format!("{}-ok", cfg.id_prefix), "ts": now.timestamp_millis(), "api": "openai", "status": 429, "tokens_in": 12}),
-    ];
+    let broken = broken_batch(&cfg.id_prefix, &events[0]);
     println!("Publishing a conflicting resend and five broken events beside a valid one …");
     publish(
         "usage.events.openai".into(),
@@ -293,4 +270,21 @@ pub async fn send_sample_traffic_nats(
     summary.duplicates = summary.sent - summary.accepted - summary.conflicts - summary.rejected;
     print_summary(&summary, &samples);
     Ok(summary)
+}
+
+/// A conflicting resend of `first` (same id, other cost), five broken events
+/// and one valid event: the mix every demo path sends.
+fn broken_batch(prefix: &str, first: &crate::event::Event) -> Vec<Value> {
+    let mut changed = to_wire_json(first);
+    changed["cost"] = json!("99.5");
+    let now = chrono::Utc::now();
+    vec![
+        changed,
+        json!({"id": format!("{prefix}-typo"), "ts": now.to_rfc3339(), "api": "openai", "latencyMs": 120}),
+        json!({"id": format!("{prefix}-neg"), "ts": now.to_rfc3339(), "api": "openai", "cost": "-0.01"}),
+        json!({"id": format!("{prefix}-noapi"), "ts": now.to_rfc3339()}),
+        json!({"id": format!("{prefix}-future"), "ts": (now + chrono::Duration::hours(2)).to_rfc3339(), "api": "openai"}),
+        json!({"id": format!("{prefix}-precise"), "ts": now.timestamp_millis(), "api": "openai", "cost": "0.0000000001"}),
+        json!({"id": format!("{prefix}-ok"), "ts": now.timestamp_millis(), "api": "openai", "status": 429, "tokens_in": 12}),
+    ]
 }

@@ -310,13 +310,23 @@ fn as_user(cmd: &mut Command, user: Option<(u32, u32)>) -> &mut Command {
 /// The pid is read from `postmaster.pid` at that moment, so a server restarted
 /// by a test (outage tests) is stopped too.
 fn spawn_watchdog(dir: &Path) {
+    let d = dir.display();
+    watch(
+        dir,
+        &format!(
+            "pid=$(head -1 '{d}/data/postmaster.pid' 2>/dev/null); \
+             if [ -n \"$pid\" ]; then kill -QUIT $pid 2>/dev/null; sleep 2; kill -KILL $pid 2>/dev/null; fi"
+        ),
+    );
+}
+
+/// Runs `stop` (a shell snippet) and removes `dir` once this process is gone,
+/// however it exits: tests keep servers in statics that are never dropped.
+fn watch(dir: &Path, stop: &str) {
     let me = std::process::id();
-    let dir = dir.display();
     let script = format!(
-        "while kill -0 {me} 2>/dev/null; do sleep 0.5; done; \
-         pid=$(head -1 '{dir}/data/postmaster.pid' 2>/dev/null); \
-         if [ -n \"$pid\" ]; then kill -QUIT $pid 2>/dev/null; sleep 2; kill -KILL $pid 2>/dev/null; fi; \
-         rm -rf '{dir}'"
+        "while kill -0 {me} 2>/dev/null; do sleep 0.5; done; {stop}; rm -rf '{}'",
+        dir.display()
     );
     let _ = Command::new("sh")
         .arg("-c")
@@ -427,20 +437,9 @@ impl Drop for TempNats {
 
 /// Kills the nats-server recorded in `dir/nats.pid` and removes `dir` once this process is gone.
 fn spawn_nats_watchdog(dir: &Path) {
-    let me = std::process::id();
-    let dir = dir.display();
-    let script = format!(
-        "while kill -0 {me} 2>/dev/null; do sleep 0.5; done; \
-         pid=$(cat '{dir}/nats.pid' 2>/dev/null); \
-         if [ -n \"$pid\" ]; then kill -KILL $pid 2>/dev/null; fi; \
-         rm -rf '{dir}'"
+    let d = dir.display();
+    watch(
+        dir,
+        &format!("pid=$(cat '{d}/nats.pid' 2>/dev/null); if [ -n \"$pid\" ]; then kill -KILL $pid 2>/dev/null; fi"),
     );
-    let _ = Command::new("sh")
-        .arg("-c")
-        .arg(script)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .process_group(0)
-        .spawn();
 }
