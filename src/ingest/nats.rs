@@ -416,27 +416,23 @@ impl NatsIntake {
     ) {
         let mut backoff = Backoff::new();
         'subscribe: while !shutdown.is_cancelled() {
-            let consumer = match ensure_consumer(&self.js, &self.cfg).await {
-                Ok(c) => c,
-                Err(e) => {
-                    self.health.note_nats(NatsState::Down, &e.to_string());
-                    if backoff.sleep(&shutdown).await {
-                        break;
-                    }
-                    continue;
-                }
+            let subscribed = async {
+                let consumer = ensure_consumer(&self.js, &self.cfg)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                consumer
+                    .stream()
+                    .max_messages_per_batch(self.cfg.nats_batch.max(1))
+                    .heartbeat(Duration::from_secs(5))
+                    .expires(Duration::from_secs(30))
+                    .messages()
+                    .await
+                    .map_err(|e| e.to_string())
             };
-            let messages = consumer
-                .stream()
-                .max_messages_per_batch(self.cfg.nats_batch.max(1))
-                .heartbeat(Duration::from_secs(5))
-                .expires(Duration::from_secs(30))
-                .messages()
-                .await;
-            let mut messages = match messages {
+            let mut messages = match subscribed.await {
                 Ok(m) => m,
                 Err(e) => {
-                    self.health.note_nats(NatsState::Down, &e.to_string());
+                    self.health.note_nats(NatsState::Down, &e);
                     if backoff.sleep(&shutdown).await {
                         break;
                     }
@@ -652,7 +648,7 @@ impl NatsIntake {
     /// Runs one store call until it succeeds or fails on the data; transient
     /// failures (connection, pool, timeout) are retried with capped backoff and
     /// the deliveries kept alive meanwhile. `None` when the deadline fired.
-    async fn retrying<'a, T, F, Fut>(
+    async fn retrying<T, F, Fut>(
         &self,
         deliveries: &[Delivery],
         deadline: &CancellationToken,
@@ -660,7 +656,7 @@ impl NatsIntake {
     ) -> Option<Result<T, StoreError>>
     where
         F: FnMut() -> Fut,
-        Fut: std::future::Future<Output = Result<T, StoreError>> + 'a,
+        Fut: std::future::Future<Output = Result<T, StoreError>>,
     {
         let mut backoff = Backoff::new();
         let mut last_progress = Instant::now();
