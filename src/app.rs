@@ -13,7 +13,45 @@ use crate::config::{DatabaseConfig, ServerConfig};
 use crate::health::Health;
 use crate::http::{router, AppState};
 use crate::ingest::nats::{NatsError, NatsIntake};
+use crate::projection::{spec, ProjectionError, Projector, ProjectorConfig};
 use crate::store::{self, redact_url, EventStore, StoreError};
+
+/// Loads the specs, creates missing tables and checkpoints, and refuses to go
+/// on when any projection's stored spec differs from its file (naming every such
+/// projection and the command that fixes it).
+pub async fn open_projectors(
+    store: &Arc<dyn EventStore>,
+    dir: &std::path::Path,
+) -> Result<Vec<Projector>, ProjectionError> {
+    let specs = spec::load_dir(dir)?;
+    let mut projectors = Vec::with_capacity(specs.len());
+    let mut changed = Vec::new();
+    for spec in specs {
+        let name = spec.name.clone();
+        match Projector::open(store.clone(), Arc::new(spec), &name, "").await {
+            Ok(p) => projectors.push(p),
+            Err(e @ ProjectionError::SpecChanged { .. }) => changed.push(e.to_string()),
+            Err(e) => return Err(e),
+        }
+    }
+    if !changed.is_empty() {
+        return Err(ProjectionError::Changed(changed.join("\n")));
+    }
+    if projectors.is_empty() {
+        tracing::warn!(dir = %dir.display(), "no projection specs: nothing will be aggregated");
+    }
+    Ok(projectors)
+}
+
+/// `<host>-<pid>-<random>`: unique per process, readable in `projections list`.
+fn instance_id() -> String {
+    let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "tally".to_string());
+    format!(
+        "{host}-{}-{:04x}",
+        std::process::id(),
+        rand::random::<u16>()
+    )
+}
 
 /// Why the server could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -35,6 +73,12 @@ pub enum AppError {
     /// NATS ingest could not be set up as configured.
     #[error(transparent)]
     Nats(#[from] NatsError),
+    /// A projection spec is invalid or no longer matches its tables.
+    #[error(transparent)]
+    Projection(#[from] ProjectionError),
+    /// A setting is out of range.
+    #[error("configuration: {0}")]
+    Config(String),
 }
 
 /// A built, not yet running, Tally server.
@@ -42,6 +86,9 @@ pub struct App {
     state: AppState,
     listener: TcpListener,
     nats: Option<NatsIntake>,
+    projectors: Vec<Projector>,
+    projector_config: ProjectorConfig,
+    instance: String,
     shutdown_timeout: Duration,
 }
 
@@ -65,6 +112,8 @@ impl App {
                 addr: server.http_addr,
                 source,
             })?;
+        let projector_config = server.projections.projector().map_err(AppError::Config)?;
+        let projectors = open_projectors(&store, &server.projections.projections_dir).await?;
         let health = Arc::new(Health::default());
         let state = AppState::new(store, server, health.clone());
         let nats = match &server.nats.connection.nats_url {
@@ -75,8 +124,16 @@ impl App {
             state,
             listener,
             nats,
+            projectors,
+            projector_config,
+            instance: instance_id(),
             shutdown_timeout: server.shutdown_timeout,
         })
+    }
+
+    /// This process's name in projector leases.
+    pub fn instance(&self) -> &str {
+        &self.instance
     }
 
     /// The address the HTTP API actually listens on.
@@ -111,6 +168,17 @@ impl App {
         let nats = self
             .nats
             .map(|n| tokio::spawn(n.run(shutdown.clone(), deadline.clone())));
+        let projectors: Vec<_> = self
+            .projectors
+            .into_iter()
+            .map(|p| {
+                tokio::spawn(p.run(
+                    self.projector_config.clone(),
+                    self.instance.clone(),
+                    shutdown.clone(),
+                ))
+            })
+            .collect();
         let http = axum::serve(self.listener, router(self.state))
             .with_graceful_shutdown(shutdown.cancelled_owned())
             .into_future();
@@ -123,6 +191,9 @@ impl App {
         });
         if let Some(nats) = nats {
             let _ = nats.await;
+        }
+        for p in projectors {
+            let _ = p.await;
         }
         let served = http.await;
         timer.abort();

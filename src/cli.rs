@@ -9,7 +9,7 @@ use crate::app::App;
 use crate::bench::{self, AppendBench};
 use std::path::PathBuf;
 
-use crate::config::{DatabaseConfig, LogConfig, NatsConnection, ServerConfig};
+use crate::config::{DatabaseConfig, LogConfig, NatsConnection, ProjectionConfig, ServerConfig};
 use crate::emit::{EmitConfig, EmitEncoding};
 use crate::ingest::nats;
 use crate::store::{self, redact_url, Backend};
@@ -41,6 +41,11 @@ enum Command {
     Demo(DemoArgs),
     /// Publish synthetic (or NDJSON) usage events to NATS JetStream; a load generator and self-check.
     Emit(EmitArgs),
+    /// Inspect and rebuild projections (aggregate tables).
+    Projections {
+        #[command(subcommand)]
+        which: ProjectionsCommand,
+    },
     /// Benchmarks that compare Tally with a baseline measured in the same run.
     Bench {
         #[command(subcommand)]
@@ -115,6 +120,26 @@ struct EmitArgs {
 }
 
 #[derive(Debug, Subcommand)]
+enum ProjectionsCommand {
+    /// Each projection: status, tables and row counts, checkpoint, as_of, lag, leader.
+    List {
+        #[command(flatten)]
+        config: ProjectionConfig,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Rebuild a projection from the event log into shadow tables and swap them
+    /// in atomically; safe while Tally serves and ingests.
+    Rebuild {
+        /// Projection name (as in its spec file).
+        name: String,
+        #[command(flatten)]
+        config: ProjectionConfig,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 enum BenchCommand {
     /// NATS ingest end to end vs. appending the same events straight through the store.
     Ingest {
@@ -166,6 +191,7 @@ pub async fn run() -> anyhow::Result<()> {
             store.close().await;
             println!("migrations applied to {}", redact_url(&cli.db.database_url));
         }
+        Command::Projections { which } => projections(&cli.db, which).await?,
         Command::Demo(args) => demo(&cli.db, args).await?,
         Command::Emit(args) => emit(args).await?,
         Command::Bench { which } => match which {
@@ -329,6 +355,96 @@ async fn emit(args: EmitArgs) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+async fn projections(db: &DatabaseConfig, which: ProjectionsCommand) -> anyhow::Result<()> {
+    use crate::projection::{rebuild, spec, status};
+    use std::io::Write;
+    use std::sync::Arc;
+    let store = store::connect(&db.database_url, &db.store_options()).await?;
+    store.migrate().await?;
+    match which {
+        ProjectionsCommand::List { config, json } => {
+            let specs = spec::load_dir(&config.projections_dir)?;
+            let infos = status::list(store.as_ref(), &specs).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&infos)?);
+            } else {
+                for p in &infos {
+                    println!(
+                        "{} [{}{}]  dimensions: {}  timezone: {}",
+                        p.name,
+                        p.status,
+                        if p.rebuilding { ", rebuilding" } else { "" },
+                        p.dimensions.join(", "),
+                        p.timezone
+                    );
+                    println!(
+                        "  checkpoint {}  as_of {}  lag {} events  folded {}  leader {}",
+                        p.checkpoint.as_deref().unwrap_or("-"),
+                        p.as_of
+                            .map(|t| t.to_rfc3339())
+                            .unwrap_or_else(|| "-".into()),
+                        p.lag_events
+                            .map(|n| n.to_string())
+                            .unwrap_or_else(|| "-".into()),
+                        p.events_folded
+                            .map(|n| n.to_string())
+                            .unwrap_or_else(|| "-".into()),
+                        p.leader.as_deref().unwrap_or("-")
+                    );
+                    for (t, rows) in &p.tables {
+                        println!("  {t}: {rows} rows");
+                    }
+                    if p.status == "changed" {
+                        println!("  spec changed: run `tally projections rebuild {}`", p.name);
+                    }
+                }
+            }
+        }
+        ProjectionsCommand::Rebuild { name, config } => {
+            let specs = spec::load_dir(&config.projections_dir)?;
+            let spec = specs
+                .into_iter()
+                .find(|s| s.name == name)
+                .ok_or_else(|| crate::projection::ProjectionError::NotFound(name.clone()))?;
+            let owner = format!("rebuild-{}", std::process::id());
+            let started = std::time::Instant::now();
+            let mut stderr = std::io::stderr();
+            let report = rebuild::rebuild(
+                store.clone(),
+                Arc::new(spec),
+                config.projector_batch.max(1),
+                &owner,
+                |done, total| {
+                    let _ = write!(stderr, "\r{}", progress_bar(done, total, started.elapsed()));
+                    let _ = stderr.flush();
+                },
+            )
+            .await?;
+            eprintln!();
+            println!(
+                "rebuilt `{name}` from {} events in {:.1}s and swapped it in",
+                report.events,
+                started.elapsed().as_secs_f64()
+            );
+        }
+    }
+    store.close().await;
+    Ok(())
+}
+
+/// `[#####.....] 50% 500/1000 events, 2.0s`.
+fn progress_bar(done: u64, total: u64, elapsed: std::time::Duration) -> String {
+    let total = total.max(1);
+    let filled = ((done.min(total) * 30) / total) as usize;
+    format!(
+        "[{}{}] {:>3}% {done}/{total} events, {:.1}s",
+        "#".repeat(filled),
+        ".".repeat(30 - filled),
+        done.min(total) * 100 / total,
+        elapsed.as_secs_f64()
+    )
 }
 
 /// A token cancelled on Ctrl-C or SIGTERM.

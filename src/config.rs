@@ -2,9 +2,11 @@
 //! environment variable, defaults in one place (the `default_value`s below).
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::ingest::IntakeLimits;
+use crate::projection::{Failpoints, ProjectorConfig};
 use crate::store::StoreOptions;
 use crate::telemetry::LogFormat;
 
@@ -90,6 +92,10 @@ pub struct ServerConfig {
     #[command(flatten)]
     pub nats: NatsConfig,
 
+    /// Projections and their projector tasks.
+    #[command(flatten)]
+    pub projections: ProjectionConfig,
+
     /// How long a shutdown may take before in-flight work is abandoned (it is
     /// then redelivered by JetStream, never lost).
     #[arg(long, env = "TALLY_SHUTDOWN_TIMEOUT", default_value = "8s", value_parser = humantime::parse_duration)]
@@ -104,6 +110,44 @@ impl ServerConfig {
             max_future_skew: self.max_future_skew,
             max_events: self.max_batch_events,
         }
+    }
+}
+
+/// Projection specs and projector tasks (`serve`, `projections …`).
+#[derive(Debug, Clone, clap::Args)]
+pub struct ProjectionConfig {
+    /// Directory of projection specs (`*.toml`, one projection each).
+    #[arg(long, env = "TALLY_PROJECTIONS_DIR", default_value = "projections")]
+    pub projections_dir: PathBuf,
+
+    /// Most events a projector folds per transaction.
+    #[arg(long, env = "TALLY_PROJECTOR_BATCH", default_value_t = 5_000)]
+    pub projector_batch: i64,
+
+    /// How often a caught-up projector looks for new events.
+    #[arg(long, env = "TALLY_PROJECTOR_POLL", default_value = "100ms", value_parser = humantime::parse_duration)]
+    pub projector_poll: Duration,
+
+    /// Projector lease length: how soon another instance takes over the
+    /// projections of an instance that died.
+    #[arg(long, env = "TALLY_PROJECTOR_LEASE", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub projector_lease: Duration,
+
+    /// Crash-test hooks (`projector.before_commit=0.1,projector.after_commit=0.1`).
+    /// Never set this in production: the process aborts at random commits.
+    #[arg(long, env = "TALLY_FAILPOINTS", hide = true, default_value = "")]
+    pub failpoints: String,
+}
+
+impl ProjectionConfig {
+    /// Projector settings derived from this config.
+    pub fn projector(&self) -> Result<ProjectorConfig, String> {
+        Ok(ProjectorConfig {
+            batch_size: self.projector_batch.max(1),
+            poll_interval: self.projector_poll,
+            lease_ttl: self.projector_lease.max(Duration::from_millis(300)),
+            failpoints: Failpoints::parse(&self.failpoints)?,
+        })
     }
 }
 

@@ -14,8 +14,12 @@
 //!    [`store::EventStore`] trait, one backend per file: PostgreSQL and SQLite.
 //!    Deduplication by id is exact and has no time window.
 //!
-//! Projections (hourly/daily/monthly aggregates), alerts and the query API
-//! follow the same path and are added by later milestones (see ARCHITECTURE.md).
+//! 4. [`projection`] — projector tasks fold the log, in commit-safe order, into
+//!    the aggregate tables declared in `projections/*.toml`, exactly once,
+//!    with a checkpoint moved in the same transaction as the rows.
+//!
+//! Alerts and the query API follow the same path and are added by later
+//! milestones (see ARCHITECTURE.md).
 //!
 //! Around the data flow: [`config`] (flags and `TALLY_*` variables),
 //! [`telemetry`] (logging), [`http`] (router, errors, health), [`app`]
@@ -24,6 +28,7 @@
 //! PostgreSQL for tests and benchmarks).
 
 pub mod app;
+pub mod backoff;
 pub mod bench;
 pub mod cli;
 pub mod config;
@@ -34,6 +39,7 @@ pub mod event;
 pub mod health;
 pub mod http;
 pub mod ingest;
+pub mod projection;
 pub mod store;
 pub mod synth;
 pub mod telemetry;

@@ -33,6 +33,7 @@ use serde::Serialize;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::backoff::Backoff;
 use crate::config::{NatsConfig, NatsConnection};
 use crate::event::codec::to_wire_json;
 use crate::event::Event;
@@ -845,33 +846,6 @@ fn stream_sequence_of(reply: &str) -> Option<u64> {
         _ => return None,
     };
     tokens.get(idx)?.parse().ok()
-}
-
-/// Capped exponential backoff: 100 ms doubling to 5 s.
-struct Backoff {
-    next: Duration,
-}
-
-impl Backoff {
-    fn new() -> Self {
-        Self {
-            next: Duration::from_millis(100),
-        }
-    }
-
-    fn reset(&mut self) {
-        self.next = Duration::from_millis(100);
-    }
-
-    /// Sleeps; `true` when `stop` fired instead.
-    async fn sleep(&mut self, stop: &CancellationToken) -> bool {
-        let d = self.next;
-        self.next = (self.next * 2).min(Duration::from_secs(5));
-        tokio::select! {
-            _ = tokio::time::sleep(d) => false,
-            _ = stop.cancelled() => true,
-        }
-    }
 }
 
 #[cfg(test)]

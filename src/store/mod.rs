@@ -6,8 +6,12 @@
 //! with the same pure logic ([`classify`]), so their answers cannot drift apart;
 //! `tests/it/store.rs` runs one conformance suite against both.
 
+pub mod agg;
 pub mod postgres;
 pub mod sqlite;
+
+use crate::projection::spec::{Granularity, Spec};
+pub use agg::{AggRow, Apply, ApplyOutcome, Cursor, LogBatch, ProjectionState, Watermark};
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -180,9 +184,75 @@ pub struct LogCounts {
     pub rejected: i64,
 }
 
+/// The projections' side of the store: reading the log in commit-safe order,
+/// checkpoints, leases and the aggregate tables. One implementation per backend.
+#[async_trait]
+pub trait ProjectionStore: Send + Sync + 'static {
+    /// Up to `limit` events after `after`, in cursor order, from one snapshot.
+    /// Never returns an event while an event that will sort before it can still commit.
+    async fn read_log(&self, after: Cursor, limit: i64) -> Result<LogBatch, StoreError>;
+
+    /// Events stored after `after` (a projection's lag), committed or not yet foldable.
+    async fn events_after(&self, after: Cursor) -> Result<i64, StoreError>;
+
+    /// Creates the spec's tables (with `suffix`) if missing and the checkpoint
+    /// row `state` (with the spec's hash) if missing, and returns the row.
+    async fn ensure_projection(
+        &self,
+        spec: &Spec,
+        state: &str,
+        suffix: &str,
+    ) -> Result<ProjectionState, StoreError>;
+
+    /// Every checkpoint row, by name.
+    async fn projection_states(&self) -> Result<Vec<ProjectionState>, StoreError>;
+
+    /// Takes or renews the projector lease of `state` for `ttl`; false when
+    /// another live instance holds it.
+    async fn try_lease(&self, state: &str, owner: &str, ttl: Duration) -> Result<bool, StoreError>;
+
+    /// Gives the lease up (clean shutdown), if `owner` holds it.
+    async fn release_lease(&self, state: &str, owner: &str) -> Result<(), StoreError>;
+
+    /// Adds a folded batch to the tables and moves the checkpoint, in one
+    /// transaction, if the checkpoint is still where the batch was read from.
+    async fn apply_fold(&self, apply: &Apply<'_>) -> Result<ApplyOutcome, StoreError>;
+
+    /// Drops the tables (every granularity, with `suffix`) and the checkpoint row.
+    async fn drop_projection(
+        &self,
+        spec: &Spec,
+        state: &str,
+        suffix: &str,
+    ) -> Result<(), StoreError>;
+
+    /// Atomically replaces the live tables and checkpoint of `spec` with the
+    /// rebuilt ones (`suffix`, `shadow_state`). Returns false, changing nothing,
+    /// when the live checkpoint is ahead of the shadow's (readers would see
+    /// totals step back): fold further and try again.
+    async fn swap_rebuilt(
+        &self,
+        spec: &Spec,
+        state: &str,
+        shadow_state: &str,
+        suffix: &str,
+    ) -> Result<bool, StoreError>;
+
+    /// Every row of one table, in key order (tests, reconciliation, `projections list`).
+    async fn read_agg(
+        &self,
+        spec: &Spec,
+        granularity: Granularity,
+        suffix: &str,
+    ) -> Result<Vec<AggRow>, StoreError>;
+
+    /// Rows in a table named by a spec.
+    async fn count_rows(&self, table: &str) -> Result<i64, StoreError>;
+}
+
 /// The append-only event log. One implementation per backend.
 #[async_trait]
-pub trait EventStore: Send + Sync + 'static {
+pub trait EventStore: ProjectionStore {
     /// Which backend this is.
     fn backend(&self) -> Backend;
 

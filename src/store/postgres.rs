@@ -3,18 +3,29 @@
 
 use std::collections::{HashMap, HashSet};
 use std::str::FromStr;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
 use sqlx::{Postgres, Row, Transaction};
 
+use super::agg::{
+    agg_row_from, all_columns, create_table_sql, float_values, int_values, key_columns,
+    merged_sketch, table, unix_ms, upsert_clause, FLOAT_COLUMNS, INT_COLUMNS,
+};
 use super::{
     classify, event_from_row, first_occurrences, metadata_json, not_inserted, rejected_from_row,
     Backend, EventStore, LogCounts, Origin, Outcome, Rejected, RejectedRow, StoreError,
     StoreOptions, EVENT_COLUMNS, REJECTED_COLUMNS,
 };
+use super::{
+    AggRow, Apply, ApplyOutcome, Cursor, LogBatch, ProjectionState, ProjectionStore, Watermark,
+};
 use crate::event::Event;
+use crate::projection::fold::{Measures, RowKey};
+use crate::projection::sketch::Sketch;
+use crate::projection::spec::{Granularity, Spec};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./schema/postgres");
 
@@ -281,5 +292,413 @@ impl EventStore for PgStore {
 
     async fn close(&self) {
         self.pool.close().await;
+    }
+}
+
+/// Event columns as the projector reads them (no message, no metadata), then `tx`, `seq`.
+const LOG_COLUMNS: &str = "id, ts, api, endpoint, method, key, \"user\", model, status, success, \
+     error_type, NULL::text, latency_ms, request_bytes, response_bytes, tokens_in, tokens_out, \
+     cost_nanos, cached, NULL::text, tx::text::bigint, seq";
+
+const CHECKPOINT_COLUMNS: &str = "name, spec_hash, spec, cursor_tx, cursor_seq, as_of, \
+     events_folded, leader, lease_until_ms, updated_at";
+
+fn state_from_row(r: &PgRow) -> Result<ProjectionState, StoreError> {
+    Ok(ProjectionState {
+        name: r.try_get(0)?,
+        spec_hash: r.try_get(1)?,
+        spec: r.try_get(2)?,
+        cursor: Cursor {
+            tx: r.try_get(3)?,
+            seq: r.try_get(4)?,
+        },
+        as_of: r.try_get(5)?,
+        events_folded: r.try_get(6)?,
+        leader: r.try_get(7)?,
+        lease_until_ms: r.try_get(8)?,
+        updated_at: r.try_get(9)?,
+    })
+}
+
+impl PgStore {
+    /// Stored sketches of the keys of `rows` that carry latencies.
+    async fn existing_sketches(
+        tx: &mut Transaction<'_, Postgres>,
+        spec: &Spec,
+        table: &str,
+        rows: &[(&RowKey, &Measures)],
+    ) -> Result<HashMap<RowKey, Sketch>, StoreError> {
+        let keys: Vec<&RowKey> = rows
+            .iter()
+            .filter(|(_, m)| m.latency_count > 0)
+            .map(|(k, _)| *k)
+            .collect();
+        if keys.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let n = spec.dimensions.len();
+        let mut unnest = vec!["$1::timestamptz[]".to_string()];
+        unnest.extend((0..n).map(|i| format!("${}::text[]", i + 2)));
+        let names: Vec<String> = spec.dimensions.iter().map(|d| d.column()).collect();
+        let mut on = vec![format!("t.bucket = k.bucket")];
+        on.extend(names.iter().map(|c| format!("t.{c} = k.{c}")));
+        let mut select = vec!["t.bucket".to_string()];
+        select.extend(names.iter().map(|c| format!("t.{c}")));
+        let sql = format!(
+            "SELECT {}, t.latency_sketch FROM {table} t JOIN UNNEST({}) AS k(bucket{}) ON {} \
+             WHERE t.latency_sketch IS NOT NULL",
+            select.join(", "),
+            unnest.join(", "),
+            names.iter().map(|c| format!(", {c}")).collect::<String>(),
+            on.join(" AND ")
+        );
+        let mut q = sqlx::query(&sql).bind(keys.iter().map(|k| k.bucket).collect::<Vec<_>>());
+        for i in 0..n {
+            q = q.bind(keys.iter().map(|k| k.dims[i].as_str()).collect::<Vec<_>>());
+        }
+        let found = q.fetch_all(&mut **tx).await?;
+        let mut out = HashMap::with_capacity(found.len());
+        for r in &found {
+            let bucket: DateTime<Utc> = r.try_get(0)?;
+            let dims = (0..n)
+                .map(|i| r.try_get::<String, _>(i + 1))
+                .collect::<Result<Vec<_>, _>>()?;
+            let bytes: Vec<u8> = r.try_get(n + 1)?;
+            let sketch = Sketch::decode(&bytes).map_err(|e| StoreError::CorruptRow {
+                id: format!("{table} bucket {bucket}"),
+                reason: e.to_string(),
+            })?;
+            out.insert(RowKey { bucket, dims }, sketch);
+        }
+        Ok(out)
+    }
+
+    async fn upsert_rows(
+        tx: &mut Transaction<'_, Postgres>,
+        spec: &Spec,
+        table: &str,
+        rows: &HashMap<RowKey, Measures>,
+    ) -> Result<(), StoreError> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let rows: Vec<(&RowKey, &Measures)> = rows.iter().collect();
+        let existing = Self::existing_sketches(tx, spec, table, &rows).await?;
+        let n = spec.dimensions.len();
+        let mut types = vec!["timestamptz[]"];
+        types.extend(std::iter::repeat_n("text[]", n));
+        types.extend(std::iter::repeat_n("int8[]", INT_COLUMNS.len()));
+        types.extend(std::iter::repeat_n("float8[]", FLOAT_COLUMNS.len()));
+        types.push("bytea[]");
+        let unnest: Vec<String> = types
+            .iter()
+            .enumerate()
+            .map(|(i, t)| format!("${}::{t}", i + 1))
+            .collect();
+        let sql = format!(
+            "INSERT INTO {table} ({}) SELECT * FROM UNNEST({}){}",
+            all_columns(spec),
+            unnest.join(", "),
+            upsert_clause(Backend::Postgres, spec, table)
+        );
+        let mut ints: Vec<Vec<i64>> = vec![Vec::with_capacity(rows.len()); INT_COLUMNS.len()];
+        let mut floats: Vec<Vec<Option<f64>>> =
+            vec![Vec::with_capacity(rows.len()); FLOAT_COLUMNS.len()];
+        let mut sketches: Vec<Option<Vec<u8>>> = Vec::with_capacity(rows.len());
+        for (key, m) in &rows {
+            for (col, v) in ints.iter_mut().zip(int_values(m)) {
+                col.push(v);
+            }
+            let merged = merged_sketch(m, existing.get(*key));
+            let mut f = float_values(m);
+            f[2] = merged.quantile(0.5);
+            f[3] = merged.quantile(0.95);
+            f[4] = merged.quantile(0.99);
+            for (col, v) in floats.iter_mut().zip(f) {
+                col.push(v);
+            }
+            sketches.push((m.latency_count > 0).then(|| merged.encode()));
+        }
+        let mut q = sqlx::query(&sql).bind(rows.iter().map(|(k, _)| k.bucket).collect::<Vec<_>>());
+        for i in 0..n {
+            q = q.bind(
+                rows.iter()
+                    .map(|(k, _)| k.dims[i].as_str())
+                    .collect::<Vec<_>>(),
+            );
+        }
+        for col in ints {
+            q = q.bind(col);
+        }
+        for col in floats {
+            q = q.bind(col);
+        }
+        q.bind(sketches).execute(&mut **tx).await?;
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl ProjectionStore for PgStore {
+    async fn read_log(&self, after: Cursor, limit: i64) -> Result<LogBatch, StoreError> {
+        // One REPEATABLE READ snapshot for both statements; now() (transaction
+        // start) is no later than the snapshot, as `Watermark::at` requires.
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            .execute(&mut *tx)
+            .await?;
+        let (at, xmin, xmax): (DateTime<Utc>, i64, i64) = sqlx::query_as(
+            "SELECT now(), pg_snapshot_xmin(pg_current_snapshot())::text::bigint, \
+                    pg_snapshot_xmax(pg_current_snapshot())::text::bigint",
+        )
+        .fetch_one(&mut *tx)
+        .await?;
+        let sql = format!(
+            "SELECT {LOG_COLUMNS} FROM usage_events \
+             WHERE (tx, seq) > ($1::text::xid8, $2) AND tx < pg_snapshot_xmin(pg_current_snapshot()) \
+             ORDER BY tx, seq LIMIT $3"
+        );
+        let rows = sqlx::query(&sql)
+            .bind(after.tx.to_string())
+            .bind(after.seq)
+            .bind(limit)
+            .fetch_all(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        let events = rows
+            .iter()
+            .map(|r| {
+                let e = event_from_row(r, r.try_get(1)?)?;
+                Ok((
+                    Cursor {
+                        tx: r.try_get(20)?,
+                        seq: r.try_get(21)?,
+                    },
+                    e,
+                ))
+            })
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        Ok(LogBatch {
+            events,
+            watermark: Watermark { at, xmin, xmax },
+        })
+    }
+
+    async fn events_after(&self, after: Cursor) -> Result<i64, StoreError> {
+        Ok(sqlx::query_scalar(
+            "SELECT count(*) FROM usage_events WHERE (tx, seq) > ($1::text::xid8, $2)",
+        )
+        .bind(after.tx.to_string())
+        .bind(after.seq)
+        .fetch_one(&self.pool)
+        .await?)
+    }
+
+    async fn ensure_projection(
+        &self,
+        spec: &Spec,
+        state: &str,
+        suffix: &str,
+    ) -> Result<ProjectionState, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        // Two instances starting together must not race on CREATE TABLE.
+        sqlx::query("SELECT pg_advisory_xact_lock(hashtext('tally.projection.ddl'))")
+            .execute(&mut *tx)
+            .await?;
+        for &g in &spec.granularities {
+            let t = table(spec, g, suffix);
+            sqlx::query(&create_table_sql(Backend::Postgres, spec, &t))
+                .execute(&mut *tx)
+                .await?;
+        }
+        sqlx::query(
+            "INSERT INTO projection_checkpoints (name, spec_hash, spec) VALUES ($1, $2, $3) \
+             ON CONFLICT (name) DO NOTHING",
+        )
+        .bind(state)
+        .bind(spec.hash())
+        .bind(spec.canonical())
+        .execute(&mut *tx)
+        .await?;
+        let sql =
+            format!("SELECT {CHECKPOINT_COLUMNS} FROM projection_checkpoints WHERE name = $1");
+        let row = sqlx::query(&sql).bind(state).fetch_one(&mut *tx).await?;
+        tx.commit().await?;
+        state_from_row(&row)
+    }
+
+    async fn projection_states(&self) -> Result<Vec<ProjectionState>, StoreError> {
+        let sql = format!("SELECT {CHECKPOINT_COLUMNS} FROM projection_checkpoints ORDER BY name");
+        let rows = sqlx::query(&sql).fetch_all(&self.pool).await?;
+        rows.iter().map(state_from_row).collect()
+    }
+
+    async fn try_lease(&self, state: &str, owner: &str, ttl: Duration) -> Result<bool, StoreError> {
+        let now = Utc::now();
+        let until = unix_ms(now) + i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX / 2);
+        let done = sqlx::query(
+            "UPDATE projection_checkpoints SET leader = $2, lease_until_ms = $3 \
+             WHERE name = $1 AND (leader IS NULL OR leader = $2 OR lease_until_ms < $4)",
+        )
+        .bind(state)
+        .bind(owner)
+        .bind(until)
+        .bind(unix_ms(now))
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn release_lease(&self, state: &str, owner: &str) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE projection_checkpoints SET leader = NULL, lease_until_ms = 0 \
+             WHERE name = $1 AND leader = $2",
+        )
+        .bind(state)
+        .bind(owner)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn apply_fold(&self, apply: &Apply<'_>) -> Result<ApplyOutcome, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        // The compare-and-set on the checkpoint row is the first statement: its
+        // row lock serialises every writer of this projection until commit.
+        let moved = sqlx::query(
+            "UPDATE projection_checkpoints SET cursor_tx = $4, cursor_seq = $5, \
+                 as_of = COALESCE($6, as_of), events_folded = events_folded + $7, updated_at = now() \
+             WHERE name = $1 AND spec_hash = $2 AND cursor_tx = $3 AND cursor_seq = $8",
+        )
+        .bind(apply.state)
+        .bind(apply.spec.hash())
+        .bind(apply.from.tx)
+        .bind(apply.to.tx)
+        .bind(apply.to.seq)
+        .bind(apply.as_of)
+        .bind(i64::try_from(apply.delta.events).unwrap_or(i64::MAX))
+        .bind(apply.from.seq)
+        .execute(&mut *tx)
+        .await?;
+        if moved.rows_affected() != 1 {
+            tx.rollback().await?;
+            return Ok(ApplyOutcome::Stale);
+        }
+        for (g, rows) in &apply.delta.tables {
+            let t = table(apply.spec, *g, apply.suffix);
+            Self::upsert_rows(&mut tx, apply.spec, &t, rows).await?;
+        }
+        if apply.crash_before_commit {
+            crate::projection::failpoint_abort("projector.before_commit");
+        }
+        tx.commit().await?;
+        Ok(ApplyOutcome::Applied)
+    }
+
+    async fn drop_projection(
+        &self,
+        spec: &Spec,
+        state: &str,
+        suffix: &str,
+    ) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        for g in Granularity::ALL {
+            sqlx::query(&format!("DROP TABLE IF EXISTS {}", table(spec, g, suffix)))
+                .execute(&mut *tx)
+                .await?;
+        }
+        sqlx::query("DELETE FROM projection_checkpoints WHERE name = $1")
+            .bind(state)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn swap_rebuilt(
+        &self,
+        spec: &Spec,
+        state: &str,
+        shadow_state: &str,
+        suffix: &str,
+    ) -> Result<bool, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        // Lock the live checkpoint first: a live projector's commit finishes
+        // before the swap, and its next compare-and-set fails and re-reads.
+        sqlx::query(
+            "INSERT INTO projection_checkpoints (name, spec_hash, spec) VALUES ($1, '', '') \
+             ON CONFLICT (name) DO UPDATE SET updated_at = now()",
+        )
+        .bind(state)
+        .execute(&mut *tx)
+        .await?;
+        let moved = sqlx::query(
+            "UPDATE projection_checkpoints m SET spec_hash = s.spec_hash, spec = s.spec, \
+                 cursor_tx = s.cursor_tx, cursor_seq = s.cursor_seq, as_of = s.as_of, \
+                 events_folded = s.events_folded, updated_at = now() \
+             FROM projection_checkpoints s WHERE m.name = $1 AND s.name = $2 \
+               AND (s.cursor_tx, s.cursor_seq) >= (m.cursor_tx, m.cursor_seq)",
+        )
+        .bind(state)
+        .bind(shadow_state)
+        .execute(&mut *tx)
+        .await?;
+        if moved.rows_affected() != 1 {
+            // The live tables are ahead of the shadow: swapping now would step back.
+            tx.rollback().await?;
+            return Ok(false);
+        }
+        for g in Granularity::ALL {
+            sqlx::query(&format!("DROP TABLE IF EXISTS {}", table(spec, g, "")))
+                .execute(&mut *tx)
+                .await?;
+        }
+        for &g in &spec.granularities {
+            let live = table(spec, g, "");
+            let shadow = table(spec, g, suffix);
+            sqlx::query(&format!("ALTER TABLE {shadow} RENAME TO {live}"))
+                .execute(&mut *tx)
+                .await?;
+            // Keep index names tied to the live name, so the next rebuild can reuse the shadow's.
+            sqlx::query(&format!(
+                "ALTER INDEX IF EXISTS {shadow}_pkey RENAME TO {live}_pkey"
+            ))
+            .execute(&mut *tx)
+            .await?;
+        }
+        sqlx::query("DELETE FROM projection_checkpoints WHERE name = $1")
+            .bind(shadow_state)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    async fn read_agg(
+        &self,
+        spec: &Spec,
+        granularity: Granularity,
+        suffix: &str,
+    ) -> Result<Vec<AggRow>, StoreError> {
+        let t = table(spec, granularity, suffix);
+        let sql = format!(
+            "SELECT {} FROM {t} ORDER BY {}",
+            all_columns(spec),
+            key_columns(spec)
+        );
+        let rows = sqlx::query(&sql).fetch_all(&self.pool).await?;
+        let n = spec.dimensions.len();
+        rows.iter()
+            .map(|r| {
+                let bucket: DateTime<Utc> = r.try_get(0)?;
+                agg_row_from(r, bucket, n, &t)
+            })
+            .collect()
+    }
+
+    async fn count_rows(&self, table: &str) -> Result<i64, StoreError> {
+        Ok(sqlx::query_scalar(&format!("SELECT count(*) FROM {table}"))
+            .fetch_one(&self.pool)
+            .await?)
     }
 }

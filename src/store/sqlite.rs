@@ -7,6 +7,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::str::FromStr;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -16,12 +17,22 @@ use sqlx::sqlite::{
 };
 use sqlx::{QueryBuilder, Row, Sqlite, Transaction};
 
+use super::agg::{
+    agg_row_from, all_columns, create_table_sql, float_values, int_values, key_columns,
+    merged_sketch, table, unix_ms, upsert_clause,
+};
 use super::{
     classify, event_from_row, first_occurrences, metadata_json, not_inserted, rejected_from_row,
     Backend, EventStore, LogCounts, Origin, Outcome, Rejected, RejectedRow, StoreError,
     StoreOptions, EVENT_COLUMNS, REJECTED_COLUMNS,
 };
+use super::{
+    AggRow, Apply, ApplyOutcome, Cursor, LogBatch, ProjectionState, ProjectionStore, Watermark,
+};
 use crate::event::{format_ts, Event};
+use crate::projection::fold::{Measures, RowKey};
+use crate::projection::sketch::Sketch;
+use crate::projection::spec::{Granularity, Spec};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./schema/sqlite");
 
@@ -253,5 +264,387 @@ impl EventStore for SqliteStore {
     async fn close(&self) {
         self.writer.close().await;
         self.reader.close().await;
+    }
+}
+
+/// Event columns as the projector reads them (no message, no metadata), then `tx` (0), `seq`.
+const LOG_COLUMNS: &str = "id, ts, api, endpoint, method, key, \"user\", model, status, success, \
+     error_type, NULL, latency_ms, request_bytes, response_bytes, tokens_in, tokens_out, \
+     cost_nanos, cached, NULL, 0, seq";
+
+const CHECKPOINT_COLUMNS: &str = "name, spec_hash, spec, cursor_tx, cursor_seq, as_of, \
+     events_folded, leader, lease_until_ms, updated_at";
+
+/// Rows per statement in aggregate upserts: at most 32 binds a row.
+const AGG_ROWS_PER_STATEMENT: usize = 500;
+
+fn state_from_row(r: &SqliteRow) -> Result<ProjectionState, StoreError> {
+    let as_of: Option<String> = r.try_get(5)?;
+    let updated: String = r.try_get(9)?;
+    Ok(ProjectionState {
+        name: r.try_get(0)?,
+        spec_hash: r.try_get(1)?,
+        spec: r.try_get(2)?,
+        cursor: Cursor {
+            tx: r.try_get(3)?,
+            seq: r.try_get(4)?,
+        },
+        as_of: as_of.as_deref().and_then(parse_ts),
+        events_folded: r.try_get(6)?,
+        leader: r.try_get(7)?,
+        lease_until_ms: r.try_get(8)?,
+        updated_at: parse_ts(&updated).unwrap_or_default(),
+    })
+}
+
+impl SqliteStore {
+    async fn existing_sketches(
+        tx: &mut Transaction<'_, Sqlite>,
+        spec: &Spec,
+        table: &str,
+        keys: &[&RowKey],
+    ) -> Result<HashMap<RowKey, Sketch>, StoreError> {
+        let mut out = HashMap::new();
+        let n = spec.dimensions.len();
+        for chunk in keys.chunks(AGG_ROWS_PER_STATEMENT) {
+            let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new(format!(
+                "SELECT {}, latency_sketch FROM {table} WHERE latency_sketch IS NOT NULL AND ({}) IN (VALUES ",
+                key_columns(spec),
+                key_columns(spec)
+            ));
+            for (i, k) in chunk.iter().enumerate() {
+                if i > 0 {
+                    qb.push(", ");
+                }
+                qb.push("(");
+                qb.push_bind(format_ts(&k.bucket));
+                for d in &k.dims {
+                    qb.push(", ");
+                    qb.push_bind(d.as_str());
+                }
+                qb.push(")");
+            }
+            qb.push(")");
+            for r in qb.build().fetch_all(&mut **tx).await? {
+                let bucket: String = r.try_get(0)?;
+                let bucket = parse_ts(&bucket).ok_or_else(|| StoreError::CorruptRow {
+                    id: table.to_string(),
+                    reason: format!("bucket {bucket:?}"),
+                })?;
+                let dims = (0..n)
+                    .map(|i| r.try_get::<String, _>(i + 1))
+                    .collect::<Result<Vec<_>, _>>()?;
+                let bytes: Vec<u8> = r.try_get(n + 1)?;
+                let sketch = Sketch::decode(&bytes).map_err(|e| StoreError::CorruptRow {
+                    id: format!("{table} bucket {bucket}"),
+                    reason: e.to_string(),
+                })?;
+                out.insert(RowKey { bucket, dims }, sketch);
+            }
+        }
+        Ok(out)
+    }
+
+    async fn upsert_rows(
+        tx: &mut Transaction<'_, Sqlite>,
+        spec: &Spec,
+        table: &str,
+        rows: &HashMap<RowKey, Measures>,
+    ) -> Result<(), StoreError> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let rows: Vec<(&RowKey, &Measures)> = rows.iter().collect();
+        let with_latency: Vec<&RowKey> = rows
+            .iter()
+            .filter(|(_, m)| m.latency_count > 0)
+            .map(|(k, _)| *k)
+            .collect();
+        let existing = Self::existing_sketches(tx, spec, table, &with_latency).await?;
+        let conflict = upsert_clause(Backend::Sqlite, spec, table);
+        for chunk in rows.chunks(AGG_ROWS_PER_STATEMENT) {
+            let mut qb: QueryBuilder<Sqlite> =
+                QueryBuilder::new(format!("INSERT INTO {table} ({}) ", all_columns(spec)));
+            qb.push_values(chunk, |mut b, (key, m)| {
+                b.push_bind(format_ts(&key.bucket));
+                for d in &key.dims {
+                    b.push_bind(d.clone());
+                }
+                for v in int_values(m) {
+                    b.push_bind(v);
+                }
+                let merged = merged_sketch(m, existing.get(*key));
+                let mut f = float_values(m);
+                f[2] = merged.quantile(0.5);
+                f[3] = merged.quantile(0.95);
+                f[4] = merged.quantile(0.99);
+                for v in f {
+                    b.push_bind(v);
+                }
+                b.push_bind((m.latency_count > 0).then(|| merged.encode()));
+            });
+            qb.push(conflict.as_str());
+            qb.build().execute(&mut **tx).await?;
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl ProjectionStore for SqliteStore {
+    async fn read_log(&self, after: Cursor, limit: i64) -> Result<LogBatch, StoreError> {
+        // Taken before the read: everything committed before it is visible to
+        // the read, which starts its WAL snapshot afterwards.
+        let at = Utc::now();
+        let sql =
+            format!("SELECT {LOG_COLUMNS} FROM usage_events WHERE seq > ? ORDER BY seq LIMIT ?");
+        let rows = sqlx::query(&sql)
+            .bind(after.seq)
+            .bind(limit)
+            .fetch_all(&self.reader)
+            .await?;
+        let events = rows
+            .iter()
+            .map(|r| {
+                let ts: String = r.try_get(1)?;
+                let ts = parse_ts(&ts).ok_or_else(|| StoreError::CorruptRow {
+                    id: r.try_get::<String, _>(0).unwrap_or_default(),
+                    reason: format!("ts {ts:?}"),
+                })?;
+                let e = event_from_row(r, ts)?;
+                Ok((
+                    Cursor {
+                        tx: 0,
+                        seq: r.try_get(21)?,
+                    },
+                    e,
+                ))
+            })
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        Ok(LogBatch {
+            events,
+            watermark: Watermark {
+                at,
+                xmin: 0,
+                xmax: 0,
+            },
+        })
+    }
+
+    async fn events_after(&self, after: Cursor) -> Result<i64, StoreError> {
+        Ok(
+            sqlx::query_scalar("SELECT count(*) FROM usage_events WHERE seq > ?")
+                .bind(after.seq)
+                .fetch_one(&self.reader)
+                .await?,
+        )
+    }
+
+    async fn ensure_projection(
+        &self,
+        spec: &Spec,
+        state: &str,
+        suffix: &str,
+    ) -> Result<ProjectionState, StoreError> {
+        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
+        for &g in &spec.granularities {
+            let t = table(spec, g, suffix);
+            sqlx::query(&create_table_sql(Backend::Sqlite, spec, &t))
+                .execute(&mut *tx)
+                .await?;
+        }
+        let now = format_ts(&Utc::now());
+        sqlx::query(
+            "INSERT INTO projection_checkpoints (name, spec_hash, spec, created_at, updated_at) \
+             VALUES (?, ?, ?, ?, ?) ON CONFLICT (name) DO NOTHING",
+        )
+        .bind(state)
+        .bind(spec.hash())
+        .bind(spec.canonical())
+        .bind(&now)
+        .bind(&now)
+        .execute(&mut *tx)
+        .await?;
+        let sql = format!("SELECT {CHECKPOINT_COLUMNS} FROM projection_checkpoints WHERE name = ?");
+        let row = sqlx::query(&sql).bind(state).fetch_one(&mut *tx).await?;
+        tx.commit().await?;
+        state_from_row(&row)
+    }
+
+    async fn projection_states(&self) -> Result<Vec<ProjectionState>, StoreError> {
+        let sql = format!("SELECT {CHECKPOINT_COLUMNS} FROM projection_checkpoints ORDER BY name");
+        let rows = sqlx::query(&sql).fetch_all(&self.reader).await?;
+        rows.iter().map(state_from_row).collect()
+    }
+
+    async fn try_lease(&self, state: &str, owner: &str, ttl: Duration) -> Result<bool, StoreError> {
+        let now = Utc::now();
+        let until = unix_ms(now) + i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX / 2);
+        let done = sqlx::query(
+            "UPDATE projection_checkpoints SET leader = ?2, lease_until_ms = ?3 \
+             WHERE name = ?1 AND (leader IS NULL OR leader = ?2 OR lease_until_ms < ?4)",
+        )
+        .bind(state)
+        .bind(owner)
+        .bind(until)
+        .bind(unix_ms(now))
+        .execute(&self.writer)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn release_lease(&self, state: &str, owner: &str) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE projection_checkpoints SET leader = NULL, lease_until_ms = 0 \
+             WHERE name = ? AND leader = ?",
+        )
+        .bind(state)
+        .bind(owner)
+        .execute(&self.writer)
+        .await?;
+        Ok(())
+    }
+
+    async fn apply_fold(&self, apply: &Apply<'_>) -> Result<ApplyOutcome, StoreError> {
+        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
+        let moved = sqlx::query(
+            "UPDATE projection_checkpoints SET cursor_tx = ?4, cursor_seq = ?5, \
+                 as_of = COALESCE(?6, as_of), events_folded = events_folded + ?7, updated_at = ?9 \
+             WHERE name = ?1 AND spec_hash = ?2 AND cursor_tx = ?3 AND cursor_seq = ?8",
+        )
+        .bind(apply.state)
+        .bind(apply.spec.hash())
+        .bind(apply.from.tx)
+        .bind(apply.to.tx)
+        .bind(apply.to.seq)
+        .bind(apply.as_of.as_ref().map(format_ts))
+        .bind(i64::try_from(apply.delta.events).unwrap_or(i64::MAX))
+        .bind(apply.from.seq)
+        .bind(format_ts(&Utc::now()))
+        .execute(&mut *tx)
+        .await?;
+        if moved.rows_affected() != 1 {
+            tx.rollback().await?;
+            return Ok(ApplyOutcome::Stale);
+        }
+        for (g, rows) in &apply.delta.tables {
+            let t = table(apply.spec, *g, apply.suffix);
+            Self::upsert_rows(&mut tx, apply.spec, &t, rows).await?;
+        }
+        if apply.crash_before_commit {
+            crate::projection::failpoint_abort("projector.before_commit");
+        }
+        tx.commit().await?;
+        Ok(ApplyOutcome::Applied)
+    }
+
+    async fn drop_projection(
+        &self,
+        spec: &Spec,
+        state: &str,
+        suffix: &str,
+    ) -> Result<(), StoreError> {
+        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
+        for g in Granularity::ALL {
+            sqlx::query(&format!("DROP TABLE IF EXISTS {}", table(spec, g, suffix)))
+                .execute(&mut *tx)
+                .await?;
+        }
+        sqlx::query("DELETE FROM projection_checkpoints WHERE name = ?")
+            .bind(state)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn swap_rebuilt(
+        &self,
+        spec: &Spec,
+        state: &str,
+        shadow_state: &str,
+        suffix: &str,
+    ) -> Result<bool, StoreError> {
+        // BEGIN IMMEDIATE takes the database's write lock: no projector commits in between.
+        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
+        let now = format_ts(&Utc::now());
+        sqlx::query(
+            "INSERT INTO projection_checkpoints (name, spec_hash, spec, created_at, updated_at) \
+             VALUES (?1, '', '', ?2, ?2) ON CONFLICT (name) DO NOTHING",
+        )
+        .bind(state)
+        .bind(&now)
+        .execute(&mut *tx)
+        .await?;
+        let moved = sqlx::query(
+            "UPDATE projection_checkpoints SET \
+                 (spec_hash, spec, cursor_tx, cursor_seq, as_of, events_folded) = \
+                 (SELECT spec_hash, spec, cursor_tx, cursor_seq, as_of, events_folded \
+                  FROM projection_checkpoints WHERE name = ?2), updated_at = ?3 \
+             WHERE name = ?1 AND EXISTS (SELECT 1 FROM projection_checkpoints s \
+                 WHERE s.name = ?2 AND s.cursor_seq >= projection_checkpoints.cursor_seq)",
+        )
+        .bind(state)
+        .bind(shadow_state)
+        .bind(&now)
+        .execute(&mut *tx)
+        .await?;
+        if moved.rows_affected() != 1 {
+            // The live tables are ahead of the shadow: swapping now would step back.
+            tx.rollback().await?;
+            return Ok(false);
+        }
+        for g in Granularity::ALL {
+            sqlx::query(&format!("DROP TABLE IF EXISTS {}", table(spec, g, "")))
+                .execute(&mut *tx)
+                .await?;
+        }
+        for &g in &spec.granularities {
+            sqlx::query(&format!(
+                "ALTER TABLE {} RENAME TO {}",
+                table(spec, g, suffix),
+                table(spec, g, "")
+            ))
+            .execute(&mut *tx)
+            .await?;
+        }
+        sqlx::query("DELETE FROM projection_checkpoints WHERE name = ?")
+            .bind(shadow_state)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    async fn read_agg(
+        &self,
+        spec: &Spec,
+        granularity: Granularity,
+        suffix: &str,
+    ) -> Result<Vec<AggRow>, StoreError> {
+        let t = table(spec, granularity, suffix);
+        let sql = format!(
+            "SELECT {} FROM {t} ORDER BY {}",
+            all_columns(spec),
+            key_columns(spec)
+        );
+        let rows = sqlx::query(&sql).fetch_all(&self.reader).await?;
+        let n = spec.dimensions.len();
+        rows.iter()
+            .map(|r| {
+                let bucket: String = r.try_get(0)?;
+                let bucket = parse_ts(&bucket).ok_or_else(|| StoreError::CorruptRow {
+                    id: t.clone(),
+                    reason: format!("bucket {bucket:?}"),
+                })?;
+                agg_row_from(r, bucket, n, &t)
+            })
+            .collect()
+    }
+
+    async fn count_rows(&self, table: &str) -> Result<i64, StoreError> {
+        Ok(sqlx::query_scalar(&format!("SELECT count(*) FROM {table}"))
+            .fetch_one(&self.reader)
+            .await?)
     }
 }

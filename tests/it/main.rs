@@ -4,6 +4,7 @@ mod cli;
 mod event;
 mod ingest_http;
 mod ingest_nats;
+mod projection;
 mod prop;
 mod store;
 mod support;

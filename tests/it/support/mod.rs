@@ -58,6 +58,7 @@ pub fn server_config() -> ServerConfig {
     }
     let mut c = Wrap::parse_from(["tally"]).c;
     c.http_addr = "127.0.0.1:0".parse().expect("addr");
+    c.projections.projections_dir = concat!(env!("CARGO_MANIFEST_DIR"), "/projections").into();
     c
 }
 

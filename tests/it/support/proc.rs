@@ -22,7 +22,7 @@ pub struct TallyProc {
     pub base: String,
     pub log: PathBuf,
     db_url: String,
-    nats_url: String,
+    nats_url: Option<String>,
     extra: Vec<(String, String)>,
     port: u16,
     _dir: tempfile::TempDir,
@@ -31,6 +31,15 @@ pub struct TallyProc {
 impl TallyProc {
     /// Starts `tally serve` on `db_url` and `nats_url` and waits until `/healthz` answers.
     pub async fn start(db_url: &str, nats_url: &str, extra: &[(&str, &str)]) -> Self {
+        Self::start_with(db_url, Some(nats_url), extra).await
+    }
+
+    /// Starts `tally serve` with HTTP ingest only (no NATS).
+    pub async fn start_http(db_url: &str, extra: &[(&str, &str)]) -> Self {
+        Self::start_with(db_url, None, extra).await
+    }
+
+    async fn start_with(db_url: &str, nats_url: Option<&str>, extra: &[(&str, &str)]) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let port = free_port().expect("free port");
         let mut p = Self {
@@ -38,7 +47,7 @@ impl TallyProc {
             base: format!("http://127.0.0.1:{port}"),
             log: dir.path().join("tally.log"),
             db_url: db_url.to_string(),
-            nats_url: nats_url.to_string(),
+            nats_url: nats_url.map(str::to_string),
             extra: extra
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -50,21 +59,28 @@ impl TallyProc {
         p
     }
 
-    /// (Re)starts the process with the same settings.
-    pub async fn spawn(&mut self) {
+    /// (Re)starts the process with the same settings, without waiting for it.
+    pub fn launch(&mut self) {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&self.log)
             .expect("log file");
         let err = log.try_clone().expect("log file");
-        let child = Command::new(env!("CARGO_BIN_EXE_tally"))
-            .arg("serve")
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_tally"));
+        cmd.arg("serve")
             .env_clear()
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
             .env("TALLY_DATABASE_URL", &self.db_url)
-            .env("TALLY_NATS_URL", &self.nats_url)
-            .env("TALLY_HTTP_ADDR", format!("127.0.0.1:{}", self.port))
+            .env(
+                "TALLY_PROJECTIONS_DIR",
+                concat!(env!("CARGO_MANIFEST_DIR"), "/projections"),
+            )
+            .env("TALLY_HTTP_ADDR", format!("127.0.0.1:{}", self.port));
+        if let Some(url) = &self.nats_url {
+            cmd.env("TALLY_NATS_URL", url);
+        }
+        let child = cmd
             .env("TALLY_LOG", "info,tally=debug,sqlx=warn")
             .envs(self.extra.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
@@ -73,6 +89,11 @@ impl TallyProc {
             .spawn()
             .expect("spawn tally");
         self.child = Some(child);
+    }
+
+    /// (Re)starts the process and waits until `/healthz` answers.
+    pub async fn spawn(&mut self) {
+        self.launch();
         let deadline = Instant::now() + Duration::from_secs(30);
         let client = reqwest::Client::new();
         loop {
@@ -121,6 +142,11 @@ impl TallyProc {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// The process id (0 when not running).
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
     }
 
     /// True while the process runs.

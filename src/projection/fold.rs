@@ -1,0 +1,205 @@
+//! Folding events into per-bucket deltas, in memory.
+//!
+//! A [`Delta`] maps each (bucket, dimension values) row of each granularity
+//! table to the [`Measures`] of the events that fall in it. The store adds a
+//! delta to the tables (integers add exactly, sketches merge), so folding a
+//! log in any batch sizes gives the same tables as folding it at once.
+
+use std::collections::HashMap;
+
+use chrono::{DateTime, Utc};
+
+use super::bucket::bucket_start;
+use super::sketch::Sketch;
+use super::spec::{Dimension, Granularity, Spec};
+use crate::event::{ErrorType, Event};
+
+/// The value an event has for a dimension, as stored: absent values are `''`.
+pub fn dimension_value(e: &Event, d: Dimension) -> String {
+    let text = |v: &Option<String>| v.clone().unwrap_or_default();
+    match d {
+        Dimension::Api => e.api.clone(),
+        Dimension::Endpoint => text(&e.endpoint),
+        Dimension::Method => text(&e.method),
+        Dimension::Key => text(&e.key),
+        Dimension::User => text(&e.user),
+        Dimension::Model => text(&e.model),
+        Dimension::Status => e.status.map(|s| s.to_string()).unwrap_or_default(),
+        Dimension::ErrorType => e
+            .error_type
+            .map(|t| t.as_str().to_string())
+            .unwrap_or_default(),
+        Dimension::Cached => if e.cached { "true" } else { "false" }.to_string(),
+    }
+}
+
+/// Latency in whole microseconds, as summed in `latency_sum_us` (half away from zero).
+pub fn latency_us(ms: f64) -> i64 {
+    (ms * 1000.0).round() as i64
+}
+
+/// The measures of one aggregate row. Integer sums are exact (saturating at
+/// `i64::MAX`, far beyond any real month).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Measures {
+    /// Events.
+    pub requests: i64,
+    /// Events with `success = true`.
+    pub successes: i64,
+    /// Events with `success = false`.
+    pub errors: i64,
+    /// Errors per type, in [`ErrorType::ALL`] order.
+    pub errors_by_type: [i64; 5],
+    /// Events served from a cache.
+    pub cache_hits: i64,
+    /// Events that carried a latency.
+    pub latency_count: i64,
+    /// Sum of latencies in microseconds.
+    pub latency_sum_us: i64,
+    /// Smallest latency (ms), `None` when no event carried one.
+    pub latency_min_ms: Option<f64>,
+    /// Largest latency (ms).
+    pub latency_max_ms: Option<f64>,
+    /// Latency distribution.
+    pub sketch: Sketch,
+    /// Sum of request bytes.
+    pub request_bytes: i64,
+    /// Sum of response bytes.
+    pub response_bytes: i64,
+    /// Sum of input tokens.
+    pub tokens_in: i64,
+    /// Sum of output tokens.
+    pub tokens_out: i64,
+    /// Sum of cost in nano-units.
+    pub cost_nanos: i64,
+}
+
+impl Measures {
+    /// Counts one event.
+    pub fn add_event(&mut self, e: &Event) {
+        let add = |a: &mut i64, b: i64| *a = a.saturating_add(b);
+        add(&mut self.requests, 1);
+        if e.success {
+            add(&mut self.successes, 1);
+        } else {
+            add(&mut self.errors, 1);
+        }
+        if let Some(t) = e.error_type {
+            let i = ErrorType::ALL.iter().position(|x| *x == t).unwrap_or(4);
+            add(&mut self.errors_by_type[i], 1);
+        }
+        if e.cached {
+            add(&mut self.cache_hits, 1);
+        }
+        if let Some(ms) = e.latency_ms {
+            add(&mut self.latency_count, 1);
+            add(&mut self.latency_sum_us, latency_us(ms));
+            self.latency_min_ms = Some(self.latency_min_ms.map_or(ms, |m| m.min(ms)));
+            self.latency_max_ms = Some(self.latency_max_ms.map_or(ms, |m| m.max(ms)));
+            self.sketch.add(ms);
+        }
+        add(&mut self.request_bytes, e.request_bytes.unwrap_or(0));
+        add(&mut self.response_bytes, e.response_bytes.unwrap_or(0));
+        add(&mut self.tokens_in, e.tokens_in.unwrap_or(0));
+        add(&mut self.tokens_out, e.tokens_out.unwrap_or(0));
+        add(&mut self.cost_nanos, e.cost_nanos.unwrap_or(0));
+    }
+
+    /// Adds another row's measures (what an upsert does in SQL).
+    pub fn merge(&mut self, o: &Measures) {
+        let add = |a: &mut i64, b: i64| *a = a.saturating_add(b);
+        add(&mut self.requests, o.requests);
+        add(&mut self.successes, o.successes);
+        add(&mut self.errors, o.errors);
+        for (a, b) in self.errors_by_type.iter_mut().zip(o.errors_by_type) {
+            add(a, b);
+        }
+        add(&mut self.cache_hits, o.cache_hits);
+        add(&mut self.latency_count, o.latency_count);
+        add(&mut self.latency_sum_us, o.latency_sum_us);
+        self.latency_min_ms = min_opt(self.latency_min_ms, o.latency_min_ms, f64::min);
+        self.latency_max_ms = min_opt(self.latency_max_ms, o.latency_max_ms, f64::max);
+        self.sketch.merge(&o.sketch);
+        add(&mut self.request_bytes, o.request_bytes);
+        add(&mut self.response_bytes, o.response_bytes);
+        add(&mut self.tokens_in, o.tokens_in);
+        add(&mut self.tokens_out, o.tokens_out);
+        add(&mut self.cost_nanos, o.cost_nanos);
+    }
+
+    /// Estimated latency quantile in ms (see [`super::sketch`] for the error bound).
+    pub fn latency_quantile(&self, q: f64) -> Option<f64> {
+        self.sketch.quantile(q)
+    }
+}
+
+fn min_opt(a: Option<f64>, b: Option<f64>, pick: fn(f64, f64) -> f64) -> Option<f64> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(pick(a, b)),
+        (a, None) => a,
+        (None, b) => b,
+    }
+}
+
+/// Identifies an aggregate row within one table.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RowKey {
+    /// Start of the bucket.
+    pub bucket: DateTime<Utc>,
+    /// Dimension values in the spec's order.
+    pub dims: Vec<String>,
+}
+
+/// The rows a batch of events adds to each granularity table of a projection.
+#[derive(Debug, Clone, Default)]
+pub struct Delta {
+    /// One map per granularity of the spec, in the spec's order.
+    pub tables: Vec<(Granularity, HashMap<RowKey, Measures>)>,
+    /// Events folded.
+    pub events: usize,
+}
+
+impl Delta {
+    /// An empty delta shaped for `spec`.
+    pub fn new(spec: &Spec) -> Self {
+        Delta {
+            tables: spec
+                .granularities
+                .iter()
+                .map(|&g| (g, HashMap::new()))
+                .collect(),
+            events: 0,
+        }
+    }
+
+    /// Folds one event into every granularity.
+    pub fn add(&mut self, spec: &Spec, e: &Event) {
+        let dims: Vec<String> = spec
+            .dimensions
+            .iter()
+            .map(|&d| dimension_value(e, d))
+            .collect();
+        for (g, rows) in &mut self.tables {
+            let key = RowKey {
+                bucket: bucket_start(e.ts, *g, spec.timezone),
+                dims: dims.clone(),
+            };
+            rows.entry(key).or_default().add_event(e);
+        }
+        self.events += 1;
+    }
+
+    /// Rows across all tables (what one apply writes).
+    pub fn rows(&self) -> usize {
+        self.tables.iter().map(|(_, r)| r.len()).sum()
+    }
+}
+
+/// Folds a batch of events.
+pub fn fold<'a>(spec: &Spec, events: impl IntoIterator<Item = &'a Event>) -> Delta {
+    let mut delta = Delta::new(spec);
+    for e in events {
+        delta.add(spec, e);
+    }
+    delta
+}

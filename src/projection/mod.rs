@@ -1,0 +1,74 @@
+//! Projections: the event log folded into hourly, daily and monthly aggregates.
+//!
+//! Data flow: [`spec`] reads `projections/*.toml`; a [`projector::Projector`]
+//! per projection reads the log after its checkpoint in commit-safe order
+//! ([`crate::store::ProjectionStore::read_log`]), folds a batch in memory
+//! ([`fold`], buckets from [`bucket`], latency sketches from [`sketch`]) and
+//! hands the delta to the store, which adds it to every granularity table and
+//! moves the checkpoint in one transaction — only if the checkpoint is still
+//! where the batch was read from. That compare-and-set is what makes a crash,
+//! a second instance or a rebuild unable to count a batch twice; the lease
+//! only keeps two instances from doing the same work.
+//! [`rebuild`] folds the whole log into shadow tables and swaps them in.
+
+pub mod bucket;
+pub mod fold;
+pub mod projector;
+pub mod rebuild;
+pub mod sketch;
+pub mod spec;
+pub mod status;
+
+pub use projector::{Failpoints, Projector, ProjectorConfig};
+pub use spec::{Dimension, Granularity, Spec};
+
+use crate::store::StoreError;
+
+/// Errors of the projection stage.
+#[derive(Debug, thiserror::Error)]
+pub enum ProjectionError {
+    /// A spec file is malformed or inconsistent.
+    #[error("projection spec {file}: {reason}")]
+    InvalidSpec {
+        /// The file.
+        file: String,
+        /// What is wrong and what is allowed.
+        reason: String,
+    },
+    /// The specs directory cannot be read.
+    #[error("cannot read projection specs from `{dir}`: {reason} (set --projections-dir / TALLY_PROJECTIONS_DIR)")]
+    SpecDir {
+        /// The directory.
+        dir: String,
+        /// The OS error.
+        reason: String,
+    },
+    /// The tables were built from a different spec than the file now says.
+    #[error("projection `{name}` changed since its tables were built (stored: {stored}; file: {now}). Its aggregates would mix two shapes, so Tally will not start. Run `tally projections rebuild {name}` to rebuild it from the event log (or restore the old spec)")]
+    SpecChanged {
+        /// Projection name.
+        name: String,
+        /// Canonical stored spec.
+        stored: String,
+        /// Canonical spec in the file.
+        now: String,
+    },
+    /// One or more projections changed (one message each, joined).
+    #[error("{0}")]
+    Changed(String),
+    /// No spec file defines this projection.
+    #[error("no projection named `{0}` in the projections directory")]
+    NotFound(String),
+    /// Another process is rebuilding the same projection.
+    #[error("projection `{0}` is already being rebuilt by another process")]
+    RebuildRunning(String),
+    /// The database failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Test hook: stops the process the way `kill -9` would, at a named point.
+pub(crate) fn failpoint_abort(point: &str) -> ! {
+    eprintln!("failpoint {point}: aborting");
+    std::process::abort()
+}

@@ -1,0 +1,396 @@
+//! Projection specs: `projections/*.toml`, one file per projection.
+//!
+//! A spec names the dimensions an aggregate keeps and the bucket sizes it
+//! keeps them at. Everything that decides *which row an event lands in*
+//! (dimensions, granularities, timezone) is hashed; a stored hash that differs
+//! from the file's means the tables no longer match the spec, and Tally asks
+//! for a rebuild instead of silently mixing two shapes in one table.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use chrono_tz::Tz;
+use serde::Deserialize;
+
+use super::ProjectionError;
+
+/// A column an aggregate can group by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Dimension {
+    /// `api`
+    Api,
+    /// `endpoint`
+    Endpoint,
+    /// `method`
+    Method,
+    /// `key`
+    Key,
+    /// `user`
+    User,
+    /// `model`
+    Model,
+    /// `status` (the code as text, e.g. `'429'`)
+    Status,
+    /// `error_type` (`''` for successes)
+    ErrorType,
+    /// `cached` (`'true'` or `'false'`)
+    Cached,
+}
+
+impl Dimension {
+    /// Every dimension, in canonical order.
+    pub const ALL: [Dimension; 9] = [
+        Dimension::Api,
+        Dimension::Endpoint,
+        Dimension::Method,
+        Dimension::Key,
+        Dimension::User,
+        Dimension::Model,
+        Dimension::Status,
+        Dimension::ErrorType,
+        Dimension::Cached,
+    ];
+
+    /// The spec name, which is also the column name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Dimension::Api => "api",
+            Dimension::Endpoint => "endpoint",
+            Dimension::Method => "method",
+            Dimension::Key => "key",
+            Dimension::User => "user",
+            Dimension::Model => "model",
+            Dimension::Status => "status",
+            Dimension::ErrorType => "error_type",
+            Dimension::Cached => "cached",
+        }
+    }
+
+    /// Parses a spec or query name.
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|d| d.as_str() == s)
+    }
+
+    /// The column, quoted (`user` is reserved in PostgreSQL).
+    pub fn column(self) -> String {
+        format!("\"{}\"", self.as_str())
+    }
+}
+
+/// A bucket size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Granularity {
+    /// One minute (for alerts and rolling quotas).
+    Minute,
+    /// One hour of local time.
+    Hour,
+    /// One local calendar day (23, 24 or 25 hours around DST changes).
+    Day,
+    /// One local calendar month.
+    Month,
+}
+
+impl Granularity {
+    /// Every granularity, finest first.
+    pub const ALL: [Granularity; 4] = [
+        Granularity::Minute,
+        Granularity::Hour,
+        Granularity::Day,
+        Granularity::Month,
+    ];
+
+    /// The spec name, which is also the table suffix.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Granularity::Minute => "minute",
+            Granularity::Hour => "hour",
+            Granularity::Day => "day",
+            Granularity::Month => "month",
+        }
+    }
+
+    /// Parses a spec or query name.
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|g| g.as_str() == s)
+    }
+}
+
+/// A validated projection spec.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Spec {
+    /// `[a-z][a-z0-9_]*`, at most 40 characters: part of every table name.
+    pub name: String,
+    /// Group-by columns, in the file's order (the table's column order).
+    pub dimensions: Vec<Dimension>,
+    /// Bucket sizes, finest first, without repeats.
+    pub granularities: Vec<Granularity>,
+    /// IANA zone that hour, day and month buckets follow.
+    pub timezone: Tz,
+    /// How long rows of a granularity are kept (absent: forever).
+    pub retention: BTreeMap<Granularity, Duration>,
+    /// The file it was read from (for messages).
+    pub source: Option<PathBuf>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SpecFile {
+    name: String,
+    dimensions: Vec<String>,
+    granularities: Vec<String>,
+    #[serde(default = "utc")]
+    timezone: String,
+    #[serde(default)]
+    retention: BTreeMap<String, String>,
+}
+
+fn utc() -> String {
+    "UTC".to_string()
+}
+
+impl Spec {
+    /// Parses and validates one spec file's text.
+    pub fn parse(text: &str, source: Option<&Path>) -> Result<Self, ProjectionError> {
+        let invalid = |reason: String| ProjectionError::InvalidSpec {
+            file: source.map(|p| p.display().to_string()).unwrap_or_default(),
+            reason,
+        };
+        let file: SpecFile = toml::from_str(text).map_err(|e| invalid(e.to_string()))?;
+        let name_ok = file.name.len() <= 40
+            && file.name.starts_with(|c: char| c.is_ascii_lowercase())
+            && file
+                .name
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+        if !name_ok {
+            return Err(invalid(format!(
+                "name `{}` must match [a-z][a-z0-9_]* and be at most 40 characters (it becomes part of table names)",
+                file.name
+            )));
+        }
+        let allowed_dims = Dimension::ALL.map(Dimension::as_str).join(", ");
+        let mut dimensions = Vec::new();
+        for d in &file.dimensions {
+            let dim = Dimension::parse(d).ok_or_else(|| {
+                invalid(format!("unknown dimension `{d}`; allowed: {allowed_dims}"))
+            })?;
+            if dimensions.contains(&dim) {
+                return Err(invalid(format!("dimension `{d}` is listed twice")));
+            }
+            dimensions.push(dim);
+        }
+        let allowed_grans = Granularity::ALL.map(Granularity::as_str).join(", ");
+        let mut granularities = Vec::new();
+        for g in &file.granularities {
+            let gran = Granularity::parse(g).ok_or_else(|| {
+                invalid(format!(
+                    "unknown granularity `{g}`; allowed: {allowed_grans}"
+                ))
+            })?;
+            if granularities.contains(&gran) {
+                return Err(invalid(format!("granularity `{g}` is listed twice")));
+            }
+            granularities.push(gran);
+        }
+        if granularities.is_empty() {
+            return Err(invalid(format!(
+                "granularities is empty; list at least one of {allowed_grans}"
+            )));
+        }
+        granularities.sort();
+        let timezone: Tz = file.timezone.parse().map_err(|_| {
+            invalid(format!(
+                "timezone `{}` is not an IANA zone name (e.g. `UTC`, `Europe/Berlin`, `Asia/Kolkata`)",
+                file.timezone
+            ))
+        })?;
+        let mut retention = BTreeMap::new();
+        for (g, d) in &file.retention {
+            let gran = Granularity::parse(g).ok_or_else(|| {
+                invalid(format!(
+                    "retention names unknown granularity `{g}`; allowed: {allowed_grans}"
+                ))
+            })?;
+            if !granularities.contains(&gran) {
+                return Err(invalid(format!(
+                    "retention for `{g}`, which is not in granularities"
+                )));
+            }
+            let dur = humantime::parse_duration(d)
+                .map_err(|e| invalid(format!("retention.{g} = `{d}`: {e} (e.g. `8d`, `36h`)")))?;
+            retention.insert(gran, dur);
+        }
+        Ok(Spec {
+            name: file.name,
+            dimensions,
+            granularities,
+            timezone,
+            retention,
+            source: source.map(Path::to_path_buf),
+        })
+    }
+
+    /// The canonical form of what decides row placement: dimensions (sorted),
+    /// granularities and timezone. Retention is left out: changing it needs no rebuild.
+    pub fn canonical(&self) -> String {
+        let mut dims: Vec<&str> = self.dimensions.iter().map(|d| d.as_str()).collect();
+        dims.sort_unstable();
+        let grans: Vec<&str> = self.granularities.iter().map(|g| g.as_str()).collect();
+        format!(
+            "dimensions={};granularities={};timezone={}",
+            dims.join(","),
+            grans.join(","),
+            self.timezone.name()
+        )
+    }
+
+    /// A stable hash of [`Spec::canonical`] (FNV-1a, 64 bits, hex): stored with the
+    /// checkpoint to detect a changed spec.
+    pub fn hash(&self) -> String {
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in self.canonical().bytes() {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        format!("{h:016x}")
+    }
+
+    /// The table holding one granularity.
+    pub fn table(&self, granularity: Granularity) -> String {
+        table_name(&self.name, granularity)
+    }
+}
+
+/// `agg_<projection>_<granularity>`.
+pub fn table_name(projection: &str, granularity: Granularity) -> String {
+    format!("agg_{projection}_{}", granularity.as_str())
+}
+
+/// Reads every `*.toml` in `dir`, sorted by file name. Names must be unique.
+pub fn load_dir(dir: &Path) -> Result<Vec<Spec>, ProjectionError> {
+    let entries = std::fs::read_dir(dir).map_err(|e| ProjectionError::SpecDir {
+        dir: dir.display().to_string(),
+        reason: e.to_string(),
+    })?;
+    let mut paths: Vec<PathBuf> = entries
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+        .collect();
+    paths.sort();
+    let mut specs: Vec<Spec> = Vec::with_capacity(paths.len());
+    for path in paths {
+        let text = std::fs::read_to_string(&path).map_err(|e| ProjectionError::InvalidSpec {
+            file: path.display().to_string(),
+            reason: e.to_string(),
+        })?;
+        let spec = Spec::parse(&text, Some(&path))?;
+        if let Some(other) = specs.iter().find(|s| s.name == spec.name) {
+            return Err(ProjectionError::InvalidSpec {
+                file: path.display().to_string(),
+                reason: format!(
+                    "projection name `{}` is also used by {}",
+                    spec.name,
+                    other
+                        .source
+                        .as_deref()
+                        .map(|p| p.display().to_string())
+                        .unwrap_or_default()
+                ),
+            });
+        }
+        specs.push(spec);
+    }
+    Ok(specs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_the_documented_example() {
+        let spec = Spec::parse(
+            r#"name = "by_key"
+dimensions = ["api", "key", "model"]
+granularities = ["month", "hour", "day"]
+timezone = "Europe/Berlin"
+retention = { hour = "90d" }"#,
+            None,
+        )
+        .expect("valid");
+        assert_eq!(
+            spec.granularities,
+            vec![Granularity::Hour, Granularity::Day, Granularity::Month]
+        );
+        assert_eq!(spec.table(Granularity::Hour), "agg_by_key_hour");
+        assert_eq!(
+            spec.retention[&Granularity::Hour],
+            Duration::from_secs(90 * 86400)
+        );
+        assert_eq!(spec.timezone.name(), "Europe/Berlin");
+    }
+
+    #[test]
+    fn hash_ignores_dimension_order_and_retention_but_not_timezone() {
+        let a = Spec::parse(
+            "name='p'\ndimensions=['api','key']\ngranularities=['hour']",
+            None,
+        )
+        .expect("a");
+        let b = Spec::parse(
+            "name='p'\ndimensions=['key','api']\ngranularities=['hour']\nretention={hour='1d'}",
+            None,
+        )
+        .expect("b");
+        let c = Spec::parse(
+            "name='p'\ndimensions=['key','api']\ngranularities=['hour']\ntimezone='Asia/Kolkata'",
+            None,
+        )
+        .expect("c");
+        assert_eq!(a.hash(), b.hash());
+        assert_ne!(a.hash(), c.hash());
+    }
+
+    #[test]
+    fn rejects_bad_specs_with_a_reason() {
+        for (text, needle) in [
+            (
+                "name='Bad'\ndimensions=[]\ngranularities=['hour']",
+                "must match",
+            ),
+            (
+                "name='p'\ndimensions=['colour']\ngranularities=['hour']",
+                "unknown dimension `colour`",
+            ),
+            (
+                "name='p'\ndimensions=['api']\ngranularities=['week']",
+                "unknown granularity `week`",
+            ),
+            (
+                "name='p'\ndimensions=['api']\ngranularities=[]",
+                "granularities is empty",
+            ),
+            (
+                "name='p'\ndimensions=['api']\ngranularities=['hour']\ntimezone='Mars/Olympus'",
+                "IANA",
+            ),
+            (
+                "name='p'\ndimensions=['api']\ngranularities=['hour']\nretention={minute='1d'}",
+                "not in granularities",
+            ),
+            (
+                "name='p'\ndimensions=['api','api']\ngranularities=['hour']",
+                "twice",
+            ),
+            (
+                "name='p'\ndimensions=['api']\ngranularities=['hour']\nextra=1",
+                "unknown field",
+            ),
+        ] {
+            let err = Spec::parse(text, None).expect_err(text).to_string();
+            assert!(err.contains(needle), "{text}: {err}");
+        }
+    }
+}

@@ -1,0 +1,358 @@
+//! What both backends share for projections: the checkpoint types, the
+//! aggregate tables' column layout and the SQL text built from a spec.
+//!
+//! Table and column names are interpolated into SQL, so they come only from
+//! validated specs ([`Spec`] names are `[a-z][a-z0-9_]*`, dimensions a closed
+//! enum), never from request text.
+
+use chrono::{DateTime, Utc};
+
+use super::Backend;
+use crate::event::Event;
+use crate::projection::fold::{Delta, Measures};
+use crate::projection::sketch::Sketch;
+use crate::projection::spec::{table_name, Granularity, Spec};
+
+/// A position in the event log, in commit-safe order.
+///
+/// PostgreSQL: `(tx, seq)`, the writing transaction id and the identity; the
+/// projector reads only `tx < pg_snapshot_xmin(pg_current_snapshot())`, so no
+/// transaction that can still commit sorts below the cursor. SQLite: `tx` is 0
+/// and `seq` (the rowid) alone is commit order, because one writer commits at a time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
+pub struct Cursor {
+    /// Writing transaction id (PostgreSQL `xid8` as a number; 0 on SQLite).
+    pub tx: i64,
+    /// `usage_events.seq`.
+    pub seq: i64,
+}
+
+/// What a log read could see, for `as_of`: every transaction that committed
+/// before `at` has an id below `xmax`; every id below `xmin` has finished.
+/// (SQLite: both 0, and everything committed before `at` was visible.)
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Watermark {
+    /// Taken no later than the read's snapshot.
+    pub at: DateTime<Utc>,
+    /// Oldest transaction still running at the snapshot.
+    pub xmin: i64,
+    /// First transaction id not yet assigned at the snapshot.
+    pub xmax: i64,
+}
+
+/// Events after a cursor, in cursor order, and what the read could see.
+#[derive(Debug, Clone)]
+pub struct LogBatch {
+    /// Each event with its cursor. `error_message` and `metadata` are not
+    /// loaded: no projection aggregates them.
+    pub events: Vec<(Cursor, Event)>,
+    /// The read's snapshot.
+    pub watermark: Watermark,
+}
+
+/// A row of `projection_checkpoints`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProjectionState {
+    /// Projection name (`<name>~rebuild` for a rebuild in progress).
+    pub name: String,
+    /// [`Spec::hash`] of the spec the tables were built with.
+    pub spec_hash: String,
+    /// [`Spec::canonical`] of that spec, for messages.
+    pub spec: String,
+    /// Everything at or before this is folded in.
+    pub cursor: Cursor,
+    /// Every event committed before this instant is folded in.
+    pub as_of: Option<DateTime<Utc>>,
+    /// Events folded since the tables were created.
+    pub events_folded: i64,
+    /// Instance holding the projector lease.
+    pub leader: Option<String>,
+    /// Lease expiry, Unix milliseconds.
+    pub lease_until_ms: i64,
+    /// Last checkpoint write.
+    pub updated_at: DateTime<Utc>,
+}
+
+/// One projector commit: add `delta` to the tables and move the checkpoint
+/// from `from` to `to`, only if the checkpoint is still at `from` with `spec_hash`.
+#[derive(Debug)]
+pub struct Apply<'a> {
+    /// The checkpoint row.
+    pub state: &'a str,
+    /// The spec being folded.
+    pub spec: &'a Spec,
+    /// Table-name suffix (`""`, or `_rebuild` for shadow tables).
+    pub suffix: &'a str,
+    /// Expected current cursor.
+    pub from: Cursor,
+    /// New cursor.
+    pub to: Cursor,
+    /// New `as_of`, when it advances.
+    pub as_of: Option<DateTime<Utc>>,
+    /// The rows to add.
+    pub delta: &'a Delta,
+    /// Test hook: abort the process after writing, before commit.
+    pub crash_before_commit: bool,
+}
+
+/// Whether an [`Apply`] landed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ApplyOutcome {
+    /// Committed.
+    Applied,
+    /// The checkpoint had moved (another projector or a rebuild): nothing written.
+    Stale,
+}
+
+/// One aggregate row, as read back.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AggRow {
+    /// Bucket start.
+    pub bucket: DateTime<Utc>,
+    /// Dimension values in the spec's order.
+    pub dims: Vec<String>,
+    /// The measures (sketch decoded).
+    pub measures: Measures,
+}
+
+/// Integer measure columns, in [`int_values`] order.
+pub const INT_COLUMNS: [&str; 16] = [
+    "requests",
+    "successes",
+    "errors",
+    "errors_rate_limit",
+    "errors_timeout",
+    "errors_server_error",
+    "errors_client_error",
+    "errors_other",
+    "cache_hits",
+    "latency_count",
+    "latency_sum_us",
+    "request_bytes",
+    "response_bytes",
+    "tokens_in",
+    "tokens_out",
+    "cost_nanos",
+];
+
+/// Nullable float columns, in [`float_values`] order.
+pub const FLOAT_COLUMNS: [&str; 5] = [
+    "latency_min_ms",
+    "latency_max_ms",
+    "latency_p50_ms",
+    "latency_p95_ms",
+    "latency_p99_ms",
+];
+
+/// The integer measures of a row, in [`INT_COLUMNS`] order.
+pub fn int_values(m: &Measures) -> [i64; 16] {
+    let [rl, to, se, ce, ot] = m.errors_by_type;
+    [
+        m.requests,
+        m.successes,
+        m.errors,
+        rl,
+        to,
+        se,
+        ce,
+        ot,
+        m.cache_hits,
+        m.latency_count,
+        m.latency_sum_us,
+        m.request_bytes,
+        m.response_bytes,
+        m.tokens_in,
+        m.tokens_out,
+        m.cost_nanos,
+    ]
+}
+
+/// The float measures of a row, in [`FLOAT_COLUMNS`] order; percentiles from the sketch.
+pub fn float_values(m: &Measures) -> [Option<f64>; 5] {
+    [
+        m.latency_min_ms,
+        m.latency_max_ms,
+        m.sketch.quantile(0.5),
+        m.sketch.quantile(0.95),
+        m.sketch.quantile(0.99),
+    ]
+}
+
+/// Rebuilds [`Measures`] from stored columns.
+pub fn measures_from(
+    ints: [i64; 16],
+    min: Option<f64>,
+    max: Option<f64>,
+    sketch: Sketch,
+) -> Measures {
+    let [requests, successes, errors, rl, to, se, ce, ot, cache_hits, latency_count, latency_sum_us, request_bytes, response_bytes, tokens_in, tokens_out, cost_nanos] =
+        ints;
+    Measures {
+        requests,
+        successes,
+        errors,
+        errors_by_type: [rl, to, se, ce, ot],
+        cache_hits,
+        latency_count,
+        latency_sum_us,
+        latency_min_ms: min,
+        latency_max_ms: max,
+        sketch,
+        request_bytes,
+        response_bytes,
+        tokens_in,
+        tokens_out,
+        cost_nanos,
+    }
+}
+
+/// The table of `granularity` with a suffix (`""` live, `_rebuild` shadow).
+pub fn table(spec: &Spec, granularity: Granularity, suffix: &str) -> String {
+    format!("{}{suffix}", table_name(&spec.name, granularity))
+}
+
+/// Quoted dimension columns, comma-separated.
+pub fn dim_columns(spec: &Spec) -> String {
+    spec.dimensions
+        .iter()
+        .map(|d| d.column())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// `bucket, <dims>`: the primary key.
+pub fn key_columns(spec: &Spec) -> String {
+    if spec.dimensions.is_empty() {
+        "bucket".to_string()
+    } else {
+        format!("bucket, {}", dim_columns(spec))
+    }
+}
+
+/// Every column in insert order: key, integers, floats, sketch.
+pub fn all_columns(spec: &Spec) -> String {
+    format!(
+        "{}, {}, {}, latency_sketch",
+        key_columns(spec),
+        INT_COLUMNS.join(", "),
+        FLOAT_COLUMNS.join(", ")
+    )
+}
+
+/// `CREATE TABLE IF NOT EXISTS` for one granularity table.
+pub fn create_table_sql(backend: Backend, spec: &Spec, table: &str) -> String {
+    let (ts, int, float, blob) = match backend {
+        Backend::Postgres => ("TIMESTAMPTZ", "BIGINT", "DOUBLE PRECISION", "BYTEA"),
+        Backend::Sqlite => ("TEXT", "INTEGER", "REAL", "BLOB"),
+    };
+    let mut cols = vec![format!("bucket {ts} NOT NULL")];
+    cols.extend(
+        spec.dimensions
+            .iter()
+            .map(|d| format!("{} TEXT NOT NULL DEFAULT ''", d.column())),
+    );
+    cols.extend(
+        INT_COLUMNS
+            .iter()
+            .map(|c| format!("{c} {int} NOT NULL DEFAULT 0")),
+    );
+    cols.extend(FLOAT_COLUMNS.iter().map(|c| format!("{c} {float}")));
+    cols.push(format!("latency_sketch {blob}"));
+    cols.push(format!("PRIMARY KEY ({})", key_columns(spec)));
+    format!(
+        "CREATE TABLE IF NOT EXISTS {table} (\n    {}\n)",
+        cols.join(",\n    ")
+    )
+}
+
+/// The `ON CONFLICT … DO UPDATE` clause: integers add, min/max combine, and the
+/// sketch and percentiles take the merged values the projector computed.
+pub fn upsert_clause(backend: Backend, spec: &Spec, table: &str) -> String {
+    let mut sets: Vec<String> = INT_COLUMNS
+        .iter()
+        .map(|c| format!("{c} = {table}.{c} + excluded.{c}"))
+        .collect();
+    let (min, max) = match backend {
+        // LEAST/GREATEST ignore NULLs.
+        Backend::Postgres => (
+            format!("LEAST({table}.latency_min_ms, excluded.latency_min_ms)"),
+            format!("GREATEST({table}.latency_max_ms, excluded.latency_max_ms)"),
+        ),
+        // SQLite's two-argument min/max return NULL if either is NULL.
+        Backend::Sqlite => (
+            format!("min(coalesce({table}.latency_min_ms, excluded.latency_min_ms), coalesce(excluded.latency_min_ms, {table}.latency_min_ms))"),
+            format!("max(coalesce({table}.latency_max_ms, excluded.latency_max_ms), coalesce(excluded.latency_max_ms, {table}.latency_max_ms))"),
+        ),
+    };
+    sets.push(format!("latency_min_ms = {min}"));
+    sets.push(format!("latency_max_ms = {max}"));
+    for c in [
+        "latency_p50_ms",
+        "latency_p95_ms",
+        "latency_p99_ms",
+        "latency_sketch",
+    ] {
+        sets.push(format!(
+            "{c} = CASE WHEN excluded.latency_count = 0 THEN {table}.{c} ELSE excluded.{c} END"
+        ));
+    }
+    format!(
+        " ON CONFLICT ({}) DO UPDATE SET {}",
+        key_columns(spec),
+        sets.join(", ")
+    )
+}
+
+/// The rows of one granularity of a delta with merged sketches: `existing`
+/// holds the stored sketch of every key that has one.
+pub fn merged_sketch(delta: &Measures, existing: Option<&Sketch>) -> Sketch {
+    let mut s = existing.cloned().unwrap_or_default();
+    s.merge(&delta.sketch);
+    s
+}
+
+/// Unix milliseconds of an instant (lease expiry).
+pub fn unix_ms(t: DateTime<Utc>) -> i64 {
+    t.timestamp_millis()
+}
+
+/// Builds an [`AggRow`] from a row of [`all_columns`], given the
+/// backend-specific bucket (column 0).
+pub(crate) fn agg_row_from<'r, R>(
+    row: &'r R,
+    bucket: DateTime<Utc>,
+    dims: usize,
+    table: &str,
+) -> Result<AggRow, super::StoreError>
+where
+    R: sqlx::Row,
+    usize: sqlx::ColumnIndex<R>,
+    String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    f64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    Vec<u8>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+{
+    let dim_values = (0..dims)
+        .map(|i| row.try_get::<String, _>(1 + i))
+        .collect::<Result<Vec<_>, _>>()?;
+    let base = 1 + dims;
+    let mut ints = [0i64; 16];
+    for (i, v) in ints.iter_mut().enumerate() {
+        *v = row.try_get(base + i)?;
+    }
+    let fbase = base + INT_COLUMNS.len();
+    let min: Option<f64> = row.try_get(fbase)?;
+    let max: Option<f64> = row.try_get(fbase + 1)?;
+    let bytes: Option<Vec<u8>> = row.try_get(fbase + FLOAT_COLUMNS.len())?;
+    let sketch = Sketch::decode(bytes.as_deref().unwrap_or_default()).map_err(|e| {
+        super::StoreError::CorruptRow {
+            id: format!("{table} bucket {bucket}"),
+            reason: e.to_string(),
+        }
+    })?;
+    Ok(AggRow {
+        bucket,
+        dims: dim_values,
+        measures: measures_from(ints, min, max, sketch),
+    })
+}

@@ -1,0 +1,221 @@
+//! `tally serve` child processes: crashes at the projector's commit points and
+//! `kill -9` during a stream, and two instances sharing one database.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tally::store::{self, Backend, EventStore, StoreOptions};
+
+use super::oracle::{append_all, assert_matches_oracle, seeded_events, shipped};
+use crate::support::proc::TallyProc;
+
+/// A fresh database URL of `backend` and what keeps it alive.
+fn database(backend: Backend, name: &str) -> (String, Option<tempfile::TempDir>) {
+    match backend {
+        Backend::Postgres => (
+            crate::support::postgres()
+                .create_database(name)
+                .expect("database"),
+            None,
+        ),
+        Backend::Sqlite => {
+            let dir = tempfile::tempdir().expect("dir");
+            let url = format!("sqlite://{}", dir.path().join("tally.db").display());
+            (url, Some(dir))
+        }
+    }
+}
+
+async fn open(url: &str) -> Arc<dyn EventStore> {
+    let s = store::connect(url, &StoreOptions::default())
+        .await
+        .expect("connect");
+    s.migrate().await.expect("migrate");
+    s
+}
+
+/// Lag of every shipped projection, 0 when all caught up (None: no checkpoint yet).
+async fn total_lag(store: &dyn EventStore) -> Option<i64> {
+    let states = store.projection_states().await.ok()?;
+    let mut lag = 0;
+    for spec in shipped() {
+        let s = states.iter().find(|s| s.name == spec.name)?;
+        lag += store.events_after(s.cursor).await.ok()?;
+    }
+    Some(lag)
+}
+
+async fn crash_points_never_lose_or_double_count(backend: Backend) {
+    let (url, _dir) = database(backend, "crash");
+    let store = open(&url).await;
+    let env = [
+        (
+            "TALLY_FAILPOINTS",
+            "projector.before_commit=0.06,projector.after_commit=0.06",
+        ),
+        ("TALLY_PROJECTOR_BATCH", "120"),
+        ("TALLY_PROJECTOR_LEASE", "400ms"),
+        ("TALLY_PROJECTOR_POLL", "20ms"),
+    ];
+    let mut tally = TallyProc::start_http(&url, &env).await;
+    let events = seeded_events("crash", 5000, 11);
+    let mut restarts = 0;
+    for (i, chunk) in events.chunks(250).enumerate() {
+        append_all(store.as_ref(), chunk, chunk.len()).await;
+        if i % 6 == 5 {
+            // A crash at whatever point the process happens to be.
+            tally.kill9();
+        }
+        if !tally.running() {
+            restarts += 1;
+            tally.launch();
+        }
+        tokio::time::sleep(Duration::from_millis(40)).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        if !tally.running() {
+            restarts += 1;
+            tally.launch();
+        }
+        let log = tally.log_text();
+        let before = log.matches("failpoint projector.before_commit").count();
+        let after = log.matches("failpoint projector.after_commit").count();
+        if total_lag(store.as_ref()).await == Some(0) && before >= 1 && after >= 1 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not caught up after 180s ({restarts} restarts, {before} before-commit and {after} after-commit crashes, lag {:?})",
+            total_lag(store.as_ref()).await
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tally.kill9();
+    assert!(
+        restarts >= 5,
+        "only {restarts} restarts: the test did not crash the projector often"
+    );
+    for spec in shipped() {
+        assert_matches_oracle(store.as_ref(), &spec, &events).await;
+    }
+    let states = store.projection_states().await.expect("states");
+    for spec in shipped() {
+        let s = states.iter().find(|s| s.name == spec.name).expect("state");
+        assert_eq!(s.events_folded, 5000, "{}: events folded", spec.name);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_points_never_lose_or_double_count_postgres() {
+    crash_points_never_lose_or_double_count(Backend::Postgres).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_points_never_lose_or_double_count_sqlite() {
+    crash_points_never_lose_or_double_count(Backend::Sqlite).await;
+}
+
+fn lease_takers(log: &str, projection: &str) -> usize {
+    log.lines()
+        .filter(|l| {
+            l.contains("projector lease taken") && l.contains(&format!("projection={projection} "))
+        })
+        .count()
+}
+
+async fn two_instances_fold_one_at_a_time_and_take_over(backend: Backend) {
+    let (url, _dir) = database(backend, "two");
+    let store = open(&url).await;
+    let env = [
+        ("TALLY_PROJECTOR_LEASE", "3s"),
+        ("TALLY_PROJECTOR_POLL", "20ms"),
+        ("TALLY_PROJECTOR_BATCH", "300"),
+    ];
+    let mut a = TallyProc::start_http(&url, &env).await;
+    let mut b = TallyProc::start_http(&url, &env).await;
+    let mut events = seeded_events("two", 3000, 12);
+    append_all(store.as_ref(), &events, 200).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while total_lag(store.as_ref()).await != Some(0) {
+        assert!(Instant::now() < deadline, "two instances did not catch up");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Each projection was taken by exactly one instance, and is held by it.
+    let (log_a, log_b) = (a.log_text(), b.log_text());
+    let states = store.projection_states().await.expect("states");
+    let owner_of = |pid: u32| format!("-{pid}-");
+    for spec in shipped() {
+        let takers = (
+            lease_takers(&log_a, &spec.name),
+            lease_takers(&log_b, &spec.name),
+        );
+        assert!(
+            takers == (1, 0) || takers == (0, 1),
+            "{}: lease taken by a {} and b {} times",
+            spec.name,
+            takers.0,
+            takers.1
+        );
+        let leader = states
+            .iter()
+            .find(|s| s.name == spec.name)
+            .and_then(|s| s.leader.clone())
+            .expect("a leader");
+        let holder = if takers.0 == 1 { a.pid() } else { b.pid() };
+        assert!(
+            leader.contains(&owner_of(holder)),
+            "{}: leader {leader}",
+            spec.name
+        );
+    }
+    // Kill the instance leading by_key; the other takes over within the lease.
+    let by_key_leader = states
+        .iter()
+        .find(|s| s.name == "by_key")
+        .and_then(|s| s.leader.clone())
+        .expect("leader");
+    let (dead, alive) = if by_key_leader.contains(&owner_of(a.pid())) {
+        (&mut a, &mut b)
+    } else {
+        (&mut b, &mut a)
+    };
+    let survivor = owner_of(alive.pid());
+    dead.kill9();
+    let more = seeded_events("two-more", 1000, 13);
+    append_all(store.as_ref(), &more, 100).await;
+    events.extend(more);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let states = store.projection_states().await.expect("states");
+        let all_led_by_survivor = shipped().iter().all(|spec| {
+            states
+                .iter()
+                .find(|s| s.name == spec.name)
+                .and_then(|s| s.leader.as_deref())
+                .is_some_and(|l| l.contains(&survivor))
+        });
+        if all_led_by_survivor && total_lag(store.as_ref()).await == Some(0) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the surviving instance did not take over; log:\n{}",
+            alive.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for spec in shipped() {
+        assert_matches_oracle(store.as_ref(), &spec, &events).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_fold_one_at_a_time_and_take_over_postgres() {
+    two_instances_fold_one_at_a_time_and_take_over(Backend::Postgres).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_fold_one_at_a_time_and_take_over_sqlite() {
+    two_instances_fold_one_at_a_time_and_take_over(Backend::Sqlite).await;
+}
