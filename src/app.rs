@@ -16,31 +16,51 @@ use crate::ingest::nats::{NatsError, NatsIntake};
 use crate::projection::{spec, ProjectionError, Projector, ProjectorConfig};
 use crate::store::{self, redact_url, EventStore, StoreError};
 
+/// A projection to run: opened at start-up, or (database unreachable then)
+/// opened by its task once the database is back.
+pub struct ProjectionTask {
+    /// The spec.
+    pub spec: Arc<spec::Spec>,
+    /// The projector, when it could be opened at start-up.
+    pub projector: Option<Projector>,
+}
+
 /// Loads the specs, creates missing tables and checkpoints, and refuses to go
 /// on when any projection's stored spec differs from its file (naming every such
-/// projection and the command that fixes it).
+/// projection and the command that fixes it). A database that cannot be reached
+/// does not stop start-up: those projections open (and check) when it is back.
 pub async fn open_projectors(
     store: &Arc<dyn EventStore>,
     dir: &std::path::Path,
-) -> Result<Vec<Projector>, ProjectionError> {
+) -> Result<Vec<ProjectionTask>, ProjectionError> {
     let specs = spec::load_dir(dir)?;
-    let mut projectors = Vec::with_capacity(specs.len());
+    let mut tasks = Vec::with_capacity(specs.len());
     let mut changed = Vec::new();
     for spec in specs {
-        let name = spec.name.clone();
-        match Projector::open(store.clone(), Arc::new(spec), &name, "").await {
-            Ok(p) => projectors.push(p),
+        let spec = Arc::new(spec);
+        match Projector::open(store.clone(), spec.clone(), &spec.name, "").await {
+            Ok(p) => tasks.push(ProjectionTask {
+                spec,
+                projector: Some(p),
+            }),
             Err(e @ ProjectionError::SpecChanged { .. }) => changed.push(e.to_string()),
+            Err(ProjectionError::Store(e)) if !e.is_data_error() => {
+                tracing::warn!(projection = %spec.name, error = %e, "database unreachable; the projector starts when it is back");
+                tasks.push(ProjectionTask {
+                    spec,
+                    projector: None,
+                });
+            }
             Err(e) => return Err(e),
         }
     }
     if !changed.is_empty() {
         return Err(ProjectionError::Changed(changed.join("\n")));
     }
-    if projectors.is_empty() {
+    if tasks.is_empty() {
         tracing::warn!(dir = %dir.display(), "no projection specs: nothing will be aggregated");
     }
-    Ok(projectors)
+    Ok(tasks)
 }
 
 /// `<host>-<pid>-<random>`: unique per process, readable in `projections list`.
@@ -86,7 +106,7 @@ pub struct App {
     state: AppState,
     listener: TcpListener,
     nats: Option<NatsIntake>,
-    projectors: Vec<Projector>,
+    projectors: Vec<ProjectionTask>,
     projector_config: ProjectorConfig,
     instance: String,
     shutdown_timeout: Duration,
@@ -171,8 +191,11 @@ impl App {
         let projectors: Vec<_> = self
             .projectors
             .into_iter()
-            .map(|p| {
-                tokio::spawn(p.run(
+            .map(|t| {
+                tokio::spawn(crate::projection::projector::run(
+                    self.state.store.clone(),
+                    t.spec,
+                    t.projector,
                     self.projector_config.clone(),
                     self.instance.clone(),
                     shutdown.clone(),

@@ -141,6 +141,28 @@ enum ProjectionsCommand {
 
 #[derive(Debug, Subcommand)]
 enum BenchCommand {
+    /// Projector fold rate from a backlog vs. the append rate, and freshness under live NATS load.
+    Project {
+        /// Database to measure.
+        #[arg(long, value_parser = ["postgres", "sqlite"])]
+        backend: String,
+        /// Backlog size.
+        #[arg(long, default_value_t = 1_000_000)]
+        events: usize,
+        /// Seconds of live load for the freshness probes (0 skips them).
+        #[arg(long, default_value_t = 20)]
+        live_seconds: u64,
+        /// Projection specs to fold.
+        #[arg(long, env = "TALLY_PROJECTIONS_DIR", default_value = "projections")]
+        projections_dir: PathBuf,
+        /// Draw every event field independently: almost every event gets its own
+        /// row in every table (the worst case for folding).
+        #[arg(long)]
+        uniform: bool,
+        /// Timestamps of the backlog spread over this span before now.
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        span: std::time::Duration,
+    },
     /// NATS ingest end to end vs. appending the same events straight through the store.
     Ingest {
         /// Database to measure.
@@ -195,6 +217,29 @@ pub async fn run() -> anyhow::Result<()> {
         Command::Demo(args) => demo(&cli.db, args).await?,
         Command::Emit(args) => emit(args).await?,
         Command::Bench { which } => match which {
+            BenchCommand::Project {
+                backend,
+                events,
+                live_seconds,
+                projections_dir,
+                uniform,
+                span,
+            } => {
+                let backend = if backend == "postgres" {
+                    Backend::Postgres
+                } else {
+                    Backend::Sqlite
+                };
+                bench::project(&bench::ProjectBench {
+                    backend,
+                    events,
+                    live_seconds,
+                    projections_dir,
+                    uniform,
+                    span,
+                })
+                .await?;
+            }
             BenchCommand::Ingest {
                 backend,
                 events,

@@ -68,6 +68,11 @@ pub struct SynthConfig {
     pub now: DateTime<Utc>,
     /// Prefix of generated ids, so separate runs do not collide.
     pub id_prefix: String,
+    /// Keys behave like real customers: each key calls one API with one or
+    /// two models, and each user belongs to one key. Off: every field is drawn
+    /// independently (the worst case for aggregation: almost every event has
+    /// its own row in every table).
+    pub correlated: bool,
 }
 
 impl Default for SynthConfig {
@@ -80,6 +85,7 @@ impl Default for SynthConfig {
             span: Duration::from_secs(6 * 3600),
             now: Utc::now(),
             id_prefix: "evt".into(),
+            correlated: false,
         }
     }
 }
@@ -92,9 +98,23 @@ pub fn events(cfg: &SynthConfig, offset: u64, count: usize) -> Vec<Event> {
         .max(1);
     (0..count)
         .map(|i| {
-            let (api, endpoints) = APIS[rng.random_range(0..cfg.apis.clamp(1, APIS.len()))];
+            let n_apis = cfg.apis.clamp(1, APIS.len());
+            let n_models = cfg.models.clamp(1, MODELS.len());
+            let key_index = rng.random_range(0..cfg.keys.max(1));
+            let (api_index, model_index) = if cfg.correlated {
+                let h = key_index.wrapping_mul(2_654_435_761);
+                (h % n_apis, (h / 7 + usize::from(rng.random_bool(0.3)) * 5) % n_models)
+            } else {
+                (rng.random_range(0..n_apis), rng.random_range(0..n_models))
+            };
+            let (api, endpoints) = APIS[api_index];
             let endpoint = endpoints[rng.random_range(0..endpoints.len())];
-            let model = MODELS[rng.random_range(0..cfg.models.clamp(1, MODELS.len()))];
+            let model = MODELS[model_index];
+            let user_index = if cfg.correlated {
+                key_index * 10 + rng.random_range(0..10)
+            } else {
+                rng.random_range(0..cfg.keys.max(1) * 10)
+            };
             let roll: u32 = rng.random_range(0..1000);
             let status = match roll {
                 0..=29 => 429,
@@ -133,11 +153,8 @@ pub fn events(cfg: &SynthConfig, offset: u64, count: usize) -> Vec<Event> {
                     }
                     .to_string(),
                 ),
-                key: Some(format!("key_{:04}", rng.random_range(0..cfg.keys.max(1)))),
-                user: Some(format!(
-                    "user_{:05}",
-                    rng.random_range(0..cfg.keys.max(1) * 10)
-                )),
+                key: Some(format!("key_{key_index:04}")),
+                user: Some(format!("user_{user_index:05}")),
                 model: Some(model.to_string()),
                 status: Some(status),
                 success,

@@ -42,7 +42,7 @@ pub struct ProjectorConfig {
 impl Default for ProjectorConfig {
     fn default() -> Self {
         Self {
-            batch_size: 5000,
+            batch_size: 2000,
             poll_interval: Duration::from_millis(100),
             lease_ttl: Duration::from_secs(10),
             failpoints: Failpoints::default(),
@@ -184,7 +184,9 @@ impl Projector {
 
     /// Reads up to `limit` events after the checkpoint, folds and applies them.
     pub async fn step(&mut self, limit: i64) -> Result<Step, ProjectionError> {
+        let t0 = Instant::now();
         let batch = self.store.read_log(self.cursor, limit.max(1)).await?;
+        let t_read = t0.elapsed();
         let caught_up = (batch.events.len() as i64) < limit.max(1);
         let mark = batch.watermark;
         if self.marks.len() == MAX_MARKS {
@@ -212,7 +214,10 @@ impl Projector {
             });
         }
         let to = batch.events.last().map_or(self.cursor, |(c, _)| *c);
+        let t1 = Instant::now();
         let delta = fold(&self.spec, batch.events.iter().map(|(_, e)| e));
+        let t_fold = t1.elapsed();
+        let t2 = Instant::now();
         let apply = Apply {
             state: &self.state,
             spec: &self.spec,
@@ -225,6 +230,9 @@ impl Projector {
         };
         match self.store.apply_fold(&apply).await? {
             ApplyOutcome::Applied => {
+                if std::env::var_os("TALLY_PROFILE").is_some() {
+                    eprintln!("{} read {:?} fold {:?} apply {:?} events {} rows {}", self.state, t_read, t_fold, t2.elapsed(), delta.events, delta.rows());
+                }
                 if Failpoints::fires(self.failpoints.after_commit) {
                     super::failpoint_abort("projector.after_commit");
                 }
@@ -335,4 +343,37 @@ impl Projector {
             }
         }
     }
+}
+
+/// The projector task of `tally serve`: opens the projection (retrying while
+/// the database is unreachable; stopping if its spec changed) unless `opened`
+/// already did, then [`Projector::run`]s it.
+pub async fn run(
+    store: Arc<dyn EventStore>,
+    spec: Arc<Spec>,
+    opened: Option<Projector>,
+    config: ProjectorConfig,
+    owner: String,
+    shutdown: CancellationToken,
+) {
+    let mut backoff = Backoff::new();
+    let projector = match opened {
+        Some(p) => p,
+        None => loop {
+            match Projector::open(store.clone(), spec.clone(), &spec.name, "").await {
+                Ok(p) => break p,
+                Err(e @ ProjectionError::SpecChanged { .. }) => {
+                    tracing::error!(projection = %spec.name, error = %e, "projector not started");
+                    return;
+                }
+                Err(e) => {
+                    tracing::debug!(projection = %spec.name, error = %e, "projector cannot open yet; retrying");
+                    if backoff.sleep(&shutdown).await {
+                        return;
+                    }
+                }
+            }
+        },
+    };
+    projector.run(config, owner, shutdown).await;
 }

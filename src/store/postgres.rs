@@ -383,7 +383,9 @@ impl PgStore {
             return Ok(());
         }
         let rows: Vec<(&RowKey, &Measures)> = rows.iter().collect();
+        let t0 = std::time::Instant::now();
         let existing = Self::existing_sketches(tx, spec, table, &rows).await?;
+        let t_sel = t0.elapsed();
         let n = spec.dimensions.len();
         let mut types = vec!["timestamptz[]"];
         types.extend(std::iter::repeat_n("text[]", n));
@@ -433,7 +435,11 @@ impl PgStore {
         for col in floats {
             q = q.bind(col);
         }
+        let t1 = std::time::Instant::now();
         q.bind(sketches).execute(&mut **tx).await?;
+        if std::env::var_os("TALLY_PROFILE").is_some() {
+            eprintln!("  {table}: select {t_sel:?} ({} found) upsert {:?} rows {}", existing.len(), t1.elapsed(), rows.len());
+        }
         Ok(())
     }
 }
@@ -455,13 +461,16 @@ impl ProjectionStore for PgStore {
         .await?;
         let sql = format!(
             "SELECT {LOG_COLUMNS} FROM usage_events \
-             WHERE (tx, seq) > ($1::text::xid8, $2) AND tx < pg_snapshot_xmin(pg_current_snapshot()) \
+             WHERE (tx, seq) > ($1::text::xid8, $2) AND tx < $4::text::xid8 \
              ORDER BY tx, seq LIMIT $3"
         );
+        // xmin of this transaction's snapshot, read above: a constant, where
+        // `pg_current_snapshot()` in the WHERE clause would be rebuilt per row.
         let rows = sqlx::query(&sql)
             .bind(after.tx.to_string())
             .bind(after.seq)
             .bind(limit)
+            .bind(xmin.to_string())
             .fetch_all(&mut *tx)
             .await?;
         tx.commit().await?;
@@ -563,6 +572,12 @@ impl ProjectionStore for PgStore {
 
     async fn apply_fold(&self, apply: &Apply<'_>) -> Result<ApplyOutcome, StoreError> {
         let mut tx = self.pool.begin().await?;
+        // Aggregates are derived data and the checkpoint commits with them: a
+        // commit lost in a database crash loses both together and is folded
+        // again, so this transaction need not wait for its WAL flush.
+        sqlx::query("SET LOCAL synchronous_commit = off")
+            .execute(&mut *tx)
+            .await?;
         // The compare-and-set on the checkpoint row is the first statement: its
         // row lock serialises every writer of this projection until commit.
         let moved = sqlx::query(

@@ -293,7 +293,8 @@ async fn changed_spec_refuses_to_start_until_rebuilt(s: &TestStore) {
         .await
         .expect("starts after rebuild");
     assert_eq!(opened.len(), 1);
-    fold_all(&mut opened[0], s.store.as_ref(), 100).await;
+    let p2 = opened[0].projector.as_mut().expect("opened");
+    fold_all(p2, s.store.as_ref(), 100).await;
     assert_matches_oracle(s.store.as_ref(), &v2, &events).await;
     // The old projector's spec no longer matches: it must stop, not write v1 rows into v2 tables.
     append_all(s.store.as_ref(), &seeded_events("chg2", 10, 5), 10).await;

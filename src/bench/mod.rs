@@ -4,6 +4,10 @@
 //! benchmark prints the ratio of Tally's path to the physical limit of the same
 //! database, measured on the same rows right before.
 
+pub mod project;
+
+pub use project::{project, ProjectBench, ProjectResult};
+
 use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -480,6 +484,16 @@ fn spawn_tally(
     nats_url: &str,
     log: &std::path::Path,
 ) -> Result<std::process::Child, BenchError> {
+    spawn_tally_with(db_url, nats_url, log, &[])
+}
+
+/// [`spawn_tally`] with extra environment variables.
+fn spawn_tally_with(
+    db_url: &str,
+    nats_url: &str,
+    log: &std::path::Path,
+    env: &[(&str, String)],
+) -> Result<std::process::Child, BenchError> {
     let out = std::fs::File::create(log)?;
     let err = out.try_clone()?;
     let port = crate::devserver::free_port()?;
@@ -489,6 +503,7 @@ fn spawn_tally(
         .env("TALLY_NATS_URL", nats_url)
         .env("TALLY_HTTP_ADDR", format!("127.0.0.1:{port}"))
         .env("TALLY_LOG", "warn")
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
         .stdout(out)
         .stderr(err)
         .spawn()?)

@@ -1,0 +1,288 @@
+//! `tally bench project`: how fast projectors fold, against how fast the same
+//! events are appended (measured first, in the same run), and how fresh the
+//! hourly tables are under a live NATS load of half the append rate.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::{num_cpus, peak_rss_mib, spawn_tally_with, stop, tempfile_dir, wait_consumer, BenchError};
+use crate::devserver::{TempNats, TempPostgres};
+use crate::projection::spec::{load_dir, Granularity};
+use crate::projection::Projector;
+use crate::store::{Backend, EventStore, Origin, StoreOptions};
+use crate::synth::{self, SynthConfig};
+
+/// Parameters of `tally bench project`.
+#[derive(Debug, Clone)]
+pub struct ProjectBench {
+    /// Database to measure.
+    pub backend: Backend,
+    /// Backlog size.
+    pub events: usize,
+    /// Seconds of live load for the freshness measurement (0: skip it).
+    pub live_seconds: u64,
+    /// Projection specs to fold (the shipped ones by default).
+    pub projections_dir: PathBuf,
+    /// Draw every field independently (the worst case) instead of realistic keys.
+    pub uniform: bool,
+    /// Timestamps spread over this span before now (density decides how many
+    /// events share an aggregate row).
+    pub span: Duration,
+}
+
+/// Measured figures.
+#[derive(Debug, Clone)]
+pub struct ProjectResult {
+    /// (a) events per second through `EventStore::append`.
+    pub append_rate: f64,
+    /// (b) events per second folded into every projection from a backlog.
+    pub fold_rate: f64,
+    /// (c) publish → visible in `agg_by_key_hour`, milliseconds: p50, p99, max.
+    pub freshness_ms: Option<(f64, f64, f64)>,
+}
+
+/// Runs the benchmark and prints figures and ratios.
+pub async fn project(params: &ProjectBench) -> Result<ProjectResult, BenchError> {
+    let specs = load_dir(&params.projections_dir).map_err(|e| BenchError::Check(e.to_string()))?;
+    if !specs.iter().any(|s| s.name == "by_key" && s.granularities.contains(&Granularity::Hour)) {
+        return Err(BenchError::Check("the freshness probe reads agg_by_key_hour: the specs need `by_key` with an hour granularity".into()));
+    }
+    let tmp = tempfile_dir()?;
+    let cluster = match params.backend {
+        Backend::Postgres => Some(TempPostgres::start(true)?),
+        Backend::Sqlite => None,
+    };
+    let url = match &cluster {
+        Some(pg) => pg.create_database("project")?,
+        None => format!("sqlite://{}", tmp.join("project.db").display()),
+    };
+    println!(
+        "backend {}: {} events over {} ({}), {} projections ({}), {} cores",
+        params.backend.name(),
+        params.events,
+        humantime::format_duration(params.span),
+        if params.uniform { "uniform: every field drawn independently" } else { "1,000 keys each calling one API with one or two models, 10 users per key" },
+        specs.len(),
+        specs.iter().map(|s| s.name.as_str()).collect::<Vec<_>>().join(", "),
+        num_cpus()
+    );
+    let store = crate::store::connect(&url, &StoreOptions::default()).await?;
+    store.migrate().await?;
+
+    // (a) The backlog, appended the way ingest appends (1,000 per transaction).
+    let synth_cfg = SynthConfig {
+        seed: 5,
+        apis: 10,
+        keys: 1000,
+        models: 20,
+        id_prefix: "fold".into(),
+        correlated: !params.uniform,
+        span: params.span,
+        ..SynthConfig::default()
+    };
+    let origin = Origin {
+        source: "bench",
+        subject: None,
+    };
+    let mut append = Duration::ZERO;
+    let mut done = 0;
+    while done < params.events {
+        let n = 10_000.min(params.events - done);
+        let chunk = synth::events(&synth_cfg, done as u64, n);
+        let started = Instant::now();
+        for b in chunk.chunks(1000) {
+            store.append(b, &[], &origin).await?;
+        }
+        append += started.elapsed();
+        done += n;
+    }
+    let append_rate = params.events as f64 / append.as_secs_f64();
+    println!(
+        "(a) append through the store:             {append_rate:>9.0} ev/s ({:.1}s)",
+        append.as_secs_f64()
+    );
+
+    // (b) Every projection folds the backlog, one task each, as `tally serve` runs them.
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for spec in specs.iter().cloned() {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            let name = spec.name.clone();
+            let mut p = Projector::open(store.clone(), Arc::new(spec), &name, "").await?;
+            loop {
+                p.catch_up(5000).await?;
+                if store.events_after(p.cursor()).await? == 0 {
+                    return Ok::<_, crate::projection::ProjectionError>(());
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }));
+    }
+    for t in tasks {
+        t.await
+            .map_err(|e| BenchError::Check(format!("projector task: {e}")))?
+            .map_err(|e| BenchError::Check(e.to_string()))?;
+    }
+    let fold = started.elapsed();
+    let fold_rate = params.events as f64 / fold.as_secs_f64();
+    println!(
+        "(b) fold of the backlog, all projections: {fold_rate:>9.0} ev/s ({:.1}s)   ratio (b)/(a) {:.2}   goal ≥ 2",
+        fold.as_secs_f64(),
+        fold_rate / append_rate
+    );
+    check_totals(store.as_ref(), &specs, params.events).await?;
+
+    // (c) Freshness: `tally serve` ingests from NATS at half the append rate
+    // while probes are published one at a time and looked for in the hourly table.
+    let mut freshness_ms = None;
+    if params.live_seconds > 0 {
+        freshness_ms = Some(freshness(params, &url, store.as_ref(), append_rate / 2.0, &tmp).await?);
+    }
+    store.close().await;
+    let _ = std::fs::remove_dir_all(&tmp);
+    Ok(ProjectResult {
+        append_rate,
+        fold_rate,
+        freshness_ms,
+    })
+}
+
+/// Every table of every projection sums to the number of events.
+async fn check_totals(
+    store: &dyn EventStore,
+    specs: &[crate::projection::Spec],
+    events: usize,
+) -> Result<(), BenchError> {
+    for spec in specs {
+        for &g in &spec.granularities {
+            let rows = store.read_agg(spec, g, "").await?;
+            let total: i64 = rows.iter().map(|r| r.measures.requests).sum();
+            if total != events as i64 {
+                return Err(BenchError::Check(format!(
+                    "{} holds {total} requests, expected {events}",
+                    spec.table(g)
+                )));
+            }
+        }
+    }
+    println!("    check: every table of every projection sums to {events} requests");
+    Ok(())
+}
+
+async fn freshness(
+    params: &ProjectBench,
+    url: &str,
+    store: &dyn EventStore,
+    rate: f64,
+    tmp: &std::path::Path,
+) -> Result<(f64, f64, f64), BenchError> {
+    let nats = TempNats::start()?;
+    let mut tally = spawn_tally_with(
+        url,
+        &nats.url(),
+        &tmp.join("live.log"),
+        &[(
+            "TALLY_PROJECTIONS_DIR",
+            params.projections_dir.display().to_string(),
+        )],
+    )?;
+    let client = async_nats::connect(nats.url())
+        .await
+        .map_err(|e| BenchError::Check(format!("connect to NATS: {e}")))?;
+    let js = async_nats::jetstream::new(client.clone());
+    wait_consumer(&js, &mut tally).await?;
+    let count = (rate * params.live_seconds as f64).max(1.0) as usize;
+    let cfg = crate::emit::EmitConfig {
+        count,
+        rate: Some(rate),
+        apis: 10,
+        keys: 1000,
+        models: 20,
+        seed: 9,
+        id_prefix: "live".into(),
+        progress: false,
+        ..crate::emit::EmitConfig::default()
+    };
+    let load = {
+        let js = js.clone();
+        tokio::spawn(async move { crate::emit::emit(&js, &cfg).await })
+    };
+    let probe = Probe::connect(url).await?;
+    let mut latencies = Vec::new();
+    let mut n = 0u64;
+    while !load.is_finished() {
+        n += 1;
+        let key = format!("probe-{n}-{}", rand::random::<u32>());
+        let body = serde_json::json!({
+            "id": key, "ts": chrono::Utc::now().to_rfc3339(), "api": "probe", "key": key,
+        });
+        let started = Instant::now();
+        js.publish("usage.events.probe", body.to_string().into())
+            .await
+            .map_err(|e| BenchError::Check(format!("publish probe: {e}")))?
+            .await
+            .map_err(|e| BenchError::Check(format!("probe ack: {e}")))?;
+        loop {
+            if probe.visible(&key).await? {
+                latencies.push(started.elapsed().as_secs_f64() * 1000.0);
+                break;
+            }
+            if started.elapsed() > Duration::from_secs(30) {
+                return Err(BenchError::Check(format!("probe {key} not visible after 30s")));
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (summary, _) = load
+        .await
+        .map_err(|e| BenchError::Check(format!("load task: {e}")))?
+        .map_err(|e| BenchError::Check(e.to_string()))?;
+    let rss = peak_rss_mib(&tally);
+    stop(tally);
+    let _ = store;
+    latencies.sort_by(f64::total_cmp);
+    let pick = |q: f64| {
+        let i = ((q * latencies.len() as f64).ceil() as usize).clamp(1, latencies.len()) - 1;
+        latencies[i]
+    };
+    if latencies.is_empty() {
+        return Err(BenchError::Check("no probe was measured".into()));
+    }
+    let (p50, p99, max) = (pick(0.5), pick(0.99), pick(1.0));
+    println!(
+        "(c) freshness at {:.0} ev/s live load ({} events published at {:.0} msg/s): publish → agg_by_key_hour p50 {p50:.0} ms, p99 {p99:.0} ms, max {max:.0} ms over {} probes   goal p99 ≤ 1000 ms   tally peak RSS {rss:.0} MiB",
+        rate,
+        summary.published,
+        summary.published as f64 / summary.seconds,
+        latencies.len()
+    );
+    Ok((p50, p99, max))
+}
+
+/// Looks a probe key up in `agg_by_key_hour` with the backend's own driver.
+enum Probe {
+    Pg(sqlx::PgPool),
+    Sqlite(sqlx::SqlitePool),
+}
+
+impl Probe {
+    async fn connect(url: &str) -> Result<Self, BenchError> {
+        Ok(match Backend::from_url(url)? {
+            Backend::Postgres => Probe::Pg(sqlx::PgPool::connect(url).await?),
+            Backend::Sqlite => Probe::Sqlite(sqlx::SqlitePool::connect(url).await?),
+        })
+    }
+
+    async fn visible(&self, key: &str) -> Result<bool, BenchError> {
+        const SQL_PG: &str = "SELECT count(*) FROM agg_by_key_hour WHERE key = $1";
+        const SQL_LITE: &str = "SELECT count(*) FROM agg_by_key_hour WHERE key = ?";
+        let n: i64 = match self {
+            Probe::Pg(p) => sqlx::query_scalar(SQL_PG).bind(key).fetch_one(p).await?,
+            Probe::Sqlite(p) => sqlx::query_scalar(SQL_LITE).bind(key).fetch_one(p).await?,
+        };
+        Ok(n > 0)
+    }
+}
