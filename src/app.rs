@@ -13,17 +13,9 @@ use crate::config::{DatabaseConfig, ServerConfig};
 use crate::health::Health;
 use crate::http::{router, AppState};
 use crate::ingest::nats::{NatsError, NatsIntake};
+use crate::projection::projector::ProjectionTask;
 use crate::projection::{spec, ProjectionError, Projector, ProjectorConfig};
 use crate::store::{self, redact_url, EventStore, StoreError};
-
-/// A projection to run: opened at start-up, or (database unreachable then)
-/// opened by its task once the database is back.
-pub struct ProjectionTask {
-    /// The spec.
-    pub spec: Arc<spec::Spec>,
-    /// The projector, when it could be opened at start-up.
-    pub projector: Option<Projector>,
-}
 
 /// Loads the specs, creates missing tables and checkpoints, and refuses to go
 /// on when any projection's stored spec differs from its file (naming every such
@@ -188,20 +180,13 @@ impl App {
         let nats = self
             .nats
             .map(|n| tokio::spawn(n.run(shutdown.clone(), deadline.clone())));
-        let projectors: Vec<_> = self
-            .projectors
-            .into_iter()
-            .map(|t| {
-                tokio::spawn(crate::projection::projector::run(
-                    self.state.store.clone(),
-                    t.spec,
-                    t.projector,
-                    self.projector_config.clone(),
-                    self.instance.clone(),
-                    shutdown.clone(),
-                ))
-            })
-            .collect();
+        let projectors = crate::projection::projector::spawn_all(
+            self.state.store.clone(),
+            self.projectors,
+            self.projector_config.clone(),
+            self.instance.clone(),
+            shutdown.clone(),
+        );
         let http = axum::serve(self.listener, router(self.state))
             .with_graceful_shutdown(shutdown.cancelled_owned())
             .into_future();

@@ -103,7 +103,10 @@ pub fn events(cfg: &SynthConfig, offset: u64, count: usize) -> Vec<Event> {
             let key_index = rng.random_range(0..cfg.keys.max(1));
             let (api_index, model_index) = if cfg.correlated {
                 let h = key_index.wrapping_mul(2_654_435_761);
-                (h % n_apis, (h / 7 + usize::from(rng.random_bool(0.3)) * 5) % n_models)
+                (
+                    h % n_apis,
+                    (h / 7 + usize::from(rng.random_bool(0.3)) * 5) % n_models,
+                )
             } else {
                 (rng.random_range(0..n_apis), rng.random_range(0..n_models))
             };

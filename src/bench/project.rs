@@ -6,10 +6,13 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::{num_cpus, peak_rss_mib, spawn_tally_with, stop, tempfile_dir, wait_consumer, BenchError};
+use super::{
+    num_cpus, peak_rss_mib, spawn_tally_with, stop, tempfile_dir, wait_consumer, BenchError,
+};
 use crate::devserver::{TempNats, TempPostgres};
+use crate::projection::projector::Group;
 use crate::projection::spec::{load_dir, Granularity};
-use crate::projection::Projector;
+use crate::projection::{Projector, ProjectorConfig};
 use crate::store::{Backend, EventStore, Origin, StoreOptions};
 use crate::synth::{self, SynthConfig};
 
@@ -45,7 +48,10 @@ pub struct ProjectResult {
 /// Runs the benchmark and prints figures and ratios.
 pub async fn project(params: &ProjectBench) -> Result<ProjectResult, BenchError> {
     let specs = load_dir(&params.projections_dir).map_err(|e| BenchError::Check(e.to_string()))?;
-    if !specs.iter().any(|s| s.name == "by_key" && s.granularities.contains(&Granularity::Hour)) {
+    if !specs
+        .iter()
+        .any(|s| s.name == "by_key" && s.granularities.contains(&Granularity::Hour))
+    {
         return Err(BenchError::Check("the freshness probe reads agg_by_key_hour: the specs need `by_key` with an hour granularity".into()));
     }
     let tmp = tempfile_dir()?;
@@ -62,9 +68,17 @@ pub async fn project(params: &ProjectBench) -> Result<ProjectResult, BenchError>
         params.backend.name(),
         params.events,
         humantime::format_duration(params.span),
-        if params.uniform { "uniform: every field drawn independently" } else { "1,000 keys each calling one API with one or two models, 10 users per key" },
+        if params.uniform {
+            "uniform: every field drawn independently"
+        } else {
+            "1,000 keys each calling one API with one or two models, 10 users per key"
+        },
         specs.len(),
-        specs.iter().map(|s| s.name.as_str()).collect::<Vec<_>>().join(", "),
+        specs
+            .iter()
+            .map(|s| s.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", "),
         num_cpus()
     );
     let store = crate::store::connect(&url, &StoreOptions::default()).await?;
@@ -105,25 +119,24 @@ pub async fn project(params: &ProjectBench) -> Result<ProjectResult, BenchError>
 
     // (b) Every projection folds the backlog, one task each, as `tally serve` runs them.
     let started = Instant::now();
-    let mut tasks = Vec::new();
+    let mut projectors = Vec::new();
     for spec in specs.iter().cloned() {
-        let store = store.clone();
-        tasks.push(tokio::spawn(async move {
-            let name = spec.name.clone();
-            let mut p = Projector::open(store.clone(), Arc::new(spec), &name, "").await?;
-            loop {
-                p.catch_up(5000).await?;
-                if store.events_after(p.cursor()).await? == 0 {
-                    return Ok::<_, crate::projection::ProjectionError>(());
-                }
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-        }));
+        let name = spec.name.clone();
+        projectors.push(
+            Projector::open(store.clone(), Arc::new(spec), &name, "")
+                .await
+                .map_err(|e| BenchError::Check(e.to_string()))?,
+        );
     }
-    for t in tasks {
-        t.await
-            .map_err(|e| BenchError::Check(format!("projector task: {e}")))?
+    let mut group = Group::new(store.clone(), projectors);
+    loop {
+        let step = group
+            .step(ProjectorConfig::default().batch_size)
+            .await
             .map_err(|e| BenchError::Check(e.to_string()))?;
+        if step.caught_up && store.events_after(group.min_cursor()).await? == 0 {
+            break;
+        }
     }
     let fold = started.elapsed();
     let fold_rate = params.events as f64 / fold.as_secs_f64();
@@ -138,7 +151,8 @@ pub async fn project(params: &ProjectBench) -> Result<ProjectResult, BenchError>
     // while probes are published one at a time and looked for in the hourly table.
     let mut freshness_ms = None;
     if params.live_seconds > 0 {
-        freshness_ms = Some(freshness(params, &url, store.as_ref(), append_rate / 2.0, &tmp).await?);
+        freshness_ms =
+            Some(freshness(params, &url, store.as_ref(), append_rate / 2.0, &tmp).await?);
     }
     store.close().await;
     let _ = std::fs::remove_dir_all(&tmp);
@@ -230,7 +244,9 @@ async fn freshness(
                 break;
             }
             if started.elapsed() > Duration::from_secs(30) {
-                return Err(BenchError::Check(format!("probe {key} not visible after 30s")));
+                return Err(BenchError::Check(format!(
+                    "probe {key} not visible after 30s"
+                )));
             }
             tokio::time::sleep(Duration::from_millis(2)).await;
         }

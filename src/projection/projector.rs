@@ -1,11 +1,19 @@
-//! The projector task: read a batch after the checkpoint, fold it, apply it.
+//! Projector tasks: read the log after the checkpoints, fold, apply.
 //!
-//! Exactly once: the store applies a batch only if the checkpoint is still at
-//! the cursor the batch was read after, in the same transaction that adds the
-//! rows. A crash before commit leaves checkpoint and tables untouched; a crash
-//! after commit leaves both moved. A projector whose apply comes back
-//! [`ApplyOutcome::Stale`] (another instance or a rebuild moved the
-//! checkpoint) re-reads the checkpoint and goes on from there.
+//! A [`Group`] folds several projections from **one** read of the log (the
+//! read costs as much as an upsert, so N projections reading separately
+//! would cost N reads per event). Each member keeps its own checkpoint;
+//! the group reads from the lowest and folds an event into a member only
+//! if it lies after that member's cursor. Reads are chunked and folded into
+//! the same in-memory delta until the delta reaches a row budget, so events
+//! that share a bucket and dimensions cost one upsert, not one each.
+//!
+//! Exactly once: the store applies a batch only if every member's checkpoint
+//! is still at the cursor the batch was read after, in the same transaction
+//! that adds the rows. A crash before commit leaves checkpoints and tables
+//! untouched; a crash after commit leaves both moved. A group whose apply
+//! comes back [`ApplyOutcome::Stale`] (another instance or a rebuild moved a
+//! checkpoint) re-reads the checkpoints and goes on from there.
 //!
 //! `as_of`: each read records a [`Watermark`] (when, and which transaction ids
 //! were assigned by then). Once a read returns everything below its snapshot's
@@ -19,7 +27,7 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use tokio_util::sync::CancellationToken;
 
-use super::fold::fold;
+use super::fold::Delta;
 use super::spec::Spec;
 use super::ProjectionError;
 use crate::backoff::Backoff;
@@ -28,7 +36,8 @@ use crate::store::{Apply, ApplyOutcome, Cursor, EventStore, Watermark};
 /// How projectors run (`tally serve` flags).
 #[derive(Debug, Clone)]
 pub struct ProjectorConfig {
-    /// Most events read and folded per transaction.
+    /// Most events folded per transaction (read in chunks of at most
+    /// [`READ_CHUNK`]; the delta is also capped at [`MAX_DELTA_ROWS`] rows).
     pub batch_size: i64,
     /// Sleep between polls once caught up.
     pub poll_interval: Duration,
@@ -42,7 +51,7 @@ pub struct ProjectorConfig {
 impl Default for ProjectorConfig {
     fn default() -> Self {
         Self {
-            batch_size: 2000,
+            batch_size: 20_000,
             poll_interval: Duration::from_millis(100),
             lease_ttl: Duration::from_secs(10),
             failpoints: Failpoints::default(),
@@ -86,25 +95,38 @@ impl Failpoints {
     }
 }
 
-/// What one [`Projector::step`] did.
+/// Events per log read.
+pub const READ_CHUNK: i64 = 2_000;
+
+/// Most aggregate rows one transaction writes (bounds memory and transaction size).
+pub const MAX_DELTA_ROWS: usize = 40_000;
+
+/// What one [`Group::step`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Step {
-    /// Events folded and committed.
+    /// Events folded and committed (counted once per event, not per member).
     pub folded: usize,
-    /// The read returned fewer events than asked: nothing more is foldable now.
+    /// The last read returned fewer events than asked: nothing more is foldable now.
     pub caught_up: bool,
-    /// The checkpoint had moved under us; the cursor was reloaded.
+    /// A checkpoint had moved under us; the cursors were reloaded.
     pub stale: bool,
 }
 
-/// Folds one projection's tables (live, or shadow during a rebuild).
-pub struct Projector {
-    store: Arc<dyn EventStore>,
+/// One projection inside a [`Group`]: its spec and where its checkpoint is.
+#[derive(Debug)]
+struct Member {
     spec: Arc<Spec>,
     state: String,
     suffix: String,
     cursor: Cursor,
     as_of: Option<DateTime<Utc>>,
+    leading: bool,
+}
+
+/// Projections folded together from one read of the log.
+pub struct Group {
+    store: Arc<dyn EventStore>,
+    members: Vec<Member>,
     marks: VecDeque<Watermark>,
     last_write: Instant,
     failpoints: Failpoints,
@@ -113,8 +135,323 @@ pub struct Projector {
 /// Most watermarks remembered while waiting for old transactions to finish.
 const MAX_MARKS: usize = 1024;
 
-/// An idle projector persists a newer `as_of` at most this often.
+/// An idle group persists a newer `as_of` at most this often.
 const IDLE_AS_OF_EVERY: Duration = Duration::from_millis(500);
+
+async fn open_member(
+    store: &Arc<dyn EventStore>,
+    spec: Arc<Spec>,
+    state: &str,
+    suffix: &str,
+) -> Result<Member, ProjectionError> {
+    let row = store.ensure_projection(&spec, state, suffix).await?;
+    if row.spec_hash != spec.hash() {
+        return Err(ProjectionError::SpecChanged {
+            name: spec.name.clone(),
+            stored: row.spec,
+            now: spec.canonical(),
+        });
+    }
+    Ok(Member {
+        spec,
+        state: state.to_string(),
+        suffix: suffix.to_string(),
+        cursor: row.cursor,
+        as_of: row.as_of,
+        leading: true,
+    })
+}
+
+impl Group {
+    /// Joins opened projectors into one group (they keep their checkpoints).
+    pub fn new(store: Arc<dyn EventStore>, projectors: Vec<Projector>) -> Self {
+        let members = projectors
+            .into_iter()
+            .flat_map(|p| p.group.members)
+            .collect();
+        Self {
+            store,
+            members,
+            marks: VecDeque::new(),
+            last_write: Instant::now(),
+            failpoints: Failpoints::default(),
+        }
+    }
+
+    /// The lowest member checkpoint: everything at or before it is folded everywhere.
+    pub fn min_cursor(&self) -> Cursor {
+        self.members
+            .iter()
+            .map(|m| m.cursor)
+            .min()
+            .unwrap_or_default()
+    }
+
+    /// Names of the member projections.
+    pub fn names(&self) -> Vec<String> {
+        self.members.iter().map(|m| m.state.clone()).collect()
+    }
+
+    /// Re-reads every member's checkpoint. A member whose stored spec no longer
+    /// matches is an error (it must stop: its tables have another shape now).
+    pub async fn reload(&mut self) -> Result<(), ProjectionError> {
+        let states = self.store.projection_states().await?;
+        for m in &mut self.members {
+            let row = states
+                .iter()
+                .find(|s| s.name == m.state)
+                .ok_or_else(|| ProjectionError::NotFound(m.state.clone()))?;
+            if row.spec_hash != m.spec.hash() {
+                return Err(ProjectionError::SpecChanged {
+                    name: m.spec.name.clone(),
+                    stored: row.spec.clone(),
+                    now: m.spec.canonical(),
+                });
+            }
+            m.cursor = row.cursor;
+            m.as_of = row.as_of;
+        }
+        self.marks.clear();
+        Ok(())
+    }
+
+    /// Drops the member whose spec changed (named in the error), keeping the rest.
+    fn drop_member(&mut self, name: &str) {
+        self.members.retain(|m| m.spec.name != name);
+    }
+
+    /// Reads up to `limit` events after the lowest leading checkpoint (in
+    /// chunks), folds them into every leading member that has not folded them
+    /// yet, and applies everything in one transaction.
+    pub async fn step(&mut self, limit: i64) -> Result<Step, ProjectionError> {
+        let leading: Vec<usize> = (0..self.members.len())
+            .filter(|&i| self.members[i].leading)
+            .collect();
+        let Some(from) = leading.iter().map(|&i| self.members[i].cursor).min() else {
+            return Ok(Step {
+                folded: 0,
+                caught_up: true,
+                stale: false,
+            });
+        };
+        let limit = limit.max(1);
+        let mut deltas: Vec<Delta> = leading
+            .iter()
+            .map(|&i| Delta::new(&self.members[i].spec))
+            .collect();
+        let mut to: Vec<Cursor> = leading.iter().map(|&i| self.members[i].cursor).collect();
+        let (mut read_from, mut read, mut caught_up) = (from, 0i64, false);
+        let mut last_mark = None;
+        while read < limit {
+            let want = READ_CHUNK.min(limit - read);
+            let batch = self.store.read_log(read_from, want).await?;
+            let n = batch.events.len() as i64;
+            if self.marks.len() == MAX_MARKS {
+                self.marks.pop_front();
+            }
+            self.marks.push_back(batch.watermark);
+            last_mark = Some(batch.watermark);
+            for (cursor, e) in &batch.events {
+                for (k, &i) in leading.iter().enumerate() {
+                    if *cursor > self.members[i].cursor {
+                        deltas[k].add(&self.members[i].spec, e);
+                        to[k] = *cursor;
+                    }
+                }
+            }
+            if let Some((c, _)) = batch.events.last() {
+                read_from = *c;
+            }
+            read += n;
+            if n < want {
+                caught_up = true;
+                break;
+            }
+            if deltas.iter().map(Delta::rows).sum::<usize>() >= MAX_DELTA_ROWS {
+                break;
+            }
+        }
+        // `as_of` advances only once the read reached everything below its
+        // snapshot's xmin: then every mark with xmax <= xmin is fully folded.
+        let mut as_of = None;
+        if let (true, Some(mark)) = (caught_up, last_mark) {
+            while let Some(m) = self.marks.front() {
+                if m.xmax > mark.xmin {
+                    break;
+                }
+                as_of = Some(m.at);
+                self.marks.pop_front();
+            }
+        }
+        let idle_write_due = self.last_write.elapsed() >= IDLE_AS_OF_EVERY;
+        let mut applies = Vec::new();
+        for (k, &i) in leading.iter().enumerate() {
+            let m = &self.members[i];
+            let member_as_of = as_of.filter(|t| m.as_of.is_none_or(|old| *t > old));
+            let moved = to[k] != m.cursor;
+            if !moved && (member_as_of.is_none() || !idle_write_due) {
+                continue;
+            }
+            applies.push((k, i, member_as_of));
+        }
+        if applies.is_empty() {
+            return Ok(Step {
+                folded: 0,
+                caught_up,
+                stale: false,
+            });
+        }
+        let crash = Failpoints::fires(self.failpoints.before_commit);
+        let batch: Vec<Apply<'_>> = applies
+            .iter()
+            .map(|&(k, i, member_as_of)| Apply {
+                state: &self.members[i].state,
+                spec: &self.members[i].spec,
+                suffix: &self.members[i].suffix,
+                from: self.members[i].cursor,
+                to: to[k],
+                as_of: member_as_of,
+                delta: &deltas[k],
+                crash_before_commit: crash,
+            })
+            .collect();
+        match self.store.apply_fold(&batch).await? {
+            ApplyOutcome::Applied => {
+                drop(batch);
+                if Failpoints::fires(self.failpoints.after_commit) {
+                    super::failpoint_abort("projector.after_commit");
+                }
+                for &(k, i, member_as_of) in &applies {
+                    self.members[i].cursor = to[k];
+                    if member_as_of.is_some() {
+                        self.members[i].as_of = member_as_of;
+                    }
+                }
+                self.last_write = Instant::now();
+                Ok(Step {
+                    folded: read as usize,
+                    caught_up,
+                    stale: false,
+                })
+            }
+            ApplyOutcome::Stale => {
+                drop(batch);
+                tracing::info!(projections = ?self.names(), "a checkpoint moved under this projector; re-reading them");
+                self.reload().await?;
+                Ok(Step {
+                    folded: 0,
+                    caught_up: false,
+                    stale: true,
+                })
+            }
+        }
+    }
+
+    /// Runs until `shutdown`: takes (or waits for) each member's lease and
+    /// folds new events into the members it leads.
+    pub async fn run(
+        mut self,
+        config: ProjectorConfig,
+        owner: String,
+        shutdown: CancellationToken,
+    ) {
+        let renew_every = config.lease_ttl / 3;
+        let mut renewed: Option<Instant> = None;
+        let mut backoff = Backoff::new();
+        self.failpoints = config.failpoints;
+        for m in &mut self.members {
+            m.leading = false;
+        }
+        while !shutdown.is_cancelled() && !self.members.is_empty() {
+            if renewed.is_none_or(|t| t.elapsed() >= renew_every) {
+                let mut taken = false;
+                for m in &mut self.members {
+                    match self
+                        .store
+                        .try_lease(&m.state, &owner, config.lease_ttl)
+                        .await
+                    {
+                        Ok(true) => {
+                            if !m.leading {
+                                tracing::info!(projection = %m.state, %owner, "projector lease taken; folding");
+                                taken = true;
+                            }
+                            m.leading = true;
+                        }
+                        Ok(false) => m.leading = false,
+                        Err(e) => {
+                            tracing::warn!(projection = %m.state, error = %e, "cannot take the projector lease; retrying");
+                            m.leading = false;
+                        }
+                    }
+                }
+                renewed = Some(Instant::now());
+                if taken {
+                    // Another instance may have folded while we did not lead.
+                    if let Err(e) = self.reload().await {
+                        if !self.handle(e) {
+                            backoff.sleep(&shutdown).await;
+                        }
+                        continue;
+                    }
+                }
+            }
+            if !self.members.iter().any(|m| m.leading) {
+                tokio::select! {
+                    _ = tokio::time::sleep(renew_every) => {}
+                    _ = shutdown.cancelled() => {}
+                }
+                continue;
+            }
+            match self.step(config.batch_size).await {
+                Ok(step) => {
+                    backoff.reset();
+                    if step.folded > 0 {
+                        tracing::debug!(projections = ?self.names(), events = step.folded, "folded");
+                    }
+                    if step.caught_up {
+                        tokio::select! {
+                            _ = tokio::time::sleep(config.poll_interval) => {}
+                            _ = shutdown.cancelled() => {}
+                        }
+                    }
+                }
+                Err(e) => {
+                    if !self.handle(e) {
+                        backoff.sleep(&shutdown).await;
+                    }
+                }
+            }
+        }
+        for m in self.members.iter().filter(|m| m.leading) {
+            if let Err(e) = self.store.release_lease(&m.state, &owner).await {
+                tracing::debug!(projection = %m.state, error = %e, "lease not released; it expires by itself");
+            }
+        }
+    }
+
+    /// Logs an error; a changed spec removes its member (true: go on at once).
+    fn handle(&mut self, e: ProjectionError) -> bool {
+        match e {
+            ProjectionError::SpecChanged { ref name, .. } => {
+                tracing::error!(projection = %name, error = %e, "projector stopped for this projection");
+                let name = name.clone();
+                self.drop_member(&name);
+                true
+            }
+            e => {
+                tracing::warn!(projections = ?self.names(), error = %e, "projector step failed; retrying");
+                false
+            }
+        }
+    }
+}
+
+/// Folds one projection's tables (live, or shadow during a rebuild): a
+/// [`Group`] of one.
+pub struct Projector {
+    group: Group,
+}
 
 impl Projector {
     /// Creates the tables and checkpoint if missing and checks that the stored
@@ -125,138 +462,42 @@ impl Projector {
         state: &str,
         suffix: &str,
     ) -> Result<Self, ProjectionError> {
-        let row = store.ensure_projection(&spec, state, suffix).await?;
-        if row.spec_hash != spec.hash() {
-            return Err(ProjectionError::SpecChanged {
-                name: spec.name.clone(),
-                stored: row.spec,
-                now: spec.canonical(),
-            });
-        }
+        let member = open_member(&store, spec, state, suffix).await?;
         Ok(Self {
-            store,
-            spec,
-            state: state.to_string(),
-            suffix: suffix.to_string(),
-            cursor: row.cursor,
-            as_of: row.as_of,
-            marks: VecDeque::new(),
-            last_write: Instant::now(),
-            failpoints: Failpoints::default(),
+            group: Group {
+                store,
+                members: vec![member],
+                marks: VecDeque::new(),
+                last_write: Instant::now(),
+                failpoints: Failpoints::default(),
+            },
         })
     }
 
     /// Arms crash hooks (tests).
     pub fn with_failpoints(mut self, failpoints: Failpoints) -> Self {
-        self.failpoints = failpoints;
+        self.group.failpoints = failpoints;
         self
     }
 
     /// The spec being folded.
     pub fn spec(&self) -> &Spec {
-        &self.spec
+        &self.group.members[0].spec
     }
 
     /// The last committed cursor as this projector knows it.
     pub fn cursor(&self) -> Cursor {
-        self.cursor
+        self.group.members[0].cursor
     }
 
-    /// Re-reads the checkpoint (after a Stale apply or on taking the lease).
+    /// Re-reads the checkpoint.
     pub async fn reload(&mut self) -> Result<(), ProjectionError> {
-        let states = self.store.projection_states().await?;
-        let row = states
-            .into_iter()
-            .find(|s| s.name == self.state)
-            .ok_or_else(|| ProjectionError::NotFound(self.state.clone()))?;
-        if row.spec_hash != self.spec.hash() {
-            return Err(ProjectionError::SpecChanged {
-                name: self.spec.name.clone(),
-                stored: row.spec,
-                now: self.spec.canonical(),
-            });
-        }
-        self.cursor = row.cursor;
-        self.as_of = row.as_of;
-        self.marks.clear();
-        Ok(())
+        self.group.reload().await
     }
 
     /// Reads up to `limit` events after the checkpoint, folds and applies them.
     pub async fn step(&mut self, limit: i64) -> Result<Step, ProjectionError> {
-        let t0 = Instant::now();
-        let batch = self.store.read_log(self.cursor, limit.max(1)).await?;
-        let t_read = t0.elapsed();
-        let caught_up = (batch.events.len() as i64) < limit.max(1);
-        let mark = batch.watermark;
-        if self.marks.len() == MAX_MARKS {
-            self.marks.pop_front();
-        }
-        self.marks.push_back(mark);
-        let mut as_of = None;
-        if caught_up {
-            while let Some(m) = self.marks.front() {
-                if m.xmax > mark.xmin {
-                    break;
-                }
-                as_of = Some(m.at);
-                self.marks.pop_front();
-            }
-        }
-        let as_of = as_of.filter(|t| self.as_of.is_none_or(|old| *t > old));
-        if batch.events.is_empty()
-            && (as_of.is_none() || self.last_write.elapsed() < IDLE_AS_OF_EVERY)
-        {
-            return Ok(Step {
-                folded: 0,
-                caught_up,
-                stale: false,
-            });
-        }
-        let to = batch.events.last().map_or(self.cursor, |(c, _)| *c);
-        let t1 = Instant::now();
-        let delta = fold(&self.spec, batch.events.iter().map(|(_, e)| e));
-        let t_fold = t1.elapsed();
-        let t2 = Instant::now();
-        let apply = Apply {
-            state: &self.state,
-            spec: &self.spec,
-            suffix: &self.suffix,
-            from: self.cursor,
-            to,
-            as_of,
-            delta: &delta,
-            crash_before_commit: Failpoints::fires(self.failpoints.before_commit),
-        };
-        match self.store.apply_fold(&apply).await? {
-            ApplyOutcome::Applied => {
-                if std::env::var_os("TALLY_PROFILE").is_some() {
-                    eprintln!("{} read {:?} fold {:?} apply {:?} events {} rows {}", self.state, t_read, t_fold, t2.elapsed(), delta.events, delta.rows());
-                }
-                if Failpoints::fires(self.failpoints.after_commit) {
-                    super::failpoint_abort("projector.after_commit");
-                }
-                self.cursor = to;
-                if as_of.is_some() {
-                    self.as_of = as_of;
-                }
-                self.last_write = Instant::now();
-                Ok(Step {
-                    folded: delta.events,
-                    caught_up,
-                    stale: false,
-                })
-            }
-            ApplyOutcome::Stale => {
-                tracing::info!(projection = %self.state, "checkpoint moved under this projector; re-reading it");
-                self.reload().await?;
-                Ok(Step {
-                    folded: 0,
-                    caught_up: false,
-                    stale: true,
-                })
-            }
-        }
+        self.group.step(limit).await
     }
 
     /// Steps until caught up; returns the events folded. For tests, rebuilds and benchmarks.
@@ -271,84 +512,67 @@ impl Projector {
         }
     }
 
-    /// Runs until `shutdown`: holds (or waits for) the lease and folds new events.
-    pub async fn run(
-        mut self,
-        config: ProjectorConfig,
-        owner: String,
-        shutdown: CancellationToken,
-    ) {
-        let renew_every = config.lease_ttl / 3;
-        let mut leading = false;
-        let mut renewed = Instant::now();
-        let mut backoff = Backoff::new();
-        let name = self.state.clone();
-        self.failpoints = config.failpoints;
-        while !shutdown.is_cancelled() {
-            if !leading || renewed.elapsed() >= renew_every {
-                match self.store.try_lease(&name, &owner, config.lease_ttl).await {
-                    Ok(true) => {
-                        renewed = Instant::now();
-                        if !leading {
-                            tracing::info!(projection = %name, %owner, "projector lease taken; folding");
-                            if let Err(e) = self.reload().await {
-                                tracing::error!(projection = %name, error = %e, "projector stopped");
-                                break;
-                            }
-                            leading = true;
-                        }
-                    }
-                    Ok(false) => {
-                        leading = false;
-                        tokio::select! {
-                            _ = tokio::time::sleep(renew_every) => {}
-                            _ = shutdown.cancelled() => {}
-                        }
-                        continue;
-                    }
-                    Err(e) => {
-                        tracing::warn!(projection = %name, error = %e, "cannot take the projector lease; retrying");
-                        leading = false;
-                        backoff.sleep(&shutdown).await;
-                        continue;
-                    }
-                }
-            }
-            match self.step(config.batch_size).await {
-                Ok(step) => {
-                    backoff.reset();
-                    if step.folded > 0 {
-                        tracing::debug!(projection = %name, events = step.folded, cursor = ?self.cursor, "folded");
-                    }
-                    if step.caught_up {
-                        tokio::select! {
-                            _ = tokio::time::sleep(config.poll_interval) => {}
-                            _ = shutdown.cancelled() => {}
-                        }
-                    }
-                }
-                Err(e @ ProjectionError::SpecChanged { .. }) => {
-                    tracing::error!(projection = %name, error = %e, "projector stopped");
-                    break;
-                }
-                Err(e) => {
-                    tracing::warn!(projection = %name, error = %e, "projector step failed; retrying");
-                    backoff.sleep(&shutdown).await;
-                }
-            }
-        }
-        if leading {
-            if let Err(e) = self.store.release_lease(&name, &owner).await {
-                tracing::debug!(projection = %name, error = %e, "lease not released; it expires by itself");
-            }
-        }
+    /// Runs until `shutdown` (see [`Group::run`]).
+    pub async fn run(self, config: ProjectorConfig, owner: String, shutdown: CancellationToken) {
+        self.group.run(config, owner, shutdown).await;
     }
 }
 
-/// The projector task of `tally serve`: opens the projection (retrying while
-/// the database is unreachable; stopping if its spec changed) unless `opened`
-/// already did, then [`Projector::run`]s it.
-pub async fn run(
+/// A projection `tally serve` runs: opened at start-up, or not yet (database
+/// unreachable then).
+pub struct ProjectionTask {
+    /// The spec.
+    pub spec: Arc<Spec>,
+    /// The projector, when it could be opened at start-up.
+    pub projector: Option<Projector>,
+}
+
+/// Projections this close to the most advanced one share its group's read;
+/// the others (a new projection backfilling the log) read on their own, so
+/// they do not hold back the freshness of the rest.
+pub const GROUP_LAG: i64 = 50_000;
+
+/// The projector tasks of `tally serve`: one group of the projections that
+/// are (nearly) caught up, one task per projection that is far behind or
+/// could not be opened yet. Each task ends at `shutdown`.
+pub fn spawn_all(
+    store: Arc<dyn EventStore>,
+    tasks: Vec<ProjectionTask>,
+    config: ProjectorConfig,
+    owner: String,
+    shutdown: CancellationToken,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let head = tasks
+        .iter()
+        .filter_map(|t| t.projector.as_ref().map(|p| p.cursor().seq))
+        .max()
+        .unwrap_or(0);
+    let mut together = Vec::new();
+    let mut handles = Vec::new();
+    for t in tasks {
+        match t.projector {
+            Some(p) if head - p.cursor().seq <= GROUP_LAG => together.push(p),
+            opened => handles.push(tokio::spawn(run_one(
+                store.clone(),
+                t.spec,
+                opened,
+                config.clone(),
+                owner.clone(),
+                shutdown.clone(),
+            ))),
+        }
+    }
+    if !together.is_empty() {
+        let group = Group::new(store, together);
+        tracing::info!(projections = ?group.names(), "projections folded together from one read of the log");
+        handles.push(tokio::spawn(group.run(config, owner, shutdown)));
+    }
+    handles
+}
+
+/// One projection's task: opens it (retrying while the database is
+/// unreachable; stopping if its spec changed) unless `opened` already did.
+async fn run_one(
     store: Arc<dyn EventStore>,
     spec: Arc<Spec>,
     opened: Option<Projector>,

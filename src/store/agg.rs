@@ -244,7 +244,13 @@ pub fn create_table_sql(backend: Backend, spec: &Spec, table: &str) -> String {
     // Dimension keys compare bytewise ("C"): locale-aware comparison costs
     // several times more in every primary-key lookup of every upsert.
     let (ts, int, float, blob, text) = match backend {
-        Backend::Postgres => ("TIMESTAMPTZ", "BIGINT", "DOUBLE PRECISION", "BYTEA", "TEXT COLLATE \"C\""),
+        Backend::Postgres => (
+            "TIMESTAMPTZ",
+            "BIGINT",
+            "DOUBLE PRECISION",
+            "BYTEA",
+            "TEXT COLLATE \"C\"",
+        ),
         Backend::Sqlite => ("TEXT", "INTEGER", "REAL", "BLOB", "TEXT"),
     };
     let mut cols = vec![format!("bucket {ts} NOT NULL")];

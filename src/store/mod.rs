@@ -214,9 +214,10 @@ pub trait ProjectionStore: Send + Sync + 'static {
     /// Gives the lease up (clean shutdown), if `owner` holds it.
     async fn release_lease(&self, state: &str, owner: &str) -> Result<(), StoreError>;
 
-    /// Adds a folded batch to the tables and moves the checkpoint, in one
-    /// transaction, if the checkpoint is still where the batch was read from.
-    async fn apply_fold(&self, apply: &Apply<'_>) -> Result<ApplyOutcome, StoreError>;
+    /// Adds folded batches to their tables and moves their checkpoints, all in
+    /// one transaction, if every checkpoint is still where its batch was read
+    /// from; otherwise writes nothing and answers [`ApplyOutcome::Stale`].
+    async fn apply_fold(&self, applies: &[Apply<'_>]) -> Result<ApplyOutcome, StoreError>;
 
     /// Drops the tables (every granularity, with `suffix`) and the checkpoint row.
     async fn drop_projection(

@@ -298,7 +298,7 @@ impl EventStore for PgStore {
 /// Event columns as the projector reads them (no message, no metadata), then `tx`, `seq`.
 const LOG_COLUMNS: &str = "id, ts, api, endpoint, method, key, \"user\", model, status, success, \
      error_type, NULL::text, latency_ms, request_bytes, response_bytes, tokens_in, tokens_out, \
-     cost_nanos, cached, NULL::text, tx::text::bigint, seq";
+     cost_nanos, cached, NULL::text, tx::text::bigint AS cursor_tx, seq AS cursor_seq";
 
 const CHECKPOINT_COLUMNS: &str = "name, spec_hash, spec, cursor_tx, cursor_seq, as_of, \
      events_folded, leader, lease_until_ms, updated_at";
@@ -383,9 +383,7 @@ impl PgStore {
             return Ok(());
         }
         let rows: Vec<(&RowKey, &Measures)> = rows.iter().collect();
-        let t0 = std::time::Instant::now();
         let existing = Self::existing_sketches(tx, spec, table, &rows).await?;
-        let t_sel = t0.elapsed();
         let n = spec.dimensions.len();
         let mut types = vec!["timestamptz[]"];
         types.extend(std::iter::repeat_n("text[]", n));
@@ -435,11 +433,7 @@ impl PgStore {
         for col in floats {
             q = q.bind(col);
         }
-        let t1 = std::time::Instant::now();
         q.bind(sketches).execute(&mut **tx).await?;
-        if std::env::var_os("TALLY_PROFILE").is_some() {
-            eprintln!("  {table}: select {t_sel:?} ({} found) upsert {:?} rows {}", existing.len(), t1.elapsed(), rows.len());
-        }
         Ok(())
     }
 }
@@ -570,40 +564,47 @@ impl ProjectionStore for PgStore {
         Ok(())
     }
 
-    async fn apply_fold(&self, apply: &Apply<'_>) -> Result<ApplyOutcome, StoreError> {
+    async fn apply_fold(&self, applies: &[Apply<'_>]) -> Result<ApplyOutcome, StoreError> {
         let mut tx = self.pool.begin().await?;
-        // Aggregates are derived data and the checkpoint commits with them: a
+        // Aggregates are derived data and the checkpoints commit with them: a
         // commit lost in a database crash loses both together and is folded
         // again, so this transaction need not wait for its WAL flush.
         sqlx::query("SET LOCAL synchronous_commit = off")
             .execute(&mut *tx)
             .await?;
-        // The compare-and-set on the checkpoint row is the first statement: its
-        // row lock serialises every writer of this projection until commit.
-        let moved = sqlx::query(
-            "UPDATE projection_checkpoints SET cursor_tx = $4, cursor_seq = $5, \
-                 as_of = COALESCE($6, as_of), events_folded = events_folded + $7, updated_at = now() \
-             WHERE name = $1 AND spec_hash = $2 AND cursor_tx = $3 AND cursor_seq = $8",
-        )
-        .bind(apply.state)
-        .bind(apply.spec.hash())
-        .bind(apply.from.tx)
-        .bind(apply.to.tx)
-        .bind(apply.to.seq)
-        .bind(apply.as_of)
-        .bind(i64::try_from(apply.delta.events).unwrap_or(i64::MAX))
-        .bind(apply.from.seq)
-        .execute(&mut *tx)
-        .await?;
-        if moved.rows_affected() != 1 {
-            tx.rollback().await?;
-            return Ok(ApplyOutcome::Stale);
+        // The compare-and-sets on the checkpoint rows come first, in name order
+        // (so two groups cannot deadlock): their row locks serialise every
+        // writer of these projections until commit.
+        let mut order: Vec<&Apply<'_>> = applies.iter().collect();
+        order.sort_by(|a, b| a.state.cmp(b.state));
+        for apply in &order {
+            let moved = sqlx::query(
+                "UPDATE projection_checkpoints SET cursor_tx = $4, cursor_seq = $5, \
+                     as_of = COALESCE($6, as_of), events_folded = events_folded + $7, updated_at = now() \
+                 WHERE name = $1 AND spec_hash = $2 AND cursor_tx = $3 AND cursor_seq = $8",
+            )
+            .bind(apply.state)
+            .bind(apply.spec.hash())
+            .bind(apply.from.tx)
+            .bind(apply.to.tx)
+            .bind(apply.to.seq)
+            .bind(apply.as_of)
+            .bind(i64::try_from(apply.delta.events).unwrap_or(i64::MAX))
+            .bind(apply.from.seq)
+            .execute(&mut *tx)
+            .await?;
+            if moved.rows_affected() != 1 {
+                tx.rollback().await?;
+                return Ok(ApplyOutcome::Stale);
+            }
         }
-        for (g, rows) in &apply.delta.tables {
-            let t = table(apply.spec, *g, apply.suffix);
-            Self::upsert_rows(&mut tx, apply.spec, &t, rows).await?;
+        for apply in &order {
+            for (g, rows) in &apply.delta.tables {
+                let t = table(apply.spec, *g, apply.suffix);
+                Self::upsert_rows(&mut tx, apply.spec, &t, rows).await?;
+            }
         }
-        if apply.crash_before_commit {
+        if applies.iter().any(|a| a.crash_before_commit) {
             crate::projection::failpoint_abort("projector.before_commit");
         }
         tx.commit().await?;

@@ -505,33 +505,39 @@ impl ProjectionStore for SqliteStore {
         Ok(())
     }
 
-    async fn apply_fold(&self, apply: &Apply<'_>) -> Result<ApplyOutcome, StoreError> {
+    async fn apply_fold(&self, applies: &[Apply<'_>]) -> Result<ApplyOutcome, StoreError> {
+        // BEGIN IMMEDIATE takes the database's write lock for the whole batch.
         let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
-        let moved = sqlx::query(
-            "UPDATE projection_checkpoints SET cursor_tx = ?4, cursor_seq = ?5, \
-                 as_of = COALESCE(?6, as_of), events_folded = events_folded + ?7, updated_at = ?9 \
-             WHERE name = ?1 AND spec_hash = ?2 AND cursor_tx = ?3 AND cursor_seq = ?8",
-        )
-        .bind(apply.state)
-        .bind(apply.spec.hash())
-        .bind(apply.from.tx)
-        .bind(apply.to.tx)
-        .bind(apply.to.seq)
-        .bind(apply.as_of.as_ref().map(format_ts))
-        .bind(i64::try_from(apply.delta.events).unwrap_or(i64::MAX))
-        .bind(apply.from.seq)
-        .bind(format_ts(&Utc::now()))
-        .execute(&mut *tx)
-        .await?;
-        if moved.rows_affected() != 1 {
-            tx.rollback().await?;
-            return Ok(ApplyOutcome::Stale);
+        let now = format_ts(&Utc::now());
+        for apply in applies {
+            let moved = sqlx::query(
+                "UPDATE projection_checkpoints SET cursor_tx = ?4, cursor_seq = ?5, \
+                     as_of = COALESCE(?6, as_of), events_folded = events_folded + ?7, updated_at = ?9 \
+                 WHERE name = ?1 AND spec_hash = ?2 AND cursor_tx = ?3 AND cursor_seq = ?8",
+            )
+            .bind(apply.state)
+            .bind(apply.spec.hash())
+            .bind(apply.from.tx)
+            .bind(apply.to.tx)
+            .bind(apply.to.seq)
+            .bind(apply.as_of.as_ref().map(format_ts))
+            .bind(i64::try_from(apply.delta.events).unwrap_or(i64::MAX))
+            .bind(apply.from.seq)
+            .bind(&now)
+            .execute(&mut *tx)
+            .await?;
+            if moved.rows_affected() != 1 {
+                tx.rollback().await?;
+                return Ok(ApplyOutcome::Stale);
+            }
         }
-        for (g, rows) in &apply.delta.tables {
-            let t = table(apply.spec, *g, apply.suffix);
-            Self::upsert_rows(&mut tx, apply.spec, &t, rows).await?;
+        for apply in applies {
+            for (g, rows) in &apply.delta.tables {
+                let t = table(apply.spec, *g, apply.suffix);
+                Self::upsert_rows(&mut tx, apply.spec, &t, rows).await?;
+            }
         }
-        if apply.crash_before_commit {
+        if applies.iter().any(|a| a.crash_before_commit) {
             crate::projection::failpoint_abort("projector.before_commit");
         }
         tx.commit().await?;

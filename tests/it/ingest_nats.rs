@@ -314,7 +314,9 @@ async fn backlog_with_database_down_keeps_memory_bounded() {
     wait_drained(&db, &js, 100_000, DRAIN, "after backlog").await;
     assert_exact(&db, &expect, "after backlog").await;
     let (_, hwm) = tally.memory_kib();
-    eprintln!("backpressure: peak {hwm} KiB after draining 100k events (projectors folding meanwhile)");
+    eprintln!(
+        "backpressure: peak {hwm} KiB after draining 100k events (projectors folding meanwhile)"
+    );
     assert!(
         hwm < BOUND_KIB,
         "peak RSS {hwm} KiB while draining 100k events"
