@@ -117,6 +117,11 @@ struct EmitArgs {
     /// Prefix of synthetic event ids (default: random, so runs do not collide).
     #[arg(long)]
     id_prefix: Option<String>,
+    /// Realistic traffic: each key calls one API with one or two models, users
+    /// belong to keys, and timestamps advance with publishing (default: every
+    /// field drawn independently, timestamps over the last 6 hours).
+    #[arg(long)]
+    realistic: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -364,6 +369,7 @@ async fn emit(args: EmitArgs) -> anyhow::Result<()> {
         input: args.input,
         id_prefix: args.id_prefix.unwrap_or(defaults.id_prefix),
         progress: args.count >= 100_000 || crate::emit::stderr_is_terminal(),
+        realistic: args.realistic,
         ..defaults
     };
     let (summary, expect) = crate::emit::emit(&js, &cfg).await?;

@@ -121,7 +121,7 @@ pub struct ProjectionConfig {
     pub projections_dir: PathBuf,
 
     /// Most events a projector folds per transaction.
-    #[arg(long, env = "TALLY_PROJECTOR_BATCH", default_value_t = 2_000)]
+    #[arg(long, env = "TALLY_PROJECTOR_BATCH", default_value_t = 50_000)]
     pub projector_batch: i64,
 
     /// How often a caught-up projector looks for new events.

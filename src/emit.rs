@@ -70,6 +70,9 @@ pub struct EmitConfig {
     pub window: usize,
     /// Print progress to stderr.
     pub progress: bool,
+    /// Realistic traffic: keys call one API with one or two models, users
+    /// belong to keys, and events arrive in time order (see [`SynthConfig`]).
+    pub realistic: bool,
 }
 
 impl Default for EmitConfig {
@@ -91,6 +94,7 @@ impl Default for EmitConfig {
             id_prefix: format!("emit-{:08x}", rand::random::<u32>()),
             window: 2048,
             progress: false,
+            realistic: false,
         }
     }
 }
@@ -224,6 +228,15 @@ pub async fn emit(js: &Context, cfg: &EmitConfig) -> Result<(EmitSummary, Expect
                 keys: cfg.keys,
                 models: cfg.models,
                 id_prefix: cfg.id_prefix.clone(),
+                correlated: cfg.realistic,
+                arrival_order: cfg.realistic.then_some(cfg.count),
+                // Realistic timestamps span the time the run takes at its rate.
+                span: match (cfg.realistic, cfg.rate) {
+                    (true, Some(rate)) if rate > 0.0 => {
+                        Duration::from_secs_f64((cfg.count as f64 / rate).max(1.0))
+                    }
+                    _ => SynthConfig::default().span,
+                },
                 ..SynthConfig::default()
             };
             EventSource::Synthetic(synth_cfg)

@@ -73,6 +73,11 @@ pub struct SynthConfig {
     /// independently (the worst case for aggregation: almost every event has
     /// its own row in every table).
     pub correlated: bool,
+    /// `Some(n)`: the stream holds `n` events arriving in time order, as live
+    /// traffic does: event `i` is stamped `i/n` of the way through the span,
+    /// up to 30 s early, and 1% are late by up to an hour. `None`: timestamps
+    /// are drawn uniformly over the span, in no order.
+    pub arrival_order: Option<usize>,
 }
 
 impl Default for SynthConfig {
@@ -86,6 +91,7 @@ impl Default for SynthConfig {
             now: Utc::now(),
             id_prefix: "evt".into(),
             correlated: false,
+            arrival_order: None,
         }
     }
 }
@@ -135,7 +141,19 @@ pub fn events(cfg: &SynthConfig, offset: u64, count: usize) -> Vec<Event> {
             } else {
                 0
             };
-            let ts = cfg.now - chrono::Duration::microseconds(rng.random_range(0..span_us));
+            let back_us = match cfg.arrival_order {
+                Some(total) => {
+                    let position = (offset + i as u64) as f64 / total.max(1) as f64;
+                    let late = if rng.random_bool(0.01) {
+                        rng.random_range(0..3_600_000_000i64)
+                    } else {
+                        rng.random_range(0..30_000_000i64)
+                    };
+                    ((1.0 - position.min(1.0)) * span_us as f64) as i64 + late
+                }
+                None => rng.random_range(0..span_us),
+            };
+            let ts = cfg.now - chrono::Duration::microseconds(back_us);
             let mut metadata = BTreeMap::new();
             if rng.random_bool(0.1) {
                 metadata.insert(

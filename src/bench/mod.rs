@@ -531,7 +531,7 @@ async fn wait_consumer(
     }
 }
 
-async fn wait_drained(
+pub(super) async fn wait_drained(
     js: &async_nats::jetstream::Context,
     child: &mut std::process::Child,
     timeout: Duration,

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::{
-    num_cpus, peak_rss_mib, spawn_tally_with, stop, tempfile_dir, wait_consumer, BenchError,
+    num_cpus, peak_rss_mib, spawn_tally_with, stop, tempfile_dir, wait_drained, BenchError,
 };
 use crate::devserver::{TempNats, TempPostgres};
 use crate::projection::projector::Group;
@@ -69,9 +69,9 @@ pub async fn project(params: &ProjectBench) -> Result<ProjectResult, BenchError>
         params.events,
         humantime::format_duration(params.span),
         if params.uniform {
-            "uniform: every field drawn independently"
+            "uniform: every field and timestamp drawn independently"
         } else {
-            "1,000 keys each calling one API with one or two models, 10 users per key"
+            "arriving in time order (1% late), 1,000 keys each calling one API with one or two models, 10 users per key"
         },
         specs.len(),
         specs
@@ -92,6 +92,7 @@ pub async fn project(params: &ProjectBench) -> Result<ProjectResult, BenchError>
         models: 20,
         id_prefix: "fold".into(),
         correlated: !params.uniform,
+        arrival_order: (!params.uniform).then_some(params.events),
         span: params.span,
         ..SynthConfig::default()
     };
@@ -151,11 +152,14 @@ pub async fn project(params: &ProjectBench) -> Result<ProjectResult, BenchError>
     // while probes are published one at a time and looked for in the hourly table.
     let mut freshness_ms = None;
     if params.live_seconds > 0 {
-        freshness_ms =
-            Some(freshness(params, &url, store.as_ref(), append_rate / 2.0, &tmp).await?);
+        freshness_ms = Some(freshness(params, &url, store.as_ref(), &tmp).await?);
     }
     store.close().await;
-    let _ = std::fs::remove_dir_all(&tmp);
+    if std::env::var_os("TALLY_BENCH_KEEP").is_none() {
+        let _ = std::fs::remove_dir_all(&tmp);
+    } else {
+        println!("    kept {}", tmp.display());
+    }
     Ok(ProjectResult {
         append_rate,
         fold_rate,
@@ -189,24 +193,58 @@ async fn freshness(
     params: &ProjectBench,
     url: &str,
     store: &dyn EventStore,
-    rate: f64,
     tmp: &std::path::Path,
 ) -> Result<(f64, f64, f64), BenchError> {
+    // The ingest rate first: `tally serve` drains a pre-filled stream.
     let nats = TempNats::start()?;
-    let mut tally = spawn_tally_with(
-        url,
-        &nats.url(),
-        &tmp.join("live.log"),
-        &[(
-            "TALLY_PROJECTIONS_DIR",
-            params.projections_dir.display().to_string(),
-        )],
-    )?;
     let client = async_nats::connect(nats.url())
         .await
         .map_err(|e| BenchError::Check(format!("connect to NATS: {e}")))?;
     let js = async_nats::jetstream::new(client.clone());
-    wait_consumer(&js, &mut tally).await?;
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: "USAGE".into(),
+        subjects: vec!["usage.events.>".into()],
+        ..Default::default()
+    })
+    .await
+    .map_err(|e| BenchError::Check(format!("create stream: {e}")))?;
+    let drain_events = params.events.clamp(10_000, 100_000);
+    let prefill = crate::emit::EmitConfig {
+        count: drain_events,
+        apis: 10,
+        keys: 1000,
+        models: 20,
+        seed: 8,
+        id_prefix: "drain".into(),
+        progress: false,
+        realistic: !params.uniform,
+        ..crate::emit::EmitConfig::default()
+    };
+    crate::emit::emit(&js, &prefill)
+        .await
+        .map_err(|e| BenchError::Check(e.to_string()))?;
+    let started = Instant::now();
+    let mut tally = spawn_tally_with(
+        url,
+        &nats.url(),
+        &tmp.join("live.log"),
+        &[
+            (
+                "TALLY_PROJECTIONS_DIR",
+                params.projections_dir.display().to_string(),
+            ),
+            (
+                "TALLY_LOG",
+                std::env::var("TALLY_BENCH_CHILD_LOG").unwrap_or_else(|_| "warn".into()),
+            ),
+        ],
+    )?;
+    wait_drained(&js, &mut tally, Duration::from_secs(3600)).await?;
+    let ingest_rate = drain_events as f64 / started.elapsed().as_secs_f64();
+    let rate = ingest_rate / 2.0;
+    println!(
+        "    NATS ingest rate of `tally serve` (draining {drain_events} pre-published events): {ingest_rate:.0} ev/s; live load at half: {rate:.0} ev/s"
+    );
     let count = (rate * params.live_seconds as f64).max(1.0) as usize;
     let cfg = crate::emit::EmitConfig {
         count,
@@ -217,6 +255,7 @@ async fn freshness(
         seed: 9,
         id_prefix: "live".into(),
         progress: false,
+        realistic: !params.uniform,
         ..crate::emit::EmitConfig::default()
     };
     let load = {

@@ -15,6 +15,16 @@ use super::spec::Granularity;
 
 /// The start of the bucket of `granularity` in `tz` that contains `ts`.
 pub fn bucket_start(ts: DateTime<Utc>, granularity: Granularity, tz: Tz) -> DateTime<Utc> {
+    if tz == Tz::UTC && granularity != Granularity::Month {
+        // Fixed-length buckets: plain arithmetic, no zone lookups (the hot path).
+        let len: i64 = match granularity {
+            Granularity::Minute => 60_000_000,
+            Granularity::Hour => 3_600_000_000,
+            _ => 86_400_000_000,
+        };
+        let us = ts.timestamp_micros();
+        return DateTime::from_timestamp_micros(us - us.rem_euclid(len)).unwrap_or(ts);
+    }
     let local = ts.with_timezone(&tz);
     match granularity {
         Granularity::Minute => {

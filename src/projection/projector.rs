@@ -51,7 +51,7 @@ pub struct ProjectorConfig {
 impl Default for ProjectorConfig {
     fn default() -> Self {
         Self {
-            batch_size: 20_000,
+            batch_size: 50_000,
             poll_interval: Duration::from_millis(100),
             lease_ttl: Duration::from_secs(10),
             failpoints: Failpoints::default(),
@@ -99,7 +99,7 @@ impl Failpoints {
 pub const READ_CHUNK: i64 = 2_000;
 
 /// Most aggregate rows one transaction writes (bounds memory and transaction size).
-pub const MAX_DELTA_ROWS: usize = 40_000;
+pub const MAX_DELTA_ROWS: usize = 60_000;
 
 /// What one [`Group::step`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -12,8 +12,6 @@
 //! below 1 µs are counted as 0. Encoded size: a version byte, the zero count,
 //! then (bin delta, count) varint pairs: a few bytes per occupied bin.
 
-use std::collections::BTreeMap;
-
 /// The relative error bound of every quantile estimate.
 pub const RELATIVE_ERROR: f64 = 0.008;
 
@@ -27,10 +25,14 @@ fn gamma() -> f64 {
 }
 
 /// Latency distribution of a group of events.
+///
+/// Bins are a sorted `Vec` rather than a map: most aggregate rows hold a
+/// handful of bins, and a delta holds tens of thousands of rows.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Sketch {
     zero: u64,
-    bins: BTreeMap<i32, u64>,
+    /// (bin index, count), sorted by index, no zero counts.
+    bins: Vec<(i32, u64)>,
 }
 
 /// A stored sketch that cannot be decoded.
@@ -49,22 +51,59 @@ impl Sketch {
             self.zero += 1;
             return;
         }
-        let index = (ms.ln() / gamma().ln()).ceil();
         // ln(f64::MAX)/ln(γ) ≈ 44,000: always fits.
-        *self.bins.entry(index as i32).or_insert(0) += 1;
+        let index = (ms.ln() / gamma().ln()).ceil() as i32;
+        self.add_to_bin(index, 1);
+    }
+
+    fn add_to_bin(&mut self, index: i32, count: u64) {
+        match self.bins.binary_search_by_key(&index, |&(i, _)| i) {
+            Ok(pos) => self.bins[pos].1 += count,
+            Err(pos) => self.bins.insert(pos, (index, count)),
+        }
     }
 
     /// Adds every count of `other`.
     pub fn merge(&mut self, other: &Sketch) {
         self.zero += other.zero;
-        for (&i, &c) in &other.bins {
-            *self.bins.entry(i).or_insert(0) += c;
+        if self.bins.is_empty() {
+            self.bins.clone_from(&other.bins);
+            return;
         }
+        let mut merged = Vec::with_capacity(self.bins.len() + other.bins.len());
+        let (mut a, mut b) = (self.bins.iter().peekable(), other.bins.iter().peekable());
+        loop {
+            match (a.peek(), b.peek()) {
+                (Some(&&(i, c)), Some(&&(j, d))) => {
+                    if i == j {
+                        merged.push((i, c + d));
+                        a.next();
+                        b.next();
+                    } else if i < j {
+                        merged.push((i, c));
+                        a.next();
+                    } else {
+                        merged.push((j, d));
+                        b.next();
+                    }
+                }
+                (Some(&&x), None) => {
+                    merged.push(x);
+                    a.next();
+                }
+                (None, Some(&&y)) => {
+                    merged.push(y);
+                    b.next();
+                }
+                (None, None) => break,
+            }
+        }
+        self.bins = merged;
     }
 
     /// Number of values counted.
     pub fn count(&self) -> u64 {
-        self.zero + self.bins.values().sum::<u64>()
+        self.zero + self.bins.iter().map(|&(_, c)| c).sum::<u64>()
     }
 
     /// True when nothing was counted.
@@ -85,7 +124,7 @@ impl Sketch {
         }
         let mut seen = self.zero;
         let g = gamma();
-        for (&i, &c) in &self.bins {
+        for &(i, c) in &self.bins {
             seen += c;
             if seen >= rank {
                 return Some(2.0 * g.powi(i) / (g + 1.0));
@@ -100,7 +139,7 @@ impl Sketch {
         out.push(VERSION);
         put_varint(&mut out, self.zero);
         let mut prev: i64 = 0;
-        for (&i, &c) in &self.bins {
+        for &(i, c) in &self.bins {
             let delta = i64::from(i) - prev;
             prev = i64::from(i);
             put_varint(&mut out, ((delta << 1) ^ (delta >> 63)) as u64);
@@ -118,16 +157,22 @@ impl Sketch {
             return Err(SketchError("unknown version"));
         }
         let zero = get_varint(&mut rest)?;
-        let mut bins = BTreeMap::new();
+        let mut sketch = Sketch {
+            zero,
+            bins: Vec::new(),
+        };
         let mut prev: i64 = 0;
         while !rest.is_empty() {
             let z = get_varint(&mut rest)?;
             let delta = ((z >> 1) as i64) ^ -((z & 1) as i64);
             prev += delta;
             let index = i32::try_from(prev).map_err(|_| SketchError("bin out of range"))?;
-            bins.insert(index, get_varint(&mut rest)?);
+            let count = get_varint(&mut rest)?;
+            if count > 0 {
+                sketch.add_to_bin(index, count);
+            }
         }
-        Ok(Sketch { zero, bins })
+        Ok(sketch)
     }
 }
 

@@ -291,7 +291,9 @@ async fn backlog_with_database_down_keeps_memory_bounded() {
     let mut pg = TempPostgres::start(true).expect("private postgres");
     let db = pg.create_database("backpressure").expect("db");
     let n = nats();
-    let tally = TallyProc::start(&db, &n.url(), &[]).await;
+    // Small projector batches: this test bounds what NATS ingest holds; the
+    // projector's own budget (TALLY_PROJECTOR_BATCH) is measured in BENCHMARKS.md.
+    let tally = TallyProc::start(&db, &n.url(), &[("TALLY_PROJECTOR_BATCH", "2000")]).await;
     let (rss_idle, _) = tally.memory_kib();
     pg.kill_server().expect("stop postgres");
     let (_c, js) = jetstream(&n.url()).await;
