@@ -55,10 +55,11 @@ pub async fn list(
             Some(_) => "ok",
         };
         let mut tables = Vec::new();
-        if state.is_some() {
+        // A changed spec may name tables that do not exist yet.
+        if status == "ok" {
             for &g in &spec.granularities {
                 let t = spec.table(g);
-                let rows = store.count_rows(&t).await.unwrap_or(-1);
+                let rows = store.count_rows(&t).await?;
                 tables.push((t, rows));
             }
         }

@@ -92,3 +92,60 @@ fn migrate_command_creates_the_tables() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("unsupported database URL"));
 }
+
+/// `tally projections list` and `rebuild` on a SQLite file with events in it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn projections_list_and_rebuild_from_the_command_line() {
+    let dir = tempfile::tempdir().expect("dir");
+    let db = format!("sqlite://{}", dir.path().join("p.db").display());
+    let store = tally::store::connect(&db, &Default::default())
+        .await
+        .expect("store");
+    store.migrate().await.expect("migrate");
+    let events = crate::projection::oracle::seeded_events("cli", 300, 21);
+    crate::projection::oracle::append_all(store.as_ref(), &events, 100).await;
+    let projections = concat!(env!("CARGO_MANIFEST_DIR"), "/projections");
+    let run = |args: &[&str]| {
+        let out = tally()
+            .args(["--database-url", &db, "projections"])
+            .args(args)
+            .args(["--projections-dir", projections])
+            .output()
+            .expect("run tally");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    // Before any projector ran: every shipped projection is `new`.
+    let (ok, out, err) = run(&["list"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("by_key [new]"), "{out}");
+
+    let (ok, out, err) = run(&["rebuild", "by_key"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("rebuilt `by_key` from 300 events"), "{out}");
+    assert!(err.contains("100%"), "progress bar: {err}");
+
+    let (ok, out, err) = run(&["list", "--json"]);
+    assert!(ok, "{err}");
+    let list: serde_json::Value = serde_json::from_str(&out).expect("json");
+    let by_key = list
+        .as_array()
+        .and_then(|a| a.iter().find(|p| p["name"] == "by_key"))
+        .expect("by_key listed");
+    assert_eq!(by_key["status"], "ok");
+    assert_eq!(by_key["lag_events"], 0);
+    assert_eq!(by_key["events_folded"], 300);
+    assert!(by_key["as_of"].is_string(), "{by_key}");
+    let spec = crate::projection::oracle::shipped()
+        .into_iter()
+        .find(|s| s.name == "by_key")
+        .expect("spec");
+    crate::projection::oracle::assert_matches_oracle(store.as_ref(), &spec, &events).await;
+
+    let (ok, _, err) = run(&["rebuild", "no_such"]);
+    assert!(!ok);
+    assert!(err.contains("no projection named `no_such`"), "{err}");
+}

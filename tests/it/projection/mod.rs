@@ -14,7 +14,7 @@ use proptest::prelude::*;
 use tally::event::Event;
 use tally::projection::rebuild::rebuild;
 use tally::projection::spec::{Granularity, Spec};
-use tally::projection::{ProjectionError, Projector, ProjectorConfig};
+use tally::projection::{ProjectionError, ProjectorConfig};
 use tally::store::{Backend, Cursor, EventStore};
 use tokio_util::sync::CancellationToken;
 
@@ -429,7 +429,3 @@ async fn empty_log_reads_nothing() {
         .expect("read");
     assert!(batch.events.is_empty());
 }
-
-/// Unused helper guard: the projector type is re-exported for tests.
-#[allow(dead_code)]
-fn _types(_: Projector) {}
