@@ -230,11 +230,7 @@ pub async fn run() -> anyhow::Result<()> {
                 uniform,
                 span,
             } => {
-                let backend = if backend == "postgres" {
-                    Backend::Postgres
-                } else {
-                    Backend::Sqlite
-                };
+                let backend = bench_backend(&backend);
                 bench::project(&bench::ProjectBench {
                     backend,
                     events,
@@ -250,11 +246,7 @@ pub async fn run() -> anyhow::Result<()> {
                 events,
                 no_live,
             } => {
-                let backend = if backend == "postgres" {
-                    Backend::Postgres
-                } else {
-                    Backend::Sqlite
-                };
+                let backend = bench_backend(&backend);
                 bench::ingest(&bench::IngestBench {
                     backend,
                     events,
@@ -269,11 +261,7 @@ pub async fn run() -> anyhow::Result<()> {
                 rounds,
                 postgres_url,
             } => {
-                let backend = if backend == "postgres" {
-                    Backend::Postgres
-                } else {
-                    Backend::Sqlite
-                };
+                let backend = bench_backend(&backend);
                 bench::append(&AppendBench {
                     backend,
                     events,
@@ -483,6 +471,15 @@ async fn projections(db: &DatabaseConfig, which: ProjectionsCommand) -> anyhow::
     }
     store.close().await;
     Ok(())
+}
+
+/// The `--backend` of a benchmark (clap has already checked the name).
+fn bench_backend(name: &str) -> Backend {
+    if name == "postgres" {
+        Backend::Postgres
+    } else {
+        Backend::Sqlite
+    }
 }
 
 /// `[#####.....] 50% 500/1000 events, 2.0s`.

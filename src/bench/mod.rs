@@ -375,23 +375,7 @@ pub async fn ingest(params: &IngestBench) -> Result<IngestResult, BenchError> {
         id_prefix: cfg.id_prefix.clone(),
         ..SynthConfig::default()
     };
-    let origin = Origin {
-        source: "bench",
-        subject: None,
-    };
-    let mut baseline = Duration::ZERO;
-    let mut done = 0;
-    // The same 10k chunks `tally emit` generates, so both paths store identical rows.
-    while done < params.events {
-        let n = 10_000.min(params.events - done);
-        let chunk = synth::events(&synth_cfg, done as u64, n);
-        let started = Instant::now();
-        for b in chunk.chunks(1000) {
-            store.append(b, &[], &origin).await?;
-        }
-        baseline += started.elapsed();
-        done += n;
-    }
+    let baseline = append_synthetic(store.as_ref(), &synth_cfg, params.events).await?;
     store.close().await;
     let baseline_rate = params.events as f64 / baseline.as_secs_f64();
     println!(
@@ -476,6 +460,34 @@ pub async fn ingest(params: &IngestBench) -> Result<IngestResult, BenchError> {
         live_rate,
         live_peak_rss_mib,
     })
+}
+
+/// Appends `events` synthetic events through the store, 1,000 per
+/// transaction, in the 10k chunks `tally emit` generates (so a NATS path given
+/// the same config stores identical rows). Returns the time spent appending
+/// (generation excluded).
+async fn append_synthetic(
+    store: &dyn EventStore,
+    cfg: &SynthConfig,
+    events: usize,
+) -> Result<Duration, BenchError> {
+    let origin = Origin {
+        source: "bench",
+        subject: None,
+    };
+    let mut spent = Duration::ZERO;
+    let mut done = 0;
+    while done < events {
+        let n = 10_000.min(events - done);
+        let chunk = synth::events(cfg, done as u64, n);
+        let started = Instant::now();
+        for b in chunk.chunks(1000) {
+            store.append(b, &[], &origin).await?;
+        }
+        spent += started.elapsed();
+        done += n;
+    }
+    Ok(spent)
 }
 
 /// `tally serve` (this executable) as a child, logging to `log`.

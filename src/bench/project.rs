@@ -7,14 +7,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::{
-    num_cpus, peak_rss_mib, spawn_tally_with, stop, tempfile_dir, wait_drained, BenchError,
+    append_synthetic, num_cpus, peak_rss_mib, spawn_tally_with, stop, tempfile_dir, wait_drained,
+    BenchError,
 };
 use crate::devserver::{TempNats, TempPostgres};
 use crate::projection::projector::Group;
 use crate::projection::spec::{load_dir, Granularity};
 use crate::projection::{Projector, ProjectorConfig};
-use crate::store::{Backend, EventStore, Origin, StoreOptions};
-use crate::synth::{self, SynthConfig};
+use crate::store::{Backend, EventStore, StoreOptions};
+use crate::synth::SynthConfig;
 
 /// Parameters of `tally bench project`.
 #[derive(Debug, Clone)]
@@ -96,22 +97,7 @@ pub async fn project(params: &ProjectBench) -> Result<ProjectResult, BenchError>
         span: params.span,
         ..SynthConfig::default()
     };
-    let origin = Origin {
-        source: "bench",
-        subject: None,
-    };
-    let mut append = Duration::ZERO;
-    let mut done = 0;
-    while done < params.events {
-        let n = 10_000.min(params.events - done);
-        let chunk = synth::events(&synth_cfg, done as u64, n);
-        let started = Instant::now();
-        for b in chunk.chunks(1000) {
-            store.append(b, &[], &origin).await?;
-        }
-        append += started.elapsed();
-        done += n;
-    }
+    let append = append_synthetic(store.as_ref(), &synth_cfg, params.events).await?;
     let append_rate = params.events as f64 / append.as_secs_f64();
     println!(
         "(a) append through the store:             {append_rate:>9.0} ev/s ({:.1}s)",
