@@ -6,11 +6,12 @@
 //! log in any batch sizes gives the same tables as folding it at once.
 
 use std::collections::HashMap;
+use std::hash::Hasher;
 
 use chrono::{DateTime, Utc};
 
 use super::bucket::bucket_start;
-use super::sketch::Sketch;
+use super::sketch::{Bin, Sketch};
 use super::spec::{Dimension, Granularity, Spec};
 use crate::event::{ErrorType, Event};
 
@@ -77,6 +78,11 @@ pub struct Measures {
 impl Measures {
     /// Counts one event.
     pub fn add_event(&mut self, e: &Event) {
+        self.add_event_binned(e, e.latency_ms.map(Bin::of));
+    }
+
+    /// Counts one event whose latency bin was computed already.
+    pub fn add_event_binned(&mut self, e: &Event, bin: Option<Bin>) {
         let add = |a: &mut i64, b: i64| *a = a.saturating_add(b);
         add(&mut self.requests, 1);
         if e.success {
@@ -96,7 +102,9 @@ impl Measures {
             add(&mut self.latency_sum_us, latency_us(ms));
             self.latency_min_ms = Some(self.latency_min_ms.map_or(ms, |m| m.min(ms)));
             self.latency_max_ms = Some(self.latency_max_ms.map_or(ms, |m| m.max(ms)));
-            self.sketch.add(ms);
+            if let Some(bin) = bin {
+                self.sketch.add_bin(bin);
+            }
         }
         add(&mut self.request_bytes, e.request_bytes.unwrap_or(0));
         add(&mut self.response_bytes, e.response_bytes.unwrap_or(0));
@@ -150,11 +158,74 @@ pub struct RowKey {
     pub dims: Vec<String>,
 }
 
+/// FxHash (rustc's hasher), because SipHash was a visible share of the fold.
+/// The keys are event fields, so a sender could aim collisions at it: the
+/// hasher is seeded per process ([`SeededFx`]), and a delta is capped at
+/// 60,000 rows per transaction, which bounds what a collision flood can cost.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct FxHasher(u64);
+
+impl Hasher for FxHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let mut word = [0u8; 8];
+            word[..chunk.len()].copy_from_slice(chunk);
+            self.write_u64(u64::from_le_bytes(word));
+        }
+    }
+
+    fn write_u64(&mut self, v: u64) {
+        self.0 = (self.0.rotate_left(5) ^ v).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+    }
+
+    fn write_u8(&mut self, v: u8) {
+        self.write_u64(u64::from(v));
+    }
+
+    fn write_u32(&mut self, v: u32) {
+        self.write_u64(u64::from(v));
+    }
+
+    fn write_i64(&mut self, v: i64) {
+        self.write_u64(v as u64);
+    }
+
+    fn write_usize(&mut self, v: usize) {
+        self.write_u64(v as u64);
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+/// Builds [`FxHasher`]s starting from a per-process random seed.
+#[derive(Debug, Clone, Copy)]
+pub struct SeededFx(u64);
+
+impl Default for SeededFx {
+    fn default() -> Self {
+        static SEED: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+        SeededFx(*SEED.get_or_init(rand::random))
+    }
+}
+
+impl std::hash::BuildHasher for SeededFx {
+    type Hasher = FxHasher;
+
+    fn build_hasher(&self) -> FxHasher {
+        FxHasher(self.0)
+    }
+}
+
+/// The rows of one granularity table in a delta.
+pub type Rows = HashMap<RowKey, Measures, SeededFx>;
+
 /// The rows a batch of events adds to each granularity table of a projection.
 #[derive(Debug, Clone, Default)]
 pub struct Delta {
     /// One map per granularity of the spec, in the spec's order.
-    pub tables: Vec<(Granularity, HashMap<RowKey, Measures>)>,
+    pub tables: Vec<(Granularity, Rows)>,
     /// Events folded.
     pub events: usize,
 }
@@ -166,7 +237,7 @@ impl Delta {
             tables: spec
                 .granularities
                 .iter()
-                .map(|&g| (g, HashMap::new()))
+                .map(|&g| (g, Rows::default()))
                 .collect(),
             events: 0,
         }
@@ -174,6 +245,12 @@ impl Delta {
 
     /// Folds one event into every granularity.
     pub fn add(&mut self, spec: &Spec, e: &Event) {
+        self.add_binned(spec, e, e.latency_ms.map(Bin::of));
+    }
+
+    /// [`Delta::add`] with the event's latency bin computed by the caller
+    /// (once per event for all projections of a group).
+    pub fn add_binned(&mut self, spec: &Spec, e: &Event, bin: Option<Bin>) {
         let dims: Vec<String> = spec
             .dimensions
             .iter()
@@ -184,7 +261,7 @@ impl Delta {
                 bucket: bucket_start(e.ts, *g, spec.timezone),
                 dims: dims.clone(),
             };
-            rows.entry(key).or_default().add_event(e);
+            rows.entry(key).or_default().add_event_binned(e, bin);
         }
         self.events += 1;
     }

@@ -28,6 +28,7 @@ use chrono::{DateTime, Utc};
 use tokio_util::sync::CancellationToken;
 
 use super::fold::Delta;
+use super::sketch::Bin;
 use super::spec::Spec;
 use super::ProjectionError;
 use crate::backoff::Backoff;
@@ -252,9 +253,10 @@ impl Group {
             self.marks.push_back(batch.watermark);
             last_mark = Some(batch.watermark);
             for (cursor, e) in &batch.events {
+                let bin = e.latency_ms.map(Bin::of);
                 for (k, &i) in leading.iter().enumerate() {
                     if *cursor > self.members[i].cursor {
-                        deltas[k].add(&self.members[i].spec, e);
+                        deltas[k].add_binned(&self.members[i].spec, e, bin);
                         to[k] = *cursor;
                     }
                 }

@@ -35,6 +35,31 @@ pub struct Sketch {
     bins: Vec<(i32, u64)>,
 }
 
+/// Where a value goes in a sketch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Bin {
+    /// Negative or non-finite: impossible after validation, not counted.
+    Ignored,
+    /// Below [`MIN_VALUE_MS`]: counted as 0.
+    Zero,
+    /// A logarithmic bin.
+    Index(i32),
+}
+
+impl Bin {
+    /// The bin of a latency in milliseconds.
+    pub fn of(ms: f64) -> Self {
+        if !ms.is_finite() || ms < 0.0 {
+            Bin::Ignored
+        } else if ms < MIN_VALUE_MS {
+            Bin::Zero
+        } else {
+            // ln(f64::MAX)/ln(γ) ≈ 44,000: always fits.
+            Bin::Index((ms.ln() / gamma().ln()).ceil() as i32)
+        }
+    }
+}
+
 /// A stored sketch that cannot be decoded.
 #[derive(Debug, thiserror::Error)]
 #[error("latency sketch is corrupt: {0}")]
@@ -44,16 +69,17 @@ impl Sketch {
     /// Counts one latency in milliseconds. Negative and non-finite values are
     /// impossible here (validation refuses them) and are ignored.
     pub fn add(&mut self, ms: f64) {
-        if !ms.is_finite() || ms < 0.0 {
-            return;
+        self.add_bin(Bin::of(ms));
+    }
+
+    /// Counts one value whose bin was computed already (one `ln` per event,
+    /// however many rows it lands in).
+    pub fn add_bin(&mut self, bin: Bin) {
+        match bin {
+            Bin::Ignored => {}
+            Bin::Zero => self.zero += 1,
+            Bin::Index(i) => self.add_to_bin(i, 1),
         }
-        if ms < MIN_VALUE_MS {
-            self.zero += 1;
-            return;
-        }
-        // ln(f64::MAX)/ln(γ) ≈ 44,000: always fits.
-        let index = (ms.ln() / gamma().ln()).ceil() as i32;
-        self.add_to_bin(index, 1);
     }
 
     fn add_to_bin(&mut self, index: i32, count: u64) {

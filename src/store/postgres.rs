@@ -23,7 +23,7 @@ use super::{
     AggRow, Apply, ApplyOutcome, Cursor, LogBatch, ProjectionState, ProjectionStore, Watermark,
 };
 use crate::event::Event;
-use crate::projection::fold::{Measures, RowKey};
+use crate::projection::fold::{Measures, RowKey, Rows};
 use crate::projection::sketch::Sketch;
 use crate::projection::spec::{Granularity, Spec};
 
@@ -377,7 +377,7 @@ impl PgStore {
         tx: &mut Transaction<'_, Postgres>,
         spec: &Spec,
         table: &str,
-        rows: &HashMap<RowKey, Measures>,
+        rows: &Rows,
     ) -> Result<(), StoreError> {
         if rows.is_empty() {
             return Ok(());

@@ -30,7 +30,7 @@ use super::{
     AggRow, Apply, ApplyOutcome, Cursor, LogBatch, ProjectionState, ProjectionStore, Watermark,
 };
 use crate::event::{format_ts, Event};
-use crate::projection::fold::{Measures, RowKey};
+use crate::projection::fold::{Measures, RowKey, Rows};
 use crate::projection::sketch::Sketch;
 use crate::projection::spec::{Granularity, Spec};
 
@@ -349,7 +349,7 @@ impl SqliteStore {
         tx: &mut Transaction<'_, Sqlite>,
         spec: &Spec,
         table: &str,
-        rows: &HashMap<RowKey, Measures>,
+        rows: &Rows,
     ) -> Result<(), StoreError> {
         if rows.is_empty() {
             return Ok(());
