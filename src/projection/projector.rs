@@ -129,6 +129,8 @@ pub struct Group {
     store: Arc<dyn EventStore>,
     members: Vec<Member>,
     marks: VecDeque<Watermark>,
+    /// The next batch, read and folded while the previous one committed.
+    prefetched: Option<Prepared>,
     last_write: Instant,
     failpoints: Failpoints,
 }
@@ -174,6 +176,7 @@ impl Group {
             store,
             members,
             marks: VecDeque::new(),
+            prefetched: None,
             last_write: Instant::now(),
             failpoints: Failpoints::default(),
         }
@@ -213,131 +216,124 @@ impl Group {
             m.as_of = row.as_of;
         }
         self.marks.clear();
+        self.prefetched = None;
         Ok(())
     }
 
     /// Drops the member whose spec changed (named in the error), keeping the rest.
     fn drop_member(&mut self, name: &str) {
         self.members.retain(|m| m.spec.name != name);
+        // Its indices no longer match the members.
+        self.prefetched = None;
     }
 
     /// Reads up to `limit` events after the lowest leading checkpoint (in
     /// chunks), folds them into every leading member that has not folded them
-    /// yet, and applies everything in one transaction.
+    /// yet, and applies everything in one transaction. While that transaction
+    /// runs, the next batch is already read and folded (the database and the
+    /// fold use different cores); it is kept for the next step if the commit
+    /// went through, and thrown away otherwise.
     pub async fn step(&mut self, limit: i64) -> Result<Step, ProjectionError> {
         let leading: Vec<usize> = (0..self.members.len())
             .filter(|&i| self.members[i].leading)
             .collect();
-        let Some(from) = leading.iter().map(|&i| self.members[i].cursor).min() else {
+        if leading.is_empty() {
+            self.prefetched = None;
             return Ok(Step {
                 folded: 0,
                 caught_up: true,
                 stale: false,
             });
-        };
+        }
         let limit = limit.max(1);
-        let mut deltas: Vec<Delta> = leading
-            .iter()
-            .map(|&i| Delta::new(&self.members[i].spec))
-            .collect();
-        let mut to: Vec<Cursor> = leading.iter().map(|&i| self.members[i].cursor).collect();
-        let (mut read_from, mut read, mut caught_up) = (from, 0i64, false);
-        let mut last_mark = None;
-        while read < limit {
-            let want = READ_CHUNK.min(limit - read);
-            let batch = self.store.read_log(read_from, want).await?;
-            let n = batch.events.len() as i64;
-            if self.marks.len() == MAX_MARKS {
-                self.marks.pop_front();
+        let prepared = match self.prefetched.take() {
+            Some(p) if p.leading == leading => p,
+            _ => {
+                let base: Vec<Cursor> = leading.iter().map(|&i| self.members[i].cursor).collect();
+                prepare(
+                    self.store.as_ref(),
+                    &self.members,
+                    &mut self.marks,
+                    leading.clone(),
+                    base,
+                    limit,
+                )
+                .await?
             }
-            self.marks.push_back(batch.watermark);
-            last_mark = Some(batch.watermark);
-            for (cursor, e) in &batch.events {
-                let bin = e.latency_ms.map(Bin::of);
-                for (k, &i) in leading.iter().enumerate() {
-                    if *cursor > self.members[i].cursor {
-                        deltas[k].add_binned(&self.members[i].spec, e, bin);
-                        to[k] = *cursor;
-                    }
-                }
-            }
-            if let Some((c, _)) = batch.events.last() {
-                read_from = *c;
-            }
-            read += n;
-            if n < want {
-                caught_up = true;
-                break;
-            }
-            if deltas.iter().map(Delta::rows).sum::<usize>() >= MAX_DELTA_ROWS {
-                break;
-            }
-        }
-        // `as_of` advances only once the read reached everything below its
-        // snapshot's xmin: then every mark with xmax <= xmin is fully folded.
-        let mut as_of = None;
-        if let (true, Some(mark)) = (caught_up, last_mark) {
-            while let Some(m) = self.marks.front() {
-                if m.xmax > mark.xmin {
-                    break;
-                }
-                as_of = Some(m.at);
-                self.marks.pop_front();
-            }
-        }
+        };
         let idle_write_due = self.last_write.elapsed() >= IDLE_AS_OF_EVERY;
-        let mut applies = Vec::new();
-        for (k, &i) in leading.iter().enumerate() {
+        let mut chosen = Vec::new();
+        for (k, &i) in prepared.leading.iter().enumerate() {
             let m = &self.members[i];
-            let member_as_of = as_of.filter(|t| m.as_of.is_none_or(|old| *t > old));
-            let moved = to[k] != m.cursor;
-            if !moved && (member_as_of.is_none() || !idle_write_due) {
-                continue;
+            let member_as_of = prepared
+                .as_of
+                .filter(|t| m.as_of.is_none_or(|old| *t > old));
+            let moved = prepared.to[k] != prepared.from[k];
+            if moved || (member_as_of.is_some() && idle_write_due) {
+                chosen.push((k, i, member_as_of));
             }
-            applies.push((k, i, member_as_of));
         }
-        if applies.is_empty() {
+        if chosen.is_empty() {
             return Ok(Step {
                 folded: 0,
-                caught_up,
+                caught_up: prepared.caught_up,
                 stale: false,
             });
         }
         let crash = Failpoints::fires(self.failpoints.before_commit);
-        let batch: Vec<Apply<'_>> = applies
+        let applies: Vec<Apply<'_>> = chosen
             .iter()
             .map(|&(k, i, member_as_of)| Apply {
                 state: &self.members[i].state,
                 spec: &self.members[i].spec,
                 suffix: &self.members[i].suffix,
-                from: self.members[i].cursor,
-                to: to[k],
+                from: prepared.from[k],
+                to: prepared.to[k],
                 as_of: member_as_of,
-                delta: &deltas[k],
+                delta: &prepared.deltas[k],
                 crash_before_commit: crash,
             })
             .collect();
-        match self.store.apply_fold(&batch).await? {
+        let store = self.store.clone();
+        let (outcome, next) = if prepared.caught_up {
+            (store.apply_fold(&applies).await, None)
+        } else {
+            // The next batch starts where this one ends, as if it committed.
+            let next = prepare(
+                store.as_ref(),
+                &self.members,
+                &mut self.marks,
+                prepared.leading.clone(),
+                prepared.to.clone(),
+                limit,
+            );
+            let (outcome, next) = tokio::join!(store.apply_fold(&applies), next);
+            (outcome, Some(next))
+        };
+        drop(applies);
+        match outcome? {
             ApplyOutcome::Applied => {
-                drop(batch);
                 if Failpoints::fires(self.failpoints.after_commit) {
                     super::failpoint_abort("projector.after_commit");
                 }
-                for &(k, i, member_as_of) in &applies {
-                    self.members[i].cursor = to[k];
+                for (k, &i) in prepared.leading.iter().enumerate() {
+                    self.members[i].cursor = prepared.to[k];
+                }
+                for &(_, i, member_as_of) in &chosen {
                     if member_as_of.is_some() {
                         self.members[i].as_of = member_as_of;
                     }
                 }
                 self.last_write = Instant::now();
+                // A failed prefetch is not this step's failure: the next step reads again.
+                self.prefetched = next.and_then(Result::ok);
                 Ok(Step {
-                    folded: read as usize,
-                    caught_up,
+                    folded: prepared.read as usize,
+                    caught_up: prepared.caught_up,
                     stale: false,
                 })
             }
             ApplyOutcome::Stale => {
-                drop(batch);
                 tracing::info!(projections = ?self.names(), "a checkpoint moved under this projector; re-reading them");
                 self.reload().await?;
                 Ok(Step {
@@ -449,6 +445,92 @@ impl Group {
     }
 }
 
+/// A batch read and folded, not yet applied.
+struct Prepared {
+    /// Indices of the members it was folded for.
+    leading: Vec<usize>,
+    /// Each member's cursor the batch was read after (the compare-and-set's `from`).
+    from: Vec<Cursor>,
+    /// Each member's cursor after the batch.
+    to: Vec<Cursor>,
+    deltas: Vec<Delta>,
+    /// Set when the last read reached everything foldable (see the module doc).
+    as_of: Option<DateTime<Utc>>,
+    read: i64,
+    caught_up: bool,
+}
+
+/// Reads up to `limit` events after the lowest of `base` in chunks and folds
+/// each into the members (`leading`, with cursors `base`) it lies after.
+async fn prepare(
+    store: &dyn EventStore,
+    members: &[Member],
+    marks: &mut VecDeque<Watermark>,
+    leading: Vec<usize>,
+    base: Vec<Cursor>,
+    limit: i64,
+) -> Result<Prepared, ProjectionError> {
+    let from = base.iter().copied().min().unwrap_or_default();
+    let mut deltas: Vec<Delta> = leading
+        .iter()
+        .map(|&i| Delta::new(&members[i].spec))
+        .collect();
+    let mut to = base.clone();
+    let (mut read_from, mut read, mut caught_up) = (from, 0i64, false);
+    let mut last_mark = None;
+    while read < limit {
+        let want = READ_CHUNK.min(limit - read);
+        let batch = store.read_log(read_from, want).await?;
+        let n = batch.events.len() as i64;
+        if marks.len() == MAX_MARKS {
+            marks.pop_front();
+        }
+        marks.push_back(batch.watermark);
+        last_mark = Some(batch.watermark);
+        for (cursor, e) in &batch.events {
+            let bin = e.latency_ms.map(Bin::of);
+            for (k, &i) in leading.iter().enumerate() {
+                if *cursor > base[k] {
+                    deltas[k].add_binned(&members[i].spec, e, bin);
+                    to[k] = *cursor;
+                }
+            }
+        }
+        if let Some((c, _)) = batch.events.last() {
+            read_from = *c;
+        }
+        read += n;
+        if n < want {
+            caught_up = true;
+            break;
+        }
+        if deltas.iter().map(Delta::rows).sum::<usize>() >= MAX_DELTA_ROWS {
+            break;
+        }
+    }
+    // `as_of` advances only once the read reached everything below its
+    // snapshot's xmin: then every mark with xmax <= xmin is fully folded.
+    let mut as_of = None;
+    if let (true, Some(mark)) = (caught_up, last_mark) {
+        while let Some(m) = marks.front() {
+            if m.xmax > mark.xmin {
+                break;
+            }
+            as_of = Some(m.at);
+            marks.pop_front();
+        }
+    }
+    Ok(Prepared {
+        leading,
+        from: base,
+        to,
+        deltas,
+        as_of,
+        read,
+        caught_up,
+    })
+}
+
 /// Folds one projection's tables (live, or shadow during a rebuild): a
 /// [`Group`] of one.
 pub struct Projector {
@@ -470,6 +552,7 @@ impl Projector {
                 store,
                 members: vec![member],
                 marks: VecDeque::new(),
+                prefetched: None,
                 last_write: Instant::now(),
                 failpoints: Failpoints::default(),
             },
