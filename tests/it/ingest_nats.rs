@@ -293,7 +293,7 @@ async fn backlog_with_database_down_keeps_memory_bounded() {
     let n = nats();
     // Small projector batches: this test bounds what NATS ingest holds; the
     // projector's own budget (TALLY_PROJECTOR_BATCH) is measured in BENCHMARKS.md.
-    let tally = TallyProc::start(&db, &n.url(), &[("TALLY_PROJECTOR_BATCH", "2000")]).await;
+    let tally = TallyProc::start(&db, &n.url(), &[("TALLY_PROJECTOR_BATCH", "500")]).await;
     let (rss_idle, _) = tally.memory_kib();
     pg.kill_server().expect("stop postgres");
     let (_c, js) = jetstream(&n.url()).await;

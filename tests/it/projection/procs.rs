@@ -81,7 +81,10 @@ async fn crash_points_never_lose_or_double_count(backend: Backend) {
         let log = tally.log_text();
         let before = log.matches("failpoint projector.before_commit").count();
         let after = log.matches("failpoint projector.after_commit").count();
-        if total_lag(store.as_ref()).await == Some(0) && before >= 1 && after >= 1 {
+        // Enough crashes of each kind, then caught up. (Once the stream is
+        // folded, the idle `as_of` commits keep hitting the failpoints.)
+        if total_lag(store.as_ref()).await == Some(0) && before >= 2 && after >= 2 && restarts >= 5
+        {
             break;
         }
         assert!(
