@@ -271,12 +271,3 @@ impl Delta {
         self.tables.iter().map(|(_, r)| r.len()).sum()
     }
 }
-
-/// Folds a batch of events.
-pub fn fold<'a>(spec: &Spec, events: impl IntoIterator<Item = &'a Event>) -> Delta {
-    let mut delta = Delta::new(spec);
-    for e in events {
-        delta.add(spec, e);
-    }
-    delta
-}

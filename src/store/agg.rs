@@ -167,14 +167,16 @@ pub fn int_values(m: &Measures) -> [i64; 16] {
     ]
 }
 
-/// The float measures of a row, in [`FLOAT_COLUMNS`] order; percentiles from the sketch.
-pub fn float_values(m: &Measures) -> [Option<f64>; 5] {
+/// The float columns of an upserted row, in [`FLOAT_COLUMNS`] order: the
+/// delta's min and max (the upsert combines them with the stored ones) and the
+/// percentiles of `merged`, the row's sketch after the upsert.
+pub fn float_values(delta: &Measures, merged: &Sketch) -> [Option<f64>; 5] {
     [
-        m.latency_min_ms,
-        m.latency_max_ms,
-        m.sketch.quantile(0.5),
-        m.sketch.quantile(0.95),
-        m.sketch.quantile(0.99),
+        delta.latency_min_ms,
+        delta.latency_max_ms,
+        merged.quantile(0.5),
+        merged.quantile(0.95),
+        merged.quantile(0.99),
     ]
 }
 

@@ -410,11 +410,7 @@ impl PgStore {
                 col.push(v);
             }
             let merged = merged_sketch(m, existing.get(*key));
-            let mut f = float_values(m);
-            f[2] = merged.quantile(0.5);
-            f[3] = merged.quantile(0.95);
-            f[4] = merged.quantile(0.99);
-            for (col, v) in floats.iter_mut().zip(f) {
+            for (col, v) in floats.iter_mut().zip(float_values(m, &merged)) {
                 col.push(v);
             }
             sketches.push((m.latency_count > 0).then(|| merged.encode()));

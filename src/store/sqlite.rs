@@ -374,11 +374,7 @@ impl SqliteStore {
                     b.push_bind(v);
                 }
                 let merged = merged_sketch(m, existing.get(*key));
-                let mut f = float_values(m);
-                f[2] = merged.quantile(0.5);
-                f[3] = merged.quantile(0.95);
-                f[4] = merged.quantile(0.99);
-                for v in f {
+                for v in float_values(m, &merged) {
                     b.push_bind(v);
                 }
                 b.push_bind((m.latency_count > 0).then(|| merged.encode()));
