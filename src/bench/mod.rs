@@ -384,18 +384,7 @@ pub async fn ingest(params: &IngestBench) -> Result<IngestResult, BenchError> {
     );
 
     // (b) Pre-published stream, drained by `tally serve` end to end.
-    let nats = crate::devserver::TempNats::start()?;
-    let client = async_nats::connect(nats.url())
-        .await
-        .map_err(|e| BenchError::Check(format!("connect to NATS: {e}")))?;
-    let js = async_nats::jetstream::new(client.clone());
-    js.create_stream(async_nats::jetstream::stream::Config {
-        name: "USAGE".into(),
-        subjects: vec!["usage.events.>".into()],
-        ..Default::default()
-    })
-    .await
-    .map_err(|e| BenchError::Check(format!("create stream: {e}")))?;
+    let (nats, client, js) = nats_with_usage_stream().await?;
     print!("    publishing {} events to JetStream… ", params.events);
     let (summary, _) = crate::emit::emit(&js, &cfg)
         .await
@@ -460,6 +449,31 @@ pub async fn ingest(params: &IngestBench) -> Result<IngestResult, BenchError> {
         live_rate,
         live_peak_rss_mib,
     })
+}
+
+/// A private `nats-server -js` with the `USAGE` stream on `usage.events.>`
+/// already created (so events can be published before Tally starts).
+async fn nats_with_usage_stream() -> Result<
+    (
+        crate::devserver::TempNats,
+        async_nats::Client,
+        async_nats::jetstream::Context,
+    ),
+    BenchError,
+> {
+    let nats = crate::devserver::TempNats::start()?;
+    let client = async_nats::connect(nats.url())
+        .await
+        .map_err(|e| BenchError::Check(format!("connect to NATS: {e}")))?;
+    let js = async_nats::jetstream::new(client.clone());
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: "USAGE".into(),
+        subjects: vec!["usage.events.>".into()],
+        ..Default::default()
+    })
+    .await
+    .map_err(|e| BenchError::Check(format!("create stream: {e}")))?;
+    Ok((nats, client, js))
 }
 
 /// Appends `events` synthetic events through the store, 1,000 per

@@ -7,10 +7,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::{
-    append_synthetic, num_cpus, peak_rss_mib, spawn_tally_with, stop, tempfile_dir, wait_drained,
-    BenchError,
+    append_synthetic, nats_with_usage_stream, num_cpus, peak_rss_mib, spawn_tally_with, stop,
+    tempfile_dir, wait_drained, BenchError,
 };
-use crate::devserver::{TempNats, TempPostgres};
+use crate::devserver::TempPostgres;
 use crate::projection::projector::Group;
 use crate::projection::spec::{load_dir, Granularity};
 use crate::projection::{Projector, ProjectorConfig};
@@ -138,7 +138,7 @@ pub async fn project(params: &ProjectBench) -> Result<ProjectResult, BenchError>
     // while probes are published one at a time and looked for in the hourly table.
     let mut freshness_ms = None;
     if params.live_seconds > 0 {
-        freshness_ms = Some(freshness(params, &url, store.as_ref(), &tmp).await?);
+        freshness_ms = Some(freshness(params, &url, &tmp).await?);
     }
     store.close().await;
     if std::env::var_os("TALLY_BENCH_KEEP").is_none() {
@@ -178,22 +178,10 @@ async fn check_totals(
 async fn freshness(
     params: &ProjectBench,
     url: &str,
-    store: &dyn EventStore,
     tmp: &std::path::Path,
 ) -> Result<(f64, f64, f64), BenchError> {
     // The ingest rate first: `tally serve` drains a pre-filled stream.
-    let nats = TempNats::start()?;
-    let client = async_nats::connect(nats.url())
-        .await
-        .map_err(|e| BenchError::Check(format!("connect to NATS: {e}")))?;
-    let js = async_nats::jetstream::new(client.clone());
-    js.create_stream(async_nats::jetstream::stream::Config {
-        name: "USAGE".into(),
-        subjects: vec!["usage.events.>".into()],
-        ..Default::default()
-    })
-    .await
-    .map_err(|e| BenchError::Check(format!("create stream: {e}")))?;
+    let (nats, _client, js) = nats_with_usage_stream().await?;
     let drain_events = params.events.clamp(10_000, 100_000);
     let prefill = crate::emit::EmitConfig {
         count: drain_events,
@@ -283,7 +271,6 @@ async fn freshness(
         .map_err(|e| BenchError::Check(e.to_string()))?;
     let rss = peak_rss_mib(&tally);
     stop(tally);
-    let _ = store;
     latencies.sort_by(f64::total_cmp);
     let pick = |q: f64| {
         let i = ((q * latencies.len() as f64).ceil() as usize).clamp(1, latencies.len()) - 1;
