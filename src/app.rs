@@ -15,6 +15,7 @@ use crate::http::{router, AppState};
 use crate::ingest::nats::{NatsError, NatsIntake};
 use crate::projection::projector::ProjectionTask;
 use crate::projection::{spec, ProjectionError, Projector, ProjectorConfig};
+use crate::query::Catalog;
 use crate::store::{self, redact_url, EventStore, StoreError};
 
 /// Loads the specs, creates missing tables and checkpoints, and refuses to go
@@ -127,7 +128,8 @@ impl App {
         let projector_config = server.projections.projector().map_err(AppError::Config)?;
         let projectors = open_projectors(&store, &server.projections.projections_dir).await?;
         let health = Arc::new(Health::default());
-        let state = AppState::new(store, server, health.clone());
+        let catalog = Catalog::new(projectors.iter().map(|t| t.spec.clone()).collect());
+        let state = AppState::new(store, server, health.clone(), catalog);
         let nats = match &server.nats.connection.nats_url {
             Some(_) => Some(NatsIntake::start(&server.nats, state.intake.clone(), health).await?),
             None => None,

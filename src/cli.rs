@@ -405,7 +405,7 @@ async fn projections(db: &DatabaseConfig, which: ProjectionsCommand) -> anyhow::
     match which {
         ProjectionsCommand::List { config, json } => {
             let specs = spec::load_dir(&config.projections_dir)?;
-            let infos = status::list(store.as_ref(), &specs).await?;
+            let infos = status::list(store.as_ref(), &specs, true).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&infos)?);
             } else {
@@ -433,7 +433,7 @@ async fn projections(db: &DatabaseConfig, which: ProjectionsCommand) -> anyhow::
                         p.leader.as_deref().unwrap_or("-")
                     );
                     for (t, rows) in &p.tables {
-                        println!("  {t}: {rows} rows");
+                        println!("  {t}: {} rows", rows.unwrap_or_default());
                     }
                     if p.status == "changed" {
                         println!("  spec changed: run `tally projections rebuild {}`", p.name);

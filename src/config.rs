@@ -30,6 +30,11 @@ pub struct DatabaseConfig {
         global = true
     )]
     pub db_max_connections: u32,
+
+    /// Longest a query (`/v1/stats`, `/v1/keys`, …) may run before it is
+    /// cancelled and answered with 503.
+    #[arg(long, env = "TALLY_QUERY_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration, global = true)]
+    pub query_timeout: Duration,
 }
 
 impl DatabaseConfig {
@@ -37,6 +42,7 @@ impl DatabaseConfig {
     pub fn store_options(&self) -> StoreOptions {
         StoreOptions {
             max_connections: self.db_max_connections,
+            statement_timeout: self.query_timeout,
             ..StoreOptions::default()
         }
     }

@@ -14,6 +14,8 @@ use serde_json::json;
 use crate::config::ServerConfig;
 use crate::health::{Health, NatsState};
 use crate::ingest::Intake;
+use crate::query::http as query;
+use crate::query::Catalog;
 use crate::store::EventStore;
 
 /// What every handler can reach. Cheap to clone.
@@ -27,16 +29,24 @@ pub struct AppState {
     pub max_body_bytes: usize,
     /// Dependency states shared with the background tasks.
     pub health: Arc<Health>,
+    /// The projections the query module can read.
+    pub catalog: Arc<Catalog>,
 }
 
 impl AppState {
     /// State for a server with this config over this store.
-    pub fn new(store: Arc<dyn EventStore>, config: &ServerConfig, health: Arc<Health>) -> Self {
+    pub fn new(
+        store: Arc<dyn EventStore>,
+        config: &ServerConfig,
+        health: Arc<Health>,
+        catalog: Catalog,
+    ) -> Self {
         Self {
             intake: Intake::new(store.clone(), config.intake_limits()),
             store,
             max_body_bytes: config.max_body_bytes,
             health,
+            catalog: Arc::new(catalog),
         }
     }
 }
@@ -45,6 +55,11 @@ impl AppState {
 pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/v1/events", post(crate::ingest::http::post_events))
+        .route("/v1/stats", get(query::get_stats))
+        .route("/v1/keys", get(query::get_keys))
+        .route("/v1/keys/{key}/stats", get(query::get_key_page))
+        .route("/v1/projections", get(query::get_projections))
+        .route("/openapi.json", get(query::get_openapi))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         // The ingest handler enforces its own limit with a message that names it.
@@ -95,7 +110,7 @@ async fn not_found() -> ApiError {
     ApiError::new(
         StatusCode::NOT_FOUND,
         "not_found",
-        "no such route; see README.md for the API (POST /v1/events, GET /healthz, GET /readyz)",
+        "no such route; see README.md or GET /openapi.json for the API (POST /v1/events, GET /v1/stats, GET /v1/keys, GET /v1/keys/{key}/stats, GET /v1/projections, GET /healthz, GET /readyz)",
     )
 }
 

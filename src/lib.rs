@@ -18,8 +18,10 @@
 //!    the aggregate tables declared in `projections/*.toml`, exactly once,
 //!    with a checkpoint moved in the same transaction as the rows.
 //!
-//! Alerts and the query API follow the same path and are added by later
-//! milestones (see ARCHITECTURE.md).
+//! 5. [`query`] — `/v1/stats`, `/v1/keys` and the key page, answered from the
+//!    narrowest projection that covers the question, never from the raw log.
+//!
+//! Alerts follow the same path and are added by a later milestone (see ARCHITECTURE.md).
 //!
 //! Around the data flow: [`config`] (flags and `TALLY_*` variables),
 //! [`telemetry`] (logging), [`http`] (router, errors, health), [`app`]
@@ -40,6 +42,7 @@ pub mod health;
 pub mod http;
 pub mod ingest;
 pub mod projection;
+pub mod query;
 pub mod store;
 pub mod synth;
 pub mod telemetry;

@@ -19,6 +19,7 @@ pub mod sketch;
 pub mod spec;
 pub mod status;
 
+pub use fold::Measures;
 pub use projector::{Failpoints, Projector, ProjectorConfig};
 pub use spec::{Dimension, Granularity, Spec};
 

@@ -23,8 +23,8 @@ pub struct ProjectionInfo {
     pub granularities: Vec<&'static str>,
     /// Timezone of hour/day/month buckets.
     pub timezone: String,
-    /// Each table with its row count.
-    pub tables: Vec<(String, i64)>,
+    /// Each table with its row count (when counted).
+    pub tables: Vec<(String, Option<i64>)>,
     /// Checkpoint cursor as `tx:seq` (tx is 0 on SQLite).
     pub checkpoint: Option<String>,
     /// Every event committed before this instant is folded in.
@@ -39,10 +39,12 @@ pub struct ProjectionInfo {
     pub rebuilding: bool,
 }
 
-/// Describes every spec and every stored checkpoint.
+/// Describes every spec and every stored checkpoint. `count_rows` also counts
+/// each table's rows (a full scan on PostgreSQL: for the CLI, not the API).
 pub async fn list(
     store: &dyn EventStore,
     specs: &[Spec],
+    count_rows: bool,
 ) -> Result<Vec<ProjectionInfo>, ProjectionError> {
     let states = store.projection_states().await?;
     let now_ms = Utc::now().timestamp_millis();
@@ -59,7 +61,11 @@ pub async fn list(
         if status == "ok" {
             for &g in &spec.granularities {
                 let t = spec.table(g);
-                let rows = store.count_rows(&t).await?;
+                let rows = if count_rows {
+                    Some(store.count_rows(&t).await?)
+                } else {
+                    None
+                };
                 tables.push((t, rows));
             }
         }
@@ -93,7 +99,7 @@ pub async fn list(
 fn info(
     spec: &Spec,
     status: &'static str,
-    tables: Vec<(String, i64)>,
+    tables: Vec<(String, Option<i64>)>,
     state: Option<&ProjectionState>,
     lag: Option<i64>,
     now_ms: i64,

@@ -11,7 +11,7 @@ use super::Backend;
 use crate::event::Event;
 use crate::projection::fold::{Delta, Measures};
 use crate::projection::sketch::Sketch;
-use crate::projection::spec::{table_name, Granularity, Spec};
+use crate::projection::spec::{table_name, Dimension, Granularity, Spec};
 
 /// A position in the event log, in commit-safe order.
 ///
@@ -371,4 +371,90 @@ where
         dims: dim_values,
         measures: measures_from(ints, min, max, sketch),
     })
+}
+
+/// One read of an aggregate table for the query module. Dimension and table
+/// names come from the spec; request values are only ever bound parameters.
+#[derive(Debug, Clone)]
+pub struct AggQuery<'a> {
+    /// The projection read.
+    pub spec: &'a Spec,
+    /// Which of its tables.
+    pub granularity: Granularity,
+    /// First bucket start included.
+    pub from: DateTime<Utc>,
+    /// Bucket starts before this are included.
+    pub to: DateTime<Utc>,
+    /// `dimension IN (values)` per entry, all of them ANDed.
+    pub filters: &'a [(Dimension, Vec<String>)],
+    /// Columns returned as [`AggRow::dims`], in this order.
+    pub group_by: &'a [Dimension],
+    /// False: the database sums the rows per group (no sketch, `bucket` is the
+    /// group's first bucket) — the cheap read for ranking groups. True: every
+    /// stored row with its sketch, for the caller to merge.
+    pub rows: bool,
+    /// Keep buckets apart when summing (`rows = false`).
+    pub by_bucket: bool,
+    /// Answer [`super::StoreError::TooManyRows`] past this many rows.
+    pub max_rows: usize,
+}
+
+/// `CREATE INDEX` statements of a table: one `(dimension, bucket)` index per
+/// dimension, so a filter on any dimension over a time range is a range scan.
+/// Existing rows change only their measures, so the upsert stays a HOT update.
+pub fn index_sql(spec: &Spec, table: &str) -> Vec<String> {
+    spec.dimensions
+        .iter()
+        .map(|d| {
+            format!(
+                "CREATE INDEX IF NOT EXISTS {} ON {table} ({}, bucket)",
+                index_name(table, *d),
+                d.column()
+            )
+        })
+        .collect()
+}
+
+/// The name of a dimension index of `table`.
+pub fn index_name(table: &str, d: Dimension) -> String {
+    format!("{table}_{}_idx", d.as_str())
+}
+
+/// The SELECT of an [`AggQuery`], with `{from}`/`{to}` and filter values pushed
+/// as binds by `bind`; backend differences are only in the placeholders and
+/// how a timestamp is bound, which the caller's `QueryBuilder` handles.
+pub fn query_select(q: &AggQuery<'_>, backend: Backend) -> (String, String) {
+    let groups: Vec<String> = q.group_by.iter().map(|d| d.column()).collect();
+    let mut select = Vec::new();
+    if q.rows {
+        select.push("bucket".to_string());
+        select.extend(groups.iter().cloned());
+        select.extend(INT_COLUMNS.iter().map(|c| c.to_string()));
+        select.extend(FLOAT_COLUMNS.iter().map(|c| c.to_string()));
+        select.push("latency_sketch".into());
+        return (select.join(", "), String::new());
+    }
+    select.push("min(bucket)".to_string());
+    select.extend(groups.iter().cloned());
+    let cast = match backend {
+        Backend::Postgres => "::BIGINT",
+        Backend::Sqlite => "",
+    };
+    select.extend(INT_COLUMNS.iter().map(|c| format!("sum({c}){cast}")));
+    select.push("min(latency_min_ms)".into());
+    select.push("max(latency_max_ms)".into());
+    // The percentile columns and the sketch are not summed: `agg_row_from`
+    // reads them as NULL (an empty sketch).
+    select.extend(["NULL", "NULL", "NULL", "NULL"].map(String::from));
+    let mut group = Vec::new();
+    if q.by_bucket {
+        group.push("bucket".to_string());
+    }
+    group.extend(groups);
+    let group = if group.is_empty() {
+        String::new()
+    } else {
+        format!(" GROUP BY {}", group.join(", "))
+    };
+    (select.join(", "), group)
 }

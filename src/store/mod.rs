@@ -11,7 +11,9 @@ pub mod postgres;
 pub mod sqlite;
 
 use crate::projection::spec::{Granularity, Spec};
-pub use agg::{AggRow, Apply, ApplyOutcome, Cursor, LogBatch, ProjectionState, Watermark};
+pub use agg::{
+    AggQuery, AggRow, Apply, ApplyOutcome, Cursor, LogBatch, ProjectionState, Watermark,
+};
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -65,6 +67,12 @@ pub enum StoreError {
     /// The URL names no supported backend.
     #[error("unsupported database URL `{0}`: use sqlite://PATH or postgres://USER@HOST/DB")]
     UnsupportedUrl(String),
+    /// A query selected more rows than it may hold in memory.
+    #[error("the query selects more than {0} aggregate rows")]
+    TooManyRows(usize),
+    /// A query ran past the statement timeout and was cancelled.
+    #[error("the query ran longer than the statement timeout ({0:?}) and was cancelled")]
+    Timeout(Duration),
     /// A stored row could not be read back as an event.
     #[error("stored row for event `{id}` is unreadable: {reason}")]
     CorruptRow {
@@ -247,6 +255,9 @@ pub trait ProjectionStore: Send + Sync + 'static {
         suffix: &str,
     ) -> Result<Vec<AggRow>, StoreError>;
 
+    /// The rows an [`AggQuery`] selects, under the store's statement timeout.
+    async fn query_agg(&self, q: &AggQuery<'_>) -> Result<Vec<AggRow>, StoreError>;
+
     /// Rows in a table named by a spec.
     async fn count_rows(&self, table: &str) -> Result<i64, StoreError>;
 }
@@ -295,6 +306,8 @@ pub struct StoreOptions {
     pub max_connections: u32,
     /// How long to wait for a connection before giving up (keeps requests from hanging when the DB is down).
     pub acquire_timeout: Duration,
+    /// Longest a query-module read may run before it is cancelled.
+    pub statement_timeout: Duration,
 }
 
 impl Default for StoreOptions {
@@ -302,6 +315,7 @@ impl Default for StoreOptions {
         Self {
             max_connections: 10,
             acquire_timeout: Duration::from_secs(5),
+            statement_timeout: Duration::from_secs(5),
         }
     }
 }

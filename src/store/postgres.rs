@@ -11,8 +11,9 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
 use sqlx::{Postgres, Row, Transaction};
 
 use super::agg::{
-    agg_row_from, all_columns, create_table_sql, float_values, int_values, key_columns,
-    merged_sketch, table, unix_ms, upsert_clause, FLOAT_COLUMNS, INT_COLUMNS,
+    agg_row_from, all_columns, create_table_sql, float_values, index_name, index_sql, int_values,
+    key_columns, merged_sketch, query_select, table, unix_ms, upsert_clause, FLOAT_COLUMNS,
+    INT_COLUMNS,
 };
 use super::{
     classify, event_from_row, first_occurrences, metadata_json, not_inserted, rejected_from_row,
@@ -20,7 +21,8 @@ use super::{
     StoreOptions, EVENT_COLUMNS, REJECTED_COLUMNS,
 };
 use super::{
-    AggRow, Apply, ApplyOutcome, Cursor, LogBatch, ProjectionState, ProjectionStore, Watermark,
+    AggQuery, AggRow, Apply, ApplyOutcome, Cursor, LogBatch, ProjectionState, ProjectionStore,
+    Watermark,
 };
 use crate::event::Event;
 use crate::projection::fold::{Measures, RowKey, Rows};
@@ -33,6 +35,10 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./schema/postgres");
 #[derive(Debug, Clone)]
 pub struct PgStore {
     pool: PgPool,
+    /// Query-module reads: the same database with `statement_timeout` set, so
+    /// a runaway query is cancelled by the server rather than left running.
+    query_pool: PgPool,
+    statement_timeout: Duration,
 }
 
 impl PgStore {
@@ -43,8 +49,21 @@ impl PgStore {
         let pool = PgPoolOptions::new()
             .max_connections(options.max_connections)
             .acquire_timeout(options.acquire_timeout)
-            .connect_lazy_with(connect);
-        Ok(Self { pool })
+            .connect_lazy_with(connect.clone());
+        let timeout_ms = options.statement_timeout.as_millis().max(1).to_string();
+        let query_pool = PgPoolOptions::new()
+            .max_connections(options.max_connections)
+            .acquire_timeout(options.acquire_timeout)
+            .connect_lazy_with(
+                connect
+                    .application_name("tally-query")
+                    .options([("statement_timeout", timeout_ms.as_str())]),
+            );
+        Ok(Self {
+            pool,
+            query_pool,
+            statement_timeout: options.statement_timeout,
+        })
     }
 
     /// The pool, for modules that keep their own tables in the same database.
@@ -509,6 +528,9 @@ impl ProjectionStore for PgStore {
             sqlx::query(&create_table_sql(Backend::Postgres, spec, &t))
                 .execute(&mut *tx)
                 .await?;
+            for sql in index_sql(spec, &t) {
+                sqlx::query(&sql).execute(&mut *tx).await?;
+            }
         }
         sqlx::query(
             "INSERT INTO projection_checkpoints (name, spec_hash, spec) VALUES ($1, $2, $3) \
@@ -677,6 +699,15 @@ impl ProjectionStore for PgStore {
             ))
             .execute(&mut *tx)
             .await?;
+            for &d in &spec.dimensions {
+                sqlx::query(&format!(
+                    "ALTER INDEX IF EXISTS {} RENAME TO {}",
+                    index_name(&shadow, d),
+                    index_name(&live, d)
+                ))
+                .execute(&mut *tx)
+                .await?;
+            }
         }
         sqlx::query("DELETE FROM projection_checkpoints WHERE name = $1")
             .bind(shadow_state)
@@ -700,6 +731,42 @@ impl ProjectionStore for PgStore {
         );
         let rows = sqlx::query(&sql).fetch_all(&self.pool).await?;
         let n = spec.dimensions.len();
+        rows.iter()
+            .map(|r| {
+                let bucket: DateTime<Utc> = r.try_get(0)?;
+                agg_row_from(r, bucket, n, &t)
+            })
+            .collect()
+    }
+
+    async fn query_agg(&self, q: &AggQuery<'_>) -> Result<Vec<AggRow>, StoreError> {
+        let t = table(q.spec, q.granularity, "");
+        let (select, group) = query_select(q, Backend::Postgres);
+        let mut qb = sqlx::QueryBuilder::<Postgres>::new(format!(
+            "SELECT {select} FROM {t} WHERE bucket >= "
+        ));
+        qb.push_bind(q.from);
+        qb.push(" AND bucket < ");
+        qb.push_bind(q.to);
+        for (d, values) in q.filters {
+            qb.push(format!(" AND {} = ANY(", d.column()));
+            qb.push_bind(values.clone());
+            qb.push(")");
+        }
+        qb.push(group);
+        qb.push(format!(" LIMIT {}", q.max_rows.saturating_add(1)));
+        let rows = match qb.build().fetch_all(&self.query_pool).await {
+            Ok(rows) => rows,
+            // 57014: query_canceled, which is what statement_timeout raises.
+            Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("57014") => {
+                return Err(StoreError::Timeout(self.statement_timeout))
+            }
+            Err(e) => return Err(e.into()),
+        };
+        if rows.len() > q.max_rows {
+            return Err(StoreError::TooManyRows(q.max_rows));
+        }
+        let n = q.group_by.len();
         rows.iter()
             .map(|r| {
                 let bucket: DateTime<Utc> = r.try_get(0)?;

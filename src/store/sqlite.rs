@@ -18,8 +18,8 @@ use sqlx::sqlite::{
 use sqlx::{QueryBuilder, Row, Sqlite, Transaction};
 
 use super::agg::{
-    agg_row_from, all_columns, create_table_sql, float_values, int_values, key_columns,
-    merged_sketch, table, unix_ms, upsert_clause,
+    agg_row_from, all_columns, create_table_sql, float_values, index_name, index_sql, int_values,
+    key_columns, merged_sketch, query_select, table, unix_ms, upsert_clause,
 };
 use super::{
     classify, event_from_row, first_occurrences, metadata_json, not_inserted, rejected_from_row,
@@ -27,7 +27,8 @@ use super::{
     StoreOptions, EVENT_COLUMNS, REJECTED_COLUMNS,
 };
 use super::{
-    AggRow, Apply, ApplyOutcome, Cursor, LogBatch, ProjectionState, ProjectionStore, Watermark,
+    AggQuery, AggRow, Apply, ApplyOutcome, Cursor, LogBatch, ProjectionState, ProjectionStore,
+    Watermark,
 };
 use crate::event::{format_ts, Event};
 use crate::projection::fold::{Measures, RowKey, Rows};
@@ -47,6 +48,8 @@ pub struct SqliteStore {
     writer: SqlitePool,
     /// Readers never block the writer in WAL mode.
     reader: SqlitePool,
+    /// Longest a query-module read may run.
+    statement_timeout: Duration,
 }
 
 impl SqliteStore {
@@ -73,7 +76,11 @@ impl SqliteStore {
             .acquire_timeout(options.acquire_timeout)
             .connect_with(base.read_only(true))
             .await?;
-        Ok(Self { writer, reader })
+        Ok(Self {
+            writer,
+            reader,
+            statement_timeout: options.statement_timeout,
+        })
     }
 
     /// The read pool, for queries of other modules.
@@ -448,6 +455,9 @@ impl ProjectionStore for SqliteStore {
             sqlx::query(&create_table_sql(Backend::Sqlite, spec, &t))
                 .execute(&mut *tx)
                 .await?;
+            for sql in index_sql(spec, &t) {
+                sqlx::query(&sql).execute(&mut *tx).await?;
+            }
         }
         let now = format_ts(&Utc::now());
         sqlx::query(
@@ -602,13 +612,20 @@ impl ProjectionStore for SqliteStore {
                 .await?;
         }
         for &g in &spec.granularities {
-            sqlx::query(&format!(
-                "ALTER TABLE {} RENAME TO {}",
-                table(spec, g, suffix),
-                table(spec, g, "")
-            ))
-            .execute(&mut *tx)
-            .await?;
+            let (live, shadow) = (table(spec, g, ""), table(spec, g, suffix));
+            sqlx::query(&format!("ALTER TABLE {shadow} RENAME TO {live}"))
+                .execute(&mut *tx)
+                .await?;
+            // SQLite cannot rename an index: recreate the dimension indexes under
+            // the live name, so the next rebuild's shadow can use the shadow names.
+            for &d in &spec.dimensions {
+                sqlx::query(&format!("DROP INDEX IF EXISTS {}", index_name(&shadow, d)))
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            for sql in index_sql(spec, &live) {
+                sqlx::query(&sql).execute(&mut *tx).await?;
+            }
         }
         sqlx::query("DELETE FROM projection_checkpoints WHERE name = ?")
             .bind(shadow_state)
@@ -632,6 +649,45 @@ impl ProjectionStore for SqliteStore {
         );
         let rows = sqlx::query(&sql).fetch_all(&self.reader).await?;
         let n = spec.dimensions.len();
+        rows.iter()
+            .map(|r| {
+                let bucket: String = r.try_get(0)?;
+                let bucket = parse_ts(&bucket).ok_or_else(|| StoreError::CorruptRow {
+                    id: t.clone(),
+                    reason: format!("bucket {bucket:?}"),
+                })?;
+                agg_row_from(r, bucket, n, &t)
+            })
+            .collect()
+    }
+
+    async fn query_agg(&self, q: &AggQuery<'_>) -> Result<Vec<AggRow>, StoreError> {
+        let t = table(q.spec, q.granularity, "");
+        let (select, group) = query_select(q, Backend::Sqlite);
+        let mut qb =
+            QueryBuilder::<Sqlite>::new(format!("SELECT {select} FROM {t} WHERE bucket >= "));
+        qb.push_bind(format_ts(&q.from));
+        qb.push(" AND bucket < ");
+        qb.push_bind(format_ts(&q.to));
+        for (d, values) in q.filters {
+            qb.push(format!(" AND {} IN (", d.column()));
+            let mut list = qb.separated(", ");
+            for v in values {
+                list.push_bind(v.clone());
+            }
+            qb.push(")");
+        }
+        qb.push(group);
+        qb.push(format!(" LIMIT {}", q.max_rows.saturating_add(1)));
+        // SQLite has no server-side statement timeout: the future is dropped
+        // instead, which stops the read at the next row.
+        let rows = tokio::time::timeout(self.statement_timeout, qb.build().fetch_all(&self.reader))
+            .await
+            .map_err(|_| StoreError::Timeout(self.statement_timeout))??;
+        if rows.len() > q.max_rows {
+            return Err(StoreError::TooManyRows(q.max_rows));
+        }
+        let n = q.group_by.len();
         rows.iter()
             .map(|r| {
                 let bucket: String = r.try_get(0)?;

@@ -1,0 +1,66 @@
+"""Regenerates src/query/openapi.json (run from anywhere: python3 scripts/gen_openapi.py)."""
+import os
+import json
+def p(name, desc, schema=None, required=False, where="query", explode=None):
+    d={"name":name,"in":where,"required":required,"description":desc,"schema":schema or {"type":"string"}}
+    return d
+dims=["api","endpoint","method","key","user","model","status","error_type","cached"]
+filters=[p(d,f"Filter: only `{d}` equal to this value; repeat the parameter for any of several values. Absent values are stored as the empty string.",{"type":"array","items":{"type":"string"}}) for d in dims]
+order=["requests","successes","errors","cost","tokens","tokens_in","tokens_out","request_bytes","response_bytes","cached"]
+err={"description":"Bad request: the message says what is wrong and what is allowed","content":{"application/json":{"schema":{"$ref":"#/components/schemas/Error"}}}}
+unavail={"description":"Statement timeout or database unavailable; retry","content":{"application/json":{"schema":{"$ref":"#/components/schemas/Error"}}}}
+ts={"type":"string","format":"date-time"}
+doc={
+ "openapi":"3.1.0",
+ "info":{"title":"Tally","version":"0.1.0","description":"Event-sourced usage metering: ingest usage events, query exact aggregates. Times are RFC 3339; ranges are half-open [from, to)."},
+ "paths":{
+  "/v1/events":{"post":{"summary":"Ingest usage events","description":"JSON object, JSON array, NDJSON, MessagePack or CloudEvents (see README). Answers per-event outcomes after the commit.","requestBody":{"required":True,"content":{"application/json":{},"application/x-ndjson":{},"application/msgpack":{},"application/cloudevents+json":{},"application/cloudevents-batch+json":{}}},"responses":{"200":{"description":"Every event accepted or duplicate"},"207":{"description":"Some events rejected (see results)"},"400":err,"413":err,"415":err,"503":unavail}}},
+  "/v1/stats":{"get":{"summary":"Aggregated time series per group, with totals","description":"Answered from the narrowest projection that covers group_by and the filters at the granularity and timezone. Buckets are atomic: every bucket overlapping [from, to) is counted in full; `covered` says which range that is.","parameters":[
+     p("from","Range start (RFC 3339, inclusive). Default: `to` minus 1 h (minute), 24 h (hour), 30 d (day), 365 d (month).",ts),
+     p("to","Range end (RFC 3339, exclusive). Default: now.",ts),
+     p("granularity","Bucket size. Default hour.",{"type":"string","enum":["minute","hour","day","month"]}),
+     p("group_by","Comma-separated dimensions (repeatable).",{"type":"string"}),
+     p("tz","IANA timezone of hour/day/month buckets; must match a projection's timezone. Default UTC.",{"type":"string"}),
+     p("order_by","Rank groups by this total (descending; ties by group values). With `limit`: top-N groups.",{"type":"string","enum":order}),
+     p("limit","Keep the first N groups of the ranking (default ranking: requests).",{"type":"integer","minimum":1,"maximum":10000}),
+     p("fill","`zero`: include empty buckets as zeros for every group.",{"type":"string","enum":["zero","none"]}),
+   ]+filters,"responses":{"200":{"description":"Series and totals","content":{"application/json":{"schema":{"$ref":"#/components/schemas/Stats"}}}},"400":err,"503":unavail}}},
+  "/v1/keys":{"get":{"summary":"API keys ranked over a range","description":"Exact to the minute: the range is split into months, days, hours and minutes.","parameters":[
+     p("from","Range start (RFC 3339). Default: start of this month (in tz).",ts),
+     p("to","Range end (RFC 3339, exclusive). Default: now.",ts),
+     p("tz","IANA timezone of the tables used. Default UTC.",{"type":"string"}),
+     p("order_by","Ranking measure (descending). Default cost.",{"type":"string","enum":order}),
+     p("limit","Keys returned. Default 50.",{"type":"integer","minimum":1,"maximum":1000}),
+     p("offset","Keys skipped. Default 0.",{"type":"integer","minimum":0}),
+   ]+[f for f in filters if f["name"]!="key"],"responses":{"200":{"description":"Keys","content":{"application/json":{"schema":{"$ref":"#/components/schemas/Keys"}}}},"400":err,"503":unavail}}},
+  "/v1/keys/{key}/stats":{"get":{"summary":"One key's page: today, this month, last 24 h, by model and api","parameters":[
+     p("key","The API key.",{"type":"string"},True,"path"),
+     p("at","The instant the page is computed for. Default now.",ts),
+     p("tz","Timezone of today and this month. Default UTC.",{"type":"string"})],
+   "responses":{"200":{"description":"The key page","content":{"application/json":{"schema":{"$ref":"#/components/schemas/KeyPage"}}}},"400":err,"503":unavail}}},
+  "/v1/projections":{"get":{"summary":"What can be queried: dimensions, granularities, timezone, as_of, lag","responses":{"200":{"description":"Projections","content":{"application/json":{"schema":{"type":"object","properties":{"projections":{"type":"array","items":{"$ref":"#/components/schemas/Projection"}}}}}}},"503":unavail}}},
+  "/healthz":{"get":{"summary":"Liveness","responses":{"200":{"description":"The process is up"}}}},
+  "/readyz":{"get":{"summary":"Readiness (database reachable)","responses":{"200":{"description":"ready or degraded (NATS down)"},"503":{"description":"database unreachable"}}}},
+  "/openapi.json":{"get":{"summary":"This document","responses":{"200":{"description":"OpenAPI 3.1"}}}},
+ },
+ "components":{"schemas":{
+  "Error":{"type":"object","required":["code","error"],"properties":{"code":{"type":"string"},"error":{"type":"string"}}},
+  "Group":{"type":"object","additionalProperties":{"type":"string"},"description":"Dimension values of the group, in group_by order"},
+  "Covered":{"type":"object","properties":{"from":ts,"to":ts}},
+  "Measures":{"type":"object","properties":{
+     "requests":{"type":"integer"},"successes":{"type":"integer"},"errors":{"type":"integer"},
+     "errors_by_type":{"type":"object","properties":{k:{"type":"integer"} for k in ["rate_limit","timeout","server_error","client_error","other"]}},
+     "cached":{"type":"integer"},"success_rate":{"type":["number","null"]},
+     "latency_ms":{"type":"object","description":"avg/min/max exact; p50/p95/p99 within 1% relative error; null without latencies","properties":{k:{"type":["number","null"]} for k in ["avg","min","max","p50","p95","p99"]}},
+     "request_bytes":{"type":"integer"},"response_bytes":{"type":"integer"},"tokens_in":{"type":"integer"},"tokens_out":{"type":"integer"},
+     "cost":{"type":"string","description":"Exact decimal, 9 fractional digits"},"cost_nanos":{"type":"integer"}}},
+  "Point":{"allOf":[{"$ref":"#/components/schemas/Measures"},{"type":"object","properties":{"bucket":ts,"group":{"$ref":"#/components/schemas/Group"}}}]},
+  "Total":{"allOf":[{"$ref":"#/components/schemas/Measures"},{"type":"object","properties":{"group":{"$ref":"#/components/schemas/Group"}}}]},
+  "Stats":{"type":"object","properties":{"from":ts,"to":ts,"covered":{"$ref":"#/components/schemas/Covered"},"granularity":{"type":"string"},"timezone":{"type":"string"},"group_by":{"type":"array","items":{"type":"string"}},"projection":{"type":"string"},"as_of":{"type":["string","null"],"format":"date-time"},"order_by":{"type":["string","null"]},"limit":{"type":["integer","null"]},"series":{"type":"array","items":{"$ref":"#/components/schemas/Point"}},"totals":{"type":"array","items":{"$ref":"#/components/schemas/Total"}}}},
+  "Keys":{"type":"object","properties":{"from":ts,"to":ts,"covered":{"$ref":"#/components/schemas/Covered"},"order_by":{"type":"string"},"limit":{"type":"integer"},"offset":{"type":"integer"},"total_keys":{"type":"integer"},"as_of":{"type":["string","null"],"format":"date-time"},"keys":{"type":"array","items":{"allOf":[{"$ref":"#/components/schemas/Measures"},{"type":"object","properties":{"key":{"type":"string"}}}]}}}},
+  "Window":{"allOf":[{"$ref":"#/components/schemas/Measures"},{"type":"object","properties":{"from":ts,"to":ts,"covered":{"$ref":"#/components/schemas/Covered"}}}]},
+  "KeyPage":{"type":"object","properties":{"key":{"type":"string"},"at":ts,"timezone":{"type":"string"},"as_of":{"type":["string","null"],"format":"date-time"},"today":{"$ref":"#/components/schemas/Window"},"this_month":{"$ref":"#/components/schemas/Window"},"last_24h":{"$ref":"#/components/schemas/Window"},"by_model":{"type":"array","items":{"$ref":"#/components/schemas/Measures"}},"by_api":{"type":"array","items":{"$ref":"#/components/schemas/Measures"}},"quota":{"type":["object","null"]}}},
+  "Projection":{"type":"object","properties":{"name":{"type":"string"},"status":{"type":"string"},"dimensions":{"type":"array","items":{"type":"string"}},"granularities":{"type":"array","items":{"type":"string"}},"timezone":{"type":"string"},"tables":{"type":"array","items":{"type":"string"}},"as_of":{"type":["string","null"]},"lag_events":{"type":["integer","null"]},"events_folded":{"type":["integer","null"]},"checkpoint":{"type":["string","null"]},"rebuilding":{"type":"boolean"},"retention":{"type":["object","null"]}}}
+ }}
+}
+open(os.path.join(os.path.dirname(os.path.abspath(__file__)),"..","src","query","openapi.json"),"w").write(json.dumps(doc,indent=1)+"\n")

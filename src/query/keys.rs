@@ -1,0 +1,458 @@
+//! `GET /v1/keys` (keys ranked over a range) and `GET /v1/keys/{key}/stats`
+//! (one key's page). Both count ranges exactly to the minute: a range is split
+//! into months, days, hours and minutes ([`super::plan::decompose`]).
+
+use std::collections::HashMap;
+
+use chrono::{DateTime, Datelike, Duration, NaiveDate, Utc};
+use chrono_tz::Tz;
+use futures::future::try_join_all;
+use serde::Serialize;
+
+use super::output::{rfc3339, rfc3339_opt, Covered, Group, MeasuresOut};
+use super::params::{range, OrderBy, Params};
+use super::plan::{decompose, Decomposition};
+use super::stats::rank;
+use super::{Catalog, QueryError, MAX_ROWS};
+use crate::projection::bucket::day_start;
+use crate::projection::spec::Dimension;
+use crate::projection::Measures;
+use crate::store::{AggQuery, EventStore};
+
+/// The parameters `/v1/keys` accepts.
+pub const KEYS_PARAMETERS: &str = "from, to, tz, order_by (cost|requests|tokens|errors|…), limit, offset, and the filters api, endpoint, method, user, model, status, error_type, cached";
+
+/// The parameters `/v1/keys/{key}/stats` accepts.
+pub const KEY_PAGE_PARAMETERS: &str = "at, tz";
+
+/// Largest `limit` of `/v1/keys`.
+pub const MAX_KEYS: usize = 1000;
+
+/// Groups with their measures over a range, and how fresh they are.
+#[derive(Debug, Clone)]
+pub struct RangeTotals {
+    /// The groups asked for, in ranking order (or by group values).
+    pub groups: Vec<(Group, Measures)>,
+    /// Groups with any data in the range (before offset/limit).
+    pub total_groups: usize,
+    /// The range the buckets cover.
+    pub covered: (DateTime<Utc>, DateTime<Utc>),
+    /// The oldest `as_of` of the projections read.
+    pub as_of: Option<DateTime<Utc>>,
+}
+
+/// A page of a ranking: order, skip, take.
+#[derive(Debug, Clone, Copy)]
+pub struct Page {
+    /// Ranking measure.
+    pub order: OrderBy,
+    /// Groups skipped.
+    pub offset: usize,
+    /// Groups kept.
+    pub limit: usize,
+}
+
+/// Totals per group over `[from, to)`, read from the coarsest tables that fit.
+#[allow(clippy::too_many_arguments)]
+pub async fn range_totals(
+    store: &dyn EventStore,
+    catalog: &Catalog,
+    tz: Tz,
+    filters: &[(Dimension, Vec<String>)],
+    group_by: &[Dimension],
+    (from, to): (DateTime<Utc>, DateTime<Utc>),
+    now: DateTime<Utc>,
+    page: Option<Page>,
+) -> Result<RangeTotals, QueryError> {
+    let mut needed = group_by.to_vec();
+    needed.extend(filters.iter().map(|(d, _)| *d));
+    let plan = decompose(catalog, tz, &needed, from, to, now)?;
+    let as_of = async {
+        let states = store.projection_states().await?;
+        let mut as_of: Option<Option<DateTime<Utc>>> = None;
+        for seg in &plan.segments {
+            let a = states
+                .iter()
+                .find(|s| s.name == seg.spec.name)
+                .and_then(|s| s.as_of);
+            as_of = Some(match as_of {
+                None => a,
+                Some(prev) => prev.min(a),
+            });
+        }
+        Ok::<_, QueryError>(as_of.flatten())
+    };
+    let (sums, as_of) = tokio::join!(read(store, &plan, filters, group_by, false), as_of);
+    let as_of = as_of?;
+    let mut groups = sums?;
+    let total_groups = groups.len();
+    let groups = match page {
+        None => {
+            let mut full = read(store, &plan, filters, group_by, true).await?;
+            full.sort_by(|a, b| a.0.cmp(&b.0));
+            full
+        }
+        Some(page) => {
+            rank(&mut groups, page.order);
+            let chosen: Vec<Group> = groups
+                .into_iter()
+                .skip(page.offset)
+                .take(page.limit)
+                .map(|(g, _)| g)
+                .collect();
+            if chosen.is_empty() {
+                Vec::new()
+            } else {
+                let mut narrowed: Vec<(Dimension, Vec<String>)> = filters
+                    .iter()
+                    .filter(|(d, _)| !group_by.contains(d))
+                    .cloned()
+                    .collect();
+                for (i, d) in group_by.iter().enumerate() {
+                    let mut values: Vec<String> = chosen.iter().map(|g| g.0[i].1.clone()).collect();
+                    values.sort();
+                    values.dedup();
+                    narrowed.push((*d, values));
+                }
+                let full = read(store, &plan, &narrowed, group_by, true).await?;
+                let mut by_group: HashMap<Group, Measures> = full.into_iter().collect();
+                chosen
+                    .into_iter()
+                    .map(|g| {
+                        let m = by_group.remove(&g).unwrap_or_default();
+                        (g, m)
+                    })
+                    .collect()
+            }
+        }
+    };
+    Ok(RangeTotals {
+        groups,
+        total_groups,
+        covered: plan.covered,
+        as_of,
+    })
+}
+
+/// Reads every segment (concurrently) and sums per group; `rows` reads the
+/// stored rows with sketches, otherwise the database sums integers only.
+async fn read(
+    store: &dyn EventStore,
+    plan: &Decomposition,
+    filters: &[(Dimension, Vec<String>)],
+    group_by: &[Dimension],
+    rows: bool,
+) -> Result<Vec<(Group, Measures)>, QueryError> {
+    let reads = plan.segments.iter().map(|seg| {
+        let q = AggQuery {
+            spec: &seg.spec,
+            granularity: seg.granularity,
+            from: seg.from,
+            to: seg.to,
+            filters,
+            group_by,
+            rows,
+            by_bucket: false,
+            max_rows: MAX_ROWS,
+        };
+        async move { store.query_agg(&q).await }
+    });
+    let mut merged: HashMap<Group, Measures> = HashMap::new();
+    for rows in try_join_all(reads).await? {
+        for row in rows {
+            let g = Group(group_by.iter().copied().zip(row.dims).collect());
+            merged.entry(g).or_default().merge(&row.measures);
+        }
+    }
+    Ok(merged.into_iter().collect())
+}
+
+/// A parsed `/v1/keys` request.
+#[derive(Debug, Clone)]
+pub struct KeysRequest {
+    /// Start (inclusive).
+    pub from: DateTime<Utc>,
+    /// End (exclusive).
+    pub to: DateTime<Utc>,
+    /// Timezone the month/day/hour tables must follow.
+    pub tz: Tz,
+    /// Ranking.
+    pub page: Page,
+    /// Filters on other dimensions.
+    pub filters: Vec<(Dimension, Vec<String>)>,
+}
+
+/// The first instant of the month of `t` in `tz`.
+pub fn month_start(t: DateTime<Utc>, tz: Tz) -> DateTime<Utc> {
+    let local = t.with_timezone(&tz).date_naive();
+    let first = NaiveDate::from_ymd_opt(local.year(), local.month(), 1).unwrap_or(local);
+    day_start(first, tz)
+}
+
+impl KeysRequest {
+    /// Parses query-string pairs; the default range is this month so far.
+    pub fn parse(pairs: Vec<(String, String)>, now: DateTime<Utc>) -> Result<Self, QueryError> {
+        let mut p = Params::new(pairs);
+        let tz = p.tz()?;
+        let (from, to) = (p.time("from")?, p.time("to")?);
+        let (from, to) = range(
+            from,
+            to,
+            |to| {
+                let m = month_start(to, tz);
+                if m < to {
+                    m
+                } else {
+                    to - Duration::days(1)
+                }
+            },
+            now,
+        )?;
+        let order = match p.take_one("order_by")? {
+            Some(v) => OrderBy::parse(v.trim())?,
+            None => OrderBy::Cost,
+        };
+        let limit = p.count("limit", MAX_KEYS)?.unwrap_or(50);
+        if limit == 0 {
+            return Err(QueryError::bad(
+                "invalid_parameter",
+                format!("`limit` must be from 1 to {MAX_KEYS}"),
+            ));
+        }
+        let offset = p.count("offset", usize::MAX / 2)?.unwrap_or(0);
+        let filters = p.filters()?;
+        if filters.iter().any(|(d, _)| *d == Dimension::Key) {
+            return Err(QueryError::bad(
+                "invalid_parameter",
+                "`key` cannot filter /v1/keys; use GET /v1/keys/{key}/stats for one key",
+            ));
+        }
+        p.finish(KEYS_PARAMETERS)?;
+        Ok(Self {
+            from,
+            to,
+            tz,
+            page: Page {
+                order,
+                offset,
+                limit,
+            },
+            filters,
+        })
+    }
+}
+
+/// One key of `/v1/keys`.
+#[derive(Debug, Clone, Serialize)]
+pub struct KeyRow {
+    /// The API key.
+    pub key: String,
+    /// Its measures over the range.
+    #[serde(flatten)]
+    pub measures: MeasuresOut,
+}
+
+/// The `/v1/keys` answer.
+#[derive(Debug, Clone, Serialize)]
+pub struct KeysResponse {
+    /// Requested start.
+    #[serde(serialize_with = "rfc3339")]
+    pub from: DateTime<Utc>,
+    /// Requested end.
+    #[serde(serialize_with = "rfc3339")]
+    pub to: DateTime<Utc>,
+    /// What the buckets cover (differs only where no finer table exists).
+    pub covered: Covered,
+    /// Ranking measure.
+    pub order_by: &'static str,
+    /// Keys returned at most.
+    pub limit: usize,
+    /// Keys skipped.
+    pub offset: usize,
+    /// Keys with any usage in the range.
+    pub total_keys: usize,
+    /// Every event committed before this instant is counted.
+    #[serde(serialize_with = "rfc3339_opt")]
+    pub as_of: Option<DateTime<Utc>>,
+    /// The keys, best first.
+    pub keys: Vec<KeyRow>,
+}
+
+/// Answers `/v1/keys`.
+pub async fn list(
+    store: &dyn EventStore,
+    catalog: &Catalog,
+    req: &KeysRequest,
+    now: DateTime<Utc>,
+) -> Result<KeysResponse, QueryError> {
+    let t = range_totals(
+        store,
+        catalog,
+        req.tz,
+        &req.filters,
+        &[Dimension::Key],
+        (req.from, req.to),
+        now,
+        Some(req.page),
+    )
+    .await?;
+    Ok(KeysResponse {
+        from: req.from,
+        to: req.to,
+        covered: Covered {
+            from: t.covered.0,
+            to: t.covered.1,
+        },
+        order_by: req.page.order.as_str(),
+        limit: req.page.limit,
+        offset: req.page.offset,
+        total_keys: t.total_groups,
+        as_of: t.as_of,
+        keys: t
+            .groups
+            .into_iter()
+            .map(|(g, m)| KeyRow {
+                key: g.0.into_iter().next().map(|(_, v)| v).unwrap_or_default(),
+                measures: MeasuresOut::from(&m),
+            })
+            .collect(),
+    })
+}
+
+/// A window of the key page.
+#[derive(Debug, Clone, Serialize)]
+pub struct Window {
+    /// Start.
+    #[serde(serialize_with = "rfc3339")]
+    pub from: DateTime<Utc>,
+    /// End.
+    #[serde(serialize_with = "rfc3339")]
+    pub to: DateTime<Utc>,
+    /// What the buckets cover.
+    pub covered: Covered,
+    /// Measures.
+    #[serde(flatten)]
+    pub measures: MeasuresOut,
+}
+
+/// One value of a breakdown (`model` or `api`).
+#[derive(Debug, Clone, Serialize)]
+pub struct Breakdown {
+    /// `{"model": "…"}` or `{"api": "…"}`, inlined.
+    #[serde(flatten)]
+    pub group: Group,
+    /// Its measures.
+    #[serde(flatten)]
+    pub measures: MeasuresOut,
+}
+
+/// The `/v1/keys/{key}/stats` answer.
+#[derive(Debug, Clone, Serialize)]
+pub struct KeyPage {
+    /// The key.
+    pub key: String,
+    /// The instant the page is computed for (`at`, default now).
+    #[serde(serialize_with = "rfc3339")]
+    pub at: DateTime<Utc>,
+    /// Timezone of "today" and "this month".
+    pub timezone: String,
+    /// Every event committed before this instant is counted.
+    #[serde(serialize_with = "rfc3339_opt")]
+    pub as_of: Option<DateTime<Utc>>,
+    /// From local midnight to `at`.
+    pub today: Window,
+    /// From the first of the local month to `at`.
+    pub this_month: Window,
+    /// The 24 hours before `at`.
+    pub last_24h: Window,
+    /// This month by model, by cost (descending).
+    pub by_model: Vec<Breakdown>,
+    /// This month by api, by cost (descending).
+    pub by_api: Vec<Breakdown>,
+    /// The key's rolling quota, once quotas exist (issue 7): `null` until then.
+    pub quota: Option<serde_json::Value>,
+}
+
+/// Answers `/v1/keys/{key}/stats`.
+pub async fn page(
+    store: &dyn EventStore,
+    catalog: &Catalog,
+    key: &str,
+    pairs: Vec<(String, String)>,
+    now: DateTime<Utc>,
+) -> Result<KeyPage, QueryError> {
+    let mut p = Params::new(pairs);
+    let at = p.time("at")?.unwrap_or(now);
+    let tz = p.tz()?;
+    p.finish(KEY_PAGE_PARAMETERS)?;
+    let filters = vec![(Dimension::Key, vec![key.to_string()])];
+    let split = [Dimension::Api, Dimension::Model];
+    let day = day_start(at.with_timezone(&tz).date_naive(), tz);
+    let month = month_start(at, tz);
+    let window = |from: DateTime<Utc>| {
+        let filters = &filters;
+        async move {
+            if from >= at {
+                // `at` is exactly midnight: an empty window.
+                return Ok(RangeTotals {
+                    groups: Vec::new(),
+                    total_groups: 0,
+                    covered: (at, at),
+                    as_of: None,
+                });
+            }
+            range_totals(store, catalog, tz, filters, &split, (from, at), now, None).await
+        }
+    };
+    let (today, this_month, last_24h) =
+        tokio::try_join!(window(day), window(month), window(at - Duration::hours(24)))?;
+    let as_of = [&today, &this_month, &last_24h]
+        .iter()
+        .filter(|t| !t.groups.is_empty() || t.covered.0 < t.covered.1)
+        .map(|t| t.as_of)
+        .min()
+        .flatten();
+    let sum = |t: &RangeTotals| {
+        let mut m = Measures::default();
+        for (_, g) in &t.groups {
+            m.merge(g);
+        }
+        m
+    };
+    let win = |from: DateTime<Utc>, t: &RangeTotals| Window {
+        from,
+        to: at,
+        covered: Covered {
+            from: t.covered.0,
+            to: t.covered.1,
+        },
+        measures: MeasuresOut::from(&sum(t)),
+    };
+    let breakdown = |index: usize| {
+        let dim = split[index];
+        let mut by: HashMap<String, Measures> = HashMap::new();
+        for (g, m) in &this_month.groups {
+            by.entry(g.0[index].1.clone()).or_default().merge(m);
+        }
+        let mut v: Vec<(String, Measures)> = by.into_iter().collect();
+        v.sort_by(|(a, ma), (b, mb)| mb.cost_nanos.cmp(&ma.cost_nanos).then(a.cmp(b)));
+        v.into_iter()
+            .map(|(value, m)| Breakdown {
+                group: Group(vec![(dim, value)]),
+                measures: MeasuresOut::from(&m),
+            })
+            .collect::<Vec<_>>()
+    };
+    Ok(KeyPage {
+        key: key.to_string(),
+        at,
+        timezone: tz.name().to_string(),
+        as_of,
+        today: win(day, &today),
+        this_month: win(month, &this_month),
+        last_24h: win(at - Duration::hours(24), &last_24h),
+        by_model: breakdown(1),
+        by_api: breakdown(0),
+        quota: None,
+    })
+}

@@ -1,0 +1,130 @@
+//! The query module: answers from the aggregate tables, never the raw log.
+//!
+//! A request is parsed strictly ([`params`]: every unknown parameter or value
+//! is a 400 that lists what is allowed), planned onto the narrowest projection
+//! that covers its dimensions ([`plan`]), read with bound values only (table
+//! and column names come from the loaded specs), and merged in memory: integer
+//! measures add exactly, latency sketches merge exactly, percentiles come from
+//! the merged sketch. [`stats`] serves `/v1/stats`, [`keys`] the per-key views,
+//! [`http`] the routes and `/openapi.json`, [`render`] the CLI's tables.
+//!
+//! Partial buckets: a bucket is atomic. `/v1/stats` counts every bucket that
+//! overlaps `[from, to)` in full and says which range that is (`covered`);
+//! the key views decompose a range into months, days, hours and (from the
+//! minute projection) minutes, so they are exact to the minute.
+
+pub mod http;
+pub mod keys;
+pub mod output;
+pub mod params;
+pub mod plan;
+pub mod render;
+pub mod stats;
+
+use std::sync::Arc;
+
+use axum::http::StatusCode;
+
+use crate::projection::spec::Spec;
+use crate::store::StoreError;
+
+/// Most points (buckets × groups) one answer may hold.
+pub const MAX_POINTS: usize = 10_000;
+
+/// Most stored rows one answer may read (bounds memory before merging).
+pub const MAX_ROWS: usize = 200_000;
+
+/// Why a query got no answer.
+#[derive(Debug, thiserror::Error)]
+pub enum QueryError {
+    /// The request is wrong; the message says what to change.
+    #[error("{message}")]
+    BadRequest {
+        /// Stable machine-readable code.
+        code: &'static str,
+        /// What is wrong and what is allowed.
+        message: String,
+    },
+    /// No such key, projection or route target.
+    #[error("{0}")]
+    NotFound(String),
+    /// The database did not answer in time or is down: try again.
+    #[error("{0}")]
+    Unavailable(String),
+    /// Any other database failure.
+    #[error(transparent)]
+    Store(StoreError),
+}
+
+impl QueryError {
+    /// A 400 with this code and message.
+    pub fn bad(code: &'static str, message: impl Into<String>) -> Self {
+        QueryError::BadRequest {
+            code,
+            message: message.into(),
+        }
+    }
+
+    /// HTTP status and stable code.
+    pub fn status(&self) -> (StatusCode, &'static str) {
+        match self {
+            QueryError::BadRequest { code, .. } => (StatusCode::BAD_REQUEST, code),
+            QueryError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+            QueryError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            QueryError::Store(_) => (StatusCode::SERVICE_UNAVAILABLE, "database_error"),
+        }
+    }
+}
+
+impl From<StoreError> for QueryError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Timeout(t) => QueryError::Unavailable(format!(
+                "the query ran longer than the statement timeout ({}) and was cancelled: narrow the range, use a coarser granularity or add filters (TALLY_QUERY_TIMEOUT sets the limit)",
+                humantime::format_duration(t)
+            )),
+            StoreError::TooManyRows(n) => QueryError::bad(
+                "too_many_rows",
+                format!("the query would read more than {n} aggregate rows: narrow the range, use a coarser granularity, add filters or group by fewer dimensions"),
+            ),
+            e if !e.is_data_error() => QueryError::Unavailable(format!("database unavailable: {e}")),
+            e => QueryError::Store(e),
+        }
+    }
+}
+
+/// What can be queried: the loaded projection specs.
+#[derive(Debug, Clone, Default)]
+pub struct Catalog {
+    /// Every loaded spec.
+    pub specs: Vec<Arc<Spec>>,
+}
+
+impl Catalog {
+    /// A catalog of these specs.
+    pub fn new(specs: Vec<Arc<Spec>>) -> Self {
+        Self { specs }
+    }
+
+    /// One line per projection: `by_key (api, key, model; hour, day, month; UTC)`.
+    pub fn describe(&self) -> String {
+        if self.specs.is_empty() {
+            return "none (projections/ holds no specs)".to_string();
+        }
+        self.specs
+            .iter()
+            .map(|s| {
+                let dims: Vec<&str> = s.dimensions.iter().map(|d| d.as_str()).collect();
+                let grans: Vec<&str> = s.granularities.iter().map(|g| g.as_str()).collect();
+                format!(
+                    "{} ({}; {}; {})",
+                    s.name,
+                    dims.join(", "),
+                    grans.join(", "),
+                    s.timezone.name()
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
+}

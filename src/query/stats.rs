@@ -1,0 +1,324 @@
+//! `GET /v1/stats`: a time series per group, and each group's totals.
+
+use std::collections::{BTreeMap, HashMap};
+
+use chrono::{DateTime, Duration, Utc};
+use chrono_tz::Tz;
+use serde::Serialize;
+
+use super::output::{rfc3339, rfc3339_opt, Covered, Group, MeasuresOut, Point, Total};
+use super::params::{parse_granularity, range, OrderBy, Params};
+use super::plan::{buckets, choose};
+use super::{Catalog, QueryError, MAX_POINTS, MAX_ROWS};
+use crate::projection::bucket::next_bucket;
+use crate::projection::spec::{Dimension, Granularity};
+use crate::projection::Measures;
+use crate::store::{AggQuery, AggRow, EventStore};
+
+/// The parameters `/v1/stats` accepts (for messages).
+pub const PARAMETERS: &str = "from, to, granularity, group_by, tz, order_by, limit, fill, and the filters api, endpoint, method, key, user, model, status, error_type, cached";
+
+/// A parsed `/v1/stats` request.
+#[derive(Debug, Clone)]
+pub struct StatsRequest {
+    /// Start of the range (inclusive).
+    pub from: DateTime<Utc>,
+    /// End of the range (exclusive).
+    pub to: DateTime<Utc>,
+    /// Bucket size.
+    pub granularity: Granularity,
+    /// Dimensions each series is split by.
+    pub group_by: Vec<Dimension>,
+    /// `dimension IN (values)`, ANDed.
+    pub filters: Vec<(Dimension, Vec<String>)>,
+    /// Timezone of hour, day and month buckets.
+    pub tz: Tz,
+    /// Ranking of groups (descending).
+    pub order_by: Option<OrderBy>,
+    /// Keep only the first `limit` groups of the ranking.
+    pub limit: Option<usize>,
+    /// Include empty buckets as zeros.
+    pub fill_zero: bool,
+}
+
+impl StatsRequest {
+    /// Parses query-string pairs; `now` is the default end of the range.
+    pub fn parse(pairs: Vec<(String, String)>, now: DateTime<Utc>) -> Result<Self, QueryError> {
+        let mut p = Params::new(pairs);
+        let granularity = match p.take_one("granularity")? {
+            Some(g) => parse_granularity(&g)?,
+            None => Granularity::Hour,
+        };
+        let (from, to) = (p.time("from")?, p.time("to")?);
+        let default_span = match granularity {
+            Granularity::Minute => Duration::hours(1),
+            Granularity::Hour => Duration::hours(24),
+            Granularity::Day => Duration::days(30),
+            Granularity::Month => Duration::days(365),
+        };
+        let (from, to) = range(from, to, |to| to - default_span, now)?;
+        let group_by = p.dimensions("group_by")?;
+        let tz = p.tz()?;
+        let order_by = p
+            .take_one("order_by")?
+            .map(|v| OrderBy::parse(v.trim()))
+            .transpose()?;
+        let limit = p.count("limit", MAX_POINTS)?;
+        if limit == Some(0) {
+            return Err(QueryError::bad(
+                "invalid_parameter",
+                format!("`limit` must be from 1 to {MAX_POINTS}"),
+            ));
+        }
+        let fill_zero = match p.take_one("fill")?.as_deref() {
+            None | Some("none") => false,
+            Some("zero") => true,
+            Some(v) => {
+                return Err(QueryError::bad(
+                    "invalid_parameter",
+                    format!("`fill` must be `zero` (include empty buckets) or `none`, got `{v}`"),
+                ))
+            }
+        };
+        let filters = p.filters()?;
+        p.finish(PARAMETERS)?;
+        Ok(Self {
+            from,
+            to,
+            granularity,
+            group_by,
+            filters,
+            tz,
+            order_by,
+            limit,
+            fill_zero,
+        })
+    }
+}
+
+/// The `/v1/stats` answer.
+#[derive(Debug, Clone, Serialize)]
+pub struct StatsResponse {
+    /// The requested start.
+    #[serde(serialize_with = "rfc3339")]
+    pub from: DateTime<Utc>,
+    /// The requested end.
+    #[serde(serialize_with = "rfc3339")]
+    pub to: DateTime<Utc>,
+    /// The buckets counted: every bucket that overlaps `[from, to)`, in full.
+    pub covered: Covered,
+    /// Bucket size.
+    pub granularity: &'static str,
+    /// Timezone of the buckets.
+    pub timezone: String,
+    /// Grouping dimensions.
+    pub group_by: Vec<&'static str>,
+    /// The projection that answered.
+    pub projection: String,
+    /// Every event committed before this instant is counted.
+    #[serde(serialize_with = "rfc3339_opt")]
+    pub as_of: Option<DateTime<Utc>>,
+    /// Ranking measure, when given.
+    pub order_by: Option<&'static str>,
+    /// Group limit, when given.
+    pub limit: Option<usize>,
+    /// One point per non-empty (or, with `fill=zero`, every) bucket and group.
+    pub series: Vec<Point>,
+    /// Each group over the whole range, in ranking order.
+    pub totals: Vec<Total>,
+}
+
+fn group_of(group_by: &[Dimension], row: AggRow) -> (DateTime<Utc>, Group, Measures) {
+    let group = Group(group_by.iter().copied().zip(row.dims).collect());
+    (row.bucket, group, row.measures)
+}
+
+/// Ranks groups by `order` (descending), ties by group values.
+pub fn rank(groups: &mut [(Group, Measures)], order: OrderBy) {
+    groups.sort_by(|(ga, a), (gb, b)| order.value(b).cmp(&order.value(a)).then(ga.cmp(gb)));
+}
+
+/// Answers a stats request from the aggregate tables.
+pub async fn run(
+    store: &dyn EventStore,
+    catalog: &Catalog,
+    req: &StatsRequest,
+) -> Result<StatsResponse, QueryError> {
+    let mut needed = req.group_by.clone();
+    needed.extend(req.filters.iter().map(|(d, _)| *d));
+    let spec = choose(catalog, req.granularity, req.tz, &needed)?;
+    let tz = if req.granularity == Granularity::Minute {
+        req.tz
+    } else {
+        spec.timezone
+    };
+    let starts = buckets(req.from, req.to, req.granularity, tz, MAX_POINTS)?;
+    let (first, last) = match (starts.first(), starts.last()) {
+        (Some(f), Some(l)) => (*f, next_bucket(*l, req.granularity, tz)),
+        _ => {
+            return Err(QueryError::bad(
+                "invalid_range",
+                "the range holds no bucket",
+            ))
+        }
+    };
+    let base = AggQuery {
+        spec: &spec,
+        granularity: req.granularity,
+        from: first,
+        to: last,
+        filters: &req.filters,
+        group_by: &req.group_by,
+        rows: true,
+        by_bucket: true,
+        max_rows: MAX_ROWS,
+    };
+    let as_of = async {
+        let states = store.projection_states().await?;
+        Ok::<_, QueryError>(
+            states
+                .into_iter()
+                .find(|s| s.name == spec.name)
+                .and_then(|s| s.as_of),
+        )
+    };
+    // Top-N: rank the groups on summed integers first (no sketches), then read
+    // full rows for the chosen groups only.
+    let chosen: Option<Vec<Group>> = match req.limit {
+        Some(limit) if !req.group_by.is_empty() => {
+            let order = req.order_by.unwrap_or(OrderBy::Requests);
+            let sums = store
+                .query_agg(&AggQuery {
+                    rows: false,
+                    by_bucket: false,
+                    ..base.clone()
+                })
+                .await?;
+            let mut groups: Vec<(Group, Measures)> = sums
+                .into_iter()
+                .map(|r| {
+                    let (_, g, m) = group_of(&req.group_by, r);
+                    (g, m)
+                })
+                .collect();
+            rank(&mut groups, order);
+            groups.truncate(limit);
+            Some(groups.into_iter().map(|(g, _)| g).collect())
+        }
+        _ => None,
+    };
+    let filters: Vec<(Dimension, Vec<String>)> = match &chosen {
+        None => req.filters.clone(),
+        Some(groups) => {
+            let mut f: Vec<(Dimension, Vec<String>)> = req
+                .filters
+                .iter()
+                .filter(|(d, _)| !req.group_by.contains(d))
+                .cloned()
+                .collect();
+            for (i, d) in req.group_by.iter().enumerate() {
+                let mut values: Vec<String> = groups.iter().map(|g| g.0[i].1.clone()).collect();
+                values.sort();
+                values.dedup();
+                f.push((*d, values));
+            }
+            f
+        }
+    };
+    let (rows, as_of) = if chosen.as_ref().is_some_and(|g| g.is_empty()) {
+        (Vec::new(), as_of.await?)
+    } else {
+        let q = AggQuery {
+            filters: &filters,
+            ..base.clone()
+        };
+        let (rows, as_of) = tokio::join!(store.query_agg(&q), as_of);
+        (rows?, as_of?)
+    };
+
+    let mut cells: BTreeMap<(DateTime<Utc>, Group), Measures> = BTreeMap::new();
+    for row in rows {
+        let (bucket, group, m) = group_of(&req.group_by, row);
+        if chosen.as_ref().is_some_and(|c| !c.contains(&group)) {
+            continue;
+        }
+        cells.entry((bucket, group)).or_default().merge(&m);
+    }
+    let mut totals: HashMap<Group, Measures> = HashMap::new();
+    for ((_, g), m) in &cells {
+        totals.entry(g.clone()).or_default().merge(m);
+    }
+    if req.group_by.is_empty() {
+        totals.entry(Group::default()).or_default();
+    }
+    let mut totals: Vec<(Group, Measures)> = totals.into_iter().collect();
+    match (&chosen, req.order_by) {
+        (Some(c), _) => totals.sort_by_key(|(g, _)| c.iter().position(|x| x == g)),
+        (None, Some(order)) => rank(&mut totals, order),
+        (None, None) => totals.sort_by(|a, b| a.0.cmp(&b.0)),
+    }
+    let points = if req.fill_zero {
+        starts.len().saturating_mul(totals.len())
+    } else {
+        cells.len()
+    };
+    if points > MAX_POINTS {
+        return Err(QueryError::bad(
+            "too_many_points",
+            format!(
+                "the answer has {points} points (buckets × groups), more than {MAX_POINTS}; use a shorter range, a coarser granularity, filters, or `limit` to keep the top groups"
+            ),
+        ));
+    }
+    let position: HashMap<&Group, usize> = totals
+        .iter()
+        .enumerate()
+        .map(|(i, (g, _))| (g, i))
+        .collect();
+    let mut series = Vec::with_capacity(points);
+    let empty = Measures::default();
+    for &b in &starts {
+        let mut at: Vec<(usize, &Group, &Measures)> = if req.fill_zero {
+            totals
+                .iter()
+                .enumerate()
+                .map(|(i, (g, _))| (i, g, cells.get(&(b, g.clone())).unwrap_or(&empty)))
+                .collect()
+        } else {
+            cells
+                .range((b, Group::default())..)
+                .take_while(|((bb, _), _)| *bb == b)
+                .map(|((_, g), m)| (position.get(g).copied().unwrap_or(usize::MAX), g, m))
+                .collect()
+        };
+        at.sort_by_key(|(i, _, _)| *i);
+        series.extend(at.into_iter().map(|(_, g, m)| Point {
+            bucket: b,
+            group: g.clone(),
+            measures: MeasuresOut::from(m),
+        }));
+    }
+    Ok(StatsResponse {
+        from: req.from,
+        to: req.to,
+        covered: Covered {
+            from: first,
+            to: last,
+        },
+        granularity: req.granularity.as_str(),
+        timezone: tz.name().to_string(),
+        group_by: req.group_by.iter().map(|d| d.as_str()).collect(),
+        projection: spec.name.clone(),
+        as_of,
+        order_by: req.order_by.map(OrderBy::as_str),
+        limit: req.limit,
+        series,
+        totals: totals
+            .iter()
+            .map(|(g, m)| Total {
+                group: g.clone(),
+                measures: MeasuresOut::from(m),
+            })
+            .collect(),
+    })
+}
