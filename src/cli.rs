@@ -46,6 +46,11 @@ enum Command {
         #[command(subcommand)]
         which: ProjectionsCommand,
     },
+    /// Aggregated stats (`GET /v1/stats`) from a running server or straight from the database.
+    Stats(StatsArgs),
+    /// Keys ranked over a range (`GET /v1/keys`), or one key's page with `KEY`
+    /// (`GET /v1/keys/{key}/stats`).
+    Keys(KeysArgs),
     /// Benchmarks that compare Tally with a baseline measured in the same run.
     Bench {
         #[command(subcommand)]
@@ -122,6 +127,86 @@ struct EmitArgs {
     /// field drawn independently, timestamps over the last 6 hours).
     #[arg(long)]
     realistic: bool,
+}
+
+/// Where a query command gets its answer, and how it prints it.
+#[derive(Debug, clap::Args)]
+struct QueryTarget {
+    /// Ask this running server (e.g. `http://127.0.0.1:8080`); default: read the
+    /// database (`--database-url`) directly with the specs of `--projections-dir`.
+    #[arg(long, env = "TALLY_SERVER")]
+    server: Option<String>,
+    /// Directory of projection specs (direct database reads only).
+    #[arg(long, env = "TALLY_PROJECTIONS_DIR", default_value = "projections")]
+    projections_dir: PathBuf,
+    /// Output format.
+    #[arg(long, value_enum, default_value = "table")]
+    format: crate::query::render::Format,
+}
+
+#[derive(Debug, clap::Args)]
+struct StatsArgs {
+    #[command(flatten)]
+    target: QueryTarget,
+    /// Range start, RFC 3339 (inclusive).
+    #[arg(long)]
+    from: Option<String>,
+    /// Range end, RFC 3339 (exclusive; default now).
+    #[arg(long)]
+    to: Option<String>,
+    /// minute, hour, day or month (default hour).
+    #[arg(long)]
+    granularity: Option<String>,
+    /// Comma-separated dimensions.
+    #[arg(long)]
+    group_by: Option<String>,
+    /// IANA timezone of the buckets (default UTC).
+    #[arg(long)]
+    tz: Option<String>,
+    /// Rank groups by this measure (descending).
+    #[arg(long)]
+    order_by: Option<String>,
+    /// Keep the top N groups.
+    #[arg(long)]
+    limit: Option<String>,
+    /// `zero`: include empty buckets.
+    #[arg(long)]
+    fill: Option<String>,
+    /// A filter `dimension=value`; repeat for more (same dimension: any of).
+    #[arg(long = "filter", value_name = "DIM=VALUE")]
+    filters: Vec<String>,
+}
+
+#[derive(Debug, clap::Args)]
+struct KeysArgs {
+    #[command(flatten)]
+    target: QueryTarget,
+    /// Show this key's page (today, this month, last 24 h, by model and api).
+    key: Option<String>,
+    /// Range start, RFC 3339 (default: start of this month).
+    #[arg(long)]
+    from: Option<String>,
+    /// Range end, RFC 3339 (exclusive; default now).
+    #[arg(long)]
+    to: Option<String>,
+    /// The instant a key page is computed for (default now).
+    #[arg(long)]
+    at: Option<String>,
+    /// IANA timezone (default UTC).
+    #[arg(long)]
+    tz: Option<String>,
+    /// cost, requests, tokens, errors, … (default cost).
+    #[arg(long)]
+    order_by: Option<String>,
+    /// Keys shown (default 50).
+    #[arg(long)]
+    limit: Option<String>,
+    /// Keys skipped.
+    #[arg(long)]
+    offset: Option<String>,
+    /// A filter `dimension=value`; repeat for more.
+    #[arg(long = "filter", value_name = "DIM=VALUE")]
+    filters: Vec<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -219,6 +304,8 @@ pub async fn run() -> anyhow::Result<()> {
             println!("migrations applied to {}", redact_url(&cli.db.database_url));
         }
         Command::Projections { which } => projections(&cli.db, which).await?,
+        Command::Stats(args) => query_stats(&cli.db, args).await?,
+        Command::Keys(args) => query_keys(&cli.db, args).await?,
         Command::Demo(args) => demo(&cli.db, args).await?,
         Command::Emit(args) => emit(args).await?,
         Command::Bench { which } => match which {
@@ -521,4 +608,133 @@ fn shutdown_on_signal() -> CancellationToken {
         t.cancel();
     });
     token
+}
+
+/// Query parameters from optional flags and `dim=value` filters.
+fn query_pairs(
+    named: &[(&str, &Option<String>)],
+    filters: &[String],
+) -> anyhow::Result<Vec<(String, String)>> {
+    let mut pairs: Vec<(String, String)> = named
+        .iter()
+        .filter_map(|(k, v)| v.as_ref().map(|v| (k.to_string(), v.clone())))
+        .collect();
+    for f in filters {
+        let (k, v) = f
+            .split_once('=')
+            .with_context(|| format!("--filter `{f}`: write it as DIMENSION=VALUE, e.g. api=openai"))?;
+        pairs.push((k.trim().to_string(), v.to_string()));
+    }
+    Ok(pairs)
+}
+
+/// Answers a query path either from `--server` or from the database directly.
+async fn query_answer(
+    db: &DatabaseConfig,
+    target: &QueryTarget,
+    path: &str,
+    pairs: Vec<(String, String)>,
+    local: impl AsyncFnOnce(
+        std::sync::Arc<dyn store::EventStore>,
+        crate::query::Catalog,
+        Vec<(String, String)>,
+    ) -> Result<serde_json::Value, crate::query::QueryError>,
+) -> anyhow::Result<serde_json::Value> {
+    if let Some(server) = &target.server {
+        let url = format!("{}{path}", server.trim_end_matches('/'));
+        let response = reqwest::Client::new()
+            .get(&url)
+            .query(&pairs)
+            .send()
+            .await
+            .with_context(|| format!("cannot reach {url}"))?;
+        let status = response.status();
+        let body: serde_json::Value = response
+            .json()
+            .await
+            .with_context(|| format!("{url} answered {status} with a body that is not JSON"))?;
+        if !status.is_success() {
+            anyhow::bail!(
+                "{status}: {}",
+                body["error"].as_str().unwrap_or(&body.to_string())
+            );
+        }
+        return Ok(body);
+    }
+    let specs = crate::projection::spec::load_dir(&target.projections_dir)?;
+    let catalog = crate::query::Catalog::new(specs.into_iter().map(std::sync::Arc::new).collect());
+    let store = store::connect(&db.database_url, &db.store_options()).await?;
+    let answer = local(store.clone(), catalog, pairs).await;
+    store.close().await;
+    Ok(answer?)
+}
+
+async fn query_stats(db: &DatabaseConfig, a: StatsArgs) -> anyhow::Result<()> {
+    use crate::query::{render, stats};
+    let pairs = query_pairs(
+        &[
+            ("from", &a.from),
+            ("to", &a.to),
+            ("granularity", &a.granularity),
+            ("group_by", &a.group_by),
+            ("tz", &a.tz),
+            ("order_by", &a.order_by),
+            ("limit", &a.limit),
+            ("fill", &a.fill),
+        ],
+        &a.filters,
+    )?;
+    let answer = query_answer(db, &a.target, "/v1/stats", pairs, async |store, catalog, pairs| {
+        let req = stats::StatsRequest::parse(pairs, chrono::Utc::now())?;
+        let answer = stats::run(store.as_ref(), &catalog, &req).await?;
+        Ok(serde_json::to_value(answer).unwrap_or_default())
+    })
+    .await?;
+    print!("{}", render::stats(&answer, a.target.format));
+    Ok(())
+}
+
+async fn query_keys(db: &DatabaseConfig, a: KeysArgs) -> anyhow::Result<()> {
+    use crate::query::{keys, render};
+    let now = chrono::Utc::now();
+    if let Some(key) = a.key.clone() {
+        let pairs = query_pairs(&[("at", &a.at), ("tz", &a.tz)], &a.filters)?;
+        let path = format!("/v1/keys/{}/stats", percent_encode_path(&key));
+        let answer = query_answer(db, &a.target, &path, pairs, async |store, catalog, pairs| {
+            let page = keys::page(store.as_ref(), &catalog, &key, pairs, now).await?;
+            Ok(serde_json::to_value(page).unwrap_or_default())
+        })
+        .await?;
+        print!("{}", render::key_page(&answer, a.target.format));
+        return Ok(());
+    }
+    let pairs = query_pairs(
+        &[
+            ("from", &a.from),
+            ("to", &a.to),
+            ("tz", &a.tz),
+            ("order_by", &a.order_by),
+            ("limit", &a.limit),
+            ("offset", &a.offset),
+        ],
+        &a.filters,
+    )?;
+    let answer = query_answer(db, &a.target, "/v1/keys", pairs, async |store, catalog, pairs| {
+        let req = keys::KeysRequest::parse(pairs, now)?;
+        let answer = keys::list(store.as_ref(), &catalog, &req, now).await?;
+        Ok(serde_json::to_value(answer).unwrap_or_default())
+    })
+    .await?;
+    print!("{}", render::keys(&answer, a.target.format));
+    Ok(())
+}
+
+/// Escapes a key for a URL path segment (keys may hold any printable character).
+fn percent_encode_path(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
 }
