@@ -620,9 +620,9 @@ fn query_pairs(
         .filter_map(|(k, v)| v.as_ref().map(|v| (k.to_string(), v.clone())))
         .collect();
     for f in filters {
-        let (k, v) = f
-            .split_once('=')
-            .with_context(|| format!("--filter `{f}`: write it as DIMENSION=VALUE, e.g. api=openai"))?;
+        let (k, v) = f.split_once('=').with_context(|| {
+            format!("--filter `{f}`: write it as DIMENSION=VALUE, e.g. api=openai")
+        })?;
         pairs.push((k.trim().to_string(), v.to_string()));
     }
     Ok(pairs)
@@ -684,11 +684,17 @@ async fn query_stats(db: &DatabaseConfig, a: StatsArgs) -> anyhow::Result<()> {
         ],
         &a.filters,
     )?;
-    let answer = query_answer(db, &a.target, "/v1/stats", pairs, async |store, catalog, pairs| {
-        let req = stats::StatsRequest::parse(pairs, chrono::Utc::now())?;
-        let answer = stats::run(store.as_ref(), &catalog, &req).await?;
-        Ok(serde_json::to_value(answer).unwrap_or_default())
-    })
+    let answer = query_answer(
+        db,
+        &a.target,
+        "/v1/stats",
+        pairs,
+        async |store, catalog, pairs| {
+            let req = stats::StatsRequest::parse(pairs, chrono::Utc::now())?;
+            let answer = stats::run(store.as_ref(), &catalog, &req).await?;
+            Ok(serde_json::to_value(answer).unwrap_or_default())
+        },
+    )
     .await?;
     print!("{}", render::stats(&answer, a.target.format));
     Ok(())
@@ -700,10 +706,16 @@ async fn query_keys(db: &DatabaseConfig, a: KeysArgs) -> anyhow::Result<()> {
     if let Some(key) = a.key.clone() {
         let pairs = query_pairs(&[("at", &a.at), ("tz", &a.tz)], &a.filters)?;
         let path = format!("/v1/keys/{}/stats", percent_encode_path(&key));
-        let answer = query_answer(db, &a.target, &path, pairs, async |store, catalog, pairs| {
-            let page = keys::page(store.as_ref(), &catalog, &key, pairs, now).await?;
-            Ok(serde_json::to_value(page).unwrap_or_default())
-        })
+        let answer = query_answer(
+            db,
+            &a.target,
+            &path,
+            pairs,
+            async |store, catalog, pairs| {
+                let page = keys::page(store.as_ref(), &catalog, &key, pairs, now).await?;
+                Ok(serde_json::to_value(page).unwrap_or_default())
+            },
+        )
         .await?;
         print!("{}", render::key_page(&answer, a.target.format));
         return Ok(());
@@ -719,11 +731,17 @@ async fn query_keys(db: &DatabaseConfig, a: KeysArgs) -> anyhow::Result<()> {
         ],
         &a.filters,
     )?;
-    let answer = query_answer(db, &a.target, "/v1/keys", pairs, async |store, catalog, pairs| {
-        let req = keys::KeysRequest::parse(pairs, now)?;
-        let answer = keys::list(store.as_ref(), &catalog, &req, now).await?;
-        Ok(serde_json::to_value(answer).unwrap_or_default())
-    })
+    let answer = query_answer(
+        db,
+        &a.target,
+        "/v1/keys",
+        pairs,
+        async |store, catalog, pairs| {
+            let req = keys::KeysRequest::parse(pairs, now)?;
+            let answer = keys::list(store.as_ref(), &catalog, &req, now).await?;
+            Ok(serde_json::to_value(answer).unwrap_or_default())
+        },
+    )
     .await?;
     print!("{}", render::keys(&answer, a.target.format));
     Ok(())
@@ -733,7 +751,9 @@ async fn query_keys(db: &DatabaseConfig, a: KeysArgs) -> anyhow::Result<()> {
 fn percent_encode_path(s: &str) -> String {
     s.bytes()
         .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
             _ => format!("%{b:02X}"),
         })
         .collect()

@@ -6,5 +6,6 @@ mod ingest_http;
 mod ingest_nats;
 mod projection;
 mod prop;
+mod query;
 mod store;
 mod support;

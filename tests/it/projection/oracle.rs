@@ -57,7 +57,7 @@ pub struct OracleRow {
 
 type OracleTable = BTreeMap<(DateTime<Utc>, Vec<String>), OracleRow>;
 
-fn dim(e: &Event, name: &str) -> String {
+pub fn dim(e: &Event, name: &str) -> String {
     match name {
         "api" => e.api.clone(),
         "endpoint" => e.endpoint.clone().unwrap_or_default(),
@@ -98,7 +98,7 @@ fn oracle_day_start(date: NaiveDate, tz: Tz) -> DateTime<Utc> {
     best.expect("a day has a first minute")
 }
 
-fn oracle_bucket(ts: DateTime<Utc>, g: Granularity, tz: Tz) -> DateTime<Utc> {
+pub fn oracle_bucket(ts: DateTime<Utc>, g: Granularity, tz: Tz) -> DateTime<Utc> {
     match g {
         Granularity::Minute => ts.duration_trunc(Duration::minutes(1)).expect("trunc"),
         Granularity::Hour => {
@@ -161,7 +161,7 @@ pub fn oracle(spec: &Spec, events: &[Event]) -> BTreeMap<Granularity, OracleTabl
     out
 }
 
-fn nearest_rank(sorted: &[f64], q: f64) -> f64 {
+pub fn nearest_rank(sorted: &[f64], q: f64) -> f64 {
     let n = sorted.len();
     let rank = ((q * n as f64).ceil() as usize).clamp(1, n);
     sorted[rank - 1]
