@@ -598,7 +598,6 @@ async fn keys_match_the_oracle(backend: Backend) {
     }
 
     // The key page at a fixed instant.
-    let at = t("2026-11-24T11:21:30Z");
     let body = get_ok(&f.server, "/v1/keys/k2/stats?at=2026-11-24T11:21:30Z").await;
     assert_eq!(body["key"], "k2");
     let k2: &[(&str, &[&str])] = &[("key", &["k2"])];
