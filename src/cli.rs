@@ -253,6 +253,25 @@ enum BenchCommand {
         #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
         span: std::time::Duration,
     },
+    /// The five canonical queries over HTTP vs. the same answers by GROUP BY over
+    /// the raw log with composite indexes (PostgreSQL).
+    Query {
+        /// Events generated over 30 days (COPY, then folded into the projections).
+        #[arg(long, default_value_t = 10_000_000)]
+        events: usize,
+        /// Timed Tally requests per query.
+        #[arg(long, default_value_t = 500)]
+        iterations: usize,
+        /// Timed GROUP BY runs per query.
+        #[arg(long, default_value_t = 10)]
+        baseline_iterations: usize,
+        /// Projection specs.
+        #[arg(long, env = "TALLY_PROJECTIONS_DIR", default_value = "projections")]
+        projections_dir: PathBuf,
+        /// Draw every event field independently (the worst case for the projections).
+        #[arg(long)]
+        uniform: bool,
+    },
     /// NATS ingest end to end vs. appending the same events straight through the store.
     Ingest {
         /// Database to measure.
@@ -325,6 +344,22 @@ pub async fn run() -> anyhow::Result<()> {
                     projections_dir,
                     uniform,
                     span,
+                })
+                .await?;
+            }
+            BenchCommand::Query {
+                events,
+                iterations,
+                baseline_iterations,
+                projections_dir,
+                uniform,
+            } => {
+                bench::query(&bench::QueryBench {
+                    events,
+                    iterations: iterations.max(1),
+                    baseline_iterations: baseline_iterations.max(1),
+                    projections_dir,
+                    uniform,
                 })
                 .await?;
             }

@@ -5,8 +5,10 @@
 //! database, measured on the same rows right before.
 
 pub mod project;
+pub mod query;
 
 pub use project::{project, ProjectBench, ProjectResult};
+pub use query::{query, QueryBench, QueryFigures};
 
 use std::fmt::Write as _;
 use std::sync::Arc;

@@ -11,13 +11,13 @@ use serde::Serialize;
 
 use super::output::{rfc3339, rfc3339_opt, Covered, Group, MeasuresOut};
 use super::params::{range, OrderBy, Params};
-use super::plan::{decompose, Decomposition};
+use super::plan::{decompose, Decomposition, Segment};
 use super::stats::rank;
 use super::{Catalog, QueryError, MAX_ROWS};
 use crate::projection::bucket::day_start;
 use crate::projection::spec::Dimension;
 use crate::projection::Measures;
-use crate::store::{AggQuery, EventStore};
+use crate::store::{AggQuery, EventStore, Top};
 
 /// The parameters `/v1/keys` accepts.
 pub const KEYS_PARAMETERS: &str = "from, to, tz, order_by (cost|requests|tokens|errors|…), limit, offset, and the filters api, endpoint, method, user, model, status, error_type, cached";
@@ -66,7 +66,8 @@ pub async fn range_totals(
 ) -> Result<RangeTotals, QueryError> {
     let mut needed = group_by.to_vec();
     needed.extend(filters.iter().map(|(d, _)| *d));
-    let plan = decompose(catalog, tz, &needed, from, to, now)?;
+    let sizes = catalog.sizes(store).await;
+    let plan = decompose(catalog, &sizes, tz, &needed, from, to, now)?;
     let as_of = async {
         let states = store.projection_states().await?;
         let mut as_of: Option<Option<DateTime<Utc>>> = None;
@@ -82,10 +83,54 @@ pub async fn range_totals(
         }
         Ok::<_, QueryError>(as_of.flatten())
     };
-    let (sums, as_of) = tokio::join!(read(store, &plan, filters, group_by, false), as_of);
+    // One table: the database ranks and cuts. Several: sum them here, then rank.
+    let single = match (page, plan.segments.as_slice()) {
+        (Some(page), [seg]) => Some((page, seg)),
+        _ => None,
+    };
+    let ranked = async {
+        match single {
+            Some((page, seg)) => {
+                let q = AggQuery {
+                    spec: &seg.spec,
+                    granularity: seg.granularity,
+                    from: seg.from,
+                    to: seg.to,
+                    filters,
+                    group_by,
+                    rows: false,
+                    by_bucket: false,
+                    max_rows: MAX_ROWS,
+                    top: Some(Top {
+                        order: page.order.sql(),
+                        limit: page.limit,
+                        offset: page.offset,
+                    }),
+                };
+                let answer = store.query_agg(&q).await?;
+                let groups: Vec<(Group, Measures)> = answer
+                    .rows
+                    .into_iter()
+                    .map(|r| {
+                        (
+                            Group(group_by.iter().copied().zip(r.dims).collect()),
+                            r.measures,
+                        )
+                    })
+                    .collect();
+                let total = usize::try_from(answer.groups.unwrap_or(0)).unwrap_or(0);
+                Ok::<_, QueryError>((groups, total, true))
+            }
+            None => {
+                let groups = read(store, &plan, filters, group_by, false).await?;
+                let total = groups.len();
+                Ok((groups, total, false))
+            }
+        }
+    };
+    let (ranked, as_of) = tokio::join!(ranked, as_of);
     let as_of = as_of?;
-    let mut groups = sums?;
-    let total_groups = groups.len();
+    let (mut groups, total_groups, paged) = ranked?;
     let groups = match page {
         None => {
             let mut full = read(store, &plan, filters, group_by, true).await?;
@@ -93,13 +138,17 @@ pub async fn range_totals(
             full
         }
         Some(page) => {
-            rank(&mut groups, page.order);
-            let chosen: Vec<Group> = groups
-                .into_iter()
-                .skip(page.offset)
-                .take(page.limit)
-                .map(|(g, _)| g)
-                .collect();
+            let chosen: Vec<Group> = if paged {
+                groups.into_iter().map(|(g, _)| g).collect()
+            } else {
+                rank(&mut groups, page.order);
+                groups
+                    .into_iter()
+                    .skip(page.offset)
+                    .take(page.limit)
+                    .map(|(g, _)| g)
+                    .collect()
+            };
             if chosen.is_empty() {
                 Vec::new()
             } else {
@@ -154,8 +203,9 @@ async fn read(
             rows,
             by_bucket: false,
             max_rows: MAX_ROWS,
+            top: None,
         };
-        async move { store.query_agg(&q).await }
+        async move { store.query_agg(&q).await.map(|a| a.rows) }
     });
     let mut merged: HashMap<Group, Measures> = HashMap::new();
     for rows in try_join_all(reads).await? {
@@ -389,26 +439,91 @@ pub async fn page(
     let split = [Dimension::Api, Dimension::Model];
     let day = day_start(at.with_timezone(&tz).date_naive(), tz);
     let month = month_start(at, tz);
-    let window = |from: DateTime<Utc>| {
-        let filters = &filters;
-        async move {
-            if from >= at {
-                // `at` is exactly midnight: an empty window.
-                return Ok(RangeTotals {
-                    groups: Vec::new(),
-                    total_groups: 0,
-                    covered: (at, at),
-                    as_of: None,
-                });
+    // The three windows share most of their reads (this month's hours and
+    // minutes are today's): plan all three, read each distinct table range once.
+    let sizes = catalog.sizes(store).await;
+    let needed = [Dimension::Key, Dimension::Api, Dimension::Model];
+    let starts = [day, month, at - Duration::hours(24)];
+    let mut plans = Vec::with_capacity(3);
+    for from in starts {
+        plans.push(if from < at {
+            Some(decompose(catalog, &sizes, tz, &needed, from, at, now)?)
+        } else {
+            None // `at` is exactly midnight: an empty window.
+        });
+    }
+    let mut distinct: Vec<&Segment> = Vec::new();
+    let same = |a: &Segment, b: &Segment| {
+        a.spec.name == b.spec.name
+            && a.granularity == b.granularity
+            && a.from == b.from
+            && a.to == b.to
+    };
+    for seg in plans.iter().flatten().flat_map(|p| &p.segments) {
+        if !distinct.iter().any(|d| same(d, seg)) {
+            distinct.push(seg);
+        }
+    }
+    let reads = distinct.iter().map(|seg| {
+        let q = AggQuery {
+            spec: &seg.spec,
+            granularity: seg.granularity,
+            from: seg.from,
+            to: seg.to,
+            filters: &filters,
+            group_by: &split,
+            rows: true,
+            by_bucket: false,
+            max_rows: MAX_ROWS,
+            top: None,
+        };
+        async move { store.query_agg(&q).await.map(|a| a.rows) }
+    });
+    let (read, states) = tokio::join!(try_join_all(reads), store.projection_states());
+    let (read, states) = (read?, states?);
+    let window_totals = |plan: &Option<Decomposition>| -> RangeTotals {
+        let Some(plan) = plan else {
+            return RangeTotals {
+                groups: Vec::new(),
+                total_groups: 0,
+                covered: (at, at),
+                as_of: None,
+            };
+        };
+        let mut merged: HashMap<Group, Measures> = HashMap::new();
+        for seg in &plan.segments {
+            let i = distinct.iter().position(|d| same(d, seg)).unwrap_or(0);
+            for row in read.get(i).into_iter().flatten() {
+                let g = Group(split.iter().copied().zip(row.dims.clone()).collect());
+                merged.entry(g).or_default().merge(&row.measures);
             }
-            range_totals(store, catalog, tz, filters, &split, (from, at), now, None).await
+        }
+        let as_of = plan
+            .segments
+            .iter()
+            .map(|seg| {
+                states
+                    .iter()
+                    .find(|s| s.name == seg.spec.name)
+                    .and_then(|s| s.as_of)
+            })
+            .min()
+            .flatten();
+        RangeTotals {
+            total_groups: merged.len(),
+            groups: merged.into_iter().collect(),
+            covered: plan.covered,
+            as_of,
         }
     };
-    let (today, this_month, last_24h) =
-        tokio::try_join!(window(day), window(month), window(at - Duration::hours(24)))?;
+    let (today, this_month, last_24h) = (
+        window_totals(&plans[0]),
+        window_totals(&plans[1]),
+        window_totals(&plans[2]),
+    );
     let as_of = [&today, &this_month, &last_24h]
         .iter()
-        .filter(|t| !t.groups.is_empty() || t.covered.0 < t.covered.1)
+        .filter(|t| t.covered.0 < t.covered.1)
         .map(|t| t.as_of)
         .min()
         .flatten();

@@ -21,12 +21,14 @@ pub mod plan;
 pub mod render;
 pub mod stats;
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use axum::http::StatusCode;
 
 use crate::projection::spec::Spec;
-use crate::store::StoreError;
+use crate::store::{EventStore, StoreError};
 
 /// Most points (buckets × groups) one answer may hold.
 pub const MAX_POINTS: usize = 10_000;
@@ -93,17 +95,59 @@ impl From<StoreError> for QueryError {
     }
 }
 
-/// What can be queried: the loaded projection specs.
-#[derive(Debug, Clone, Default)]
+/// Table sizes, as last read, and when.
+type Sizes = Option<(Instant, Arc<HashMap<String, i64>>)>;
+
+/// How long table size estimates are reused: sizes change slowly, and a
+/// stale estimate only costs speed, never correctness.
+const SIZES_TTL: Duration = Duration::from_secs(30);
+
+/// What can be queried: the loaded projection specs, and how big their tables
+/// are (the planner prefers the smallest table that can answer).
+#[derive(Debug, Default)]
 pub struct Catalog {
     /// Every loaded spec.
     pub specs: Vec<Arc<Spec>>,
+    sizes: Mutex<Sizes>,
 }
 
 impl Catalog {
     /// A catalog of these specs.
     pub fn new(specs: Vec<Arc<Spec>>) -> Self {
-        Self { specs }
+        Self {
+            specs,
+            sizes: Mutex::new(None),
+        }
+    }
+
+    /// Size estimates of every table, cached for [`SIZES_TTL`]. A failed read
+    /// gives no sizes: the planner then orders by dimension count alone.
+    pub async fn sizes(&self, store: &dyn EventStore) -> Arc<HashMap<String, i64>> {
+        if let Ok(guard) = self.sizes.lock() {
+            if let Some((at, sizes)) = guard.as_ref() {
+                if at.elapsed() < SIZES_TTL {
+                    return sizes.clone();
+                }
+            }
+        }
+        let tables: Vec<String> = self
+            .specs
+            .iter()
+            .flat_map(|s| s.granularities.iter().map(|g| s.table(*g)))
+            .collect();
+        match store.table_sizes(&tables).await {
+            Ok(sizes) => {
+                let sizes = Arc::new(sizes);
+                if let Ok(mut guard) = self.sizes.lock() {
+                    *guard = Some((Instant::now(), sizes.clone()));
+                }
+                sizes
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "table sizes unavailable");
+                Arc::new(HashMap::new())
+            }
+        }
     }
 
     /// One line per projection: `by_key (api, key, model; hour, day, month; UTC)`.

@@ -72,6 +72,22 @@ impl OrderBy {
             .map_or("requests", |(n, _)| n)
     }
 
+    /// The same ranking value in SQL, over an aggregate table's columns.
+    pub fn sql(self) -> &'static str {
+        match self {
+            OrderBy::Requests => "sum(requests)",
+            OrderBy::Successes => "sum(successes)",
+            OrderBy::Errors => "sum(errors)",
+            OrderBy::Cost => "sum(cost_nanos)",
+            OrderBy::Tokens => "sum(tokens_in) + sum(tokens_out)",
+            OrderBy::TokensIn => "sum(tokens_in)",
+            OrderBy::TokensOut => "sum(tokens_out)",
+            OrderBy::RequestBytes => "sum(request_bytes)",
+            OrderBy::ResponseBytes => "sum(response_bytes)",
+            OrderBy::Cached => "sum(cache_hits)",
+        }
+    }
+
     /// The ranked value of a group's totals.
     pub fn value(self, m: &Measures) -> i128 {
         let v = match self {

@@ -3,6 +3,7 @@
 //! asked for; and, for totals over a range, which months, days, hours and
 //! minutes make the range up.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
@@ -20,24 +21,41 @@ fn covers(spec: &Spec, g: Granularity, tz: Tz, needed: &[Dimension]) -> bool {
         && needed.iter().all(|d| spec.dimensions.contains(d))
 }
 
-/// The narrowest covering projection (fewest dimensions, then name), if any.
-pub fn find(catalog: &Catalog, g: Granularity, tz: Tz, needed: &[Dimension]) -> Option<Arc<Spec>> {
+/// The narrowest covering projection: the smallest table (by `sizes`), then
+/// the fewest dimensions, then the name. Fewest dimensions alone is not
+/// narrowest: `(user, api)` has fewer than `(api, endpoint, method)` and
+/// thousands of times more rows.
+pub fn find(
+    catalog: &Catalog,
+    sizes: &HashMap<String, i64>,
+    g: Granularity,
+    tz: Tz,
+    needed: &[Dimension],
+) -> Option<Arc<Spec>> {
+    let rank = |s: &Spec| {
+        (
+            sizes.get(&s.table(g)).copied().unwrap_or(0),
+            s.dimensions.len(),
+            s.name.clone(),
+        )
+    };
     catalog
         .specs
         .iter()
         .filter(|s| covers(s, g, tz, needed))
-        .min_by(|a, b| (a.dimensions.len(), &a.name).cmp(&(b.dimensions.len(), &b.name)))
+        .min_by_key(|s| rank(s))
         .cloned()
 }
 
 /// [`find`], or the 400 that lists what exists and what to add.
 pub fn choose(
     catalog: &Catalog,
+    sizes: &HashMap<String, i64>,
     g: Granularity,
     tz: Tz,
     needed: &[Dimension],
 ) -> Result<Arc<Spec>, QueryError> {
-    find(catalog, g, tz, needed).ok_or_else(|| no_projection(catalog, g, tz, needed))
+    find(catalog, sizes, g, tz, needed).ok_or_else(|| no_projection(catalog, g, tz, needed))
 }
 
 fn no_projection(catalog: &Catalog, g: Granularity, tz: Tz, needed: &[Dimension]) -> QueryError {
@@ -129,6 +147,7 @@ pub struct Decomposition {
 /// edge, and [`Decomposition::covered`] says so.
 pub fn decompose(
     catalog: &Catalog,
+    sizes: &HashMap<String, i64>,
     tz: Tz,
     needed: &[Dimension],
     from: DateTime<Utc>,
@@ -137,7 +156,7 @@ pub fn decompose(
 ) -> Result<Decomposition, QueryError> {
     let mut levels: Vec<Level> = Vec::new();
     for g in Granularity::ALL.into_iter().rev() {
-        if let Some(spec) = find(catalog, g, tz, needed) {
+        if let Some(spec) = find(catalog, sizes, g, tz, needed) {
             let kept_from = spec
                 .retention
                 .get(&g)

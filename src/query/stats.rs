@@ -13,7 +13,7 @@ use super::{Catalog, QueryError, MAX_POINTS, MAX_ROWS};
 use crate::projection::bucket::next_bucket;
 use crate::projection::spec::{Dimension, Granularity};
 use crate::projection::Measures;
-use crate::store::{AggQuery, AggRow, EventStore};
+use crate::store::{AggQuery, AggRow, EventStore, Top};
 
 /// The parameters `/v1/stats` accepts (for messages).
 pub const PARAMETERS: &str = "from, to, granularity, group_by, tz, order_by, limit, fill, and the filters api, endpoint, method, key, user, model, status, error_type, cached";
@@ -146,7 +146,8 @@ pub async fn run(
 ) -> Result<StatsResponse, QueryError> {
     let mut needed = req.group_by.clone();
     needed.extend(req.filters.iter().map(|(d, _)| *d));
-    let spec = choose(catalog, req.granularity, req.tz, &needed)?;
+    let sizes = catalog.sizes(store).await;
+    let spec = choose(catalog, &sizes, req.granularity, req.tz, &needed)?;
     let tz = if req.granularity == Granularity::Minute {
         req.tz
     } else {
@@ -172,6 +173,7 @@ pub async fn run(
         rows: true,
         by_bucket: true,
         max_rows: MAX_ROWS,
+        top: None,
     };
     let as_of = async {
         let states = store.projection_states().await?;
@@ -187,22 +189,27 @@ pub async fn run(
     let chosen: Option<Vec<Group>> = match req.limit {
         Some(limit) if !req.group_by.is_empty() => {
             let order = req.order_by.unwrap_or(OrderBy::Requests);
+            // Ranked and cut in the database: only `limit` groups come back.
             let sums = store
                 .query_agg(&AggQuery {
                     rows: false,
                     by_bucket: false,
+                    top: Some(Top {
+                        order: order.sql(),
+                        limit,
+                        offset: 0,
+                    }),
                     ..base.clone()
                 })
                 .await?;
-            let mut groups: Vec<(Group, Measures)> = sums
+            let groups: Vec<(Group, Measures)> = sums
+                .rows
                 .into_iter()
                 .map(|r| {
                     let (_, g, m) = group_of(&req.group_by, r);
                     (g, m)
                 })
                 .collect();
-            rank(&mut groups, order);
-            groups.truncate(limit);
             Some(groups.into_iter().map(|(g, _)| g).collect())
         }
         _ => None,
@@ -233,7 +240,7 @@ pub async fn run(
             ..base.clone()
         };
         let (rows, as_of) = tokio::join!(store.query_agg(&q), as_of);
-        (rows?, as_of?)
+        (rows?.rows, as_of?)
     };
 
     let mut cells: BTreeMap<(DateTime<Utc>, Group), Measures> = BTreeMap::new();

@@ -397,6 +397,36 @@ pub struct AggQuery<'a> {
     pub by_bucket: bool,
     /// Answer [`super::StoreError::TooManyRows`] past this many rows.
     pub max_rows: usize,
+    /// With `rows = false, by_bucket = false`: rank the groups in the
+    /// database and return one page of them (and how many groups there are).
+    pub top: Option<Top>,
+}
+
+/// A page of groups ranked in SQL: `ORDER BY <order> DESC, <group columns>`.
+/// Group columns compare bytewise (`COLLATE "C"` on PostgreSQL, `BINARY` on
+/// SQLite), as Rust strings do, so both rankings agree on ties.
+#[derive(Debug, Clone, Copy)]
+pub struct Top {
+    /// SQL expression over the summed measure columns, from a closed list.
+    pub order: &'static str,
+    /// Groups returned.
+    pub limit: usize,
+    /// Groups skipped.
+    pub offset: usize,
+}
+
+/// What [`super::ProjectionStore::query_agg`] answers.
+#[derive(Debug, Clone, Default)]
+pub struct AggAnswer {
+    /// The rows (or summed groups).
+    pub rows: Vec<AggRow>,
+    /// With [`AggQuery::top`]: how many groups there are in all.
+    pub groups: Option<i64>,
+}
+
+/// The column index of `count(*) OVER ()` in a ranked read.
+pub fn groups_column(q: &AggQuery<'_>) -> usize {
+    1 + q.group_by.len() + INT_COLUMNS.len() + FLOAT_COLUMNS.len() + 1
 }
 
 /// `CREATE INDEX` statements of a table: one `(dimension, bucket)` index per
@@ -432,7 +462,10 @@ pub fn query_select(q: &AggQuery<'_>, backend: Backend) -> (String, String) {
         select.extend(INT_COLUMNS.iter().map(|c| c.to_string()));
         select.extend(FLOAT_COLUMNS.iter().map(|c| c.to_string()));
         select.push("latency_sketch".into());
-        return (select.join(", "), String::new());
+        return (
+            select.join(", "),
+            format!(" LIMIT {}", q.max_rows.saturating_add(1)),
+        );
     }
     select.push("min(bucket)".to_string());
     select.extend(groups.iter().cloned());
@@ -451,10 +484,25 @@ pub fn query_select(q: &AggQuery<'_>, backend: Backend) -> (String, String) {
         group.push("bucket".to_string());
     }
     group.extend(groups);
-    let group = if group.is_empty() {
-        String::new()
+    let mut tail = if group.is_empty() {
+        // An aggregate without GROUP BY answers one row even over no rows.
+        " HAVING count(*) > 0".to_string()
     } else {
         format!(" GROUP BY {}", group.join(", "))
     };
-    (select.join(", "), group)
+    match q.top {
+        Some(top) => {
+            select.push("count(*) OVER ()".into());
+            let mut order = vec![format!("{} DESC", top.order)];
+            order.extend(q.group_by.iter().map(|d| d.column()));
+            tail.push_str(&format!(
+                " ORDER BY {} LIMIT {} OFFSET {}",
+                order.join(", "),
+                top.limit,
+                top.offset
+            ));
+        }
+        None => tail.push_str(&format!(" LIMIT {}", q.max_rows.saturating_add(1))),
+    }
+    (select.join(", "), tail)
 }

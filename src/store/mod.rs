@@ -12,7 +12,8 @@ pub mod sqlite;
 
 use crate::projection::spec::{Granularity, Spec};
 pub use agg::{
-    AggQuery, AggRow, Apply, ApplyOutcome, Cursor, LogBatch, ProjectionState, Watermark,
+    AggAnswer, AggQuery, AggRow, Apply, ApplyOutcome, Cursor, LogBatch, ProjectionState, Top,
+    Watermark,
 };
 
 use std::collections::{HashMap, HashSet};
@@ -256,7 +257,12 @@ pub trait ProjectionStore: Send + Sync + 'static {
     ) -> Result<Vec<AggRow>, StoreError>;
 
     /// The rows an [`AggQuery`] selects, under the store's statement timeout.
-    async fn query_agg(&self, q: &AggQuery<'_>) -> Result<Vec<AggRow>, StoreError>;
+    async fn query_agg(&self, q: &AggQuery<'_>) -> Result<AggAnswer, StoreError>;
+
+    /// A cheap size estimate of each named table that exists (PostgreSQL:
+    /// pages on disk; SQLite: the largest rowid), for choosing between
+    /// projections that can answer the same query.
+    async fn table_sizes(&self, tables: &[String]) -> Result<HashMap<String, i64>, StoreError>;
 
     /// Rows in a table named by a spec.
     async fn count_rows(&self, table: &str) -> Result<i64, StoreError>;

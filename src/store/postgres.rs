@@ -11,9 +11,9 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
 use sqlx::{Postgres, Row, Transaction};
 
 use super::agg::{
-    agg_row_from, all_columns, create_table_sql, float_values, index_name, index_sql, int_values,
-    key_columns, merged_sketch, query_select, table, unix_ms, upsert_clause, FLOAT_COLUMNS,
-    INT_COLUMNS,
+    agg_row_from, all_columns, create_table_sql, float_values, groups_column, index_name,
+    index_sql, int_values, key_columns, merged_sketch, query_select, table, unix_ms, upsert_clause,
+    FLOAT_COLUMNS, INT_COLUMNS,
 };
 use super::{
     classify, event_from_row, first_occurrences, metadata_json, not_inserted, rejected_from_row,
@@ -21,8 +21,8 @@ use super::{
     StoreOptions, EVENT_COLUMNS, REJECTED_COLUMNS,
 };
 use super::{
-    AggQuery, AggRow, Apply, ApplyOutcome, Cursor, LogBatch, ProjectionState, ProjectionStore,
-    Watermark,
+    AggAnswer, AggQuery, AggRow, Apply, ApplyOutcome, Cursor, LogBatch, ProjectionState,
+    ProjectionStore, Watermark,
 };
 use crate::event::Event;
 use crate::projection::fold::{Measures, RowKey, Rows};
@@ -739,9 +739,9 @@ impl ProjectionStore for PgStore {
             .collect()
     }
 
-    async fn query_agg(&self, q: &AggQuery<'_>) -> Result<Vec<AggRow>, StoreError> {
+    async fn query_agg(&self, q: &AggQuery<'_>) -> Result<AggAnswer, StoreError> {
         let t = table(q.spec, q.granularity, "");
-        let (select, group) = query_select(q, Backend::Postgres);
+        let (select, tail) = query_select(q, Backend::Postgres);
         let mut qb = sqlx::QueryBuilder::<Postgres>::new(format!(
             "SELECT {select} FROM {t} WHERE bucket >= "
         ));
@@ -753,8 +753,7 @@ impl ProjectionStore for PgStore {
             qb.push_bind(values.clone());
             qb.push(")");
         }
-        qb.push(group);
-        qb.push(format!(" LIMIT {}", q.max_rows.saturating_add(1)));
+        qb.push(tail);
         let rows = match qb.build().fetch_all(&self.query_pool).await {
             Ok(rows) => rows,
             // 57014: query_canceled, which is what statement_timeout raises.
@@ -767,12 +766,30 @@ impl ProjectionStore for PgStore {
             return Err(StoreError::TooManyRows(q.max_rows));
         }
         let n = q.group_by.len();
-        rows.iter()
+        let groups = match (q.top, rows.first()) {
+            (None, _) => None,
+            (Some(_), None) => Some(0),
+            (Some(_), Some(r)) => Some(r.try_get(groups_column(q))?),
+        };
+        let rows = rows
+            .iter()
             .map(|r| {
                 let bucket: DateTime<Utc> = r.try_get(0)?;
                 agg_row_from(r, bucket, n, &t)
             })
-            .collect()
+            .collect::<Result<_, StoreError>>()?;
+        Ok(AggAnswer { rows, groups })
+    }
+
+    async fn table_sizes(&self, tables: &[String]) -> Result<HashMap<String, i64>, StoreError> {
+        let rows: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT relname::TEXT, (pg_relation_size(oid) / 8192)::BIGINT FROM pg_class \
+             WHERE relkind = 'r' AND relname = ANY($1) AND pg_table_is_visible(oid)",
+        )
+        .bind(tables)
+        .fetch_all(&self.query_pool)
+        .await?;
+        Ok(rows.into_iter().collect())
     }
 
     async fn count_rows(&self, table: &str) -> Result<i64, StoreError> {

@@ -18,8 +18,8 @@ use sqlx::sqlite::{
 use sqlx::{QueryBuilder, Row, Sqlite, Transaction};
 
 use super::agg::{
-    agg_row_from, all_columns, create_table_sql, float_values, index_name, index_sql, int_values,
-    key_columns, merged_sketch, query_select, table, unix_ms, upsert_clause,
+    agg_row_from, all_columns, create_table_sql, float_values, groups_column, index_name,
+    index_sql, int_values, key_columns, merged_sketch, query_select, table, unix_ms, upsert_clause,
 };
 use super::{
     classify, event_from_row, first_occurrences, metadata_json, not_inserted, rejected_from_row,
@@ -27,8 +27,8 @@ use super::{
     StoreOptions, EVENT_COLUMNS, REJECTED_COLUMNS,
 };
 use super::{
-    AggQuery, AggRow, Apply, ApplyOutcome, Cursor, LogBatch, ProjectionState, ProjectionStore,
-    Watermark,
+    AggAnswer, AggQuery, AggRow, Apply, ApplyOutcome, Cursor, LogBatch, ProjectionState,
+    ProjectionStore, Watermark,
 };
 use crate::event::{format_ts, Event};
 use crate::projection::fold::{Measures, RowKey, Rows};
@@ -661,9 +661,9 @@ impl ProjectionStore for SqliteStore {
             .collect()
     }
 
-    async fn query_agg(&self, q: &AggQuery<'_>) -> Result<Vec<AggRow>, StoreError> {
+    async fn query_agg(&self, q: &AggQuery<'_>) -> Result<AggAnswer, StoreError> {
         let t = table(q.spec, q.granularity, "");
-        let (select, group) = query_select(q, Backend::Sqlite);
+        let (select, tail) = query_select(q, Backend::Sqlite);
         let mut qb =
             QueryBuilder::<Sqlite>::new(format!("SELECT {select} FROM {t} WHERE bucket >= "));
         qb.push_bind(format_ts(&q.from));
@@ -677,8 +677,7 @@ impl ProjectionStore for SqliteStore {
             }
             qb.push(")");
         }
-        qb.push(group);
-        qb.push(format!(" LIMIT {}", q.max_rows.saturating_add(1)));
+        qb.push(tail);
         // SQLite has no server-side statement timeout: the future is dropped
         // instead, which stops the read at the next row.
         let rows = tokio::time::timeout(self.statement_timeout, qb.build().fetch_all(&self.reader))
@@ -688,7 +687,13 @@ impl ProjectionStore for SqliteStore {
             return Err(StoreError::TooManyRows(q.max_rows));
         }
         let n = q.group_by.len();
-        rows.iter()
+        let groups = match (q.top, rows.first()) {
+            (None, _) => None,
+            (Some(_), None) => Some(0),
+            (Some(_), Some(r)) => Some(r.try_get(groups_column(q))?),
+        };
+        let rows = rows
+            .iter()
             .map(|r| {
                 let bucket: String = r.try_get(0)?;
                 let bucket = parse_ts(&bucket).ok_or_else(|| StoreError::CorruptRow {
@@ -697,7 +702,25 @@ impl ProjectionStore for SqliteStore {
                 })?;
                 agg_row_from(r, bucket, n, &t)
             })
-            .collect()
+            .collect::<Result<_, StoreError>>()?;
+        Ok(AggAnswer { rows, groups })
+    }
+
+    async fn table_sizes(&self, tables: &[String]) -> Result<HashMap<String, i64>, StoreError> {
+        let existing: Vec<String> =
+            sqlx::query_scalar("SELECT name FROM sqlite_master WHERE type = 'table'")
+                .fetch_all(&self.reader)
+                .await?;
+        let mut out = HashMap::new();
+        for t in tables.iter().filter(|t| existing.contains(t)) {
+            // Rows are never deleted but by retention: the largest rowid is
+            // close to the row count and costs one index probe.
+            let n: Option<i64> = sqlx::query_scalar(&format!("SELECT max(rowid) FROM {t}"))
+                .fetch_one(&self.reader)
+                .await?;
+            out.insert(t.clone(), n.unwrap_or(0));
+        }
+        Ok(out)
     }
 
     async fn count_rows(&self, table: &str) -> Result<i64, StoreError> {
