@@ -399,6 +399,7 @@ pub struct AggQuery<'a> {
     pub max_rows: usize,
     /// With `rows = false, by_bucket = false`: rank the groups in the
     /// database and return one page of them (and how many groups there are).
+    /// The rows then carry the groups only: every measure reads 0.
     pub top: Option<Top>,
 }
 
@@ -473,7 +474,13 @@ pub fn query_select(q: &AggQuery<'_>, backend: Backend) -> (String, String) {
         Backend::Postgres => "::BIGINT",
         Backend::Sqlite => "",
     };
-    select.extend(INT_COLUMNS.iter().map(|c| format!("sum({c}){cast}")));
+    if q.top.is_some() {
+        // Ranking needs only the order expression (in ORDER BY): the
+        // measures of the chosen groups are read afterwards, with sketches.
+        select.extend(INT_COLUMNS.iter().map(|_| format!("0{cast}")));
+    } else {
+        select.extend(INT_COLUMNS.iter().map(|c| format!("sum({c}){cast}")));
+    }
     select.push("min(latency_min_ms)".into());
     select.push("max(latency_max_ms)".into());
     // The percentile columns and the sketch are not summed: `agg_row_from`
