@@ -89,69 +89,58 @@ impl Sketch {
         }
     }
 
-    /// Adds every count of `other`.
+    /// Adds every count of `other`, in place: no allocation unless the bins
+    /// grow (queries merge thousands of rows per answer).
     pub fn merge(&mut self, other: &Sketch) {
         self.zero += other.zero;
+        if other.bins.is_empty() {
+            return;
+        }
         if self.bins.is_empty() {
             self.bins.clone_from(&other.bins);
             return;
         }
-        // A running total soon holds every bin its parts use: then add in
-        // place, with no allocation (the common case when a query sums rows).
-        if self.add_in_place(other) {
-            return;
-        }
-        let mut merged = Vec::with_capacity(self.bins.len() + other.bins.len());
-        let (mut a, mut b) = (self.bins.iter().peekable(), other.bins.iter().peekable());
-        loop {
-            match (a.peek(), b.peek()) {
-                (Some(&&(i, c)), Some(&&(j, d))) => {
-                    if i == j {
-                        merged.push((i, c + d));
-                        a.next();
-                        b.next();
-                    } else if i < j {
-                        merged.push((i, c));
-                        a.next();
-                    } else {
-                        merged.push((j, d));
-                        b.next();
-                    }
-                }
-                (Some(&&x), None) => {
-                    merged.push(x);
-                    a.next();
-                }
-                (None, Some(&&y)) => {
-                    merged.push(y);
-                    b.next();
-                }
-                (None, None) => break,
-            }
-        }
-        self.bins = merged;
-    }
-
-    /// Adds `other`'s counts when every one of its bins exists here already;
-    /// false (and nothing changed) otherwise.
-    fn add_in_place(&mut self, other: &Sketch) -> bool {
+        // Pass 1: how many of `other`'s bins are new here.
+        let mut missing = 0;
         let mut j = 0;
         for &(i, _) in &other.bins {
             while j < self.bins.len() && self.bins[j].0 < i {
                 j += 1;
             }
             if j == self.bins.len() || self.bins[j].0 != i {
-                return false;
+                missing += 1;
             }
         }
-        let mut j = 0;
-        for &(i, c) in &other.bins {
-            while self.bins[j].0 < i {
-                j += 1;
+        if missing == 0 {
+            // Every bin exists: add (the common case for a running total).
+            let mut j = 0;
+            for &(i, c) in &other.bins {
+                while self.bins[j].0 < i {
+                    j += 1;
+                }
+                self.bins[j].1 += c;
             }
-            self.bins[j].1 += c;
+            return;
         }
-        true
+        // Pass 2: merge from the back into the grown vector.
+        let old = self.bins.len();
+        self.bins.resize(old + missing, (0, 0));
+        let (mut a, mut b, mut w) = (old, other.bins.len(), old + missing);
+        while b > 0 {
+            w -= 1;
+            let (bi, bc) = other.bins[b - 1];
+            if a > 0 && self.bins[a - 1].0 > bi {
+                self.bins[w] = self.bins[a - 1];
+                a -= 1;
+            } else if a > 0 && self.bins[a - 1].0 == bi {
+                self.bins[w] = (bi, self.bins[a - 1].1 + bc);
+                a -= 1;
+                b -= 1;
+            } else {
+                self.bins[w] = (bi, bc);
+                b -= 1;
+            }
+        }
     }
 
     /// Number of values counted.

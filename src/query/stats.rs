@@ -144,6 +144,7 @@ pub async fn run(
     catalog: &Catalog,
     req: &StatsRequest,
 ) -> Result<StatsResponse, QueryError> {
+    let started = std::time::Instant::now();
     let mut needed = req.group_by.clone();
     needed.extend(req.filters.iter().map(|(d, _)| *d));
     let sizes = catalog.sizes(store).await;
@@ -243,6 +244,8 @@ pub async fn run(
         (rows?.rows, as_of?)
     };
 
+    let read_rows = started.elapsed();
+    let row_count = rows.len();
     let mut cells: BTreeMap<(DateTime<Utc>, Group), Measures> = BTreeMap::new();
     for row in rows {
         let (bucket, group, m) = group_of(&req.group_by, row);
@@ -305,6 +308,14 @@ pub async fn run(
             measures: MeasuresOut::from(m),
         }));
     }
+    tracing::debug!(
+        projection = %spec.name,
+        rows = row_count,
+        points = series.len(),
+        read_us = read_rows.as_micros() as u64,
+        total_us = started.elapsed().as_micros() as u64,
+        "stats answered"
+    );
     Ok(StatsResponse {
         from: req.from,
         to: req.to,
