@@ -21,7 +21,7 @@ pub mod plan;
 pub mod render;
 pub mod stats;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -95,8 +95,19 @@ impl From<StoreError> for QueryError {
     }
 }
 
-/// Table sizes, as last read, and when.
-type Sizes = Option<(Instant, Arc<HashMap<String, i64>>)>;
+/// What the planner knows about the tables: their sizes, and which
+/// projections have caught up with the log at least once (a new spec still
+/// backfilling has no `as_of` and would answer with a fraction of the events).
+#[derive(Debug, Clone, Default)]
+pub struct TableStats {
+    /// Size estimate per existing table.
+    pub sizes: HashMap<String, i64>,
+    /// Projections with an `as_of`.
+    pub ready: HashSet<String>,
+}
+
+/// Table statistics, as last read, and when.
+type Sizes = Option<(Instant, Arc<TableStats>)>;
 
 /// How long table size estimates are reused: sizes change slowly, and a
 /// stale estimate only costs speed, never correctness.
@@ -120,9 +131,10 @@ impl Catalog {
         }
     }
 
-    /// Size estimates of every table, cached for [`SIZES_TTL`]. A failed read
-    /// gives no sizes: the planner then orders by dimension count alone.
-    pub async fn sizes(&self, store: &dyn EventStore) -> Arc<HashMap<String, i64>> {
+    /// Size estimates of every table and the caught-up projections, cached for
+    /// [`SIZES_TTL`]. A failed read gives no statistics: the planner then
+    /// orders by dimension count alone.
+    pub async fn sizes(&self, store: &dyn EventStore) -> Arc<TableStats> {
         if let Ok(guard) = self.sizes.lock() {
             if let Some((at, sizes)) = guard.as_ref() {
                 if at.elapsed() < SIZES_TTL {
@@ -135,17 +147,28 @@ impl Catalog {
             .iter()
             .flat_map(|s| s.granularities.iter().map(|g| s.table(*g)))
             .collect();
-        match store.table_sizes(&tables).await {
-            Ok(sizes) => {
-                let sizes = Arc::new(sizes);
+        let read = async {
+            let sizes = store.table_sizes(&tables).await?;
+            let ready = store
+                .projection_states()
+                .await?
+                .into_iter()
+                .filter(|s| s.as_of.is_some())
+                .map(|s| s.name)
+                .collect();
+            Ok::<_, StoreError>(TableStats { sizes, ready })
+        };
+        match read.await {
+            Ok(stats) => {
+                let sizes = Arc::new(stats);
                 if let Ok(mut guard) = self.sizes.lock() {
                     *guard = Some((Instant::now(), sizes.clone()));
                 }
                 sizes
             }
             Err(e) => {
-                tracing::debug!(error = %e, "table sizes unavailable");
-                Arc::new(HashMap::new())
+                tracing::debug!(error = %e, "table statistics unavailable");
+                Arc::new(TableStats::default())
             }
         }
     }

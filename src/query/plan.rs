@@ -3,13 +3,12 @@
 //! asked for; and, for totals over a range, which months, days, hours and
 //! minutes make the range up.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use chrono_tz::Tz;
 
-use super::{Catalog, QueryError};
+use super::{Catalog, QueryError, TableStats};
 use crate::projection::bucket::{bucket_start, next_bucket};
 use crate::projection::spec::{Dimension, Granularity, Spec};
 
@@ -21,20 +20,24 @@ fn covers(spec: &Spec, g: Granularity, tz: Tz, needed: &[Dimension]) -> bool {
         && needed.iter().all(|d| spec.dimensions.contains(d))
 }
 
-/// The narrowest covering projection: the smallest table (by `sizes`), then
+/// The narrowest covering projection: among those caught up with the log, the
+/// smallest table (by `stats`), then
 /// the fewest dimensions, then the name. Fewest dimensions alone is not
 /// narrowest: `(user, api)` has fewer than `(api, endpoint, method)` and
 /// thousands of times more rows.
 pub fn find(
     catalog: &Catalog,
-    sizes: &HashMap<String, i64>,
+    stats: &TableStats,
     g: Granularity,
     tz: Tz,
     needed: &[Dimension],
 ) -> Option<Arc<Spec>> {
     let rank = |s: &Spec| {
         (
-            sizes.get(&s.table(g)).copied().unwrap_or(0),
+            // A projection still backfilling answers only if nothing else can.
+            !stats.ready.contains(&s.name),
+            // A table not (yet) created ranks last.
+            stats.sizes.get(&s.table(g)).copied().unwrap_or(i64::MAX),
             s.dimensions.len(),
             s.name.clone(),
         )
@@ -50,12 +53,12 @@ pub fn find(
 /// [`find`], or the 400 that lists what exists and what to add.
 pub fn choose(
     catalog: &Catalog,
-    sizes: &HashMap<String, i64>,
+    stats: &TableStats,
     g: Granularity,
     tz: Tz,
     needed: &[Dimension],
 ) -> Result<Arc<Spec>, QueryError> {
-    find(catalog, sizes, g, tz, needed).ok_or_else(|| no_projection(catalog, g, tz, needed))
+    find(catalog, stats, g, tz, needed).ok_or_else(|| no_projection(catalog, g, tz, needed))
 }
 
 fn no_projection(catalog: &Catalog, g: Granularity, tz: Tz, needed: &[Dimension]) -> QueryError {
@@ -147,7 +150,7 @@ pub struct Decomposition {
 /// edge, and [`Decomposition::covered`] says so.
 pub fn decompose(
     catalog: &Catalog,
-    sizes: &HashMap<String, i64>,
+    stats: &TableStats,
     tz: Tz,
     needed: &[Dimension],
     from: DateTime<Utc>,
@@ -156,7 +159,7 @@ pub fn decompose(
 ) -> Result<Decomposition, QueryError> {
     let mut levels: Vec<Level> = Vec::new();
     for g in Granularity::ALL.into_iter().rev() {
-        if let Some(spec) = find(catalog, sizes, g, tz, needed) {
+        if let Some(spec) = find(catalog, stats, g, tz, needed) {
             let kept_from = spec
                 .retention
                 .get(&g)
@@ -171,6 +174,11 @@ pub fn decompose(
     }
     if levels.is_empty() {
         return Err(no_projection(catalog, Granularity::Hour, tz, needed));
+    }
+    // A level whose table is still backfilling would undercount its part of
+    // the range: leave it to the others (if any level is caught up).
+    if levels.iter().any(|l| stats.ready.contains(&l.spec.name)) {
+        levels.retain(|l| stats.ready.contains(&l.spec.name));
     }
     let mut segments = Vec::new();
     let covered = split(&levels, from, to, &mut segments);

@@ -149,3 +149,128 @@ async fn projections_list_and_rebuild_from_the_command_line() {
     assert!(!ok);
     assert!(err.contains("no projection named `no_such`"), "{err}");
 }
+
+/// `tally stats` and `tally keys` read the database directly and ask a server,
+/// and both give the same answer; table, JSON and CSV output.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stats_and_keys_from_the_command_line() {
+    let dir = tempfile::tempdir().expect("dir");
+    let db = format!("sqlite://{}", dir.path().join("q.db").display());
+    let store = tally::store::connect(&db, &Default::default())
+        .await
+        .expect("store");
+    store.migrate().await.expect("migrate");
+    let events = crate::projection::oracle::seeded_events("cliq", 400, 5);
+    crate::projection::oracle::append_all(store.as_ref(), &events, 100).await;
+    let projections = concat!(env!("CARGO_MANIFEST_DIR"), "/projections");
+    let run = |args: &[&str]| {
+        let out = tally()
+            .args(["--database-url", &db])
+            .args(args)
+            .env("TALLY_PROJECTIONS_DIR", projections)
+            .output()
+            .expect("run tally");
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    for name in ["by_api", "by_key", "alerts_minute"] {
+        run(&["projections", "rebuild", name]);
+    }
+    let range = [
+        "--from",
+        "2024-01-01T00:00:00Z",
+        "--to",
+        "2027-02-01T00:00:00Z",
+    ];
+    let stats = |extra: &[&str]| {
+        let mut args = vec!["stats", "--granularity", "month", "--group-by", "api"];
+        args.extend_from_slice(&range);
+        args.extend_from_slice(extra);
+        run(&args)
+    };
+    let direct: serde_json::Value =
+        serde_json::from_str(&stats(&["--format", "json"])).expect("json");
+    let total: i64 = direct["totals"]
+        .as_array()
+        .expect("totals")
+        .iter()
+        .map(|t| t["requests"].as_i64().expect("requests"))
+        .sum();
+    assert_eq!(total, 400, "{direct}");
+    let openai = events.iter().filter(|e| e.api == "openai").count() as i64;
+    let filtered: serde_json::Value =
+        serde_json::from_str(&stats(&["--format", "json", "--filter", "api=openai"]))
+            .expect("json");
+    assert_eq!(filtered["totals"][0]["requests"], openai);
+
+    let csv = stats(&["--format", "csv"]);
+    let mut lines = csv.lines();
+    assert!(
+        lines
+            .next()
+            .expect("header")
+            .starts_with("bucket,api,requests,successes,errors"),
+        "{csv}"
+    );
+    assert_eq!(
+        lines.count(),
+        direct["series"].as_array().expect("series").len()
+    );
+    let table = stats(&[]);
+    assert!(
+        table.contains("openai") && table.contains("projection by_api"),
+        "{table}"
+    );
+
+    // The same question to a running server answers the same numbers.
+    let mut config = crate::support::server_config();
+    config.projections.projections_dir = projections.into();
+    let server = crate::support::TestServer::start(store.clone(), config).await;
+    let remote: serde_json::Value =
+        serde_json::from_str(&stats(&["--format", "json", "--server", &server.base]))
+            .expect("json");
+    assert_eq!(remote["series"], direct["series"]);
+    assert_eq!(remote["totals"], direct["totals"]);
+
+    // Keys: the ranking and a key page, and a bad flag is a clear error.
+    let keys: serde_json::Value = serde_json::from_str(&run(&[
+        "keys",
+        "--from",
+        "2024-01-01T00:00:00Z",
+        "--to",
+        "2027-02-01T00:00:00Z",
+        "--order-by",
+        "requests",
+        "--format",
+        "json",
+    ]))
+    .expect("json");
+    let ranked: Vec<i64> = keys["keys"]
+        .as_array()
+        .expect("keys")
+        .iter()
+        .map(|k| k["requests"].as_i64().expect("requests"))
+        .collect();
+    assert_eq!(ranked.iter().sum::<i64>(), 400);
+    assert!(ranked.windows(2).all(|w| w[0] >= w[1]), "{ranked:?}");
+    let page = run(&[
+        "keys",
+        "k1",
+        "--at",
+        "2026-11-24T12:00:00Z",
+        "--format",
+        "csv",
+    ]);
+    assert!(page.lines().any(|l| l.starts_with("today,")), "{page}");
+    let out = tally()
+        .args(["--database-url", &db, "stats", "--group-by", "colour"])
+        .env("TALLY_PROJECTIONS_DIR", projections)
+        .output()
+        .expect("run tally");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("`colour` is not a dimension"));
+}
