@@ -211,7 +211,14 @@ async fn read(
     for rows in try_join_all(reads).await? {
         for row in rows {
             let g = Group(group_by.iter().copied().zip(row.dims).collect());
-            merged.entry(g).or_default().merge(&row.measures);
+            match merged.entry(g) {
+                std::collections::hash_map::Entry::Vacant(v) => {
+                    v.insert(row.measures);
+                }
+                std::collections::hash_map::Entry::Occupied(mut o) => {
+                    o.get_mut().merge(&row.measures)
+                }
+            }
         }
     }
     Ok(merged.into_iter().collect())

@@ -252,7 +252,13 @@ pub async fn run(
         if chosen.as_ref().is_some_and(|c| !c.contains(&group)) {
             continue;
         }
-        cells.entry((bucket, group)).or_default().merge(&m);
+        // The first row of a cell moves in; later ones merge.
+        match cells.entry((bucket, group)) {
+            std::collections::btree_map::Entry::Vacant(v) => {
+                v.insert(m);
+            }
+            std::collections::btree_map::Entry::Occupied(mut o) => o.get_mut().merge(&m),
+        }
     }
     let mut totals: HashMap<Group, Measures> = HashMap::new();
     for ((_, g), m) in &cells {
