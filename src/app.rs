@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -189,7 +190,14 @@ impl App {
             self.instance.clone(),
             shutdown.clone(),
         );
-        let http = axum::serve(self.listener, router(self.state))
+        // TCP_NODELAY: an answer is written in several segments; Nagle would
+        // hold the last one back until the client acknowledges the first.
+        let listener = self.listener.tap_io(|tcp| {
+            if let Err(e) = tcp.set_nodelay(true) {
+                tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+            }
+        });
+        let http = axum::serve(listener, router(self.state))
             .with_graceful_shutdown(shutdown.cancelled_owned())
             .into_future();
         let http = tokio::spawn(async move {

@@ -461,7 +461,9 @@ pub fn query_select(q: &AggQuery<'_>, backend: Backend) -> (String, String) {
         select.push("bucket".to_string());
         select.extend(groups.iter().cloned());
         select.extend(INT_COLUMNS.iter().map(|c| c.to_string()));
-        select.extend(FLOAT_COLUMNS.iter().map(|c| c.to_string()));
+        // The stored percentiles are one row's; answers merge the sketches.
+        select
+            .extend(["latency_min_ms", "latency_max_ms", "NULL", "NULL", "NULL"].map(String::from));
         select.push("latency_sketch".into());
         return (
             select.join(", "),
