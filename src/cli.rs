@@ -16,9 +16,10 @@ use crate::store::{self, redact_url, Backend};
 
 /// Tally: event-sourced usage metering.
 ///
-/// Ingests one usage event per API call (HTTP now, NATS JetStream next), stores
-/// each exactly once in an event log (SQLite or PostgreSQL), and answers
-/// questions about usage. Every option can also be set with the `TALLY_*`
+/// Ingests one usage event per API call (HTTP and NATS JetStream), stores
+/// each exactly once in an event log (SQLite or PostgreSQL), folds the log
+/// into hourly, daily and monthly aggregates, and answers questions about
+/// usage from them. Every option can also be set with the `TALLY_*`
 /// environment variable shown beside it.
 #[derive(Debug, Parser)]
 #[command(name = "tally", version, about, long_about)]
@@ -33,7 +34,8 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Run the server: HTTP ingest (`POST /v1/events`), `/healthz`, `/readyz`.
+    /// Run the server: ingest (`POST /v1/events`, NATS), projectors, queries
+    /// (`/v1/stats`, `/v1/keys`, …), `/healthz`, `/readyz`.
     Serve(ServerConfig),
     /// Apply pending database migrations and exit.
     Migrate,
