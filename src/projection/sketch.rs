@@ -175,6 +175,35 @@ impl Sketch {
         None
     }
 
+    /// [`Sketch::quantile`] of several ascending `qs` in one pass over the bins.
+    pub fn quantiles<const N: usize>(&self, qs: [f64; N]) -> [Option<f64>; N] {
+        let mut out = [None; N];
+        let n = self.count();
+        if n == 0 {
+            return out;
+        }
+        let g = gamma();
+        let mut seen = self.zero;
+        let mut current = None;
+        let mut bins = self.bins.iter();
+        for (slot, q) in out.iter_mut().zip(qs) {
+            let rank = ((q.clamp(0.0, 1.0) * n as f64).ceil() as u64).clamp(1, n);
+            if rank <= self.zero {
+                *slot = Some(0.0);
+                continue;
+            }
+            while seen < rank {
+                let Some(&(i, c)) = bins.next() else { break };
+                seen += c;
+                current = Some(2.0 * g.powi(i) / (g + 1.0));
+            }
+            if seen >= rank {
+                *slot = current;
+            }
+        }
+        out
+    }
+
     /// The storage form (see the module doc).
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(2 + self.bins.len() * 3);
@@ -307,7 +336,9 @@ mod tests {
                 twice.merge(&part);
                 prop_assert_eq!(twice.count(), total.count() + part.count());
             }
-            prop_assert_eq!(total, whole);
+            prop_assert_eq!(&total, &whole);
+            let qs = [0.0, 0.5, 0.95, 0.99, 1.0];
+            prop_assert_eq!(total.quantiles(qs), qs.map(|q| total.quantile(q)));
         }
     }
 

@@ -89,6 +89,7 @@ impl From<&Measures> for MeasuresOut {
     fn from(m: &Measures) -> Self {
         let [rate_limit, timeout, server_error, client_error, other] = m.errors_by_type;
         let has_latency = m.latency_count > 0;
+        let [p50, p95, p99] = m.sketch.quantiles([0.5, 0.95, 0.99]);
         Self {
             requests: m.requests,
             successes: m.successes,
@@ -106,9 +107,9 @@ impl From<&Measures> for MeasuresOut {
                 avg: has_latency.then(|| m.latency_sum_us as f64 / m.latency_count as f64 / 1000.0),
                 min: m.latency_min_ms,
                 max: m.latency_max_ms,
-                p50: m.latency_quantile(0.5),
-                p95: m.latency_quantile(0.95),
-                p99: m.latency_quantile(0.99),
+                p50,
+                p95,
+                p99,
             },
             request_bytes: m.request_bytes,
             response_bytes: m.response_bytes,

@@ -346,7 +346,7 @@ where
     String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
     i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
     f64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
-    Vec<u8>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    &'r [u8]: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
 {
     let dim_values = (0..dims)
         .map(|i| row.try_get::<String, _>(1 + i))
@@ -359,7 +359,8 @@ where
     let fbase = base + INT_COLUMNS.len();
     let min: Option<f64> = row.try_get(fbase)?;
     let max: Option<f64> = row.try_get(fbase + 1)?;
-    let bytes: Option<Vec<u8>> = row.try_get(fbase + FLOAT_COLUMNS.len())?;
+    // Borrowed: the sketch is decoded straight from the row's buffer.
+    let bytes: Option<&[u8]> = row.try_get(fbase + FLOAT_COLUMNS.len())?;
     let sketch = Sketch::decode(bytes.as_deref().unwrap_or_default()).map_err(|e| {
         super::StoreError::CorruptRow {
             id: format!("{table} bucket {bucket}"),
