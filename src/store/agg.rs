@@ -361,12 +361,11 @@ where
     let max: Option<f64> = row.try_get(fbase + 1)?;
     // Borrowed: the sketch is decoded straight from the row's buffer.
     let bytes: Option<&[u8]> = row.try_get(fbase + FLOAT_COLUMNS.len())?;
-    let sketch = Sketch::decode(bytes.as_deref().unwrap_or_default()).map_err(|e| {
-        super::StoreError::CorruptRow {
+    let sketch =
+        Sketch::decode(bytes.unwrap_or_default()).map_err(|e| super::StoreError::CorruptRow {
             id: format!("{table} bucket {bucket}"),
             reason: e.to_string(),
-        }
-    })?;
+        })?;
     Ok(AggRow {
         bucket,
         dims: dim_values,
