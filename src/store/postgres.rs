@@ -528,9 +528,6 @@ impl ProjectionStore for PgStore {
             sqlx::query(&create_table_sql(Backend::Postgres, spec, &t))
                 .execute(&mut *tx)
                 .await?;
-            for sql in index_sql(spec, &t) {
-                sqlx::query(&sql).execute(&mut *tx).await?;
-            }
         }
         sqlx::query(
             "INSERT INTO projection_checkpoints (name, spec_hash, spec) VALUES ($1, $2, $3) \
@@ -544,8 +541,18 @@ impl ProjectionStore for PgStore {
         let sql =
             format!("SELECT {CHECKPOINT_COLUMNS} FROM projection_checkpoints WHERE name = $1");
         let row = sqlx::query(&sql).bind(state).fetch_one(&mut *tx).await?;
+        let found = state_from_row(&row)?;
+        // Indexes only on tables built with this very spec: a changed spec's
+        // tables may lack the columns (the caller then refuses to start).
+        if found.spec_hash == spec.hash() {
+            for &g in &spec.granularities {
+                for sql in index_sql(spec, &table(spec, g, suffix)) {
+                    sqlx::query(&sql).execute(&mut *tx).await?;
+                }
+            }
+        }
         tx.commit().await?;
-        state_from_row(&row)
+        Ok(found)
     }
 
     async fn projection_states(&self) -> Result<Vec<ProjectionState>, StoreError> {

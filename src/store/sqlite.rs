@@ -455,9 +455,6 @@ impl ProjectionStore for SqliteStore {
             sqlx::query(&create_table_sql(Backend::Sqlite, spec, &t))
                 .execute(&mut *tx)
                 .await?;
-            for sql in index_sql(spec, &t) {
-                sqlx::query(&sql).execute(&mut *tx).await?;
-            }
         }
         let now = format_ts(&Utc::now());
         sqlx::query(
@@ -473,8 +470,18 @@ impl ProjectionStore for SqliteStore {
         .await?;
         let sql = format!("SELECT {CHECKPOINT_COLUMNS} FROM projection_checkpoints WHERE name = ?");
         let row = sqlx::query(&sql).bind(state).fetch_one(&mut *tx).await?;
+        let found = state_from_row(&row)?;
+        // Indexes only on tables built with this very spec: a changed spec's
+        // tables may lack the columns (the caller then refuses to start).
+        if found.spec_hash == spec.hash() {
+            for &g in &spec.granularities {
+                for sql in index_sql(spec, &table(spec, g, suffix)) {
+                    sqlx::query(&sql).execute(&mut *tx).await?;
+                }
+            }
+        }
         tx.commit().await?;
-        state_from_row(&row)
+        Ok(found)
     }
 
     async fn projection_states(&self) -> Result<Vec<ProjectionState>, StoreError> {
