@@ -23,6 +23,35 @@ use crate::store::sqlite::{insert_rows, SqliteStore, ROWS_PER_STATEMENT};
 use crate::store::{metadata_json, Backend, EventStore, Origin, StoreOptions, EVENT_COLUMNS};
 use crate::synth::{self, SynthConfig};
 
+/// Folds the whole log into `specs` as `tally serve` does (one group, one
+/// shared read), until every checkpoint has nothing after it.
+async fn fold_backlog(
+    store: &Arc<dyn EventStore>,
+    specs: &[crate::projection::Spec],
+) -> Result<(), BenchError> {
+    use crate::projection::{projector::Group, Projector, ProjectorConfig};
+    let check = |e: crate::projection::ProjectionError| BenchError::Check(e.to_string());
+    let mut projectors = Vec::new();
+    for spec in specs.iter().cloned() {
+        let name = spec.name.clone();
+        projectors.push(
+            Projector::open(store.clone(), Arc::new(spec), &name, "")
+                .await
+                .map_err(check)?,
+        );
+    }
+    let mut group = Group::new(store.clone(), projectors);
+    loop {
+        let step = group
+            .step(ProjectorConfig::default().batch_size)
+            .await
+            .map_err(check)?;
+        if step.caught_up && store.events_after(group.min_cursor()).await? == 0 {
+            return Ok(());
+        }
+    }
+}
+
 /// Errors of a benchmark run.
 #[derive(Debug, thiserror::Error)]
 pub enum BenchError {

@@ -3,17 +3,14 @@
 //! hourly tables are under a live NATS load of half the append rate.
 
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::{
-    append_synthetic, nats_with_usage_stream, num_cpus, peak_rss_mib, spawn_tally_with, stop,
-    tempfile_dir, wait_drained, BenchError,
+    append_synthetic, fold_backlog, nats_with_usage_stream, num_cpus, peak_rss_mib,
+    spawn_tally_with, stop, tempfile_dir, wait_drained, BenchError,
 };
 use crate::devserver::TempPostgres;
-use crate::projection::projector::Group;
 use crate::projection::spec::{load_dir, Granularity};
-use crate::projection::{Projector, ProjectorConfig};
 use crate::store::{Backend, EventStore, StoreOptions};
 use crate::synth::SynthConfig;
 
@@ -106,25 +103,7 @@ pub async fn project(params: &ProjectBench) -> Result<ProjectResult, BenchError>
 
     // (b) Every projection folds the backlog, one task each, as `tally serve` runs them.
     let started = Instant::now();
-    let mut projectors = Vec::new();
-    for spec in specs.iter().cloned() {
-        let name = spec.name.clone();
-        projectors.push(
-            Projector::open(store.clone(), Arc::new(spec), &name, "")
-                .await
-                .map_err(|e| BenchError::Check(e.to_string()))?,
-        );
-    }
-    let mut group = Group::new(store.clone(), projectors);
-    loop {
-        let step = group
-            .step(ProjectorConfig::default().batch_size)
-            .await
-            .map_err(|e| BenchError::Check(e.to_string()))?;
-        if step.caught_up && store.events_after(group.min_cursor()).await? == 0 {
-            break;
-        }
-    }
+    fold_backlog(&store, &specs).await?;
     let fold = started.elapsed();
     let fold_rate = params.events as f64 / fold.as_secs_f64();
     println!(

@@ -14,12 +14,10 @@ use serde_json::Value;
 use sqlx::postgres::PgPoolCopyExt;
 use sqlx::{PgPool, Row};
 
-use super::{copy_text, num_cpus, tempfile_dir, BenchError};
+use super::{copy_text, fold_backlog, num_cpus, tempfile_dir, BenchError};
 use crate::devserver::TempPostgres;
-use crate::projection::projector::Group;
 use crate::projection::sketch::RELATIVE_ERROR;
 use crate::projection::spec::load_dir;
-use crate::projection::{Projector, ProjectorConfig};
 use crate::store::postgres::PgStore;
 use crate::store::{EventStore, StoreOptions, EVENT_COLUMNS};
 use crate::synth::{self, SynthConfig};
@@ -142,25 +140,7 @@ pub async fn query(params: &QueryBench) -> Result<Vec<QueryFigures>, BenchError>
 
     // Projections: folded by the projector from the log, as `tally serve` does.
     let started = Instant::now();
-    let mut projectors = Vec::new();
-    for spec in specs.iter().cloned() {
-        let name = spec.name.clone();
-        projectors.push(
-            Projector::open(store.clone(), Arc::new(spec), &name, "")
-                .await
-                .map_err(|e| BenchError::Check(e.to_string()))?,
-        );
-    }
-    let mut group = Group::new(store.clone(), projectors);
-    loop {
-        let step = group
-            .step(ProjectorConfig::default().batch_size)
-            .await
-            .map_err(|e| BenchError::Check(e.to_string()))?;
-        if step.caught_up && store.events_after(group.min_cursor()).await? == 0 {
-            break;
-        }
-    }
+    fold_backlog(&store, &specs).await?;
     for spec in &specs {
         for &g in &spec.granularities {
             sqlx::query(&format!("VACUUM ANALYZE {}", spec.table(g)))

@@ -91,22 +91,12 @@ pub async fn range_totals(
     let ranked = async {
         match single {
             Some((page, seg)) => {
-                let q = AggQuery {
-                    spec: &seg.spec,
-                    granularity: seg.granularity,
-                    from: seg.from,
-                    to: seg.to,
-                    filters,
-                    group_by,
-                    rows: false,
-                    by_bucket: false,
-                    max_rows: MAX_ROWS,
-                    top: Some(Top {
-                        order: page.order.sql(),
-                        limit: page.limit,
-                        offset: page.offset,
-                    }),
+                let top = Top {
+                    order: page.order.sql(),
+                    limit: page.limit,
+                    offset: page.offset,
                 };
+                let q = segment_query(seg, filters, group_by, false, Some(top));
                 let answer = store.query_agg(&q).await?;
                 let groups: Vec<(Group, Measures)> = answer
                     .rows
@@ -183,6 +173,28 @@ pub async fn range_totals(
     })
 }
 
+/// The read of one segment's table range.
+fn segment_query<'a>(
+    seg: &'a Segment,
+    filters: &'a [(Dimension, Vec<String>)],
+    group_by: &'a [Dimension],
+    rows: bool,
+    top: Option<Top>,
+) -> AggQuery<'a> {
+    AggQuery {
+        spec: &seg.spec,
+        granularity: seg.granularity,
+        from: seg.from,
+        to: seg.to,
+        filters,
+        group_by,
+        rows,
+        by_bucket: false,
+        max_rows: MAX_ROWS,
+        top,
+    }
+}
+
 /// Reads every segment (concurrently) and sums per group; `rows` reads the
 /// stored rows with sketches, otherwise the database sums integers only.
 async fn read(
@@ -193,18 +205,7 @@ async fn read(
     rows: bool,
 ) -> Result<Vec<(Group, Measures)>, QueryError> {
     let reads = plan.segments.iter().map(|seg| {
-        let q = AggQuery {
-            spec: &seg.spec,
-            granularity: seg.granularity,
-            from: seg.from,
-            to: seg.to,
-            filters,
-            group_by,
-            rows,
-            by_bucket: false,
-            max_rows: MAX_ROWS,
-            top: None,
-        };
+        let q = segment_query(seg, filters, group_by, rows, None);
         async move { store.query_agg(&q).await.map(|a| a.rows) }
     });
     let mut merged: HashMap<Group, Measures> = HashMap::new();
@@ -472,18 +473,7 @@ pub async fn page(
         }
     }
     let reads = distinct.iter().map(|seg| {
-        let q = AggQuery {
-            spec: &seg.spec,
-            granularity: seg.granularity,
-            from: seg.from,
-            to: seg.to,
-            filters: &filters,
-            group_by: &split,
-            rows: true,
-            by_bucket: false,
-            max_rows: MAX_ROWS,
-            top: None,
-        };
+        let q = segment_query(seg, &filters, &split, true, None);
         async move { store.query_agg(&q).await.map(|a| a.rows) }
     });
     let (read, states) = tokio::join!(try_join_all(reads), store.projection_states());
