@@ -425,9 +425,23 @@ pub struct AggAnswer {
     pub groups: Option<i64>,
 }
 
-/// The column index of `count(*) OVER ()` in a ranked read.
-pub fn groups_column(q: &AggQuery<'_>) -> usize {
-    1 + q.group_by.len() + INT_COLUMNS.len() + FLOAT_COLUMNS.len() + 1
+/// With [`AggQuery::top`], how many groups there are in all: the
+/// `count(*) OVER ()` column of any returned row (none returned: 0).
+pub(crate) fn total_groups<R>(
+    q: &AggQuery<'_>,
+    first: Option<&R>,
+) -> Result<Option<i64>, sqlx::Error>
+where
+    R: sqlx::Row,
+    usize: sqlx::ColumnIndex<R>,
+    i64: for<'r> sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+{
+    let column = 1 + q.group_by.len() + INT_COLUMNS.len() + FLOAT_COLUMNS.len() + 1;
+    match (q.top, first) {
+        (None, _) => Ok(None),
+        (Some(_), None) => Ok(Some(0)),
+        (Some(_), Some(r)) => r.try_get(column).map(Some),
+    }
 }
 
 /// Dimensions that get a `(dimension, bucket)` index: the per-customer ones,

@@ -11,8 +11,8 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
 use sqlx::{Postgres, Row, Transaction};
 
 use super::agg::{
-    agg_row_from, all_columns, create_table_sql, float_values, groups_column, index_name,
-    index_sql, int_values, key_columns, merged_sketch, query_select, table, unix_ms, upsert_clause,
+    agg_row_from, all_columns, create_table_sql, float_values, index_name, index_sql, int_values,
+    key_columns, merged_sketch, query_select, table, total_groups, unix_ms, upsert_clause,
     FLOAT_COLUMNS, INT_COLUMNS,
 };
 use super::{
@@ -773,11 +773,7 @@ impl ProjectionStore for PgStore {
             return Err(StoreError::TooManyRows(q.max_rows));
         }
         let n = q.group_by.len();
-        let groups = match (q.top, rows.first()) {
-            (None, _) => None,
-            (Some(_), None) => Some(0),
-            (Some(_), Some(r)) => Some(r.try_get(groups_column(q))?),
-        };
+        let groups = total_groups(q, rows.first())?;
         let rows = rows
             .iter()
             .map(|r| {

@@ -18,8 +18,8 @@ use sqlx::sqlite::{
 use sqlx::{QueryBuilder, Row, Sqlite, Transaction};
 
 use super::agg::{
-    agg_row_from, all_columns, create_table_sql, float_values, groups_column, index_name,
-    index_sql, int_values, key_columns, merged_sketch, query_select, table, unix_ms, upsert_clause,
+    agg_row_from, all_columns, create_table_sql, float_values, index_name, index_sql, int_values,
+    key_columns, merged_sketch, query_select, table, total_groups, unix_ms, upsert_clause,
 };
 use super::{
     classify, event_from_row, first_occurrences, metadata_json, not_inserted, rejected_from_row,
@@ -194,6 +194,16 @@ pub(crate) fn insert_rows<'a>(
             .push_bind(ingested_at);
     });
     qb
+}
+
+/// An aggregate row whose `bucket` (column 0) is stored as text.
+fn agg_row_text(r: &SqliteRow, dims: usize, table: &str) -> Result<AggRow, StoreError> {
+    let bucket: String = r.try_get(0)?;
+    let bucket = parse_ts(&bucket).ok_or_else(|| StoreError::CorruptRow {
+        id: table.to_string(),
+        reason: format!("bucket {bucket:?}"),
+    })?;
+    agg_row_from(r, bucket, dims, table)
 }
 
 /// Reads a stored fixed-width timestamp back.
@@ -656,16 +666,7 @@ impl ProjectionStore for SqliteStore {
         );
         let rows = sqlx::query(&sql).fetch_all(&self.reader).await?;
         let n = spec.dimensions.len();
-        rows.iter()
-            .map(|r| {
-                let bucket: String = r.try_get(0)?;
-                let bucket = parse_ts(&bucket).ok_or_else(|| StoreError::CorruptRow {
-                    id: t.clone(),
-                    reason: format!("bucket {bucket:?}"),
-                })?;
-                agg_row_from(r, bucket, n, &t)
-            })
-            .collect()
+        rows.iter().map(|r| agg_row_text(r, n, &t)).collect()
     }
 
     async fn query_agg(&self, q: &AggQuery<'_>) -> Result<AggAnswer, StoreError> {
@@ -694,21 +695,10 @@ impl ProjectionStore for SqliteStore {
             return Err(StoreError::TooManyRows(q.max_rows));
         }
         let n = q.group_by.len();
-        let groups = match (q.top, rows.first()) {
-            (None, _) => None,
-            (Some(_), None) => Some(0),
-            (Some(_), Some(r)) => Some(r.try_get(groups_column(q))?),
-        };
+        let groups = total_groups(q, rows.first())?;
         let rows = rows
             .iter()
-            .map(|r| {
-                let bucket: String = r.try_get(0)?;
-                let bucket = parse_ts(&bucket).ok_or_else(|| StoreError::CorruptRow {
-                    id: t.clone(),
-                    reason: format!("bucket {bucket:?}"),
-                })?;
-                agg_row_from(r, bucket, n, &t)
-            })
+            .map(|r| agg_row_text(r, n, &t))
             .collect::<Result<_, StoreError>>()?;
         Ok(AggAnswer { rows, groups })
     }
