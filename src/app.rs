@@ -10,7 +10,9 @@ use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{DatabaseConfig, ServerConfig};
+use crate::alert::eval::Evaluator;
+use crate::alert::relay::{self, RelayConfig};
+use crate::config::{AlertConfig, DatabaseConfig, ServerConfig};
 use crate::health::Health;
 use crate::http::{router, AppState};
 use crate::ingest::nats::{NatsError, NatsIntake};
@@ -102,6 +104,8 @@ pub struct App {
     nats: Option<NatsIntake>,
     projectors: Vec<ProjectionTask>,
     projector_config: ProjectorConfig,
+    alerts: AlertConfig,
+    nats_connection: crate::config::NatsConnection,
     instance: String,
     shutdown_timeout: Duration,
 }
@@ -141,6 +145,8 @@ impl App {
             nats,
             projectors,
             projector_config,
+            alerts: server.alerts.clone(),
+            nats_connection: server.nats.connection.clone(),
             instance: instance_id(),
             shutdown_timeout: server.shutdown_timeout,
         })
@@ -183,13 +189,44 @@ impl App {
         let nats = self
             .nats
             .map(|n| tokio::spawn(n.run(shutdown.clone(), deadline.clone())));
+        let wake_evaluator = Arc::new(tokio::sync::Notify::new());
+        let wake_relay = Arc::new(tokio::sync::Notify::new());
+        let mut projector_config = self.projector_config.clone();
+        projector_config.on_commit = Some(wake_evaluator.clone());
         let projectors = crate::projection::projector::spawn_all(
             self.state.store.clone(),
             self.projectors,
-            self.projector_config.clone(),
+            projector_config,
             self.instance.clone(),
             shutdown.clone(),
         );
+        let settings = self.alerts.settings(self.projector_config.lease_ttl);
+        let evaluator = Evaluator::new(store.clone(), self.state.catalog.clone(), &settings.subject_prefix);
+        let mut background = vec![tokio::spawn(evaluator.run(
+            settings.clone(),
+            self.instance.clone(),
+            wake_evaluator,
+            wake_relay.clone(),
+            shutdown.clone(),
+        ))];
+        if self.nats_connection.nats_url.is_some() {
+            let cfg = RelayConfig {
+                connection: self.nats_connection.clone(),
+                stream: self.alerts.alerts_stream.clone(),
+                subject_prefix: settings.subject_prefix.clone(),
+                dedup_window: self.alerts.alerts_dedup_window,
+                lease_ttl: settings.lease_ttl,
+            };
+            background.push(tokio::spawn(relay::run(
+                store.clone(),
+                cfg,
+                self.instance.clone(),
+                wake_relay,
+                shutdown.clone(),
+            )));
+        } else {
+            tracing::warn!("no NATS URL: alert notifications are kept in alert_outbox (and GET /v1/alerts) but not published");
+        }
         // TCP_NODELAY: an answer is written in several segments; Nagle would
         // hold the last one back until the client acknowledges the first.
         let listener = self.listener.tap_io(|tcp| {
@@ -210,7 +247,7 @@ impl App {
         if let Some(nats) = nats {
             let _ = nats.await;
         }
-        for p in projectors {
+        for p in projectors.into_iter().chain(background) {
             let _ = p.await;
         }
         let served = http.await;

@@ -48,6 +48,11 @@ enum Command {
         #[command(subcommand)]
         which: ProjectionsCommand,
     },
+    /// Alert rules: apply a rules file (GitOps), list rules and alerts.
+    Alerts {
+        #[command(subcommand)]
+        which: AlertsCommand,
+    },
     /// Aggregated stats (`GET /v1/stats`) from a running server or straight from the database.
     Stats(StatsArgs),
     /// Keys ranked over a range (`GET /v1/keys`), or one key's page with `KEY`
@@ -232,6 +237,28 @@ enum ProjectionsCommand {
 }
 
 #[derive(Debug, Subcommand)]
+enum AlertsCommand {
+    /// Make the stored rules match a TOML file of `[[rule]]` tables
+    /// (idempotent: applying it again changes nothing).
+    Apply {
+        /// The rules file.
+        file: std::path::PathBuf,
+        /// Also delete stored rules the file does not name.
+        #[arg(long)]
+        prune: bool,
+        /// Recorded in the audit trail (default: `cli:$USER`).
+        #[arg(long)]
+        actor: Option<String>,
+        #[command(flatten)]
+        config: ProjectionConfig,
+    },
+    /// The stored rules, as JSON.
+    List,
+    /// Alerts pending or firing now, and the latest notifications, as JSON.
+    Status,
+}
+
+#[derive(Debug, Subcommand)]
 enum BenchCommand {
     /// Projector fold rate from a backlog vs. the append rate, and freshness under live NATS load.
     Project {
@@ -325,6 +352,7 @@ pub async fn run() -> anyhow::Result<()> {
             println!("migrations applied to {}", redact_url(&cli.db.database_url));
         }
         Command::Projections { which } => projections(&cli.db, which).await?,
+        Command::Alerts { which } => alerts(&cli.db, which).await?,
         Command::Stats(args) => query_stats(&cli.db, args).await?,
         Command::Keys(args) => query_keys(&cli.db, args).await?,
         Command::Demo(args) => demo(&cli.db, args).await?,
@@ -517,6 +545,68 @@ async fn emit(args: EmitArgs) -> anyhow::Result<()> {
             summary.failed
         );
     }
+    Ok(())
+}
+
+async fn alerts(db: &DatabaseConfig, which: AlertsCommand) -> anyhow::Result<()> {
+    use crate::store::alerts::HistoryFilter;
+    let store = store::connect(&db.database_url, &db.store_options()).await?;
+    store.migrate().await?;
+    match which {
+        AlertsCommand::Apply {
+            file,
+            prune,
+            actor,
+            config,
+        } => {
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("reading {}", file.display()))?;
+            let specs: Vec<_> = crate::projection::spec::load_dir(&config.projections_dir)?
+                .into_iter()
+                .map(std::sync::Arc::new)
+                .collect();
+            let actor = actor.unwrap_or_else(|| {
+                format!("cli:{}", std::env::var("USER").unwrap_or_else(|_| "unknown".into()))
+            });
+            let report = crate::alert::apply_file(store.as_ref(), &specs, &text, &actor, prune)
+                .await
+                .with_context(|| format!("applying {}", file.display()))?;
+            for (what, names) in [
+                ("created", &report.created),
+                ("updated", &report.updated),
+                ("unchanged", &report.unchanged),
+                ("deleted", &report.deleted),
+            ] {
+                println!("{what}: {}", if names.is_empty() { "-".to_string() } else { names.join(", ") });
+            }
+        }
+        AlertsCommand::List => {
+            let rules: Vec<_> = store
+                .alert_rules()
+                .await?
+                .iter()
+                .map(crate::alert::http::rule_view)
+                .collect();
+            println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "rules": rules }))?);
+        }
+        AlertsCommand::Status => {
+            let active: Vec<_> = store
+                .alert_instances()
+                .await?
+                .into_iter()
+                .filter(|i| matches!(i.state.as_str(), "pending" | "firing"))
+                .map(|i| serde_json::json!({"alert_id": i.fingerprint, "rule": i.rule, "state": i.state, "severity": i.severity, "group": serde_json::from_str::<serde_json::Value>(&i.group).unwrap_or_default(), "sequence": i.sequence}))
+                .collect();
+            let history: Vec<_> = store
+                .notifications(&HistoryFilter { limit: 20, ..HistoryFilter::default() })
+                .await?
+                .into_iter()
+                .map(|n| serde_json::json!({"subject": n.n.subject, "payload": serde_json::from_str::<serde_json::Value>(&n.n.payload).unwrap_or_default(), "sent": n.sent_at.is_some()}))
+                .collect();
+            println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "active": active, "history": history }))?);
+        }
+    }
+    store.close().await;
     Ok(())
 }
 

@@ -102,6 +102,10 @@ pub struct ServerConfig {
     #[command(flatten)]
     pub projections: ProjectionConfig,
 
+    /// Alert evaluation and delivery.
+    #[command(flatten)]
+    pub alerts: AlertConfig,
+
     /// How long a shutdown may take before in-flight work is abandoned (it is
     /// then redelivered by JetStream, never lost).
     #[arg(long, env = "TALLY_SHUTDOWN_TIMEOUT", default_value = "8s", value_parser = humantime::parse_duration)]
@@ -153,6 +157,7 @@ impl ProjectionConfig {
             poll_interval: self.projector_poll,
             lease_ttl: self.projector_lease.max(Duration::from_millis(300)),
             failpoints: Failpoints::parse(&self.failpoints)?,
+            on_commit: None,
         })
     }
 }
@@ -277,5 +282,38 @@ impl std::fmt::Debug for NatsConnection {
             .field("nats_tls_key", &self.nats_tls_key)
             .field("nats_tls_required", &self.nats_tls_required)
             .finish()
+    }
+}
+
+/// Alert evaluation and notification delivery (`serve`).
+#[derive(Debug, Clone, clap::Args)]
+pub struct AlertConfig {
+    /// JetStream stream that receives alert notifications (created if missing).
+    #[arg(long, env = "TALLY_ALERTS_STREAM", default_value = "USAGE_ALERTS")]
+    pub alerts_stream: String,
+
+    /// Notifications go to `<prefix>.<severity>.<rule>`.
+    #[arg(long, env = "TALLY_ALERTS_SUBJECT_PREFIX", default_value = "usage.alerts")]
+    pub alerts_subject_prefix: String,
+
+    /// Evaluate every rule at least this often (windows slide with no new data).
+    #[arg(long, env = "TALLY_ALERTS_TICK", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub alerts_tick: Duration,
+
+    /// Duplicate window of the alert stream: a notification re-published
+    /// within it (after a crash between publish and bookkeeping) is dropped.
+    #[arg(long, env = "TALLY_ALERTS_DEDUP_WINDOW", default_value = "1h", value_parser = humantime::parse_duration)]
+    pub alerts_dedup_window: Duration,
+}
+
+impl AlertConfig {
+    /// Evaluator settings derived from this config.
+    pub fn settings(&self, lease_ttl: Duration) -> crate::alert::eval::AlertSettings {
+        crate::alert::eval::AlertSettings {
+            subject_prefix: self.alerts_subject_prefix.clone(),
+            tick: self.alerts_tick.max(Duration::from_millis(100)),
+            lease_ttl,
+            ..Default::default()
+        }
     }
 }

@@ -21,7 +21,9 @@
 //! 5. [`query`] — `/v1/stats`, `/v1/keys` and the key page, answered from the
 //!    narrowest projection that covers the question, never from the raw log.
 //!
-//! Alerts follow the same path and are added by a later milestone (see ARCHITECTURE.md).
+//! 6. [`alert`] — rules and per-key quotas evaluated over the projections
+//!    after each projector commit and on a tick; each transition is written
+//!    to an outbox with the state change and relayed to NATS exactly once.
 //!
 //! Around the data flow: [`config`] (flags and `TALLY_*` variables),
 //! [`telemetry`] (logging), [`http`] (router, errors, health), [`app`]
@@ -29,6 +31,7 @@
 //! [`synth`] (seeded synthetic events) and [`devserver`] (throwaway
 //! PostgreSQL for tests and benchmarks).
 
+pub mod alert;
 pub mod app;
 pub mod backoff;
 pub mod bench;

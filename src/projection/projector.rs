@@ -47,6 +47,8 @@ pub struct ProjectorConfig {
     pub lease_ttl: Duration,
     /// Crash-test hooks.
     pub failpoints: Failpoints,
+    /// Woken after every commit that folded events (the alert evaluator).
+    pub on_commit: Option<Arc<tokio::sync::Notify>>,
 }
 
 impl Default for ProjectorConfig {
@@ -56,6 +58,7 @@ impl Default for ProjectorConfig {
             poll_interval: Duration::from_millis(100),
             lease_ttl: Duration::from_secs(10),
             failpoints: Failpoints::default(),
+            on_commit: None,
         }
     }
 }
@@ -406,6 +409,9 @@ impl Group {
                     backoff.reset();
                     if step.folded > 0 {
                         tracing::debug!(projections = ?self.names(), events = step.folded, "folded");
+                        if let Some(n) = &config.on_commit {
+                            n.notify_one();
+                        }
                     }
                     if step.caught_up {
                         tokio::select! {

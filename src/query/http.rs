@@ -61,14 +61,12 @@ pub async fn get_key_page(
     Path(key): Path<String>,
     q: Pairs,
 ) -> Result<Response, ApiError> {
-    let answer = keys::page(
-        state.store.as_ref(),
-        &state.catalog,
-        &key,
-        pairs(q)?,
-        Utc::now(),
-    )
-    .await?;
+    let now = Utc::now();
+    let mut answer = keys::page(state.store.as_ref(), &state.catalog, &key, pairs(q)?, now).await?;
+    if let Some(quota) = crate::alert::quota::load(state.store.as_ref(), &state.catalog, &key).await? {
+        let status = crate::alert::quota::status(state.store.as_ref(), &quota, now).await?;
+        answer.quota = serde_json::to_value(status).ok();
+    }
     Ok(Json(answer).into_response())
 }
 

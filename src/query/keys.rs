@@ -197,7 +197,7 @@ fn segment_query<'a>(
 
 /// Reads every segment (concurrently) and sums per group; `rows` reads the
 /// stored rows with sketches, otherwise the database sums integers only.
-async fn read(
+pub(crate) async fn read(
     store: &dyn EventStore,
     plan: &Decomposition,
     filters: &[(Dimension, Vec<String>)],
@@ -427,7 +427,7 @@ pub struct KeyPage {
     pub by_model: Vec<Breakdown>,
     /// This month by api, by cost (descending).
     pub by_api: Vec<Breakdown>,
-    /// The key's rolling quota, once quotas exist (issue 7): `null` until then.
+    /// The key's rolling quota status now (as `GET /v1/keys/{key}/quota`), `null` without one.
     pub quota: Option<serde_json::Value>,
 }
 

@@ -7,6 +7,7 @@
 //! `tests/it/store.rs` runs one conformance suite against both.
 
 pub mod agg;
+pub mod alerts;
 pub mod postgres;
 pub mod sqlite;
 
@@ -270,7 +271,7 @@ pub trait ProjectionStore: Send + Sync + 'static {
 
 /// The append-only event log. One implementation per backend.
 #[async_trait]
-pub trait EventStore: ProjectionStore {
+pub trait EventStore: ProjectionStore + alerts::AlertStore {
     /// Which backend this is.
     fn backend(&self) -> Backend;
 

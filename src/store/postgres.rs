@@ -801,3 +801,5 @@ impl ProjectionStore for PgStore {
             .await?)
     }
 }
+
+super::alerts::impl_alert_store!(PgStore, pool, pool, "BEGIN", " FOR UPDATE");

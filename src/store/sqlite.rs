@@ -726,3 +726,5 @@ impl ProjectionStore for SqliteStore {
             .await?)
     }
 }
+
+super::alerts::impl_alert_store!(SqliteStore, writer, reader, "BEGIN IMMEDIATE", "");

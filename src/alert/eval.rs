@@ -1,0 +1,608 @@
+//! The evaluator: reads each rule's window from the projections, moves every
+//! alert instance through its [`lifecycle`](super::lifecycle), and writes the
+//! state changes with their notifications in one transaction (the outbox).
+//!
+//! One instance evaluates at a time (the `alerts.evaluator` lease); even if
+//! two ever did, instance writes are compare-and-set on a version and the
+//! outbox is unique on `(fingerprint, sequence)`, so a transition is
+//! recorded once. It evaluates after a local projector commit (woken through
+//! a [`Notify`]), whenever any projection checkpoint moved (another
+//! instance's projector), and on a tick, so that alerts resolve as windows
+//! slide with no new data.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use chrono_tz::Tz;
+use serde_json::json;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use super::lifecycle::{advance, Life, State, Timing};
+use super::quota::{self, number, QuotaSpec};
+use super::rule::{Level, Rule, RuleSpec, Window};
+use super::{fingerprint, subject, AlertError};
+use crate::backoff::Backoff;
+use crate::projection::bucket::{bucket_start, day_start, next_bucket};
+use crate::projection::spec::{Dimension, Granularity};
+use crate::projection::Measures;
+use crate::query::keys::month_start;
+use crate::query::output::Group;
+use crate::query::{plan, Catalog};
+use crate::store::alerts::{InstanceRow, InstanceWrite, NewNotification};
+use crate::store::{Cursor, EventStore};
+
+/// Evaluator and relay settings (`tally serve` flags).
+#[derive(Debug, Clone)]
+pub struct AlertSettings {
+    /// Subjects are `<prefix>.<severity>.<rule>`.
+    pub subject_prefix: String,
+    /// Evaluate every rule at least this often.
+    pub tick: Duration,
+    /// How often to look for moved checkpoints.
+    pub poll: Duration,
+    /// Evaluator/relay lease length.
+    pub lease_ttl: Duration,
+}
+
+impl Default for AlertSettings {
+    fn default() -> Self {
+        Self {
+            subject_prefix: "usage.alerts".into(),
+            tick: Duration::from_secs(5),
+            poll: Duration::from_millis(200),
+            lease_ttl: Duration::from_secs(10),
+        }
+    }
+}
+
+/// The lease name of the evaluator.
+pub const EVALUATOR_LEASE: &str = "alerts.evaluator";
+
+/// Every rule to evaluate: the stored rules and one per quota. A stored rule
+/// that no longer validates (a projection it needs was removed) is skipped
+/// with an error in the log; its firing instances resolve.
+pub async fn load_rules(store: &dyn EventStore, catalog: &Catalog) -> Result<Vec<Rule>, AlertError> {
+    let (rules, quotas) = tokio::join!(store.alert_rules(), store.quotas());
+    let mut out = Vec::new();
+    for row in rules? {
+        let parsed = serde_json::from_str::<RuleSpec>(&row.spec)
+            .map_err(|e| e.to_string())
+            .and_then(|s| s.validate(&row.uid, &catalog.specs).map_err(|e| e.to_string()));
+        match parsed {
+            Ok(rule) => out.push(rule),
+            Err(reason) => tracing::error!(rule = %row.name, %reason, "stored alert rule cannot be evaluated; skipped"),
+        }
+    }
+    for row in quotas? {
+        let parsed = QuotaSpec::from_json(row.spec.as_bytes())
+            .and_then(|s| s.validate(&row.key, &catalog.specs))
+            .and_then(|q| q.rule(&row.uid, &catalog.specs));
+        match parsed {
+            Ok(rule) => out.push(rule),
+            Err(e) => tracing::error!(key = %row.key, error = %e, "stored quota cannot be evaluated; skipped"),
+        }
+    }
+    Ok(out)
+}
+
+/// `[from, to)` of a rule's window at `now`, and of the window before it.
+pub fn window_range(
+    rule: &Rule,
+    now: DateTime<Utc>,
+) -> ((DateTime<Utc>, DateTime<Utc>), (DateTime<Utc>, DateTime<Utc>)) {
+    match rule.window {
+        Window::Rolling {
+            length,
+            granularity,
+        } => {
+            let end = next_bucket(bucket_start(now, granularity, Tz::UTC), granularity, Tz::UTC);
+            let len = chrono::Duration::from_std(length).unwrap_or_default();
+            ((end - len, end), (end - len - len, end - len))
+        }
+        Window::CalendarDay => {
+            let start = day_start(now.with_timezone(&rule.tz).date_naive(), rule.tz);
+            let end = next_bucket(start, Granularity::Day, rule.tz);
+            let before = bucket_start(start - chrono::Duration::seconds(1), Granularity::Day, rule.tz);
+            ((start, end), (before, start))
+        }
+        Window::CalendarMonth => {
+            let start = month_start(now, rule.tz);
+            let end = next_bucket(start, Granularity::Month, rule.tz);
+            let before = month_start(start - chrono::Duration::seconds(1), rule.tz);
+            ((start, end), (before, start))
+        }
+    }
+}
+
+/// An instance the evaluator knows: its stored row and version.
+#[derive(Debug, Clone)]
+struct Tracked {
+    row: InstanceRow,
+    version: Option<i64>,
+}
+
+fn life_of(row: &InstanceRow) -> Life {
+    Life {
+        state: State::parse(&row.state).unwrap_or(State::Inactive),
+        active_since: row.active_since,
+        firing_since: row.firing_since,
+        last_true: row.last_true,
+        last_sent: row.last_sent,
+        resolved_at: row.resolved_at,
+        sequence: row.sequence,
+    }
+}
+
+/// What one evaluation did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Round {
+    /// Rules evaluated.
+    pub rules: usize,
+    /// Instances written.
+    pub written: usize,
+    /// Notifications added to the outbox.
+    pub notifications: usize,
+    /// Another evaluator moved an instance first; nothing was written.
+    pub stale: bool,
+}
+
+/// Evaluates rules against the projections; keeps the instances it knows in memory.
+pub struct Evaluator {
+    store: Arc<dyn EventStore>,
+    catalog: Arc<Catalog>,
+    prefix: String,
+    instances: Option<HashMap<String, Tracked>>,
+}
+
+type Values = Arc<HashMap<Group, Measures>>;
+
+impl Evaluator {
+    /// An evaluator publishing under `prefix`.
+    pub fn new(store: Arc<dyn EventStore>, catalog: Arc<Catalog>, prefix: &str) -> Self {
+        Self {
+            store,
+            catalog,
+            prefix: prefix.to_string(),
+            instances: None,
+        }
+    }
+
+    /// Reads a rule's window per group (shared by rules with the same read).
+    async fn read(
+        &self,
+        rule: &Rule,
+        (from, to): (DateTime<Utc>, DateTime<Utc>),
+        now: DateTime<Utc>,
+        cache: &mut HashMap<String, Values>,
+    ) -> Result<Values, AlertError> {
+        let sketch = rule.measure.needs_sketch();
+        let key = format!(
+            "{:?}|{:?}|{from}|{to}|{}|{sketch}",
+            rule.scope, rule.group_by, rule.tz
+        );
+        if let Some(v) = cache.get(&key) {
+            return Ok(v.clone());
+        }
+        let mut needed: Vec<Dimension> = rule.group_by.clone();
+        needed.extend(rule.scope.iter().map(|(d, _)| *d));
+        let stats = self.catalog.sizes(self.store.as_ref()).await;
+        let plan = plan::decompose(&self.catalog, &stats, rule.tz, &needed, from, to, now)?;
+        let rows = crate::query::keys::read(
+            self.store.as_ref(),
+            &plan,
+            &rule.scope,
+            &rule.group_by,
+            sketch,
+        )
+        .await?;
+        let values: Values = Arc::new(rows.into_iter().collect());
+        cache.insert(key, values.clone());
+        Ok(values)
+    }
+
+    /// One evaluation of every rule at `now`.
+    pub async fn evaluate(&mut self, now: DateTime<Utc>) -> Result<Round, AlertError> {
+        let rules = load_rules(self.store.as_ref(), &self.catalog).await?;
+        if self.instances.is_none() {
+            let rows = self.store.alert_instances().await?;
+            self.instances = Some(
+                rows.into_iter()
+                    .map(|r| {
+                        let v = Some(r.version);
+                        (r.fingerprint.clone(), Tracked { row: r, version: v })
+                    })
+                    .collect(),
+            );
+        }
+        let mut cache = HashMap::new();
+        let mut changes: Vec<(Tracked, Option<NewNotification>)> = Vec::new();
+        let mut visited = HashSet::new();
+        for rule in &rules {
+            let (window, previous) = window_range(rule, now);
+            let current = self.read(rule, window, now, &mut cache).await?;
+            let baseline = match rule.baseline {
+                true => Some(self.read(rule, previous, now, &mut cache).await?),
+                false => None,
+            };
+            for (group, m) in current.iter() {
+                let group_json = group_json(group);
+                let value = rule.measure.value(m);
+                let enough = u64::try_from(m.requests).unwrap_or(0) >= rule.min_requests;
+                for level in &rule.levels {
+                    let threshold = match &baseline {
+                        Some(b) => {
+                            level.threshold
+                                * b.get(group)
+                                    .and_then(|bm| rule.measure.value(bm))
+                                    .unwrap_or(0.0)
+                        }
+                        None => level.threshold,
+                    };
+                    let holds = enough && value.is_some_and(|v| level.op.holds(v, threshold));
+                    let fp = fingerprint(&[&rule.uid, &level.id, &group_json]);
+                    visited.insert(fp.clone());
+                    let input = Input {
+                        rule,
+                        level,
+                        group: &group_json,
+                        holds,
+                        value,
+                        threshold,
+                        m,
+                    };
+                    if let Some(c) = self.step(&fp, input, now) {
+                        changes.push(c);
+                    }
+                }
+            }
+        }
+        // Instances with no data in their window now (it slid past them), or
+        // whose rule or level is gone.
+        let idle: Vec<(String, String, String)> = self
+            .instances
+            .iter()
+            .flatten()
+            .filter(|(fp, t)| {
+                !visited.contains(*fp) && matches!(t.row.state.as_str(), "pending" | "firing")
+            })
+            .map(|(fp, t)| (fp.clone(), t.row.rule_uid.clone(), t.row.level.clone()))
+            .collect();
+        let empty = Measures::default();
+        let gone_level = Level {
+            id: String::new(),
+            op: super::rule::Op::Gt,
+            threshold: f64::INFINITY,
+            severity: super::rule::Severity::Info,
+        };
+        for (fp, uid, level_id) in idle {
+            let found = rules.iter().find_map(|r| {
+                (r.uid == uid)
+                    .then(|| r.levels.iter().find(|l| l.id == level_id).map(|l| (r, l)))
+                    .flatten()
+            });
+            let group = self
+                .instances
+                .as_ref()
+                .and_then(|i| i.get(&fp))
+                .map(|t| t.row.group.clone())
+                .unwrap_or_default();
+            let change = match found {
+                Some((rule, level)) => {
+                    let value = rule.measure.value(&empty);
+                    let enough = rule.min_requests == 0;
+                    let holds = enough
+                        && !rule.baseline
+                        && value.is_some_and(|v| level.op.holds(v, level.threshold));
+                    self.step(
+                        &fp,
+                        Input {
+                            rule,
+                            level,
+                            group: &group,
+                            holds,
+                            value,
+                            threshold: level.threshold,
+                            m: &empty,
+                        },
+                        now,
+                    )
+                }
+                None => self.retire(&fp, &gone_level, now),
+            };
+            if let Some(c) = change {
+                changes.push(c);
+            }
+        }
+        let mut round = Round {
+            rules: rules.len(),
+            ..Round::default()
+        };
+        if changes.is_empty() {
+            return Ok(round);
+        }
+        let writes: Vec<InstanceWrite> = changes
+            .iter()
+            .map(|(t, _)| InstanceWrite {
+                row: t.row.clone(),
+                expected_version: t.version,
+            })
+            .collect();
+        let notes: Vec<NewNotification> = changes.iter().filter_map(|(_, n)| n.clone()).collect();
+        if !self.store.commit_transitions(&writes, &notes).await? {
+            tracing::info!("an alert instance moved under this evaluator; re-reading them");
+            self.instances = None;
+            round.stale = true;
+            return Ok(round);
+        }
+        round.written = writes.len();
+        round.notifications = notes.len();
+        if let Some(map) = self.instances.as_mut() {
+            for (mut t, n) in changes {
+                if let Some(n) = &n {
+                    tracing::info!(rule = %n.rule, fingerprint = %n.fingerprint, sequence = n.sequence, state = %n.state, "alert transition");
+                }
+                t.version = Some(t.version.map_or(1, |v| v + 1));
+                map.insert(t.row.fingerprint.clone(), t);
+            }
+        }
+        Ok(round)
+    }
+
+    /// Advances one instance; returns its new row and notification when it changed.
+    fn step(
+        &self,
+        fp: &str,
+        input: Input<'_>,
+        now: DateTime<Utc>,
+    ) -> Option<(Tracked, Option<NewNotification>)> {
+        let known = self.instances.as_ref().and_then(|i| i.get(fp));
+        let (mut life, version) = match known {
+            Some(t) => (life_of(&t.row), t.version),
+            None if !input.holds => return None,
+            None => (Life::default(), None),
+        };
+        let timing = Timing {
+            for_: input.rule.for_,
+            keep_firing_for: input.rule.keep_firing_for,
+            repeat_every: input.rule.repeat_every,
+        };
+        let change = advance(&mut life, &timing, input.holds, now);
+        if !change.dirty {
+            return None;
+        }
+        let row = InstanceRow {
+            fingerprint: fp.to_string(),
+            rule: input.rule.name.clone(),
+            rule_uid: input.rule.uid.clone(),
+            level: input.level.id.clone(),
+            group: input.group.to_string(),
+            severity: input.level.severity.as_str().to_string(),
+            state: life.state.as_str().to_string(),
+            value: input.value,
+            threshold: Some(input.threshold),
+            active_since: life.active_since,
+            firing_since: life.firing_since,
+            last_true: life.last_true,
+            last_sent: life.last_sent,
+            resolved_at: life.resolved_at,
+            sequence: life.sequence,
+            version: version.unwrap_or(0),
+            updated_at: now,
+        };
+        let note = change
+            .notify
+            .map(|state| self.notification(&row, &input, state, now));
+        Some((Tracked { row, version }, note))
+    }
+
+    /// Resolves (or drops, if only pending) an instance whose rule or level no longer exists.
+    fn retire(
+        &self,
+        fp: &str,
+        _level: &Level,
+        now: DateTime<Utc>,
+    ) -> Option<(Tracked, Option<NewNotification>)> {
+        let t = self.instances.as_ref()?.get(fp)?;
+        let mut life = life_of(&t.row);
+        let change = advance(&mut life, &Timing::default(), false, now);
+        if !change.dirty {
+            return None;
+        }
+        let mut row = t.row.clone();
+        row.state = life.state.as_str().to_string();
+        row.active_since = life.active_since;
+        row.resolved_at = life.resolved_at;
+        row.last_sent = life.last_sent;
+        row.sequence = life.sequence;
+        row.updated_at = now;
+        let note = change.notify.map(|state| {
+            let payload = json!({
+                "alert_id": row.fingerprint,
+                "rule": row.rule,
+                "state": state.as_str(),
+                "severity": row.severity,
+                "group": serde_json::from_str::<serde_json::Value>(&row.group).unwrap_or(json!({})),
+                "labels": {},
+                "measure": null,
+                "value": row.value,
+                "threshold": row.threshold,
+                "window": null,
+                "started_at": rfc(row.active_since.or(row.firing_since)),
+                "resolved_at": rfc(row.resolved_at),
+                "sequence": row.sequence,
+                "reason": "rule_removed",
+            });
+            NewNotification {
+                fingerprint: row.fingerprint.clone(),
+                sequence: row.sequence,
+                rule: row.rule.clone(),
+                state: state.as_str().to_string(),
+                severity: row.severity.clone(),
+                subject: subject(&self.prefix, &row.severity, &row.rule),
+                payload: payload.to_string(),
+                created_at: now,
+            }
+        });
+        Some((
+            Tracked {
+                row,
+                version: t.version,
+            },
+            note,
+        ))
+    }
+
+    fn notification(
+        &self,
+        row: &InstanceRow,
+        input: &Input<'_>,
+        state: State,
+        now: DateTime<Utc>,
+    ) -> NewNotification {
+        let rule = input.rule;
+        let value = match input.value {
+            Some(v) => quota::amount(rule.measure, input.m, v),
+            None => serde_json::Value::Null,
+        };
+        let payload = json!({
+            "alert_id": row.fingerprint,
+            "rule": rule.name,
+            "state": state.as_str(),
+            "severity": row.severity,
+            "group": serde_json::from_str::<serde_json::Value>(&row.group).unwrap_or(json!({})),
+            "labels": rule.labels,
+            "measure": rule.measure.as_str(),
+            "value": value,
+            "threshold": number(input.threshold),
+            "window": rule.window.describe(),
+            "started_at": rfc(row.active_since),
+            "resolved_at": rfc(row.resolved_at.filter(|_| state == State::Resolved)),
+            "sequence": row.sequence,
+            "level": input.level.id.parse::<f64>().ok(),
+            "limit": rule.spec.limit,
+            "evaluated_at": rfc(Some(now)),
+        });
+        NewNotification {
+            fingerprint: row.fingerprint.clone(),
+            sequence: row.sequence,
+            rule: rule.name.clone(),
+            state: state.as_str().to_string(),
+            severity: row.severity.clone(),
+            subject: subject(&self.prefix, &row.severity, &rule.name),
+            payload: payload.to_string(),
+            created_at: now,
+        }
+    }
+
+    /// Runs until `shutdown`: holds the evaluator lease (or waits for it) and
+    /// evaluates when woken, when a checkpoint moved, and on the tick.
+    pub async fn run(
+        mut self,
+        settings: AlertSettings,
+        owner: String,
+        wake: Arc<Notify>,
+        relay: Arc<Notify>,
+        shutdown: CancellationToken,
+    ) {
+        let renew_every = settings.lease_ttl / 3;
+        let mut renewed: Option<Instant> = None;
+        let mut leading = false;
+        let mut last_eval: Option<Instant> = None;
+        let mut last_cursors: Vec<(String, Cursor)> = Vec::new();
+        let mut backoff = Backoff::new();
+        while !shutdown.is_cancelled() {
+            if renewed.is_none_or(|t| t.elapsed() >= renew_every) {
+                let was = leading;
+                leading = match self
+                    .store
+                    .try_named_lease(EVALUATOR_LEASE, &owner, settings.lease_ttl)
+                    .await
+                {
+                    Ok(l) => l,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot take the alert evaluator lease; retrying");
+                        false
+                    }
+                };
+                renewed = Some(Instant::now());
+                if leading && !was {
+                    tracing::info!(%owner, "alert evaluator lease taken");
+                    self.instances = None;
+                }
+            }
+            if !leading {
+                tokio::select! {
+                    _ = tokio::time::sleep(renew_every) => {}
+                    _ = shutdown.cancelled() => {}
+                }
+                continue;
+            }
+            let woken = tokio::select! {
+                _ = wake.notified() => true,
+                _ = tokio::time::sleep(settings.poll) => false,
+                _ = shutdown.cancelled() => break,
+            };
+            let mut due = woken || last_eval.is_none_or(|t| t.elapsed() >= settings.tick);
+            if !due {
+                if let Ok(states) = self.store.projection_states().await {
+                    let cursors: Vec<(String, Cursor)> =
+                        states.into_iter().map(|s| (s.name, s.cursor)).collect();
+                    due = cursors != last_cursors;
+                    last_cursors = cursors;
+                }
+            }
+            if !due {
+                continue;
+            }
+            last_eval = Some(Instant::now());
+            match self.evaluate(Utc::now()).await {
+                Ok(round) => {
+                    backoff.reset();
+                    if round.notifications > 0 {
+                        relay.notify_one();
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "alert evaluation failed; retrying");
+                    self.instances = None;
+                    backoff.sleep(&shutdown).await;
+                }
+            }
+        }
+        if leading {
+            if let Err(e) = self.store.release_named_lease(EVALUATOR_LEASE, &owner).await {
+                tracing::debug!(error = %e, "evaluator lease not released; it expires by itself");
+            }
+        }
+    }
+}
+
+/// One instance's evaluation input.
+struct Input<'a> {
+    rule: &'a Rule,
+    level: &'a Level,
+    group: &'a str,
+    holds: bool,
+    value: Option<f64>,
+    threshold: f64,
+    m: &'a Measures,
+}
+
+fn group_json(g: &Group) -> String {
+    let map: serde_json::Map<String, serde_json::Value> = g
+        .0
+        .iter()
+        .map(|(d, v)| (d.as_str().to_string(), json!(v)))
+        .collect();
+    serde_json::Value::Object(map).to_string()
+}
+
+fn rfc(t: Option<DateTime<Utc>>) -> serde_json::Value {
+    match t {
+        Some(t) => json!(t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)),
+        None => serde_json::Value::Null,
+    }
+}
