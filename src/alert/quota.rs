@@ -197,6 +197,8 @@ pub fn amount(measure: Measure, m: &Measures, value: f64) -> serde_json::Value {
             n.unsigned_abs() / 1_000_000_000,
             n.unsigned_abs() % 1_000_000_000
         );
+        // Exact, without trailing zeros: 3.750000000 → 3.75, 2.000000000 → 2.
+        let text = text.trim_end_matches('0').trim_end_matches('.');
         return text
             .parse::<serde_json::Number>()
             .map(serde_json::Value::Number)

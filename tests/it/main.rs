@@ -1,5 +1,6 @@
 //! Integration tests: one binary, real PostgreSQL (started by `support`) and SQLite files.
 
+mod alert;
 mod cli;
 mod event;
 mod ingest_http;
