@@ -10,6 +10,9 @@ order=["requests","successes","errors","cost","tokens","tokens_in","tokens_out",
 err={"description":"Bad request: the message says what is wrong and what is allowed","content":{"application/json":{"schema":{"$ref":"#/components/schemas/Error"}}}}
 unavail={"description":"Statement timeout or database unavailable; retry","content":{"application/json":{"schema":{"$ref":"#/components/schemas/Error"}}}}
 ts={"type":"string","format":"date-time"}
+actor=p("X-Tally-Actor","Who makes the change, recorded in the audit trail (default anonymous).",{"type":"string"},False,"header")
+name=p("name","Rule name.",{"type":"string"},True,"path")
+measures=["requests","errors","error_rate","rate_limited","timeouts","server_errors","cost","tokens","tokens_in","tokens_out","latency_p95","latency_p99"]
 doc={
  "openapi":"3.1.0",
  "info":{"title":"Tally","version":"0.1.0","description":"Event-sourced usage metering: ingest usage events, query exact aggregates. Times are RFC 3339; ranges are half-open [from, to)."},
@@ -39,6 +42,23 @@ doc={
      p("tz","Timezone of today and this month. Default UTC.",{"type":"string"})],
    "responses":{"200":{"description":"The key page","content":{"application/json":{"schema":{"$ref":"#/components/schemas/KeyPage"}}}},"400":err,"503":unavail}}},
   "/v1/projections":{"get":{"summary":"What can be queried: dimensions, granularities, timezone, as_of, lag","responses":{"200":{"description":"Projections","content":{"application/json":{"schema":{"type":"object","properties":{"projections":{"type":"array","items":{"$ref":"#/components/schemas/Projection"}}}}}}},"503":unavail}}},
+  "/v1/alert-rules":{
+    "get":{"summary":"Every alert rule","responses":{"200":{"description":"Rules","content":{"application/json":{"schema":{"type":"object","properties":{"rules":{"type":"array","items":{"$ref":"#/components/schemas/StoredRule"}}}}}}},"503":unavail}},
+    "post":{"summary":"Create an alert rule (400 name_taken when the name exists)","parameters":[actor],"requestBody":{"required":True,"content":{"application/json":{"schema":{"$ref":"#/components/schemas/Rule"}}}},"responses":{"201":{"description":"Created","content":{"application/json":{"schema":{"$ref":"#/components/schemas/StoredRule"}}}},"400":err,"503":unavail}}},
+  "/v1/alert-rules/{name}":{
+    "get":{"summary":"One rule","parameters":[name],"responses":{"200":{"description":"The rule","content":{"application/json":{"schema":{"$ref":"#/components/schemas/StoredRule"}}}},"404":err}},
+    "put":{"summary":"Create (201) or replace (200) a rule","parameters":[name,actor],"requestBody":{"required":True,"content":{"application/json":{"schema":{"$ref":"#/components/schemas/Rule"}}}},"responses":{"200":{"description":"Replaced"},"201":{"description":"Created"},"400":err,"503":unavail}},
+    "delete":{"summary":"Delete a rule; its firing alerts resolve","parameters":[name,actor],"responses":{"204":{"description":"Deleted"},"404":err}}},
+  "/v1/alert-rules/{name}/audit":{"get":{"summary":"Who changed the rule, when, from what to what (newest first)","parameters":[name],"responses":{"200":{"description":"Audit entries","content":{"application/json":{"schema":{"type":"object","properties":{"entries":{"type":"array","items":{"$ref":"#/components/schemas/Audit"}}}}}}}}}},
+  "/v1/alerts":{"get":{"summary":"Alerts pending or firing now, and the notification history (newest first)","parameters":[
+     p("rule","Only this rule."),p("state","pending, firing or resolved.",{"type":"string","enum":["pending","firing","resolved"]}),
+     p("group","dimension:value (repeatable): only alerts of groups with these values."),p("from","History created at or after.",ts),p("to","History created before.",ts),
+     p("limit","Most history entries (default 100).",{"type":"integer","minimum":1,"maximum":10000})],
+   "responses":{"200":{"description":"Active alerts and history","content":{"application/json":{"schema":{"type":"object","properties":{"active":{"type":"array","items":{"type":"object"}},"history":{"type":"array","items":{"$ref":"#/components/schemas/Notification"}}}}}}},"400":err}}},
+  "/v1/keys/{key}/quota":{
+    "get":{"summary":"The key's rolling quota: used, remaining, exceeded, resets_at (one-minute precision)","parameters":[p("key","The API key.",{"type":"string"},True,"path")],"responses":{"200":{"description":"Quota status","content":{"application/json":{"schema":{"$ref":"#/components/schemas/QuotaStatus"}}}},"404":err}},
+    "put":{"summary":"Set the key's quota (201 new, 200 replaced); crossing it fires quota_exceeded","parameters":[p("key","The API key.",{"type":"string"},True,"path"),actor],"requestBody":{"required":True,"content":{"application/json":{"schema":{"type":"object","required":["measure","limit","window"],"properties":{"measure":{"type":"string","enum":["requests","errors","rate_limited","timeouts","server_errors","cost","tokens","tokens_in","tokens_out"]},"limit":{"type":"number"},"window":{"type":"string","description":"Whole minutes, e.g. 5h"}}}}}},"responses":{"200":{"description":"Replaced"},"201":{"description":"Set"},"400":err}},
+    "delete":{"summary":"Remove the key's quota","parameters":[p("key","The API key.",{"type":"string"},True,"path"),actor],"responses":{"204":{"description":"Removed"},"404":err}}},
   "/healthz":{"get":{"summary":"Liveness","responses":{"200":{"description":"The process is up"}}}},
   "/readyz":{"get":{"summary":"Readiness (database reachable)","responses":{"200":{"description":"ready or degraded (NATS down)"},"503":{"description":"database unreachable"}}}},
   "/openapi.json":{"get":{"summary":"This document","responses":{"200":{"description":"OpenAPI 3.1"}}}},
@@ -60,6 +80,20 @@ doc={
   "Keys":{"type":"object","properties":{"from":ts,"to":ts,"covered":{"$ref":"#/components/schemas/Covered"},"order_by":{"type":"string"},"limit":{"type":"integer"},"offset":{"type":"integer"},"total_keys":{"type":"integer"},"as_of":{"type":["string","null"],"format":"date-time"},"keys":{"type":"array","items":{"allOf":[{"$ref":"#/components/schemas/Measures"},{"type":"object","properties":{"key":{"type":"string"}}}]}}}},
   "Window":{"allOf":[{"$ref":"#/components/schemas/Measures"},{"type":"object","properties":{"from":ts,"to":ts,"covered":{"$ref":"#/components/schemas/Covered"}}}]},
   "KeyPage":{"type":"object","properties":{"key":{"type":"string"},"at":ts,"timezone":{"type":"string"},"as_of":{"type":["string","null"],"format":"date-time"},"today":{"$ref":"#/components/schemas/Window"},"this_month":{"$ref":"#/components/schemas/Window"},"last_24h":{"$ref":"#/components/schemas/Window"},"by_model":{"type":"array","items":{"$ref":"#/components/schemas/Measures"}},"by_api":{"type":"array","items":{"$ref":"#/components/schemas/Measures"}},"quota":{"type":["object","null"]}}},
+  "Rule":{"type":"object","required":["name","measure","window"],"description":"Either threshold (with op) or limit with warn_at. Durations like 30s, 5m, 1h.","properties":{
+     "name":{"type":"string","pattern":"^[a-z0-9_-]{1,64}$"},"severity":{"type":"string","enum":["info","warning","critical"]},"labels":{"type":"object","additionalProperties":{"type":"string"}},
+     "measure":{"type":"string","enum":measures},"window":{"type":"string","description":"Rolling (1m to 31d, whole buckets) or calendar_day / calendar_month"},"timezone":{"type":"string"},
+     "scope":{"type":"object","additionalProperties":{"oneOf":[{"type":"string"},{"type":"array","items":{"type":"string"}}]}},"group_by":{"type":"array","items":{"type":"string","enum":dims}},
+     "op":{"type":"string","enum":[">",">=","<","<="]},"threshold":{"type":"number"},"baseline":{"type":"string","enum":["previous_window"]},
+     "limit":{"type":"number"},"warn_at":{"type":"array","items":{"type":"number"}},"min_requests":{"type":"integer"},
+     "for":{"type":"string"},"keep_firing_for":{"type":"string"},"repeat_every":{"type":"string"}}},
+  "StoredRule":{"allOf":[{"$ref":"#/components/schemas/Rule"},{"type":"object","properties":{"version":{"type":"integer"},"created_at":ts,"updated_at":ts,"updated_by":{"type":"string"}}}]},
+  "Audit":{"type":"object","properties":{"id":{"type":"integer"},"at":ts,"actor":{"type":"string"},"action":{"type":"string","enum":["rule.create","rule.update","rule.delete","quota.set","quota.delete"]},"target":{"type":"string"},"before":{"type":["object","null"]},"after":{"type":["object","null"]}}},
+  "Notification":{"type":"object","description":"The JSON body published to usage.alerts.<severity>.<rule> with Nats-Msg-Id <alert_id>:<sequence>","properties":{
+     "alert_id":{"type":"string"},"rule":{"type":"string"},"state":{"type":"string","enum":["firing","resolved"]},"severity":{"type":"string"},"group":{"type":"object"},"labels":{"type":"object"},
+     "measure":{"type":"string"},"value":{"type":["number","null"]},"threshold":{"type":"number"},"window":{"type":"string"},"started_at":ts,"resolved_at":{"type":["string","null"],"format":"date-time"},
+     "sequence":{"type":"integer"},"level":{"type":["number","null"]},"limit":{"type":["number","null"]},"evaluated_at":ts}},
+  "QuotaStatus":{"type":"object","properties":{"key":{"type":"string"},"measure":{"type":"string"},"limit":{"type":"number"},"window":{"type":"string"},"used":{"type":"number"},"remaining":{"type":"number"},"exceeded":{"type":"boolean"},"resets_at":{"type":["string","null"],"format":"date-time"},"window_start":ts,"as_of":{"type":["string","null"],"format":"date-time"},"precision":{"type":"string"}}},
   "Projection":{"type":"object","properties":{"name":{"type":"string"},"status":{"type":"string"},"dimensions":{"type":"array","items":{"type":"string"}},"granularities":{"type":"array","items":{"type":"string"}},"timezone":{"type":"string"},"tables":{"type":"array","items":{"type":"string"}},"as_of":{"type":["string","null"]},"lag_events":{"type":["integer","null"]},"events_folded":{"type":["integer","null"]},"checkpoint":{"type":["string","null"]},"rebuilding":{"type":"boolean"},"retention":{"type":["object","null"]}}}
  }}
 }

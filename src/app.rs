@@ -201,7 +201,11 @@ impl App {
             shutdown.clone(),
         );
         let settings = self.alerts.settings(self.projector_config.lease_ttl);
-        let evaluator = Evaluator::new(store.clone(), self.state.catalog.clone(), &settings.subject_prefix);
+        let evaluator = Evaluator::new(
+            store.clone(),
+            self.state.catalog.clone(),
+            &settings.subject_prefix,
+        );
         let mut background = vec![tokio::spawn(evaluator.run(
             settings.clone(),
             self.instance.clone(),

@@ -566,7 +566,10 @@ async fn alerts(db: &DatabaseConfig, which: AlertsCommand) -> anyhow::Result<()>
                 .map(std::sync::Arc::new)
                 .collect();
             let actor = actor.unwrap_or_else(|| {
-                format!("cli:{}", std::env::var("USER").unwrap_or_else(|_| "unknown".into()))
+                format!(
+                    "cli:{}",
+                    std::env::var("USER").unwrap_or_else(|_| "unknown".into())
+                )
             });
             let report = crate::alert::apply_file(store.as_ref(), &specs, &text, &actor, prune)
                 .await
@@ -577,7 +580,14 @@ async fn alerts(db: &DatabaseConfig, which: AlertsCommand) -> anyhow::Result<()>
                 ("unchanged", &report.unchanged),
                 ("deleted", &report.deleted),
             ] {
-                println!("{what}: {}", if names.is_empty() { "-".to_string() } else { names.join(", ") });
+                println!(
+                    "{what}: {}",
+                    if names.is_empty() {
+                        "-".to_string()
+                    } else {
+                        names.join(", ")
+                    }
+                );
             }
         }
         AlertsCommand::List => {
@@ -587,7 +597,10 @@ async fn alerts(db: &DatabaseConfig, which: AlertsCommand) -> anyhow::Result<()>
                 .iter()
                 .map(crate::alert::http::rule_view)
                 .collect();
-            println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "rules": rules }))?);
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&serde_json::json!({ "rules": rules }))?
+            );
         }
         AlertsCommand::Status => {
             let active: Vec<_> = store
@@ -603,7 +616,12 @@ async fn alerts(db: &DatabaseConfig, which: AlertsCommand) -> anyhow::Result<()>
                 .into_iter()
                 .map(|n| serde_json::json!({"subject": n.n.subject, "payload": serde_json::from_str::<serde_json::Value>(&n.n.payload).unwrap_or_default(), "sent": n.sent_at.is_some()}))
                 .collect();
-            println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "active": active, "history": history }))?);
+            println!(
+                "{}",
+                serde_json::to_string_pretty(
+                    &serde_json::json!({ "active": active, "history": history })
+                )?
+            );
         }
     }
     store.close().await;

@@ -293,7 +293,11 @@ pub struct AlertConfig {
     pub alerts_stream: String,
 
     /// Notifications go to `<prefix>.<severity>.<rule>`.
-    #[arg(long, env = "TALLY_ALERTS_SUBJECT_PREFIX", default_value = "usage.alerts")]
+    #[arg(
+        long,
+        env = "TALLY_ALERTS_SUBJECT_PREFIX",
+        default_value = "usage.alerts"
+    )]
     pub alerts_subject_prefix: String,
 
     /// Evaluate every rule at least this often (windows slide with no new data).

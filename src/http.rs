@@ -59,9 +59,22 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/stats", get(query::get_stats))
         .route("/v1/keys", get(query::get_keys))
         .route("/v1/keys/{key}/stats", get(query::get_key_page))
-        .route("/v1/keys/{key}/quota", get(alert::get_quota).put(alert::put_quota).delete(alert::delete_quota))
-        .route("/v1/alert-rules", get(alert::list_rules).post(alert::create_rule))
-        .route("/v1/alert-rules/{name}", get(alert::get_rule).put(alert::put_rule).delete(alert::delete_rule))
+        .route(
+            "/v1/keys/{key}/quota",
+            get(alert::get_quota)
+                .put(alert::put_quota)
+                .delete(alert::delete_quota),
+        )
+        .route(
+            "/v1/alert-rules",
+            get(alert::list_rules).post(alert::create_rule),
+        )
+        .route(
+            "/v1/alert-rules/{name}",
+            get(alert::get_rule)
+                .put(alert::put_rule)
+                .delete(alert::delete_rule),
+        )
         .route("/v1/alert-rules/{name}/audit", get(alert::rule_audit))
         .route("/v1/alerts", get(alert::list_alerts))
         .route("/v1/projections", get(query::get_projections))

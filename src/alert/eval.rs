@@ -64,16 +64,24 @@ pub const EVALUATOR_LEASE: &str = "alerts.evaluator";
 /// Every rule to evaluate: the stored rules and one per quota. A stored rule
 /// that no longer validates (a projection it needs was removed) is skipped
 /// with an error in the log; its firing instances resolve.
-pub async fn load_rules(store: &dyn EventStore, catalog: &Catalog) -> Result<Vec<Rule>, AlertError> {
+pub async fn load_rules(
+    store: &dyn EventStore,
+    catalog: &Catalog,
+) -> Result<Vec<Rule>, AlertError> {
     let (rules, quotas) = tokio::join!(store.alert_rules(), store.quotas());
     let mut out = Vec::new();
     for row in rules? {
         let parsed = serde_json::from_str::<RuleSpec>(&row.spec)
             .map_err(|e| e.to_string())
-            .and_then(|s| s.validate(&row.uid, &catalog.specs).map_err(|e| e.to_string()));
+            .and_then(|s| {
+                s.validate(&row.uid, &catalog.specs)
+                    .map_err(|e| e.to_string())
+            });
         match parsed {
             Ok(rule) => out.push(rule),
-            Err(reason) => tracing::error!(rule = %row.name, %reason, "stored alert rule cannot be evaluated; skipped"),
+            Err(reason) => {
+                tracing::error!(rule = %row.name, %reason, "stored alert rule cannot be evaluated; skipped")
+            }
         }
     }
     for row in quotas? {
@@ -82,30 +90,40 @@ pub async fn load_rules(store: &dyn EventStore, catalog: &Catalog) -> Result<Vec
             .and_then(|q| q.rule(&row.uid, &catalog.specs));
         match parsed {
             Ok(rule) => out.push(rule),
-            Err(e) => tracing::error!(key = %row.key, error = %e, "stored quota cannot be evaluated; skipped"),
+            Err(e) => {
+                tracing::error!(key = %row.key, error = %e, "stored quota cannot be evaluated; skipped")
+            }
         }
     }
     Ok(out)
 }
 
+/// A half-open time range `[from, to)`.
+pub type Range = (DateTime<Utc>, DateTime<Utc>);
+
 /// `[from, to)` of a rule's window at `now`, and of the window before it.
-pub fn window_range(
-    rule: &Rule,
-    now: DateTime<Utc>,
-) -> ((DateTime<Utc>, DateTime<Utc>), (DateTime<Utc>, DateTime<Utc>)) {
+pub fn window_range(rule: &Rule, now: DateTime<Utc>) -> (Range, Range) {
     match rule.window {
         Window::Rolling {
             length,
             granularity,
         } => {
-            let end = next_bucket(bucket_start(now, granularity, Tz::UTC), granularity, Tz::UTC);
+            let end = next_bucket(
+                bucket_start(now, granularity, Tz::UTC),
+                granularity,
+                Tz::UTC,
+            );
             let len = chrono::Duration::from_std(length).unwrap_or_default();
             ((end - len, end), (end - len - len, end - len))
         }
         Window::CalendarDay => {
             let start = day_start(now.with_timezone(&rule.tz).date_naive(), rule.tz);
             let end = next_bucket(start, Granularity::Day, rule.tz);
-            let before = bucket_start(start - chrono::Duration::seconds(1), Granularity::Day, rule.tz);
+            let before = bucket_start(
+                start - chrono::Duration::seconds(1),
+                Granularity::Day,
+                rule.tz,
+            );
             ((start, end), (before, start))
         }
         Window::CalendarMonth => {
@@ -174,7 +192,7 @@ impl Evaluator {
     async fn read(
         &self,
         rule: &Rule,
-        (from, to): (DateTime<Utc>, DateTime<Utc>),
+        (from, to): Range,
         now: DateTime<Utc>,
         cache: &mut HashMap<String, Values>,
     ) -> Result<Values, AlertError> {
@@ -271,12 +289,6 @@ impl Evaluator {
             .map(|(fp, t)| (fp.clone(), t.row.rule_uid.clone(), t.row.level.clone()))
             .collect();
         let empty = Measures::default();
-        let gone_level = Level {
-            id: String::new(),
-            op: super::rule::Op::Gt,
-            threshold: f64::INFINITY,
-            severity: super::rule::Severity::Info,
-        };
         for (fp, uid, level_id) in idle {
             let found = rules.iter().find_map(|r| {
                 (r.uid == uid)
@@ -310,7 +322,7 @@ impl Evaluator {
                         now,
                     )
                 }
-                None => self.retire(&fp, &gone_level, now),
+                None => self.retire(&fp, now),
             };
             if let Some(c) = change {
                 changes.push(c);
@@ -399,12 +411,7 @@ impl Evaluator {
     }
 
     /// Resolves (or drops, if only pending) an instance whose rule or level no longer exists.
-    fn retire(
-        &self,
-        fp: &str,
-        _level: &Level,
-        now: DateTime<Utc>,
-    ) -> Option<(Tracked, Option<NewNotification>)> {
+    fn retire(&self, fp: &str, now: DateTime<Utc>) -> Option<(Tracked, Option<NewNotification>)> {
         let t = self.instances.as_ref()?.get(fp)?;
         let mut life = life_of(&t.row);
         let change = advance(&mut life, &Timing::default(), false, now);
@@ -573,7 +580,11 @@ impl Evaluator {
             }
         }
         if leading {
-            if let Err(e) = self.store.release_named_lease(EVALUATOR_LEASE, &owner).await {
+            if let Err(e) = self
+                .store
+                .release_named_lease(EVALUATOR_LEASE, &owner)
+                .await
+            {
                 tracing::debug!(error = %e, "evaluator lease not released; it expires by itself");
             }
         }
@@ -592,11 +603,10 @@ struct Input<'a> {
 }
 
 fn group_json(g: &Group) -> String {
-    let map: serde_json::Map<String, serde_json::Value> = g
-        .0
-        .iter()
-        .map(|(d, v)| (d.as_str().to_string(), json!(v)))
-        .collect();
+    let map: serde_json::Map<String, serde_json::Value> =
+        g.0.iter()
+            .map(|(d, v)| (d.as_str().to_string(), json!(v)))
+            .collect();
     serde_json::Value::Object(map).to_string()
 }
 

@@ -106,7 +106,12 @@ pub async fn create_rule(
     let spec = parse_rule(&state, &body)?;
     let written = state
         .store
-        .write_rule(&spec.name, &spec.to_json(), &actor(&headers), WriteMode::Create)
+        .write_rule(
+            &spec.name,
+            &spec.to_json(),
+            &actor(&headers),
+            WriteMode::Create,
+        )
         .await
         .map_err(AlertError::from)?;
     match written {
@@ -130,7 +135,9 @@ pub async fn put_rule(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let mut value: Value = serde_json::from_slice(&body).map_err(|e| {
-        ApiError::from(AlertError::Invalid(format!("the rule is not valid JSON: {e}")))
+        ApiError::from(AlertError::Invalid(format!(
+            "the rule is not valid JSON: {e}"
+        )))
     })?;
     if let Some(o) = value.as_object_mut() {
         match o.get("name") {
@@ -267,7 +274,11 @@ pub async fn list_alerts(State(state): State<AppState>, q: Pairs) -> Result<Resp
     let history_filter = HistoryFilter {
         // Pending is never notified: history filters only on firing/resolved.
         state: filter.state.clone(),
-        limit: if groups.is_empty() { filter.limit } else { 10_000 },
+        limit: if groups.is_empty() {
+            filter.limit
+        } else {
+            10_000
+        },
         ..filter.clone()
     };
     let (instances, history) = tokio::join!(

@@ -192,7 +192,9 @@ mod tests {
     use chrono::TimeZone;
 
     fn t(s: i64) -> DateTime<Utc> {
-        Utc.timestamp_opt(1_700_000_000 + s, 0).single().expect("valid time")
+        Utc.timestamp_opt(1_700_000_000 + s, 0)
+            .single()
+            .expect("valid time")
     }
 
     /// Runs a sequence of (second, holds) and returns the notifications sent.
@@ -209,7 +211,17 @@ mod tests {
 
     #[test]
     fn fires_and_resolves_once_each() {
-        let sent = run(Timing::default(), &[(0, false), (1, true), (2, true), (3, true), (4, false), (5, false)]);
+        let sent = run(
+            Timing::default(),
+            &[
+                (0, false),
+                (1, true),
+                (2, true),
+                (3, true),
+                (4, false),
+                (5, false),
+            ],
+        );
         assert_eq!(sent, vec![(1, State::Firing, 1), (4, State::Resolved, 2)]);
     }
 
@@ -230,7 +242,10 @@ mod tests {
             keep_firing_for: Duration::from_secs(30),
             ..Timing::default()
         };
-        let steps: Vec<(i64, bool)> = (0..20).map(|i| (i * 5, i % 2 == 0)).chain([(200, false)]).collect();
+        let steps: Vec<(i64, bool)> = (0..20)
+            .map(|i| (i * 5, i % 2 == 0))
+            .chain([(200, false)])
+            .collect();
         let sent = run(timing, &steps);
         assert_eq!(sent, vec![(0, State::Firing, 1), (200, State::Resolved, 2)]);
     }
@@ -241,10 +256,25 @@ mod tests {
             repeat_every: Some(Duration::from_secs(60)),
             ..Timing::default()
         };
-        let sent = run(timing, &[(0, true), (30, true), (60, true), (90, true), (120, true), (121, false)]);
+        let sent = run(
+            timing,
+            &[
+                (0, true),
+                (30, true),
+                (60, true),
+                (90, true),
+                (120, true),
+                (121, false),
+            ],
+        );
         assert_eq!(
             sent,
-            vec![(0, State::Firing, 1), (60, State::Firing, 2), (120, State::Firing, 3), (121, State::Resolved, 4)]
+            vec![
+                (0, State::Firing, 1),
+                (60, State::Firing, 2),
+                (120, State::Firing, 3),
+                (121, State::Resolved, 4)
+            ]
         );
     }
 }

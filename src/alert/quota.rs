@@ -61,8 +61,7 @@ fn minute_spec(specs: &[Arc<Spec>]) -> Option<Arc<Spec>> {
     specs
         .iter()
         .filter(|s| {
-            s.granularities.contains(&Granularity::Minute)
-                && s.dimensions.contains(&Dimension::Key)
+            s.granularities.contains(&Granularity::Minute) && s.dimensions.contains(&Dimension::Key)
         })
         .min_by_key(|s| (s.dimensions.len(), s.name.clone()))
         .cloned()
@@ -103,7 +102,10 @@ impl QuotaSpec {
                 self.window
             ))
         })?;
-        if window < Duration::from_secs(60) || window.as_secs() % 60 != 0 || window.subsec_nanos() != 0 {
+        if window < Duration::from_secs(60)
+            || window.as_secs() % 60 != 0
+            || window.subsec_nanos() != 0
+        {
             return Err(invalid(format!(
                 "`window` {:?} must be a whole number of minutes (the quota's precision), at least 1m",
                 self.window

@@ -85,7 +85,10 @@ pub async fn publish_some(
         match ack.await {
             Ok(a) => {
                 if a.duplicate {
-                    tracing::debug!(id, "notification was already in the stream (re-publish after a crash)");
+                    tracing::debug!(
+                        id,
+                        "notification was already in the stream (re-publish after a crash)"
+                    );
                 }
                 acked.push(id);
             }

@@ -490,7 +490,11 @@ impl RuleSpec {
         } else {
             format!(
                 "dimensions [{}]",
-                needed.iter().map(|d| d.as_str()).collect::<Vec<_>>().join(", ")
+                needed
+                    .iter()
+                    .map(|d| d.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
             )
         };
         let covering: Vec<&Spec> = specs
@@ -597,7 +601,12 @@ impl RuleSpec {
                 return Err(invalid(format!("`{field}` must be at most 31d")));
             }
         }
-        if self.labels.len() > 32 || self.labels.iter().any(|(k, v)| k.len() > 100 || v.len() > 1000) {
+        if self.labels.len() > 32
+            || self
+                .labels
+                .iter()
+                .any(|(k, v)| k.len() > 100 || v.len() > 1000)
+        {
             return Err(invalid(
                 "`labels`: at most 32, names up to 100 and values up to 1000 bytes",
             ));
@@ -678,14 +687,38 @@ mod tests {
     #[test]
     fn bad_rules_say_what_to_fix() {
         let cases = [
-            (r#"{"name":"a","measure":"bogus","window":"1h","threshold":1}"#, "unknown variant"),
-            (r#"{"name":"a","measure":"requests","window":"1h","group_by":["colour"],"threshold":1}"#, "unknown dimension `colour`"),
-            (r#"{"name":"a","measure":"requests","window":"30s","threshold":1}"#, "shorter than the finest"),
-            (r#"{"name":"a","measure":"requests","window":"1h","limit":5}"#, "needs `warn_at`"),
-            (r#"{"name":"A b","measure":"requests","window":"1h","threshold":1}"#, "`name`"),
-            (r#"{"name":"a","measure":"requests","window":"1h","group_by":["user"],"threshold":1}"#, "rolling window needs minute or hour"),
-            (r#"{"name":"a","measure":"requests","window":"1h","threshold":1,"sql":"drop"}"#, "unknown field"),
-            (r#"{"name":"a","measure":"requests","window":"90s","threshold":1}"#, "whole number"),
+            (
+                r#"{"name":"a","measure":"bogus","window":"1h","threshold":1}"#,
+                "unknown variant",
+            ),
+            (
+                r#"{"name":"a","measure":"requests","window":"1h","group_by":["colour"],"threshold":1}"#,
+                "unknown dimension `colour`",
+            ),
+            (
+                r#"{"name":"a","measure":"requests","window":"30s","threshold":1}"#,
+                "shorter than the finest",
+            ),
+            (
+                r#"{"name":"a","measure":"requests","window":"1h","limit":5}"#,
+                "needs `warn_at`",
+            ),
+            (
+                r#"{"name":"A b","measure":"requests","window":"1h","threshold":1}"#,
+                "`name`",
+            ),
+            (
+                r#"{"name":"a","measure":"requests","window":"1h","group_by":["user"],"threshold":1}"#,
+                "rolling window needs minute or hour",
+            ),
+            (
+                r#"{"name":"a","measure":"requests","window":"1h","threshold":1,"sql":"drop"}"#,
+                "unknown field",
+            ),
+            (
+                r#"{"name":"a","measure":"requests","window":"90s","threshold":1}"#,
+                "whole number",
+            ),
         ];
         for (json, want) in cases {
             match rule(json) {

@@ -63,7 +63,9 @@ pub async fn get_key_page(
 ) -> Result<Response, ApiError> {
     let now = Utc::now();
     let mut answer = keys::page(state.store.as_ref(), &state.catalog, &key, pairs(q)?, now).await?;
-    if let Some(quota) = crate::alert::quota::load(state.store.as_ref(), &state.catalog, &key).await? {
+    if let Some(quota) =
+        crate::alert::quota::load(state.store.as_ref(), &state.catalog, &key).await?
+    {
         let status = crate::alert::quota::status(state.store.as_ref(), &quota, now).await?;
         answer.quota = serde_json::to_value(status).ok();
     }

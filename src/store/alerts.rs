@@ -201,8 +201,11 @@ pub trait AlertStore: Send + Sync {
     /// Deletes a rule (its instances resolve at the next evaluation); the removed row.
     async fn delete_rule(&self, name: &str, actor: &str) -> Result<Option<RuleRow>, StoreError>;
     /// Audit entries, newest first, optionally for one target.
-    async fn audit_log(&self, target: Option<&str>, limit: i64)
-        -> Result<Vec<AuditRow>, StoreError>;
+    async fn audit_log(
+        &self,
+        target: Option<&str>,
+        limit: i64,
+    ) -> Result<Vec<AuditRow>, StoreError>;
     /// Every quota, by key.
     async fn quotas(&self) -> Result<Vec<QuotaRow>, StoreError>;
     /// Sets a key's quota (true: it had none).
@@ -231,8 +234,12 @@ pub trait AlertStore: Send + Sync {
     /// Notification history.
     async fn notifications(&self, f: &HistoryFilter) -> Result<Vec<NotificationRow>, StoreError>;
     /// Takes or renews the lease `name` for `ttl`; false while another live holder has it.
-    async fn try_named_lease(&self, name: &str, holder: &str, ttl: Duration)
-        -> Result<bool, StoreError>;
+    async fn try_named_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        ttl: Duration,
+    ) -> Result<bool, StoreError>;
     /// Gives a lease up if `holder` has it.
     async fn release_named_lease(&self, name: &str, holder: &str) -> Result<(), StoreError>;
 }

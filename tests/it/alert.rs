@@ -113,7 +113,12 @@ async fn send(method: reqwest::Method, url: String, body: Option<Value>) -> (u16
 }
 
 async fn create_rule(base: &str, rule: Value) {
-    let (status, body) = send(reqwest::Method::POST, format!("{base}/v1/alert-rules"), Some(rule)).await;
+    let (status, body) = send(
+        reqwest::Method::POST,
+        format!("{base}/v1/alert-rules"),
+        Some(rule),
+    )
+    .await;
     assert_eq!(status, 201, "create rule: {body}");
 }
 
@@ -132,7 +137,11 @@ fn assert_transition(a: &Alert, subject: &str, state: &str, sequence: i64) {
     assert_eq!(a.body["state"], state, "{a:?}");
     assert_eq!(a.body["sequence"], sequence, "{a:?}");
     let id = a.body["alert_id"].as_str().expect("alert_id");
-    assert_eq!(a.msg_id, format!("{id}:{sequence}"), "Nats-Msg-Id is <fingerprint>:<sequence>");
+    assert_eq!(
+        a.msg_id,
+        format!("{id}:{sequence}"),
+        "Nats-Msg-Id is <fingerprint>:<sequence>"
+    );
 }
 
 /// Test 1: events published concurrently over NATS push a key across its
@@ -280,20 +289,34 @@ async fn nats_down_when_firing_delays_the_message_and_never_loses_it() {
         if js.get_stream("USAGE_ALERTS").await.is_ok() {
             break;
         }
-        assert!(Instant::now() < deadline, "alert stream never created; log:\n{}", tally.log_text());
+        assert!(
+            Instant::now() < deadline,
+            "alert stream never created; log:\n{}",
+            tally.log_text()
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     n.kill_server().expect("stop nats");
     let ts = Utc::now();
-    let events: Vec<Value> = (0..3).map(|i| event(&format!("d-{i}"), "kd", ts, false)).collect();
+    let events: Vec<Value> = (0..3)
+        .map(|i| event(&format!("d-{i}"), "kd", ts, false))
+        .collect();
     post_events(&tally.base, &events).await;
     // Fired and waiting in the outbox, unsent.
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let (_, a) = send(reqwest::Method::GET, format!("{}/v1/alerts?rule=down", tally.base), None).await;
+        let (_, a) = send(
+            reqwest::Method::GET,
+            format!("{}/v1/alerts?rule=down", tally.base),
+            None,
+        )
+        .await;
         if let Some(h) = a["history"].as_array().filter(|h| !h.is_empty()) {
             assert_eq!(h.len(), 1, "{a}");
-            assert!(h[0]["sent_at"].is_null(), "not sent while NATS is down: {a}");
+            assert!(
+                h[0]["sent_at"].is_null(),
+                "not sent while NATS is down: {a}"
+            );
             break;
         }
         assert!(Instant::now() < deadline, "never fired: {a}");
@@ -346,13 +369,28 @@ async fn for_and_keep_firing_for_and_min_requests() {
     // Three errors: rate 1.0 but only 3 requests < min_requests.
     post_events(&tally.base, &batch("kr", 3, false)).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
-    assert!(stream_alerts(&n.url()).await.is_empty(), "nothing fires yet");
-    let (_, a) = send(reqwest::Method::GET, format!("{}/v1/alerts?state=pending", tally.base), None).await;
+    assert!(
+        stream_alerts(&n.url()).await.is_empty(),
+        "nothing fires yet"
+    );
+    let (_, a) = send(
+        reqwest::Method::GET,
+        format!("{}/v1/alerts?state=pending", tally.base),
+        None,
+    )
+    .await;
     let pending = a["active"].as_array().expect("active");
     assert_eq!(pending.len(), 1, "slow-burn is pending: {a}");
     assert_eq!(pending[0]["rule"], "slow-burn");
     // Flap: 4/4 errors (fires), 4/12 (holds no more), 14/22, 14/42, 44/72, 44/112.
-    for (count, success) in [(1, false), (8, true), (10, false), (20, true), (30, false), (40, true)] {
+    for (count, success) in [
+        (1, false),
+        (8, true),
+        (10, false),
+        (20, true),
+        (30, false),
+        (40, true),
+    ] {
         post_events(&tally.base, &batch("kr", count, success)).await;
         tokio::time::sleep(Duration::from_millis(1200)).await;
     }
@@ -362,7 +400,11 @@ async fn for_and_keep_firing_for_and_min_requests() {
     assert_transition(&got[1], "usage.alerts.critical.flappy", "resolved", 2);
     tokio::time::sleep(Duration::from_secs(2)).await;
     let all = stream_alerts(&n.url()).await;
-    assert_eq!(all.len(), 2, "slow-burn never fired, flappy once each: {all:?}");
+    assert_eq!(
+        all.len(),
+        2,
+        "slow-burn never fired, flappy once each: {all:?}"
+    );
 }
 
 /// Test 6 (second half): calendar_month in America/New_York at the month
@@ -385,22 +427,45 @@ async fn calendar_month_follows_the_rules_timezone_at_the_boundary() {
     }
     let mut events = Vec::new();
     for i in 0..10 {
-        events.push(event(&format!("m-before-{i}"), "km", month_start - chrono::Duration::hours(1), true));
+        events.push(event(
+            &format!("m-before-{i}"),
+            "km",
+            month_start - chrono::Duration::hours(1),
+            true,
+        ));
     }
     for i in 0..5 {
-        events.push(event(&format!("m-after-{i}"), "km", month_start + chrono::Duration::hours(1), true));
+        events.push(event(
+            &format!("m-after-{i}"),
+            "km",
+            month_start + chrono::Duration::hours(1),
+            true,
+        ));
     }
     post_events(&tally.base, &events).await;
     let utc = wait_alerts(&n.url(), "cost-utc", 1, Duration::from_secs(20)).await;
     assert_eq!(utc.len(), 1, "{utc:?}");
-    assert_eq!(utc[0].body["value"], json!(3.75), "15 × 0.25 in the UTC month");
+    assert_eq!(
+        utc[0].body["value"],
+        json!(3.75),
+        "15 × 0.25 in the UTC month"
+    );
     tokio::time::sleep(Duration::from_secs(2)).await;
     let all = stream_alerts(&n.url()).await;
-    assert_eq!(all.len(), 1, "the New York month holds 5 × 0.25 = 1.25 < 2: {all:?}");
+    assert_eq!(
+        all.len(),
+        1,
+        "the New York month holds 5 × 0.25 = 1.25 < 2: {all:?}"
+    );
 }
 
 /// Oracle for a quota: the last `window_min` minute buckets up to `now`'s.
-fn quota_oracle(events: &[(DateTime<Utc>, i64)], now: DateTime<Utc>, window_min: i64, limit: i64) -> Value {
+fn quota_oracle(
+    events: &[(DateTime<Utc>, i64)],
+    now: DateTime<Utc>,
+    window_min: i64,
+    limit: i64,
+) -> Value {
     let minute = chrono::Duration::minutes(1);
     let end = now.duration_trunc(minute).expect("trunc") + minute;
     let start = end - minute * window_min as i32;
@@ -412,7 +477,10 @@ fn quota_oracle(events: &[(DateTime<Utc>, i64)], now: DateTime<Utc>, window_min:
         })
         .collect();
     let used: i64 = inside.iter().map(|(_, t)| t).sum();
-    let oldest = inside.iter().map(|(ts, _)| ts.duration_trunc(minute).expect("trunc")).min();
+    let oldest = inside
+        .iter()
+        .map(|(ts, _)| ts.duration_trunc(minute).expect("trunc"))
+        .min();
     json!({
         "used": used,
         "remaining": (limit - used).max(0),
@@ -444,7 +512,7 @@ async fn quota_matches_a_minute_precision_oracle_as_the_window_slides() {
         let now = Utc::now();
         // 15 tokens per event; minutes 0..=6 ago, 5 events each.
         let mut events = Vec::new();
-        let mut raw = Vec::new();
+        let mut raw: Vec<(DateTime<Utc>, i64)> = Vec::new();
         for m in 0..7 {
             let ts = now - chrono::Duration::minutes(m) - chrono::Duration::seconds(1);
             for i in 0..5 {
@@ -462,9 +530,13 @@ async fn quota_matches_a_minute_precision_oracle_as_the_window_slides() {
                 let (status, q) = send(reqwest::Method::GET, url.clone(), None).await;
                 let after = Utc::now();
                 assert_eq!(status, 200, "{q}");
-                let fresh = q["as_of"].as_str().and_then(|t| DateTime::parse_from_rfc3339(t).ok()).is_some_and(|t| t >= posted);
+                let fresh = q["as_of"]
+                    .as_str()
+                    .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
+                    .is_some_and(|t| t >= posted);
                 let minute = chrono::Duration::minutes(1);
-                if fresh && before.duration_trunc(minute).ok() == after.duration_trunc(minute).ok() {
+                if fresh && before.duration_trunc(minute).ok() == after.duration_trunc(minute).ok()
+                {
                     let want = quota_oracle(&raw, before, 5, 400);
                     for f in ["used", "remaining", "exceeded", "resets_at"] {
                         assert_eq!(q[f], want[f], "{f}: {q} vs oracle {want}");
@@ -481,25 +553,46 @@ async fn quota_matches_a_minute_precision_oracle_as_the_window_slides() {
         assert_eq!(first["used"], 375, "5 minutes × 5 events × 15 tokens");
         // Over the limit: 30 more tokens now.
         let over = Utc::now();
-        post_events(&tally.base, &[event("q-over-1", "kq", over, true), event("q-over-2", "kq", over, true)]).await;
-        let mut raw = raw;
+        post_events(
+            &tally.base,
+            &[
+                event("q-over-1", "kq", over, true),
+                event("q-over-2", "kq", over, true),
+            ],
+        )
+        .await;
         raw.extend([(over, 15), (over, 15)]);
         let fired = wait_alerts(&n.url(), "quota_exceeded", 1, Duration::from_secs(20)).await;
         assert_eq!(fired.len(), 1, "{fired:?}");
-        assert_transition(&fired[0], "usage.alerts.critical.quota_exceeded", "firing", 1);
+        assert_transition(
+            &fired[0],
+            "usage.alerts.critical.quota_exceeded",
+            "firing",
+            1,
+        );
         assert_eq!(fired[0].body["group"], json!({"key": "kq"}));
         // The key page carries the quota.
-        let (_, page) = send(reqwest::Method::GET, format!("{}/v1/keys/kq/stats", tally.base), None).await;
+        let (_, page) = send(
+            reqwest::Method::GET,
+            format!("{}/v1/keys/kq/stats", tally.base),
+            None,
+        )
+        .await;
         assert_eq!(page["quota"]["limit"], 400, "{page}");
         // Slide: wait for the next minute and compare again.
-        let next = (Utc::now().duration_trunc(chrono::Duration::minutes(1)).expect("trunc")
+        let next = (Utc::now()
+            .duration_trunc(chrono::Duration::minutes(1))
+            .expect("trunc")
             + chrono::Duration::seconds(61)
             - Utc::now())
         .to_std()
         .unwrap_or_default();
         tokio::time::sleep(next).await;
         let later = check(raw, url.clone()).await;
-        assert!(later["used"].as_i64() < Some(405), "the oldest minute left the window: {later}");
+        assert!(
+            later["used"].as_i64() < Some(405),
+            "the oldest minute left the window: {later}"
+        );
         drop(tally);
     });
     futures::future::join_all(runs).await;
@@ -515,30 +608,71 @@ async fn rules_crud_audit_bad_input_and_apply() {
     let base = &tally.base;
     let rule = json!({"name": "errs", "measure": "errors", "window": "5m", "group_by": ["key"], "threshold": 10});
     create_rule(base, rule.clone()).await;
-    let (status, body) = send(reqwest::Method::POST, format!("{base}/v1/alert-rules"), Some(rule.clone())).await;
+    let (status, body) = send(
+        reqwest::Method::POST,
+        format!("{base}/v1/alert-rules"),
+        Some(rule.clone()),
+    )
+    .await;
     assert_eq!(status, 400, "{body}");
     assert_eq!(body["code"], "name_taken");
     let bad = [
-        (json!({"name": "a", "measure": "bogus", "window": "5m", "threshold": 1}), "bogus"),
-        (json!({"name": "a", "measure": "errors", "window": "5m", "group_by": ["colour"], "threshold": 1}), "colour"),
-        (json!({"name": "a", "measure": "errors", "window": "10s", "threshold": 1}), "shorter"),
-        (json!({"name": "a", "measure": "errors", "window": "5m", "limit": 100}), "warn_at"),
-        (json!({"name": "a", "measure": "errors", "window": "5m", "threshold": 1, "sql": "DROP TABLE x"}), "sql"),
-        (json!({"name": "Bad Name", "measure": "errors", "window": "5m", "threshold": 1}), "name"),
+        (
+            json!({"name": "a", "measure": "bogus", "window": "5m", "threshold": 1}),
+            "bogus",
+        ),
+        (
+            json!({"name": "a", "measure": "errors", "window": "5m", "group_by": ["colour"], "threshold": 1}),
+            "colour",
+        ),
+        (
+            json!({"name": "a", "measure": "errors", "window": "10s", "threshold": 1}),
+            "shorter",
+        ),
+        (
+            json!({"name": "a", "measure": "errors", "window": "5m", "limit": 100}),
+            "warn_at",
+        ),
+        (
+            json!({"name": "a", "measure": "errors", "window": "5m", "threshold": 1, "sql": "DROP TABLE x"}),
+            "sql",
+        ),
+        (
+            json!({"name": "Bad Name", "measure": "errors", "window": "5m", "threshold": 1}),
+            "name",
+        ),
     ];
     for (body, want) in bad {
-        let (status, answer) = send(reqwest::Method::POST, format!("{base}/v1/alert-rules"), Some(body.clone())).await;
+        let (status, answer) = send(
+            reqwest::Method::POST,
+            format!("{base}/v1/alert-rules"),
+            Some(body.clone()),
+        )
+        .await;
         assert_eq!(status, 400, "{body}: {answer}");
         let msg = answer["error"].as_str().unwrap_or_default();
-        assert!(msg.contains(want), "{body}: message {msg:?} should mention {want:?}");
+        assert!(
+            msg.contains(want),
+            "{body}: message {msg:?} should mention {want:?}"
+        );
     }
     let mut changed = rule.clone();
     changed["threshold"] = json!(20);
-    let (status, body) = send(reqwest::Method::PUT, format!("{base}/v1/alert-rules/errs"), Some(changed)).await;
+    let (status, body) = send(
+        reqwest::Method::PUT,
+        format!("{base}/v1/alert-rules/errs"),
+        Some(changed),
+    )
+    .await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["version"], 2);
     assert_eq!(body["updated_by"], "alice");
-    let (status, audit) = send(reqwest::Method::GET, format!("{base}/v1/alert-rules/errs/audit"), None).await;
+    let (status, audit) = send(
+        reqwest::Method::GET,
+        format!("{base}/v1/alert-rules/errs/audit"),
+        None,
+    )
+    .await;
     assert_eq!(status, 200);
     let entries = audit["entries"].as_array().expect("entries");
     assert_eq!(entries.len(), 2, "{audit}");
@@ -546,9 +680,19 @@ async fn rules_crud_audit_bad_input_and_apply() {
     assert_eq!(entries[0]["before"]["threshold"], 10.0);
     assert_eq!(entries[0]["after"]["threshold"], 20.0);
     assert_eq!(entries[0]["actor"], "alice");
-    let (status, _) = send(reqwest::Method::DELETE, format!("{base}/v1/alert-rules/errs"), None).await;
+    let (status, _) = send(
+        reqwest::Method::DELETE,
+        format!("{base}/v1/alert-rules/errs"),
+        None,
+    )
+    .await;
     assert_eq!(status, 204);
-    let (status, _) = send(reqwest::Method::GET, format!("{base}/v1/alert-rules/errs"), None).await;
+    let (status, _) = send(
+        reqwest::Method::GET,
+        format!("{base}/v1/alert-rules/errs"),
+        None,
+    )
+    .await;
     assert_eq!(status, 404);
     // GitOps: apply twice; the second run changes nothing.
     let file = dir.path().join("rules.toml");
@@ -581,22 +725,49 @@ min_requests = 50
             .args(["alerts", "apply"])
             .arg(&file)
             .env("TALLY_DATABASE_URL", &db)
-            .env("TALLY_PROJECTIONS_DIR", concat!(env!("CARGO_MANIFEST_DIR"), "/projections"))
+            .env(
+                "TALLY_PROJECTIONS_DIR",
+                concat!(env!("CARGO_MANIFEST_DIR"), "/projections"),
+            )
             .output()
             .expect("run apply");
-        assert!(out.status.success(), "apply: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "apply: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8_lossy(&out.stdout).to_string()
     };
     let first = apply();
-    assert!(first.contains("created: openai-rate-limit, error-spike"), "{first}");
+    assert!(
+        first.contains("created: openai-rate-limit, error-spike"),
+        "{first}"
+    );
     let second = apply();
-    assert!(second.contains("created: -") && second.contains("updated: -"), "{second}");
+    assert!(
+        second.contains("created: -") && second.contains("updated: -"),
+        "{second}"
+    );
     let (_, list) = send(reqwest::Method::GET, format!("{base}/v1/alert-rules"), None).await;
     assert_eq!(list["rules"].as_array().map(Vec::len), Some(2), "{list}");
-    let (_, audit) = send(reqwest::Method::GET, format!("{base}/v1/alert-rules/error-spike/audit"), None).await;
-    assert_eq!(audit["entries"].as_array().map(Vec::len), Some(1), "applying twice audits once: {audit}");
+    let (_, audit) = send(
+        reqwest::Method::GET,
+        format!("{base}/v1/alert-rules/error-spike/audit"),
+        None,
+    )
+    .await;
+    assert_eq!(
+        audit["entries"].as_array().map(Vec::len),
+        Some(1),
+        "applying twice audits once: {audit}"
+    );
     // Quotas: bad input, 404 without one.
-    let (status, body) = send(reqwest::Method::GET, format!("{base}/v1/keys/nokey/quota"), None).await;
+    let (status, body) = send(
+        reqwest::Method::GET,
+        format!("{base}/v1/keys/nokey/quota"),
+        None,
+    )
+    .await;
     assert_eq!(status, 404, "{body}");
     let (status, body) = send(
         reqwest::Method::PUT,
