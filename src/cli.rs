@@ -282,6 +282,31 @@ enum BenchCommand {
         #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
         span: std::time::Duration,
     },
+    /// Alert rules: ingest rate with and without N rules, and publish → alert
+    /// latency under a live load at half the ingest rate.
+    Alerts {
+        /// Database to measure.
+        #[arg(long, value_parser = ["postgres", "sqlite"], default_value = "postgres")]
+        backend: String,
+        /// Rules installed (grouped by key, scoped by api).
+        #[arg(long, default_value_t = 1_000)]
+        rules: usize,
+        /// Distinct API keys of the load.
+        #[arg(long, default_value_t = 10_000)]
+        keys: usize,
+        /// Events drained for each ingest rate.
+        #[arg(long, default_value_t = 100_000)]
+        events: usize,
+        /// Seconds of live load with latency probes.
+        #[arg(long, default_value_t = 30)]
+        live_seconds: u64,
+        /// Live load as a fraction of the measured ingest rate.
+        #[arg(long, default_value_t = 0.5)]
+        load_fraction: f64,
+        /// Projection specs.
+        #[arg(long, env = "TALLY_PROJECTIONS_DIR", default_value = "projections")]
+        projections_dir: PathBuf,
+    },
     /// The five canonical queries over HTTP vs. the same answers by GROUP BY over
     /// the raw log with composite indexes (PostgreSQL).
     Query {
@@ -374,6 +399,26 @@ pub async fn run() -> anyhow::Result<()> {
                     projections_dir,
                     uniform,
                     span,
+                })
+                .await?;
+            }
+            BenchCommand::Alerts {
+                backend,
+                rules,
+                keys,
+                events,
+                live_seconds,
+                projections_dir,
+                load_fraction,
+            } => {
+                bench::alerts::alerts(&bench::alerts::AlertsBench {
+                    load_fraction,
+                    backend: bench_backend(&backend),
+                    rules,
+                    keys,
+                    events,
+                    live_seconds,
+                    projections_dir,
                 })
                 .await?;
             }

@@ -308,6 +308,11 @@ pub struct AlertConfig {
     /// within it (after a crash between publish and bookkeeping) is dropped.
     #[arg(long, env = "TALLY_ALERTS_DEDUP_WINDOW", default_value = "1h", value_parser = humantime::parse_duration)]
     pub alerts_dedup_window: Duration,
+
+    /// Least time between two evaluations: bounds the database share of
+    /// evaluation under heavy load (alerts follow the data within about this).
+    #[arg(long, env = "TALLY_ALERTS_MIN_INTERVAL", default_value = "250ms", value_parser = humantime::parse_duration)]
+    pub alerts_min_interval: Duration,
 }
 
 impl AlertConfig {
@@ -316,6 +321,7 @@ impl AlertConfig {
         crate::alert::eval::AlertSettings {
             subject_prefix: self.alerts_subject_prefix.clone(),
             tick: self.alerts_tick.max(Duration::from_millis(100)),
+            min_interval: self.alerts_min_interval,
             lease_ttl,
             ..Default::default()
         }

@@ -45,6 +45,8 @@ pub struct AlertSettings {
     pub poll: Duration,
     /// Evaluator/relay lease length.
     pub lease_ttl: Duration,
+    /// Least time between two evaluations (bounds their share of the database).
+    pub min_interval: Duration,
 }
 
 impl Default for AlertSettings {
@@ -54,6 +56,7 @@ impl Default for AlertSettings {
             tick: Duration::from_secs(5),
             poll: Duration::from_millis(200),
             lease_ttl: Duration::from_secs(10),
+            min_interval: Duration::from_millis(250),
         }
     }
 }
@@ -61,16 +64,29 @@ impl Default for AlertSettings {
 /// The lease name of the evaluator.
 pub const EVALUATOR_LEASE: &str = "alerts.evaluator";
 
+/// Validated rules by uid, with the stored spec they came from: a rule is
+/// parsed again only when its spec changed.
+pub type RuleCache = HashMap<String, (String, Rule)>;
+
 /// Every rule to evaluate: the stored rules and one per quota. A stored rule
 /// that no longer validates (a projection it needs was removed) is skipped
 /// with an error in the log; its firing instances resolve.
 pub async fn load_rules(
     store: &dyn EventStore,
     catalog: &Catalog,
+    cache: &mut RuleCache,
 ) -> Result<Vec<Rule>, AlertError> {
     let (rules, quotas) = tokio::join!(store.alert_rules(), store.quotas());
     let mut out = Vec::new();
+    let mut seen = HashSet::new();
     for row in rules? {
+        seen.insert(row.uid.clone());
+        if let Some((spec, rule)) = cache.get(&row.uid) {
+            if *spec == row.spec {
+                out.push(rule.clone());
+                continue;
+            }
+        }
         let parsed = serde_json::from_str::<RuleSpec>(&row.spec)
             .map_err(|e| e.to_string())
             .and_then(|s| {
@@ -78,23 +94,37 @@ pub async fn load_rules(
                     .map_err(|e| e.to_string())
             });
         match parsed {
-            Ok(rule) => out.push(rule),
+            Ok(rule) => {
+                cache.insert(row.uid.clone(), (row.spec.clone(), rule.clone()));
+                out.push(rule)
+            }
             Err(reason) => {
                 tracing::error!(rule = %row.name, %reason, "stored alert rule cannot be evaluated; skipped")
             }
         }
     }
     for row in quotas? {
+        seen.insert(row.uid.clone());
+        if let Some((spec, rule)) = cache.get(&row.uid) {
+            if *spec == row.spec {
+                out.push(rule.clone());
+                continue;
+            }
+        }
         let parsed = QuotaSpec::from_json(row.spec.as_bytes())
             .and_then(|s| s.validate(&row.key, &catalog.specs))
             .and_then(|q| q.rule(&row.uid, &catalog.specs));
         match parsed {
-            Ok(rule) => out.push(rule),
+            Ok(rule) => {
+                cache.insert(row.uid.clone(), (row.spec.clone(), rule.clone()));
+                out.push(rule)
+            }
             Err(e) => {
                 tracing::error!(key = %row.key, error = %e, "stored quota cannot be evaluated; skipped")
             }
         }
     }
+    cache.retain(|uid, _| seen.contains(uid));
     Ok(out)
 }
 
@@ -173,6 +203,7 @@ pub struct Evaluator {
     catalog: Arc<Catalog>,
     prefix: String,
     instances: Option<HashMap<String, Tracked>>,
+    rules: RuleCache,
 }
 
 type Values = Arc<HashMap<Group, Measures>>;
@@ -185,6 +216,7 @@ impl Evaluator {
             catalog,
             prefix: prefix.to_string(),
             instances: None,
+            rules: RuleCache::new(),
         }
     }
 
@@ -223,7 +255,10 @@ impl Evaluator {
 
     /// One evaluation of every rule at `now`.
     pub async fn evaluate(&mut self, now: DateTime<Utc>) -> Result<Round, AlertError> {
-        let rules = load_rules(self.store.as_ref(), &self.catalog).await?;
+        let mut cache = std::mem::take(&mut self.rules);
+        let loaded = load_rules(self.store.as_ref(), &self.catalog, &mut cache).await;
+        self.rules = cache;
+        let rules = loaded?;
         if self.instances.is_none() {
             let rows = self.store.alert_instances().await?;
             self.instances = Some(
@@ -237,7 +272,18 @@ impl Evaluator {
         }
         let mut cache = HashMap::new();
         let mut changes: Vec<(Tracked, Option<NewNotification>)> = Vec::new();
-        let mut visited = HashSet::new();
+        // Instances pending or firing, by rule uid: evaluated whether or not
+        // their group still has data in the window.
+        let mut active: HashMap<String, Vec<String>> = HashMap::new();
+        for (fp, t) in self.instances.iter().flatten() {
+            if matches!(t.row.state.as_str(), "pending" | "firing") {
+                active
+                    .entry(t.row.rule_uid.clone())
+                    .or_default()
+                    .push(fp.clone());
+            }
+        }
+        let empty = Measures::default();
         for rule in &rules {
             let (window, previous) = window_range(rule, now);
             let current = self.read(rule, window, now, &mut cache).await?;
@@ -245,88 +291,80 @@ impl Evaluator {
                 true => Some(self.read(rule, previous, now, &mut cache).await?),
                 false => None,
             };
+            let threshold_of = |level: &Level, group: Option<&Group>| match (&baseline, group) {
+                (Some(b), Some(g)) => {
+                    level.threshold
+                        * b.get(g)
+                            .and_then(|bm| rule.measure.value(bm))
+                            .unwrap_or(0.0)
+                }
+                (Some(_), None) => f64::INFINITY,
+                (None, _) => level.threshold,
+            };
+            let holds = |level: &Level, m: &Measures, threshold: f64| {
+                u64::try_from(m.requests).unwrap_or(0) >= rule.min_requests
+                    && rule
+                        .measure
+                        .value(m)
+                        .is_some_and(|v| level.op.holds(v, threshold))
+            };
+            let mut handled = HashSet::new();
+            for fp in active.remove(&rule.uid).unwrap_or_default() {
+                let Some(t) = self.instances.as_ref().and_then(|i| i.get(&fp)) else {
+                    continue;
+                };
+                let Some(level) = rule.levels.iter().find(|l| l.id == t.row.level) else {
+                    // The level was removed from the rule.
+                    changes.extend(self.retire(&fp, now));
+                    continue;
+                };
+                let group = group_from_json(&t.row.group, &rule.group_by);
+                let m = group
+                    .as_ref()
+                    .and_then(|g| current.get(g))
+                    .unwrap_or(&empty);
+                let threshold = threshold_of(level, group.as_ref());
+                let input = Input {
+                    rule,
+                    level,
+                    group: &t.row.group,
+                    holds: holds(level, m, threshold),
+                    value: rule.measure.value(m),
+                    threshold,
+                    m,
+                };
+                changes.extend(self.step(&fp, input, now));
+                handled.insert(fp);
+            }
+            // Only groups whose condition holds can start an instance: the
+            // rest cost one comparison each.
             for (group, m) in current.iter() {
-                let group_json = group_json(group);
-                let value = rule.measure.value(m);
-                let enough = u64::try_from(m.requests).unwrap_or(0) >= rule.min_requests;
                 for level in &rule.levels {
-                    let threshold = match &baseline {
-                        Some(b) => {
-                            level.threshold
-                                * b.get(group)
-                                    .and_then(|bm| rule.measure.value(bm))
-                                    .unwrap_or(0.0)
-                        }
-                        None => level.threshold,
-                    };
-                    let holds = enough && value.is_some_and(|v| level.op.holds(v, threshold));
+                    let threshold = threshold_of(level, Some(group));
+                    if !holds(level, m, threshold) {
+                        continue;
+                    }
+                    let group_json = group_json(group);
                     let fp = fingerprint(&[&rule.uid, &level.id, &group_json]);
-                    visited.insert(fp.clone());
+                    if handled.contains(&fp) {
+                        continue;
+                    }
                     let input = Input {
                         rule,
                         level,
                         group: &group_json,
-                        holds,
-                        value,
+                        holds: true,
+                        value: rule.measure.value(m),
                         threshold,
                         m,
                     };
-                    if let Some(c) = self.step(&fp, input, now) {
-                        changes.push(c);
-                    }
+                    changes.extend(self.step(&fp, input, now));
                 }
             }
         }
-        // Instances with no data in their window now (it slid past them), or
-        // whose rule or level is gone.
-        let idle: Vec<(String, String, String)> = self
-            .instances
-            .iter()
-            .flatten()
-            .filter(|(fp, t)| {
-                !visited.contains(*fp) && matches!(t.row.state.as_str(), "pending" | "firing")
-            })
-            .map(|(fp, t)| (fp.clone(), t.row.rule_uid.clone(), t.row.level.clone()))
-            .collect();
-        let empty = Measures::default();
-        for (fp, uid, level_id) in idle {
-            let found = rules.iter().find_map(|r| {
-                (r.uid == uid)
-                    .then(|| r.levels.iter().find(|l| l.id == level_id).map(|l| (r, l)))
-                    .flatten()
-            });
-            let group = self
-                .instances
-                .as_ref()
-                .and_then(|i| i.get(&fp))
-                .map(|t| t.row.group.clone())
-                .unwrap_or_default();
-            let change = match found {
-                Some((rule, level)) => {
-                    let value = rule.measure.value(&empty);
-                    let enough = rule.min_requests == 0;
-                    let holds = enough
-                        && !rule.baseline
-                        && value.is_some_and(|v| level.op.holds(v, level.threshold));
-                    self.step(
-                        &fp,
-                        Input {
-                            rule,
-                            level,
-                            group: &group,
-                            holds,
-                            value,
-                            threshold: level.threshold,
-                            m: &empty,
-                        },
-                        now,
-                    )
-                }
-                None => self.retire(&fp, now),
-            };
-            if let Some(c) = change {
-                changes.push(c);
-            }
+        // Active instances of rules that no longer exist resolve.
+        for fp in active.into_values().flatten() {
+            changes.extend(self.retire(&fp, now));
         }
         let mut round = Round {
             rules: rules.len(),
@@ -564,9 +602,27 @@ impl Evaluator {
             if !due {
                 continue;
             }
-            last_eval = Some(Instant::now());
+            if let Some(gap) =
+                last_eval.and_then(|t| settings.min_interval.checked_sub(t.elapsed()))
+            {
+                tokio::select! {
+                    _ = tokio::time::sleep(gap) => {}
+                    _ = shutdown.cancelled() => break,
+                }
+            }
+            let started = Instant::now();
+            last_eval = Some(started);
             match self.evaluate(Utc::now()).await {
                 Ok(round) => {
+                    tracing::debug!(
+                        rules = round.rules,
+                        written = round.written,
+                        notifications = round.notifications,
+                        stale = round.stale,
+                        ms = started.elapsed().as_millis() as u64,
+                        woken,
+                        "alert evaluation"
+                    );
                     backoff.reset();
                     if round.notifications > 0 {
                         relay.notify_one();
@@ -600,6 +656,21 @@ struct Input<'a> {
     value: Option<f64>,
     threshold: f64,
     m: &'a Measures,
+}
+
+/// The group of a stored instance, in the rule's `group_by` order; `None`
+/// when the rule now groups by other dimensions.
+fn group_from_json(text: &str, group_by: &[Dimension]) -> Option<Group> {
+    let v: serde_json::Value = serde_json::from_str(text).ok()?;
+    let o = v.as_object()?;
+    if o.len() != group_by.len() {
+        return None;
+    }
+    group_by
+        .iter()
+        .map(|d| o.get(d.as_str())?.as_str().map(|s| (*d, s.to_string())))
+        .collect::<Option<Vec<_>>>()
+        .map(Group)
 }
 
 fn group_json(g: &Group) -> String {

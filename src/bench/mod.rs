@@ -4,6 +4,7 @@
 //! benchmark prints the ratio of Tally's path to the physical limit of the same
 //! database, measured on the same rows right before.
 
+pub mod alerts;
 pub mod project;
 pub mod query;
 

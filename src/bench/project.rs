@@ -270,20 +270,20 @@ async fn freshness(
 }
 
 /// Looks a probe key up in `agg_by_key_hour` with the backend's own driver.
-enum Probe {
+pub(super) enum Probe {
     Pg(sqlx::PgPool),
     Sqlite(sqlx::SqlitePool),
 }
 
 impl Probe {
-    async fn connect(url: &str) -> Result<Self, BenchError> {
+    pub(super) async fn connect(url: &str) -> Result<Self, BenchError> {
         Ok(match Backend::from_url(url)? {
             Backend::Postgres => Probe::Pg(sqlx::PgPool::connect(url).await?),
             Backend::Sqlite => Probe::Sqlite(sqlx::SqlitePool::connect(url).await?),
         })
     }
 
-    async fn visible(&self, key: &str) -> Result<bool, BenchError> {
+    pub(super) async fn visible(&self, key: &str) -> Result<bool, BenchError> {
         const SQL_PG: &str = "SELECT count(*) FROM agg_by_key_hour WHERE key = $1";
         const SQL_LITE: &str = "SELECT count(*) FROM agg_by_key_hour WHERE key = ?";
         let n: i64 = match self {

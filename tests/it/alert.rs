@@ -264,6 +264,16 @@ async fn seed_limit_warns_at_80_and_100_percent_once_through_restarts_rebuilds_a
         assert_eq!(all.len(), 2, "{db}: still exactly two messages: {all:?}\nlog:\n{}", tally.log_text());
         let (_, alerts) = send(reqwest::Method::GET, format!("{}/v1/alerts?state=firing", second.base), None).await;
         assert_eq!(alerts["active"].as_array().map(Vec::len), Some(2), "{alerts}");
+        // Deleting the rule resolves both of its firing alerts, once each.
+        let (status, _) = send(reqwest::Method::DELETE, format!("{}/v1/alert-rules/hourly-limit", second.base), None).await;
+        assert_eq!(status, 204);
+        let all = wait_alerts(&n.url(), "hourly-limit", 4, Duration::from_secs(20)).await;
+        assert_eq!(all.len(), 4, "{db}: {all:?}");
+        assert_transition(&all[2], all[2].subject.as_str(), "resolved", 2);
+        assert_transition(&all[3], all[3].subject.as_str(), "resolved", 2);
+        assert_eq!(all[2].body["reason"], "rule_removed");
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert_eq!(stream_alerts(&n.url()).await.len(), 4, "{db}: nothing more");
         drop(second);
         drop(tally);
     });
