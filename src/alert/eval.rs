@@ -195,6 +195,8 @@ pub struct Round {
     pub notifications: usize,
     /// Another evaluator moved an instance first; nothing was written.
     pub stale: bool,
+    /// Time spent reading windows.
+    pub read_ms: u64,
 }
 
 /// Evaluates rules against the projections; keeps the instances it knows in memory.
@@ -204,7 +206,12 @@ pub struct Evaluator {
     prefix: String,
     instances: Option<HashMap<String, Tracked>>,
     rules: RuleCache,
+    /// Window reads up to the last two minutes, by read and range.
+    stable: std::sync::Mutex<HashMap<String, (Instant, Values)>>,
 }
+
+/// How long the settled part of a minute window is reused.
+const STABLE_TTL: Duration = Duration::from_secs(30);
 
 type Values = Arc<HashMap<Group, Measures>>;
 
@@ -217,6 +224,7 @@ impl Evaluator {
             prefix: prefix.to_string(),
             instances: None,
             rules: RuleCache::new(),
+            stable: std::sync::Mutex::new(HashMap::new()),
         }
     }
 
@@ -229,13 +237,76 @@ impl Evaluator {
         cache: &mut HashMap<String, Values>,
     ) -> Result<Values, AlertError> {
         let sketch = rule.measure.needs_sketch();
-        let key = format!(
-            "{:?}|{:?}|{from}|{to}|{}|{sketch}",
-            rule.scope, rule.group_by, rule.tz
-        );
+        let what = format!("{:?}|{:?}|{}|{sketch}", rule.scope, rule.group_by, rule.tz);
+        let key = format!("{what}|{from}|{to}");
         if let Some(v) = cache.get(&key) {
             return Ok(v.clone());
         }
+        // Minute windows: only the last two minutes change between rounds
+        // (new events, and events a few seconds late into the previous
+        // minute). The rest is read once and reused until the window slides
+        // or STABLE_TTL passes (which bounds how late an event long past its
+        // minute can be before it counts).
+        let minute = chrono::Duration::minutes(1);
+        let head_from = bucket_start(now, Granularity::Minute, Tz::UTC) - minute;
+        let split = matches!(
+            rule.window,
+            Window::Rolling {
+                granularity: Granularity::Minute,
+                ..
+            }
+        ) && from < head_from
+            && head_from < to;
+        let values = if split {
+            let stable_key = format!("{what}|{from}|{head_from}");
+            let cached = self.stable.lock().ok().and_then(|s| {
+                s.get(&stable_key)
+                    .filter(|(at, _)| at.elapsed() < STABLE_TTL)
+                    .map(|(_, v)| v.clone())
+            });
+            let stable = match cached {
+                Some(v) => v,
+                None => {
+                    let v = self
+                        .read_range(rule, (from, head_from), now, sketch)
+                        .await?;
+                    if let Ok(mut s) = self.stable.lock() {
+                        s.retain(|_, (at, _)| at.elapsed() < STABLE_TTL);
+                        s.insert(stable_key, (Instant::now(), v.clone()));
+                    }
+                    v
+                }
+            };
+            // Every minute window of this scope ends at the same `to`: one head read.
+            let head_key = format!("{what}|{head_from}|{to}");
+            let head = match cache.get(&head_key) {
+                Some(v) => v.clone(),
+                None => {
+                    let v = self.read_range(rule, (head_from, to), now, sketch).await?;
+                    cache.insert(head_key, v.clone());
+                    v
+                }
+            };
+            let mut merged: HashMap<Group, Measures> = (*stable).clone();
+            for (g, m) in head.iter() {
+                merged.entry(g.clone()).or_default().merge(m);
+            }
+            Arc::new(merged)
+        } else {
+            self.read_range(rule, (from, to), now, sketch).await?
+        };
+        cache.insert(key, values.clone());
+        Ok(values)
+    }
+
+    /// Reads `[from, to)` of a rule's scope per group, from the tables that fit.
+    async fn read_range(
+        &self,
+        rule: &Rule,
+        (from, to): Range,
+        now: DateTime<Utc>,
+        sketch: bool,
+    ) -> Result<Values, AlertError> {
         let mut needed: Vec<Dimension> = rule.group_by.clone();
         needed.extend(rule.scope.iter().map(|(d, _)| *d));
         let stats = self.catalog.sizes(self.store.as_ref()).await;
@@ -248,9 +319,7 @@ impl Evaluator {
             sketch,
         )
         .await?;
-        let values: Values = Arc::new(rows.into_iter().collect());
-        cache.insert(key, values.clone());
-        Ok(values)
+        Ok(Arc::new(rows.into_iter().collect()))
     }
 
     /// One evaluation of every rule at `now`.
@@ -284,13 +353,16 @@ impl Evaluator {
             }
         }
         let empty = Measures::default();
+        let mut read_time = Duration::ZERO;
         for rule in &rules {
             let (window, previous) = window_range(rule, now);
+            let read_started = Instant::now();
             let current = self.read(rule, window, now, &mut cache).await?;
             let baseline = match rule.baseline {
                 true => Some(self.read(rule, previous, now, &mut cache).await?),
                 false => None,
             };
+            read_time += read_started.elapsed();
             let threshold_of = |level: &Level, group: Option<&Group>| match (&baseline, group) {
                 (Some(b), Some(g)) => {
                     level.threshold
@@ -368,6 +440,7 @@ impl Evaluator {
         }
         let mut round = Round {
             rules: rules.len(),
+            read_ms: read_time.as_millis() as u64,
             ..Round::default()
         };
         if changes.is_empty() {
@@ -619,6 +692,7 @@ impl Evaluator {
                         written = round.written,
                         notifications = round.notifications,
                         stale = round.stale,
+                        read_ms = round.read_ms,
                         ms = started.elapsed().as_millis() as u64,
                         woken,
                         "alert evaluation"

@@ -284,11 +284,24 @@ impl Probe {
     }
 
     pub(super) async fn visible(&self, key: &str) -> Result<bool, BenchError> {
-        const SQL_PG: &str = "SELECT count(*) FROM agg_by_key_hour WHERE key = $1";
-        const SQL_LITE: &str = "SELECT count(*) FROM agg_by_key_hour WHERE key = ?";
+        self.visible_in("agg_by_key_hour", key).await
+    }
+
+    /// True once `table` (a trusted name) has a row for `key`.
+    pub(super) async fn visible_in(&self, table: &str, key: &str) -> Result<bool, BenchError> {
         let n: i64 = match self {
-            Probe::Pg(p) => sqlx::query_scalar(SQL_PG).bind(key).fetch_one(p).await?,
-            Probe::Sqlite(p) => sqlx::query_scalar(SQL_LITE).bind(key).fetch_one(p).await?,
+            Probe::Pg(p) => {
+                sqlx::query_scalar(&format!("SELECT count(*) FROM {table} WHERE key = $1"))
+                    .bind(key)
+                    .fetch_one(p)
+                    .await?
+            }
+            Probe::Sqlite(p) => {
+                sqlx::query_scalar(&format!("SELECT count(*) FROM {table} WHERE key = ?"))
+                    .bind(key)
+                    .fetch_one(p)
+                    .await?
+            }
         };
         Ok(n > 0)
     }
