@@ -303,6 +303,9 @@ enum BenchCommand {
         /// Live load as a fraction of the measured ingest rate.
         #[arg(long, default_value_t = 0.5)]
         load_fraction: f64,
+        /// Pairs of ingest-rate runs without/with rules, alternated.
+        #[arg(long, default_value_t = 2)]
+        rounds: usize,
         /// Projection specs.
         #[arg(long, env = "TALLY_PROJECTIONS_DIR", default_value = "projections")]
         projections_dir: PathBuf,
@@ -410,9 +413,11 @@ pub async fn run() -> anyhow::Result<()> {
                 live_seconds,
                 projections_dir,
                 load_fraction,
+                rounds,
             } => {
                 bench::alerts::alerts(&bench::alerts::AlertsBench {
                     load_fraction,
+                    rounds,
                     backend: bench_backend(&backend),
                     rules,
                     keys,
