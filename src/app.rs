@@ -189,10 +189,10 @@ impl App {
         let nats = self
             .nats
             .map(|n| tokio::spawn(n.run(shutdown.clone(), deadline.clone())));
-        let wake_evaluator = Arc::new(tokio::sync::Notify::new());
+        let signal = Arc::new(crate::projection::projector::FoldSignal::default());
         let wake_relay = Arc::new(tokio::sync::Notify::new());
         let mut projector_config = self.projector_config.clone();
-        projector_config.on_commit = Some(wake_evaluator.clone());
+        projector_config.on_commit = Some(signal.clone());
         let projectors = crate::projection::projector::spawn_all(
             self.state.store.clone(),
             self.projectors,
@@ -205,11 +205,11 @@ impl App {
             store.clone(),
             self.state.catalog.clone(),
             &settings.subject_prefix,
+            Some(signal),
         );
         let mut background = vec![tokio::spawn(evaluator.run(
             settings.clone(),
             self.instance.clone(),
-            wake_evaluator,
             wake_relay.clone(),
             shutdown.clone(),
         ))];

@@ -26,6 +26,7 @@ use super::rule::{Level, Rule, RuleSpec, Window};
 use super::{fingerprint, subject, AlertError};
 use crate::backoff::Backoff;
 use crate::projection::bucket::{bucket_start, day_start, next_bucket};
+use crate::projection::projector::FoldSignal;
 use crate::projection::spec::{Dimension, Granularity};
 use crate::projection::Measures;
 use crate::query::keys::month_start;
@@ -208,6 +209,9 @@ pub struct Evaluator {
     rules: RuleCache,
     /// Window reads up to the last two minutes, by read and range.
     stable: std::sync::Mutex<HashMap<String, (Instant, Values)>>,
+    /// Whether this round may use `stable` (see [`FoldSignal`]).
+    cache_stable: bool,
+    signal: Option<Arc<FoldSignal>>,
 }
 
 /// How long the settled part of a minute window is reused.
@@ -216,8 +220,14 @@ const STABLE_TTL: Duration = Duration::from_secs(30);
 type Values = Arc<HashMap<Group, Measures>>;
 
 impl Evaluator {
-    /// An evaluator publishing under `prefix`.
-    pub fn new(store: Arc<dyn EventStore>, catalog: Arc<Catalog>, prefix: &str) -> Self {
+    /// An evaluator publishing under `prefix`; `signal` (from this process's
+    /// projectors) lets it reuse the settled parts of windows between rounds.
+    pub fn new(
+        store: Arc<dyn EventStore>,
+        catalog: Arc<Catalog>,
+        prefix: &str,
+        signal: Option<Arc<FoldSignal>>,
+    ) -> Self {
         Self {
             store,
             catalog,
@@ -225,6 +235,8 @@ impl Evaluator {
             instances: None,
             rules: RuleCache::new(),
             stable: std::sync::Mutex::new(HashMap::new()),
+            cache_stable: false,
+            signal,
         }
     }
 
@@ -249,64 +261,95 @@ impl Evaluator {
         // minute can be before it counts).
         let minute = chrono::Duration::minutes(1);
         let head_from = bucket_start(now, Granularity::Minute, Tz::UTC) - minute;
-        let split = matches!(
-            rule.window,
-            Window::Rolling {
-                granularity: Granularity::Minute,
-                ..
-            }
-        ) && from < head_from
+        let split = self.cache_stable
+            && matches!(
+                rule.window,
+                Window::Rolling {
+                    granularity: Granularity::Minute,
+                    ..
+                }
+            )
+            && from < head_from
             && head_from < to;
-        let values = if split {
-            let stable_key = format!("{what}|{from}|{head_from}");
-            let cached = self.stable.lock().ok().and_then(|s| {
-                s.get(&stable_key)
-                    .filter(|(at, _)| at.elapsed() < STABLE_TTL)
-                    .map(|(_, v)| v.clone())
-            });
-            let stable = match cached {
-                Some(v) => v,
-                None => {
-                    let v = self
-                        .read_range(rule, (from, head_from), now, sketch)
-                        .await?;
-                    if let Ok(mut s) = self.stable.lock() {
-                        s.retain(|_, (at, _)| at.elapsed() < STABLE_TTL);
-                        s.insert(stable_key, (Instant::now(), v.clone()));
-                    }
-                    v
-                }
-            };
-            // Every minute window of this scope ends at the same `to`: one head read.
-            let head_key = format!("{what}|{head_from}|{to}");
-            let head = match cache.get(&head_key) {
-                Some(v) => v.clone(),
-                None => {
-                    let v = self.read_range(rule, (head_from, to), now, sketch).await?;
-                    cache.insert(head_key, v.clone());
-                    v
-                }
-            };
-            let mut merged: HashMap<Group, Measures> = (*stable).clone();
-            for (g, m) in head.iter() {
-                merged.entry(g.clone()).or_default().merge(m);
+        let values = match split {
+            true => {
+                self.read_split(rule, (from, head_from, to), now, sketch, &what, cache)
+                    .await?
             }
-            Arc::new(merged)
-        } else {
-            self.read_range(rule, (from, to), now, sketch).await?
+            false => None,
+        };
+        let values = match values {
+            Some(v) => v,
+            None => self.read_range(rule, (from, to), now, sketch).await?.0,
         };
         cache.insert(key, values.clone());
         Ok(values)
     }
 
-    /// Reads `[from, to)` of a rule's scope per group, from the tables that fit.
+    /// A minute window as its settled part (reused between rounds) plus its
+    /// last two minutes (read every round). `None` when either part's tables
+    /// do not cover it exactly (a minute table still backfilling): the two
+    /// would then overlap, and the caller reads the window whole.
+    async fn read_split(
+        &self,
+        rule: &Rule,
+        (from, head_from, to): (DateTime<Utc>, DateTime<Utc>, DateTime<Utc>),
+        now: DateTime<Utc>,
+        sketch: bool,
+        what: &str,
+        cache: &mut HashMap<String, Values>,
+    ) -> Result<Option<Values>, AlertError> {
+        let stable_key = format!("{what}|{from}|{head_from}");
+        let cached = self.stable.lock().ok().and_then(|s| {
+            s.get(&stable_key)
+                .filter(|(at, _)| at.elapsed() < STABLE_TTL)
+                .map(|(_, v)| v.clone())
+        });
+        let stable = match cached {
+            Some(v) => v,
+            None => {
+                let (v, covered) = self
+                    .read_range(rule, (from, head_from), now, sketch)
+                    .await?;
+                if covered != (from, head_from) {
+                    return Ok(None);
+                }
+                if let Ok(mut s) = self.stable.lock() {
+                    s.retain(|_, (at, _)| at.elapsed() < STABLE_TTL);
+                    s.insert(stable_key, (Instant::now(), v.clone()));
+                }
+                v
+            }
+        };
+        // Every minute window of this scope ends at the same `to`: one head read.
+        let head_key = format!("{what}|{head_from}|{to}");
+        let head = match cache.get(&head_key) {
+            Some(v) => v.clone(),
+            None => {
+                let (v, covered) = self.read_range(rule, (head_from, to), now, sketch).await?;
+                if covered != (head_from, to) {
+                    return Ok(None);
+                }
+                cache.insert(head_key, v.clone());
+                v
+            }
+        };
+        let mut merged: HashMap<Group, Measures> = (*stable).clone();
+        for (g, m) in head.iter() {
+            merged.entry(g.clone()).or_default().merge(m);
+        }
+        Ok(Some(Arc::new(merged)))
+    }
+
+    /// Reads `[from, to)` of a rule's scope per group, from the tables that
+    /// fit; also returns the range those tables' buckets cover.
     async fn read_range(
         &self,
         rule: &Rule,
         (from, to): Range,
         now: DateTime<Utc>,
         sketch: bool,
-    ) -> Result<Values, AlertError> {
+    ) -> Result<(Values, Range), AlertError> {
         let mut needed: Vec<Dimension> = rule.group_by.clone();
         needed.extend(rule.scope.iter().map(|(d, _)| *d));
         let stats = self.catalog.sizes(self.store.as_ref()).await;
@@ -319,7 +362,7 @@ impl Evaluator {
             sketch,
         )
         .await?;
-        Ok(Arc::new(rows.into_iter().collect()))
+        Ok((Arc::new(rows.into_iter().collect()), plan.covered))
     }
 
     /// One evaluation of every rule at `now`.
@@ -339,6 +382,24 @@ impl Evaluator {
                     .collect(),
             );
         }
+        // Settled window parts may be reused only while this process folds
+        // every projection (so it hears of every late event), and not past
+        // a late event older than the window heads.
+        let head_from =
+            bucket_start(now, Granularity::Minute, Tz::UTC) - chrono::Duration::minutes(1);
+        self.cache_stable = match &self.signal {
+            Some(signal) => {
+                let late = signal.take_oldest().is_some_and(|t| t < head_from);
+                let leads = signal.leads_all(self.catalog.specs.iter().map(|s| s.name.as_str()));
+                if late || !leads {
+                    if let Ok(mut s) = self.stable.lock() {
+                        s.clear();
+                    }
+                }
+                leads
+            }
+            None => false,
+        };
         let mut cache = HashMap::new();
         let mut changes: Vec<(Tracked, Option<NewNotification>)> = Vec::new();
         // Instances pending or firing, by rule uid: evaluated whether or not
@@ -621,7 +682,6 @@ impl Evaluator {
         mut self,
         settings: AlertSettings,
         owner: String,
-        wake: Arc<Notify>,
         relay: Arc<Notify>,
         shutdown: CancellationToken,
     ) {
@@ -659,7 +719,12 @@ impl Evaluator {
                 continue;
             }
             let woken = tokio::select! {
-                _ = wake.notified() => true,
+                _ = async {
+                    match &self.signal {
+                        Some(s) => s.notified().await,
+                        None => std::future::pending().await,
+                    }
+                } => true,
                 _ = tokio::time::sleep(settings.poll) => false,
                 _ = shutdown.cancelled() => break,
             };

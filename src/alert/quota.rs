@@ -13,7 +13,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use super::rule::{check_name, Measure, Op, Rule, RuleSpec, ScopeValue, Severity};
+use super::rule::{Measure, Op, Rule, RuleSpec, ScopeValue, Severity};
 use super::AlertError;
 use crate::projection::bucket::bucket_start;
 use crate::projection::spec::{Dimension, Granularity, Spec};
@@ -154,7 +154,6 @@ impl Quota {
             keep_firing_for: None,
             repeat_every: None,
         };
-        check_name(QUOTA_RULE)?;
         spec.validate(uid, specs)
     }
 }

@@ -581,9 +581,6 @@ impl RuleSpec {
                 ))
             }
         };
-        if baseline && matches!(self.measure, Measure::LatencyP95 | Measure::LatencyP99) {
-            // Allowed: percentiles compare fine against their own history.
-        }
         let for_ = duration("for", &self.for_)?;
         let keep_firing_for = duration("keep_firing_for", &self.keep_firing_for)?;
         let repeat_every = match &self.repeat_every {

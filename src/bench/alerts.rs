@@ -62,7 +62,7 @@ const WINDOWS: [&str; 3] = ["5m", "15m", "1h"];
 
 /// The bench's rules: rule `i` watches api `i % apis`, grouped by key, with a
 /// measure and window from small cycles and a threshold the load never reaches.
-fn rules(n: usize, apis: &[String]) -> Vec<RuleSpec> {
+fn rules(n: usize, apis: &[String]) -> Result<Vec<RuleSpec>, BenchError> {
     (0..n)
         .map(|i| {
             let measure = MEASURES[i % MEASURES.len()];
@@ -76,31 +76,10 @@ fn rules(n: usize, apis: &[String]) -> Vec<RuleSpec> {
                 // Reached only by a probe (10^12 tokens).
                 "threshold": if measure == "tokens" { 1.0e11 } else { 1.0e12 },
             });
-            serde_json::from_value(json).unwrap_or_else(|_| unreachable_rule())
+            serde_json::from_value(json)
+                .map_err(|e| BenchError::Check(format!("bench rule {i}: {e}")))
         })
         .collect()
-}
-
-fn unreachable_rule() -> RuleSpec {
-    RuleSpec {
-        name: "bench-invalid".into(),
-        severity: None,
-        labels: Default::default(),
-        measure: crate::alert::rule::Measure::Requests,
-        window: "5m".into(),
-        timezone: None,
-        scope: Default::default(),
-        group_by: vec![],
-        op: None,
-        threshold: Some(f64::MAX),
-        baseline: None,
-        limit: None,
-        warn_at: None,
-        min_requests: None,
-        for_: None,
-        keep_firing_for: None,
-        repeat_every: None,
-    }
 }
 
 /// Runs the benchmark and prints figures and ratios.
@@ -194,7 +173,7 @@ pub async fn alerts(params: &AlertsBench) -> Result<AlertsResult, BenchError> {
 
     // (a) and (b), alternated `rounds` times on fresh databases (this machine
     // is shared and noisy: one pair can differ by ±15% either way).
-    let installed = rules(params.rules, &apis);
+    let installed = rules(params.rules, &apis)?;
     for r in &installed {
         r.validate("", &specs)
             .map_err(|e| BenchError::Check(format!("bench rule {}: {e}", r.name)))?;

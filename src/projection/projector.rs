@@ -47,8 +47,9 @@ pub struct ProjectorConfig {
     pub lease_ttl: Duration,
     /// Crash-test hooks.
     pub failpoints: Failpoints,
-    /// Woken after every commit that folded events (the alert evaluator).
-    pub on_commit: Option<Arc<tokio::sync::Notify>>,
+    /// Told about every commit that folded events, and about leadership
+    /// (the alert evaluator of this process).
+    pub on_commit: Option<Arc<FoldSignal>>,
 }
 
 impl Default for ProjectorConfig {
@@ -99,6 +100,67 @@ impl Failpoints {
     }
 }
 
+/// What the projectors of one process tell its alert evaluator: that they
+/// committed (wake up), the oldest event timestamp folded since the evaluator
+/// last asked (a late event invalidates the settled parts of windows it has
+/// cached), and which projections they lead (it may cache only if every
+/// projection it reads is folded here, where it hears about late events).
+#[derive(Debug)]
+pub struct FoldSignal {
+    notify: tokio::sync::Notify,
+    oldest_ms: std::sync::atomic::AtomicI64,
+    leading: std::sync::Mutex<std::collections::HashMap<String, bool>>,
+}
+
+impl Default for FoldSignal {
+    fn default() -> Self {
+        Self {
+            notify: tokio::sync::Notify::new(),
+            oldest_ms: std::sync::atomic::AtomicI64::new(i64::MAX),
+            leading: std::sync::Mutex::new(std::collections::HashMap::new()),
+        }
+    }
+}
+
+impl FoldSignal {
+    /// A commit folded events, the oldest with timestamp `oldest`.
+    pub fn committed(&self, oldest: Option<DateTime<Utc>>) {
+        if let Some(t) = oldest {
+            self.oldest_ms
+                .fetch_min(t.timestamp_millis(), std::sync::atomic::Ordering::SeqCst);
+        }
+        self.notify.notify_one();
+    }
+
+    /// Whether this process folds `projection` now.
+    pub fn set_leading(&self, projection: &str, leading: bool) {
+        if let Ok(mut l) = self.leading.lock() {
+            l.insert(projection.to_string(), leading);
+        }
+    }
+
+    /// True when this process folds every one of `projections`.
+    pub fn leads_all<'a>(&self, mut projections: impl Iterator<Item = &'a str>) -> bool {
+        self.leading
+            .lock()
+            .map(|l| projections.all(|p| l.get(p).copied().unwrap_or(false)))
+            .unwrap_or(false)
+    }
+
+    /// The oldest event timestamp folded since the last call, if any.
+    pub fn take_oldest(&self) -> Option<DateTime<Utc>> {
+        let ms = self
+            .oldest_ms
+            .swap(i64::MAX, std::sync::atomic::Ordering::SeqCst);
+        (ms != i64::MAX).then(|| DateTime::from_timestamp_millis(ms).unwrap_or_default())
+    }
+
+    /// Waits for the next commit.
+    pub async fn notified(&self) {
+        self.notify.notified().await;
+    }
+}
+
 /// Events per log read.
 pub const READ_CHUNK: i64 = 2_000;
 
@@ -114,6 +176,8 @@ pub struct Step {
     pub caught_up: bool,
     /// A checkpoint had moved under us; the cursors were reloaded.
     pub stale: bool,
+    /// The oldest event timestamp committed by this step.
+    pub oldest: Option<DateTime<Utc>>,
 }
 
 /// One projection inside a [`Group`]: its spec and where its checkpoint is.
@@ -246,6 +310,7 @@ impl Group {
                 folded: 0,
                 caught_up: true,
                 stale: false,
+                oldest: None,
             });
         }
         let limit = limit.max(1);
@@ -281,6 +346,7 @@ impl Group {
                 folded: 0,
                 caught_up: prepared.caught_up,
                 stale: false,
+                oldest: None,
             });
         }
         let crash = Failpoints::fires(self.failpoints.before_commit);
@@ -334,6 +400,7 @@ impl Group {
                     folded: prepared.read as usize,
                     caught_up: prepared.caught_up,
                     stale: false,
+                    oldest: prepared.oldest,
                 })
             }
             ApplyOutcome::Stale => {
@@ -343,6 +410,7 @@ impl Group {
                     folded: 0,
                     caught_up: false,
                     stale: true,
+                    oldest: None,
                 })
             }
         }
@@ -385,6 +453,9 @@ impl Group {
                             m.leading = false;
                         }
                     }
+                    if let Some(signal) = &config.on_commit {
+                        signal.set_leading(&m.state, m.leading);
+                    }
                 }
                 renewed = Some(Instant::now());
                 if taken {
@@ -409,8 +480,8 @@ impl Group {
                     backoff.reset();
                     if step.folded > 0 {
                         tracing::debug!(projections = ?self.names(), events = step.folded, "folded");
-                        if let Some(n) = &config.on_commit {
-                            n.notify_one();
+                        if let Some(signal) = &config.on_commit {
+                            signal.committed(step.oldest);
                         }
                     }
                     if step.caught_up {
@@ -425,6 +496,11 @@ impl Group {
                         backoff.sleep(&shutdown).await;
                     }
                 }
+            }
+        }
+        for m in &self.members {
+            if let Some(signal) = &config.on_commit {
+                signal.set_leading(&m.state, false);
             }
         }
         for m in self.members.iter().filter(|m| m.leading) {
@@ -464,6 +540,8 @@ struct Prepared {
     as_of: Option<DateTime<Utc>>,
     read: i64,
     caught_up: bool,
+    /// Oldest event timestamp in the batch.
+    oldest: Option<DateTime<Utc>>,
 }
 
 /// Reads up to `limit` events after the lowest of `base` in chunks and folds
@@ -484,6 +562,7 @@ async fn prepare(
     let mut to = base.clone();
     let (mut read_from, mut read, mut caught_up) = (from, 0i64, false);
     let mut last_mark = None;
+    let mut oldest = None;
     while read < limit {
         let want = READ_CHUNK.min(limit - read);
         let batch = store.read_log(read_from, want).await?;
@@ -494,6 +573,7 @@ async fn prepare(
         marks.push_back(batch.watermark);
         last_mark = Some(batch.watermark);
         for (cursor, e) in &batch.events {
+            oldest = Some(oldest.map_or(e.ts, |o: DateTime<Utc>| o.min(e.ts)));
             let bin = e.latency_ms.map(Bin::of);
             for (k, &i) in leading.iter().enumerate() {
                 if *cursor > base[k] {
@@ -534,6 +614,7 @@ async fn prepare(
         as_of,
         read,
         caught_up,
+        oldest,
     })
 }
 
