@@ -19,7 +19,6 @@ use super::{
     wait_drained, BenchError,
 };
 use crate::alert::rule::RuleSpec;
-use crate::devserver::TempPostgres;
 use crate::projection::spec::load_dir;
 use crate::store::alerts::WriteMode;
 use crate::store::{Backend, StoreOptions};
@@ -90,16 +89,8 @@ pub async fn alerts(params: &AlertsBench) -> Result<AlertsResult, BenchError> {
         .map(std::sync::Arc::new)
         .collect();
     let tmp = tempfile_dir()?;
-    let cluster = match params.backend {
-        Backend::Postgres => Some(TempPostgres::start(true)?),
-        Backend::Sqlite => None,
-    };
-    let fresh_db = |name: &str| -> Result<String, BenchError> {
-        Ok(match &cluster {
-            Some(pg) => pg.create_database(name)?,
-            None => format!("sqlite://{}", tmp.join(format!("{name}.db")).display()),
-        })
-    };
+    let dbs = super::Databases::start(params.backend, &tmp)?;
+    let fresh_db = |name: &str| dbs.fresh(name);
     let synth = SynthConfig {
         seed: 11,
         apis: 10,

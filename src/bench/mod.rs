@@ -378,16 +378,8 @@ pub async fn ingest(params: &IngestBench) -> Result<IngestResult, BenchError> {
         ..crate::emit::EmitConfig::default()
     };
     let tmp = tempfile_dir()?;
-    let cluster = match params.backend {
-        Backend::Postgres => Some(TempPostgres::start(true)?),
-        Backend::Sqlite => None,
-    };
-    let fresh_db = |name: &str| -> Result<String, BenchError> {
-        Ok(match &cluster {
-            Some(pg) => pg.create_database(name)?,
-            None => format!("sqlite://{}", tmp.join(format!("{name}.db")).display()),
-        })
-    };
+    let dbs = Databases::start(params.backend, &tmp)?;
+    let fresh_db = |name: &str| dbs.fresh(name);
     println!(
         "backend {}: {} events, {} cores",
         params.backend.name(),
@@ -481,6 +473,34 @@ pub async fn ingest(params: &IngestBench) -> Result<IngestResult, BenchError> {
         live_rate,
         live_peak_rss_mib,
     })
+}
+
+/// Where a benchmark makes its databases: a throwaway durable PostgreSQL
+/// cluster, or SQLite files in a temp dir.
+pub(super) struct Databases {
+    cluster: Option<TempPostgres>,
+    dir: std::path::PathBuf,
+}
+
+impl Databases {
+    /// Starts the cluster (PostgreSQL) or just remembers `dir` (SQLite).
+    pub(super) fn start(backend: Backend, dir: &std::path::Path) -> Result<Self, BenchError> {
+        Ok(Self {
+            cluster: match backend {
+                Backend::Postgres => Some(TempPostgres::start(true)?),
+                Backend::Sqlite => None,
+            },
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    /// The URL of a new, empty database called `name`.
+    pub(super) fn fresh(&self, name: &str) -> Result<String, BenchError> {
+        Ok(match &self.cluster {
+            Some(pg) => pg.create_database(name)?,
+            None => format!("sqlite://{}", self.dir.join(format!("{name}.db")).display()),
+        })
+    }
 }
 
 /// A private `nats-server -js` with the `USAGE` stream on `usage.events.>`
