@@ -189,7 +189,7 @@ impl App {
         let nats = self
             .nats
             .map(|n| tokio::spawn(n.run(shutdown.clone(), deadline.clone())));
-        let signal = Arc::new(crate::projection::projector::FoldSignal::default());
+        let signal = self.state.signal.clone();
         let wake_relay = Arc::new(tokio::sync::Notify::new());
         let mut projector_config = self.projector_config.clone();
         projector_config.on_commit = Some(signal.clone());

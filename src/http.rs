@@ -32,6 +32,9 @@ pub struct AppState {
     pub health: Arc<Health>,
     /// The projections the query module can read.
     pub catalog: Arc<Catalog>,
+    /// Shared by the projectors and the alert evaluator of this process; a
+    /// rule or quota change wakes the evaluator through it.
+    pub signal: Arc<crate::projection::projector::FoldSignal>,
 }
 
 impl AppState {
@@ -48,6 +51,7 @@ impl AppState {
             max_body_bytes: config.max_body_bytes,
             health,
             catalog: Arc::new(catalog),
+            signal: Arc::default(),
         }
     }
 }

@@ -114,6 +114,7 @@ pub async fn create_rule(
         )
         .await
         .map_err(AlertError::from)?;
+    state.signal.wake();
     match written {
         RuleWritten::Created(row) => Ok((StatusCode::CREATED, Json(rule_view(&row))).into_response()),
         _ => Err(ApiError::new(
@@ -159,6 +160,7 @@ pub async fn put_rule(
         .write_rule(&name, &spec.to_json(), &actor(&headers), WriteMode::Upsert)
         .await
         .map_err(AlertError::from)?;
+    state.signal.wake();
     Ok(match written {
         RuleWritten::Created(row) => (StatusCode::CREATED, Json(rule_view(&row))).into_response(),
         RuleWritten::Updated(row) | RuleWritten::Unchanged(row) => {
@@ -205,7 +207,10 @@ pub async fn delete_rule(
         .await
         .map_err(AlertError::from)?
     {
-        Some(_) => Ok(StatusCode::NO_CONTENT.into_response()),
+        Some(_) => {
+            state.signal.wake();
+            Ok(StatusCode::NO_CONTENT.into_response())
+        }
         None => Err(not_found(format!("no alert rule named `{name}`"))),
     }
 }
@@ -347,6 +352,7 @@ pub async fn put_quota(
         .put_quota(&key, &text, &actor(&headers))
         .await
         .map_err(AlertError::from)?;
+    state.signal.wake();
     let status = quota::status(state.store.as_ref(), &quota, Utc::now()).await?;
     let code = if created {
         StatusCode::CREATED
@@ -384,6 +390,7 @@ pub async fn delete_quota(
         .await
         .map_err(AlertError::from)?
     {
+        state.signal.wake();
         Ok(StatusCode::NO_CONTENT.into_response())
     } else {
         Err(not_found(format!("key `{key}` has no quota")))

@@ -155,7 +155,12 @@ impl FoldSignal {
         (ms != i64::MAX).then(|| DateTime::from_timestamp_millis(ms).unwrap_or_default())
     }
 
-    /// Waits for the next commit.
+    /// Wakes the evaluator without a commit (a rule or quota changed).
+    pub fn wake(&self) {
+        self.notify.notify_one();
+    }
+
+    /// Waits for the next commit (or [`FoldSignal::wake`]).
     pub async fn notified(&self) {
         self.notify.notified().await;
     }
