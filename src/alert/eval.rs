@@ -826,3 +826,78 @@ fn rfc(t: Option<DateTime<Utc>>) -> serde_json::Value {
         None => serde_json::Value::Null,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rule(json: &str) -> Rule {
+        let spec = crate::projection::spec::Spec::parse(
+            "name = \"m\"\ndimensions = [\"api\", \"key\", \"model\"]\ngranularities = [\"minute\", \"hour\"]\ntimezone = \"UTC\"",
+            None,
+        )
+        .expect("spec");
+        RuleSpec::from_json(json.as_bytes())
+            .and_then(|r| r.validate("u", &[Arc::new(spec)]))
+            .expect("rule")
+    }
+
+    fn t(s: &str) -> DateTime<Utc> {
+        DateTime::parse_from_rfc3339(s)
+            .expect("time")
+            .with_timezone(&Utc)
+    }
+
+    #[test]
+    fn rolling_windows_are_the_last_buckets_including_the_current_one() {
+        let r = rule(r#"{"name":"a","measure":"requests","window":"5m","threshold":1}"#);
+        let (w, prev) = window_range(&r, t("2026-03-29T01:02:30Z"));
+        assert_eq!(w, (t("2026-03-29T00:58:00Z"), t("2026-03-29T01:03:00Z")));
+        assert_eq!(prev, (t("2026-03-29T00:53:00Z"), t("2026-03-29T00:58:00Z")));
+    }
+
+    #[test]
+    fn calendar_windows_follow_the_timezone_across_dst() {
+        // Berlin's spring-forward day has 23 hours; its month starts at 22:00 or 23:00 UTC.
+        let day = rule(
+            r#"{"name":"a","measure":"cost","window":"calendar_day","timezone":"Europe/Berlin","threshold":1}"#,
+        );
+        let (w, prev) = window_range(&day, t("2026-03-29T12:00:00Z"));
+        assert_eq!(w, (t("2026-03-28T23:00:00Z"), t("2026-03-29T22:00:00Z")));
+        assert_eq!(prev, (t("2026-03-27T23:00:00Z"), t("2026-03-28T23:00:00Z")));
+        let month = rule(
+            r#"{"name":"a","measure":"cost","window":"calendar_month","timezone":"America/New_York","threshold":1}"#,
+        );
+        let (w, prev) = window_range(&month, t("2026-11-01T03:00:00Z"));
+        assert_eq!(
+            w,
+            (t("2026-10-01T04:00:00Z"), t("2026-11-01T04:00:00Z")),
+            "still October in New York"
+        );
+        assert_eq!(prev, (t("2026-09-01T04:00:00Z"), t("2026-10-01T04:00:00Z")));
+    }
+
+    #[test]
+    fn stored_groups_read_back_in_rule_order_and_fingerprints_are_stable() {
+        let g = Group(vec![
+            (Dimension::Key, "k1".into()),
+            (Dimension::Api, "openai".into()),
+        ]);
+        let text = group_json(&g);
+        assert_eq!(text, r#"{"api":"openai","key":"k1"}"#);
+        assert_eq!(
+            group_from_json(&text, &[Dimension::Key, Dimension::Api]),
+            Some(g)
+        );
+        assert_eq!(
+            group_from_json(&text, &[Dimension::Key]),
+            None,
+            "grouping changed"
+        );
+        assert_eq!(
+            fingerprint(&["u", "", &text]),
+            fingerprint(&["u", "", &text])
+        );
+        assert_ne!(fingerprint(&["ab", "c"]), fingerprint(&["a", "bc"]));
+    }
+}

@@ -202,6 +202,19 @@ async fn crossing_fires_once_and_sliding_resolves_once() {
         let history = alerts["history"].as_array().expect("history");
         assert_eq!(history.len(), 2, "{alerts}");
         assert!(history.iter().all(|h| h["sent_at"].is_string()), "{alerts}");
+        // Group and state filters.
+        for (query, want) in [
+            ("group=key:k1", 2),
+            ("group=key:other", 0),
+            ("state=resolved", 1),
+            ("rule=k1-burst&state=firing&group=key:k1", 1),
+        ] {
+            let (status, a) = send(reqwest::Method::GET, format!("{}/v1/alerts?{query}", tally.base), None).await;
+            assert_eq!(status, 200, "{query}: {a}");
+            assert_eq!(a["history"].as_array().map(Vec::len), Some(want), "{query}: {a}");
+        }
+        let (status, a) = send(reqwest::Method::GET, format!("{}/v1/alerts?state=bogus", tally.base), None).await;
+        assert_eq!(status, 400, "{a}");
         drop(tally);
     });
     futures::future::join_all(runs).await;
