@@ -255,12 +255,7 @@ pub async fn alerts(params: &AlertsBench) -> Result<AlertsResult, BenchError> {
                 "id": key, "ts": chrono::Utc::now().to_rfc3339(), "api": apis[0], "key": key,
                 "tokens_in": 1_000_000_000_000i64,
             });
-            let started = Instant::now();
-            js.publish("usage.events.probe", body.to_string().into())
-                .await
-                .map_err(|e| BenchError::Check(format!("publish probe: {e}")))?
-                .await
-                .map_err(|e| BenchError::Check(format!("probe ack: {e}")))?;
+            let started = super::publish_probe(&js, &body).await?;
             // The alert and the probe's minute row, watched at once.
             let fold = async {
                 loop {
@@ -329,16 +324,10 @@ pub async fn alerts(params: &AlertsBench) -> Result<AlertsResult, BenchError> {
     if latencies.is_empty() {
         return Err(BenchError::Check("no probe was measured".into()));
     }
-    let pick = |q: f64| {
-        let i = ((q * latencies.len() as f64).ceil() as usize).clamp(1, latencies.len()) - 1;
-        latencies[i]
-    };
+    let pick = |q: f64| super::nearest_rank(&latencies, q);
     let (p50, p99, max) = (pick(0.5), pick(0.99), pick(1.0));
     folded.sort_by(f64::total_cmp);
-    let fold_pick = |q: f64| {
-        let i = ((q * folded.len() as f64).ceil() as usize).clamp(1, folded.len()) - 1;
-        folded[i]
-    };
+    let fold_pick = |q: f64| super::nearest_rank(&folded, q);
     println!(
         "    publish → probe row in agg_alerts_minute_minute (projection freshness): p50 {:.0} ms, p99 {:.0} ms",
         fold_pick(0.5),

@@ -475,6 +475,27 @@ pub async fn ingest(params: &IngestBench) -> Result<IngestResult, BenchError> {
     })
 }
 
+/// Nearest-rank quantile `q` of `sorted` (ascending, not empty).
+pub(super) fn nearest_rank(sorted: &[f64], q: f64) -> f64 {
+    let i = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len()) - 1;
+    sorted[i]
+}
+
+/// Publishes a probe event and waits for JetStream's ack; returns when the
+/// publish started (the probe's latency origin).
+pub(super) async fn publish_probe(
+    js: &async_nats::jetstream::Context,
+    body: &serde_json::Value,
+) -> Result<Instant, BenchError> {
+    let started = Instant::now();
+    js.publish("usage.events.probe", body.to_string().into())
+        .await
+        .map_err(|e| BenchError::Check(format!("publish probe: {e}")))?
+        .await
+        .map_err(|e| BenchError::Check(format!("probe ack: {e}")))?;
+    Ok(started)
+}
+
 /// Where a benchmark makes its databases: a throwaway durable PostgreSQL
 /// cluster, or SQLite files in a temp dir.
 pub(super) struct Databases {

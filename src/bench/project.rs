@@ -224,12 +224,7 @@ async fn freshness(
         let body = serde_json::json!({
             "id": key, "ts": chrono::Utc::now().to_rfc3339(), "api": "probe", "key": key,
         });
-        let started = Instant::now();
-        js.publish("usage.events.probe", body.to_string().into())
-            .await
-            .map_err(|e| BenchError::Check(format!("publish probe: {e}")))?
-            .await
-            .map_err(|e| BenchError::Check(format!("probe ack: {e}")))?;
+        let started = super::publish_probe(&js, &body).await?;
         loop {
             if probe.visible(&key).await? {
                 latencies.push(started.elapsed().as_secs_f64() * 1000.0);
@@ -251,10 +246,7 @@ async fn freshness(
     let rss = peak_rss_mib(&tally);
     stop(tally);
     latencies.sort_by(f64::total_cmp);
-    let pick = |q: f64| {
-        let i = ((q * latencies.len() as f64).ceil() as usize).clamp(1, latencies.len()) - 1;
-        latencies[i]
-    };
+    let pick = |q: f64| super::nearest_rank(&latencies, q);
     if latencies.is_empty() {
         return Err(BenchError::Check("no probe was measured".into()));
     }
