@@ -105,6 +105,7 @@ pub struct App {
     projectors: Vec<ProjectionTask>,
     projector_config: ProjectorConfig,
     alerts: AlertConfig,
+    jobs: crate::config::JobsConfig,
     nats_connection: crate::config::NatsConnection,
     instance: String,
     shutdown_timeout: Duration,
@@ -124,6 +125,11 @@ impl App {
         store: Arc<dyn EventStore>,
         server: &ServerConfig,
     ) -> Result<Self, AppError> {
+        crate::jobs::validate(&server.jobs, server.late_arrival_horizon)
+            .map_err(|e| AppError::Config(e.to_string()))?;
+        crate::auth::check_bind(store.as_ref(), server.http_addr, server.insecure_no_auth)
+            .await
+            .map_err(|e| AppError::Config(e.to_string()))?;
         let listener = TcpListener::bind(server.http_addr)
             .await
             .map_err(|source| AppError::Bind {
@@ -146,6 +152,7 @@ impl App {
             projectors,
             projector_config,
             alerts: server.alerts.clone(),
+            jobs: server.jobs.clone(),
             nats_connection: server.nats.connection.clone(),
             instance: instance_id(),
             shutdown_timeout: server.shutdown_timeout,
@@ -207,6 +214,21 @@ impl App {
             &settings.subject_prefix,
             Some(signal),
         );
+        let job_ctx = crate::jobs::JobContext {
+            store: store.clone(),
+            specs: self.state.catalog.specs.clone(),
+            retention: self.jobs.retention,
+            batch: self.jobs.retention_batch,
+            instance: self.instance.clone(),
+            alert_prefix: settings.subject_prefix.clone(),
+        };
+        let scheduler = match crate::jobs::schedule(job_ctx, &self.jobs, shutdown.clone()).await {
+            Ok(handle) => Some(handle),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot start the job scheduler; jobs only run with `tally jobs run`");
+                None
+            }
+        };
         let mut background = vec![tokio::spawn(evaluator.run(
             settings.clone(),
             self.instance.clone(),
@@ -250,6 +272,9 @@ impl App {
         });
         if let Some(nats) = nats {
             let _ = nats.await;
+        }
+        if let Some(s) = scheduler {
+            let _ = s.await;
         }
         for p in projectors.into_iter().chain(background) {
             let _ = p.await;

@@ -14,6 +14,8 @@ use crate::emit::{EmitConfig, EmitEncoding};
 use crate::ingest::nats;
 use crate::store::{self, redact_url, Backend};
 
+mod ops;
+
 /// Tally: event-sourced usage metering.
 ///
 /// Ingests one usage event per API call (HTTP and NATS JetStream), stores
@@ -58,6 +60,24 @@ enum Command {
     /// Keys ranked over a range (`GET /v1/keys`), or one key's page with `KEY`
     /// (`GET /v1/keys/{key}/stats`).
     Keys(KeysArgs),
+    /// API tokens: create (printed once), list, revoke.
+    Tokens {
+        #[command(subcommand)]
+        which: ops::TokensCommand,
+    },
+    /// Scheduled jobs: recent runs, or run one now.
+    Jobs {
+        #[command(subcommand)]
+        which: ops::JobsCommand,
+    },
+    /// Write the event log (or a time range of it) in the wire format: a backup.
+    Export(ops::ExportArgs),
+    /// Import a backup written by `tally export` (idempotent: ids deduplicate).
+    Import(ops::ImportArgs),
+    /// Move a deployment to another database (e.g. SQLite to PostgreSQL):
+    /// events, rules, quotas, alert state and tokens; then fold the
+    /// projections there and verify the totals.
+    Copy(ops::CopyArgs),
     /// Benchmarks that compare Tally with a baseline measured in the same run.
     Bench {
         #[command(subcommand)]
@@ -385,6 +405,11 @@ pub async fn run() -> anyhow::Result<()> {
         Command::Keys(args) => query_keys(&cli.db, args).await?,
         Command::Demo(args) => demo(&cli.db, args).await?,
         Command::Emit(args) => emit(args).await?,
+        Command::Tokens { which } => ops::tokens(&cli.db, which).await?,
+        Command::Jobs { which } => ops::jobs(&cli.db, which).await?,
+        Command::Export(args) => ops::export(&cli.db, args).await?,
+        Command::Import(args) => ops::import(&cli.db, args).await?,
+        Command::Copy(args) => ops::copy(&cli.db, args).await?,
         Command::Bench { which } => match which {
             BenchCommand::Project {
                 backend,
@@ -738,7 +763,11 @@ async fn projections(db: &DatabaseConfig, which: ProjectionsCommand) -> anyhow::
                 config.projector_batch.max(1),
                 &owner,
                 |done, total| {
-                    let _ = write!(stderr, "\r{}", progress_bar(done, total, started.elapsed()));
+                    let _ = write!(
+                        stderr,
+                        "\r{}",
+                        progress_bar(done, total, started.elapsed(), "events")
+                    );
                     let _ = stderr.flush();
                 },
             )
@@ -765,11 +794,11 @@ fn bench_backend(name: &str) -> Backend {
 }
 
 /// `[#####.....] 50% 500/1000 events, 2.0s`.
-fn progress_bar(done: u64, total: u64, elapsed: std::time::Duration) -> String {
+fn progress_bar(done: u64, total: u64, elapsed: std::time::Duration, unit: &str) -> String {
     let total = total.max(1);
     let filled = ((done.min(total) * 30) / total) as usize;
     format!(
-        "[{}{}] {:>3}% {done}/{total} events, {:.1}s",
+        "[{}{}] {:>3}% {done}/{total} {unit}, {:.1}s",
         "#".repeat(filled),
         ".".repeat(30 - filled),
         done.min(total) * 100 / total,

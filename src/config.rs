@@ -94,9 +94,19 @@ pub struct ServerConfig {
     #[arg(long, env = "TALLY_MAX_BATCH_EVENTS", default_value_t = 10_000)]
     pub max_batch_events: usize,
 
+    /// Serve on a non-loopback address even though no API token exists (the
+    /// API is then open to anyone who can reach it). Without this flag such a
+    /// start is refused.
+    #[arg(long, env = "TALLY_INSECURE_NO_AUTH")]
+    pub insecure_no_auth: bool,
+
     /// NATS JetStream ingest (off unless `TALLY_NATS_URL` is set).
     #[command(flatten)]
     pub nats: NatsConfig,
+
+    /// Scheduled jobs: retention, reconciliation, housekeeping.
+    #[command(flatten)]
+    pub jobs: JobsConfig,
 
     /// Projections and their projector tasks.
     #[command(flatten)]
@@ -326,4 +336,37 @@ impl AlertConfig {
             ..Default::default()
         }
     }
+}
+
+/// Scheduled jobs (`serve`, `jobs run`). Cron expressions have six fields
+/// (`sec min hour day-of-month month day-of-week`) and are always UTC; an
+/// empty expression turns the job off.
+#[derive(Debug, Clone, clap::Args)]
+pub struct JobsConfig {
+    /// Delete raw events whose `ts` is older than this (e.g. `400d`). Unset:
+    /// keep the raw log forever. Must exceed the late-arrival horizon by at
+    /// least [`crate::jobs::RETENTION_MARGIN`], so every id Tally can still
+    /// accept is still there to deduplicate against.
+    #[arg(long, env = "TALLY_RETENTION", value_parser = humantime::parse_duration)]
+    pub retention: Option<Duration>,
+
+    /// When the retention job runs.
+    #[arg(long, env = "TALLY_JOB_RETENTION_CRON", default_value = "0 17 3 * * *")]
+    pub job_retention_cron: String,
+
+    /// When the reconciliation job runs.
+    #[arg(
+        long,
+        env = "TALLY_JOB_RECONCILIATION_CRON",
+        default_value = "0 7 1 * * *"
+    )]
+    pub job_reconciliation_cron: String,
+
+    /// When the housekeeping job (SQLite `PRAGMA optimize`, WAL checkpoint; PostgreSQL `ANALYZE`) runs.
+    #[arg(long, env = "TALLY_JOB_OPTIMIZE_CRON", default_value = "0 47 4 * * *")]
+    pub job_optimize_cron: String,
+
+    /// Rows deleted per statement by retention (bounded so no transaction holds locks for long).
+    #[arg(long, env = "TALLY_RETENTION_BATCH", default_value_t = 10_000)]
+    pub retention_batch: i64,
 }

@@ -35,6 +35,8 @@ pub struct AppState {
     /// Shared by the projectors and the alert evaluator of this process; a
     /// rule or quota change wakes the evaluator through it.
     pub signal: Arc<crate::projection::projector::FoldSignal>,
+    /// The API token check.
+    pub auth: Arc<crate::auth::Auth>,
 }
 
 impl AppState {
@@ -47,11 +49,12 @@ impl AppState {
     ) -> Self {
         Self {
             intake: Intake::new(store.clone(), config.intake_limits()),
-            store,
+            store: store.clone(),
             max_body_bytes: config.max_body_bytes,
             health,
             catalog: Arc::new(catalog),
             signal: Arc::default(),
+            auth: Arc::new(crate::auth::Auth::new(store.clone())),
         }
     }
 }
@@ -83,12 +86,30 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/alerts", get(alert::list_alerts))
         .route("/v1/projections", get(query::get_projections))
         .route("/openapi.json", get(query::get_openapi))
+        .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         // The ingest handler enforces its own limit with a message that names it.
         .layer(DefaultBodyLimit::disable())
         .fallback(not_found)
+        .layer(axum::middleware::from_fn_with_state(
+            state.auth.clone(),
+            crate::auth::require,
+        ))
         .with_state(state)
+}
+
+/// Prometheus text exposition (format 0.0.4).
+async fn metrics(State(state): State<AppState>) -> Response {
+    let body = crate::metrics::render(state.store.as_ref()).await;
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        body,
+    )
+        .into_response()
 }
 
 async fn healthz() -> Json<serde_json::Value> {
@@ -133,7 +154,7 @@ async fn not_found() -> ApiError {
     ApiError::new(
         StatusCode::NOT_FOUND,
         "not_found",
-        "no such route; see README.md or GET /openapi.json for the API (POST /v1/events, GET /v1/stats, GET /v1/keys, GET /v1/keys/{key}/stats, GET /v1/projections, GET /healthz, GET /readyz)",
+        "no such route; see README.md or GET /openapi.json for the API (POST /v1/events, GET /v1/stats, GET /v1/keys, GET /v1/keys/{key}/stats, GET /v1/projections, GET /metrics, GET /healthz, GET /readyz)",
     )
 }
 

@@ -26,13 +26,17 @@
 //!    to an outbox with the state change and relayed to NATS exactly once.
 //!
 //! Around the data flow: [`config`] (flags and `TALLY_*` variables),
-//! [`telemetry`] (logging), [`http`] (router, errors, health), [`app`]
+//! [`telemetry`] (logging), [`metrics`] (`/metrics`), [`auth`] (API tokens),
+//! [`jobs`] (retention, reconciliation, housekeeping on a cron schedule),
+//! [`transfer`] (export, import, copy between backends),
+//! [`http`] (router, errors, health), [`app`]
 //! (wiring and shutdown), [`cli`] (the `tally` command), [`bench`], [`demo`],
 //! [`synth`] (seeded synthetic events) and [`devserver`] (throwaway
 //! PostgreSQL for tests and benchmarks).
 
 pub mod alert;
 pub mod app;
+pub mod auth;
 pub mod backoff;
 pub mod bench;
 pub mod cli;
@@ -44,8 +48,11 @@ pub mod event;
 pub mod health;
 pub mod http;
 pub mod ingest;
+pub mod jobs;
+pub mod metrics;
 pub mod projection;
 pub mod query;
 pub mod store;
 pub mod synth;
 pub mod telemetry;
+pub mod transfer;

@@ -406,7 +406,10 @@ impl Evaluator {
         // their group still has data in the window.
         let mut active: HashMap<String, Vec<String>> = HashMap::new();
         for (fp, t) in self.instances.iter().flatten() {
-            if matches!(t.row.state.as_str(), "pending" | "firing") {
+            // Reconciliation alerts are raised and resolved by that job, not by rules.
+            if matches!(t.row.state.as_str(), "pending" | "firing")
+                && t.row.rule_uid != crate::jobs::RECONCILIATION_UID
+            {
                 active
                     .entry(t.row.rule_uid.clone())
                     .or_default()

@@ -89,6 +89,13 @@ fn parse_rule(state: &AppState, body: &[u8]) -> Result<RuleSpec, ApiError> {
         ))
         .into());
     }
+    if spec.name == crate::jobs::RECONCILIATION_RULE {
+        return Err(AlertError::Invalid(format!(
+            "`{}` is reserved for the reconciliation job",
+            crate::jobs::RECONCILIATION_RULE
+        ))
+        .into());
+    }
     spec.validate("", &state.catalog.specs)?;
     Ok(spec)
 }

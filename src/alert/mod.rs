@@ -100,9 +100,9 @@ pub async fn apply_file(
                 r.name
             )));
         }
-        if r.name == quota::QUOTA_RULE {
+        if r.name == quota::QUOTA_RULE || r.name == crate::jobs::RECONCILIATION_RULE {
             return Err(AlertError::Invalid(format!(
-                "rules file: `{}` is reserved for key quotas",
+                "rules file: `{}` is reserved for Tally's own alerts",
                 r.name
             )));
         }

@@ -81,9 +81,10 @@ pub async fn publish_some(
         }
     }
     let mut acked = Vec::with_capacity(pending.len());
-    for (id, ack) in pending {
+    for ((id, ack), row) in pending.into_iter().zip(&rows) {
         match ack.await {
             Ok(a) => {
+                crate::metrics::ALERTS_SENT.add(&[&row.n.severity, &row.n.state], 1);
                 if a.duplicate {
                     tracing::debug!(
                         id,

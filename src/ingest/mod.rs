@@ -86,6 +86,19 @@ impl Intake {
         &self.store
     }
 
+    /// Appends through the store and counts what was committed in `/metrics`.
+    pub async fn append(
+        &self,
+        events: &[Event],
+        rejects: &[Rejected],
+        origin: &Origin,
+    ) -> Result<Vec<Outcome>, StoreError> {
+        let started = std::time::Instant::now();
+        let outcomes = self.store.append(events, rejects, origin).await?;
+        crate::metrics::record_append(origin.source, &outcomes, rejects, started.elapsed());
+        Ok(outcomes)
+    }
+
     /// Validation rules as of now (the horizon moves with the clock).
     pub fn rules(&self) -> ValidationRules {
         ValidationRules {
@@ -180,7 +193,6 @@ impl Intake {
     ) -> Result<IngestReport, IngestError> {
         let mut prepared = self.prepare(body, content_type, None, &self.rules());
         let outcomes = self
-            .store
             .append(&prepared.events, &prepared.rejects, origin)
             .await?;
         if let Some(e) = prepared.body_error.take() {

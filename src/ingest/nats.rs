@@ -498,6 +498,12 @@ impl NatsIntake {
         let rules = self.intake.rules();
         let mut batch = Batch::default();
         for m in messages {
+            if let Ok(info) = m.info() {
+                if info.delivered > 1 {
+                    crate::metrics::REDELIVERIES.add(&[], 1);
+                }
+                crate::metrics::set_nats_pending(info.pending);
+            }
             let m = m.message;
             let header = |name: &str| {
                 m.headers
@@ -557,9 +563,7 @@ impl NatsIntake {
         let started = Instant::now();
         let whole = self
             .retrying(&batch.deliveries, deadline, || {
-                self.intake
-                    .store()
-                    .append(&batch.events, &batch.rejects, &origin)
+                self.intake.append(&batch.events, &batch.rejects, &origin)
             })
             .await?;
         let (outcomes, refused) = match whole {
@@ -601,7 +605,7 @@ impl NatsIntake {
             let one = std::slice::from_ref(delivery);
             match self
                 .retrying(one, deadline, || {
-                    self.intake.store().append(events, rejects, &origin)
+                    self.intake.append(events, rejects, &origin)
                 })
                 .await?
             {
@@ -626,9 +630,7 @@ impl NatsIntake {
                     let mut all = rejects.to_vec();
                     all.extend(records.iter().cloned());
                     match self
-                        .retrying(one, deadline, || {
-                            self.intake.store().append(&[], &all, &origin)
-                        })
+                        .retrying(one, deadline, || self.intake.append(&[], &all, &origin))
                         .await?
                     {
                         Ok(_) => {

@@ -8,6 +8,7 @@
 
 pub mod agg;
 pub mod alerts;
+pub mod ops;
 pub mod postgres;
 pub mod sqlite;
 
@@ -271,7 +272,7 @@ pub trait ProjectionStore: Send + Sync + 'static {
 
 /// The append-only event log. One implementation per backend.
 #[async_trait]
-pub trait EventStore: ProjectionStore + alerts::AlertStore {
+pub trait EventStore: ProjectionStore + alerts::AlertStore + ops::OpsStore {
     /// Which backend this is.
     fn backend(&self) -> Backend;
 
@@ -304,7 +305,107 @@ pub trait EventStore: ProjectionStore + alerts::AlertStore {
 
     /// Closes the pools, waiting for connections to be returned.
     async fn close(&self);
+
+    /// Deletes up to `limit` events whose `ts` is before `cutoff`; how many it deleted.
+    async fn delete_events_before(
+        &self,
+        cutoff: DateTime<Utc>,
+        limit: i64,
+    ) -> Result<u64, StoreError>;
+
+    /// Deletes up to `limit` rows of a live aggregate table whose bucket starts before `cutoff`.
+    async fn delete_agg_before(
+        &self,
+        spec: &Spec,
+        granularity: Granularity,
+        cutoff: DateTime<Utc>,
+        limit: i64,
+    ) -> Result<u64, StoreError>;
+
+    /// Up to `limit` whole events (message and metadata included) after
+    /// `after_seq` in `seq` order, with `ts` in `[from, to)`; each with its seq.
+    async fn export_events(
+        &self,
+        after_seq: i64,
+        from: Option<DateTime<Utc>>,
+        to: Option<DateTime<Utc>>,
+        limit: i64,
+    ) -> Result<Vec<(i64, Event)>, StoreError>;
+
+    /// The UTC hours (bucket starts) that events stored after `after_seq`
+    /// with `ts` before `before` fall in, and the largest seq stored (0 when
+    /// empty): the days late events touched since reconciliation last looked.
+    async fn touched_hours(
+        &self,
+        after_seq: i64,
+        before: DateTime<Utc>,
+    ) -> Result<(Vec<DateTime<Utc>>, i64), StoreError>;
+
+    /// From one snapshot: the projection's checkpoint, the stored rows of
+    /// `granularities` with buckets in `[from, to)`, and every event folded
+    /// as of that checkpoint with `ts` in `[from, to)`.
+    async fn reconcile_read(
+        &self,
+        spec: &Spec,
+        granularities: &[Granularity],
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+    ) -> Result<ReconcileRead, StoreError>;
+
+    /// Backend housekeeping after bulk deletes (SQLite: `PRAGMA optimize`
+    /// and a WAL checkpoint); a line per step taken.
+    async fn maintenance(&self) -> Result<Vec<String>, StoreError>;
+
+    /// Connection pool usage, for `/metrics`.
+    fn pool_stats(&self) -> Vec<PoolStats>;
+
+    /// Count and sums of the whole log, to verify a copy or an import.
+    async fn log_totals(&self) -> Result<LogTotals, StoreError>;
 }
+
+/// What [`EventStore::reconcile_read`] saw.
+#[derive(Debug, Clone)]
+pub struct ReconcileRead {
+    /// The projection's checkpoint at the snapshot (`None`: no such projection).
+    pub cursor: Option<Cursor>,
+    /// Stored rows per granularity, in key order.
+    pub stored: Vec<(Granularity, Vec<AggRow>)>,
+    /// The events those rows should have been folded from.
+    pub events: Vec<Event>,
+}
+
+/// One connection pool's usage.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolStats {
+    /// `main`, `query`, `reader` or `writer`.
+    pub pool: &'static str,
+    /// Open connections.
+    pub size: u32,
+    /// Of which idle.
+    pub idle: u32,
+    /// Most connections.
+    pub max: u32,
+}
+
+/// The whole log summed, compared by `tally copy` and `tally import`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+pub struct LogTotals {
+    /// Events.
+    pub events: i64,
+    /// Failed events.
+    pub errors: i64,
+    /// Sum of `cost_nanos`.
+    pub cost_nanos: i64,
+    /// Sum of `tokens_in`.
+    pub tokens_in: i64,
+    /// Sum of `tokens_out`.
+    pub tokens_out: i64,
+    /// Sum of `request_bytes + response_bytes`.
+    pub bytes: i64,
+}
+
+/// The SQL both backends use for [`EventStore::log_totals`].
+pub(crate) const LOG_TOTALS_SQL: &str = "SELECT count(*),      CAST(COALESCE(SUM(CASE WHEN success THEN 0 ELSE 1 END), 0) AS BIGINT),      CAST(COALESCE(SUM(cost_nanos), 0) AS BIGINT), CAST(COALESCE(SUM(tokens_in), 0) AS BIGINT),      CAST(COALESCE(SUM(tokens_out), 0) AS BIGINT),      CAST(COALESCE(SUM(COALESCE(request_bytes, 0) + COALESCE(response_bytes, 0)), 0) AS BIGINT)      FROM usage_events";
 
 /// Pool settings shared by both backends.
 #[derive(Debug, Clone)]

@@ -24,6 +24,7 @@ use super::{
     AggAnswer, AggQuery, AggRow, Apply, ApplyOutcome, Cursor, LogBatch, ProjectionState,
     ProjectionStore, Watermark,
 };
+use super::{LogTotals, PoolStats, ReconcileRead, LOG_TOTALS_SQL};
 use crate::event::Event;
 use crate::projection::fold::{Measures, RowKey, Rows};
 use crate::projection::sketch::Sketch;
@@ -311,6 +312,192 @@ impl EventStore for PgStore {
 
     async fn close(&self) {
         self.pool.close().await;
+    }
+
+    async fn delete_events_before(
+        &self,
+        cutoff: DateTime<Utc>,
+        limit: i64,
+    ) -> Result<u64, StoreError> {
+        let done = sqlx::query(
+            "DELETE FROM usage_events WHERE seq IN \
+             (SELECT seq FROM usage_events WHERE ts < $1 LIMIT $2)",
+        )
+        .bind(cutoff)
+        .bind(limit)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
+    async fn delete_agg_before(
+        &self,
+        spec: &Spec,
+        granularity: Granularity,
+        cutoff: DateTime<Utc>,
+        limit: i64,
+    ) -> Result<u64, StoreError> {
+        let t = table(spec, granularity, "");
+        let done = sqlx::query(&format!(
+            "DELETE FROM {t} WHERE ctid IN (SELECT ctid FROM {t} WHERE bucket < $1 LIMIT $2)"
+        ))
+        .bind(cutoff)
+        .bind(limit)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
+    async fn export_events(
+        &self,
+        after_seq: i64,
+        from: Option<DateTime<Utc>>,
+        to: Option<DateTime<Utc>>,
+        limit: i64,
+    ) -> Result<Vec<(i64, Event)>, StoreError> {
+        let sql = format!(
+            "SELECT {}, seq FROM usage_events WHERE seq > $1 \
+             AND ($2::timestamptz IS NULL OR ts >= $2) AND ($3::timestamptz IS NULL OR ts < $3) \
+             ORDER BY seq LIMIT $4",
+            EVENT_COLUMNS.replace("metadata", "metadata::text")
+        );
+        let rows = sqlx::query(&sql)
+            .bind(after_seq)
+            .bind(from)
+            .bind(to)
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| Ok((r.try_get(20)?, event_from_row(r, r.try_get(1)?)?)))
+            .collect()
+    }
+
+    async fn touched_hours(
+        &self,
+        after_seq: i64,
+        before: DateTime<Utc>,
+    ) -> Result<(Vec<DateTime<Utc>>, i64), StoreError> {
+        let hours: Vec<DateTime<Utc>> = sqlx::query_scalar(
+            "SELECT DISTINCT date_trunc('hour', ts) FROM usage_events WHERE seq > $1 AND ts < $2 ORDER BY 1",
+        )
+        .bind(after_seq)
+        .bind(before)
+        .fetch_all(&self.pool)
+        .await?;
+        let max: Option<i64> = sqlx::query_scalar("SELECT max(seq) FROM usage_events")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok((hours, max.unwrap_or(0)))
+    }
+
+    async fn reconcile_read(
+        &self,
+        spec: &Spec,
+        granularities: &[Granularity],
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+    ) -> Result<ReconcileRead, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            .execute(&mut *tx)
+            .await?;
+        let cursor: Option<(i64, i64)> = sqlx::query_as(
+            "SELECT cursor_tx, cursor_seq FROM projection_checkpoints WHERE name = $1",
+        )
+        .bind(&spec.name)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some((ctx, cseq)) = cursor else {
+            return Ok(ReconcileRead {
+                cursor: None,
+                stored: Vec::new(),
+                events: Vec::new(),
+            });
+        };
+        let mut stored = Vec::with_capacity(granularities.len());
+        for &g in granularities {
+            let t = table(spec, g, "");
+            let sql = format!(
+                "SELECT {} FROM {t} WHERE bucket >= $1 AND bucket < $2 ORDER BY {}",
+                all_columns(spec),
+                key_columns(spec)
+            );
+            let rows = sqlx::query(&sql)
+                .bind(from)
+                .bind(to)
+                .fetch_all(&mut *tx)
+                .await?;
+            let n = spec.dimensions.len();
+            let rows = rows
+                .iter()
+                .map(|r| agg_row_from(r, r.try_get(0)?, n, &t))
+                .collect::<Result<Vec<_>, _>>()?;
+            stored.push((g, rows));
+        }
+        let sql = format!(
+            "SELECT {LOG_COLUMNS} FROM usage_events \
+             WHERE ts >= $1 AND ts < $2 AND (tx, seq) <= ($3::text::xid8, $4)"
+        );
+        let rows = sqlx::query(&sql)
+            .bind(from)
+            .bind(to)
+            .bind(ctx.to_string())
+            .bind(cseq)
+            .fetch_all(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        let events = rows
+            .iter()
+            .map(|r| event_from_row(r, r.try_get(1)?))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(ReconcileRead {
+            cursor: Some(Cursor { tx: ctx, seq: cseq }),
+            stored,
+            events,
+        })
+    }
+
+    async fn maintenance(&self) -> Result<Vec<String>, StoreError> {
+        // Autovacuum reclaims what retention deleted; fresh statistics keep
+        // the planner on the ts index after a large delete.
+        sqlx::query("ANALYZE usage_events")
+            .execute(&self.pool)
+            .await?;
+        Ok(vec![
+            "ANALYZE usage_events (autovacuum reclaims space)".to_string()
+        ])
+    }
+
+    fn pool_stats(&self) -> Vec<PoolStats> {
+        [("main", &self.pool), ("query", &self.query_pool)]
+            .into_iter()
+            .map(|(name, p)| PoolStats {
+                pool: name,
+                size: p.size(),
+                idle: u32::try_from(p.num_idle()).unwrap_or(u32::MAX),
+                max: p.options().get_max_connections(),
+            })
+            .collect()
+    }
+
+    async fn log_totals(&self) -> Result<LogTotals, StoreError> {
+        let (events, errors, cost_nanos, tokens_in, tokens_out, bytes): (
+            i64,
+            i64,
+            i64,
+            i64,
+            i64,
+            i64,
+        ) = sqlx::query_as(LOG_TOTALS_SQL).fetch_one(&self.pool).await?;
+        Ok(LogTotals {
+            events,
+            errors,
+            cost_nanos,
+            tokens_in,
+            tokens_out,
+            bytes,
+        })
     }
 }
 
@@ -803,3 +990,4 @@ impl ProjectionStore for PgStore {
 }
 
 super::alerts::impl_alert_store!(PgStore, pool, pool, "BEGIN", " FOR UPDATE");
+super::ops::impl_ops_store!(PgStore, pool, pool, "BEGIN");

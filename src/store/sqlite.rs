@@ -30,6 +30,7 @@ use super::{
     AggAnswer, AggQuery, AggRow, Apply, ApplyOutcome, Cursor, LogBatch, ProjectionState,
     ProjectionStore, Watermark,
 };
+use super::{LogTotals, PoolStats, ReconcileRead, LOG_TOTALS_SQL};
 use crate::event::{format_ts, Event};
 use crate::projection::fold::{Measures, RowKey, Rows};
 use crate::projection::sketch::Sketch;
@@ -282,6 +283,210 @@ impl EventStore for SqliteStore {
         self.writer.close().await;
         self.reader.close().await;
     }
+
+    async fn delete_events_before(
+        &self,
+        cutoff: DateTime<Utc>,
+        limit: i64,
+    ) -> Result<u64, StoreError> {
+        let done = sqlx::query(
+            "DELETE FROM usage_events WHERE seq IN \
+             (SELECT seq FROM usage_events WHERE ts < ? LIMIT ?)",
+        )
+        .bind(format_ts(&cutoff))
+        .bind(limit)
+        .execute(&self.writer)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
+    async fn delete_agg_before(
+        &self,
+        spec: &Spec,
+        granularity: Granularity,
+        cutoff: DateTime<Utc>,
+        limit: i64,
+    ) -> Result<u64, StoreError> {
+        let t = table(spec, granularity, "");
+        let done = sqlx::query(&format!(
+            "DELETE FROM {t} WHERE rowid IN (SELECT rowid FROM {t} WHERE bucket < ? LIMIT ?)"
+        ))
+        .bind(format_ts(&cutoff))
+        .bind(limit)
+        .execute(&self.writer)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
+    async fn export_events(
+        &self,
+        after_seq: i64,
+        from: Option<DateTime<Utc>>,
+        to: Option<DateTime<Utc>>,
+        limit: i64,
+    ) -> Result<Vec<(i64, Event)>, StoreError> {
+        let sql = format!(
+            "SELECT {EVENT_COLUMNS}, seq FROM usage_events WHERE seq > ? \
+             AND (? IS NULL OR ts >= ?) AND (? IS NULL OR ts < ?) ORDER BY seq LIMIT ?"
+        );
+        let from = from.map(|t| format_ts(&t));
+        let to = to.map(|t| format_ts(&t));
+        let rows = sqlx::query(&sql)
+            .bind(after_seq)
+            .bind(&from)
+            .bind(&from)
+            .bind(&to)
+            .bind(&to)
+            .bind(limit)
+            .fetch_all(&self.reader)
+            .await?;
+        rows.iter()
+            .map(|r| Ok((r.try_get(20)?, event_from_row(r, stored_ts(r)?)?)))
+            .collect()
+    }
+
+    async fn touched_hours(
+        &self,
+        after_seq: i64,
+        before: DateTime<Utc>,
+    ) -> Result<(Vec<DateTime<Utc>>, i64), StoreError> {
+        // `ts` is fixed-width RFC 3339 text: its first 13 characters are the hour.
+        let hours: Vec<String> = sqlx::query_scalar(
+            "SELECT DISTINCT substr(ts, 1, 13) FROM usage_events WHERE seq > ? AND ts < ? ORDER BY 1",
+        )
+        .bind(after_seq)
+        .bind(format_ts(&before))
+        .fetch_all(&self.reader)
+        .await?;
+        let max: Option<i64> = sqlx::query_scalar("SELECT max(seq) FROM usage_events")
+            .fetch_one(&self.reader)
+            .await?;
+        let hours = hours
+            .iter()
+            .filter_map(|h| parse_ts(&format!("{h}:00:00Z")))
+            .collect();
+        Ok((hours, max.unwrap_or(0)))
+    }
+
+    async fn reconcile_read(
+        &self,
+        spec: &Spec,
+        granularities: &[Granularity],
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+    ) -> Result<ReconcileRead, StoreError> {
+        // A deferred read transaction in WAL mode reads one snapshot, taken at
+        // its first SELECT, while the writer goes on.
+        let mut tx = self.reader.begin().await?;
+        let cursor: Option<i64> =
+            sqlx::query_scalar("SELECT cursor_seq FROM projection_checkpoints WHERE name = ?")
+                .bind(&spec.name)
+                .fetch_optional(&mut *tx)
+                .await?;
+        let Some(cseq) = cursor else {
+            return Ok(ReconcileRead {
+                cursor: None,
+                stored: Vec::new(),
+                events: Vec::new(),
+            });
+        };
+        let (from_text, to_text) = (format_ts(&from), format_ts(&to));
+        let mut stored = Vec::with_capacity(granularities.len());
+        for &g in granularities {
+            let t = table(spec, g, "");
+            let sql = format!(
+                "SELECT {} FROM {t} WHERE bucket >= ? AND bucket < ? ORDER BY {}",
+                all_columns(spec),
+                key_columns(spec)
+            );
+            let rows = sqlx::query(&sql)
+                .bind(&from_text)
+                .bind(&to_text)
+                .fetch_all(&mut *tx)
+                .await?;
+            let n = spec.dimensions.len();
+            let rows = rows
+                .iter()
+                .map(|r| agg_row_text(r, n, &t))
+                .collect::<Result<Vec<_>, _>>()?;
+            stored.push((g, rows));
+        }
+        let sql =
+            format!("SELECT {LOG_COLUMNS} FROM usage_events WHERE ts >= ? AND ts < ? AND seq <= ?");
+        let rows = sqlx::query(&sql)
+            .bind(&from_text)
+            .bind(&to_text)
+            .bind(cseq)
+            .fetch_all(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        let events = rows
+            .iter()
+            .map(|r| event_from_row(r, stored_ts(r)?))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(ReconcileRead {
+            cursor: Some(Cursor { tx: 0, seq: cseq }),
+            stored,
+            events,
+        })
+    }
+
+    async fn maintenance(&self) -> Result<Vec<String>, StoreError> {
+        let mut done = Vec::new();
+        sqlx::query("PRAGMA optimize").execute(&self.writer).await?;
+        done.push("PRAGMA optimize".to_string());
+        // TRUNCATE waits for readers and resets the WAL file to zero bytes, so
+        // a WAL grown by a large delete gives its disk space back.
+        let (busy, log, moved): (i64, i64, i64) = sqlx::query_as("PRAGMA wal_checkpoint(TRUNCATE)")
+            .fetch_one(&self.writer)
+            .await?;
+        done.push(format!(
+            "PRAGMA wal_checkpoint(TRUNCATE): busy={busy} wal_pages={log} checkpointed={moved}"
+        ));
+        Ok(done)
+    }
+
+    fn pool_stats(&self) -> Vec<PoolStats> {
+        [("writer", &self.writer), ("reader", &self.reader)]
+            .into_iter()
+            .map(|(name, p)| PoolStats {
+                pool: name,
+                size: p.size(),
+                idle: u32::try_from(p.num_idle()).unwrap_or(u32::MAX),
+                max: p.options().get_max_connections(),
+            })
+            .collect()
+    }
+
+    async fn log_totals(&self) -> Result<LogTotals, StoreError> {
+        let (events, errors, cost_nanos, tokens_in, tokens_out, bytes): (
+            i64,
+            i64,
+            i64,
+            i64,
+            i64,
+            i64,
+        ) = sqlx::query_as(LOG_TOTALS_SQL)
+            .fetch_one(&self.reader)
+            .await?;
+        Ok(LogTotals {
+            events,
+            errors,
+            cost_nanos,
+            tokens_in,
+            tokens_out,
+            bytes,
+        })
+    }
+}
+
+/// The `ts` (column 1) of an event row.
+fn stored_ts(r: &SqliteRow) -> Result<DateTime<Utc>, StoreError> {
+    let ts: String = r.try_get(1)?;
+    parse_ts(&ts).ok_or_else(|| StoreError::CorruptRow {
+        id: r.try_get::<String, _>(0).unwrap_or_default(),
+        reason: format!("ts {ts:?}"),
+    })
 }
 
 /// Event columns as the projector reads them (no message, no metadata), then `tx` (0), `seq`.
@@ -728,3 +933,4 @@ impl ProjectionStore for SqliteStore {
 }
 
 super::alerts::impl_alert_store!(SqliteStore, writer, reader, "BEGIN IMMEDIATE", "");
+super::ops::impl_ops_store!(SqliteStore, writer, reader, "BEGIN IMMEDIATE");

@@ -1,0 +1,405 @@
+//! API tokens: creation, hashing, and the check every HTTP request passes.
+//!
+//! A token is `tally_<id>_<secret>`; the store keeps only its SHA-256, so a
+//! leaked database does not leak usable tokens. Authentication is on as soon
+//! as one active token exists; with none, the API is open, which `serve`
+//! allows only on a loopback address (see [`check_bind`]).
+//!
+//! Tokens are matched against an in-memory copy of the table, reloaded at
+//! most every [`RELOAD_EVERY`] (and on an unknown token, so a token created
+//! with the CLI works at once). Revocation therefore takes effect within
+//! that interval. The presented token's hash is compared with every stored
+//! hash in constant time, so response timing reveals nothing about how close
+//! a guess was.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderValue, Method, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use chrono::Utc;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+use tokio::sync::{Mutex, RwLock};
+
+use crate::http::ApiError;
+use crate::store::ops::TokenRow;
+use crate::store::{EventStore, StoreError};
+
+/// How stale the in-memory token list may get (revocation delay).
+pub const RELOAD_EVERY: Duration = Duration::from_secs(1);
+
+/// What a token may do. `admin` includes the other two.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Scope {
+    /// `POST /v1/events`.
+    Ingest,
+    /// Every `GET`: stats, keys, alerts, rules, quotas, projections, `/metrics`.
+    Read,
+    /// Changes: alert rules and quotas (and everything else).
+    Admin,
+}
+
+impl Scope {
+    /// Every scope, in display order.
+    pub const ALL: [Scope; 3] = [Scope::Ingest, Scope::Read, Scope::Admin];
+
+    /// The scope's name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scope::Ingest => "ingest",
+            Scope::Read => "read",
+            Scope::Admin => "admin",
+        }
+    }
+
+    /// Parses one scope name.
+    pub fn parse(s: &str) -> Option<Scope> {
+        Scope::ALL.into_iter().find(|c| c.as_str() == s.trim())
+    }
+}
+
+/// Errors of token management.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    /// A scope name is not one of ingest, read, admin.
+    #[error("unknown scope `{0}`: use ingest, read or admin (comma-separated for several)")]
+    UnknownScope(String),
+    /// No scope given.
+    #[error("a token needs at least one scope: ingest, read or admin")]
+    NoScope,
+    /// Bad name.
+    #[error("token name must be 1-64 characters of [A-Za-z0-9_.-]")]
+    BadName,
+    /// The name is taken by an active token.
+    #[error("an active token named `{0}` exists: revoke it first or pick another name")]
+    NameTaken(String),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// Serving on a non-loopback address without tokens.
+    #[error("refusing to serve on {0} without authentication: no API token exists. Create one with `tally tokens create --name NAME --scope admin`, bind to 127.0.0.1, or pass --insecure-no-auth")]
+    OpenNonLoopback(SocketAddr),
+}
+
+/// Parses `ingest,read` into scopes (sorted, deduplicated).
+pub fn parse_scopes(list: &[String]) -> Result<Vec<Scope>, AuthError> {
+    let mut scopes = Vec::new();
+    for part in list.iter().flat_map(|s| s.split(',')) {
+        if part.trim().is_empty() {
+            continue;
+        }
+        scopes.push(Scope::parse(part).ok_or_else(|| AuthError::UnknownScope(part.to_string()))?);
+    }
+    scopes.sort();
+    scopes.dedup();
+    if scopes.is_empty() {
+        return Err(AuthError::NoScope);
+    }
+    Ok(scopes)
+}
+
+/// Hex SHA-256 of a token: what the store keeps.
+pub fn token_hash(token: &str) -> String {
+    hex::encode(Sha256::digest(token.as_bytes()))
+}
+
+/// Creates and stores a token; returns the token (shown once) and its row.
+pub async fn create_token(
+    store: &dyn EventStore,
+    name: &str,
+    scopes: &[Scope],
+    created_by: &str,
+) -> Result<(String, TokenRow), AuthError> {
+    let name_ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
+    if !name_ok {
+        return Err(AuthError::BadName);
+    }
+    if scopes.is_empty() {
+        return Err(AuthError::NoScope);
+    }
+    let id = hex::encode(rand::random::<[u8; 6]>());
+    let secret = hex::encode(rand::random::<[u8; 32]>());
+    let token = format!("tally_{id}_{secret}");
+    let row = TokenRow {
+        id,
+        name: name.to_string(),
+        scopes: scopes
+            .iter()
+            .map(|s| s.as_str())
+            .collect::<Vec<_>>()
+            .join(","),
+        token_sha256: token_hash(&token),
+        created_at: Utc::now(),
+        created_by: created_by.to_string(),
+        revoked_at: None,
+    };
+    if !store.create_token(&row).await? {
+        return Err(AuthError::NameTaken(name.to_string()));
+    }
+    Ok((token, row))
+}
+
+/// Refuses a non-loopback bind with no active token, unless `insecure` is set.
+pub async fn check_bind(
+    store: &dyn EventStore,
+    addr: SocketAddr,
+    insecure: bool,
+) -> Result<(), AuthError> {
+    if addr.ip().is_loopback() || insecure {
+        if insecure && !addr.ip().is_loopback() {
+            tracing::warn!(%addr, "--insecure-no-auth: the API is open to anyone who can reach this address until a token is created");
+        }
+        return Ok(());
+    }
+    let active = store.tokens().await?.iter().any(|t| t.revoked_at.is_none());
+    if active {
+        Ok(())
+    } else {
+        Err(AuthError::OpenNonLoopback(addr))
+    }
+}
+
+/// The scope a request needs; `None` for the probes and the API description.
+pub fn required_scope(method: &Method, path: &str) -> Option<Scope> {
+    match path {
+        "/healthz" | "/readyz" | "/openapi.json" => None,
+        "/v1/events" if method == Method::POST => Some(Scope::Ingest),
+        _ if method == Method::GET || method == Method::HEAD => Some(Scope::Read),
+        _ => Some(Scope::Admin),
+    }
+}
+
+struct Entry {
+    hash: [u8; 32],
+    name: String,
+    scopes: Vec<Scope>,
+}
+
+struct Snapshot {
+    entries: Vec<Entry>,
+    loaded: Instant,
+}
+
+/// The request check, shared by every handler through [`crate::http::AppState`].
+pub struct Auth {
+    store: Arc<dyn EventStore>,
+    snapshot: RwLock<Option<Snapshot>>,
+    reload: Mutex<()>,
+}
+
+/// Why a request was refused.
+enum Refusal {
+    Missing,
+    Unknown,
+    Scope { name: String, need: Scope },
+    Unavailable(String),
+}
+
+impl Auth {
+    /// A check over the tokens in `store`.
+    pub fn new(store: Arc<dyn EventStore>) -> Self {
+        Self {
+            store,
+            snapshot: RwLock::new(None),
+            reload: Mutex::new(()),
+        }
+    }
+
+    /// Reloads when the snapshot is older than `max_age` (one reload at a time).
+    async fn refresh(&self, max_age: Duration) -> Result<(), StoreError> {
+        let fresh = |s: &Option<Snapshot>| s.as_ref().is_some_and(|s| s.loaded.elapsed() < max_age);
+        if fresh(&*self.snapshot.read().await) {
+            return Ok(());
+        }
+        let _one = self.reload.lock().await;
+        if fresh(&*self.snapshot.read().await) {
+            return Ok(());
+        }
+        let rows = self.store.tokens().await?;
+        let entries = rows
+            .into_iter()
+            .filter(|t| t.revoked_at.is_none())
+            .filter_map(|t| {
+                let mut hash = [0u8; 32];
+                hex::decode_to_slice(&t.token_sha256, &mut hash).ok()?;
+                let scopes = t.scopes.split(',').filter_map(Scope::parse).collect();
+                Some(Entry {
+                    hash,
+                    name: t.name,
+                    scopes,
+                })
+            })
+            .collect();
+        *self.snapshot.write().await = Some(Snapshot {
+            entries,
+            loaded: Instant::now(),
+        });
+        Ok(())
+    }
+
+    /// `Ok(None)`: authentication is off (no active token). `Ok(Some(name))`:
+    /// the token named `name` holds `need`.
+    async fn check(&self, bearer: Option<&str>, need: Scope) -> Result<Option<String>, Refusal> {
+        if let Err(e) = self.refresh(RELOAD_EVERY).await {
+            // A stale list is better than refusing every request while the
+            // database blips; with none at all there is nothing to check against.
+            if self.snapshot.read().await.is_none() {
+                return Err(Refusal::Unavailable(e.to_string()));
+            }
+        }
+        let hash: [u8; 32] = match bearer {
+            Some(b) => Sha256::digest(b.as_bytes()).into(),
+            None => [0; 32],
+        };
+        for attempt in 0..2 {
+            {
+                let guard = self.snapshot.read().await;
+                let Some(snap) = guard.as_ref() else {
+                    return Err(Refusal::Unavailable("token list not loaded".into()));
+                };
+                if snap.entries.is_empty() {
+                    return Ok(None);
+                }
+                if bearer.is_none() {
+                    return Err(Refusal::Missing);
+                }
+                // Every entry is compared, whatever matched, in constant time.
+                let mut found: Option<&Entry> = None;
+                for e in &snap.entries {
+                    if bool::from(e.hash.ct_eq(&hash)) {
+                        found = Some(e);
+                    }
+                }
+                if let Some(e) = found {
+                    let ok = e.scopes.contains(&need) || e.scopes.contains(&Scope::Admin);
+                    return if ok {
+                        Ok(Some(e.name.clone()))
+                    } else {
+                        Err(Refusal::Scope {
+                            name: e.name.clone(),
+                            need,
+                        })
+                    };
+                }
+            }
+            // Unknown: perhaps created a moment ago. Reload once, soon.
+            if attempt == 0 && self.refresh(Duration::from_millis(100)).await.is_err() {
+                break;
+            }
+        }
+        Err(Refusal::Unknown)
+    }
+}
+
+/// The bearer token of a request, if it has one.
+fn bearer(req: &Request) -> Option<&str> {
+    let value = req.headers().get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim())
+        .filter(|t| !t.is_empty())
+}
+
+/// Middleware: answers 401 without a valid token and 403 without the scope;
+/// otherwise records the token's name as the request's actor.
+pub async fn require(State(auth): State<Arc<Auth>>, mut req: Request, next: Next) -> Response {
+    let Some(need) = required_scope(req.method(), req.uri().path()) else {
+        return next.run(req).await;
+    };
+    match auth.check(bearer(&req), need).await {
+        Ok(None) => next.run(req).await,
+        Ok(Some(name)) => {
+            // The audit trail names the token, never what the client claims.
+            if let Ok(v) = HeaderValue::from_str(&format!("token:{name}")) {
+                req.headers_mut().insert("x-tally-actor", v);
+            }
+            next.run(req).await
+        }
+        Err(refusal) => {
+            let (status, code, message) = match refusal {
+                Refusal::Missing => (
+                    StatusCode::UNAUTHORIZED,
+                    "unauthorized",
+                    "this route needs an API token: send `Authorization: Bearer <token>` (create one with `tally tokens create`)".to_string(),
+                ),
+                Refusal::Unknown => (
+                    StatusCode::UNAUTHORIZED,
+                    "unauthorized",
+                    "the bearer token is unknown or revoked".to_string(),
+                ),
+                Refusal::Scope { name, need } => (
+                    StatusCode::FORBIDDEN,
+                    "forbidden",
+                    format!(
+                        "token `{name}` lacks the `{}` scope this route needs",
+                        need.as_str()
+                    ),
+                ),
+                Refusal::Unavailable(e) => (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "unavailable",
+                    format!("cannot check the token: the database is unreachable ({e})"),
+                ),
+            };
+            let mut resp = ApiError::new(status, code, message).into_response();
+            if status == StatusCode::UNAUTHORIZED {
+                resp.headers_mut()
+                    .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            }
+            resp
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes_need_the_documented_scope() {
+        assert_eq!(required_scope(&Method::GET, "/healthz"), None);
+        assert_eq!(required_scope(&Method::GET, "/openapi.json"), None);
+        assert_eq!(
+            required_scope(&Method::POST, "/v1/events"),
+            Some(Scope::Ingest)
+        );
+        assert_eq!(required_scope(&Method::GET, "/v1/stats"), Some(Scope::Read));
+        assert_eq!(required_scope(&Method::GET, "/metrics"), Some(Scope::Read));
+        assert_eq!(
+            required_scope(&Method::POST, "/v1/alert-rules"),
+            Some(Scope::Admin)
+        );
+        assert_eq!(
+            required_scope(&Method::DELETE, "/v1/keys/k/quota"),
+            Some(Scope::Admin)
+        );
+    }
+
+    #[test]
+    fn scopes_parse_and_refuse_unknown_names() {
+        let s = parse_scopes(&["read,ingest".into(), "read".into()]).expect("valid");
+        assert_eq!(s, vec![Scope::Ingest, Scope::Read]);
+        assert!(matches!(
+            parse_scopes(&["write".into()]),
+            Err(AuthError::UnknownScope(_))
+        ));
+        assert!(matches!(parse_scopes(&[]), Err(AuthError::NoScope)));
+    }
+
+    #[test]
+    fn the_hash_is_sha256_hex() {
+        assert_eq!(
+            token_hash("abc"),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+    }
+}

@@ -1,0 +1,342 @@
+//! Backup, restore and migration: `tally export`, `tally import`, `tally copy`.
+//!
+//! The backup format is the wire format: NDJSON (one event per line, as
+//! `POST /v1/events` takes it) or a stream of MessagePack maps. A backup can
+//! therefore also be replayed through NATS or HTTP. Import goes through the
+//! same validation and the same append as live ingest, except that the
+//! late-arrival horizon does not apply (history is restored on purpose), and
+//! ids deduplicate, so importing a file twice changes nothing.
+
+use std::io::{BufRead, Write};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+
+use crate::event::codec::{to_msgpack, to_wire_json};
+use crate::event::ValidationRules;
+use crate::ingest::{Intake, IntakeLimits};
+use crate::projection::spec::Granularity;
+use crate::projection::ProjectionError;
+use crate::store::{EventStore, LogTotals, Origin, StoreError};
+
+/// Events per read, append or body.
+const CHUNK: usize = 5_000;
+
+/// Backup formats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    /// One JSON event per line.
+    Ndjson,
+    /// MessagePack maps, one after another.
+    Msgpack,
+}
+
+/// Errors of export, import and copy.
+#[derive(Debug, thiserror::Error)]
+pub enum TransferError {
+    /// A database failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// Reading or writing a file failed.
+    #[error("{0}")]
+    Io(String),
+    /// Projections could not be brought up to date.
+    #[error(transparent)]
+    Projection(#[from] ProjectionError),
+    /// The target of a copy already holds events.
+    #[error("the target database already holds {0} events; copy needs an empty target (import merges instead)")]
+    TargetNotEmpty(i64),
+    /// A copy's totals differ.
+    #[error("verification failed: {0}")]
+    Verify(String),
+}
+
+/// What `tally export` wrote.
+#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq, Eq)]
+pub struct ExportReport {
+    /// Events written.
+    pub events: u64,
+}
+
+/// Streams the log, in `seq` order, with `ts` in `[from, to)`, to `out`.
+/// `progress(done, total)` is called after each chunk.
+pub async fn export(
+    store: &dyn EventStore,
+    from: Option<DateTime<Utc>>,
+    to: Option<DateTime<Utc>>,
+    format: Format,
+    out: &mut dyn Write,
+    mut progress: impl FnMut(u64, u64),
+) -> Result<ExportReport, TransferError> {
+    let total = u64::try_from(store.counts().await?.events).unwrap_or(0);
+    let mut after = 0i64;
+    let mut report = ExportReport::default();
+    let io = |e: std::io::Error| TransferError::Io(format!("cannot write the export: {e}"));
+    loop {
+        let rows = store.export_events(after, from, to, CHUNK as i64).await?;
+        let Some((last, _)) = rows.last() else {
+            break;
+        };
+        after = *last;
+        for (_, e) in &rows {
+            let v = to_wire_json(e);
+            match format {
+                Format::Ndjson => {
+                    serde_json::to_writer(&mut *out, &v)
+                        .map_err(|e| TransferError::Io(e.to_string()))?;
+                    out.write_all(b"\n").map_err(io)?;
+                }
+                Format::Msgpack => out.write_all(&to_msgpack(&v)).map_err(io)?,
+            }
+        }
+        report.events += rows.len() as u64;
+        progress(report.events, total.max(report.events));
+    }
+    out.flush().map_err(io)?;
+    Ok(report)
+}
+
+/// What `tally import` did.
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct ImportReport {
+    /// Events stored now.
+    pub accepted: u64,
+    /// Events already stored with the same content.
+    pub duplicates: u64,
+    /// Events whose id is stored with different content (kept in `rejected_events`).
+    pub conflicts: u64,
+    /// Items that failed decoding or validation (kept in `rejected_events`).
+    pub rejected: u64,
+    /// The first few rejection reasons.
+    pub first_errors: Vec<String>,
+}
+
+impl ImportReport {
+    fn add(&mut self, r: &crate::ingest::IngestReport) {
+        self.accepted += r.accepted as u64;
+        self.duplicates += r.duplicates as u64;
+        self.conflicts += r.conflicts as u64;
+        self.rejected += r.rejected.len() as u64;
+        for e in r.rejected.iter().chain(&r.conflicting) {
+            if self.first_errors.len() < 5 {
+                self.first_errors
+                    .push(format!("item {}: {}", e.index, e.error));
+            }
+        }
+    }
+}
+
+/// Imports a backup file (format detected from its first byte).
+pub async fn import(
+    store: Arc<dyn EventStore>,
+    path: &Path,
+    max_future_skew: Duration,
+    mut progress: impl FnMut(u64, u64),
+) -> Result<ImportReport, TransferError> {
+    let file = std::fs::File::open(path)
+        .map_err(|e| TransferError::Io(format!("cannot open {}: {e}", path.display())))?;
+    let size = file.metadata().map(|m| m.len()).unwrap_or(0);
+    let mut reader = std::io::BufReader::with_capacity(1 << 20, file);
+    let first = reader
+        .fill_buf()
+        .map_err(|e| TransferError::Io(e.to_string()))?
+        .iter()
+        .copied()
+        .find(|b| !b.is_ascii_whitespace());
+    let format = match first {
+        None => return Ok(ImportReport::default()),
+        Some(b'{') => Format::Ndjson,
+        Some(_) => Format::Msgpack,
+    };
+    // History is restored on purpose: no late-arrival horizon.
+    let limits = IntakeLimits {
+        late_arrival_horizon: Duration::from_secs(200 * 365 * 86_400),
+        max_future_skew,
+        max_events: CHUNK,
+    };
+    let intake = Intake::new(store, limits.clone());
+    let origin = Origin {
+        source: "import",
+        subject: Some(path.display().to_string()),
+    };
+    let mut report = ImportReport::default();
+    let mut read = 0u64;
+    let io = |e: std::io::Error| TransferError::Io(format!("cannot read {}: {e}", path.display()));
+    loop {
+        let (body, content_type, bytes, done) = match format {
+            Format::Ndjson => {
+                let mut body = Vec::with_capacity(1 << 20);
+                let mut lines = 0;
+                let mut done = false;
+                while lines < CHUNK {
+                    let n = reader.read_until(b'\n', &mut body).map_err(io)?;
+                    if n == 0 {
+                        done = true;
+                        break;
+                    }
+                    lines += 1;
+                }
+                let len = body.len() as u64;
+                (body, "application/x-ndjson", len, done)
+            }
+            Format::Msgpack => {
+                let mut values = Vec::with_capacity(CHUNK);
+                let mut done = false;
+                let mut bytes = 0u64;
+                while values.len() < CHUNK {
+                    if reader.fill_buf().map_err(io)?.is_empty() {
+                        done = true;
+                        break;
+                    }
+                    let mut counting = Counting(&mut reader, 0);
+                    let v = rmpv::decode::read_value(&mut counting).map_err(|e| {
+                        TransferError::Io(format!(
+                            "{}: not MessagePack after {read} events: {e}",
+                            path.display()
+                        ))
+                    })?;
+                    bytes += counting.1;
+                    values.push(v);
+                }
+                let mut body = Vec::new();
+                rmpv::encode::write_value(&mut body, &rmpv::Value::Array(values))
+                    .map_err(|e| TransferError::Io(e.to_string()))?;
+                (body, "application/msgpack", bytes, done)
+            }
+        };
+        if body.iter().any(|b| !b.is_ascii_whitespace()) {
+            let rules = ValidationRules {
+                max_future_skew: limits.max_future_skew,
+                ..ValidationRules::now(limits.late_arrival_horizon)
+            };
+            let prepared = intake.prepare(&body, Some(content_type), None, &rules);
+            let outcomes = intake
+                .append(&prepared.events, &prepared.rejects, &origin)
+                .await?;
+            report.add(&prepared.report(&outcomes));
+        }
+        read += bytes;
+        progress(read, size.max(read));
+        if done {
+            break;
+        }
+    }
+    Ok(report)
+}
+
+/// Counts the bytes a decoder takes from a reader.
+struct Counting<'a, R>(&'a mut R, u64);
+
+impl<R: std::io::Read> std::io::Read for Counting<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.0.read(buf)?;
+        self.1 += n as u64;
+        Ok(n)
+    }
+}
+
+/// What `tally copy` did and checked.
+#[derive(Debug, Clone, Serialize)]
+pub struct CopyReport {
+    /// Events copied.
+    pub events: u64,
+    /// Rows of rules, quotas, alert instances, notifications, audit and tokens copied.
+    pub state_rows: usize,
+    /// Totals of the source log.
+    pub source: LogTotals,
+    /// Totals of the target log.
+    pub target: LogTotals,
+    /// Projections rebuilt in the target, with the events folded.
+    pub projections: Vec<(String, u64)>,
+}
+
+/// Copies a deployment's log and alert state into an empty database, folds
+/// every projection there, and verifies counts and totals.
+pub async fn copy(
+    source: &dyn EventStore,
+    target: Arc<dyn EventStore>,
+    projections_dir: &Path,
+    mut progress: impl FnMut(&str, u64, u64),
+) -> Result<CopyReport, TransferError> {
+    let existing = target.counts().await?.events;
+    if existing > 0 {
+        return Err(TransferError::TargetNotEmpty(existing));
+    }
+    let total = u64::try_from(source.counts().await?.events).unwrap_or(0);
+    let origin = Origin {
+        source: "import",
+        subject: Some("tally copy".into()),
+    };
+    let mut after = 0i64;
+    let mut copied = 0u64;
+    loop {
+        let rows = source
+            .export_events(after, None, None, CHUNK as i64)
+            .await?;
+        let Some((last, _)) = rows.last() else {
+            break;
+        };
+        after = *last;
+        let events: Vec<_> = rows.into_iter().map(|(_, e)| e).collect();
+        target.append(&events, &[], &origin).await?;
+        copied += events.len() as u64;
+        progress("events", copied, total.max(copied));
+    }
+    let state = source.alert_state().await?;
+    target.restore_alert_state(&state).await?;
+    let mut projections = Vec::new();
+    for task in crate::app::open_projectors(&target, projections_dir).await? {
+        let Some(mut p) = task.projector else {
+            continue;
+        };
+        let n = p.catch_up(50_000).await?;
+        progress(&format!("projection {}", task.spec.name), n, n);
+        projections.push((task.spec.name.clone(), n));
+    }
+    let (s, t) = (source.log_totals().await?, target.log_totals().await?);
+    if s != t {
+        return Err(TransferError::Verify(format!(
+            "source totals {s:?} differ from target totals {t:?}"
+        )));
+    }
+    verify_projections(target.as_ref(), projections_dir, &t).await?;
+    Ok(CopyReport {
+        events: copied,
+        state_rows: state.rows(),
+        source: s,
+        target: t,
+        projections,
+    })
+}
+
+/// Checks that every unpruned aggregate table sums to the log's totals.
+pub async fn verify_projections(
+    store: &dyn EventStore,
+    projections_dir: &Path,
+    totals: &LogTotals,
+) -> Result<(), TransferError> {
+    for spec in crate::projection::spec::load_dir(projections_dir)? {
+        for &g in &spec.granularities {
+            if spec.retention.contains_key(&g) && g == Granularity::Minute {
+                continue;
+            }
+            let rows = store.read_agg(&spec, g, "").await?;
+            let requests: i64 = rows.iter().map(|r| r.measures.requests).sum();
+            let cost: i64 = rows.iter().map(|r| r.measures.cost_nanos).sum();
+            let tokens_in: i64 = rows.iter().map(|r| r.measures.tokens_in).sum();
+            if (requests, cost, tokens_in) != (totals.events, totals.cost_nanos, totals.tokens_in) {
+                return Err(TransferError::Verify(format!(
+                    "{}: requests {requests}, cost_nanos {cost}, tokens_in {tokens_in}; the log has {}, {}, {}",
+                    crate::store::agg::table(&spec, g, ""),
+                    totals.events,
+                    totals.cost_nanos,
+                    totals.tokens_in
+                )));
+            }
+        }
+    }
+    Ok(())
+}
