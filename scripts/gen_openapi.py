@@ -15,7 +15,8 @@ name=p("name","Rule name.",{"type":"string"},True,"path")
 measures=["requests","errors","error_rate","rate_limited","timeouts","server_errors","cost","tokens","tokens_in","tokens_out","latency_p95","latency_p99"]
 doc={
  "openapi":"3.1.0",
- "info":{"title":"Tally","version":"0.1.0","description":"Event-sourced usage metering: ingest usage events, query exact aggregates. Times are RFC 3339; ranges are half-open [from, to)."},
+ "info":{"title":"Tally","version":"0.1.0","description":"Event-sourced usage metering: ingest usage events, query exact aggregates. Times are RFC 3339; ranges are half-open [from, to). Once any API token exists, every route except /healthz, /readyz and /openapi.json needs `Authorization: Bearer <token>`: POST /v1/events the `ingest` scope, every GET the `read` scope, every other change the `admin` scope (admin includes the others). 401 without a valid token, 403 without the scope."},
+ "security":[{"bearer":[]}],
  "paths":{
   "/v1/events":{"post":{"summary":"Ingest usage events","description":"JSON object, JSON array, NDJSON, MessagePack or CloudEvents (see README). Answers per-event outcomes after the commit.","requestBody":{"required":True,"content":{"application/json":{},"application/x-ndjson":{},"application/msgpack":{},"application/cloudevents+json":{},"application/cloudevents-batch+json":{}}},"responses":{"200":{"description":"Every event accepted or duplicate"},"207":{"description":"Some events rejected (see results)"},"400":err,"413":err,"415":err,"503":unavail}}},
   "/v1/stats":{"get":{"summary":"Aggregated time series per group, with totals","description":"Answered from the narrowest projection that covers group_by and the filters at the granularity and timezone. Buckets are atomic: every bucket overlapping [from, to) is counted in full; `covered` says which range that is.","parameters":[
@@ -59,11 +60,12 @@ doc={
     "get":{"summary":"The key's rolling quota: used, remaining, exceeded, resets_at (one-minute precision)","parameters":[p("key","The API key.",{"type":"string"},True,"path")],"responses":{"200":{"description":"Quota status","content":{"application/json":{"schema":{"$ref":"#/components/schemas/QuotaStatus"}}}},"404":err}},
     "put":{"summary":"Set the key's quota (201 new, 200 replaced); crossing it fires quota_exceeded","parameters":[p("key","The API key.",{"type":"string"},True,"path"),actor],"requestBody":{"required":True,"content":{"application/json":{"schema":{"type":"object","required":["measure","limit","window"],"properties":{"measure":{"type":"string","enum":["requests","errors","rate_limited","timeouts","server_errors","cost","tokens","tokens_in","tokens_out"]},"limit":{"type":"number"},"window":{"type":"string","description":"Whole minutes, e.g. 5h"}}}}}},"responses":{"200":{"description":"Replaced"},"201":{"description":"Set"},"400":err}},
     "delete":{"summary":"Remove the key's quota","parameters":[p("key","The API key.",{"type":"string"},True,"path"),actor],"responses":{"204":{"description":"Removed"},"404":err}}},
-  "/healthz":{"get":{"summary":"Liveness","responses":{"200":{"description":"The process is up"}}}},
-  "/readyz":{"get":{"summary":"Readiness (database reachable)","responses":{"200":{"description":"ready or degraded (NATS down)"},"503":{"description":"database unreachable"}}}},
-  "/openapi.json":{"get":{"summary":"This document","responses":{"200":{"description":"OpenAPI 3.1"}}}},
+  "/metrics":{"get":{"summary":"Prometheus metrics (text format 0.0.4); see README \"Metrics\"","responses":{"200":{"description":"Prometheus exposition","content":{"text/plain":{}}},"401":err,"403":err}}},
+  "/healthz":{"get":{"summary":"Liveness","security":[],"responses":{"200":{"description":"The process is up"}}}},
+  "/readyz":{"get":{"security":[],"summary":"Readiness (database reachable)","responses":{"200":{"description":"ready or degraded (NATS down)"},"503":{"description":"database unreachable"}}}},
+  "/openapi.json":{"get":{"security":[],"summary":"This document","responses":{"200":{"description":"OpenAPI 3.1"}}}},
  },
- "components":{"schemas":{
+ "components":{"securitySchemes":{"bearer":{"type":"http","scheme":"bearer","description":"An API token from `tally tokens create`"}},"schemas":{
   "Error":{"type":"object","required":["code","error"],"properties":{"code":{"type":"string"},"error":{"type":"string"}}},
   "Group":{"type":"object","additionalProperties":{"type":"string"},"description":"Dimension values of the group, in group_by order"},
   "Covered":{"type":"object","properties":{"from":ts,"to":ts}},

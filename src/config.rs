@@ -339,8 +339,8 @@ impl AlertConfig {
 }
 
 /// Scheduled jobs (`serve`, `jobs run`). Cron expressions have six fields
-/// (`sec min hour day-of-month month day-of-week`) and are always UTC; an
-/// empty expression turns the job off.
+/// (`sec min hour day-of-month month day-of-week`) and are always UTC; `off`
+/// turns a job off.
 #[derive(Debug, Clone, clap::Args)]
 pub struct JobsConfig {
     /// Delete raw events whose `ts` is older than this (e.g. `400d`). Unset:

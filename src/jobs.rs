@@ -77,13 +77,15 @@ impl Job {
         Job::ALL.into_iter().find(|j| j.as_str() == s)
     }
 
-    /// Its cron expression in `cfg` (empty: off).
-    pub fn cron(self, cfg: &JobsConfig) -> &str {
-        match self {
+    /// Its cron expression in `cfg`; `None` when set to `off` (or empty).
+    pub fn cron(self, cfg: &JobsConfig) -> Option<&str> {
+        let expr = match self {
             Job::Retention => &cfg.job_retention_cron,
             Job::Reconciliation => &cfg.job_reconciliation_cron,
             Job::Optimize => &cfg.job_optimize_cron,
         }
+        .trim();
+        (!expr.is_empty() && expr != "off").then_some(expr)
     }
 }
 
@@ -130,8 +132,7 @@ pub struct JobOutcome {
 /// Checks the cron expressions and that raw retention covers the horizon.
 pub fn validate(cfg: &JobsConfig, late_arrival_horizon: Duration) -> Result<(), JobError> {
     for job in Job::ALL {
-        let expr = job.cron(cfg);
-        if !expr.trim().is_empty() {
+        if let Some(expr) = job.cron(cfg) {
             parse_cron(expr).map_err(|e| {
                 JobError::Config(format!(
                     "{} cron `{expr}`: {e} (six fields, UTC: `sec min hour day-of-month month day-of-week`, e.g. `0 17 3 * * *`)",
@@ -181,9 +182,13 @@ fn parse_cron(expr: &str) -> Result<croner::Cron, croner::errors::CronError> {
 /// The occurrence a firing at `now` belongs to: the latest one not after
 /// `now` (plus half a second, for a scheduler that fires a hair early).
 pub fn slot_of(expr: &str, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
+    use chrono::{DurationRound, TimeDelta};
     let cron = parse_cron(expr).ok()?;
-    cron.find_previous_occurrence(&(now + chrono::Duration::milliseconds(500)), true)
-        .ok()
+    // Occurrences are whole seconds; croner keeps a matching instant's fraction.
+    let at = (now + TimeDelta::milliseconds(500))
+        .duration_trunc(TimeDelta::seconds(1))
+        .ok()?;
+    cron.find_previous_occurrence(&at, true).ok()
 }
 
 /// Runs `job` for `slot` unless another run (here or on another instance)
@@ -567,11 +572,10 @@ pub async fn schedule(
     let err = |e: tokio_cron_scheduler::JobSchedulerError| JobError::Scheduler(e.to_string());
     let mut scheduler = JobScheduler::new().await.map_err(err)?;
     for job in Job::ALL {
-        let expr = job.cron(cfg).trim().to_string();
-        if expr.is_empty() {
-            tracing::info!(job = job.as_str(), "job disabled (empty cron expression)");
+        let Some(expr) = job.cron(cfg).map(str::to_string) else {
+            tracing::info!(job = job.as_str(), "job off (cron expression `off`)");
             continue;
-        }
+        };
         let ctx = ctx.clone();
         let expr_for_slot = expr.clone();
         let cron_job = CronJob::new_async(expr.as_str(), move |_id, _lock| {
@@ -607,7 +611,7 @@ mod tests {
             retention: None,
             job_retention_cron: "0 17 3 * * *".into(),
             job_reconciliation_cron: "0 7 1 * * *".into(),
-            job_optimize_cron: "".into(),
+            job_optimize_cron: "off".into(),
             retention_batch: 100,
         }
     }

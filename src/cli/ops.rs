@@ -228,14 +228,14 @@ pub(super) async fn jobs(db: &DatabaseConfig, which: JobsCommand) -> anyhow::Res
             } else {
                 for j in Job::ALL {
                     let cron = j.cron(&cfg);
-                    let next = jobs::slot_of(cron, Utc::now())
-                        .and_then(|_| next_occurrence(cron))
+                    let next = cron
+                        .and_then(next_occurrence)
                         .map(time)
-                        .unwrap_or_else(|| "off".into());
+                        .unwrap_or_else(|| "-".into());
                     println!(
                         "{:<15} cron `{}` (UTC)  next {next}",
                         j.as_str(),
-                        if cron.is_empty() { "-" } else { cron }
+                        cron.unwrap_or("off")
                     );
                 }
                 println!();

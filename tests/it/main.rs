@@ -5,6 +5,7 @@ mod cli;
 mod event;
 mod ingest_http;
 mod ingest_nats;
+mod ops;
 mod projection;
 mod prop;
 mod query;

@@ -754,6 +754,7 @@ async fn the_openapi_document_lists_every_route() {
         "/v1/alert-rules/{name}/audit",
         "/v1/alerts",
         "/v1/projections",
+        "/metrics",
         "/healthz",
         "/readyz",
         "/openapi.json",
