@@ -347,11 +347,30 @@ pub struct TempNats {
     dir: PathBuf,
     port: u16,
     child: Option<Child>,
+    /// A config file (`-c`) and the environment it reads (passwords).
+    config: Option<(PathBuf, Vec<(String, String)>)>,
 }
 
 impl TempNats {
     /// Starts a JetStream-enabled server on a free loopback port.
     pub fn start() -> Result<Self, DevServerError> {
+        Self::start_with(None)
+    }
+
+    /// Starts a server from a config file (users, permissions), with `env`
+    /// set for the variables it names. Port, store directory and monitoring
+    /// port given on the command line override the file's.
+    pub fn start_with_config(config: &Path, env: &[(&str, &str)]) -> Result<Self, DevServerError> {
+        let env = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Self::start_with(Some((config.to_path_buf(), env)))
+    }
+
+    fn start_with(
+        config: Option<(PathBuf, Vec<(String, String)>)>,
+    ) -> Result<Self, DevServerError> {
         let dir = std::env::temp_dir().join(format!(
             "tally-nats-{}-{}",
             std::process::id(),
@@ -362,6 +381,7 @@ impl TempNats {
             dir,
             port: free_port()?,
             child: None,
+            config,
         };
         nats.start_server()?;
         spawn_nats_watchdog(&nats.dir);
@@ -375,7 +395,15 @@ impl TempNats {
             hint: NATS_HINT,
         })?;
         let log = fs::File::create(self.dir.join("nats.log"))?;
-        let child = Command::new(bin)
+        let mut cmd = Command::new(bin);
+        if let Some((file, env)) = &self.config {
+            // `-m -1`: a random monitoring port, so parallel servers never clash.
+            cmd.arg("-c")
+                .arg(file)
+                .args(["-m", "-1"])
+                .envs(env.iter().map(|(k, v)| (k, v)));
+        }
+        let child = cmd
             .args(["-js", "-a", "127.0.0.1", "-p", &self.port.to_string()])
             .arg("-sd")
             .arg(self.dir.join("store"))

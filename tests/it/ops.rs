@@ -1002,3 +1002,178 @@ async fn export_import_and_copy_to_postgres_keep_aggregates_identical() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("empty target"));
 }
+
+const NATS_CONF: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/docker/nats/nats-server.conf");
+
+async fn connect_as(url: &str, user: &str, password: &str) -> async_nats::Client {
+    async_nats::ConnectOptions::with_user_and_password(user.into(), password.into())
+        .connect(url)
+        .await
+        .unwrap_or_else(|e| panic!("connect as {user}: {e}"))
+}
+
+/// The shipped nats-server config (the one docker/compose.yaml mounts): Tally
+/// works with only its user's permissions, producers and alert consumers with
+/// theirs, and Tally's user cannot touch other streams.
+#[tokio::test]
+async fn nats_users_limited_to_their_subjects() {
+    use futures::StreamExt;
+    let env = [
+        ("TALLY_NATS_PASSWORD", "t-pass-1"),
+        ("PRODUCER_NATS_PASSWORD", "p-pass-2"),
+        ("ALERTS_NATS_PASSWORD", "a-pass-3"),
+    ];
+    let nats = tally::devserver::TempNats::start_with_config(Path::new(NATS_CONF), &env)
+        .expect("nats-server with the shipped config");
+    let url = nats.url();
+    let (db, _dir) = fresh_db(Backend::Sqlite);
+    let server = TallyProc::start(
+        &db,
+        &url,
+        &[
+            ("TALLY_NATS_USER", "tally"),
+            ("TALLY_NATS_PASSWORD", "t-pass-1"),
+        ],
+    )
+    .await;
+    let alerts = connect_as(&url, "alerts", "a-pass-3").await;
+    let mut alert_sub = alerts
+        .subscribe("usage.alerts.>")
+        .await
+        .expect("subscribe alerts");
+    let producer = connect_as(&url, "producer", "p-pass-2").await;
+    let mut rejected_sub = producer
+        .subscribe("usage.rejected")
+        .await
+        .expect("subscribe rejected");
+    producer.flush().await.expect("flush");
+    alerts.flush().await.expect("flush");
+    let resp = reqwest::Client::new()
+        .post(format!("{}/v1/alert-rules", server.base))
+        .json(&json!({"name": "burst", "severity": "critical", "measure": "requests", "window": "1m", "threshold": 5}))
+        .send()
+        .await
+        .expect("rule");
+    assert_eq!(resp.status().as_u16(), 201);
+    let js = async_nats::jetstream::new(producer.clone());
+    let ts = crate::support::now_rfc3339();
+    for i in 0..10 {
+        let body = json!({"id": format!("p{i}"), "ts": ts, "api": "x"}).to_string();
+        js.publish("usage.events.x", body.into())
+            .await
+            .expect("publish")
+            .await
+            .expect("stream ack");
+    }
+    js.publish("usage.events.x", "{broken".into())
+        .await
+        .expect("publish")
+        .await
+        .expect("stream ack");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while crate::support::proc::event_count(&db).await < 10 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not ingested; log:\n{}",
+            server.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let notice = tokio::time::timeout(Duration::from_secs(10), rejected_sub.next())
+        .await
+        .expect("a rejected notice")
+        .expect("message");
+    let notice: Value = serde_json::from_slice(&notice.payload).expect("json");
+    assert_eq!(notice["kind"], "unparseable");
+    let alert = tokio::time::timeout(Duration::from_secs(30), alert_sub.next())
+        .await
+        .unwrap_or_else(|_| panic!("no alert; log:\n{}", server.log_text()))
+        .expect("message");
+    assert_eq!(alert.subject.as_str(), "usage.alerts.critical.burst");
+    let body: Value = serde_json::from_slice(&alert.payload).expect("json");
+    assert_eq!(body["state"], "firing");
+
+    // Tally's user may not create (or touch) other streams.
+    let as_tally = connect_as(&url, "tally", "t-pass-1").await;
+    let js = async_nats::jetstream::new(as_tally);
+    let other = tokio::time::timeout(
+        Duration::from_secs(8),
+        js.create_stream(async_nats::jetstream::stream::Config {
+            name: "OTHER".into(),
+            subjects: vec!["other.>".into()],
+            ..Default::default()
+        }),
+    )
+    .await;
+    assert!(
+        !matches!(other, Ok(Ok(_))),
+        "the tally user created a foreign stream"
+    );
+    // A wrong password is refused.
+    let wrong = async_nats::ConnectOptions::with_user_and_password("tally".into(), "nope".into())
+        .max_reconnects(Some(1))
+        .connect(&url)
+        .await;
+    assert!(wrong.is_err(), "a wrong password connects");
+    drop(server);
+}
+
+/// The files docker/compose.yaml mounts and builds from are the tested ones.
+#[test]
+fn compose_mounts_the_tested_config_files() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let compose = std::fs::read_to_string(root.join("docker/compose.yaml")).expect("compose.yaml");
+    assert!(
+        compose.contains("./nats/nats-server.conf:/etc/nats/nats-server.conf:ro"),
+        "compose mounts the nats config the tests use"
+    );
+    assert!(
+        compose.contains("-c, /etc/nats/nats-server.conf")
+            || compose.contains("\"-c\", \"/etc/nats/nats-server.conf\"")
+    );
+    for var in [
+        "TALLY_NATS_USER: tally",
+        "TALLY_NATS_PASSWORD",
+        "TALLY_DATABASE_URL: postgres://",
+    ] {
+        assert!(compose.contains(var), "compose sets {var}");
+    }
+    assert!(root.join("docker/nats/nats-server.conf").is_file());
+    let dockerfile = std::fs::read_to_string(root.join("docker/Dockerfile")).expect("Dockerfile");
+    for line in dockerfile
+        .lines()
+        .filter(|l| l.starts_with("COPY ") && !l.contains("--from"))
+    {
+        for src in line
+            .split_whitespace()
+            .skip(1)
+            .collect::<Vec<_>>()
+            .split_last()
+            .map(|(_, s)| s.to_vec())
+            .unwrap_or_default()
+        {
+            assert!(root.join(src).exists(), "Dockerfile copies missing {src}");
+        }
+    }
+    assert!(dockerfile.contains("USER tally"), "runs as a non-root user");
+    // When a docker CLI with compose is installed, the file must validate.
+    let out = Command::new("docker")
+        .args(["compose", "-f"])
+        .arg(root.join("docker/compose.yaml"))
+        .arg("config")
+        .output();
+    if let Ok(out) = out {
+        let err = String::from_utf8_lossy(&out.stderr);
+        if out.status.success() {
+            let cfg = String::from_utf8_lossy(&out.stdout);
+            assert!(cfg.contains("nats-server.conf"), "{cfg}");
+        } else {
+            assert!(
+                err.contains("unknown command")
+                    || err.contains("is not a docker command")
+                    || err.contains("unknown shorthand"),
+                "docker compose config failed: {err}"
+            );
+        }
+    }
+}
