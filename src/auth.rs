@@ -346,7 +346,7 @@ pub async fn require(State(auth): State<Arc<Auth>>, mut req: Request, next: Next
                 ),
                 Refusal::Unavailable(e) => (
                     StatusCode::SERVICE_UNAVAILABLE,
-                    "unavailable",
+                    "store_unavailable",
                     format!("cannot check the token: the database is unreachable ({e})"),
                 ),
             };

@@ -379,7 +379,7 @@ impl EventStore for PgStore {
         before: DateTime<Utc>,
     ) -> Result<(Vec<DateTime<Utc>>, i64), StoreError> {
         let hours: Vec<DateTime<Utc>> = sqlx::query_scalar(
-            "SELECT DISTINCT date_trunc('hour', ts) FROM usage_events WHERE seq > $1 AND ts < $2 ORDER BY 1",
+            "SELECT DISTINCT date_trunc('hour', ts, 'UTC') FROM usage_events WHERE seq > $1 AND ts < $2 ORDER BY 1",
         )
         .bind(after_seq)
         .bind(before)

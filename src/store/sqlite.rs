@@ -624,12 +624,7 @@ impl ProjectionStore for SqliteStore {
         let events = rows
             .iter()
             .map(|r| {
-                let ts: String = r.try_get(1)?;
-                let ts = parse_ts(&ts).ok_or_else(|| StoreError::CorruptRow {
-                    id: r.try_get::<String, _>(0).unwrap_or_default(),
-                    reason: format!("ts {ts:?}"),
-                })?;
-                let e = event_from_row(r, ts)?;
+                let e = event_from_row(r, stored_ts(r)?)?;
                 Ok((
                     Cursor {
                         tx: 0,
