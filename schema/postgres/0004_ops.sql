@@ -29,6 +29,9 @@ CREATE TABLE job_runs (
     outcome         TEXT NOT NULL,
     rows_affected   BIGINT NOT NULL DEFAULT 0,
     detail          TEXT,
+    -- Readable copies of the two times, for analysts.
+    started         TIMESTAMPTZ GENERATED ALWAYS AS (to_timestamp(started_at_ms / 1000.0)) STORED,
+    finished        TIMESTAMPTZ GENERATED ALWAYS AS (to_timestamp(finished_at_ms / 1000.0)) STORED,
     UNIQUE (job, slot_ms)
 );
 CREATE INDEX job_runs_started ON job_runs (job, started_at_ms);

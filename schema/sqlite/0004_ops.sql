@@ -29,6 +29,9 @@ CREATE TABLE job_runs (
     outcome         TEXT NOT NULL,
     rows_affected   INTEGER NOT NULL DEFAULT 0,
     detail          TEXT,
+    -- Readable copies of the two times, for analysts.
+    started         TEXT GENERATED ALWAYS AS (strftime('%Y-%m-%dT%H:%M:%fZ', started_at_ms / 1000.0, 'unixepoch')) VIRTUAL,
+    finished        TEXT GENERATED ALWAYS AS (strftime('%Y-%m-%dT%H:%M:%fZ', finished_at_ms / 1000.0, 'unixepoch')) VIRTUAL,
     UNIQUE (job, slot_ms)
 );
 CREATE INDEX job_runs_started ON job_runs (job, started_at_ms);
