@@ -859,7 +859,8 @@ async fn a_scheduled_job_runs_once_per_occurrence_across_two_instances() {
     );
     // Analysts read the same table with plain SQL.
     let pool = sqlx::PgPool::connect(&url).await.expect("pg");
-    let rows: Vec<(String, DateTime<Utc>, Option<DateTime<Utc>>, String, i64)> = sqlx::query_as(
+    type Row = (String, DateTime<Utc>, Option<DateTime<Utc>>, String, i64);
+    let rows: Vec<Row> = sqlx::query_as(
         "SELECT job, started, finished, outcome, rows_affected FROM job_runs ORDER BY id",
     )
     .fetch_all(&pool)
