@@ -358,9 +358,6 @@ pub trait EventStore: ProjectionStore + alerts::AlertStore + ops::OpsStore {
 
     /// Connection pool usage, for `/metrics`.
     fn pool_stats(&self) -> Vec<PoolStats>;
-
-    /// Count and sums of the whole log, to verify a copy or an import.
-    async fn log_totals(&self) -> Result<LogTotals, StoreError>;
 }
 
 /// What [`EventStore::reconcile_read`] saw.
@@ -387,7 +384,7 @@ pub struct PoolStats {
     pub max: u32,
 }
 
-/// The whole log summed, compared by `tally copy` and `tally import`.
+/// The whole log summed ([`ops::OpsStore::log_totals`]), compared by `tally copy`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
 pub struct LogTotals {
     /// Events.
@@ -403,9 +400,6 @@ pub struct LogTotals {
     /// Sum of `request_bytes + response_bytes`.
     pub bytes: i64,
 }
-
-/// The SQL both backends use for [`EventStore::log_totals`].
-pub(crate) const LOG_TOTALS_SQL: &str = "SELECT count(*),      CAST(COALESCE(SUM(CASE WHEN success THEN 0 ELSE 1 END), 0) AS BIGINT),      CAST(COALESCE(SUM(cost_nanos), 0) AS BIGINT), CAST(COALESCE(SUM(tokens_in), 0) AS BIGINT),      CAST(COALESCE(SUM(tokens_out), 0) AS BIGINT),      CAST(COALESCE(SUM(COALESCE(request_bytes, 0) + COALESCE(response_bytes, 0)), 0) AS BIGINT)      FROM usage_events";
 
 /// Pool settings shared by both backends.
 #[derive(Debug, Clone)]

@@ -117,6 +117,8 @@ pub trait OpsStore: Send + Sync {
     async fn alert_state(&self) -> Result<AlertState, StoreError>;
     /// Writes `state` into empty tables, keeping ids, uids and versions, in one transaction.
     async fn restore_alert_state(&self, state: &AlertState) -> Result<(), StoreError>;
+    /// Count and sums of the whole log, to verify a copy.
+    async fn log_totals(&self) -> Result<super::LogTotals, StoreError>;
 }
 
 /// Reads one row of [`TOKEN_COLUMNS`].
@@ -297,6 +299,33 @@ macro_rules! impl_ops_store {
                     .iter()
                     .map($crate::store::ops::job_run_from_row)
                     .collect::<Result<_, _>>()?)
+            }
+
+            async fn log_totals(
+                &self,
+            ) -> Result<$crate::store::LogTotals, $crate::store::StoreError> {
+                let (events, errors, cost_nanos, tokens_in, tokens_out, bytes) = sqlx::query_as::<
+                    _,
+                    (i64, i64, i64, i64, i64, i64),
+                >(
+                    "SELECT count(*), \
+                     CAST(COALESCE(SUM(CASE WHEN success THEN 0 ELSE 1 END), 0) AS BIGINT), \
+                     CAST(COALESCE(SUM(cost_nanos), 0) AS BIGINT), \
+                     CAST(COALESCE(SUM(tokens_in), 0) AS BIGINT), \
+                     CAST(COALESCE(SUM(tokens_out), 0) AS BIGINT), \
+                     CAST(COALESCE(SUM(COALESCE(request_bytes, 0) + COALESCE(response_bytes, 0)), 0) AS BIGINT) \
+                     FROM usage_events",
+                )
+                .fetch_one(&self.$reader)
+                .await?;
+                Ok($crate::store::LogTotals {
+                    events,
+                    errors,
+                    cost_nanos,
+                    tokens_in,
+                    tokens_out,
+                    bytes,
+                })
             }
 
             async fn outbox_backlog(&self) -> Result<i64, $crate::store::StoreError> {

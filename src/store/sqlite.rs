@@ -30,7 +30,7 @@ use super::{
     AggAnswer, AggQuery, AggRow, Apply, ApplyOutcome, Cursor, LogBatch, ProjectionState,
     ProjectionStore, Watermark,
 };
-use super::{LogTotals, PoolStats, ReconcileRead, LOG_TOTALS_SQL};
+use super::{PoolStats, ReconcileRead};
 use crate::event::{format_ts, Event};
 use crate::projection::fold::{Measures, RowKey, Rows};
 use crate::projection::sketch::Sketch;
@@ -456,27 +456,6 @@ impl EventStore for SqliteStore {
                 max: p.options().get_max_connections(),
             })
             .collect()
-    }
-
-    async fn log_totals(&self) -> Result<LogTotals, StoreError> {
-        let (events, errors, cost_nanos, tokens_in, tokens_out, bytes): (
-            i64,
-            i64,
-            i64,
-            i64,
-            i64,
-            i64,
-        ) = sqlx::query_as(LOG_TOTALS_SQL)
-            .fetch_one(&self.reader)
-            .await?;
-        Ok(LogTotals {
-            events,
-            errors,
-            cost_nanos,
-            tokens_in,
-            tokens_out,
-            bytes,
-        })
     }
 }
 

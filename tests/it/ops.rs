@@ -12,11 +12,11 @@ use chrono::{DateTime, Utc};
 use serde_json::{json, Value};
 use tally::auth::{self, Scope};
 use tally::jobs::{self, Job, JobContext};
-use tally::store::{self, Backend, EventStore, Origin, StoreOptions};
+use tally::store::{Backend, EventStore, Origin};
 use tally::synth::{self, SynthConfig};
 
 use crate::support::proc::{jetstream, nats, TallyProc};
-use crate::support::{postgres, server_config, TestServer};
+use crate::support::{database, open, server_config, TestServer};
 
 const PROJECTIONS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/projections");
 
@@ -40,24 +40,8 @@ fn run_ok(args: &[&str]) -> String {
     stdout
 }
 
-/// A database URL of a fresh database and what keeps it alive.
 fn fresh_db(backend: Backend) -> (String, Option<tempfile::TempDir>) {
-    match backend {
-        Backend::Postgres => (postgres().create_database("ops").expect("database"), None),
-        Backend::Sqlite => {
-            let dir = tempfile::tempdir().expect("dir");
-            let url = format!("sqlite://{}", dir.path().join("tally.db").display());
-            (url, Some(dir))
-        }
-    }
-}
-
-async fn open(url: &str) -> Arc<dyn EventStore> {
-    let s = store::connect(url, &StoreOptions::default())
-        .await
-        .expect("connect");
-    s.migrate().await.expect("migrate");
-    s
+    database(backend, "ops")
 }
 
 /// Folds every shipped projection up to the end of the log.

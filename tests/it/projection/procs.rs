@@ -1,38 +1,13 @@
 //! `tally serve` child processes: crashes at the projector's commit points and
 //! `kill -9` during a stream, and two instances sharing one database.
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tally::store::{self, Backend, EventStore, StoreOptions};
+use tally::store::{Backend, EventStore};
 
 use super::oracle::{append_all, assert_matches_oracle, seeded_events, shipped};
 use crate::support::proc::TallyProc;
-
-/// A fresh database URL of `backend` and what keeps it alive.
-fn database(backend: Backend, name: &str) -> (String, Option<tempfile::TempDir>) {
-    match backend {
-        Backend::Postgres => (
-            crate::support::postgres()
-                .create_database(name)
-                .expect("database"),
-            None,
-        ),
-        Backend::Sqlite => {
-            let dir = tempfile::tempdir().expect("dir");
-            let url = format!("sqlite://{}", dir.path().join("tally.db").display());
-            (url, Some(dir))
-        }
-    }
-}
-
-async fn open(url: &str) -> Arc<dyn EventStore> {
-    let s = store::connect(url, &StoreOptions::default())
-        .await
-        .expect("connect");
-    s.migrate().await.expect("migrate");
-    s
-}
+use crate::support::{database, open};
 
 /// Lag of every shipped projection, 0 when all caught up (None: no checkpoint yet).
 async fn total_lag(store: &dyn EventStore) -> Option<i64> {

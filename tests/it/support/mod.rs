@@ -29,23 +29,38 @@ pub struct TestStore {
 
 /// A migrated store of the given backend on a fresh database.
 pub async fn store(backend: Backend) -> TestStore {
-    let (url, dir) = match backend {
-        Backend::Postgres => {
-            let pg = postgres();
-            let url = pg.create_database("t").expect("create test database");
-            (url, None)
-        }
+    let (url, dir) = database(backend, "t");
+    TestStore {
+        store: open(&url).await,
+        _dir: dir,
+    }
+}
+
+/// A fresh database URL of `backend` (PostgreSQL: named `<name>_<random>`)
+/// and what keeps it alive.
+pub fn database(backend: Backend, name: &str) -> (String, Option<tempfile::TempDir>) {
+    match backend {
+        Backend::Postgres => (
+            postgres()
+                .create_database(name)
+                .expect("create test database"),
+            None,
+        ),
         Backend::Sqlite => {
             let dir = tempfile::tempdir().expect("temp dir");
             let url = format!("sqlite://{}", dir.path().join("tally.db").display());
             (url, Some(dir))
         }
-    };
-    let store = store::connect(&url, &StoreOptions::default())
+    }
+}
+
+/// Connects to `url` and migrates.
+pub async fn open(url: &str) -> Arc<dyn EventStore> {
+    let s = store::connect(url, &StoreOptions::default())
         .await
         .expect("connect store");
-    store.migrate().await.expect("migrate");
-    TestStore { store, _dir: dir }
+    s.migrate().await.expect("migrate");
+    s
 }
 
 /// Server config with defaults and port 0.
