@@ -101,6 +101,54 @@ pub async fn project(params: &ProjectBench) -> Result<ProjectResult, BenchError>
         append.as_secs_f64()
     );
 
+    // Where the fold's time goes: the log read alone, as the projector reads it.
+    let started = Instant::now();
+    let mut cursor = crate::store::Cursor::default();
+    loop {
+        let batch = store
+            .read_log(cursor, crate::projection::projector::READ_CHUNK)
+            .await?;
+        match batch.events.last() {
+            Some((c, _)) => cursor = *c,
+            None => break,
+        }
+    }
+    let read = started.elapsed();
+    let started = Instant::now();
+    let mut cursor = crate::store::Cursor::default();
+    let mut deltas: Vec<crate::projection::fold::Delta> =
+        specs.iter().map(crate::projection::fold::Delta::new).collect();
+    loop {
+        let batch = store
+            .read_log(cursor, crate::projection::projector::READ_CHUNK)
+            .await?;
+        for (_, e) in &batch.events {
+            for (d, spec) in deltas.iter_mut().zip(&specs) {
+                d.add(spec, e);
+            }
+        }
+        if deltas.iter().map(|d| d.rows()).sum::<usize>() >= 60_000 {
+            for (d, spec) in deltas.iter_mut().zip(&specs) {
+                *d = crate::projection::fold::Delta::new(spec);
+            }
+        }
+        match batch.events.last() {
+            Some((c, _)) => cursor = *c,
+            None => break,
+        }
+    }
+    println!(
+        "    read + fold in memory, no writes:  {:>9.0} ev/s ({:.1}s)",
+        params.events as f64 / started.elapsed().as_secs_f64(),
+        started.elapsed().as_secs_f64()
+    );
+    println!(
+        "    log read alone (chunks of {}):      {:>9.0} ev/s ({:.1}s)",
+        crate::projection::projector::READ_CHUNK,
+        params.events as f64 / read.as_secs_f64(),
+        read.as_secs_f64()
+    );
+
     // (b) Every projection folds the backlog, one task each, as `tally serve` runs them.
     let started = Instant::now();
     fold_backlog(&store, &specs).await?;

@@ -5,7 +5,7 @@
 //! delta to the tables (integers add exactly, sketches merge), so folding a
 //! log in any batch sizes gives the same tables as folding it at once.
 
-use std::collections::HashMap;
+use std::borrow::Cow;
 use std::hash::Hasher;
 
 use chrono::{DateTime, Utc};
@@ -17,20 +17,26 @@ use crate::event::{ErrorType, Event};
 
 /// The value an event has for a dimension, as stored: absent values are `''`.
 pub fn dimension_value(e: &Event, d: Dimension) -> String {
-    let text = |v: &Option<String>| v.clone().unwrap_or_default();
+    dimension_str(e, d).into_owned()
+}
+
+/// [`dimension_value`] without copying: only `status` is formatted.
+pub fn dimension_str(e: &Event, d: Dimension) -> Cow<'_, str> {
+    fn text(v: &Option<String>) -> Cow<'_, str> {
+        Cow::Borrowed(v.as_deref().unwrap_or(""))
+    }
     match d {
-        Dimension::Api => e.api.clone(),
+        Dimension::Api => Cow::Borrowed(e.api.as_str()),
         Dimension::Endpoint => text(&e.endpoint),
         Dimension::Method => text(&e.method),
         Dimension::Key => text(&e.key),
         Dimension::User => text(&e.user),
         Dimension::Model => text(&e.model),
-        Dimension::Status => e.status.map(|s| s.to_string()).unwrap_or_default(),
-        Dimension::ErrorType => e
-            .error_type
-            .map(|t| t.as_str().to_string())
-            .unwrap_or_default(),
-        Dimension::Cached => if e.cached { "true" } else { "false" }.to_string(),
+        Dimension::Status => e
+            .status
+            .map_or(Cow::Borrowed(""), |s| Cow::Owned(s.to_string())),
+        Dimension::ErrorType => Cow::Borrowed(e.error_type.map_or("", |t| t.as_str())),
+        Dimension::Cached => Cow::Borrowed(if e.cached { "true" } else { "false" }),
     }
 }
 
@@ -158,6 +164,23 @@ pub struct RowKey {
     pub dims: Vec<String>,
 }
 
+/// A [`RowKey`] borrowed from an event, to look a row up without allocating.
+/// Hashes exactly as the `RowKey` it equals (bucket, then the dimension
+/// values as a slice of strings), as [`hashbrown::Equivalent`] requires.
+#[derive(Hash)]
+struct RowKeyRef<'a> {
+    bucket: DateTime<Utc>,
+    dims: &'a [Cow<'a, str>],
+}
+
+impl hashbrown::Equivalent<RowKey> for RowKeyRef<'_> {
+    fn equivalent(&self, key: &RowKey) -> bool {
+        self.bucket == key.bucket
+            && self.dims.len() == key.dims.len()
+            && self.dims.iter().zip(&key.dims).all(|(a, b)| **a == **b)
+    }
+}
+
 /// FxHash (rustc's hasher), because SipHash was a visible share of the fold.
 /// The keys are event fields, so a sender could aim collisions at it: the
 /// hasher is seeded per process ([`SeededFx`]), and a delta is capped at
@@ -218,8 +241,10 @@ impl std::hash::BuildHasher for SeededFx {
     }
 }
 
-/// The rows of one granularity table in a delta.
-pub type Rows = HashMap<RowKey, Measures, SeededFx>;
+/// The rows of one granularity table in a delta. hashbrown's map, for
+/// lookups by a borrowed [`RowKeyRef`]: a row already in the delta (most
+/// events) costs no allocation.
+pub type Rows = hashbrown::HashMap<RowKey, Measures, SeededFx>;
 
 /// The rows a batch of events adds to each granularity table of a projection.
 #[derive(Debug, Clone, Default)]
@@ -251,17 +276,27 @@ impl Delta {
     /// [`Delta::add`] with the event's latency bin computed by the caller
     /// (once per event for all projections of a group).
     pub fn add_binned(&mut self, spec: &Spec, e: &Event, bin: Option<Bin>) {
-        let dims: Vec<String> = spec
+        let dims: Vec<Cow<'_, str>> = spec
             .dimensions
             .iter()
-            .map(|&d| dimension_value(e, d))
+            .map(|&d| dimension_str(e, d))
             .collect();
         for (g, rows) in &mut self.tables {
-            let key = RowKey {
-                bucket: bucket_start(e.ts, *g, spec.timezone),
-                dims: dims.clone(),
+            let bucket = bucket_start(e.ts, *g, spec.timezone);
+            let view = RowKeyRef {
+                bucket,
+                dims: &dims,
             };
-            rows.entry(key).or_default().add_event_binned(e, bin);
+            match rows.get_mut(&view) {
+                Some(m) => m.add_event_binned(e, bin),
+                None => {
+                    let key = RowKey {
+                        bucket,
+                        dims: dims.iter().map(|d| d.to_string()).collect(),
+                    };
+                    rows.entry(key).or_default().add_event_binned(e, bin);
+                }
+            }
         }
         self.events += 1;
     }
