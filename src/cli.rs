@@ -37,7 +37,8 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the server: ingest (`POST /v1/events`, NATS), projectors, queries
-    /// (`/v1/stats`, `/v1/keys`, …), `/healthz`, `/readyz`.
+    /// (`/v1/stats`, `/v1/keys`, …), alerts, scheduled jobs, `/metrics`,
+    /// `/healthz`, `/readyz`.
     Serve(ServerConfig),
     /// Apply pending database migrations and exit.
     Migrate,

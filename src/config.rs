@@ -345,7 +345,7 @@ impl AlertConfig {
 pub struct JobsConfig {
     /// Delete raw events whose `ts` is older than this (e.g. `400d`). Unset:
     /// keep the raw log forever. Must exceed the late-arrival horizon by at
-    /// least [`crate::jobs::RETENTION_MARGIN`], so every id Tally can still
+    /// least one day (`jobs::RETENTION_MARGIN`), so every id Tally can still
     /// accept is still there to deduplicate against.
     #[arg(long, env = "TALLY_RETENTION", value_parser = humantime::parse_duration)]
     pub retention: Option<Duration>,
