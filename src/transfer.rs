@@ -7,7 +7,7 @@
 //! late-arrival horizon does not apply (history is restored on purpose), and
 //! ids deduplicate, so importing a file twice changes nothing.
 
-use std::io::{BufRead, Write};
+use std::io::{BufRead, Read, Write};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -129,7 +129,8 @@ impl ImportReport {
     }
 }
 
-/// Imports a backup file (format detected from its first byte).
+/// Imports a backup file: NDJSON, MessagePack maps one after another, or one
+/// JSON array (detected from the first byte).
 pub async fn import(
     store: Arc<dyn EventStore>,
     path: &Path,
@@ -139,7 +140,7 @@ pub async fn import(
     let file = std::fs::File::open(path)
         .map_err(|e| TransferError::Io(format!("cannot open {}: {e}", path.display())))?;
     let size = file.metadata().map(|m| m.len()).unwrap_or(0);
-    let mut reader = std::io::BufReader::with_capacity(1 << 20, file);
+    let mut reader: Box<dyn BufRead> = Box::new(std::io::BufReader::with_capacity(1 << 20, file));
     let first = reader
         .fill_buf()
         .map_err(|e| TransferError::Io(e.to_string()))?
@@ -148,6 +149,28 @@ pub async fn import(
         .find(|b| !b.is_ascii_whitespace());
     let format = match first {
         None => return Ok(ImportReport::default()),
+        // One JSON array (as `POST /v1/events` takes): read whole, then
+        // imported as NDJSON. Large backups should be NDJSON or MessagePack.
+        Some(b'[') => {
+            let mut all = Vec::new();
+            reader
+                .read_to_end(&mut all)
+                .map_err(|e| TransferError::Io(format!("cannot read {}: {e}", path.display())))?;
+            let items: Vec<serde_json::Value> = serde_json::from_slice(&all).map_err(|e| {
+                TransferError::Io(format!(
+                    "{} starts with `[` but is not a JSON array: {e}",
+                    path.display()
+                ))
+            })?;
+            let mut ndjson = Vec::with_capacity(all.len());
+            for item in &items {
+                serde_json::to_writer(&mut ndjson, item)
+                    .map_err(|e| TransferError::Io(e.to_string()))?;
+                ndjson.push(b'\n');
+            }
+            reader = Box::new(std::io::Cursor::new(ndjson));
+            Format::Ndjson
+        }
         Some(b'{') => Format::Ndjson,
         Some(_) => Format::Msgpack,
     };

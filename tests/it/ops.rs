@@ -1183,3 +1183,41 @@ fn compose_mounts_the_tested_config_files() {
         }
     }
 }
+
+/// A JSON array file imports too; history older than the late-arrival
+/// horizon is restored, and invalid items are counted, not lost.
+#[tokio::test]
+async fn import_takes_a_json_array_and_restores_old_history() {
+    let (url, _dir) = fresh_db(Backend::Sqlite);
+    let dir = tempfile::tempdir().expect("dir");
+    let file = dir.path().join("events.json");
+    let old = (Utc::now() - chrono::Duration::days(100)).to_rfc3339();
+    let body = json!([
+        {"id": "j1", "ts": old, "api": "x", "cost": "0.25"},
+        {"id": "j2", "ts": crate::support::now_rfc3339(), "api": "x", "tokens_in": 7},
+        {"id": "j3", "api": "x"}
+    ]);
+    std::fs::write(&file, serde_json::to_string_pretty(&body).expect("json")).expect("write");
+    let out = run_ok(&[
+        "--database-url",
+        &url,
+        "import",
+        file.to_str().expect("path"),
+    ]);
+    let report: Value = serde_json::from_str(&out).expect("report");
+    assert_eq!(
+        (report["accepted"].as_i64(), report["rejected"].as_i64()),
+        (Some(2), Some(1)),
+        "{out}"
+    );
+    let store = open(&url).await;
+    let totals = store.log_totals().await.expect("totals");
+    assert_eq!(
+        (totals.events, totals.cost_nanos, totals.tokens_in),
+        (2, 250_000_000, 7)
+    );
+    let rejected = store.recent_rejected(10).await.expect("rejected");
+    assert_eq!(rejected.len(), 1);
+    assert_eq!(rejected[0].source, "import");
+    assert!(rejected[0].reason.contains("ts"), "{}", rejected[0].reason);
+}
