@@ -140,8 +140,9 @@ pub struct ProjectionConfig {
     #[arg(long, env = "TALLY_PROJECTIONS_DIR", default_value = "projections")]
     pub projections_dir: PathBuf,
 
-    /// Most events a projector folds per transaction.
-    #[arg(long, env = "TALLY_PROJECTOR_BATCH", default_value_t = 50_000)]
+    /// Most events a projector folds per transaction (larger: fewer rewrites
+    /// of each aggregate row while catching up; more memory).
+    #[arg(long, env = "TALLY_PROJECTOR_BATCH", default_value_t = 200_000)]
     pub projector_batch: i64,
 
     /// How often a caught-up projector looks for new events.

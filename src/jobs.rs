@@ -31,7 +31,7 @@ use tokio_util::sync::CancellationToken;
 use crate::alert::{fingerprint, subject};
 use crate::config::JobsConfig;
 use crate::projection::bucket::{day_start, next_bucket};
-use crate::projection::fold::Delta;
+use crate::projection::fold::Fold;
 use crate::projection::spec::{Granularity, Spec};
 use crate::store::alerts::{InstanceRow, InstanceWrite, NewNotification};
 use crate::store::{EventStore, StoreError};
@@ -391,10 +391,11 @@ pub async fn reconcile_day(
     if read.cursor.is_none() {
         return Ok((0, None));
     }
-    let mut delta = Delta::new(spec);
+    let mut fold = Fold::new(spec);
     for e in &read.events {
-        delta.add(spec, e);
+        fold.add(e);
     }
+    let delta = fold.finish();
     let mut differing = 0usize;
     let mut first: Option<String> = None;
     let mut compared = 0usize;

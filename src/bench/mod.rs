@@ -29,8 +29,8 @@ use crate::synth::{self, SynthConfig};
 async fn fold_backlog(
     store: &Arc<dyn EventStore>,
     specs: &[crate::projection::Spec],
-) -> Result<(), BenchError> {
-    use crate::projection::{projector::Group, Projector, ProjectorConfig};
+) -> Result<FoldStats, BenchError> {
+    use crate::projection::{Projector, ProjectorConfig};
     let check = |e: crate::projection::ProjectionError| BenchError::Check(e.to_string());
     let mut projectors = Vec::new();
     for spec in specs.iter().cloned() {
@@ -41,16 +41,51 @@ async fn fold_backlog(
                 .map_err(check)?,
         );
     }
-    let mut group = Group::new(store.clone(), projectors);
-    loop {
-        let step = group
-            .step(ProjectorConfig::default().batch_size)
+    // The group `tally serve` runs (a Vec, should serve ever split it in lanes again).
+    let groups = vec![crate::projection::projector::Group::new(
+        store.clone(),
+        projectors,
+    )];
+    let tasks: Vec<_> = groups
+        .into_iter()
+        .map(|mut group| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let mut stats = FoldStats::default();
+                loop {
+                    let step = group
+                        .step(ProjectorConfig::default().batch_size)
+                        .await
+                        .map_err(check)?;
+                    if step.folded > 0 {
+                        stats.transactions += 1;
+                        stats.rows += step.rows;
+                    }
+                    if step.caught_up && store.events_after(group.min_cursor()).await? == 0 {
+                        return Ok::<_, BenchError>(stats);
+                    }
+                }
+            })
+        })
+        .collect();
+    let mut stats = FoldStats::default();
+    for t in tasks {
+        let lane = t
             .await
-            .map_err(check)?;
-        if step.caught_up && store.events_after(group.min_cursor()).await? == 0 {
-            return Ok(());
-        }
+            .map_err(|e| BenchError::Check(format!("fold task: {e}")))??;
+        stats.transactions += lane.transactions;
+        stats.rows += lane.rows;
     }
+    Ok(stats)
+}
+
+/// What [`fold_backlog`] wrote: how much the aggregate rows were rewritten.
+#[derive(Debug, Clone, Copy, Default)]
+struct FoldStats {
+    /// Transactions that folded events.
+    transactions: usize,
+    /// Aggregate rows upserted, summed over transactions.
+    rows: usize,
 }
 
 /// Errors of a benchmark run.

@@ -10,6 +10,7 @@ use super::{
     spawn_tally_with, stop, tempfile_dir, wait_drained, BenchError,
 };
 use crate::devserver::TempPostgres;
+use crate::projection::projector::MAX_DELTA_ROWS;
 use crate::projection::spec::{load_dir, Granularity};
 use crate::store::{Backend, EventStore, StoreOptions};
 use crate::synth::SynthConfig;
@@ -104,26 +105,33 @@ pub async fn project(params: &ProjectBench) -> Result<ProjectResult, BenchError>
     // Where the fold's time goes: the log read alone, then read + fold in memory.
     let read = read_log_through(store.as_ref(), None).await?;
     let folded = read_log_through(store.as_ref(), Some(&specs)).await?;
+    let chunk = crate::projection::projector::READ_CHUNK;
     for (what, took) in [
-        ("read + fold in memory, no writes: ", folded),
-        ("log read alone (chunks of 2000):  ", read),
+        ("read + fold in memory, no writes:".to_string(), folded),
+        (format!("log read alone (chunks of {chunk}):"), read),
     ] {
         println!(
-            "    {what}   {:>9.0} ev/s ({:.1}s)",
+            "    {what:<35}   {:>9.0} ev/s ({:.1}s)",
             params.events as f64 / took.as_secs_f64(),
             took.as_secs_f64()
         );
     }
 
-    // (b) Every projection folds the backlog, one task each, as `tally serve` runs them.
+    // (b) Every projection folds the backlog in the one group `tally serve` runs them in.
     let started = Instant::now();
-    fold_backlog(&store, &specs).await?;
+    let stats = fold_backlog(&store, &specs).await?;
     let fold = started.elapsed();
     let fold_rate = params.events as f64 / fold.as_secs_f64();
     println!(
         "(b) fold of the backlog, all projections: {fold_rate:>9.0} ev/s ({:.1}s)   ratio (b)/(a) {:.2}   goal ≥ 2",
         fold.as_secs_f64(),
         fold_rate / append_rate
+    );
+    println!(
+        "    {} transactions upserted {} aggregate rows ({:.2} per event)",
+        stats.transactions,
+        stats.rows,
+        stats.rows as f64 / params.events as f64
     );
     check_totals(store.as_ref(), &specs, params.events).await?;
 
@@ -147,30 +155,39 @@ pub async fn project(params: &ProjectBench) -> Result<ProjectResult, BenchError>
 }
 
 /// Reads the whole log as the projector does (chunks of [`READ_CHUNK`]) and,
-/// with `specs`, folds it into their deltas in memory (emptied every 60,000
-/// rows, as a transaction would); nothing is written. How long it took.
+/// with `specs`, folds it into their deltas in memory (rolled up and emptied
+/// every [`MAX_DELTA_ROWS`] rows, as a transaction would); nothing is
+/// written. How long it took.
 ///
 /// [`READ_CHUNK`]: crate::projection::projector::READ_CHUNK
+/// [`MAX_DELTA_ROWS`]: crate::projection::projector::MAX_DELTA_ROWS
 async fn read_log_through(
     store: &dyn EventStore,
     specs: Option<&[crate::projection::Spec]>,
 ) -> Result<std::time::Duration, BenchError> {
-    use crate::projection::fold::Delta;
+    use crate::projection::fold::Fold;
     let started = Instant::now();
     let specs = specs.unwrap_or_default();
-    let mut deltas: Vec<Delta> = specs.iter().map(Delta::new).collect();
+    let mut folds: Vec<Fold> = specs.iter().map(Fold::new).collect();
     let mut cursor = crate::store::Cursor::default();
     loop {
         let batch = store
             .read_log(cursor, crate::projection::projector::READ_CHUNK)
             .await?;
         for (_, e) in &batch.events {
-            for (d, spec) in deltas.iter_mut().zip(specs) {
-                d.add(spec, e);
+            for f in folds.iter_mut() {
+                f.add(e);
             }
         }
-        if deltas.iter().map(Delta::rows).sum::<usize>() >= 60_000 {
-            deltas = specs.iter().map(Delta::new).collect();
+        let full = folds.iter().map(Fold::rows).sum::<usize>() >= MAX_DELTA_ROWS;
+        if full || batch.events.is_empty() {
+            // Rolling up is part of the fold's cost.
+            let rolled: usize =
+                std::mem::replace(&mut folds, specs.iter().map(Fold::new).collect())
+                    .into_iter()
+                    .map(|f| f.finish().rows())
+                    .sum();
+            std::hint::black_box(rolled);
         }
         match batch.events.last() {
             Some((c, _)) => cursor = *c,

@@ -9,6 +9,7 @@ use std::borrow::Cow;
 use std::hash::Hasher;
 
 use chrono::{DateTime, Utc};
+use chrono_tz::Tz;
 
 use super::bucket::bucket_start;
 use super::sketch::{Bin, Sketch};
@@ -87,7 +88,8 @@ impl Measures {
         self.add_event_binned(e, e.latency_ms.map(Bin::of));
     }
 
-    /// Counts one event whose latency bin was computed already.
+    /// Counts one event whose latency bin was computed already (`None`: the
+    /// caller sketches the latency itself, as [`Fold`] does).
     pub fn add_event_binned(&mut self, e: &Event, bin: Option<Bin>) {
         let add = |a: &mut i64, b: i64| *a = a.saturating_add(b);
         add(&mut self.requests, 1);
@@ -246,7 +248,8 @@ impl std::hash::BuildHasher for SeededFx {
 /// events) costs no allocation.
 pub type Rows = hashbrown::HashMap<RowKey, Measures, SeededFx>;
 
-/// The rows a batch of events adds to each granularity table of a projection.
+/// The rows a batch of events adds to each granularity table of a projection:
+/// what the store writes. Built by [`Fold::finish`].
 #[derive(Debug, Clone, Default)]
 pub struct Delta {
     /// One map per granularity of the spec, in the spec's order.
@@ -256,53 +259,356 @@ pub struct Delta {
 }
 
 impl Delta {
-    /// An empty delta shaped for `spec`.
+    /// Rows across all tables (what one apply writes).
+    pub fn rows(&self) -> usize {
+        self.tables.iter().map(|(_, r)| r.len()).sum()
+    }
+}
+
+/// Folds events into a projection's [`Delta`].
+///
+/// Each event is counted once, in its *fine row*: its dimension values and
+/// its bucket in every granularity of the spec. [`Fold::finish`] then rolls
+/// the fine rows up into each granularity's table. An event costs one hash
+/// probe instead of one per granularity, and rows roll up by merging exactly
+/// as the store's upsert does, so the tables are those of a per-event fold.
+/// Keying the fine row by every bucket (not the finest alone) keeps that true
+/// in any time zone, even one where an hour could straddle two days.
+///
+/// The fine rows live in one `Vec`, their dimension values packed in one
+/// arena, and the hash table holds only indices: a probe touches a few
+/// contiguous bytes instead of chasing one allocation per dimension.
+#[derive(Debug, Clone)]
+pub struct Fold {
+    dimensions: Vec<Dimension>,
+    granularities: Vec<Granularity>,
+    timezone: Tz,
+    index: hashbrown::HashTable<usize>,
+    rows: Vec<FineRow>,
+    /// Packed dimension values of every fine row (see [`pack`]).
+    arena: Vec<u8>,
+    /// This event's packed values (reused between events).
+    key: Vec<u8>,
+    /// UTC only: the last (day, month) bucket pair, in microseconds.
+    month_of_day: Option<(i64, i64)>,
+    hasher: SeededFx,
+    events: usize,
+}
+
+/// One (buckets, dimension values) row of a [`Fold`].
+#[derive(Debug, Clone)]
+struct FineRow {
+    hash: u64,
+    /// Bucket start per granularity of the spec (microseconds since the epoch).
+    buckets: [i64; MAX_GRANULARITIES],
+    /// Range of the packed dimension values in the arena.
+    dims: std::ops::Range<usize>,
+    /// Everything but the sketch, which [`Fold::finish`] builds from `bins`.
+    measures: Measures,
+    /// Latency bin index of every event with one (see [`Sketch::from_bins`]).
+    bins: Vec<i32>,
+    /// Latencies in the zero bin.
+    zero: u64,
+}
+
+/// A spec lists each of the four granularities at most once.
+const MAX_GRANULARITIES: usize = 4;
+
+/// Appends dimension values as (u32 length, bytes) pairs: unambiguous whatever
+/// characters the values hold.
+fn pack(out: &mut Vec<u8>, value: &str) {
+    out.extend_from_slice(&(value.len() as u32).to_le_bytes());
+    out.extend_from_slice(value.as_bytes());
+}
+
+/// The values [`pack`] wrote, in order.
+fn unpack(mut bytes: &[u8]) -> Vec<Cow<'_, str>> {
+    let mut out = Vec::new();
+    while let Some((len, rest)) = bytes.split_first_chunk::<4>() {
+        let len = (u32::from_le_bytes(*len) as usize).min(rest.len());
+        let (value, rest) = rest.split_at(len);
+        // Packed from `&str`s, so always UTF-8.
+        out.push(String::from_utf8_lossy(value));
+        bytes = rest;
+    }
+    out
+}
+
+impl Fold {
+    /// An empty fold for `spec`.
     pub fn new(spec: &Spec) -> Self {
-        Delta {
-            tables: spec
+        Fold {
+            dimensions: spec.dimensions.clone(),
+            granularities: spec
                 .granularities
                 .iter()
-                .map(|&g| (g, Rows::default()))
+                .copied()
+                .take(MAX_GRANULARITIES)
                 .collect(),
+            timezone: spec.timezone,
+            index: hashbrown::HashTable::new(),
+            rows: Vec::new(),
+            arena: Vec::new(),
+            key: Vec::new(),
+            month_of_day: None,
+            hasher: SeededFx::default(),
             events: 0,
         }
     }
 
-    /// Folds one event into every granularity.
-    pub fn add(&mut self, spec: &Spec, e: &Event) {
-        self.add_binned(spec, e, e.latency_ms.map(Bin::of));
+    /// Folds one event.
+    pub fn add(&mut self, e: &Event) {
+        self.add_binned(e, e.latency_ms.map(Bin::of));
     }
 
-    /// [`Delta::add`] with the event's latency bin computed by the caller
+    /// [`Fold::add`] with the event's latency bin computed by the caller
     /// (once per event for all projections of a group).
-    pub fn add_binned(&mut self, spec: &Spec, e: &Event, bin: Option<Bin>) {
-        let dims: Vec<Cow<'_, str>> = spec
-            .dimensions
-            .iter()
-            .map(|&d| dimension_str(e, d))
-            .collect();
-        for (g, rows) in &mut self.tables {
-            let bucket = bucket_start(e.ts, *g, spec.timezone);
-            let view = RowKeyRef {
-                bucket,
-                dims: &dims,
-            };
-            match rows.get_mut(&view) {
-                Some(m) => m.add_event_binned(e, bin),
-                None => {
-                    let key = RowKey {
-                        bucket,
-                        dims: dims.iter().map(|d| d.to_string()).collect(),
-                    };
-                    rows.entry(key).or_default().add_event_binned(e, bin);
-                }
+    pub fn add_binned(&mut self, e: &Event, bin: Option<Bin>) {
+        let mut buckets = [0i64; MAX_GRANULARITIES];
+        let granularities = std::mem::take(&mut self.granularities);
+        for (slot, &g) in buckets.iter_mut().zip(&granularities) {
+            *slot = self.bucket_us(e.ts, g);
+        }
+        self.granularities = granularities;
+        self.key.clear();
+        for &d in &self.dimensions {
+            pack(&mut self.key, &dimension_str(e, d));
+        }
+        let mut h = std::hash::BuildHasher::build_hasher(&self.hasher);
+        h.write(&self.key);
+        for b in buckets {
+            h.write_i64(b);
+        }
+        let hash = h.finish();
+        let Fold {
+            index,
+            rows,
+            arena,
+            key,
+            ..
+        } = self;
+        let found = index
+            .find(hash, |&i| {
+                let r = &rows[i];
+                r.hash == hash && r.buckets == buckets && arena[r.dims.clone()] == key[..]
+            })
+            .copied();
+        let i = match found {
+            Some(i) => i,
+            None => {
+                let start = arena.len();
+                arena.extend_from_slice(key);
+                rows.push(FineRow {
+                    hash,
+                    buckets,
+                    dims: start..arena.len(),
+                    measures: Measures::default(),
+                    bins: Vec::new(),
+                    zero: 0,
+                });
+                let i = rows.len() - 1;
+                index.insert_unique(hash, i, |&j| rows[j].hash);
+                i
+            }
+        };
+        let row = &mut rows[i];
+        row.measures.add_event_binned(e, None);
+        if e.latency_ms.is_some() {
+            match bin {
+                Some(Bin::Index(b)) => row.bins.push(b),
+                Some(Bin::Zero) => row.zero += 1,
+                Some(Bin::Ignored) | None => {}
             }
         }
         self.events += 1;
     }
 
-    /// Rows across all tables (what one apply writes).
+    /// Bucket start in microseconds; UTC takes arithmetic and a one-entry
+    /// month cache (events arrive roughly in time order), other zones
+    /// [`bucket_start`] itself.
+    fn bucket_us(&mut self, ts: DateTime<Utc>, g: Granularity) -> i64 {
+        if self.timezone != Tz::UTC {
+            return bucket_start(ts, g, self.timezone).timestamp_micros();
+        }
+        if g != Granularity::Month {
+            return bucket_start(ts, g, Tz::UTC).timestamp_micros();
+        }
+        let day = bucket_start(ts, Granularity::Day, Tz::UTC).timestamp_micros();
+        match self.month_of_day {
+            Some((d, m)) if d == day => m,
+            _ => {
+                let m = bucket_start(ts, Granularity::Month, Tz::UTC).timestamp_micros();
+                self.month_of_day = Some((day, m));
+                m
+            }
+        }
+    }
+
+    /// Upper bound of the rows [`Fold::finish`] gives (one per granularity per fine row).
     pub fn rows(&self) -> usize {
-        self.tables.iter().map(|(_, r)| r.len()).sum()
+        self.rows.len() * self.granularities.len()
+    }
+
+    /// Events folded so far.
+    pub fn events(&self) -> usize {
+        self.events
+    }
+
+    /// Rolls the fine rows up into one table per granularity.
+    pub fn finish(self) -> Delta {
+        let mut tables: Vec<(Granularity, Rows)> = self
+            .granularities
+            .iter()
+            .map(|&g| (g, Rows::default()))
+            .collect();
+        let last = tables.len().saturating_sub(1);
+        for mut row in self.rows {
+            let dims = unpack(&self.arena[row.dims.clone()]);
+            row.measures.sketch = Sketch::from_bins(row.zero, &mut row.bins);
+            drop(std::mem::take(&mut row.bins));
+            let mut measures = Some(row.measures);
+            for (j, (_, table)) in tables.iter_mut().enumerate() {
+                let bucket = DateTime::from_timestamp_micros(row.buckets[j]).unwrap_or_default();
+                let m = if j == last {
+                    measures.take().unwrap_or_default()
+                } else {
+                    measures.clone().unwrap_or_default()
+                };
+                let view = RowKeyRef {
+                    bucket,
+                    dims: &dims,
+                };
+                match table.get_mut(&view) {
+                    Some(existing) => existing.merge(&m),
+                    None => {
+                        let key = RowKey {
+                            bucket,
+                            dims: dims.iter().map(|d| d.to_string()).collect(),
+                        };
+                        table.insert(key, m);
+                    }
+                }
+            }
+        }
+        Delta {
+            tables,
+            events: self.events,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::ErrorType;
+    use proptest::prelude::*;
+
+    fn spec(dimensions: &str, granularities: &str, tz: &str) -> Spec {
+        Spec::parse(
+            &format!(
+                "name = \"t\"\ndimensions = [{dimensions}]\ngranularities = [{granularities}]\ntimezone = \"{tz}\"\n"
+            ),
+            None,
+        )
+        .expect("valid spec")
+    }
+
+    fn event(ts_s: i64, key: u8, model: u8, latency: Option<f64>, error: bool) -> Event {
+        let text = |v: String| (!v.is_empty()).then_some(v);
+        Event {
+            id: format!("e{ts_s}-{key}"),
+            ts: DateTime::from_timestamp(ts_s, 0).expect("in range"),
+            api: format!("api{}", key % 3),
+            endpoint: None,
+            method: Some("POST".into()),
+            // Values that would collide if packed with a separator.
+            key: text(["", "a", "a\u{0}", "\u{0}a", "b|c"][usize::from(key % 5)].to_string()),
+            user: Some(format!("u{key}")),
+            model: text(format!("m{}", model % 2)),
+            status: Some(if error { 429 } else { 200 }),
+            success: !error,
+            error_type: error.then_some(ErrorType::ALL[usize::from(key) % 5]),
+            error_message: None,
+            latency_ms: latency,
+            request_bytes: Some(i64::from(key)),
+            response_bytes: None,
+            tokens_in: Some(7),
+            tokens_out: Some(i64::from(model)),
+            cost_nanos: Some(1_000_000_001),
+            cached: key % 2 == 0,
+            metadata: Default::default(),
+        }
+    }
+
+    /// The fold as first written: every event into every granularity table.
+    fn naive(
+        spec: &Spec,
+        events: &[Event],
+    ) -> Vec<(Granularity, std::collections::BTreeMap<RowKey, Measures>)> {
+        spec.granularities
+            .iter()
+            .map(|&g| {
+                let mut rows = std::collections::BTreeMap::<RowKey, Measures>::new();
+                for e in events {
+                    let key = RowKey {
+                        bucket: bucket_start(e.ts, g, spec.timezone),
+                        dims: spec
+                            .dimensions
+                            .iter()
+                            .map(|&d| dimension_value(e, d))
+                            .collect(),
+                    };
+                    rows.entry(key).or_default().add_event(e);
+                }
+                (g, rows)
+            })
+            .collect()
+    }
+
+    proptest! {
+        #[test]
+        fn fold_equals_a_per_event_fold_in_any_zone(
+            raw in proptest::collection::vec(
+                (0i64..400 * 86_400, any::<u8>(), any::<u8>(), proptest::option::of(0.0f64..5_000.0), any::<bool>()),
+                1..300,
+            ),
+            zone in 0usize..5,
+            shape in 0usize..3,
+        ) {
+            // Around 2026-03-29 (Berlin spring forward) and 2026-11-01 (New York fall back).
+            let base = 1_772_000_000i64;
+            let events: Vec<Event> = raw
+                .iter()
+                .map(|&(t, k, m, l, err)| event(base + t / 97, k, m, l, err))
+                .collect();
+            let tz = ["UTC", "Europe/Berlin", "America/New_York", "Asia/Kolkata", "Australia/Lord_Howe"][zone];
+            let (dims, grans) = [
+                ("\"api\", \"key\", \"model\"", "\"hour\", \"day\", \"month\""),
+                ("\"user\", \"api\"", "\"day\", \"month\""),
+                ("\"key\", \"status\", \"error_type\", \"cached\"", "\"minute\", \"hour\""),
+            ][shape];
+            let spec = spec(dims, grans, tz);
+            let mut fold = Fold::new(&spec);
+            events.iter().for_each(|e| fold.add(e));
+            prop_assert_eq!(fold.events(), events.len());
+            let delta = fold.finish();
+            let expected = naive(&spec, &events);
+            prop_assert_eq!(delta.tables.len(), expected.len());
+            for ((g, got), (eg, want)) in delta.tables.iter().zip(&expected) {
+                prop_assert_eq!(g, eg);
+                let got: std::collections::BTreeMap<RowKey, Measures> =
+                    got.iter().map(|(k, m)| (k.clone(), m.clone())).collect();
+                prop_assert_eq!(&got, want);
+            }
+        }
+    }
+
+    #[test]
+    fn packed_values_round_trip_whatever_they_contain() {
+        let values = ["", "a", "\u{0}\u{0}\u{0}\u{0}", "é€😀", "x\u{1f}y"];
+        let mut buf = Vec::new();
+        values.iter().for_each(|v| pack(&mut buf, v));
+        let back: Vec<String> = unpack(&buf).into_iter().map(Cow::into_owned).collect();
+        assert_eq!(back, values);
     }
 }

@@ -66,6 +66,9 @@ pub enum ProjectionError {
     /// The database failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// A log read task panicked or was cancelled (a bug, or the runtime shutting down).
+    #[error("log read task failed: {0}")]
+    ReadTask(String),
 }
 
 /// Test hook: stops the process the way `kill -9` would, at a named point.

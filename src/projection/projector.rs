@@ -27,12 +27,12 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use tokio_util::sync::CancellationToken;
 
-use super::fold::Delta;
+use super::fold::{Delta, Fold};
 use super::sketch::Bin;
 use super::spec::Spec;
 use super::ProjectionError;
 use crate::backoff::Backoff;
-use crate::store::{Apply, ApplyOutcome, Cursor, EventStore, Watermark};
+use crate::store::{Apply, ApplyOutcome, Cursor, EventStore, LogBatch, Watermark};
 
 /// How projectors run (`tally serve` flags).
 #[derive(Debug, Clone)]
@@ -55,7 +55,7 @@ pub struct ProjectorConfig {
 impl Default for ProjectorConfig {
     fn default() -> Self {
         Self {
-            batch_size: 50_000,
+            batch_size: 200_000,
             poll_interval: Duration::from_millis(100),
             lease_ttl: Duration::from_secs(10),
             failpoints: Failpoints::default(),
@@ -167,7 +167,7 @@ impl FoldSignal {
 }
 
 /// Events per log read.
-pub const READ_CHUNK: i64 = 2_000;
+pub const READ_CHUNK: i64 = 10_000;
 
 /// Most aggregate rows one transaction writes (bounds memory and transaction size).
 pub const MAX_DELTA_ROWS: usize = 60_000;
@@ -183,6 +183,8 @@ pub struct Step {
     pub stale: bool,
     /// The oldest event timestamp committed by this step.
     pub oldest: Option<DateTime<Utc>>,
+    /// Aggregate rows upserted (across members and granularities).
+    pub rows: usize,
 }
 
 /// One projection inside a [`Group`]: its spec and where its checkpoint is.
@@ -316,6 +318,7 @@ impl Group {
                 caught_up: true,
                 stale: false,
                 oldest: None,
+                rows: 0,
             });
         }
         let limit = limit.max(1);
@@ -324,7 +327,7 @@ impl Group {
             _ => {
                 let base: Vec<Cursor> = leading.iter().map(|&i| self.members[i].cursor).collect();
                 prepare(
-                    self.store.as_ref(),
+                    &self.store,
                     &self.members,
                     &mut self.marks,
                     leading.clone(),
@@ -352,6 +355,7 @@ impl Group {
                 caught_up: prepared.caught_up,
                 stale: false,
                 oldest: None,
+                rows: 0,
             });
         }
         let crash = Failpoints::fires(self.failpoints.before_commit);
@@ -374,7 +378,7 @@ impl Group {
         } else {
             // The next batch starts where this one ends, as if it committed.
             let next = prepare(
-                store.as_ref(),
+                &store,
                 &self.members,
                 &mut self.marks,
                 prepared.leading.clone(),
@@ -406,6 +410,10 @@ impl Group {
                     caught_up: prepared.caught_up,
                     stale: false,
                     oldest: prepared.oldest,
+                    rows: chosen
+                        .iter()
+                        .map(|&(k, _, _)| prepared.deltas[k].rows())
+                        .sum(),
                 })
             }
             ApplyOutcome::Stale => {
@@ -416,6 +424,7 @@ impl Group {
                     caught_up: false,
                     stale: true,
                     oldest: None,
+                    rows: 0,
                 })
             }
         }
@@ -549,10 +558,15 @@ struct Prepared {
     oldest: Option<DateTime<Utc>>,
 }
 
-/// Reads up to `limit` events after the lowest of `base` in chunks and folds
-/// each into the members (`leading`, with cursors `base`) it lies after.
+/// Reads up to `limit` events after the lowest of `base` and folds each into
+/// the members (`leading`, with cursors `base`) it lies after.
+///
+/// The log is read by a spawned task ([`read_ahead`]) that stays a chunk or
+/// two ahead: the database's scan and the decoding of rows run on the other
+/// core while this one folds. Once the delta holds [`MAX_DELTA_ROWS`] rows
+/// the rest of the read is abandoned.
 async fn prepare(
-    store: &dyn EventStore,
+    store: &Arc<dyn EventStore>,
     members: &[Member],
     marks: &mut VecDeque<Watermark>,
     leading: Vec<usize>,
@@ -560,45 +574,56 @@ async fn prepare(
     limit: i64,
 ) -> Result<Prepared, ProjectionError> {
     let from = base.iter().copied().min().unwrap_or_default();
-    let mut deltas: Vec<Delta> = leading
+    let mut folds: Vec<Fold> = leading
         .iter()
-        .map(|&i| Delta::new(&members[i].spec))
+        .map(|&i| Fold::new(&members[i].spec))
         .collect();
     let mut to = base.clone();
-    let (mut read_from, mut read, mut caught_up) = (from, 0i64, false);
-    let mut last_mark = None;
+    let mut read = 0i64;
+    let mut last_mark: Option<Watermark> = None;
     let mut oldest = None;
-    while read < limit {
-        let want = READ_CHUNK.min(limit - read);
-        let batch = store.read_log(read_from, want).await?;
-        let n = batch.events.len() as i64;
-        if marks.len() == MAX_MARKS {
-            marks.pop_front();
+    let (sender, mut batches) = tokio::sync::mpsc::channel(2);
+    let reader = {
+        let store = store.clone();
+        tokio::spawn(async move { read_ahead(store.as_ref(), from, limit, sender).await })
+    };
+    let mut capped = false;
+    while let Some(batch) = batches.recv().await {
+        let batch = batch?;
+        read += batch.events.len() as i64;
+        if last_mark != Some(batch.watermark) {
+            if marks.len() == MAX_MARKS {
+                marks.pop_front();
+            }
+            marks.push_back(batch.watermark);
+            last_mark = Some(batch.watermark);
         }
-        marks.push_back(batch.watermark);
-        last_mark = Some(batch.watermark);
         for (cursor, e) in &batch.events {
             oldest = Some(oldest.map_or(e.ts, |o: DateTime<Utc>| o.min(e.ts)));
             let bin = e.latency_ms.map(Bin::of);
-            for (k, &i) in leading.iter().enumerate() {
+            for (k, fold) in folds.iter_mut().enumerate() {
                 if *cursor > base[k] {
-                    deltas[k].add_binned(&members[i].spec, e, bin);
+                    fold.add_binned(e, bin);
                     to[k] = *cursor;
                 }
             }
         }
-        if let Some((c, _)) = batch.events.last() {
-            read_from = *c;
-        }
-        read += n;
-        if n < want {
-            caught_up = true;
-            break;
-        }
-        if deltas.iter().map(Delta::rows).sum::<usize>() >= MAX_DELTA_ROWS {
+        if folds.iter().map(Fold::rows).sum::<usize>() >= MAX_DELTA_ROWS {
+            capped = true;
             break;
         }
     }
+    drop(batches);
+    if capped {
+        reader.abort();
+    } else {
+        // The channel closed: the reader ended. Make sure it did not die
+        // half-way, which would pass for having read everything.
+        reader
+            .await
+            .map_err(|e| ProjectionError::ReadTask(e.to_string()))?;
+    }
+    let caught_up = !capped && read < limit;
     // `as_of` advances only once the read reached everything below its
     // snapshot's xmin: then every mark with xmax <= xmin is fully folded.
     let mut as_of = None;
@@ -615,12 +640,46 @@ async fn prepare(
         leading,
         from: base,
         to,
-        deltas,
+        deltas: folds.into_iter().map(Fold::finish).collect(),
         as_of,
         read,
         caught_up,
         oldest,
     })
+}
+
+/// Sends up to `limit` events after `after` to `out` in batches of
+/// [`READ_CHUNK`] (each read its own short snapshot), ending with the error if
+/// one occurs; stops once `out` is closed.
+///
+/// One long snapshot streaming the whole batch was tried and measured slower
+/// on PostgreSQL: while it is open, the upserts' old row versions cannot be
+/// pruned (see BENCHMARKS.md).
+async fn read_ahead(
+    store: &dyn EventStore,
+    after: Cursor,
+    limit: i64,
+    out: tokio::sync::mpsc::Sender<Result<LogBatch, crate::store::StoreError>>,
+) {
+    let (mut after, mut left) = (after, limit);
+    while left > 0 {
+        let want = READ_CHUNK.clamp(1, left);
+        let batch = match store.read_log(after, want).await {
+            Ok(b) => b,
+            Err(e) => {
+                let _ = out.send(Err(e)).await;
+                return;
+            }
+        };
+        let n = batch.events.len() as i64;
+        if let Some((c, _)) = batch.events.last() {
+            after = *c;
+        }
+        if out.send(Ok(batch)).await.is_err() || n < want {
+            return;
+        }
+        left -= n;
+    }
 }
 
 /// Folds one projection's tables (live, or shadow during a rebuild): a
@@ -739,18 +798,11 @@ pub fn spawn_all(
             ))),
         }
     }
-    // Minute-only projections (the alert windows) fold in their own group: a
-    // step that writes one table finishes several times sooner than one that
-    // writes every table, and alerts wait for nothing else. The price is a
-    // second read of the log.
-    let (fast, slow): (Vec<Projector>, Vec<Projector>) = together
-        .into_iter()
-        .partition(|p| p.spec().granularities == [super::spec::Granularity::Minute]);
-    for lane in [fast, slow] {
-        if lane.is_empty() {
-            continue;
-        }
-        let group = Group::new(store.clone(), lane);
+    // One group for all of them: one read of the log feeds every projection,
+    // and each commits in its own transaction (on PostgreSQL side by side),
+    // so the alert windows' minute table is not held up by a bigger one.
+    if !together.is_empty() {
+        let group = Group::new(store.clone(), together);
         tracing::info!(projections = ?group.names(), "projections folded together from one read of the log");
         handles.push(tokio::spawn(group.run(
             config.clone(),

@@ -82,6 +82,22 @@ impl Sketch {
         }
     }
 
+    /// A sketch of `zero` values below [`MIN_VALUE_MS`] and one value per bin
+    /// index in `bins` (any order; sorted here). Folding collects indices and
+    /// sketches them once per row: appending is O(1) where a sorted insert per
+    /// value is a search and, for a new bin, a shift.
+    pub fn from_bins(zero: u64, bins: &mut [i32]) -> Self {
+        bins.sort_unstable();
+        let mut out: Vec<(i32, u64)> = Vec::new();
+        for &i in bins.iter() {
+            match out.last_mut() {
+                Some((last, c)) if *last == i => *c += 1,
+                _ => out.push((i, 1)),
+            }
+        }
+        Sketch { zero, bins: out }
+    }
+
     fn add_to_bin(&mut self, index: i32, count: u64) {
         match self.bins.binary_search_by_key(&index, |&(i, _)| i) {
             Ok(pos) => self.bins[pos].1 += count,
@@ -291,6 +307,24 @@ mod tests {
     use proptest::prelude::*;
 
     proptest! {
+        #[test]
+        fn a_sketch_from_collected_bins_equals_one_added_to_value_by_value(
+            values in proptest::collection::vec(0.0f64..120_000.0, 0..400),
+        ) {
+            let mut added = Sketch::default();
+            values.iter().for_each(|&v| added.add(v));
+            let mut zero = 0;
+            let mut bins = Vec::new();
+            for &v in &values {
+                match Bin::of(v) {
+                    Bin::Index(i) => bins.push(i),
+                    Bin::Zero => zero += 1,
+                    Bin::Ignored => {}
+                }
+            }
+            prop_assert_eq!(Sketch::from_bins(zero, &mut bins), added);
+        }
+
         #[test]
         fn quantiles_are_within_the_relative_error(
             values in proptest::collection::vec(0.0f64..120_000.0, 1..400),

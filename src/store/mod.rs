@@ -225,9 +225,13 @@ pub trait ProjectionStore: Send + Sync + 'static {
     /// Gives the lease up (clean shutdown), if `owner` holds it.
     async fn release_lease(&self, state: &str, owner: &str) -> Result<(), StoreError>;
 
-    /// Adds folded batches to their tables and moves their checkpoints, all in
-    /// one transaction, if every checkpoint is still where its batch was read
-    /// from; otherwise writes nothing and answers [`ApplyOutcome::Stale`].
+    /// Adds each folded batch to its tables and moves its checkpoint, in one
+    /// transaction per batch or one for all (the backend's choice), if that
+    /// checkpoint is still where the batch was read from. A batch whose
+    /// checkpoint moved writes nothing, and the answer is then
+    /// [`ApplyOutcome::Stale`] (other batches may have committed: the caller
+    /// re-reads every checkpoint). On an error, too, some batches may have
+    /// committed; the checkpoints tell which.
     async fn apply_fold(&self, applies: &[Apply<'_>]) -> Result<ApplyOutcome, StoreError>;
 
     /// Drops the tables (every granularity, with `suffix`) and the checkpoint row.

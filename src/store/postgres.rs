@@ -531,12 +531,20 @@ impl PgStore {
         on.extend(names.iter().map(|c| format!("t.{c} = k.{c}")));
         let mut select = vec!["t.bucket".to_string()];
         select.extend(names.iter().map(|c| format!("t.{c}")));
+        // `unnest` in the select list (zipped, arrays of equal length) rather
+        // than `FROM UNNEST(a, b, …)`, which materialises every row first.
+        let mut keys_list = vec![format!("unnest({}) AS bucket", unnest[0])];
+        keys_list.extend(
+            names
+                .iter()
+                .zip(&unnest[1..])
+                .map(|(c, u)| format!("unnest({u}) AS {c}")),
+        );
         let sql = format!(
-            "SELECT {}, t.latency_sketch FROM {table} t JOIN UNNEST({}) AS k(bucket{}) ON {} \
+            "SELECT {}, t.latency_sketch FROM {table} t JOIN (SELECT {}) AS k ON {} \
              WHERE t.latency_sketch IS NOT NULL",
             select.join(", "),
-            unnest.join(", "),
-            names.iter().map(|c| format!(", {c}")).collect::<String>(),
+            keys_list.join(", "),
             on.join(" AND ")
         );
         let mut q = sqlx::query(&sql).bind(keys.iter().map(|k| k.bucket).collect::<Vec<_>>());
@@ -560,6 +568,48 @@ impl PgStore {
         Ok(out)
     }
 
+    /// One projection's share of [`ProjectionStore::apply_fold`]: its
+    /// checkpoint's compare-and-set, then its tables, in one transaction.
+    async fn apply_one(&self, apply: &Apply<'_>) -> Result<ApplyOutcome, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        // Aggregates are derived data and the checkpoint commits with them: a
+        // commit lost in a database crash loses both together and is folded
+        // again, so this transaction need not wait for its WAL flush.
+        sqlx::query("SET LOCAL synchronous_commit = off")
+            .execute(&mut *tx)
+            .await?;
+        // The compare-and-set comes first: its row lock serialises every
+        // writer of this projection until commit.
+        let moved = sqlx::query(
+            "UPDATE projection_checkpoints SET cursor_tx = $4, cursor_seq = $5, \
+                 as_of = COALESCE($6, as_of), events_folded = events_folded + $7, updated_at = now() \
+             WHERE name = $1 AND spec_hash = $2 AND cursor_tx = $3 AND cursor_seq = $8",
+        )
+        .bind(apply.state)
+        .bind(apply.spec.hash())
+        .bind(apply.from.tx)
+        .bind(apply.to.tx)
+        .bind(apply.to.seq)
+        .bind(apply.as_of)
+        .bind(i64::try_from(apply.delta.events).unwrap_or(i64::MAX))
+        .bind(apply.from.seq)
+        .execute(&mut *tx)
+        .await?;
+        if moved.rows_affected() != 1 {
+            tx.rollback().await?;
+            return Ok(ApplyOutcome::Stale);
+        }
+        for (g, rows) in &apply.delta.tables {
+            let t = table(apply.spec, *g, apply.suffix);
+            Self::upsert_rows(&mut tx, apply.spec, &t, rows).await?;
+        }
+        if apply.crash_before_commit {
+            crate::projection::failpoint_abort("projector.before_commit");
+        }
+        tx.commit().await?;
+        Ok(ApplyOutcome::Applied)
+    }
+
     async fn upsert_rows(
         tx: &mut Transaction<'_, Postgres>,
         spec: &Spec,
@@ -577,13 +627,15 @@ impl PgStore {
         types.extend(std::iter::repeat_n("int8[]", INT_COLUMNS.len()));
         types.extend(std::iter::repeat_n("float8[]", FLOAT_COLUMNS.len()));
         types.push("bytea[]");
+        // Select-list `unnest`s (zipped in lockstep) cost about half of
+        // `FROM UNNEST(…)`, which materialises the rows before inserting them.
         let unnest: Vec<String> = types
             .iter()
             .enumerate()
-            .map(|(i, t)| format!("${}::{t}", i + 1))
+            .map(|(i, t)| format!("unnest(${}::{t})", i + 1))
             .collect();
         let sql = format!(
-            "INSERT INTO {table} ({}) SELECT * FROM UNNEST({}){}",
+            "INSERT INTO {table} ({}) SELECT {}{}",
             all_columns(spec),
             unnest.join(", "),
             upsert_clause(Backend::Postgres, spec, table)
@@ -758,50 +810,18 @@ impl ProjectionStore for PgStore {
     }
 
     async fn apply_fold(&self, applies: &[Apply<'_>]) -> Result<ApplyOutcome, StoreError> {
-        let mut tx = self.pool.begin().await?;
-        // Aggregates are derived data and the checkpoints commit with them: a
-        // commit lost in a database crash loses both together and is folded
-        // again, so this transaction need not wait for its WAL flush.
-        sqlx::query("SET LOCAL synchronous_commit = off")
-            .execute(&mut *tx)
-            .await?;
-        // The compare-and-sets on the checkpoint rows come first, in name order
-        // (so two groups cannot deadlock): their row locks serialise every
-        // writer of these projections until commit.
-        let mut order: Vec<&Apply<'_>> = applies.iter().collect();
-        order.sort_by(|a, b| a.state.cmp(b.state));
-        for apply in &order {
-            let moved = sqlx::query(
-                "UPDATE projection_checkpoints SET cursor_tx = $4, cursor_seq = $5, \
-                     as_of = COALESCE($6, as_of), events_folded = events_folded + $7, updated_at = now() \
-                 WHERE name = $1 AND spec_hash = $2 AND cursor_tx = $3 AND cursor_seq = $8",
-            )
-            .bind(apply.state)
-            .bind(apply.spec.hash())
-            .bind(apply.from.tx)
-            .bind(apply.to.tx)
-            .bind(apply.to.seq)
-            .bind(apply.as_of)
-            .bind(i64::try_from(apply.delta.events).unwrap_or(i64::MAX))
-            .bind(apply.from.seq)
-            .execute(&mut *tx)
-            .await?;
-            if moved.rows_affected() != 1 {
-                tx.rollback().await?;
-                return Ok(ApplyOutcome::Stale);
+        // One transaction per projection, run side by side on their own
+        // connections: a projection's rows commit with its own checkpoint
+        // (all exactly-once needs), and one backend per projection spreads the
+        // upserts over the cores instead of running them one after another.
+        let outcomes = futures::future::join_all(applies.iter().map(|a| self.apply_one(a))).await;
+        let mut all = ApplyOutcome::Applied;
+        for outcome in outcomes {
+            if outcome? == ApplyOutcome::Stale {
+                all = ApplyOutcome::Stale;
             }
         }
-        for apply in &order {
-            for (g, rows) in &apply.delta.tables {
-                let t = table(apply.spec, *g, apply.suffix);
-                Self::upsert_rows(&mut tx, apply.spec, &t, rows).await?;
-            }
-        }
-        if applies.iter().any(|a| a.crash_before_commit) {
-            crate::projection::failpoint_abort("projector.before_commit");
-        }
-        tx.commit().await?;
-        Ok(ApplyOutcome::Applied)
+        Ok(all)
     }
 
     async fn drop_projection(
