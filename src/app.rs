@@ -200,6 +200,7 @@ impl App {
         let wake_relay = Arc::new(tokio::sync::Notify::new());
         let mut projector_config = self.projector_config.clone();
         projector_config.on_commit = Some(signal.clone());
+        projector_config.wake = Some(self.state.intake.appended());
         let projectors = crate::projection::projector::spawn_all(
             self.state.store.clone(),
             self.projectors,

@@ -169,6 +169,7 @@ impl ProjectionConfig {
             lease_ttl: self.projector_lease.max(Duration::from_millis(300)),
             failpoints: Failpoints::parse(&self.failpoints)?,
             on_commit: None,
+            wake: None,
         })
     }
 }

@@ -35,6 +35,8 @@ pub struct IntakeLimits {
 pub struct Intake {
     store: Arc<dyn EventStore>,
     limits: IntakeLimits,
+    /// Signalled after every commit that stored an event (see [`Intake::appended`]).
+    appended: Arc<tokio::sync::Notify>,
 }
 
 /// The answer to one body: what was counted, and why each other item was not.
@@ -78,7 +80,17 @@ pub enum IngestError {
 impl Intake {
     /// An intake writing to `store`.
     pub fn new(store: Arc<dyn EventStore>, limits: IntakeLimits) -> Self {
-        Self { store, limits }
+        Self {
+            store,
+            limits,
+            appended: Arc::new(tokio::sync::Notify::new()),
+        }
+    }
+
+    /// Notified after each commit that stored at least one event: this
+    /// process's projectors fold it at once instead of at their next poll.
+    pub fn appended(&self) -> Arc<tokio::sync::Notify> {
+        self.appended.clone()
     }
 
     /// The store this intake appends to.
@@ -96,6 +108,10 @@ impl Intake {
         let started = std::time::Instant::now();
         let outcomes = self.store.append(events, rejects, origin).await?;
         crate::metrics::record_append(origin.source, &outcomes, rejects, started.elapsed());
+        if outcomes.contains(&Outcome::Inserted) {
+            // One stored permit: a projector busy folding runs again right after.
+            self.appended.notify_one();
+        }
         Ok(outcomes)
     }
 

@@ -50,6 +50,10 @@ pub struct ProjectorConfig {
     /// Told about every commit that folded events, and about leadership
     /// (the alert evaluator of this process).
     pub on_commit: Option<Arc<FoldSignal>>,
+    /// Notified when this process appended events: a caught-up group folds
+    /// them at once rather than after `poll_interval` (which still bounds the
+    /// wait for events other instances append).
+    pub wake: Option<Arc<tokio::sync::Notify>>,
 }
 
 impl Default for ProjectorConfig {
@@ -60,6 +64,7 @@ impl Default for ProjectorConfig {
             lease_ttl: Duration::from_secs(10),
             failpoints: Failpoints::default(),
             on_commit: None,
+            wake: None,
         }
     }
 }
@@ -185,6 +190,12 @@ pub struct Step {
     pub oldest: Option<DateTime<Utc>>,
     /// Aggregate rows upserted (across members and granularities).
     pub rows: usize,
+    /// Time spent reading and folding before the apply (zero when the batch
+    /// was prefetched during the previous apply).
+    pub prepare: Duration,
+    /// Time the apply's transactions took (with the next batch's prefetch
+    /// running beside them).
+    pub apply: Duration,
 }
 
 /// One projection inside a [`Group`]: its spec and where its checkpoint is.
@@ -319,9 +330,12 @@ impl Group {
                 stale: false,
                 oldest: None,
                 rows: 0,
+                prepare: Duration::ZERO,
+                apply: Duration::ZERO,
             });
         }
         let limit = limit.max(1);
+        let started = Instant::now();
         let prepared = match self.prefetched.take() {
             Some(p) if p.leading == leading => p,
             _ => {
@@ -337,6 +351,7 @@ impl Group {
                 .await?
             }
         };
+        let prepare_took = started.elapsed();
         let idle_write_due = self.last_write.elapsed() >= IDLE_AS_OF_EVERY;
         let mut chosen = Vec::new();
         for (k, &i) in prepared.leading.iter().enumerate() {
@@ -356,6 +371,8 @@ impl Group {
                 stale: false,
                 oldest: None,
                 rows: 0,
+                prepare: Duration::ZERO,
+                apply: Duration::ZERO,
             });
         }
         let crash = Failpoints::fires(self.failpoints.before_commit);
@@ -373,6 +390,7 @@ impl Group {
             })
             .collect();
         let store = self.store.clone();
+        let applying = Instant::now();
         let (outcome, next) = if prepared.caught_up {
             (store.apply_fold(&applies).await, None)
         } else {
@@ -389,6 +407,7 @@ impl Group {
             (outcome, Some(next))
         };
         drop(applies);
+        let apply_took = applying.elapsed();
         match outcome? {
             ApplyOutcome::Applied => {
                 if Failpoints::fires(self.failpoints.after_commit) {
@@ -414,6 +433,8 @@ impl Group {
                         .iter()
                         .map(|&(k, _, _)| prepared.deltas[k].rows())
                         .sum(),
+                    prepare: prepare_took,
+                    apply: apply_took,
                 })
             }
             ApplyOutcome::Stale => {
@@ -425,6 +446,8 @@ impl Group {
                     stale: true,
                     oldest: None,
                     rows: 0,
+                    prepare: prepare_took,
+                    apply: apply_took,
                 })
             }
         }
@@ -493,14 +516,28 @@ impl Group {
                 Ok(step) => {
                     backoff.reset();
                     if step.folded > 0 {
-                        tracing::debug!(projections = ?self.names(), events = step.folded, "folded");
+                        tracing::debug!(
+                            projections = ?self.names(),
+                            events = step.folded,
+                            rows = step.rows,
+                            prepare_ms = step.prepare.as_millis() as u64,
+                            apply_ms = step.apply.as_millis() as u64,
+                            "folded"
+                        );
                         if let Some(signal) = &config.on_commit {
                             signal.committed(step.oldest);
                         }
                     }
                     if step.caught_up {
+                        let appended = async {
+                            match &config.wake {
+                                Some(wake) => wake.notified().await,
+                                None => std::future::pending().await,
+                            }
+                        };
                         tokio::select! {
                             _ = tokio::time::sleep(config.poll_interval) => {}
+                            _ = appended => {}
                             _ = shutdown.cancelled() => {}
                         }
                     }
