@@ -651,9 +651,9 @@ async fn prepare(
         }
     }
     drop(batches);
-    if capped {
-        reader.abort();
-    } else {
+    // Capped: the reader stops by itself once its send fails (aborting it
+    // mid-read would drop its transaction half-way).
+    if !capped {
         // The channel closed: the reader ended. Make sure it did not die
         // half-way, which would pass for having read everything.
         reader

@@ -43,8 +43,8 @@ pub struct Watermark {
 /// Events after a cursor, in cursor order, and what the read could see.
 #[derive(Debug, Clone)]
 pub struct LogBatch {
-    /// Each event with its cursor. `error_message` and `metadata` are not
-    /// loaded: no projection aggregates them.
+    /// Each event with its cursor. `id`, `error_message` and `metadata` are
+    /// not loaded (`id` is empty): no projection aggregates them.
     pub events: Vec<(Cursor, Event)>,
     /// The read's snapshot.
     pub watermark: Watermark,

@@ -629,6 +629,62 @@ where
     })
 }
 
+/// The event columns a projector reads, in this order; each backend appends
+/// its cursor columns. No id, message or metadata: nothing folds them, and on
+/// a 1M-event backlog every column read costs (see BENCHMARKS.md).
+pub(crate) const FOLD_COLUMNS: &str = "ts, api, endpoint, method, key, \"user\", model, status, \
+     success, error_type, latency_ms, request_bytes, response_bytes, tokens_in, tokens_out, \
+     cost_nanos, cached";
+
+/// An event read with [`FOLD_COLUMNS`] (`ts` decoded by the caller); `id` is
+/// empty and `error_message`/`metadata` absent. `seq` names the row in errors.
+pub(crate) fn fold_event_from_row<'r, R>(
+    row: &'r R,
+    ts: DateTime<Utc>,
+    seq: i64,
+) -> Result<Event, StoreError>
+where
+    R: sqlx::Row,
+    usize: sqlx::ColumnIndex<R>,
+    String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    &'r str: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    i32: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    f64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    bool: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+{
+    let error_type: Option<&str> = row.try_get(9)?;
+    let error_type = match error_type {
+        Some(t) => Some(ErrorType::parse(t).ok_or_else(|| StoreError::CorruptRow {
+            id: format!("seq {seq}"),
+            reason: format!("error_type {t:?}"),
+        })?),
+        None => None,
+    };
+    Ok(Event {
+        id: String::new(),
+        ts,
+        api: row.try_get(1)?,
+        endpoint: row.try_get(2)?,
+        method: row.try_get(3)?,
+        key: row.try_get(4)?,
+        user: row.try_get(5)?,
+        model: row.try_get(6)?,
+        status: row.try_get(7)?,
+        success: row.try_get(8)?,
+        error_type,
+        error_message: None,
+        latency_ms: row.try_get(10)?,
+        request_bytes: row.try_get(11)?,
+        response_bytes: row.try_get(12)?,
+        tokens_in: row.try_get(13)?,
+        tokens_out: row.try_get(14)?,
+        cost_nanos: row.try_get(15)?,
+        cached: row.try_get(16)?,
+        metadata: Default::default(),
+    })
+}
+
 /// `metadata` as stored: JSON text, NULL when empty.
 pub(crate) fn metadata_json(e: &Event) -> Option<String> {
     (!e.metadata.is_empty())

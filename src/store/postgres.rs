@@ -16,9 +16,9 @@ use super::agg::{
     FLOAT_COLUMNS, INT_COLUMNS,
 };
 use super::{
-    classify, event_from_row, first_occurrences, metadata_json, not_inserted, rejected_from_row,
-    Backend, EventStore, LogCounts, Origin, Outcome, Rejected, RejectedRow, StoreError,
-    StoreOptions, EVENT_COLUMNS, REJECTED_COLUMNS,
+    classify, event_from_row, first_occurrences, fold_event_from_row, metadata_json, not_inserted,
+    rejected_from_row, Backend, EventStore, LogCounts, Origin, Outcome, Rejected, RejectedRow,
+    StoreError, StoreOptions, EVENT_COLUMNS, FOLD_COLUMNS, REJECTED_COLUMNS,
 };
 use super::{
     AggAnswer, AggQuery, AggRow, Apply, ApplyOutcome, Cursor, LogBatch, ProjectionState,
@@ -436,8 +436,9 @@ impl EventStore for PgStore {
             stored.push((g, rows));
         }
         let sql = format!(
-            "SELECT {LOG_COLUMNS} FROM usage_events \
-             WHERE ts >= $1 AND ts < $2 AND (tx, seq) <= ($3::text::xid8, $4)"
+            "SELECT {} FROM usage_events \
+             WHERE ts >= $1 AND ts < $2 AND (tx, seq) <= ($3::text::xid8, $4)",
+            log_columns()
         );
         let rows = sqlx::query(&sql)
             .bind(from)
@@ -449,7 +450,7 @@ impl EventStore for PgStore {
         tx.commit().await?;
         let events = rows
             .iter()
-            .map(|r| event_from_row(r, r.try_get(1)?))
+            .map(|r| fold_event_from_row(r, r.try_get(0)?, r.try_get(18)?))
             .collect::<Result<Vec<_>, _>>()?;
         Ok(ReconcileRead {
             cursor: Some(Cursor { tx: ctx, seq: cseq }),
@@ -483,9 +484,10 @@ impl EventStore for PgStore {
 }
 
 /// Event columns as the projector reads them (no message, no metadata), then `tx`, `seq`.
-const LOG_COLUMNS: &str = "id, ts, api, endpoint, method, key, \"user\", model, status, success, \
-     error_type, NULL::text, latency_ms, request_bytes, response_bytes, tokens_in, tokens_out, \
-     cost_nanos, cached, NULL::text, tx::text::bigint AS cursor_tx, seq AS cursor_seq";
+/// [`FOLD_COLUMNS`], then the cursor: `tx` (17), `seq` (18).
+fn log_columns() -> String {
+    format!("{FOLD_COLUMNS}, tx::text::bigint AS cursor_tx, seq AS cursor_seq")
+}
 
 const CHECKPOINT_COLUMNS: &str = "name, spec_hash, spec, cursor_tx, cursor_seq, as_of, \
      events_folded, leader, lease_until_ms, updated_at";
@@ -689,9 +691,10 @@ impl ProjectionStore for PgStore {
         .fetch_one(&mut *tx)
         .await?;
         let sql = format!(
-            "SELECT {LOG_COLUMNS} FROM usage_events \
+            "SELECT {} FROM usage_events \
              WHERE (tx, seq) > ($1::text::xid8, $2) AND tx < $4::text::xid8 \
-             ORDER BY tx, seq LIMIT $3"
+             ORDER BY tx, seq LIMIT $3",
+            log_columns()
         );
         // xmin of this transaction's snapshot, read above: a constant, where
         // `pg_current_snapshot()` in the WHERE clause would be rebuilt per row.
@@ -706,14 +709,11 @@ impl ProjectionStore for PgStore {
         let events = rows
             .iter()
             .map(|r| {
-                let e = event_from_row(r, r.try_get(1)?)?;
-                Ok((
-                    Cursor {
-                        tx: r.try_get(20)?,
-                        seq: r.try_get(21)?,
-                    },
-                    e,
-                ))
+                let cursor = Cursor {
+                    tx: r.try_get(17)?,
+                    seq: r.try_get(18)?,
+                };
+                Ok((cursor, fold_event_from_row(r, r.try_get(0)?, cursor.seq)?))
             })
             .collect::<Result<Vec<_>, StoreError>>()?;
         Ok(LogBatch {

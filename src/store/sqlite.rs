@@ -22,9 +22,9 @@ use super::agg::{
     key_columns, merged_sketch, query_select, table, total_groups, unix_ms, upsert_clause,
 };
 use super::{
-    classify, event_from_row, first_occurrences, metadata_json, not_inserted, rejected_from_row,
-    Backend, EventStore, LogCounts, Origin, Outcome, Rejected, RejectedRow, StoreError,
-    StoreOptions, EVENT_COLUMNS, REJECTED_COLUMNS,
+    classify, event_from_row, first_occurrences, fold_event_from_row, metadata_json, not_inserted,
+    rejected_from_row, Backend, EventStore, LogCounts, Origin, Outcome, Rejected, RejectedRow,
+    StoreError, StoreOptions, EVENT_COLUMNS, FOLD_COLUMNS, REJECTED_COLUMNS,
 };
 use super::{
     AggAnswer, AggQuery, AggRow, Apply, ApplyOutcome, Cursor, LogBatch, ProjectionState,
@@ -411,8 +411,10 @@ impl EventStore for SqliteStore {
                 .collect::<Result<Vec<_>, _>>()?;
             stored.push((g, rows));
         }
-        let sql =
-            format!("SELECT {LOG_COLUMNS} FROM usage_events WHERE ts >= ? AND ts < ? AND seq <= ?");
+        let sql = format!(
+            "SELECT {} FROM usage_events WHERE ts >= ? AND ts < ? AND seq <= ?",
+            log_columns()
+        );
         let rows = sqlx::query(&sql)
             .bind(&from_text)
             .bind(&to_text)
@@ -422,7 +424,7 @@ impl EventStore for SqliteStore {
         tx.commit().await?;
         let events = rows
             .iter()
-            .map(|r| event_from_row(r, stored_ts(r)?))
+            .map(|r| log_event(r).map(|(_, e)| e))
             .collect::<Result<Vec<_>, _>>()?;
         Ok(ReconcileRead {
             cursor: Some(Cursor { tx: 0, seq: cseq }),
@@ -468,10 +470,21 @@ fn stored_ts(r: &SqliteRow) -> Result<DateTime<Utc>, StoreError> {
     })
 }
 
-/// Event columns as the projector reads them (no message, no metadata), then `tx` (0), `seq`.
-const LOG_COLUMNS: &str = "id, ts, api, endpoint, method, key, \"user\", model, status, success, \
-     error_type, NULL, latency_ms, request_bytes, response_bytes, tokens_in, tokens_out, \
-     cost_nanos, cached, NULL, 0, seq";
+/// [`FOLD_COLUMNS`], then the cursor's `seq` (17).
+fn log_columns() -> String {
+    format!("{FOLD_COLUMNS}, seq")
+}
+
+/// A row read with [`log_columns`] and its cursor.
+fn log_event(r: &SqliteRow) -> Result<(Cursor, Event), StoreError> {
+    let seq: i64 = r.try_get(17)?;
+    let text: &str = r.try_get(0)?;
+    let ts = parse_ts(text).ok_or_else(|| StoreError::CorruptRow {
+        id: format!("seq {seq}"),
+        reason: format!("ts {text:?}"),
+    })?;
+    Ok((Cursor { tx: 0, seq }, fold_event_from_row(r, ts, seq)?))
+}
 
 const CHECKPOINT_COLUMNS: &str = "name, spec_hash, spec, cursor_tx, cursor_seq, as_of, \
      events_folded, leader, lease_until_ms, updated_at";
@@ -593,8 +606,10 @@ impl ProjectionStore for SqliteStore {
         // Taken before the read: everything committed before it is visible to
         // the read, which starts its WAL snapshot afterwards.
         let at = Utc::now();
-        let sql =
-            format!("SELECT {LOG_COLUMNS} FROM usage_events WHERE seq > ? ORDER BY seq LIMIT ?");
+        let sql = format!(
+            "SELECT {} FROM usage_events WHERE seq > ? ORDER BY seq LIMIT ?",
+            log_columns()
+        );
         let rows = sqlx::query(&sql)
             .bind(after.seq)
             .bind(limit)
@@ -602,16 +617,7 @@ impl ProjectionStore for SqliteStore {
             .await?;
         let events = rows
             .iter()
-            .map(|r| {
-                let e = event_from_row(r, stored_ts(r)?)?;
-                Ok((
-                    Cursor {
-                        tx: 0,
-                        seq: r.try_get(21)?,
-                    },
-                    e,
-                ))
-            })
+            .map(log_event)
             .collect::<Result<Vec<_>, StoreError>>()?;
         Ok(LogBatch {
             events,
