@@ -412,11 +412,46 @@ async fn new_projection_backfills_a_100k_log_while_ingest_continues(s: &TestStor
 }
 
 both_backends!(
+    an_ingested_event_wakes_a_sleeping_projector,
     as_of_covers_every_committed_event,
     changed_spec_refuses_to_start_until_rebuilt,
     rebuild_during_live_ingest_never_shows_an_empty_table,
     new_projection_backfills_a_100k_log_while_ingest_continues,
 );
+
+/// With a one-minute poll, an event ingested over HTTP still reaches the
+/// hourly table within seconds: the intake's commit wakes the projector.
+async fn an_ingested_event_wakes_a_sleeping_projector(s: &TestStore) {
+    let mut config = support::server_config();
+    config.projections.projector_poll = Duration::from_secs(60);
+    let srv = support::TestServer::start(s.store.clone(), config).await;
+    let by_key = spec("by_key");
+    let total = |store: Arc<dyn EventStore>, spec: Spec| async move {
+        store
+            .read_agg(&spec, Granularity::Hour, "")
+            .await
+            .expect("read")
+            .iter()
+            .map(|r| r.measures.requests)
+            .sum::<i64>()
+    };
+    // The second event arrives while the projector sleeps after folding the
+    // first (the first may still be folded by its start-up step).
+    for n in 1..=2i64 {
+        let (status, body) = srv
+            .post_json(&serde_json::json!([support::wire(&format!("wake-{n}"))]))
+            .await;
+        assert_eq!(status, 200, "{body}");
+        let posted = std::time::Instant::now();
+        while total(s.store.clone(), by_key.clone()).await < n {
+            assert!(
+                posted.elapsed() < Duration::from_secs(15),
+                "event {n} not folded 15 s after its commit (poll is 60 s)"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
 
 /// Reading from an empty log with any cursor is not an error.
 #[tokio::test]
