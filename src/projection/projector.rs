@@ -184,6 +184,9 @@ pub struct Step {
     pub folded: usize,
     /// The last read returned fewer events than asked: nothing more is foldable now.
     pub caught_up: bool,
+    /// Caught up, but committed events wait behind a transaction still
+    /// running (see [`LogBatch::held_back`]): worth reading again soon.
+    pub held_back: bool,
     /// A checkpoint had moved under us; the cursors were reloaded.
     pub stale: bool,
     /// The oldest event timestamp committed by this step.
@@ -219,6 +222,11 @@ pub struct Group {
     last_write: Instant,
     failpoints: Failpoints,
 }
+
+/// How soon a group first reads again when committed events were held back
+/// by a transaction still running (instead of waiting for a poll or an
+/// append); the wait doubles up to the poll interval (at most 1 s) while it lasts.
+const HELD_BACK_RETRY: Duration = Duration::from_millis(10);
 
 /// Most watermarks remembered while waiting for old transactions to finish.
 const MAX_MARKS: usize = 1024;
@@ -327,6 +335,7 @@ impl Group {
             return Ok(Step {
                 folded: 0,
                 caught_up: true,
+                held_back: false,
                 stale: false,
                 oldest: None,
                 rows: 0,
@@ -368,6 +377,7 @@ impl Group {
             return Ok(Step {
                 folded: 0,
                 caught_up: prepared.caught_up,
+                held_back: prepared.held_back,
                 stale: false,
                 oldest: None,
                 rows: 0,
@@ -427,6 +437,7 @@ impl Group {
                 Ok(Step {
                     folded: prepared.read as usize,
                     caught_up: prepared.caught_up,
+                    held_back: prepared.held_back,
                     stale: false,
                     oldest: prepared.oldest,
                     rows: chosen
@@ -443,6 +454,7 @@ impl Group {
                 Ok(Step {
                     folded: 0,
                     caught_up: false,
+                    held_back: false,
                     stale: true,
                     oldest: None,
                     rows: 0,
@@ -464,6 +476,7 @@ impl Group {
         let renew_every = config.lease_ttl / 3;
         let mut renewed: Option<Instant> = None;
         let mut backoff = Backoff::new();
+        let mut held_back_wait = Duration::ZERO;
         self.failpoints = config.failpoints;
         for m in &mut self.members {
             m.leading = false;
@@ -515,6 +528,9 @@ impl Group {
             match self.step(config.batch_size).await {
                 Ok(step) => {
                     backoff.reset();
+                    if !step.held_back {
+                        held_back_wait = Duration::ZERO;
+                    }
                     if step.folded > 0 {
                         tracing::debug!(
                             projections = ?self.names(),
@@ -528,7 +544,18 @@ impl Group {
                             signal.committed(step.oldest);
                         }
                     }
-                    if step.caught_up {
+                    if step.caught_up && step.held_back {
+                        // Committed events wait only for another transaction
+                        // to end: look again soon, backing off towards the
+                        // poll interval while that transaction lasts.
+                        let most = config.poll_interval.min(Duration::from_secs(1));
+                        held_back_wait =
+                            (held_back_wait * 2).clamp(HELD_BACK_RETRY, most.max(HELD_BACK_RETRY));
+                        tokio::select! {
+                            _ = tokio::time::sleep(held_back_wait) => {}
+                            _ = shutdown.cancelled() => {}
+                        }
+                    } else if step.caught_up {
                         let appended = async {
                             match &config.wake {
                                 Some(wake) => wake.notified().await,
@@ -591,6 +618,8 @@ struct Prepared {
     as_of: Option<DateTime<Utc>>,
     read: i64,
     caught_up: bool,
+    /// The last read found committed events it could not fold yet.
+    held_back: bool,
     /// Oldest event timestamp in the batch.
     oldest: Option<DateTime<Utc>>,
 }
@@ -625,9 +654,11 @@ async fn prepare(
         tokio::spawn(async move { read_ahead(store.as_ref(), from, limit, sender).await })
     };
     let mut capped = false;
+    let mut held_back = false;
     while let Some(batch) = batches.recv().await {
         let batch = batch?;
         read += batch.events.len() as i64;
+        held_back = batch.held_back;
         if last_mark != Some(batch.watermark) {
             if marks.len() == MAX_MARKS {
                 marks.pop_front();
@@ -681,6 +712,7 @@ async fn prepare(
         as_of,
         read,
         caught_up,
+        held_back: caught_up && held_back,
         oldest,
     })
 }

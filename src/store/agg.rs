@@ -48,6 +48,12 @@ pub struct LogBatch {
     pub events: Vec<(Cursor, Event)>,
     /// The read's snapshot.
     pub watermark: Watermark,
+    /// Set when the read returned fewer events than asked although committed
+    /// events follow: their transactions started after one still running
+    /// (PostgreSQL's `xmin` horizon), so they become foldable as soon as it
+    /// ends. The projector then looks again within milliseconds instead of
+    /// waiting for the next poll. Always false on SQLite.
+    pub held_back: bool,
 }
 
 /// A row of `projection_checkpoints`.

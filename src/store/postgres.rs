@@ -705,6 +705,26 @@ impl ProjectionStore for PgStore {
             .bind(xmin.to_string())
             .fetch_all(&mut *tx)
             .await?;
+        let mut held_back = false;
+        if (rows.len() as i64) < limit {
+            // Caught up below xmin: do committed events wait above it?
+            let last = match rows.last() {
+                Some(r) => Cursor {
+                    tx: r.try_get(17)?,
+                    seq: r.try_get(18)?,
+                },
+                None => after,
+            };
+            held_back = sqlx::query_scalar(
+                "SELECT EXISTS (SELECT 1 FROM usage_events \
+                 WHERE (tx, seq) > ($1::text::xid8, $2) AND tx >= $3::text::xid8)",
+            )
+            .bind(last.tx.to_string())
+            .bind(last.seq)
+            .bind(xmin.to_string())
+            .fetch_one(&mut *tx)
+            .await?;
+        }
         tx.commit().await?;
         let events = rows
             .iter()
@@ -719,6 +739,7 @@ impl ProjectionStore for PgStore {
         Ok(LogBatch {
             events,
             watermark: Watermark { at, xmin, xmax },
+            held_back,
         })
     }
 

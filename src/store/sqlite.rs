@@ -626,6 +626,8 @@ impl ProjectionStore for SqliteStore {
                 xmin: 0,
                 xmax: 0,
             },
+            // One writer at a time: rowid order is commit order, nothing waits.
+            held_back: false,
         })
     }
 

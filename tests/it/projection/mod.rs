@@ -453,6 +453,52 @@ async fn an_ingested_event_wakes_a_sleeping_projector(s: &TestStore) {
     }
 }
 
+/// PostgreSQL: an event committed while an older transaction is still open is
+/// not folded yet (the cursor's safety), and is folded within a second once
+/// that transaction ends — even though no new append wakes the projector and
+/// its poll is a minute.
+#[tokio::test]
+async fn an_event_held_back_by_an_open_transaction_is_folded_soon_after_it_ends() {
+    let (url, _dir) = support::database(Backend::Postgres, "heldback");
+    let store = support::open(&url).await;
+    let mut config = support::server_config();
+    config.projections.projector_poll = Duration::from_secs(60);
+    let srv = support::TestServer::start(store.clone(), config).await;
+    let by_key = spec("by_key");
+    let total = || async {
+        store
+            .read_agg(&by_key, Granularity::Hour, "")
+            .await
+            .expect("read")
+            .iter()
+            .map(|r| r.measures.requests)
+            .sum::<i64>()
+    };
+    // Let the projector fold its start-up step and go to sleep.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let pool = sqlx::PgPool::connect(&url).await.expect("connect");
+    let mut older = pool.begin().await.expect("begin");
+    sqlx::query("SELECT pg_current_xact_id()")
+        .execute(&mut *older)
+        .await
+        .expect("take a transaction id");
+    let (status, body) = srv
+        .post_json(&serde_json::json!([support::wire("held-1")]))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(total().await, 0, "folded past a transaction still open");
+    older.commit().await.expect("commit");
+    let ended = std::time::Instant::now();
+    while total().await < 1 {
+        assert!(
+            ended.elapsed() < Duration::from_secs(10),
+            "event not folded 10 s after the older transaction ended (poll is 60 s)"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Reading from an empty log with any cursor is not an error.
 #[tokio::test]
 async fn empty_log_reads_nothing() {
