@@ -528,9 +528,6 @@ impl Group {
             match self.step(config.batch_size).await {
                 Ok(step) => {
                     backoff.reset();
-                    if !step.held_back {
-                        held_back_wait = Duration::ZERO;
-                    }
                     if step.folded > 0 {
                         tracing::debug!(
                             projections = ?self.names(),
@@ -544,18 +541,23 @@ impl Group {
                             signal.committed(step.oldest);
                         }
                     }
-                    if step.caught_up && step.held_back {
-                        // Committed events wait only for another transaction
-                        // to end: look again soon, backing off towards the
-                        // poll interval while that transaction lasts.
-                        let most = config.poll_interval.min(Duration::from_secs(1));
-                        held_back_wait =
-                            (held_back_wait * 2).clamp(HELD_BACK_RETRY, most.max(HELD_BACK_RETRY));
-                        tokio::select! {
-                            _ = tokio::time::sleep(held_back_wait) => {}
-                            _ = shutdown.cancelled() => {}
-                        }
-                    } else if step.caught_up {
+                    if step.caught_up {
+                        let wait = if step.held_back {
+                            // Committed events wait only for another
+                            // transaction to end: look again soon, backing
+                            // off towards the poll interval (at most 1 s)
+                            // while no progress is made.
+                            let most = config.poll_interval.min(Duration::from_secs(1));
+                            held_back_wait = if step.folded > 0 {
+                                HELD_BACK_RETRY
+                            } else {
+                                held_back_wait * 2
+                            }
+                            .clamp(HELD_BACK_RETRY, most.max(HELD_BACK_RETRY));
+                            held_back_wait
+                        } else {
+                            config.poll_interval
+                        };
                         let appended = async {
                             match &config.wake {
                                 Some(wake) => wake.notified().await,
@@ -563,7 +565,7 @@ impl Group {
                             }
                         };
                         tokio::select! {
-                            _ = tokio::time::sleep(config.poll_interval) => {}
+                            _ = tokio::time::sleep(wait) => {}
                             _ = appended => {}
                             _ = shutdown.cancelled() => {}
                         }
