@@ -178,7 +178,7 @@ pub const READ_CHUNK: i64 = 10_000;
 pub const MAX_DELTA_ROWS: usize = 60_000;
 
 /// What one [`Group::step`] did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Step {
     /// Events folded and committed (counted once per event, not per member).
     pub folded: usize,
@@ -333,14 +333,8 @@ impl Group {
         if leading.is_empty() {
             self.prefetched = None;
             return Ok(Step {
-                folded: 0,
                 caught_up: true,
-                held_back: false,
-                stale: false,
-                oldest: None,
-                rows: 0,
-                prepare: Duration::ZERO,
-                apply: Duration::ZERO,
+                ..Step::default()
             });
         }
         let limit = limit.max(1);
@@ -375,14 +369,9 @@ impl Group {
         }
         if chosen.is_empty() {
             return Ok(Step {
-                folded: 0,
                 caught_up: prepared.caught_up,
                 held_back: prepared.held_back,
-                stale: false,
-                oldest: None,
-                rows: 0,
-                prepare: Duration::ZERO,
-                apply: Duration::ZERO,
+                ..Step::default()
             });
         }
         let crash = Failpoints::fires(self.failpoints.before_commit);
@@ -452,14 +441,10 @@ impl Group {
                 tracing::info!(projections = ?self.names(), "a checkpoint moved under this projector; re-reading them");
                 self.reload().await?;
                 Ok(Step {
-                    folded: 0,
-                    caught_up: false,
-                    held_back: false,
                     stale: true,
-                    oldest: None,
-                    rows: 0,
                     prepare: prepare_took,
                     apply: apply_took,
+                    ..Step::default()
                 })
             }
         }
