@@ -334,6 +334,32 @@ fn unpack(mut bytes: &[u8]) -> Vec<Cow<'_, str>> {
     out
 }
 
+/// Bucket start in microseconds. UTC takes arithmetic and, for months, a
+/// one-entry cache keyed by the day (events arrive roughly in time order);
+/// other zones [`bucket_start`] itself.
+fn bucket_us(
+    ts: DateTime<Utc>,
+    g: Granularity,
+    tz: Tz,
+    month_of_day: &mut Option<(i64, i64)>,
+) -> i64 {
+    if tz != Tz::UTC {
+        return bucket_start(ts, g, tz).timestamp_micros();
+    }
+    if g != Granularity::Month {
+        return bucket_start(ts, g, Tz::UTC).timestamp_micros();
+    }
+    let day = bucket_start(ts, Granularity::Day, Tz::UTC).timestamp_micros();
+    match *month_of_day {
+        Some((d, m)) if d == day => m,
+        _ => {
+            let m = bucket_start(ts, Granularity::Month, Tz::UTC).timestamp_micros();
+            *month_of_day = Some((day, m));
+            m
+        }
+    }
+}
+
 impl Fold {
     /// An empty fold for `spec`.
     pub fn new(spec: &Spec) -> Self {
@@ -365,11 +391,9 @@ impl Fold {
     /// (once per event for all projections of a group).
     pub fn add_binned(&mut self, e: &Event, bin: Option<Bin>) {
         let mut buckets = [0i64; MAX_GRANULARITIES];
-        let granularities = std::mem::take(&mut self.granularities);
-        for (slot, &g) in buckets.iter_mut().zip(&granularities) {
-            *slot = self.bucket_us(e.ts, g);
+        for (slot, &g) in buckets.iter_mut().zip(&self.granularities) {
+            *slot = bucket_us(e.ts, g, self.timezone, &mut self.month_of_day);
         }
-        self.granularities = granularities;
         self.key.clear();
         for &d in &self.dimensions {
             pack(&mut self.key, &dimension_str(e, d));
@@ -421,27 +445,6 @@ impl Fold {
             }
         }
         self.events += 1;
-    }
-
-    /// Bucket start in microseconds; UTC takes arithmetic and a one-entry
-    /// month cache (events arrive roughly in time order), other zones
-    /// [`bucket_start`] itself.
-    fn bucket_us(&mut self, ts: DateTime<Utc>, g: Granularity) -> i64 {
-        if self.timezone != Tz::UTC {
-            return bucket_start(ts, g, self.timezone).timestamp_micros();
-        }
-        if g != Granularity::Month {
-            return bucket_start(ts, g, Tz::UTC).timestamp_micros();
-        }
-        let day = bucket_start(ts, Granularity::Day, Tz::UTC).timestamp_micros();
-        match self.month_of_day {
-            Some((d, m)) if d == day => m,
-            _ => {
-                let m = bucket_start(ts, Granularity::Month, Tz::UTC).timestamp_micros();
-                self.month_of_day = Some((day, m));
-                m
-            }
-        }
     }
 
     /// Upper bound of the rows [`Fold::finish`] gives (one per granularity per fine row).
