@@ -27,9 +27,11 @@ use crate::store::{self, redact_url, EventStore, StoreError};
 /// does not stop start-up: those projections open (and check) when it is back.
 pub async fn open_projectors(
     store: &Arc<dyn EventStore>,
-    dir: &std::path::Path,
+    dir: Option<&std::path::Path>,
 ) -> Result<Vec<ProjectionTask>, ProjectionError> {
-    let specs = spec::load_dir(dir)?;
+    let source = spec::SpecSource::resolve(dir);
+    tracing::info!(source = %source, "projection specs");
+    let specs = source.load()?;
     let mut tasks = Vec::with_capacity(specs.len());
     let mut changed = Vec::new();
     for spec in specs {
@@ -54,7 +56,7 @@ pub async fn open_projectors(
         return Err(ProjectionError::Changed(changed.join("\n")));
     }
     if tasks.is_empty() {
-        tracing::warn!(dir = %dir.display(), "no projection specs: nothing will be aggregated");
+        tracing::warn!(source = %source, "no projection specs: nothing will be aggregated");
     }
     Ok(tasks)
 }
@@ -137,7 +139,8 @@ impl App {
                 source,
             })?;
         let projector_config = server.projections.projector().map_err(AppError::Config)?;
-        let projectors = open_projectors(&store, &server.projections.projections_dir).await?;
+        let projectors =
+            open_projectors(&store, server.projections.projections_dir.as_deref()).await?;
         let health = Arc::new(Health::default());
         let catalog = Catalog::new(projectors.iter().map(|t| t.spec.clone()).collect());
         let state = AppState::new(store, server, health.clone(), catalog);

@@ -165,8 +165,8 @@ struct QueryTarget {
     #[arg(long, env = "TALLY_SERVER")]
     server: Option<String>,
     /// Directory of projection specs (direct database reads only).
-    #[arg(long, env = "TALLY_PROJECTIONS_DIR", default_value = "projections")]
-    projections_dir: PathBuf,
+    #[arg(long, env = "TALLY_PROJECTIONS_DIR")]
+    projections_dir: Option<PathBuf>,
     /// Output format.
     #[arg(long, value_enum, default_value = "table")]
     format: crate::query::render::Format,
@@ -246,6 +246,13 @@ enum ProjectionsCommand {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+    },
+    /// Write the built-in projection specs into DIR (default `projections`) for
+    /// editing; then point TALLY_PROJECTIONS_DIR at it (or run from its parent).
+    Init {
+        /// Directory to write into (created when missing); existing files are never overwritten.
+        #[arg(default_value = "projections")]
+        dir: PathBuf,
     },
     /// Rebuild a projection from the event log into shadow tables and swap them
     /// in atomically; safe while Tally serves and ingests.
@@ -637,10 +644,11 @@ async fn alerts(db: &DatabaseConfig, which: AlertsCommand) -> anyhow::Result<()>
         } => {
             let text = std::fs::read_to_string(&file)
                 .with_context(|| format!("reading {}", file.display()))?;
-            let specs: Vec<_> = crate::projection::spec::load_dir(&config.projections_dir)?
-                .into_iter()
-                .map(std::sync::Arc::new)
-                .collect();
+            let specs: Vec<_> =
+                crate::projection::spec::load_specs(config.projections_dir.as_deref())?
+                    .into_iter()
+                    .map(std::sync::Arc::new)
+                    .collect();
             let actor = actor.unwrap_or_else(|| {
                 format!(
                     "cli:{}",
@@ -708,12 +716,26 @@ async fn projections(db: &DatabaseConfig, which: ProjectionsCommand) -> anyhow::
     use crate::projection::{rebuild, spec, status};
     use std::io::Write;
     use std::sync::Arc;
+    if let ProjectionsCommand::Init { dir } = &which {
+        for path in spec::write_builtin(dir)? {
+            println!("wrote {}", path.display());
+        }
+        println!(
+            "edit them, then start Tally with TALLY_PROJECTIONS_DIR={} (see projections/README.md for the format)",
+            dir.display()
+        );
+        return Ok(());
+    }
     let store = store::connect(&db.database_url, &db.store_options()).await?;
     store.migrate().await?;
     match which {
+        ProjectionsCommand::Init { .. } => {}
         ProjectionsCommand::List { config, json } => {
-            let specs = spec::load_dir(&config.projections_dir)?;
+            let source = spec::SpecSource::resolve(config.projections_dir.as_deref());
+            let specs = source.load()?;
             let infos = status::list(store.as_ref(), &specs, true).await?;
+            // The source goes to stderr so `--json` stays one JSON document.
+            eprintln!("specs: {source}");
             if json {
                 println!("{}", serde_json::to_string_pretty(&infos)?);
             } else {
@@ -750,7 +772,7 @@ async fn projections(db: &DatabaseConfig, which: ProjectionsCommand) -> anyhow::
             }
         }
         ProjectionsCommand::Rebuild { name, config } => {
-            let specs = spec::load_dir(&config.projections_dir)?;
+            let specs = spec::load_specs(config.projections_dir.as_deref())?;
             let spec = specs
                 .into_iter()
                 .find(|s| s.name == name)
@@ -886,7 +908,7 @@ async fn query_answer(
         }
         return Ok(body);
     }
-    let specs = crate::projection::spec::load_dir(&target.projections_dir)?;
+    let specs = crate::projection::spec::load_specs(target.projections_dir.as_deref())?;
     let catalog = crate::query::Catalog::new(specs.into_iter().map(std::sync::Arc::new).collect());
     let store = store::connect(&db.database_url, &db.store_options()).await?;
     let answer = local(store.clone(), catalog, pairs).await;

@@ -136,9 +136,10 @@ impl ServerConfig {
 /// Projection specs and projector tasks (`serve`, `projections …`).
 #[derive(Debug, Clone, clap::Args)]
 pub struct ProjectionConfig {
-    /// Directory of projection specs (`*.toml`, one projection each).
-    #[arg(long, env = "TALLY_PROJECTIONS_DIR", default_value = "projections")]
-    pub projections_dir: PathBuf,
+    /// Directory of projection specs (`*.toml`, one projection each); default:
+    /// `./projections` when it exists, else the specs built into the binary.
+    #[arg(long, env = "TALLY_PROJECTIONS_DIR")]
+    pub projections_dir: Option<PathBuf>,
 
     /// Most events a projector folds per transaction (larger: fewer rewrites
     /// of each aggregate row while catching up; more memory).
@@ -261,6 +262,11 @@ pub struct NatsConfig {
     /// Most messages appended in one transaction.
     #[arg(long, env = "TALLY_NATS_BATCH", default_value_t = 1_000)]
     pub nats_batch: usize,
+
+    /// Most payload bytes pulled and appended in one batch (raised to the
+    /// server's `max_payload` so one large message always fits).
+    #[arg(long, env = "TALLY_NATS_BATCH_BYTES", default_value_t = 8 * 1024 * 1024)]
+    pub nats_batch_bytes: usize,
 
     /// How long to wait for a batch to fill once its first message arrived.
     #[arg(long, env = "TALLY_NATS_FETCH_WAIT", default_value = "5ms", value_parser = humantime::parse_duration)]

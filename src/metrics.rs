@@ -218,6 +218,8 @@ pub fn record_append(
             Outcome::Inserted => inserted += 1,
             Outcome::Duplicate => dup += 1,
             Outcome::Conflict => conflict += 1,
+            // Counted as a rejection when its record is appended.
+            Outcome::Refused => {}
         }
     }
     INGESTED.add(&[source], inserted);

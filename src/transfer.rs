@@ -281,7 +281,7 @@ pub struct CopyReport {
 pub async fn copy(
     source: &dyn EventStore,
     target: Arc<dyn EventStore>,
-    projections_dir: &Path,
+    projections_dir: Option<&Path>,
     mut progress: impl FnMut(&str, u64, u64),
 ) -> Result<CopyReport, TransferError> {
     let existing = target.counts().await?.events;
@@ -338,10 +338,10 @@ pub async fn copy(
 /// Checks that every unpruned aggregate table sums to the log's totals.
 pub async fn verify_projections(
     store: &dyn EventStore,
-    projections_dir: &Path,
+    projections_dir: Option<&Path>,
     totals: &LogTotals,
 ) -> Result<(), TransferError> {
-    for spec in crate::projection::spec::load_dir(projections_dir)? {
+    for spec in crate::projection::spec::load_specs(projections_dir)? {
         for &g in &spec.granularities {
             if spec.retention.contains_key(&g) && g == Granularity::Minute {
                 continue;

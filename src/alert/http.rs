@@ -1,7 +1,6 @@
 //! The alert routes: `/v1/alert-rules` (CRUD with audit), `/v1/alerts`
 //! (active instances and notification history) and `/v1/keys/{key}/quota`.
 
-use axum::body::Bytes;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
@@ -108,8 +107,9 @@ fn not_found(what: String) -> ApiError {
 pub async fn create_rule(
     State(state): State<AppState>,
     headers: HeaderMap,
-    body: Bytes,
+    body: axum::body::Body,
 ) -> Result<Response, ApiError> {
+    let body = crate::http::read_admin_body(&headers, body).await?;
     let spec = parse_rule(&state, &body)?;
     let written = state
         .store
@@ -140,8 +140,9 @@ pub async fn put_rule(
     State(state): State<AppState>,
     Path(name): Path<String>,
     headers: HeaderMap,
-    body: Bytes,
+    body: axum::body::Body,
 ) -> Result<Response, ApiError> {
+    let body = crate::http::read_admin_body(&headers, body).await?;
     let mut value: Value = serde_json::from_slice(&body).map_err(|e| {
         ApiError::from(AlertError::Invalid(format!(
             "the rule is not valid JSON: {e}"
@@ -349,8 +350,9 @@ pub async fn put_quota(
     State(state): State<AppState>,
     Path(key): Path<String>,
     headers: HeaderMap,
-    body: Bytes,
+    body: axum::body::Body,
 ) -> Result<Response, ApiError> {
+    let body = crate::http::read_admin_body(&headers, body).await?;
     let spec = QuotaSpec::from_json(&body)?;
     let quota = spec.validate(&key, &state.catalog.specs)?;
     let text = serde_json::to_string(&spec).unwrap_or_default();

@@ -132,8 +132,8 @@ impl Measure {
             Measure::Tokens => (m.tokens_in + m.tokens_out) as f64,
             Measure::TokensIn => m.tokens_in as f64,
             Measure::TokensOut => m.tokens_out as f64,
-            Measure::LatencyP95 => return m.sketch.quantile(0.95),
-            Measure::LatencyP99 => return m.sketch.quantile(0.99),
+            Measure::LatencyP95 => return m.latency_quantile(0.95),
+            Measure::LatencyP99 => return m.latency_quantile(0.99),
         })
     }
 }

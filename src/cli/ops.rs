@@ -276,10 +276,11 @@ pub(super) async fn jobs(db: &DatabaseConfig, which: JobsCommand) -> anyhow::Res
                 format!("unknown job `{job}`: use retention, reconciliation or optimize")
             })?;
             jobs::validate(&cfg, late_arrival_horizon)?;
-            let specs = crate::projection::spec::load_dir(&projections.projections_dir)?
-                .into_iter()
-                .map(std::sync::Arc::new)
-                .collect();
+            let specs =
+                crate::projection::spec::load_specs(projections.projections_dir.as_deref())?
+                    .into_iter()
+                    .map(std::sync::Arc::new)
+                    .collect();
             let ctx = JobContext {
                 store: store.clone(),
                 specs,
@@ -389,7 +390,9 @@ pub(super) async fn import(db: &DatabaseConfig, a: ImportArgs) -> anyhow::Result
     eprintln!();
     println!("{}", serde_json::to_string_pretty(&report)?);
     if !a.no_project {
-        for task in crate::app::open_projectors(&store, &a.projections.projections_dir).await? {
+        for task in
+            crate::app::open_projectors(&store, a.projections.projections_dir.as_deref()).await?
+        {
             if let Some(mut p) = task.projector {
                 let n = p.catch_up(a.projections.projector_batch.max(1)).await?;
                 eprintln!("projection {}: folded {n} events", task.spec.name);
@@ -417,7 +420,7 @@ pub(super) async fn copy(db: &DatabaseConfig, a: CopyArgs) -> anyhow::Result<()>
     let report = transfer::copy(
         source.as_ref(),
         target.clone(),
-        &a.projections.projections_dir,
+        a.projections.projections_dir.as_deref(),
         |what, done, total| {
             let _ = write!(
                 stderr,

@@ -6,8 +6,10 @@
 
 use serde_json::{Map, Number, Value};
 
+mod msgpack;
+
 use super::cost::format_nanos_short;
-use super::validate::{describe, ValidationError};
+use super::validate::{self, describe, ValidationError};
 use super::{format_ts, Event};
 
 /// The content types `POST /v1/events` and NATS messages may carry.
@@ -35,7 +37,13 @@ pub enum Encoding {
 }
 
 impl Encoding {
-    /// The encoding named by a `Content-Type` header; sniffed from the body when absent.
+    /// The encoding named by a `Content-Type` header; sniffed from the body
+    /// when absent or generic.
+    ///
+    /// Only what can be told from the bytes is sniffed: a text type
+    /// (`text/plain`, form encoding) can hold JSON or NDJSON, never
+    /// MessagePack; no type or `application/octet-stream` can hold either.
+    /// Anything else is [`CodecError::Unrecognised`] (HTTP 415).
     pub fn detect(content_type: Option<&str>, body: &[u8]) -> Result<Self, CodecError> {
         let essence = content_type
             .map(|ct| {
@@ -47,11 +55,13 @@ impl Encoding {
             })
             .filter(|ct| !ct.is_empty());
         match essence.as_deref() {
-            // curl's `-d` default and generic types: look at the bytes instead.
-            None
-            | Some("application/octet-stream")
-            | Some("application/x-www-form-urlencoded")
-            | Some("text/plain") => Ok(Self::sniff(body)),
+            None | Some("application/octet-stream") => Self::sniff(body, true)
+                .ok_or_else(|| CodecError::unrecognised(essence.as_deref(), body)),
+            // curl's `-d` default and generic text types: JSON or NDJSON only.
+            Some("application/x-www-form-urlencoded") | Some("text/plain") => {
+                Self::sniff(body, false)
+                    .ok_or_else(|| CodecError::unrecognised(essence.as_deref(), body))
+            }
             Some("application/json") | Some("text/json") => Ok(Self::Json),
             Some("application/x-ndjson")
             | Some("application/ndjson")
@@ -62,26 +72,34 @@ impl Encoding {
             | Some("application/vnd.msgpack") => Ok(Self::MsgPack),
             Some("application/cloudevents+json") => Ok(Self::CloudEvents),
             Some("application/cloudevents-batch+json") => Ok(Self::CloudEventsBatch),
-            Some(other) => Err(CodecError::UnsupportedMediaType(other.to_string())),
+            Some(other) => Err(CodecError::UnsupportedMediaType(validate::truncate_chars(
+                &crate::event::escape_controls(other),
+                64,
+            ))),
         }
     }
 
-    /// JSON bodies start with `{` or `[`; MessagePack maps and arrays never do.
-    fn sniff(body: &[u8]) -> Self {
-        let first = body.iter().find(|b| !b.is_ascii_whitespace());
+    /// JSON bodies start with `{` or `[` (after a byte-order mark and
+    /// whitespace); MessagePack maps and arrays start with their own markers.
+    fn sniff(body: &[u8], msgpack: bool) -> Option<Self> {
+        let text = strip_bom(body);
+        let first = text.iter().find(|b| !b.is_ascii_whitespace());
         match first {
-            Some(b'[') => Self::Json,
+            Some(b'[') => Some(Self::Json),
             Some(b'{') => {
                 // Several top-level objects: NDJSON.
-                let mut stream = serde_json::Deserializer::from_slice(body)
-                    .into_iter::<&serde_json::value::RawValue>();
+                let mut stream =
+                    serde_json::Deserializer::from_slice(text).into_iter::<serde::de::IgnoredAny>();
                 let _ = stream.next();
                 match stream.next() {
-                    Some(_) => Self::Ndjson,
-                    None => Self::Json,
+                    Some(_) => Some(Self::Ndjson),
+                    None => Some(Self::Json),
                 }
             }
-            _ => Self::MsgPack,
+            _ if msgpack && body.first().is_some_and(|&b| msgpack::is_container(b)) => {
+                Some(Self::MsgPack)
+            }
+            _ => None,
         }
     }
 
@@ -103,22 +121,52 @@ pub enum CodecError {
     /// The `Content-Type` is not one Tally reads.
     #[error("unsupported content type `{0}`; supported: {list}", list = SUPPORTED_CONTENT_TYPES.join(", "))]
     UnsupportedMediaType(String),
+    /// No or a generic `Content-Type`, and the bytes are none of the encodings
+    /// that type can hold.
+    #[error("{0}")]
+    Unrecognised(String),
     /// The bytes are not valid in the encoding.
     #[error("{0}")]
     Unparseable(String),
     /// The body decoded to zero events.
     #[error("the body holds no events; send one event object or a non-empty array of them")]
     Empty,
-    /// More events than one body may carry.
+    /// More events than one body may carry (counted before decoding them).
     #[error(
-        "the body holds {count} events; at most {max} are accepted per request, split the batch"
+        "the body holds more than {max} events; at most {max} are accepted per request, split the batch"
     )]
     TooManyEvents {
-        /// Events found.
-        count: usize,
         /// The configured limit.
         max: usize,
     },
+}
+
+impl CodecError {
+    fn unrecognised(declared: Option<&str>, body: &[u8]) -> Self {
+        let what = match declared {
+            None => "no Content-Type was given".to_string(),
+            Some(t) => format!("Content-Type `{t}` was given"),
+        };
+        let could = if declared.is_some_and(|t| t != "application/octet-stream") {
+            "text can be JSON or NDJSON"
+        } else {
+            "the body can be JSON, NDJSON or MessagePack"
+        };
+        let first = match body.first() {
+            Some(b) => format!("it starts with byte 0x{b:02x}"),
+            None => "it is empty".to_string(),
+        };
+        Self::Unrecognised(format!(
+            "cannot tell the body's encoding: {what}, {could}, and {first}; set Content-Type to one of {}",
+            SUPPORTED_CONTENT_TYPES.join(", ")
+        ))
+    }
+}
+
+/// A UTF-8 byte-order mark some editors and SDKs put before JSON.
+fn strip_bom(body: &[u8]) -> &[u8] {
+    body.strip_prefix(b"\xEF\xBB\xBF".as_slice())
+        .unwrap_or(body)
 }
 
 /// One element of a body: its raw bytes, and its decoded map or why it failed.
@@ -149,20 +197,13 @@ pub fn decode_body(
     Ok(items)
 }
 
-fn too_many(count: usize, max: usize) -> Result<(), CodecError> {
-    if count > max {
-        Err(CodecError::TooManyEvents { count, max })
-    } else {
-        Ok(())
-    }
-}
-
 fn decode_json(body: &[u8], encoding: Encoding, max: usize) -> Result<Vec<Item>, CodecError> {
     use serde_json::value::RawValue;
+    let body = strip_bom(body);
     let invalid = |e: serde_json::Error| CodecError::Unparseable(format!("invalid JSON: {e}"));
     let first = body.iter().find(|b| !b.is_ascii_whitespace());
     let raws: Vec<&RawValue> = match first {
-        Some(b'[') => serde_json::from_slice(body).map_err(invalid)?,
+        Some(b'[') => bounded_array(body, max)?,
         Some(b'{') => vec![serde_json::from_slice(body).map_err(invalid)?],
         None => return Err(CodecError::Unparseable("the body is empty".into())),
         Some(_) => {
@@ -174,75 +215,178 @@ fn decode_json(body: &[u8], encoding: Encoding, max: usize) -> Result<Vec<Item>,
             )));
         }
     };
-    too_many(raws.len(), max)?;
     let cloud = matches!(encoding, Encoding::CloudEvents | Encoding::CloudEventsBatch);
     Ok(raws
         .into_iter()
-        .map(|raw| {
-            let value = serde_json::from_str::<Value>(raw.get())
-                .map_err(|e| ValidationError::single(None, format!("invalid JSON: {e}")))
-                .and_then(|v| unwrap_cloudevent(v, cloud));
-            Item {
-                raw: raw.get().as_bytes().to_vec(),
-                value,
-            }
+        .map(|raw| Item {
+            raw: raw.get().as_bytes().to_vec(),
+            value: json_item(raw.get().as_bytes(), "invalid JSON")
+                .and_then(|v| unwrap_cloudevent(v, cloud)),
         })
         .collect())
+}
+
+/// The elements of a JSON array, refusing the body as soon as it holds more
+/// than `max` (so a body of millions of `0`s is never collected).
+fn bounded_array(body: &[u8], max: usize) -> Result<Vec<&serde_json::value::RawValue>, CodecError> {
+    use serde::de::{Deserializer as _, Error as _, SeqAccess, Visitor};
+    use serde_json::value::RawValue;
+    const TOO_MANY: &str = "tally: too many elements";
+    struct Elements(usize);
+    impl<'de> Visitor<'de> for Elements {
+        type Value = Vec<&'de RawValue>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("an array of events")
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+            let mut out = Vec::new();
+            while let Some(raw) = seq.next_element::<&'de RawValue>()? {
+                if out.len() == self.0 {
+                    return Err(A::Error::custom(TOO_MANY));
+                }
+                out.push(raw);
+            }
+            Ok(out)
+        }
+    }
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let parsed = de
+        .deserialize_seq(Elements(max))
+        .and_then(|v| de.end().map(|()| v));
+    parsed.map_err(|e| {
+        if e.to_string().starts_with(TOO_MANY) {
+            CodecError::TooManyEvents { max }
+        } else {
+            CodecError::Unparseable(format!("invalid JSON: {e}"))
+        }
+    })
 }
 
 fn decode_ndjson(body: &[u8], max: usize) -> Result<Vec<Item>, CodecError> {
-    let lines: Vec<&[u8]> = body
+    let mut items = Vec::new();
+    for line in strip_bom(body)
         .split(|b| *b == b'\n')
         .map(|l| l.trim_ascii())
         .filter(|l| !l.is_empty())
-        .collect();
-    too_many(lines.len(), max)?;
-    Ok(lines
-        .into_iter()
-        .map(|line| Item {
+    {
+        if items.len() == max {
+            return Err(CodecError::TooManyEvents { max });
+        }
+        items.push(Item {
             raw: line.to_vec(),
-            value: serde_json::from_slice::<Value>(line)
-                .map_err(|e| {
-                    ValidationError::single(None, format!("invalid JSON on this line: {e}"))
-                })
+            value: json_item(line, "invalid JSON on this line")
                 .and_then(|v| unwrap_cloudevent(v, false)),
-        })
-        .collect())
+        });
+    }
+    Ok(items)
+}
+
+/// One JSON item, refused before it is built when its shape is not an event's
+/// (see [`MAX_ITEM_VALUES`], [`MAX_ITEM_DEPTH`]).
+fn json_item(raw: &[u8], invalid: &str) -> Result<Value, ValidationError> {
+    json_shape(raw).map_err(|m| ValidationError::single(None, m))?;
+    serde_json::from_slice::<Value>(raw)
+        .map_err(|e| ValidationError::single(None, format!("{invalid}: {e}")))
+}
+
+/// Most values (map entries and array elements, at any depth) in one item.
+/// An event has 20 fields and at most 16 metadata entries.
+pub const MAX_ITEM_VALUES: usize = 128;
+/// Deepest nesting of objects/arrays in one item (a CloudEvent's `data.metadata` is 3).
+pub const MAX_ITEM_DEPTH: usize = 4;
+
+fn shape_error() -> String {
+    format!(
+        "the item is not shaped like an event: more than {MAX_ITEM_VALUES} values or objects nested deeper than {MAX_ITEM_DEPTH}; an event is one object of at most 20 fields and 16 metadata entries"
+    )
+}
+
+/// Checks an item's shape on its bytes, without building it: counts the
+/// separators and brackets outside strings.
+fn json_shape(raw: &[u8]) -> Result<(), String> {
+    let (mut in_string, mut escaped) = (false, false);
+    let (mut depth, mut values) = (0usize, 0usize);
+    for &b in raw {
+        if in_string {
+            match (escaped, b) {
+                (true, _) => escaped = false,
+                (false, b'\\') => escaped = true,
+                (false, b'"') => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'{' | b'[' => {
+                depth += 1;
+                values += 1;
+            }
+            b'}' | b']' => depth = depth.saturating_sub(1),
+            b',' => values += 1,
+            _ => {}
+        }
+        if depth > MAX_ITEM_DEPTH || values > MAX_ITEM_VALUES {
+            return Err(shape_error());
+        }
+    }
+    Ok(())
 }
 
 fn decode_msgpack(body: &[u8], max: usize) -> Result<Vec<Item>, CodecError> {
-    let mut cursor = body;
-    let top = rmpv::decode::read_value(&mut cursor)
-        .map_err(|e| CodecError::Unparseable(format!("invalid MessagePack: {e}")))?;
-    if !cursor.is_empty() {
-        return Err(CodecError::Unparseable(format!(
-            "invalid MessagePack: {} trailing bytes after the first value",
-            cursor.len()
-        )));
-    }
-    let elements = match top {
-        rmpv::Value::Array(a) => a,
-        m @ rmpv::Value::Map(_) => vec![m],
-        other => {
+    let invalid = |e: String| CodecError::Unparseable(format!("invalid MessagePack: {e}"));
+    let mut reader = msgpack::Reader::new(body);
+    // The count is read from the array header, before any element is decoded.
+    let count = match reader.container_header().map_err(invalid)? {
+        msgpack::Header::Array(n) => n,
+        msgpack::Header::Map => 1,
+        msgpack::Header::Other(kind) => {
             return Err(CodecError::Unparseable(format!(
-                "the MessagePack body must be a map or an array of maps, got {}",
-                msgpack_kind(&other)
+                "the MessagePack body must be a map or an array of maps, got {kind}"
             )))
         }
     };
-    too_many(elements.len(), max)?;
-    Ok(elements
-        .into_iter()
-        .map(|el| {
-            let mut raw = Vec::new();
-            // Writing to a Vec cannot fail.
-            let _ = rmpv::encode::write_value(&mut raw, &el);
-            let value = msgpack_to_json(el, "")
-                .map_err(|m| ValidationError::single(None, m))
-                .and_then(|v| unwrap_cloudevent(v, false));
-            Item { raw, value }
+    if count > max {
+        return Err(CodecError::TooManyEvents { max });
+    }
+    let mut items = Vec::with_capacity(count);
+    for _ in 0..count {
+        let (raw, shape_ok) = reader
+            .element(MAX_ITEM_VALUES, MAX_ITEM_DEPTH)
+            .map_err(invalid)?;
+        let value = if shape_ok {
+            decode_msgpack_item(raw)
+        } else {
+            Err(ValidationError::single(None, shape_error()))
+        };
+        items.push(Item {
+            raw: raw.to_vec(),
+            value,
+        });
+    }
+    if !reader.rest().is_empty() {
+        return Err(invalid(format!(
+            "{} trailing bytes after the first value",
+            reader.rest().len()
+        )));
+    }
+    Ok(items)
+}
+
+/// One MessagePack item whose shape was checked already (so it is small).
+fn decode_msgpack_item(mut raw: &[u8]) -> Result<Value, ValidationError> {
+    let v = rmpv::decode::read_value_with_max_depth(&mut raw, 4 * MAX_ITEM_DEPTH + 4)
+        .map_err(|e| ValidationError::single(None, format!("invalid MessagePack: {e}")))?;
+    msgpack_to_json(v)
+        .map_err(|(path, m)| {
+            let at = if path.is_empty() {
+                String::new()
+            } else {
+                format!("field `{}`: ", validate::quoted_name(&path.join(".")))
+            };
+            ValidationError::single(None, format!("{at}{m}"))
         })
-        .collect())
+        .and_then(|v| unwrap_cloudevent(v, false))
 }
 
 fn msgpack_kind(v: &rmpv::Value) -> &'static str {
@@ -260,72 +404,66 @@ fn msgpack_kind(v: &rmpv::Value) -> &'static str {
 }
 
 /// MessagePack → the JSON data model, so both encodings share one validator.
-fn msgpack_to_json(v: rmpv::Value, path: &str) -> Result<Value, String> {
-    let at = |p: &str| {
-        if p.is_empty() {
-            String::new()
-        } else {
-            format!("field `{p}`: ")
-        }
-    };
+///
+/// An error carries the path to the offending value, innermost key last,
+/// built only when there is an error.
+fn msgpack_to_json(v: rmpv::Value) -> Result<Value, (Vec<String>, String)> {
+    let fail = |m: &str| Err((Vec::new(), m.to_string()));
     Ok(match v {
         rmpv::Value::Nil => Value::Null,
         rmpv::Value::Boolean(b) => Value::Bool(b),
         rmpv::Value::Integer(i) => match (i.as_i64(), i.as_u64()) {
             (Some(n), _) => Value::Number(n.into()),
             (None, Some(n)) => Value::Number(n.into()),
-            _ => return Err(format!("{}integer out of range", at(path))),
+            _ => return fail("integer out of range"),
         },
-        rmpv::Value::F32(f) => {
-            float(f64::from(f)).ok_or_else(|| format!("{}not a finite number", at(path)))?
-        }
-        rmpv::Value::F64(f) => {
-            float(f).ok_or_else(|| format!("{}not a finite number", at(path)))?
-        }
+        // An f32's shortest decimal is what its sender wrote (`0.0023`), where
+        // widening to f64 first would give 0.002300000051036477.
+        rmpv::Value::F32(f) => match f.is_finite().then(|| f.to_string()) {
+            Some(text) => serde_json::from_str::<Number>(&text)
+                .map(Value::Number)
+                .or_else(|_| fail("not a finite number"))?,
+            None => return fail("not a finite number"),
+        },
+        rmpv::Value::F64(f) => match float(f) {
+            Some(v) => v,
+            None => return fail("not a finite number"),
+        },
         rmpv::Value::String(s) => match s.into_str() {
             Some(s) => Value::String(s),
-            None => return Err(format!("{}string is not valid UTF-8", at(path))),
+            None => return fail("string is not valid UTF-8"),
         },
         rmpv::Value::Array(a) => Value::Array(
             a.into_iter()
-                .map(|x| msgpack_to_json(x, path))
+                .map(msgpack_to_json)
                 .collect::<Result<_, _>>()?,
         ),
         rmpv::Value::Map(entries) => {
             let mut map = Map::new();
             for (k, val) in entries {
                 let rmpv::Value::String(k) = k else {
-                    return Err(format!(
-                        "{}map keys must be strings, got {}",
-                        at(path),
+                    return fail(&format!(
+                        "map keys must be strings, got {}",
                         msgpack_kind(&k)
                     ));
                 };
                 let Some(k) = k.into_str() else {
-                    return Err(format!("{}map key is not valid UTF-8", at(path)));
+                    return fail("map key is not valid UTF-8");
                 };
-                let child = if path.is_empty() {
-                    k.clone()
-                } else {
-                    format!("{path}.{k}")
-                };
-                let val = msgpack_to_json(val, &child)?;
-                map.insert(k, val);
+                match msgpack_to_json(val) {
+                    Ok(val) => {
+                        map.insert(k, val);
+                    }
+                    Err((mut path, m)) => {
+                        path.insert(0, k);
+                        return Err((path, m));
+                    }
+                }
             }
             Value::Object(map)
         }
-        rmpv::Value::Binary(_) => {
-            return Err(format!(
-                "{}binary values are not accepted; send a string",
-                at(path)
-            ))
-        }
-        rmpv::Value::Ext(..) => {
-            return Err(format!(
-                "{}MessagePack extension types are not accepted",
-                at(path)
-            ))
-        }
+        rmpv::Value::Binary(_) => return fail("binary values are not accepted; send a string"),
+        rmpv::Value::Ext(..) => return fail("MessagePack extension types are not accepted"),
     })
 }
 

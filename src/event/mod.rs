@@ -128,3 +128,22 @@ impl fmt::Display for ErrorType {
 pub fn format_ts(ts: &DateTime<Utc>) -> String {
     ts.format("%Y-%m-%dT%H:%M:%S%.6fZ").to_string()
 }
+
+/// `s` with every control character written as a Rust-style escape (`\u{0}`).
+///
+/// For text copied from the input into reasons and rejected-item ids:
+/// PostgreSQL refuses NUL in `text`, and a reader should see the others.
+pub fn escape_controls(s: &str) -> std::borrow::Cow<'_, str> {
+    if !s.chars().any(char::is_control) {
+        return std::borrow::Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        if c.is_control() {
+            out.extend(c.escape_unicode());
+        } else {
+            out.push(c);
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::time::Duration;
 
-use chrono::{DateTime, SubsecRound, TimeZone, Utc};
+use chrono::{DateTime, SubsecRound, TimeZone, Timelike, Utc};
 use serde_json::{Map, Value};
 
 use super::cost::parse_nanos;
@@ -45,6 +45,21 @@ pub const MAX_METADATA_ENTRIES: usize = 16;
 pub const MAX_METADATA_KEY_CHARS: usize = 128;
 /// Longest metadata value, in characters.
 pub const MAX_METADATA_VALUE_CHARS: usize = 1024;
+/// Largest `tokens_in` / `tokens_out` of one event. With this bound a bucket's
+/// `i64` sum overflows only after 9.2 billion events at the maximum.
+pub const MAX_TOKENS: i64 = 1_000_000_000;
+/// Largest `request_bytes` / `response_bytes` of one event (1 TB): a bucket's
+/// sum overflows only after 9.2 million events at the maximum (9.2 EB).
+pub const MAX_BYTES: i64 = 1_000_000_000_000;
+/// Largest `cost` of one event in nano-units (1,000 currency units): a
+/// bucket's sum overflows only after 9.2 million events at the maximum.
+pub const MAX_COST_NANOS: i64 = 1_000 * super::cost::NANOS_PER_UNIT;
+/// Most problems listed for one item; the rest are counted.
+pub const MAX_PROBLEMS: usize = 16;
+/// Longest reason text of one item, in characters (longer ones are cut).
+pub const MAX_REASON_CHARS: usize = 4_096;
+/// Longest field name quoted in a reason, in characters.
+const MAX_QUOTED_NAME_CHARS: usize = 64;
 
 /// The time window an event's `ts` must fall in, relative to "now".
 #[derive(Debug, Clone, Copy)]
@@ -78,11 +93,14 @@ pub struct Problem {
     pub message: String,
 }
 
-/// Why an item is not a valid event; lists every problem found.
+/// Why an item is not a valid event; lists every problem found (the first
+/// [`MAX_PROBLEMS`], and how many more there were).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub struct ValidationError {
     /// At least one problem.
     pub problems: Vec<Problem>,
+    /// Problems found beyond [`MAX_PROBLEMS`], not listed.
+    pub more: usize,
 }
 
 impl ValidationError {
@@ -93,22 +111,46 @@ impl ValidationError {
                 field: field.map(str::to_string),
                 message: message.into(),
             }],
+            more: 0,
         }
     }
 }
 
 impl fmt::Display for ValidationError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut text = String::new();
         for (i, p) in self.problems.iter().enumerate() {
             if i > 0 {
-                f.write_str("; ")?;
+                text.push_str("; ");
             }
             match &p.field {
-                Some(field) => write!(f, "field `{field}`: {}", p.message)?,
-                None => f.write_str(&p.message)?,
+                Some(field) => {
+                    text.push_str("field `");
+                    text.push_str(field);
+                    text.push_str("`: ");
+                    text.push_str(&p.message);
+                }
+                None => text.push_str(&p.message),
             }
         }
-        Ok(())
+        if self.more > 0 {
+            text.push_str(&format!("; and {} more problems", self.more));
+        }
+        f.write_str(&truncate_chars(&text, MAX_REASON_CHARS))
+    }
+}
+
+/// A name from the input as it may be quoted in a reason: control characters
+/// escaped (PostgreSQL refuses NUL in text), at most 64 characters.
+pub fn quoted_name(name: &str) -> String {
+    truncate_chars(&super::escape_controls(name), MAX_QUOTED_NAME_CHARS)
+}
+
+/// `s` cut to `max` characters, with `…` when something was cut.
+pub fn truncate_chars(s: &str, max: usize) -> String {
+    match s.char_indices().nth(max) {
+        Some((at, _)) => format!("{}…", &s[..at]),
+        None => s.to_string(),
     }
 }
 
@@ -123,6 +165,7 @@ pub fn validate(item: &Value, rules: &ValidationRules) -> Result<Event, Validati
     let mut v = Validator {
         map,
         problems: Vec::new(),
+        more: 0,
     };
     for name in map.keys() {
         if !FIELDS.contains(&name.as_str()) {
@@ -133,23 +176,23 @@ pub fn validate(item: &Value, rules: &ValidationRules) -> Result<Event, Validati
         }
     }
 
-    let id = v.required_string("id", 128, true);
+    let id = v.required_string("id", 128, Text::Printable);
     let ts = v.timestamp("ts", rules);
-    let api = v.required_string("api", 128, true);
-    let endpoint = v.optional_string("endpoint", 256, true);
-    let method = v.optional_string("method", 16, true);
-    let key = v.optional_string("key", 256, true);
-    let user = v.optional_string("user", 256, true);
-    let model = v.optional_string("model", 256, true);
+    let api = v.required_string("api", 128, Text::Printable);
+    let endpoint = v.optional_string("endpoint", 256, Text::Printable);
+    let method = v.optional_string("method", 16, Text::Printable);
+    let key = v.optional_string("key", 256, Text::Printable);
+    let user = v.optional_string("user", 256, Text::Printable);
+    let model = v.optional_string("model", 256, Text::Printable);
     let status = v.integer("status", 100, 599).map(|s| s as i32);
     let success_given = v.boolean("success");
     let error_type_given = v.error_type();
-    let error_message = v.optional_string("error_message", 1024, false);
+    let error_message = v.optional_string("error_message", 1024, Text::Lines);
     let latency_ms = v.latency();
-    let request_bytes = v.integer("request_bytes", 0, i64::MAX);
-    let response_bytes = v.integer("response_bytes", 0, i64::MAX);
-    let tokens_in = v.integer("tokens_in", 0, i64::MAX);
-    let tokens_out = v.integer("tokens_out", 0, i64::MAX);
+    let request_bytes = v.integer("request_bytes", 0, MAX_BYTES);
+    let response_bytes = v.integer("response_bytes", 0, MAX_BYTES);
+    let tokens_in = v.integer("tokens_in", 0, MAX_TOKENS);
+    let tokens_out = v.integer("tokens_out", 0, MAX_TOKENS);
     let cost_nanos = v.cost();
     let cached = v.boolean("cached").unwrap_or(false);
     let metadata = v.metadata();
@@ -198,6 +241,7 @@ pub fn validate(item: &Value, rules: &ValidationRules) -> Result<Event, Validati
         }),
         _ => Err(ValidationError {
             problems: v.problems,
+            more: v.more,
         }),
     }
 }
@@ -216,6 +260,26 @@ pub fn describe(value: &Value) -> String {
         Value::Array(_) => "an array".into(),
         Value::Object(_) => "an object".into(),
     }
+}
+
+/// A leap second (`:60`) is read as the first instant of the next second,
+/// as PostgreSQL stores it, so both backends store the same `ts`; it is only
+/// accepted where one can occur, at 23:59:60 UTC.
+fn without_leap_second(ts: DateTime<Utc>) -> Result<DateTime<Utc>, String> {
+    let nanos = ts.nanosecond();
+    if nanos < 1_000_000_000 {
+        return Ok(ts);
+    }
+    if ts.hour() != 23 || ts.minute() != 59 || ts.second() != 59 {
+        return Err(format!(
+            "second 60 (a leap second) exists only at 23:59:60 UTC, got {}:60 UTC; send the next second instead",
+            ts.format("%Y-%m-%dT%H:%M")
+        ));
+    }
+    let next = ts
+        .with_nanosecond(nanos - 1_000_000_000)
+        .map(|t| t + chrono::Duration::seconds(1));
+    next.ok_or_else(|| "the leap second cannot be read as the next second".to_string())
 }
 
 /// The contract field a misspelt name probably meant (`latencyMs` → `latency_ms`).
@@ -259,12 +323,39 @@ fn suggest(name: &str) -> Option<&'static str> {
 struct Validator<'a> {
     map: &'a Map<String, Value>,
     problems: Vec<Problem>,
+    more: usize,
+}
+
+/// Which control characters a string field may hold.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Text {
+    /// None at all (identifiers and dimensions).
+    Printable,
+    /// Tab, line feed and carriage return only (free text such as `error_message`).
+    Lines,
+}
+
+impl Text {
+    fn refuses(self, c: char) -> bool {
+        c.is_control() && (self == Text::Printable || !matches!(c, '\t' | '\n' | '\r'))
+    }
+
+    fn rule(self) -> &'static str {
+        match self {
+            Text::Printable => "must not contain control characters (such as NUL, tab or line feed)",
+            Text::Lines => "must not contain control characters other than tab, line feed and carriage return (NUL is refused)",
+        }
+    }
 }
 
 impl<'a> Validator<'a> {
     fn problem(&mut self, field: &str, message: impl Into<String>) {
+        if self.problems.len() >= MAX_PROBLEMS {
+            self.more += 1;
+            return;
+        }
         self.problems.push(Problem {
-            field: Some(field.to_string()),
+            field: Some(quoted_name(field)),
             message: message.into(),
         });
     }
@@ -274,12 +365,12 @@ impl<'a> Validator<'a> {
         self.map.get(field).filter(|v| !v.is_null())
     }
 
-    fn required_string(&mut self, field: &str, max: usize, printable: bool) -> Option<String> {
+    fn required_string(&mut self, field: &str, max: usize, text: Text) -> Option<String> {
         if self.get(field).is_none() {
             self.problem(field, "is required");
             return None;
         }
-        let s = self.optional_string(field, max, printable);
+        let s = self.optional_string(field, max, text);
         if s.is_none() && self.get(field).is_some_and(|v| v.as_str() == Some("")) {
             self.problem(field, format!("must not be empty (1 to {max} characters)"));
         }
@@ -287,7 +378,7 @@ impl<'a> Validator<'a> {
     }
 
     /// An optional string; `""` counts as absent.
-    fn optional_string(&mut self, field: &str, max: usize, printable: bool) -> Option<String> {
+    fn optional_string(&mut self, field: &str, max: usize, text: Text) -> Option<String> {
         let value = self.get(field)?;
         let Some(s) = value.as_str() else {
             self.problem(field, format!("must be a string, got {}", describe(value)));
@@ -301,8 +392,8 @@ impl<'a> Validator<'a> {
             );
             return None;
         }
-        if printable && s.chars().any(char::is_control) {
-            self.problem(field, "must not contain control characters");
+        if s.chars().any(|c| text.refuses(c)) {
+            self.problem(field, text.rule());
             return None;
         }
         (!s.is_empty()).then(|| s.to_string())
@@ -317,24 +408,38 @@ impl<'a> Validator<'a> {
             );
             return None;
         };
+        // `10.0` is an integer written as a float: accept it, reject `10.5`.
+        // Whole floats beyond 2^53 are out of every bound, so their rounding
+        // never decides anything (`as` saturates).
         let parsed = n.as_i64().or_else(|| {
-            // `10.0` is an integer written as a float: accept it, reject `10.5`.
             n.as_f64()
-                .filter(|f| f.fract() == 0.0 && f.abs() < 9.0e15)
+                .filter(|f| f.is_finite() && f.fract() == 0.0)
                 .map(|f| f as i64)
         });
+        let shown = truncate_chars(&n.to_string(), 32);
         match parsed {
             Some(i) if (min..=max).contains(&i) => Some(i),
-            Some(i) if max == i64::MAX => {
-                self.problem(field, format!("must be ≥ {min}, got {i}"));
+            // Quantities (bounded below by 0) name the side that was crossed.
+            Some(i) if min == 0 && i < 0 => {
+                self.problem(field, format!("must be ≥ {min}, got {shown}"));
                 None
             }
-            Some(i) => {
-                self.problem(field, format!("must be between {min} and {max}, got {i}"));
+            Some(_) if min == 0 => {
+                self.problem(
+                    field,
+                    format!("must be ≤ {max} (the most one event may carry), got {shown}"),
+                );
+                None
+            }
+            Some(_) => {
+                self.problem(
+                    field,
+                    format!("must be between {min} and {max}, got {shown}"),
+                );
                 None
             }
             None => {
-                self.problem(field, format!("must be a whole number, got {n}"));
+                self.problem(field, format!("must be a whole number, got {shown}"));
                 None
             }
         }
@@ -364,12 +469,19 @@ impl<'a> Validator<'a> {
         };
         let ts = match value {
             Value::String(s) => match DateTime::parse_from_rfc3339(s) {
-                Ok(t) => t.with_timezone(&Utc),
+                Ok(t) => match without_leap_second(t.with_timezone(&Utc)) {
+                    Ok(t) => t,
+                    Err(message) => {
+                        self.problem(field, message);
+                        return None;
+                    }
+                },
                 Err(e) => {
                     self.problem(
                         field,
                         format!(
-                            "{s:?} is not an RFC 3339 timestamp ({e}); e.g. \"2026-11-24T10:00:00.123Z\""
+                            "{:?} is not an RFC 3339 timestamp ({e}); e.g. \"2026-11-24T10:00:00.123Z\"",
+                            truncate_chars(s, 64)
                         ),
                     );
                     return None;
@@ -485,6 +597,17 @@ impl<'a> Validator<'a> {
             }
         };
         match parse_nanos(&text) {
+            Ok(n) if n > MAX_COST_NANOS => {
+                self.problem(
+                    "cost",
+                    format!(
+                        "{} is more than the largest cost of one event, {}",
+                        truncate_chars(&text, 64),
+                        super::cost::format_nanos_short(MAX_COST_NANOS)
+                    ),
+                );
+                None
+            }
             Ok(n) => Some(n),
             Err(e) => {
                 self.problem("cost", e);
@@ -527,14 +650,21 @@ impl<'a> Validator<'a> {
                 );
                 continue;
             }
+            if k.chars().any(|c| Text::Printable.refuses(c)) {
+                self.problem(&field, format!("keys {}", Text::Printable.rule()));
+                continue;
+            }
             match v.as_str() {
-                Some(s) if s.chars().count() <= MAX_METADATA_VALUE_CHARS => {
-                    out.insert(k.clone(), s.to_string());
-                }
-                Some(_) => self.problem(
+                Some(s) if s.chars().count() > MAX_METADATA_VALUE_CHARS => self.problem(
                     &field,
                     format!("values must be at most {MAX_METADATA_VALUE_CHARS} characters"),
                 ),
+                Some(s) if s.chars().any(|c| Text::Lines.refuses(c)) => {
+                    self.problem(&field, format!("values {}", Text::Lines.rule()))
+                }
+                Some(s) => {
+                    out.insert(k.clone(), s.to_string());
+                }
                 None => self.problem(
                     &field,
                     format!("values must be strings, got {}", describe(v)),

@@ -3,13 +3,13 @@
 
 use axum::body::Body;
 use axum::extract::State;
-use axum::http::header::{CONTENT_LENGTH, CONTENT_TYPE};
+use axum::http::header::CONTENT_TYPE;
 use axum::http::{HeaderMap, StatusCode};
 use axum::Json;
 
 use super::{IngestError, IngestReport};
 use crate::event::codec::CodecError;
-use crate::http::{ApiError, AppState};
+use crate::http::{read_body, ApiError, AppState};
 use crate::store::Origin;
 
 /// Ingests one body. Answers 200 only after the accepted events are committed.
@@ -18,25 +18,13 @@ pub async fn post_events(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Json<IngestReport>, ApiError> {
-    let max = state.max_body_bytes;
-    let declared = headers
-        .get(CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<usize>().ok());
-    if declared.is_some_and(|len| len > max) {
-        return Err(too_large(max));
-    }
-    let bytes = axum::body::to_bytes(body, max).await.map_err(|e| {
-        if is_length_limit(&e) {
-            too_large(max)
-        } else {
-            ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "unreadable_body",
-                format!("could not read the request body: {e}"),
-            )
-        }
-    })?;
+    let bytes = read_body(
+        &headers,
+        body,
+        state.max_body_bytes,
+        "split the batch (TALLY_MAX_BODY_BYTES sets the limit)",
+    )
+    .await?;
     let content_type = headers.get(CONTENT_TYPE).and_then(|v| v.to_str().ok());
     let origin = Origin {
         source: "http",
@@ -48,7 +36,7 @@ pub async fn post_events(
             Ok(Json(report))
         }
         Err(IngestError::Body(e)) => Err(match e {
-            CodecError::UnsupportedMediaType(_) => ApiError::new(
+            CodecError::UnsupportedMediaType(_) | CodecError::Unrecognised(_) => ApiError::new(
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
                 "unsupported_media_type",
                 e.to_string(),
@@ -76,23 +64,4 @@ pub async fn post_events(
             ))
         }
     }
-}
-
-fn too_large(max: usize) -> ApiError {
-    ApiError::new(
-        StatusCode::PAYLOAD_TOO_LARGE,
-        "body_too_large",
-        format!("the request body is larger than the limit of {max} bytes; split the batch (TALLY_MAX_BODY_BYTES sets the limit)"),
-    )
-}
-
-fn is_length_limit(e: &axum::Error) -> bool {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(err) = source {
-        if err.is::<http_body_util::LengthLimitError>() {
-            return true;
-        }
-        source = err.source();
-    }
-    false
 }

@@ -15,8 +15,8 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::event::codec::{decode_body, CodecError, Encoding};
-use crate::event::{validate, Event, ValidationRules};
+use crate::event::codec::{decode_body, to_wire_json, CodecError, Encoding};
+use crate::event::{escape_controls, validate, Event, ValidationRules};
 use crate::store::{EventStore, Origin, Outcome, RejectKind, Rejected, StoreError};
 
 /// Limits applied to every body, whatever its source.
@@ -106,11 +106,61 @@ impl Intake {
         origin: &Origin,
     ) -> Result<Vec<Outcome>, StoreError> {
         let started = std::time::Instant::now();
-        let outcomes = self.store.append(events, rejects, origin).await?;
-        crate::metrics::record_append(origin.source, &outcomes, rejects, started.elapsed());
+        let rejects = storable(rejects);
+        let outcomes = self.store.append(events, &rejects, origin).await?;
+        crate::metrics::record_append(origin.source, &outcomes, &rejects, started.elapsed());
         if outcomes.contains(&Outcome::Inserted) {
             // One stored permit: a projector busy folding runs again right after.
             self.appended.notify_one();
+        }
+        Ok(outcomes)
+    }
+
+    /// [`Intake::append`], except that one row the database refuses (a data
+    /// error that validation did not foresee) does not refuse its neighbours:
+    /// the batch is appended again event by event, and each refused event is
+    /// kept in `rejected_events` (kind `refused`) with the database's reason;
+    /// its outcome is [`Outcome::Refused`]. Transient errors are returned as
+    /// they are, for the caller to retry (a retry sees duplicates, never a
+    /// second copy).
+    pub async fn append_isolating(
+        &self,
+        events: &[Event],
+        rejects: &[Rejected],
+        origin: &Origin,
+    ) -> Result<Vec<Outcome>, StoreError> {
+        let first = match self.append(events, rejects, origin).await {
+            Err(e) if e.is_data_error() => e,
+            other => return other,
+        };
+        tracing::warn!(error = %first, events = events.len(), "the database refused a batch; appending its events one by one");
+        let mut outcomes = Vec::with_capacity(events.len());
+        let mut records = rejects.to_vec();
+        for (i, event) in events.iter().enumerate() {
+            match self.append(std::slice::from_ref(event), &[], origin).await {
+                Ok(o) => outcomes.extend(o),
+                Err(e) if e.is_data_error() => {
+                    outcomes.push(Outcome::Refused);
+                    records.push(refused_record(event, i, &e));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        // The records themselves are refused only if a text field is beyond
+        // the database's reach; then each is kept in its plainest form.
+        if let Err(e) = self.append(&[], &records, origin).await {
+            if !e.is_data_error() {
+                return Err(e);
+            }
+            for r in &records {
+                let one = std::slice::from_ref(r);
+                if let Err(e) = self.append(&[], one, origin).await {
+                    if !e.is_data_error() {
+                        return Err(e);
+                    }
+                    self.append(&[], &[plainest(r, &e)], origin).await?;
+                }
+            }
         }
         Ok(outcomes)
     }
@@ -209,7 +259,7 @@ impl Intake {
     ) -> Result<IngestReport, IngestError> {
         let mut prepared = self.prepare(body, content_type, None, &self.rules());
         let outcomes = self
-            .append(&prepared.events, &prepared.rejects, origin)
+            .append_isolating(&prepared.events, &prepared.rejects, origin)
             .await?;
         if let Some(e) = prepared.body_error.take() {
             crate::telemetry::body_rejected(origin.source, &e);
@@ -259,6 +309,11 @@ impl Prepared {
             match outcome {
                 Outcome::Inserted => report.accepted += 1,
                 Outcome::Duplicate => report.duplicates += 1,
+                Outcome::Refused => report.rejected.push(ItemError {
+                    index,
+                    id: Some(event.id.clone()),
+                    error: "the database refused this event; it is kept in rejected_events (kind `refused`) with the database's reason".into(),
+                }),
                 Outcome::Conflict => {
                     report.conflicts += 1;
                     report.conflicting.push(ItemError {
@@ -276,9 +331,76 @@ impl Prepared {
     }
 }
 
-/// The item's `id` when it is a readable string, so the sender can match the error.
+/// The item's `id` when it is a string, so the sender can match the error:
+/// at most 128 characters, control characters escaped.
 fn readable_id(v: &Value) -> Option<String> {
-    v.get("id")
-        .and_then(Value::as_str)
-        .map(|s| s.chars().take(128).collect())
+    v.get("id").and_then(Value::as_str).map(|s| {
+        let head: String = s.chars().take(128).collect();
+        escape_controls(&head).into_owned()
+    })
+}
+
+/// The record of an event the database refused: its wire JSON and the reason.
+pub fn refused_record(event: &Event, index: usize, error: &StoreError) -> Rejected {
+    Rejected {
+        kind: RejectKind::Refused,
+        event_id: Some(event.id.clone()),
+        item_index: i32::try_from(index).ok(),
+        reason: format!("the database refused this event: {error}"),
+        content_type: Some("application/json".into()),
+        payload: to_wire_json(event).to_string().into_bytes(),
+        subject: None,
+    }
+}
+
+/// A record with nothing but the bytes and a plain reason, for when the
+/// database refuses even a record's text (its bytes are a `bytea`/`BLOB`).
+fn plainest(r: &Rejected, error: &StoreError) -> Rejected {
+    let plain = |s: &str| -> String {
+        s.chars()
+            .filter(|c| c.is_ascii_graphic() || *c == ' ')
+            .take(256)
+            .collect()
+    };
+    Rejected {
+        kind: r.kind,
+        event_id: r.event_id.as_deref().map(plain),
+        item_index: r.item_index,
+        reason: format!(
+            "{} (the database refused the full reason: {})",
+            plain(&r.reason),
+            plain(&error.to_string())
+        ),
+        content_type: r.content_type.as_deref().map(plain),
+        payload: r.payload.clone(),
+        subject: r.subject.as_deref().map(plain),
+    }
+}
+
+/// `rejects` with control characters escaped in every text column, because
+/// PostgreSQL refuses NUL in `text`; borrowed when nothing needs escaping.
+fn storable(rejects: &[Rejected]) -> std::borrow::Cow<'_, [Rejected]> {
+    let dirty = |s: &str| s.chars().any(char::is_control);
+    let needs = |r: &Rejected| {
+        dirty(&r.reason)
+            || r.event_id.as_deref().is_some_and(dirty)
+            || r.content_type.as_deref().is_some_and(dirty)
+            || r.subject.as_deref().is_some_and(dirty)
+    };
+    if !rejects.iter().any(needs) {
+        return std::borrow::Cow::Borrowed(rejects);
+    }
+    let esc = |s: &str| escape_controls(s).into_owned();
+    std::borrow::Cow::Owned(
+        rejects
+            .iter()
+            .map(|r| Rejected {
+                reason: esc(&r.reason),
+                event_id: r.event_id.as_deref().map(esc),
+                content_type: r.content_type.as_deref().map(esc),
+                subject: r.subject.as_deref().map(esc),
+                ..r.clone()
+            })
+            .collect(),
+    )
 }

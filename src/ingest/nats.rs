@@ -35,11 +35,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
 use crate::config::{NatsConfig, NatsConnection};
-use crate::event::codec::to_wire_json;
 use crate::event::Event;
 use crate::health::{Health, NatsState};
 use crate::ingest::Intake;
-use crate::store::{Origin, Outcome, RejectKind, Rejected, StoreError};
+use crate::store::{Origin, Outcome, Rejected, StoreError};
 
 /// Why NATS ingest could not start.
 #[derive(Debug, thiserror::Error)]
@@ -424,6 +423,7 @@ impl NatsIntake {
                 consumer
                     .stream()
                     .max_messages_per_batch(self.cfg.nats_batch.max(1))
+                    .max_bytes_per_batch(self.batch_bytes())
                     .heartbeat(Duration::from_secs(5))
                     .expires(Duration::from_secs(30))
                     .messages()
@@ -468,9 +468,14 @@ impl NatsIntake {
                 // Fill the batch for at most `fetch_wait` after its first message.
                 let until = tokio::time::Instant::now() + self.cfg.nats_fetch_wait;
                 let mut broken = false;
-                while pending.len() < self.cfg.nats_batch {
+                let budget = self.batch_bytes();
+                let mut bytes = pending.iter().map(|m| m.payload.len()).sum::<usize>();
+                while pending.len() < self.cfg.nats_batch && bytes < budget {
                     match tokio::time::timeout_at(until, messages.next()).await {
-                        Ok(Some(Ok(m))) => pending.push(m),
+                        Ok(Some(Ok(m))) => {
+                            bytes += m.payload.len();
+                            pending.push(m);
+                        }
                         Ok(Some(Err(e))) => {
                             tracing::debug!(error = %e, "pull stream error");
                             break;
@@ -492,6 +497,14 @@ impl NatsIntake {
                 }
             }
         }
+    }
+
+    /// The byte budget of one pull and one batch: the configured one, but
+    /// never below the server's largest message, which must always fit.
+    fn batch_bytes(&self) -> usize {
+        let max_payload = self.client.server_info().max_payload;
+        // JetStream counts subject and headers too: leave room for them.
+        self.cfg.nats_batch_bytes.max(max_payload + 64 * 1024)
     }
 
     fn prepare(&self, messages: Vec<jetstream::Message>) -> Batch {
@@ -566,10 +579,10 @@ impl NatsIntake {
                 self.intake.append(&batch.events, &batch.rejects, &origin)
             })
             .await?;
-        let (outcomes, refused) = match whole {
-            Ok(outcomes) => (outcomes, vec![None; batch.deliveries.len()]),
+        let outcomes = match whole {
+            Ok(outcomes) => outcomes,
             // A row the database refuses (and validation did not catch) must not
-            // block the stream: find the messages it is in, one at a time.
+            // block the stream: append message by message, isolating the row.
             Err(e) => {
                 tracing::warn!(error = %e, messages = batch.deliveries.len(), "the database refused a batch; appending its messages one by one");
                 self.commit_one_by_one(&batch, deadline).await?
@@ -582,19 +595,18 @@ impl NatsIntake {
             elapsed_ms = started.elapsed().as_millis() as u64,
             "NATS batch committed"
         );
-        Some(verdicts(&batch, &outcomes, &refused))
+        Some(verdicts(&batch, &outcomes))
     }
 
-    /// Appends message by message. A message whose events the database refuses
-    /// is stored whole in `rejected_events` instead; its records are returned
-    /// (and its events' outcomes are placeholders, never read).
+    /// Appends message by message, each with [`Intake::append_isolating`], so
+    /// an event the database refuses is kept in `rejected_events` and its
+    /// neighbours are counted. `None` only when the deadline fired.
     async fn commit_one_by_one(
         &self,
         batch: &Batch,
         deadline: &CancellationToken,
-    ) -> Option<(Vec<Outcome>, Vec<Option<Vec<Rejected>>>)> {
+    ) -> Option<Vec<Outcome>> {
         let mut outcomes = Vec::with_capacity(batch.events.len());
-        let mut refused = Vec::with_capacity(batch.deliveries.len());
         for (span, delivery) in batch.spans.iter().zip(&batch.deliveries) {
             let origin = Origin {
                 source: "nats",
@@ -605,47 +617,21 @@ impl NatsIntake {
             let one = std::slice::from_ref(delivery);
             match self
                 .retrying(one, deadline, || {
-                    self.intake.append(events, rejects, &origin)
+                    self.intake.append_isolating(events, rejects, &origin)
                 })
                 .await?
             {
-                Ok(o) => {
-                    outcomes.extend(o);
-                    refused.push(None);
-                }
+                Ok(o) => outcomes.extend(o),
                 Err(e) => {
-                    let records: Vec<Rejected> = events
-                        .iter()
-                        .enumerate()
-                        .map(|(i, ev)| Rejected {
-                            kind: RejectKind::Invalid,
-                            event_id: Some(ev.id.clone()),
-                            item_index: i32::try_from(i).ok(),
-                            reason: format!("the database refused this event: {e}"),
-                            content_type: Some("application/json".into()),
-                            payload: to_wire_json(ev).to_string().into_bytes(),
-                            subject: Some(delivery.subject.to_string()),
-                        })
-                        .collect();
-                    let mut all = rejects.to_vec();
-                    all.extend(records.iter().cloned());
-                    match self
-                        .retrying(one, deadline, || self.intake.append(&[], &all, &origin))
-                        .await?
-                    {
-                        Ok(_) => {
-                            outcomes.extend(events.iter().map(|_| Outcome::Duplicate));
-                            refused.push(Some(records));
-                        }
-                        Err(e) => {
-                            tracing::error!(error = %e, subject = %delivery.subject, "the database refuses even the rejection record; leaving the message unacked");
-                            return None;
-                        }
-                    }
+                    // Even the plainest record was refused: the message is
+                    // terminated (it stays in the stream until its max age)
+                    // rather than stopping ingest for every other message.
+                    tracing::error!(error = %e, subject = %delivery.subject, stream_sequence = delivery.stream_seq, "the database refuses this message and its rejection record; terminating it, it stays in the stream");
+                    outcomes.extend(events.iter().map(|_| Outcome::Refused));
                 }
             }
         }
-        Some((outcomes, refused))
+        Some(outcomes)
     }
 
     /// Runs one store call until it succeeds or fails on the data; transient
@@ -730,10 +716,10 @@ impl NatsIntake {
 /// A message is terminated (`AckKind::Term`, never redelivered) when nothing
 /// in it can be counted; a message with at least one stored event is acked,
 /// and its invalid items are reported.
-fn verdicts(batch: &Batch, outcomes: &[Outcome], refused: &[Option<Vec<Rejected>>]) -> Committed {
+fn verdicts(batch: &Batch, outcomes: &[Outcome]) -> Committed {
     let mut acks = Vec::with_capacity(batch.deliveries.len());
     let mut notices = Vec::new();
-    for ((span, d), refused) in batch.spans.iter().zip(&batch.deliveries).zip(refused) {
+    for (span, d) in batch.spans.iter().zip(&batch.deliveries) {
         let notice = |kind: &'static str,
                       event_id: Option<String>,
                       index: Option<i32>,
@@ -754,19 +740,12 @@ fn verdicts(batch: &Batch, outcomes: &[Outcome], refused: &[Option<Vec<Rejected>
                 r.reason.clone(),
             ));
         }
-        if let Some(records) = refused {
-            for r in records {
-                notices.push(notice(
-                    "refused",
-                    r.event_id.clone(),
-                    r.item_index,
-                    r.reason.clone(),
-                ));
-            }
-        } else {
-            for i in span.events.clone() {
-                if outcomes.get(i) == Some(&Outcome::Conflict) {
-                    let id = &batch.events[i].id;
+        let mut counted = false;
+        for (position, i) in span.events.clone().enumerate() {
+            let id = &batch.events[i].id;
+            match outcomes.get(i) {
+                Some(Outcome::Conflict) => {
+                    counted = true;
                     notices.push(notice(
                         "conflict",
                         Some(id.clone()),
@@ -774,18 +753,20 @@ fn verdicts(batch: &Batch, outcomes: &[Outcome], refused: &[Option<Vec<Rejected>
                         format!("id `{id}` is already stored with different content; the stored event is kept (details in rejected_events)"),
                     ));
                 }
+                Some(Outcome::Refused) => notices.push(notice(
+                    "refused",
+                    Some(id.clone()),
+                    i32::try_from(position).ok(),
+                    "the database refused this event; it is kept in rejected_events (kind `refused`) with the database's reason".into(),
+                )),
+                _ => counted = true,
             }
         }
-        let nothing_counted =
-            (span.events.is_empty() && !span.rejects.is_empty()) || refused.is_some();
         if let Some(reply) = &d.reply {
+            // Terminated (never redelivered) when nothing in it can be counted.
             acks.push((
                 reply.clone(),
-                if nothing_counted {
-                    AckKind::Term
-                } else {
-                    AckKind::Ack
-                },
+                if counted { AckKind::Ack } else { AckKind::Term },
             ));
         }
     }

@@ -143,9 +143,26 @@ impl Measures {
         add(&mut self.cost_nanos, o.cost_nanos);
     }
 
-    /// Estimated latency quantile in ms (see [`super::sketch`] for the error bound).
+    /// Estimated latency quantile in ms (see [`super::sketch`] for the error
+    /// bound), within the observed `[min, max]`.
     pub fn latency_quantile(&self, q: f64) -> Option<f64> {
-        self.sketch.quantile(q)
+        let [v] = self.latency_quantiles([q]);
+        v
+    }
+
+    /// [`Measures::latency_quantile`] of several ascending `qs` in one pass.
+    ///
+    /// A sketch answers a bin's representative value, which can lie up to α
+    /// beyond the largest (or below the smallest) latency seen; clamping to
+    /// the exact min and max keeps every answer inside the observed range and
+    /// only moves it closer to the true quantile.
+    pub fn latency_quantiles<const N: usize>(&self, qs: [f64; N]) -> [Option<f64>; N] {
+        self.sketch.quantiles(qs).map(|v| {
+            v.map(|v| {
+                let v = self.latency_min_ms.map_or(v, |min| v.max(min));
+                self.latency_max_ms.map_or(v, |max| v.min(max))
+            })
+        })
     }
 }
 
@@ -514,6 +531,43 @@ mod tests {
             None,
         )
         .expect("valid spec")
+    }
+
+    /// A latency whose sketch bin is represented by a value above it, found
+    /// rather than hard-coded so the test keeps meaning something if α changes.
+    fn latency_binned_high() -> f64 {
+        (0..10_000)
+            .map(|i| 2_000.0 + f64::from(i) * 0.1)
+            .find(|&v| {
+                let mut s = Sketch::default();
+                s.add(v);
+                s.quantile(0.99).is_some_and(|q| q > v)
+            })
+            .expect("some latency is binned above itself")
+    }
+
+    #[test]
+    fn percentiles_stay_within_the_observed_min_and_max() {
+        let high = latency_binned_high();
+        let mut m = Measures::default();
+        m.add_event(&event(0, 1, 1, Some(high), false));
+        let [p50, p99] = m.latency_quantiles([0.5, 0.99]);
+        assert!(
+            m.sketch.quantile(0.99).is_some_and(|q| q > high),
+            "raw sketch is above max"
+        );
+        assert_eq!(p99, Some(high));
+        assert_eq!(p50, Some(high));
+        assert_eq!(m.latency_quantile(0.95), Some(high));
+        // Several values: every percentile within [min, max].
+        let mut m = Measures::default();
+        for (i, v) in [high, 12.5, 300.0, 47.25].into_iter().enumerate() {
+            m.add_event(&event(i as i64, 1, 1, Some(v), false));
+        }
+        for q in [0.0, 0.01, 0.5, 0.95, 0.99, 1.0] {
+            let v = m.latency_quantile(q).expect("latencies");
+            assert!((12.5..=high).contains(&v), "q{q} = {v}");
+        }
     }
 
     fn event(ts_s: i64, key: u8, model: u8, latency: Option<f64>, error: bool) -> Event {

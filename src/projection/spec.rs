@@ -305,9 +305,124 @@ pub fn load_dir(dir: &Path) -> Result<Vec<Spec>, ProjectionError> {
     Ok(specs)
 }
 
+/// The specs shipped in `projections/`, built into the binary so `tally
+/// serve` works from any directory (an installed binary, a systemd unit).
+pub const BUILTIN: [(&str, &str); 4] = [
+    (
+        "alerts_minute.toml",
+        include_str!("../../projections/alerts_minute.toml"),
+    ),
+    ("by_api.toml", include_str!("../../projections/by_api.toml")),
+    ("by_key.toml", include_str!("../../projections/by_key.toml")),
+    (
+        "by_user.toml",
+        include_str!("../../projections/by_user.toml"),
+    ),
+];
+
+/// Where the projection specs come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SpecSource {
+    /// `*.toml` files in a directory, and whether it was set explicitly
+    /// (`--projections-dir` / `TALLY_PROJECTIONS_DIR`) or found as `./projections`.
+    Dir {
+        /// The directory.
+        dir: PathBuf,
+        /// Set by the operator (then it must exist).
+        explicit: bool,
+    },
+    /// The shipped specs ([`BUILTIN`]).
+    Builtin,
+}
+
+impl SpecSource {
+    /// The directory that was set; else `./projections` when it exists; else
+    /// the built-in specs. A set directory that does not exist is an error at
+    /// [`SpecSource::load`], never a silent fallback.
+    pub fn resolve(set: Option<&Path>) -> Self {
+        match set {
+            Some(dir) => Self::Dir {
+                dir: dir.to_path_buf(),
+                explicit: true,
+            },
+            None if Path::new("projections").is_dir() => Self::Dir {
+                dir: PathBuf::from("projections"),
+                explicit: false,
+            },
+            None => Self::Builtin,
+        }
+    }
+
+    /// Reads and validates the specs.
+    pub fn load(&self) -> Result<Vec<Spec>, ProjectionError> {
+        match self {
+            Self::Dir { dir, .. } => load_dir(dir),
+            Self::Builtin => BUILTIN
+                .iter()
+                .map(|(file, text)| Spec::parse(text, Some(&Path::new("(built in)").join(file))))
+                .collect(),
+        }
+    }
+}
+
+impl std::fmt::Display for SpecSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Dir {
+                dir,
+                explicit: true,
+            } => write!(f, "directory {} (set by --projections-dir / TALLY_PROJECTIONS_DIR)", dir.display()),
+            Self::Dir { dir, .. } => write!(f, "directory {} (found in the working directory)", dir.display()),
+            Self::Builtin => f.write_str("the specs built into this binary (no TALLY_PROJECTIONS_DIR and no ./projections; `tally projections init DIR` writes them out for editing)"),
+        }
+    }
+}
+
+/// The specs of [`SpecSource::resolve`]`(set)`.
+pub fn load_specs(set: Option<&Path>) -> Result<Vec<Spec>, ProjectionError> {
+    SpecSource::resolve(set).load()
+}
+
+/// Writes the built-in specs into `dir` (created when missing) for editing;
+/// refuses to overwrite a file that exists. Returns the files written.
+pub fn write_builtin(dir: &Path) -> Result<Vec<PathBuf>, ProjectionError> {
+    let failed = |reason: String| ProjectionError::SpecDir {
+        dir: dir.display().to_string(),
+        reason,
+    };
+    std::fs::create_dir_all(dir).map_err(|e| failed(e.to_string()))?;
+    if let Some((file, _)) = BUILTIN.iter().find(|(file, _)| dir.join(file).exists()) {
+        return Err(failed(format!(
+            "{file} exists already; nothing was written (move it away or pick another directory)"
+        )));
+    }
+    let mut written = Vec::new();
+    for (file, text) in BUILTIN {
+        let path = dir.join(file);
+        std::fs::write(&path, text).map_err(|e| failed(format!("{file}: {e}")))?;
+        written.push(path);
+    }
+    Ok(written)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_built_in_specs_are_the_shipped_files() {
+        let dir = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/projections"));
+        let shipped = load_dir(dir).expect("shipped specs");
+        let built_in = SpecSource::Builtin.load().expect("built-in specs");
+        assert_eq!(
+            shipped.len(),
+            built_in.len(),
+            "a spec file is missing from BUILTIN"
+        );
+        for (a, b) in shipped.iter().zip(&built_in) {
+            assert_eq!(a.hash(), b.hash(), "{}", a.name);
+        }
+    }
 
     #[test]
     fn parses_the_documented_example() {

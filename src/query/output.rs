@@ -89,7 +89,7 @@ impl From<&Measures> for MeasuresOut {
     fn from(m: &Measures) -> Self {
         let [rate_limit, timeout, server_error, client_error, other] = m.errors_by_type;
         let has_latency = m.latency_count > 0;
-        let [p50, p95, p99] = m.sketch.quantiles([0.5, 0.95, 0.99]);
+        let [p50, p95, p99] = m.latency_quantiles([0.5, 0.95, 0.99]);
         Self {
             requests: m.requests,
             successes: m.successes,

@@ -95,8 +95,14 @@ impl StoreError {
             StoreError::Database(sqlx::Error::Database(e)) => {
                 !matches!(e.kind(), sqlx::error::ErrorKind::Other)
                     || e.code().is_some_and(|c| c.starts_with("22"))
-                    // SQLite: SQLITE_CONSTRAINT (19), SQLITE_TOOBIG (18), SQLITE_MISMATCH (20).
-                    || e.code().is_some_and(|c| matches!(c.as_ref(), "18" | "19" | "20"))
+                    // SQLite: SQLITE_TOOBIG (18), SQLITE_CONSTRAINT (19), SQLITE_MISMATCH (20),
+                    // SQLITE_RANGE (25), compared on the primary code: the driver reports
+                    // extended ones (a trigger's RAISE(ABORT) is 1811, CONSTRAINT_TRIGGER).
+                    || (e.try_downcast_ref::<sqlx::sqlite::SqliteError>().is_some()
+                        && e
+                            .code()
+                            .and_then(|c| c.parse::<i32>().ok())
+                            .is_some_and(|c| matches!(c & 0xff, 18 | 19 | 20 | 25)))
             }
             StoreError::CorruptRow { .. } => true,
             _ => false,
@@ -113,6 +119,9 @@ pub enum Outcome {
     Duplicate,
     /// The same id was stored with different content; recorded in `rejected_events`.
     Conflict,
+    /// The database refused the event although it passed validation; it was
+    /// recorded in `rejected_events` (kind `refused`) instead.
+    Refused,
 }
 
 /// Why a payload ended up in `rejected_events`.
@@ -124,6 +133,8 @@ pub enum RejectKind {
     Invalid,
     /// The id exists with different content.
     Conflict,
+    /// Valid, but the database refused to store it (kept with the database's reason).
+    Refused,
 }
 
 impl RejectKind {
@@ -133,6 +144,7 @@ impl RejectKind {
             RejectKind::Unparseable => "unparseable",
             RejectKind::Invalid => "invalid",
             RejectKind::Conflict => "conflict",
+            RejectKind::Refused => "refused",
         }
     }
 }

@@ -228,7 +228,7 @@ async fn stats_and_keys_from_the_command_line() {
 
     // The same question to a running server answers the same numbers.
     let mut config = crate::support::server_config();
-    config.projections.projections_dir = projections.into();
+    config.projections.projections_dir = Some(projections.into());
     let server = crate::support::TestServer::start(store.clone(), config).await;
     let remote: serde_json::Value =
         serde_json::from_str(&stats(&["--format", "json", "--server", &server.base]))

@@ -3,6 +3,7 @@
 mod alert;
 mod cli;
 mod event;
+mod hardening;
 mod ingest_http;
 mod ingest_nats;
 mod ops;

@@ -46,7 +46,7 @@ fn fresh_db(backend: Backend) -> (String, Option<tempfile::TempDir>) {
 
 /// Folds every shipped projection up to the end of the log.
 async fn fold_all(store: &Arc<dyn EventStore>) {
-    for task in tally::app::open_projectors(store, Path::new(PROJECTIONS))
+    for task in tally::app::open_projectors(store, Some(Path::new(PROJECTIONS)))
         .await
         .expect("open projections")
     {

@@ -58,7 +58,7 @@ async fn fixture(backend: Backend, n: usize) -> Fixture {
     append_all(store.store.as_ref(), &events, 500).await;
     let dir = spec_dir();
     let mut config = support::server_config();
-    config.projections.projections_dir = dir.path().to_path_buf();
+    config.projections.projections_dir = Some(dir.path().to_path_buf());
     let server = TestServer::start(store.store.clone(), config).await;
     wait_folded(&server).await;
     Fixture {
@@ -703,7 +703,7 @@ async fn a_query_past_the_statement_timeout_is_a_503() {
     store.migrate().await.expect("migrate");
     let dir = spec_dir();
     let mut config = support::server_config();
-    config.projections.projections_dir = dir.path().to_path_buf();
+    config.projections.projections_dir = Some(dir.path().to_path_buf());
     let server = TestServer::start(store, config).await;
     let pool = sqlx::PgPool::connect(&url).await.expect("pool");
     let mut tx = pool.begin().await.expect("begin");

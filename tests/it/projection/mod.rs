@@ -273,7 +273,7 @@ async fn changed_spec_refuses_to_start_until_rebuilt(s: &TestStore) {
         "name = \"by_key\"\ndimensions = [\"api\", \"key\", \"model\", \"user\"]\ngranularities = [\"hour\", \"day\", \"month\"]\ntimezone = \"Europe/Berlin\"\n",
     )
     .expect("write spec");
-    let err = match tally::app::open_projectors(&s.store, dir.path()).await {
+    let err = match tally::app::open_projectors(&s.store, Some(dir.path())).await {
         Err(e) => e.to_string(),
         Ok(_) => panic!("a changed spec must refuse to start"),
     };
@@ -289,7 +289,7 @@ async fn changed_spec_refuses_to_start_until_rebuilt(s: &TestStore) {
         .await
         .expect("rebuild");
     assert!(report.events <= 400, "{report:?}");
-    let mut opened = tally::app::open_projectors(&s.store, dir.path())
+    let mut opened = tally::app::open_projectors(&s.store, Some(dir.path()))
         .await
         .expect("starts after rebuild");
     assert_eq!(opened.len(), 1);
@@ -396,7 +396,7 @@ async fn new_projection_backfills_a_100k_log_while_ingest_continues(s: &TestStor
     )
     .expect("write spec");
     let mut config = support::server_config();
-    config.projections.projections_dir = dir.path().to_path_buf();
+    config.projections.projections_dir = Some(dir.path().to_path_buf());
     let server = support::TestServer::start(store.clone(), config).await;
     for round in 0..10 {
         let batch = seeded_events(&format!("bf-live{round}"), 200, 200 + round);

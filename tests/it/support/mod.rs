@@ -24,7 +24,9 @@ pub fn postgres() -> &'static TempPostgres {
 /// A store on a fresh database, and what keeps it alive.
 pub struct TestStore {
     pub store: Arc<dyn EventStore>,
-    _dir: Option<tempfile::TempDir>,
+    /// The database URL, for tests that change the database itself.
+    pub url: String,
+    pub _dir: Option<tempfile::TempDir>,
 }
 
 /// A migrated store of the given backend on a fresh database.
@@ -32,6 +34,7 @@ pub async fn store(backend: Backend) -> TestStore {
     let (url, dir) = database(backend, "t");
     TestStore {
         store: open(&url).await,
+        url,
         _dir: dir,
     }
 }
@@ -73,7 +76,8 @@ pub fn server_config() -> ServerConfig {
     }
     let mut c = Wrap::parse_from(["tally"]).c;
     c.http_addr = "127.0.0.1:0".parse().expect("addr");
-    c.projections.projections_dir = concat!(env!("CARGO_MANIFEST_DIR"), "/projections").into();
+    c.projections.projections_dir =
+        Some(concat!(env!("CARGO_MANIFEST_DIR"), "/projections").into());
     c
 }
 

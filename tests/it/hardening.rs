@@ -1,0 +1,686 @@
+//! Bad inputs and faults that used to stop ingest or freeze the aggregates
+//! (issue 17): each test shows the exact counts of the valid events beside the
+//! bad ones, on both backends and through both HTTP and NATS where they apply.
+
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use tally::store::Backend;
+
+use crate::support::proc::{
+    consumer_backlog, event_count, jetstream, nats, wait_drained, TallyProc,
+};
+use crate::support::{self, both_backends, now_rfc3339, wire, TestServer, TestStore};
+
+async fn server(s: &TestStore) -> TestServer {
+    TestServer::start(s.store.clone(), support::server_config()).await
+}
+
+both_backends!(
+    nul_and_control_characters_are_refused_by_field_beside_valid_events,
+    oversize_quantities_are_refused_at_ingest_and_the_fold_goes_on,
+    leap_seconds_are_stored_alike_and_retries_are_duplicates,
+    a_row_the_database_refuses_is_kept_and_its_neighbours_counted,
+);
+
+/// (what, item, text the reason must contain).
+fn nul_cases() -> Vec<(&'static str, Value, &'static str)> {
+    let ts = now_rfc3339();
+    vec![
+        (
+            "error_message",
+            json!({"id": "nul-1", "ts": ts, "api": "a", "success": false, "error_message": "bad\u{0}byte"}),
+            "`error_message`",
+        ),
+        (
+            "metadata key",
+            json!({"id": "nul-2", "ts": ts, "api": "a", "metadata": {"k\u{0}": "v"}}),
+            "`metadata.k\\u{0}`",
+        ),
+        (
+            "metadata value",
+            json!({"id": "nul-3", "ts": ts, "api": "a", "metadata": {"k": "v\u{0}"}}),
+            "`metadata.k`",
+        ),
+        (
+            "an invalid item's id",
+            json!({"id": "nul\u{0}-4", "ts": ts, "api": "a"}),
+            "`id`",
+        ),
+        (
+            "an unknown field's name",
+            json!({"id": "nul-5", "ts": ts, "api": "a", "bad\u{0}name": 1}),
+            "`bad\\u{0}name`",
+        ),
+        (
+            "a bell in the model",
+            json!({"id": "nul-6", "ts": ts, "api": "a", "model": "gpt\u{7}"}),
+            "`model`",
+        ),
+    ]
+}
+
+async fn nul_and_control_characters_are_refused_by_field_beside_valid_events(s: &TestStore) {
+    let srv = server(s).await;
+    let cases = nul_cases();
+    let mut batch = Vec::new();
+    for (i, (_, item, _)) in cases.iter().enumerate() {
+        batch.push(wire(&format!("nul-ok-{i}")));
+        batch.push(item.clone());
+    }
+    // Tab, line feed and carriage return stay allowed in free text.
+    let mut lines = wire("nul-ok-lines");
+    lines["success"] = json!(false);
+    lines["error_message"] = json!("line 1\n\tline 2\r\n");
+    lines["metadata"] = json!({"trace": "a\tb"});
+    batch.push(lines);
+    let (status, body) = srv.post_json(&Value::Array(batch)).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["accepted"], cases.len() + 1, "{body}");
+    let rejected = body["rejected"].as_array().expect("rejected");
+    assert_eq!(rejected.len(), cases.len(), "{body}");
+    for ((what, _, expect), r) in cases.iter().zip(rejected) {
+        let error = r["error"].as_str().expect("error");
+        assert!(error.contains(expect), "{what}: {error:?} lacks {expect:?}");
+        assert!(!error.contains('\u{0}'), "{what}: raw NUL in {error:?}");
+    }
+    // The invalid item's id is kept escaped, so it can be found.
+    assert_eq!(rejected[3]["id"], "nul\\u{0}-4");
+    let c = s.store.counts().await.expect("counts");
+    assert_eq!(
+        (c.events, c.rejected),
+        (cases.len() as i64 + 1, cases.len() as i64)
+    );
+    let rows = s.store.recent_rejected(100).await.expect("rows");
+    assert!(rows
+        .iter()
+        .any(|r| r.event_id.as_deref() == Some("nul\\u{0}-4")));
+    // The raw bytes are kept as they came, NUL included.
+    assert!(rows
+        .iter()
+        .any(|r| r.payload.windows(6).any(|w| w == b"\\u0000")));
+}
+
+async fn oversize_quantities_are_refused_at_ingest_and_the_fold_goes_on(s: &TestStore) {
+    let srv = server(s).await;
+    let ts = now_rfc3339();
+    let cases = [
+        ("tokens_in", json!(5e18), "must be ≤ 1000000000"),
+        (
+            "tokens_out",
+            json!(5_000_000_000_i64),
+            "must be ≤ 1000000000",
+        ),
+        (
+            "request_bytes",
+            json!(9_000_000_000_000_000_i64),
+            "must be ≤ 1000000000000",
+        ),
+        ("response_bytes", json!(u64::MAX), "must be ≤ 1000000000000"),
+        (
+            "cost",
+            json!("5000000000"),
+            "largest cost of one event, 1000",
+        ),
+        (
+            "cost",
+            json!(1000.000000001),
+            "largest cost of one event, 1000",
+        ),
+    ];
+    let mut batch = Vec::new();
+    for (i, (field, value, _)) in cases.iter().enumerate() {
+        let mut bad = json!({"id": format!("big-{i}"), "ts": ts, "api": "big"});
+        bad[*field] = value.clone();
+        batch.push(bad);
+        batch.push(json!({"id": format!("big-ok-{i}"), "ts": ts, "api": "big", "tokens_in": 1_000_000_000_i64, "cost": "1000"}));
+    }
+    let (status, body) = srv.post_json(&Value::Array(batch)).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["accepted"], cases.len(), "{body}");
+    let rejected = body["rejected"].as_array().expect("rejected");
+    for ((field, _, expect), r) in cases.iter().zip(rejected) {
+        let error = r["error"].as_str().expect("error");
+        assert!(
+            error.contains(&format!("`{field}`")) && error.contains(expect),
+            "{field}: {error:?} lacks {expect:?}"
+        );
+    }
+    // The maximum values fold: the served projections reach the log's end
+    // and sum exactly (before the bound, 5e18 twice froze them).
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let (status, answer) = srv.get("/v1/stats?granularity=hour&api=big").await;
+        assert_eq!(status, 200, "{answer}");
+        let totals = &answer["totals"][0];
+        if totals["requests"] == cases.len() {
+            assert_eq!(totals["tokens_in"], 6_000_000_000_i64, "{totals}");
+            assert_eq!(totals["cost"], "6000.000000000", "{totals}");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "not folded: {answer}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn leap_seconds_are_stored_alike_and_retries_are_duplicates(s: &TestStore) {
+    let srv = server(s).await;
+    // 2016-12-31T23:59:60Z was a real leap second; it is read as the next second.
+    // (Old timestamps are outside the default horizon, so use a store-level rule.)
+    let rules = tally::event::ValidationRules {
+        now: chrono::DateTime::parse_from_rfc3339("2017-01-01T00:01:00Z")
+            .expect("now")
+            .into(),
+        late_arrival_horizon: Duration::from_secs(3600),
+        max_future_skew: Duration::from_secs(300),
+    };
+    let leap = json!({"id": "leap-1", "ts": "2016-12-31T23:59:60.5Z", "api": "a"});
+    let e = tally::event::validate(&leap, &rules).expect("a real leap second is accepted");
+    assert_eq!(
+        tally::event::format_ts(&e.ts),
+        "2017-01-01T00:00:00.500000Z"
+    );
+    let other = json!({"id": "leap-2", "ts": "2016-12-31T10:00:60Z", "api": "a"});
+    let err = tally::event::validate(&other, &rules).expect_err("not at 23:59");
+    assert!(err.to_string().contains("23:59:60"), "{err}");
+    // Stored and read back alike; the same event again is a duplicate.
+    for _ in 0..2 {
+        let outcomes = s
+            .store
+            .append(
+                std::slice::from_ref(&e),
+                &[],
+                &tally::store::Origin {
+                    source: "test",
+                    subject: None,
+                },
+            )
+            .await
+            .expect("append");
+        assert_ne!(outcomes[0], tally::store::Outcome::Conflict);
+    }
+    let stored = s
+        .store
+        .get_event("leap-1")
+        .await
+        .expect("get")
+        .expect("stored");
+    assert_eq!(stored, e);
+    // Over HTTP, a `:60` at another minute gets a reason naming `ts`.
+    let now = chrono::Utc::now().format("%Y-%m-%dT%H:%M").to_string();
+    let (status, body) = srv
+        .post_json(
+            &json!([wire("leap-ok"), {"id": "leap-3", "ts": format!("{now}:60Z"), "api": "a"}]),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["accepted"], 1);
+    let error = body["rejected"][0]["error"].as_str().expect("error");
+    assert!(
+        error.contains("`ts`") && error.contains("leap second"),
+        "{error}"
+    );
+}
+
+/// A row that passes validation but that the database refuses (here a CHECK
+/// constraint added to the test database) is kept in `rejected_events` with
+/// the database's reason; its neighbours in the same body are counted.
+async fn a_row_the_database_refuses_is_kept_and_its_neighbours_counted(s: &TestStore) {
+    let srv = server(s).await;
+    refuse_id_in(s, "refuse-me").await;
+    let (status, body) = srv
+        .post_json(&json!([wire("ref-ok-1"), wire("refuse-me"), wire("ref-ok-2"), {"id": "ref-bad", "api": "a"}]))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["accepted"], 2, "{body}");
+    let rejected = body["rejected"].as_array().expect("rejected");
+    assert_eq!(rejected.len(), 2, "{body}");
+    assert!(rejected
+        .iter()
+        .any(|r| r["id"] == "refuse-me"
+            && r["error"].as_str().is_some_and(|e| e.contains("refused"))));
+    let c = s.store.counts().await.expect("counts");
+    assert_eq!((c.events, c.rejected), (2, 2));
+    let rows = s.store.recent_rejected(10).await.expect("rows");
+    let refused = rows
+        .iter()
+        .find(|r| r.event_id.as_deref() == Some("refuse-me"))
+        .expect("refused row");
+    assert_eq!(refused.kind, "refused");
+    assert!(
+        refused.reason.contains("tally_test_refuse"),
+        "{}",
+        refused.reason
+    );
+    let wire_back: Value = serde_json::from_slice(&refused.payload).expect("payload is the event");
+    assert_eq!(wire_back["id"], "refuse-me");
+}
+
+/// Adds a CHECK constraint refusing one event id (a trigger on SQLite).
+async fn refuse_id_in(s: &TestStore, id: &str) {
+    let url = s.url.clone();
+    match s.store.backend() {
+        Backend::Postgres => {
+            let pool = sqlx::PgPool::connect(&url).await.expect("pg");
+            sqlx::query(&format!(
+                "ALTER TABLE usage_events ADD CONSTRAINT tally_test_refuse CHECK (id <> '{id}')"
+            ))
+            .execute(&pool)
+            .await
+            .expect("constraint");
+        }
+        Backend::Sqlite => {
+            let pool = sqlx::SqlitePool::connect(&url).await.expect("sqlite");
+            sqlx::query(&format!(
+                "CREATE TRIGGER tally_test_refuse BEFORE INSERT ON usage_events WHEN NEW.id = '{id}' \
+                 BEGIN SELECT RAISE(ABORT, 'CHECK constraint failed: tally_test_refuse'); END"
+            ))
+            .execute(&pool)
+            .await
+            .expect("trigger");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn float32_costs_in_msgpack_are_read_as_written() {
+    let s = support::store(Backend::Sqlite).await;
+    let srv = server(&s).await;
+    let v = rmpv::Value::Map(vec![
+        (rmpv::Value::from("id"), rmpv::Value::from("f32-1")),
+        (rmpv::Value::from("ts"), rmpv::Value::from(now_rfc3339())),
+        (rmpv::Value::from("api"), rmpv::Value::from("a")),
+        (rmpv::Value::from("cost"), rmpv::Value::F32(0.0023)),
+        (rmpv::Value::from("latency_ms"), rmpv::Value::F32(12.5)),
+    ]);
+    let mut body = Vec::new();
+    rmpv::encode::write_value(&mut body, &v).expect("encode");
+    let (status, answer) = srv.post(Some("application/msgpack"), body).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["accepted"], 1, "{answer}");
+    let e = s
+        .store
+        .get_event("f32-1")
+        .await
+        .expect("get")
+        .expect("stored");
+    assert_eq!(e.cost_nanos, Some(2_300_000));
+    assert_eq!(e.latency_ms, Some(12.5));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn text_bodies_are_sniffed_as_json_only_and_a_bom_is_accepted() {
+    let s = support::store(Backend::Sqlite).await;
+    let srv = server(&s).await;
+    for ct in [
+        Some("text/plain"),
+        Some("application/x-www-form-urlencoded"),
+    ] {
+        let (status, answer) = srv.post(ct, "hello world").await;
+        assert_eq!(status, 415, "{ct:?}: {answer}");
+        let error = answer["error"].as_str().expect("error");
+        assert!(
+            error.contains("application/msgpack") && error.contains("JSON"),
+            "{error}"
+        );
+        assert!(!error.contains("MessagePack:"), "{error}");
+    }
+    // No content type and bytes that are neither JSON nor a MessagePack container.
+    let (status, answer) = srv.post(None, "hello").await;
+    assert_eq!(status, 415, "{answer}");
+    // A byte-order mark before JSON, with and without a declared type.
+    let body = format!("\u{feff}{}", json!([wire("bom-1")]));
+    let (status, answer) = srv.post(Some("text/plain"), body.clone()).await;
+    assert_eq!(status, 200, "{answer}");
+    let body = format!("\u{feff}{}", json!(wire("bom-2")));
+    let (status, answer) = srv.post(Some("application/json"), body).await;
+    assert_eq!(status, 200, "{answer}");
+    let body = format!(
+        "\u{feff}{}\n{}\n",
+        json!(wire("bom-3")),
+        json!(wire("bom-4"))
+    );
+    let (status, answer) = srv.post(None, body).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["accepted"], 2, "{answer}");
+    assert_eq!(s.store.counts().await.expect("counts").events, 4);
+}
+
+/// Bodies built to cost memory: each is refused (or its items rejected) with
+/// a short reason, and the server's peak RSS stays within a bound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_bodies_cost_bounded_memory_and_short_reasons() {
+    const BOUND_KIB: u64 = 96 * 1024;
+    let dir = tempfile::tempdir().expect("dir");
+    let url = format!("sqlite://{}", dir.path().join("t.db").display());
+    let tally = TallyProc::start_http(&url, &[]).await;
+    let client = reqwest::Client::new();
+    let post = |ct: &'static str, body: Vec<u8>| {
+        let client = client.clone();
+        let base = tally.base.clone();
+        async move {
+            let r = client
+                .post(format!("{base}/v1/events"))
+                .header("content-type", ct)
+                .body(body)
+                .send()
+                .await
+                .expect("request");
+            let status = r.status().as_u16();
+            let text = r.text().await.expect("body");
+            (status, text)
+        }
+    };
+    let (_, baseline) = tally.memory_kib();
+    let max_body = 4 * 1024 * 1024 - 64;
+
+    // 1. Nested MessagePack maps with long keys.
+    let key = "k".repeat(4096);
+    let mut nested = rmpv::Value::Nil;
+    while {
+        let mut b = Vec::new();
+        rmpv::encode::write_value(&mut b, &nested).expect("encode");
+        b.len() + 4200 < max_body && b.len() < 900 * 4200
+    } {
+        nested = rmpv::Value::Map(vec![(rmpv::Value::from(key.as_str()), nested)]);
+    }
+    let mut body = Vec::new();
+    rmpv::encode::write_value(&mut body, &nested).expect("encode");
+    let (status, text) = post("application/msgpack", body).await;
+    assert!(
+        status == 200 || status == 400,
+        "{status}: {}",
+        &text[..text.len().min(300)]
+    );
+    assert!(text.len() < 16 * 1024, "answer of {} bytes", text.len());
+
+    // 2. An array of millions of nils.
+    let n = 3_000_000u32;
+    let mut body = vec![0xdd];
+    body.extend_from_slice(&n.to_be_bytes());
+    body.extend(std::iter::repeat_n(0xc0, n as usize));
+    let (status, text) = post("application/msgpack", body).await;
+    assert_eq!(status, 413, "{text}");
+
+    // 3. An object with hundreds of thousands of unknown keys, JSON and MessagePack.
+    let mut obj = serde_json::Map::new();
+    obj.insert("id".into(), json!("wide"));
+    let mut i = 0;
+    let mut size = 0;
+    while size < max_body - 100 {
+        let k = format!("u{i}");
+        size += k.len() + 5;
+        obj.insert(k, json!(0));
+        i += 1;
+    }
+    let wide = Value::Object(obj);
+    let (status, text) = post("application/json", wide.to_string().into_bytes()).await;
+    assert_eq!(status, 200, "{}", &text[..text.len().min(300)]);
+    assert!(text.len() < 16 * 1024, "answer of {} bytes", text.len());
+    assert!(text.contains("not shaped like an event"), "{text}");
+    let body = tally::event::codec::to_msgpack(&wide);
+    let (status, text) = post("application/msgpack", body).await;
+    assert_eq!(status, 200, "{}", &text[..text.len().min(300)]);
+    assert!(text.len() < 16 * 1024, "answer of {} bytes", text.len());
+
+    // 4. A JSON array of millions of zeros.
+    let mut body = b"[".to_vec();
+    body.extend(std::iter::repeat_n(b"0,".as_slice(), 1_500_000).flatten());
+    body.extend_from_slice(b"0]");
+    let (status, text) = post("application/json", body).await;
+    assert_eq!(status, 413, "{text}");
+
+    // 5. An admin route with a huge body.
+    let (status, _) = {
+        let r = client
+            .post(format!("{}/v1/alert-rules", tally.base))
+            .header("content-type", "application/json")
+            .body(vec![b' '; 64 * 1024 * 1024])
+            .send()
+            .await;
+        (r.map(|r| r.status().as_u16()).unwrap_or(0), ())
+    };
+    assert!(status == 413 || status == 0, "{status}");
+
+    let (_, peak) = tally.memory_kib();
+    assert!(
+        peak.saturating_sub(baseline) < BOUND_KIB,
+        "peak RSS grew by {} MiB (baseline {} MiB, peak {} MiB)",
+        peak.saturating_sub(baseline) / 1024,
+        baseline / 1024,
+        peak / 1024
+    );
+    // Every bad item was kept, with a bounded reason.
+    let pool = sqlx::SqlitePool::connect(&url).await.expect("sqlite");
+    let longest: i64 =
+        sqlx::query_scalar("SELECT COALESCE(MAX(length(reason)), 0) FROM rejected_events")
+            .fetch_one(&pool)
+            .await
+            .expect("reasons");
+    assert!(longest < 8 * 1024, "a reason of {longest} characters");
+}
+
+/// Over NATS, messages with NUL characters and a message the database
+/// refuses even in `rejected_events` never stop the consumer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_ingest_goes_on_past_nul_and_refused_messages() {
+    for backend in [Backend::Postgres, Backend::Sqlite] {
+        let (db, _dir) = support::database(backend, "nul");
+        let store = support::open(&db).await;
+        // The database refuses this id in the log, and its record in rejected_events.
+        let ts = TestStore {
+            store: store.clone(),
+            url: db.clone(),
+            _dir: None,
+        };
+        refuse_id_in(&ts, "refuse-me").await;
+        refuse_record_in(&ts, "refuse-me").await;
+        drop(ts);
+        let n = nats();
+        let tally = TallyProc::start(&db, &n.url(), &[]).await;
+        let (client, js) = jetstream(&n.url()).await;
+        let mut notices = client.subscribe("usage.rejected").await.expect("subscribe");
+        client.flush().await.expect("flush");
+        let mut published = 0;
+        let mut valid = 0;
+        for (i, (_, item, _)) in nul_cases().into_iter().enumerate() {
+            let body = json!([wire(&format!("n-ok-{i}")), item]);
+            js.publish("usage.events.a", body.to_string().into())
+                .await
+                .expect("publish")
+                .await
+                .expect("ack");
+            published += 1;
+            valid += 1;
+        }
+        // The whole message holds only the refused event: terminated, kept, never blocking.
+        js.publish("usage.events.a", wire("refuse-me").to_string().into())
+            .await
+            .expect("publish")
+            .await
+            .expect("ack");
+        published += 1;
+        for i in 0..20 {
+            js.publish(
+                "usage.events.a",
+                wire(&format!("n-after-{i}")).to_string().into(),
+            )
+            .await
+            .expect("publish")
+            .await
+            .expect("ack");
+            published += 1;
+            valid += 1;
+        }
+        wait_drained(&db, &js, valid, Duration::from_secs(60), "nul over nats").await;
+        assert_eq!(event_count(&db).await, valid);
+        assert_eq!(consumer_backlog(&js).await, (0, 0));
+        let refused = notices_until(&mut notices, published).await;
+        assert!(
+            refused
+                .iter()
+                .any(|v| v["kind"] == "refused" && v["event_id"] == "refuse-me"),
+            "{refused:?}"
+        );
+        let log = tally.log_text();
+        assert!(!log.contains("shutdown deadline"), "{log}");
+        drop(tally);
+        let _ = published;
+    }
+}
+
+async fn notices_until(sub: &mut async_nats::Subscriber, at_least: usize) -> Vec<Value> {
+    use futures::StreamExt;
+    let mut got = Vec::new();
+    let until = tokio::time::Instant::now() + Duration::from_secs(5);
+    while let Ok(Some(m)) = tokio::time::timeout_at(until, sub.next()).await {
+        got.push(serde_json::from_slice(&m.payload).expect("notice JSON"));
+        if got.len() >= at_least {
+            break;
+        }
+    }
+    got
+}
+
+/// Refuses the rejection record of one event id too, so only the plainest
+/// record (or none) can be kept.
+async fn refuse_record_in(s: &TestStore, id: &str) {
+    let url = s.url.clone();
+    match s.store.backend() {
+        Backend::Postgres => {
+            let pool = sqlx::PgPool::connect(&url).await.expect("pg");
+            sqlx::query(&format!(
+                "ALTER TABLE rejected_events ADD CONSTRAINT tally_test_refuse_record CHECK (event_id IS DISTINCT FROM '{id}')"
+            ))
+            .execute(&pool)
+            .await
+            .expect("constraint");
+        }
+        Backend::Sqlite => {
+            let pool = sqlx::SqlitePool::connect(&url).await.expect("sqlite");
+            sqlx::query(&format!(
+                "CREATE TRIGGER tally_test_refuse_record BEFORE INSERT ON rejected_events WHEN NEW.event_id = '{id}' \
+                 BEGIN SELECT RAISE(ABORT, 'CHECK constraint failed: tally_test_refuse_record'); END"
+            ))
+            .execute(&pool)
+            .await
+            .expect("trigger");
+        }
+    }
+}
+
+/// `tally serve` started outside the repository uses the specs built into the
+/// binary; `projections init` writes them out; a set directory that is
+/// missing is still an error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_starts_from_any_directory_with_the_built_in_specs() {
+    let elsewhere = tempfile::tempdir().expect("dir");
+    let db = format!("sqlite://{}", elsewhere.path().join("t.db").display());
+    let port = tally::devserver::free_port().expect("port");
+    let base = format!("http://127.0.0.1:{port}");
+    let log = elsewhere.path().join("serve.log");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_tally"))
+        .arg("serve")
+        .current_dir(elsewhere.path())
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("TALLY_DATABASE_URL", &db)
+        .env("TALLY_HTTP_ADDR", format!("127.0.0.1:{port}"))
+        .stdout(std::fs::File::create(&log).expect("log"))
+        .stderr(std::fs::File::create(elsewhere.path().join("err.log")).expect("log"))
+        .spawn()
+        .expect("spawn");
+    let client = reqwest::Client::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let projections = loop {
+        if let Ok(r) = client.get(format!("{base}/v1/projections")).send().await {
+            break r.json::<Value>().await.expect("json");
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!(
+                "serve exited with {status}: {}",
+                std::fs::read_to_string(elsewhere.path().join("err.log")).unwrap_or_default()
+            );
+        }
+        assert!(std::time::Instant::now() < deadline, "serve did not start");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    let text = projections.to_string();
+    for name in ["alerts_minute", "by_api", "by_key", "by_user"] {
+        assert!(text.contains(name), "{name} missing from {text}");
+    }
+
+    let run = |args: &[&str], envs: &[(&str, &str)]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_tally"))
+            .args(args)
+            .current_dir(elsewhere.path())
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("TALLY_DATABASE_URL", &db)
+            .envs(envs.iter().copied())
+            .output()
+            .expect("run tally")
+    };
+    let out = run(&["projections", "list"], &[]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("built into this binary"),
+        "{out:?}"
+    );
+    // Written out for editing, then found in the working directory.
+    let out = run(&["projections", "init"], &[]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(elsewhere.path().join("projections/by_key.toml").is_file());
+    let again = run(&["projections", "init"], &[]);
+    assert!(
+        !again.status.success(),
+        "init must not overwrite: {again:?}"
+    );
+    let out = run(&["projections", "list"], &[]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("found in the working directory"),
+        "{out:?}"
+    );
+    // A set directory that does not exist stays an error.
+    let out = run(
+        &["serve"],
+        &[("TALLY_PROJECTIONS_DIR", "/nonexistent/specs")],
+    );
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("/nonexistent/specs"),
+        "{out:?}"
+    );
+}
+
+/// A client that writes its whole (oversized) body before reading the answer
+/// gets the 413 and its message, not a connection reset.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_body_sent_whole_still_gets_its_413() {
+    let s = support::store(Backend::Sqlite).await;
+    let mut config = support::server_config();
+    config.max_body_bytes = 64 * 1024;
+    let srv = TestServer::start(s.store.clone(), config).await;
+    let addr = srv.base.trim_start_matches("http://").to_string();
+    let answer = tokio::task::spawn_blocking(move || {
+        use std::io::{Read, Write};
+        let body = vec![b'x'; 4 * 1024 * 1024];
+        let mut tcp = std::net::TcpStream::connect(&addr).expect("connect");
+        tcp.set_read_timeout(Some(Duration::from_secs(30))).expect("timeout");
+        let head = format!(
+            "POST /v1/events HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        );
+        tcp.write_all(head.as_bytes()).expect("head");
+        tcp.write_all(&body).expect("the whole body is read, not refused mid-way");
+        let mut answer = Vec::new();
+        let _ = tcp.read_to_end(&mut answer);
+        String::from_utf8_lossy(&answer).to_string()
+    })
+    .await
+    .expect("client");
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert!(answer.contains("65536 bytes"), "{answer}");
+}
