@@ -1,0 +1,9 @@
+#![no_main]
+//! Fuzzes the cloudevents body decoder and the validator behind it.
+
+mod common;
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| {
+    common::body(data, tally::event::codec::Encoding::CloudEventsBatch);
+    common::body(data, tally::event::codec::Encoding::CloudEvents);
+});
