@@ -1,14 +1,20 @@
 //! API tokens: creation, hashing, and the check every HTTP request passes.
 //!
 //! A token is `tally_<id>_<secret>`; the store keeps only its SHA-256, so a
-//! leaked database does not leak usable tokens. Authentication is on as soon
-//! as one active token exists; with none, the API is open, which `serve`
-//! allows only on a loopback address (see [`check_bind`]).
+//! leaked database does not leak usable tokens. Authentication turns on when
+//! the first token is created and stays on (the `auth` row of `settings`),
+//! even when every token is revoked: revoking the last token closes the API,
+//! it never opens it. Only `tally tokens disable-auth` turns it off. While it
+//! is off, the API is open, which is allowed only on a loopback address or
+//! with `--insecure-no-auth`, checked at start-up ([`check_bind`]) and on
+//! every request.
 //!
 //! Tokens are matched against an in-memory copy of the table, reloaded at
 //! most every [`RELOAD_EVERY`] (and on an unknown token, so a token created
 //! with the CLI works at once). Revocation therefore takes effect within
-//! that interval. The presented token's hash is compared with every stored
+//! that interval. A reload runs in the background of one request; the others
+//! use the previous copy rather than queue behind it, so a database outage
+//! costs each request nothing (the copy is at most [`STALE_LIMIT`] old). The presented token's hash is compared with every stored
 //! hash in constant time, so response timing reveals nothing about how close
 //! a guess was.
 
@@ -31,6 +37,13 @@ use crate::store::{EventStore, StoreError};
 
 /// How stale the in-memory token list may get (revocation delay).
 pub const RELOAD_EVERY: Duration = Duration::from_secs(1);
+/// Longest a token reload may take before it is abandoned.
+pub const RELOAD_TIMEOUT: Duration = Duration::from_secs(2);
+/// Oldest token list still used while the database cannot be read; past it,
+/// requests get `503 store_unavailable`.
+pub const STALE_LIMIT: Duration = Duration::from_secs(60);
+/// The `settings` row that says authentication is on.
+pub const AUTH_SETTING: &str = "auth";
 
 /// What a token may do. `admin` includes the other two.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -83,6 +96,9 @@ pub enum AuthError {
     /// Serving on a non-loopback address without tokens.
     #[error("refusing to serve on {0} without authentication: no API token exists. Create one with `tally tokens create --name NAME --scope admin`, bind to 127.0.0.1, or pass --insecure-no-auth")]
     OpenNonLoopback(SocketAddr),
+    /// `disable-auth` while tokens are active.
+    #[error("{0} active token(s) exist: revoke them first (`tally tokens revoke NAME`); authentication stays on while any token is active")]
+    TokensActive(usize),
 }
 
 /// Parses `ingest,read` into scopes (sorted, deduplicated).
@@ -125,6 +141,8 @@ pub async fn create_token(
     if scopes.is_empty() {
         return Err(AuthError::NoScope);
     }
+    // On before the token exists: from here on, revoking it closes the API.
+    store.put_setting(AUTH_SETTING, "on").await?;
     let id = hex::encode(rand::random::<[u8; 6]>());
     let secret = hex::encode(rand::random::<[u8; 32]>());
     let token = format!("tally_{id}_{secret}");
@@ -147,6 +165,28 @@ pub async fn create_token(
     Ok((token, row))
 }
 
+/// Whether authentication is on (a token was ever created, and it was not
+/// turned off since).
+pub async fn auth_enabled(store: &dyn EventStore) -> Result<bool, StoreError> {
+    Ok(store.setting(AUTH_SETTING).await?.as_deref() == Some("on"))
+}
+
+/// Turns authentication off (`tally tokens disable-auth`); refused while a
+/// token is active. The API is then open on loopback or with `--insecure-no-auth`.
+pub async fn disable_auth(store: &dyn EventStore) -> Result<(), AuthError> {
+    let active = store
+        .tokens()
+        .await?
+        .iter()
+        .filter(|t| t.revoked_at.is_none())
+        .count();
+    if active > 0 {
+        return Err(AuthError::TokensActive(active));
+    }
+    store.put_setting(AUTH_SETTING, "off").await?;
+    Ok(())
+}
+
 /// Refuses a non-loopback bind with no active token, unless `insecure` is set.
 pub async fn check_bind(
     store: &dyn EventStore,
@@ -160,7 +200,9 @@ pub async fn check_bind(
         return Ok(());
     }
     let active = store.tokens().await?.iter().any(|t| t.revoked_at.is_none());
-    if active {
+    if active || auth_enabled(store).await? {
+        // With authentication on and no active token, every request is
+        // refused until one is created: closed, not open.
         Ok(())
     } else {
         Err(AuthError::OpenNonLoopback(addr))
@@ -185,6 +227,8 @@ struct Entry {
 
 struct Snapshot {
     entries: Vec<Entry>,
+    /// Authentication on although `entries` may be empty.
+    enabled: bool,
     loaded: Instant,
 }
 
@@ -193,37 +237,59 @@ pub struct Auth {
     store: Arc<dyn EventStore>,
     snapshot: RwLock<Option<Snapshot>>,
     reload: Mutex<()>,
+    /// Serving on a non-loopback address without `--insecure-no-auth`: an
+    /// open API is refused on every request, not only at start-up.
+    public: bool,
 }
 
 /// Why a request was refused.
 enum Refusal {
     Missing,
     Unknown,
+    NoActiveToken,
+    OpenPublic,
     Scope { name: String, need: Scope },
     Unavailable(String),
 }
 
 impl Auth {
-    /// A check over the tokens in `store`.
-    pub fn new(store: Arc<dyn EventStore>) -> Self {
+    /// A check over the tokens in `store`, for a server bound to `addr`.
+    pub fn new(store: Arc<dyn EventStore>, addr: SocketAddr, insecure_no_auth: bool) -> Self {
         Self {
             store,
             snapshot: RwLock::new(None),
             reload: Mutex::new(()),
+            public: !addr.ip().is_loopback() && !insecure_no_auth,
         }
     }
 
-    /// Reloads when the snapshot is older than `max_age` (one reload at a time).
+    /// Reloads when the snapshot is older than `max_age`. One reload runs at a
+    /// time; a request that finds one running uses the current copy instead of
+    /// waiting (when there is one not older than [`STALE_LIMIT`]).
     async fn refresh(&self, max_age: Duration) -> Result<(), StoreError> {
-        let fresh = |s: &Option<Snapshot>| s.as_ref().is_some_and(|s| s.loaded.elapsed() < max_age);
-        if fresh(&*self.snapshot.read().await) {
+        let fresh = |s: &Option<Snapshot>, age: Duration| {
+            s.as_ref().is_some_and(|s| s.loaded.elapsed() < age)
+        };
+        if fresh(&*self.snapshot.read().await, max_age) {
             return Ok(());
         }
-        let _one = self.reload.lock().await;
-        if fresh(&*self.snapshot.read().await) {
+        let _one = match self.reload.try_lock() {
+            Ok(guard) => guard,
+            Err(_) if fresh(&*self.snapshot.read().await, STALE_LIMIT) => return Ok(()),
+            Err(_) => self.reload.lock().await,
+        };
+        if fresh(&*self.snapshot.read().await, max_age) {
             return Ok(());
         }
-        let rows = self.store.tokens().await?;
+        let load = async {
+            let rows = self.store.tokens().await?;
+            let enabled = auth_enabled(self.store.as_ref()).await?;
+            Ok::<_, StoreError>((rows, enabled))
+        };
+        let (rows, enabled) = match tokio::time::timeout(RELOAD_TIMEOUT, load).await {
+            Ok(r) => r?,
+            Err(_) => return Err(StoreError::Timeout(RELOAD_TIMEOUT)),
+        };
         let entries = rows
             .into_iter()
             .filter(|t| t.revoked_at.is_none())
@@ -240,6 +306,7 @@ impl Auth {
             .collect();
         *self.snapshot.write().await = Some(Snapshot {
             entries,
+            enabled,
             loaded: Instant::now(),
         });
         Ok(())
@@ -250,8 +317,15 @@ impl Auth {
     async fn check(&self, bearer: Option<&str>, need: Scope) -> Result<Option<String>, Refusal> {
         if let Err(e) = self.refresh(RELOAD_EVERY).await {
             // A stale list is better than refusing every request while the
-            // database blips; with none at all there is nothing to check against.
-            if self.snapshot.read().await.is_none() {
+            // database blips; with none at all (or a too old one) there is
+            // nothing to check against.
+            let usable = self
+                .snapshot
+                .read()
+                .await
+                .as_ref()
+                .is_some_and(|s| s.loaded.elapsed() < STALE_LIMIT);
+            if !usable {
                 return Err(Refusal::Unavailable(e.to_string()));
             }
         }
@@ -265,11 +339,19 @@ impl Auth {
                 let Some(snap) = guard.as_ref() else {
                     return Err(Refusal::Unavailable("token list not loaded".into()));
                 };
-                if snap.entries.is_empty() {
-                    return Ok(None);
+                if snap.entries.is_empty() && !snap.enabled {
+                    return if self.public {
+                        Err(Refusal::OpenPublic)
+                    } else {
+                        Ok(None)
+                    };
                 }
                 if bearer.is_none() {
-                    return Err(Refusal::Missing);
+                    return Err(if snap.entries.is_empty() {
+                        Refusal::NoActiveToken
+                    } else {
+                        Refusal::Missing
+                    });
                 }
                 // Every entry is compared, whatever matched, in constant time.
                 let mut found: Option<&Entry> = None;
@@ -294,6 +376,15 @@ impl Auth {
             if attempt == 0 && self.refresh(Duration::from_millis(100)).await.is_err() {
                 break;
             }
+        }
+        let none_active = self
+            .snapshot
+            .read()
+            .await
+            .as_ref()
+            .is_some_and(|s| s.entries.is_empty());
+        if none_active {
+            return Err(Refusal::NoActiveToken);
         }
         Err(Refusal::Unknown)
     }
@@ -335,6 +426,16 @@ pub async fn require(State(auth): State<Arc<Auth>>, mut req: Request, next: Next
                     StatusCode::UNAUTHORIZED,
                     "unauthorized",
                     "the bearer token is unknown or revoked".to_string(),
+                ),
+                Refusal::NoActiveToken => (
+                    StatusCode::UNAUTHORIZED,
+                    "unauthorized",
+                    "authentication is on but no active token exists (the last one was revoked): create one with `tally tokens create --name NAME --scope admin`".to_string(),
+                ),
+                Refusal::OpenPublic => (
+                    StatusCode::UNAUTHORIZED,
+                    "unauthorized",
+                    "this server listens on a public address and no API token exists: create one with `tally tokens create --name NAME --scope admin` (or restart it on 127.0.0.1, or with --insecure-no-auth)".to_string(),
                 ),
                 Refusal::Scope { name, need } => (
                     StatusCode::FORBIDDEN,

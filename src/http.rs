@@ -54,7 +54,11 @@ impl AppState {
             health,
             catalog: Arc::new(catalog),
             signal: Arc::default(),
-            auth: Arc::new(crate::auth::Auth::new(store.clone())),
+            auth: Arc::new(crate::auth::Auth::new(
+                store.clone(),
+                config.http_addr,
+                config.insecure_no_auth,
+            )),
         }
     }
 }

@@ -355,6 +355,27 @@ pub async fn render(store: &dyn EventStore) -> String {
         ),
         Err(_) => db_up = false,
     }
+    match store.rule_failures().await {
+        Ok(failures) => {
+            let series: Vec<(String, f64)> = failures
+                .iter()
+                .map(|f| (labels(&["rule"], std::slice::from_ref(&f.rule)), 1.0))
+                .collect();
+            gauge(
+                &mut out,
+                "tally_alert_rules_failing",
+                "Alert rules whose evaluation fails now (the reason is in GET /v1/alert-rules).",
+                &[(String::new(), failures.len() as f64)],
+            );
+            gauge(
+                &mut out,
+                "tally_alert_rule_failing",
+                "1 for each alert rule whose evaluation fails now.",
+                &series,
+            );
+        }
+        Err(_) => db_up = false,
+    }
     gauge(
         &mut out,
         "tally_database_up",

@@ -32,7 +32,7 @@ use crate::projection::Measures;
 use crate::query::keys::month_start;
 use crate::query::output::Group;
 use crate::query::{plan, Catalog};
-use crate::store::alerts::{InstanceRow, InstanceWrite, NewNotification};
+use crate::store::alerts::{InstanceRow, InstanceWrite, NewNotification, RuleFailure};
 use crate::store::{Cursor, EventStore};
 
 /// Evaluator and relay settings (`tally serve` flags).
@@ -71,11 +71,12 @@ pub type RuleCache = HashMap<String, (String, Rule)>;
 
 /// Every rule to evaluate: the stored rules and one per quota. A stored rule
 /// that no longer validates (a projection it needs was removed) is skipped
-/// with an error in the log; its firing instances resolve.
+/// with an error in the log and added to `failing`; its firing instances resolve.
 pub async fn load_rules(
     store: &dyn EventStore,
     catalog: &Catalog,
     cache: &mut RuleCache,
+    failing: &mut Vec<(String, String, String)>,
 ) -> Result<Vec<Rule>, AlertError> {
     let (rules, quotas) = tokio::join!(store.alert_rules(), store.quotas());
     let mut out = Vec::new();
@@ -100,7 +101,8 @@ pub async fn load_rules(
                 out.push(rule)
             }
             Err(reason) => {
-                tracing::error!(rule = %row.name, %reason, "stored alert rule cannot be evaluated; skipped")
+                tracing::error!(rule = %row.name, %reason, "stored alert rule cannot be evaluated; skipped");
+                failing.push((row.uid.clone(), row.name.clone(), reason));
             }
         }
     }
@@ -121,7 +123,12 @@ pub async fn load_rules(
                 out.push(rule)
             }
             Err(e) => {
-                tracing::error!(key = %row.key, error = %e, "stored quota cannot be evaluated; skipped")
+                tracing::error!(key = %row.key, error = %e, "stored quota cannot be evaluated; skipped");
+                failing.push((
+                    row.uid.clone(),
+                    format!("{}:{}", crate::alert::quota::QUOTA_RULE, row.key),
+                    e.to_string(),
+                ));
             }
         }
     }
@@ -198,6 +205,8 @@ pub struct Round {
     pub stale: bool,
     /// Time spent reading windows.
     pub read_ms: u64,
+    /// Rules that could not be evaluated this round (the others were).
+    pub failing: usize,
 }
 
 /// Evaluates rules against the projections; keeps the instances it knows in memory.
@@ -212,6 +221,9 @@ pub struct Evaluator {
     /// Whether this round may use `stable` (see [`FoldSignal`]).
     cache_stable: bool,
     signal: Option<Arc<FoldSignal>>,
+    /// Failing rules by uid as last written to the store (`None`: not yet
+    /// written by this evaluator), with the time each started failing.
+    failing: Option<HashMap<String, RuleFailure>>,
 }
 
 /// How long the settled part of a minute window is reused.
@@ -237,6 +249,7 @@ impl Evaluator {
             stable: std::sync::Mutex::new(HashMap::new()),
             cache_stable: false,
             signal,
+            failing: None,
         }
     }
 
@@ -368,7 +381,8 @@ impl Evaluator {
     /// One evaluation of every rule at `now`.
     pub async fn evaluate(&mut self, now: DateTime<Utc>) -> Result<Round, AlertError> {
         let mut cache = std::mem::take(&mut self.rules);
-        let loaded = load_rules(self.store.as_ref(), &self.catalog, &mut cache).await;
+        let mut failing = Vec::new();
+        let loaded = load_rules(self.store.as_ref(), &self.catalog, &mut cache, &mut failing).await;
         self.rules = cache;
         let rules = loaded?;
         if self.instances.is_none() {
@@ -421,10 +435,26 @@ impl Evaluator {
         for rule in &rules {
             let (window, previous) = window_range(rule, now);
             let read_started = Instant::now();
-            let current = self.read(rule, window, now, &mut cache).await?;
-            let baseline = match rule.baseline {
-                true => Some(self.read(rule, previous, now, &mut cache).await?),
-                false => None,
+            // One rule's read error must not stop the others: the rule is
+            // marked failing and its instances keep their state. Only a
+            // database that cannot be reached ends the round.
+            let read = async {
+                let current = self.read(rule, window, now, &mut cache).await?;
+                let baseline = match rule.baseline {
+                    true => Some(self.read(rule, previous, now, &mut cache).await?),
+                    false => None,
+                };
+                Ok::<_, AlertError>((current, baseline))
+            };
+            let (current, baseline) = match read.await {
+                Ok(v) => v,
+                Err(e) => {
+                    self.store.ping().await?;
+                    tracing::warn!(rule = %rule.name, error = %e, "alert rule evaluation failed; the others go on");
+                    failing.push((rule.uid.clone(), rule.name.clone(), e.to_string()));
+                    active.remove(&rule.uid);
+                    continue;
+                }
             };
             read_time += read_started.elapsed();
             let threshold_of = |level: &Level, group: Option<&Group>| match (&baseline, group) {
@@ -505,8 +535,10 @@ impl Evaluator {
         let mut round = Round {
             rules: rules.len(),
             read_ms: read_time.as_millis() as u64,
+            failing: failing.len(),
             ..Round::default()
         };
+        self.record_failures(failing, now).await;
         if changes.is_empty() {
             return Ok(round);
         }
@@ -536,6 +568,49 @@ impl Evaluator {
             }
         }
         Ok(round)
+    }
+
+    /// Writes the failing rules to the store when the set (or an error)
+    /// changed; a failure to write is logged, never fatal to the round.
+    async fn record_failures(
+        &mut self,
+        failing: Vec<(String, String, String)>,
+        now: DateTime<Utc>,
+    ) {
+        let previous = self.failing.take();
+        let known = previous.clone().unwrap_or_default();
+        let current: HashMap<String, RuleFailure> = failing
+            .into_iter()
+            .map(|(uid, rule, error)| {
+                let since = known.get(&uid).map_or(now, |f| f.since);
+                (
+                    uid.clone(),
+                    RuleFailure {
+                        uid,
+                        rule,
+                        error,
+                        since,
+                    },
+                )
+            })
+            .collect();
+        let changed = previous.as_ref().is_none_or(|p| {
+            p.len() != current.len()
+                || current
+                    .iter()
+                    .any(|(uid, f)| p.get(uid).is_none_or(|o| o.error != f.error))
+        });
+        if !changed {
+            self.failing = previous;
+            return;
+        }
+        let list: Vec<RuleFailure> = current.values().cloned().collect();
+        match self.store.set_rule_failures(&list, now).await {
+            Ok(()) => self.failing = Some(current),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot record failing alert rules; retrying next round")
+            }
+        }
     }
 
     /// Advances one instance; returns its new row and notification when it changed.

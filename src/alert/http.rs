@@ -15,7 +15,7 @@ use super::AlertError;
 use crate::http::{ApiError, AppState};
 use crate::query::params::parse_time;
 use crate::query::QueryError;
-use crate::store::alerts::{AuditRow, HistoryFilter, RuleRow, RuleWritten, WriteMode};
+use crate::store::alerts::{AuditRow, HistoryFilter, RuleFailure, RuleRow, RuleWritten, WriteMode};
 
 impl From<AlertError> for ApiError {
     fn from(e: AlertError) -> Self {
@@ -187,8 +187,35 @@ pub async fn put_rule(
 /// `GET /v1/alert-rules`.
 pub async fn list_rules(State(state): State<AppState>) -> Result<Response, ApiError> {
     let rows = state.store.alert_rules().await.map_err(AlertError::from)?;
-    let rules: Vec<Value> = rows.iter().map(rule_view).collect();
+    let failures = state
+        .store
+        .rule_failures()
+        .await
+        .map_err(AlertError::from)?;
+    let rules: Vec<Value> = rows
+        .iter()
+        .map(|r| with_status(rule_view(r), r, &failures))
+        .collect();
     Ok(Json(json!({ "rules": rules })).into_response())
+}
+
+/// Adds `status` (`ok` or `failing`), and for a failing rule `error` and
+/// `failing_since`, to a rule's view.
+fn with_status(mut view: Value, row: &RuleRow, failures: &[RuleFailure]) -> Value {
+    let failure = failures.iter().find(|f| f.uid == row.uid);
+    if let Some(o) = view.as_object_mut() {
+        match failure {
+            None => {
+                o.insert("status".into(), json!("ok"));
+            }
+            Some(f) => {
+                o.insert("status".into(), json!("failing"));
+                o.insert("error".into(), json!(f.error));
+                o.insert("failing_since".into(), json!(time(f.since)));
+            }
+        }
+    }
+    view
 }
 
 /// `GET /v1/alert-rules/{name}`.
@@ -197,8 +224,13 @@ pub async fn get_rule(
     Path(name): Path<String>,
 ) -> Result<Response, ApiError> {
     let rows = state.store.alert_rules().await.map_err(AlertError::from)?;
+    let failures = state
+        .store
+        .rule_failures()
+        .await
+        .map_err(AlertError::from)?;
     match rows.iter().find(|r| r.name == name) {
-        Some(r) => Ok(Json(rule_view(r)).into_response()),
+        Some(r) => Ok(Json(with_status(rule_view(r), r, &failures)).into_response()),
         None => Err(not_found(format!("no alert rule named `{name}`"))),
     }
 }

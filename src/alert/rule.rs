@@ -167,6 +167,10 @@ impl Op {
     }
 }
 
+/// Most values one scope dimension may list: a read binds each of them (SQLite
+/// allows 32,766 bound values per statement, and shared reads combine rules).
+pub const MAX_SCOPE_VALUES: usize = 1_000;
+
 /// A scope filter: one value or any of several.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(untagged)]
@@ -480,6 +484,12 @@ impl RuleSpec {
                     )))
                 }
             };
+            if values.len() > MAX_SCOPE_VALUES {
+                return Err(invalid(format!(
+                    "`scope.{name}` lists {} values; at most {MAX_SCOPE_VALUES} are allowed (group_by the dimension instead, or split the rule)",
+                    values.len()
+                )));
+            }
             scope.push((*d, values));
         }
         let group_by = dimensions("group_by", self.group_by.iter())?;

@@ -33,10 +33,15 @@ pub(super) enum TokensCommand {
         json: bool,
     },
     /// Revoke a token by name or id (effective within a second on running servers).
+    /// Authentication stays on after the last token is revoked: the API is then closed.
     Revoke {
         /// Token name or id.
         name: String,
     },
+    /// Turn authentication off (it turned on with the first token). Refused
+    /// while a token is active; the API is then open on loopback only (or
+    /// anywhere with --insecure-no-auth).
+    DisableAuth,
 }
 
 #[derive(Debug, Subcommand)]
@@ -187,9 +192,17 @@ pub(super) async fn tokens(db: &DatabaseConfig, which: TokensCommand) -> anyhow:
         TokensCommand::Revoke { name } => {
             if store.revoke_token(&name, Utc::now()).await? {
                 println!("revoked `{name}`; running servers refuse it within a second");
+                let active = store.tokens().await?.iter().any(|t| t.revoked_at.is_none());
+                if !active {
+                    println!("no active token is left: authentication stays on, so every request is refused until a token is created (`tally tokens disable-auth` turns it off)");
+                }
             } else {
                 anyhow::bail!("no active token with name or id `{name}`");
             }
+        }
+        TokensCommand::DisableAuth => {
+            crate::auth::disable_auth(store.as_ref()).await?;
+            println!("authentication is off: the API is open to anyone who can reach it (servers on a non-loopback address refuse requests unless started with --insecure-no-auth)");
         }
     }
     store.close().await;

@@ -190,6 +190,15 @@ pub struct HistoryFilter {
 pub trait AlertStore: Send + Sync {
     /// Every rule, by name.
     async fn alert_rules(&self) -> Result<Vec<RuleRow>, StoreError>;
+    /// Rules whose evaluation currently fails (table `alert_rule_status`).
+    async fn rule_failures(&self) -> Result<Vec<RuleFailure>, StoreError>;
+    /// Records this round's failing rules (keeping `since` of those already
+    /// failing) and clears every other rule's failure.
+    async fn set_rule_failures(
+        &self,
+        failing: &[RuleFailure],
+        now: DateTime<Utc>,
+    ) -> Result<(), StoreError>;
     /// Creates or replaces a rule and records who did it, in one transaction.
     async fn write_rule(
         &self,
@@ -368,6 +377,19 @@ impl InstanceBinds {
     }
 }
 
+/// A rule whose evaluation fails, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RuleFailure {
+    /// The rule's uid (a quota's uid for a quota rule).
+    pub uid: String,
+    /// Its name (`quota_exceeded` for a quota).
+    pub rule: String,
+    /// The error, as an operator reads it.
+    pub error: String,
+    /// Failing since (first failed evaluation).
+    pub since: DateTime<Utc>,
+}
+
 /// Implements [`AlertStore`] for a backend: `$writer` and `$reader` name its
 /// pools, `$begin` the statement that opens a write transaction, and
 /// `$lock` the suffix that locks a row read for update (empty on SQLite,
@@ -389,6 +411,58 @@ macro_rules! impl_alert_store {
                     .iter()
                     .map($crate::store::alerts::rule_from_row)
                     .collect::<Result<_, _>>()?)
+            }
+
+            async fn rule_failures(
+                &self,
+            ) -> Result<Vec<$crate::store::alerts::RuleFailure>, $crate::store::StoreError> {
+                use sqlx::Row;
+                let rows = sqlx::query(
+                    "SELECT uid, rule, error, since_ms FROM alert_rule_status ORDER BY rule",
+                )
+                .fetch_all(&self.$reader)
+                .await?;
+                rows.iter()
+                    .map(|r| {
+                        Ok($crate::store::alerts::RuleFailure {
+                            uid: r.try_get("uid")?,
+                            rule: r.try_get("rule")?,
+                            error: r.try_get("error")?,
+                            since: $crate::store::alerts::from_ms(r.try_get("since_ms")?),
+                        })
+                    })
+                    .collect::<Result<_, sqlx::Error>>()
+                    .map_err(Into::into)
+            }
+
+            async fn set_rule_failures(
+                &self,
+                failing: &[$crate::store::alerts::RuleFailure],
+                now: chrono::DateTime<chrono::Utc>,
+            ) -> Result<(), $crate::store::StoreError> {
+                let now = $crate::store::alerts::ms(now);
+                let mut tx = self.$writer.begin().await?;
+                for f in failing {
+                    sqlx::query(
+                        "INSERT INTO alert_rule_status (uid, rule, error, since_ms, checked_at_ms) \
+                         VALUES ($1, $2, $3, $4, $5) ON CONFLICT (uid) DO UPDATE SET \
+                         rule = excluded.rule, error = excluded.error, checked_at_ms = excluded.checked_at_ms",
+                    )
+                    .bind(&f.uid)
+                    .bind(&f.rule)
+                    .bind(&f.error)
+                    .bind($crate::store::alerts::ms(f.since))
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                // Every rule not failing now has recovered (or is gone).
+                sqlx::query("DELETE FROM alert_rule_status WHERE checked_at_ms < $1")
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await?;
+                tx.commit().await?;
+                Ok(())
             }
 
             async fn write_rule(

@@ -90,6 +90,10 @@ pub trait OpsStore: Send + Sync {
     async fn create_token(&self, t: &TokenRow) -> Result<bool, StoreError>;
     /// Every token, active first, then by name.
     async fn tokens(&self) -> Result<Vec<TokenRow>, StoreError>;
+    /// A persistent setting (table `settings`), `None` when never set.
+    async fn setting(&self, name: &str) -> Result<Option<String>, StoreError>;
+    /// Sets a persistent setting.
+    async fn put_setting(&self, name: &str, value: &str) -> Result<(), StoreError>;
     /// Revokes the active token with this name or id; false when there is none.
     async fn revoke_token(&self, name_or_id: &str, at: DateTime<Utc>) -> Result<bool, StoreError>;
     /// Records the start of a run. `None` when a run of this job already
@@ -220,6 +224,33 @@ macro_rules! impl_ops_store {
                     .iter()
                     .map($crate::store::ops::token_from_row)
                     .collect::<Result<_, _>>()?)
+            }
+
+            async fn setting(
+                &self,
+                name: &str,
+            ) -> Result<Option<String>, $crate::store::StoreError> {
+                Ok(sqlx::query_scalar("SELECT value FROM settings WHERE name = $1")
+                    .bind(name)
+                    .fetch_optional(&self.$reader)
+                    .await?)
+            }
+
+            async fn put_setting(
+                &self,
+                name: &str,
+                value: &str,
+            ) -> Result<(), $crate::store::StoreError> {
+                sqlx::query(
+                    "INSERT INTO settings (name, value, updated_at_ms) VALUES ($1, $2, $3) \
+                     ON CONFLICT (name) DO UPDATE SET value = excluded.value, updated_at_ms = excluded.updated_at_ms",
+                )
+                .bind(name)
+                .bind(value)
+                .bind($crate::store::alerts::ms(chrono::Utc::now()))
+                .execute(&self.$writer)
+                .await?;
+                Ok(())
             }
 
             async fn revoke_token(

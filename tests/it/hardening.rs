@@ -684,3 +684,338 @@ async fn an_oversized_body_sent_whole_still_gets_its_413() {
     assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
     assert!(answer.contains("65536 bytes"), "{answer}");
 }
+
+/// Starts a server with fast alert evaluation over `s`.
+async fn alert_server(s: &TestStore) -> TestServer {
+    let mut config = support::server_config();
+    config.alerts.alerts_tick = Duration::from_millis(300);
+    config.alerts.alerts_min_interval = Duration::from_millis(50);
+    TestServer::start(s.store.clone(), config).await
+}
+
+/// Waits until `rule` has an active (pending or firing) alert.
+async fn wait_active(srv: &TestServer, rule: &str) -> Value {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let (status, a) = srv.get(&format!("/v1/alerts?rule={rule}")).await;
+        assert_eq!(status, 200, "{a}");
+        if a["active"].as_array().is_some_and(|v| !v.is_empty()) {
+            return a;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{rule} never became active: {a}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Waits until `GET /v1/alert-rules/{rule}` says `failing`; returns the view.
+async fn wait_failing(srv: &TestServer, rule: &str) -> Value {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let (status, r) = srv.get(&format!("/v1/alert-rules/{rule}")).await;
+        assert_eq!(status, 200, "{r}");
+        if r["status"] == "failing" {
+            return r;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{rule} never marked failing: {r}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+const BURST_RULE: &str = r#"{"name": "burst", "measure": "requests", "window": "1h",
+    "group_by": ["key"], "threshold": 5}"#;
+
+/// SQLite: a stored rule whose scope lists 40,000 keys (more values than one
+/// SQLite statement can bind) used to fail every evaluation round, so no
+/// other rule fired. Now it is marked failing and the others go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_failing_rule_does_not_stop_the_others_on_sqlite() {
+    use tally::store::alerts::WriteMode;
+    let s = support::store(Backend::Sqlite).await;
+    let keys: Vec<String> = (0..40_000).map(|i| format!("k{i}")).collect();
+    let huge = json!({"name": "huge-scope", "measure": "requests", "window": "1h",
+        "scope": {"key": keys}, "group_by": ["key"], "threshold": 1});
+    s.store
+        .write_rule("huge-scope", &huge.to_string(), "test", WriteMode::Create)
+        .await
+        .expect("stored without the HTTP validation");
+    let srv = alert_server(&s).await;
+    let (status, answer) = srv
+        .post_json(&Value::Array(
+            (0..10)
+                .map(|i| {
+                    let mut e = wire(&format!("burst-{i}"));
+                    e["key"] = json!("k1");
+                    e
+                })
+                .collect(),
+        ))
+        .await;
+    assert_eq!(status, 200, "{answer}");
+    let (status, r) = srv
+        .client
+        .post(format!("{}/v1/alert-rules", srv.base))
+        .header("content-type", "application/json")
+        .body(BURST_RULE)
+        .send()
+        .await
+        .map(|r| (r.status().as_u16(), ()))
+        .expect("create rule");
+    assert_eq!(status, 201, "{r:?}");
+    wait_active(&srv, "burst").await;
+    let failing = wait_failing(&srv, "huge-scope").await;
+    assert!(
+        failing["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("at most 1000")),
+        "{failing}"
+    );
+    let (_, ok) = srv.get("/v1/alert-rules/burst").await;
+    assert_eq!(ok["status"], "ok", "{ok}");
+    let metrics = srv
+        .client
+        .get(format!("{}/metrics", srv.base))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    assert!(metrics.contains("tally_alert_rules_failing 1"), "{metrics}");
+    assert!(
+        metrics.contains("tally_alert_rule_failing{rule=\"huge-scope\"} 1"),
+        "{metrics}"
+    );
+    // Creating such a rule over HTTP is refused up front.
+    let (status, answer) = srv
+        .client
+        .post(format!("{}/v1/alert-rules", srv.base))
+        .header("content-type", "application/json")
+        .body(json!({"name": "huge2", "measure": "requests", "window": "1h", "scope": {"key": (0..1001).map(|i| format!("k{i}")).collect::<Vec<_>>()}, "threshold": 1}).to_string())
+        .send()
+        .await
+        .map(|r| r.status().as_u16())
+        .map(|s| (s, ()))
+        .expect("create");
+    assert_eq!(status, 400, "{answer:?}");
+    // Fixed: the failure clears.
+    s.store
+        .write_rule("huge-scope", &json!({"name": "huge-scope", "measure": "requests", "window": "1h", "group_by": ["key"], "threshold": 1}).to_string(), "test", WriteMode::Upsert)
+        .await
+        .expect("fixed");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, r) = srv.get("/v1/alert-rules/huge-scope").await;
+        if r["status"] == "ok" {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "failure never cleared: {r}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// PostgreSQL: a rule whose window read fails (here: its tables are locked by
+/// another session, so the read hits the statement timeout) is marked failing
+/// with the database's reason; a rule on another projection still fires.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rule_whose_read_fails_is_isolated_on_postgres() {
+    let (url, _dir) = support::database(Backend::Postgres, "rulefail");
+    let store = tally::store::connect(
+        &url,
+        &tally::store::StoreOptions {
+            statement_timeout: Duration::from_secs(1),
+            ..Default::default()
+        },
+    )
+    .await
+    .expect("connect");
+    store.migrate().await.expect("migrate");
+    let s = TestStore {
+        store,
+        url: url.clone(),
+        _dir: None,
+    };
+    let srv = alert_server(&s).await;
+    let mut events = Vec::new();
+    for i in 0..10 {
+        let mut e = wire(&format!("rf-{i}"));
+        e["key"] = json!("k1");
+        e["user"] = json!("u1");
+        events.push(e);
+    }
+    let (status, answer) = srv.post_json(&Value::Array(events)).await;
+    assert_eq!(status, 200, "{answer}");
+    // Wait until every projection folded them.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let states = s.store.projection_states().await.expect("states");
+        let mut all = true;
+        for st in &states {
+            all &= s.store.events_after(st.cursor).await.expect("lag") == 0;
+        }
+        if all && !states.is_empty() {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "not folded");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let locker = sqlx::PgPool::connect(&url).await.expect("pg");
+    let mut lock = locker.begin().await.expect("begin");
+    sqlx::query("LOCK TABLE agg_by_user_day, agg_by_user_month IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *lock)
+        .await
+        .expect("lock");
+    for body in [
+        r#"{"name": "by-user", "measure": "requests", "window": "calendar_day", "group_by": ["user"], "threshold": 5}"#,
+        BURST_RULE,
+    ] {
+        let status = srv
+            .client
+            .post(format!("{}/v1/alert-rules", srv.base))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .expect("create")
+            .status();
+        assert_eq!(status, 201);
+    }
+    wait_active(&srv, "burst").await;
+    let failing = wait_failing(&srv, "by-user").await;
+    assert!(
+        failing["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("timeout") || e.contains("cancel")),
+        "{failing}"
+    );
+    lock.rollback().await.expect("unlock");
+    // Unlocked: it evaluates again, fires, and its failure clears.
+    wait_active(&srv, "by-user").await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, r) = srv.get("/v1/alert-rules/by-user").await;
+        if r["status"] == "ok" {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "failure never cleared: {r}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Revoking the last token closes the API instead of opening it; only an
+/// explicit `disable-auth` opens it again, and never on a public address.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoking_the_last_token_keeps_authentication_on() {
+    use tally::auth::{create_token, disable_auth, Scope};
+    let s = support::store(Backend::Sqlite).await;
+    let (token, _) = create_token(s.store.as_ref(), "admin1", &[Scope::Admin], "test")
+        .await
+        .expect("token");
+    let mut config = support::server_config();
+    config.http_addr = "0.0.0.0:0".parse().expect("addr");
+    let srv = TestServer::start(s.store.clone(), config).await;
+    let get = |auth: Option<String>| {
+        let req = srv.client.get(format!("{}/v1/projections", srv.base));
+        let req = match auth {
+            Some(t) => req.bearer_auth(t),
+            None => req,
+        };
+        async move {
+            let r = req.send().await.expect("request");
+            (r.status().as_u16(), r.text().await.expect("text"))
+        }
+    };
+    assert_eq!(get(Some(token.clone())).await.0, 200);
+    assert_eq!(get(None).await.0, 401);
+    assert!(s
+        .store
+        .revoke_token("admin1", chrono::Utc::now())
+        .await
+        .expect("revoke"));
+    tokio::time::sleep(tally::auth::RELOAD_EVERY + Duration::from_millis(300)).await;
+    let (status, text) = get(None).await;
+    assert_eq!(status, 401, "the API must stay closed: {text}");
+    assert!(text.contains("no active token"), "{text}");
+    assert_eq!(get(Some(token.clone())).await.0, 401, "revoked");
+    // A restart does not open it either.
+    drop(srv);
+    let mut config = support::server_config();
+    config.http_addr = "127.0.0.1:0".parse().expect("addr");
+    let srv = TestServer::start(support::open(&s.url).await, config).await;
+    let r = srv
+        .client
+        .get(format!("{}/v1/projections", srv.base))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(r.status().as_u16(), 401);
+    drop(srv);
+    // (A stopped server closes its store: open it again.)
+    let store = support::open(&s.url).await;
+    // Only the explicit command turns it off, and not while a token is active.
+    create_token(store.as_ref(), "admin2", &[Scope::Admin], "test")
+        .await
+        .expect("token");
+    assert!(
+        disable_auth(store.as_ref()).await.is_err(),
+        "refused while a token is active"
+    );
+    assert!(store
+        .revoke_token("admin2", chrono::Utc::now())
+        .await
+        .expect("revoke"));
+    disable_auth(store.as_ref()).await.expect("disable");
+    let srv = TestServer::start(store, support::server_config()).await;
+    let r = srv
+        .client
+        .get(format!("{}/v1/projections", srv.base))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(r.status().as_u16(), 200, "open on loopback once disabled");
+    drop(srv);
+    // On a public address an open API is refused on every request, even when
+    // authentication was turned off while the server ran.
+    let store = support::open(&s.url).await;
+    let (token, _) = create_token(store.as_ref(), "admin3", &[Scope::Admin], "test")
+        .await
+        .expect("token");
+    let mut config = support::server_config();
+    config.http_addr = "0.0.0.0:0".parse().expect("addr");
+    let srv = TestServer::start(store.clone(), config).await;
+    let ok = srv
+        .client
+        .get(format!("{}/v1/projections", srv.base))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(ok.status().as_u16(), 200);
+    assert!(store
+        .revoke_token("admin3", chrono::Utc::now())
+        .await
+        .expect("revoke"));
+    disable_auth(store.as_ref()).await.expect("disable");
+    tokio::time::sleep(tally::auth::RELOAD_EVERY + Duration::from_millis(300)).await;
+    let r = srv
+        .client
+        .get(format!("{}/v1/projections", srv.base))
+        .send()
+        .await
+        .expect("request");
+    let status = r.status().as_u16();
+    let text = r.text().await.expect("text");
+    assert_eq!(status, 401, "{text}");
+    assert!(text.contains("public address"), "{text}");
+}
