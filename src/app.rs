@@ -29,6 +29,14 @@ pub async fn open_projectors(
     store: &Arc<dyn EventStore>,
     dir: Option<&std::path::Path>,
 ) -> Result<Vec<ProjectionTask>, ProjectionError> {
+    // Checked before anything folds: a projector past the log's next
+    // position would skip every new event silently.
+    match store.log_position_problem().await {
+        Ok(Some(problem)) => return Err(ProjectionError::LogPosition(problem)),
+        Ok(None) => {}
+        // An unreachable database is handled below, like every projection.
+        Err(e) => tracing::warn!(error = %e, "cannot check the log positions now"),
+    }
     let source = spec::SpecSource::resolve(dir);
     tracing::info!(source = %source, "projection specs");
     let specs = source.load()?;

@@ -254,6 +254,10 @@ enum ProjectionsCommand {
         #[arg(default_value = "projections")]
         dir: PathBuf,
     },
+    /// Repair log positions after a restore into another PostgreSQL cluster (or
+    /// of an older SQLite file): checkpoints keep exactly the events they folded,
+    /// and new events sort after them. Run with no Tally serving the database.
+    RepairPositions,
     /// Rebuild a projection from the event log into shadow tables and swap them
     /// in atomically; safe while Tally serves and ingests.
     Rebuild {
@@ -730,6 +734,16 @@ async fn projections(db: &DatabaseConfig, which: ProjectionsCommand) -> anyhow::
     store.migrate().await?;
     match which {
         ProjectionsCommand::Init { .. } => {}
+        ProjectionsCommand::RepairPositions => match store.log_position_problem().await? {
+            None => println!("log positions are consistent; nothing to repair"),
+            Some(problem) => {
+                println!("found: {problem}");
+                println!("{}", store.repair_log_positions().await?);
+                if let Some(still) = store.log_position_problem().await? {
+                    anyhow::bail!("still inconsistent after the repair: {still}");
+                }
+            }
+        },
         ProjectionsCommand::List { config, json } => {
             let source = spec::SpecSource::resolve(config.projections_dir.as_deref());
             let specs = source.load()?;

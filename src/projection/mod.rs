@@ -44,6 +44,9 @@ pub enum ProjectionError {
         /// The OS error.
         reason: String,
     },
+    /// A checkpoint lies beyond the positions new events will get.
+    #[error("{0}. Stop every Tally on this database and run `tally projections repair-positions`, then start again")]
+    LogPosition(String),
     /// The tables were built from a different spec than the file now says.
     #[error("projection `{name}` changed since its tables were built (stored: {stored}; file: {now}). Its aggregates would mix two shapes, so Tally will not start. Run `tally projections rebuild {name}` to rebuild it from the event log (or restore the old spec)")]
     SpecChanged {

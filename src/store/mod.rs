@@ -218,6 +218,18 @@ pub trait ProjectionStore: Send + Sync + 'static {
     /// Events stored after `after` (a projection's lag), committed or not yet foldable.
     async fn events_after(&self, after: Cursor) -> Result<i64, StoreError>;
 
+    /// `Some(what is wrong)` when a checkpoint or stored event lies beyond the
+    /// positions the database will give new events (PostgreSQL: a dump
+    /// restored into a new cluster restarts transaction ids below the stored
+    /// ones; SQLite: a log file older than its checkpoints). New events would
+    /// then sort before the checkpoints and never be folded.
+    async fn log_position_problem(&self) -> Result<Option<String>, StoreError>;
+
+    /// Repairs what [`ProjectionStore::log_position_problem`] finds, keeping
+    /// which events each checkpoint has folded; returns what it did. Run with
+    /// no Tally serving this database.
+    async fn repair_log_positions(&self) -> Result<String, StoreError>;
+
     /// Creates the spec's tables (with `suffix`) if missing and the checkpoint
     /// row `state` (with the spec's hash) if missing, and returns the row.
     async fn ensure_projection(

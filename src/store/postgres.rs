@@ -677,6 +677,84 @@ impl PgStore {
 
 #[async_trait]
 impl ProjectionStore for PgStore {
+    async fn log_position_problem(&self) -> Result<Option<String>, StoreError> {
+        // xmax of a snapshot is the next transaction id to be handed out; no
+        // id is consumed by reading it.
+        let (next, checkpoint, stored): (i64, i64, i64) = sqlx::query_as(
+            "SELECT pg_snapshot_xmax(pg_current_snapshot())::text::bigint, \
+                    (SELECT coalesce(max(cursor_tx), 0) FROM projection_checkpoints), \
+                    coalesce((SELECT tx::text::bigint FROM usage_events ORDER BY tx DESC LIMIT 1), 0)",
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        let ahead = checkpoint.max(stored);
+        Ok((ahead >= next).then(|| {
+            format!(
+                "the log holds transaction ids up to {ahead} but this cluster hands out {next} next: the database was restored into another cluster (pg_dump/pg_restore, a new server), so new events would sort before the checkpoints and never be folded"
+            )
+        }))
+    }
+
+    async fn repair_log_positions(&self) -> Result<String, StoreError> {
+        // Each distinct writer transaction id of the log is renumbered 1..k in
+        // order, and each checkpoint moved to the same place in that order, so
+        // every checkpoint still covers exactly the events it folded. Then
+        // transaction ids are consumed until the cluster's next one is past k.
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("LOCK TABLE usage_events, projection_checkpoints IN EXCLUSIVE MODE")
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(
+            "CREATE TEMP TABLE tally_tx_map ON COMMIT DROP AS \
+             SELECT tx AS old, row_number() OVER (ORDER BY tx) AS new FROM (SELECT DISTINCT tx FROM usage_events) d",
+        )
+        .execute(&mut *tx)
+        .await?;
+        let k: i64 = sqlx::query_scalar("SELECT count(*) FROM tally_tx_map")
+            .fetch_one(&mut *tx)
+            .await?;
+        // A checkpoint between two ids keeps every event of the lower one.
+        sqlx::query(
+            "UPDATE projection_checkpoints c SET \
+               cursor_seq = CASE WHEN EXISTS (SELECT 1 FROM tally_tx_map m WHERE m.old::text::bigint = c.cursor_tx) \
+                            THEN c.cursor_seq ELSE 9223372036854775807 END, \
+               cursor_tx = coalesce((SELECT max(m.new) FROM tally_tx_map m WHERE m.old::text::bigint <= c.cursor_tx), 0) \
+             WHERE c.cursor_tx > 0",
+        )
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "UPDATE projection_checkpoints SET cursor_seq = 0 WHERE cursor_tx = 0 AND cursor_seq = 9223372036854775807",
+        )
+        .execute(&mut *tx)
+        .await?;
+        let moved = sqlx::query(
+            "UPDATE usage_events u SET tx = m.new::text::xid8 FROM tally_tx_map m WHERE u.tx = m.old",
+        )
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        tx.commit().await?;
+        let mut burned = 0u64;
+        loop {
+            let next: i64 =
+                sqlx::query_scalar("SELECT pg_snapshot_xmax(pg_current_snapshot())::text::bigint")
+                    .fetch_one(&self.pool)
+                    .await?;
+            if next > k + 1 {
+                break;
+            }
+            // Each autocommitted call takes one transaction id.
+            sqlx::query("SELECT pg_current_xact_id()")
+                .execute(&self.pool)
+                .await?;
+            burned += 1;
+        }
+        Ok(format!(
+            "renumbered {k} writer transaction ids of {moved} events and moved the checkpoints with them; consumed {burned} transaction ids so new events sort after them"
+        ))
+    }
+
     async fn read_log(&self, after: Cursor, limit: i64) -> Result<LogBatch, StoreError> {
         // One REPEATABLE READ snapshot for both statements; now() (transaction
         // start) is no later than the snapshot, as `Watermark::at` requires.

@@ -631,6 +631,40 @@ impl ProjectionStore for SqliteStore {
         })
     }
 
+    async fn log_position_problem(&self) -> Result<Option<String>, StoreError> {
+        let (next, folded): (i64, i64) = sqlx::query_as(
+            "SELECT (SELECT coalesce(max(seq), 0) FROM sqlite_sequence WHERE name = 'usage_events'), \
+                    (SELECT coalesce(max(cursor_seq), 0) FROM projection_checkpoints)",
+        )
+        .fetch_one(&self.reader)
+        .await?;
+        Ok((folded > next).then(|| {
+            format!(
+                "a projection checkpoint is at log position {folded}, beyond the last position the log handed out ({next}): the database file is older than its checkpoints (restored from a backup?), and new events would get positions that are never folded"
+            )
+        }))
+    }
+
+    async fn repair_log_positions(&self) -> Result<String, StoreError> {
+        let mut tx = self.writer.begin().await?;
+        let done = sqlx::query(
+            "UPDATE sqlite_sequence SET seq = max(seq, (SELECT coalesce(max(cursor_seq), 0) FROM projection_checkpoints)) \
+             WHERE name = 'usage_events'",
+        )
+        .execute(&mut *tx)
+        .await?;
+        if done.rows_affected() == 0 {
+            sqlx::query(
+                "INSERT INTO sqlite_sequence (name, seq) SELECT 'usage_events', \
+                 max((SELECT coalesce(max(seq), 0) FROM usage_events), (SELECT coalesce(max(cursor_seq), 0) FROM projection_checkpoints))",
+            )
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok("new events now get log positions past every checkpoint; rebuild the projections (`tally projections rebuild NAME`) if the log lost events they had folded".into())
+    }
+
     async fn events_after(&self, after: Cursor) -> Result<i64, StoreError> {
         Ok(
             sqlx::query_scalar("SELECT count(*) FROM usage_events WHERE seq > ?")

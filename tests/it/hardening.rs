@@ -1019,3 +1019,119 @@ async fn revoking_the_last_token_keeps_authentication_on() {
     assert_eq!(status, 401, "{text}");
     assert!(text.contains("public address"), "{text}");
 }
+
+/// Folds `by_key` until caught up and returns its hourly `requests` total.
+async fn folded_requests(store: &std::sync::Arc<dyn tally::store::EventStore>) -> i64 {
+    use tally::projection::spec::{Granularity, SpecSource};
+    let spec = SpecSource::Builtin
+        .load()
+        .expect("specs")
+        .into_iter()
+        .find(|s| s.name == "by_key")
+        .expect("by_key");
+    let spec = std::sync::Arc::new(spec);
+    let mut p = tally::projection::Projector::open(store.clone(), spec.clone(), "by_key", "")
+        .await
+        .expect("open");
+    p.catch_up(10_000).await.expect("fold");
+    store
+        .read_agg(&spec, Granularity::Hour, "")
+        .await
+        .expect("agg")
+        .iter()
+        .map(|r| r.measures.requests)
+        .sum()
+}
+
+fn events(prefix: &str, n: usize) -> Vec<tally::event::Event> {
+    (0..n)
+        .map(|i| crate::support::full_event(&format!("{prefix}-{i}"), chrono::Utc::now()))
+        .collect()
+}
+
+const ORIGIN: tally::store::Origin = tally::store::Origin {
+    source: "test",
+    subject: None,
+};
+
+/// SQLite: once retention emptied the log, new events used to get the
+/// positions of deleted ones (rowid reuse), below the checkpoint, and were
+/// never folded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_events_after_retention_emptied_the_log_are_folded_on_sqlite() {
+    let s = support::store(Backend::Sqlite).await;
+    s.store
+        .append(&events("old", 5), &[], &ORIGIN)
+        .await
+        .expect("append");
+    assert_eq!(folded_requests(&s.store).await, 5);
+    let deleted = s
+        .store
+        .delete_events_before(chrono::Utc::now() + chrono::Duration::hours(1), 100)
+        .await
+        .expect("retention");
+    assert_eq!(deleted, 5);
+    s.store
+        .append(&events("new", 3), &[], &ORIGIN)
+        .await
+        .expect("append");
+    assert_eq!(
+        folded_requests(&s.store).await,
+        8,
+        "the new events are folded"
+    );
+    assert_eq!(s.store.log_position_problem().await.expect("check"), None);
+}
+
+/// PostgreSQL: a dump restored into a new cluster restarts transaction ids
+/// below the stored ones. Simulated by moving the log and checkpoints a
+/// billion ids ahead, as a restore from a busier cluster leaves them: start-up
+/// refuses and names the command, which repairs it without folding anything
+/// twice or skipping anything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_restored_into_a_new_cluster_is_refused_then_repaired_on_postgres() {
+    let s = support::store(Backend::Postgres).await;
+    s.store
+        .append(&events("a", 4), &[], &ORIGIN)
+        .await
+        .expect("append");
+    assert_eq!(folded_requests(&s.store).await, 4);
+    s.store
+        .append(&events("b", 2), &[], &ORIGIN)
+        .await
+        .expect("append");
+    let pool = sqlx::PgPool::connect(&s.url).await.expect("pg");
+    for sql in [
+        "UPDATE usage_events SET tx = (tx::text::bigint + 1000000000)::text::xid8",
+        "UPDATE projection_checkpoints SET cursor_tx = cursor_tx + 1000000000 WHERE cursor_tx > 0",
+    ] {
+        sqlx::query(sql)
+            .execute(&pool)
+            .await
+            .expect("simulate the restore");
+    }
+    let problem = s.store.log_position_problem().await.expect("check");
+    assert!(
+        problem.as_deref().is_some_and(|p| p.contains("restored")),
+        "{problem:?}"
+    );
+    let err = match tally::app::open_projectors(&s.store, None).await {
+        Ok(_) => panic!("start-up must refuse"),
+        Err(e) => e.to_string(),
+    };
+    assert!(err.contains("tally projections repair-positions"), "{err}");
+    // The command.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tally"))
+        .args(["projections", "repair-positions"])
+        .env("TALLY_DATABASE_URL", &s.url)
+        .output()
+        .expect("run");
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(s.store.log_position_problem().await.expect("check"), None);
+    // The two events not yet folded are folded once; new ones after them too.
+    s.store
+        .append(&events("c", 3), &[], &ORIGIN)
+        .await
+        .expect("append");
+    assert_eq!(folded_requests(&s.store).await, 9);
+}
