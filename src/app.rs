@@ -1,12 +1,10 @@
 //! Wiring: the store, the HTTP router and (later) the NATS consumer, projectors
 //! and alert relay, built from config and run until a shutdown signal.
 
-use std::future::IntoFuture;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -119,6 +117,7 @@ pub struct App {
     nats_connection: crate::config::NatsConnection,
     instance: String,
     shutdown_timeout: Duration,
+    http_limits: crate::http::ServeLimits,
 }
 
 impl App {
@@ -167,6 +166,10 @@ impl App {
             nats_connection: server.nats.connection.clone(),
             instance: instance_id(),
             shutdown_timeout: server.shutdown_timeout,
+            http_limits: crate::http::ServeLimits {
+                max_connections: server.http_max_connections,
+                header_timeout: server.http_header_timeout,
+            },
         })
     }
 
@@ -233,6 +236,7 @@ impl App {
             batch: self.jobs.retention_batch,
             instance: self.instance.clone(),
             alert_prefix: settings.subject_prefix.clone(),
+            history: self.jobs.history(),
         };
         let scheduler = match crate::jobs::schedule(job_ctx, &self.jobs, shutdown.clone()).await {
             Ok(handle) => Some(handle),
@@ -265,23 +269,13 @@ impl App {
         } else {
             tracing::warn!("no NATS URL: alert notifications are kept in alert_outbox (and GET /v1/alerts) but not published");
         }
-        // TCP_NODELAY: an answer is written in several segments; Nagle would
-        // hold the last one back until the client acknowledges the first.
-        let listener = self.listener.tap_io(|tcp| {
-            if let Err(e) = tcp.set_nodelay(true) {
-                tracing::debug!(error = %e, "cannot set TCP_NODELAY");
-            }
-        });
-        let http = axum::serve(listener, router(self.state))
-            .with_graceful_shutdown(shutdown.cancelled_owned())
-            .into_future();
-        let http = tokio::spawn(async move {
-            tokio::select! {
-                r = http => r,
-                // Idle keep-alive clients must not hold the process past the deadline.
-                _ = deadline.cancelled() => Ok(()),
-            }
-        });
+        let http = tokio::spawn(crate::http::serve(
+            self.listener,
+            router(self.state),
+            self.http_limits,
+            shutdown.clone(),
+            deadline.clone(),
+        ));
         if let Some(nats) = nats {
             let _ = nats.await;
         }
@@ -295,8 +289,7 @@ impl App {
         timer.abort();
         store.close().await;
         match served {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => return Err(AppError::Serve(e)),
+            Ok(()) => {}
             Err(e) => return Err(AppError::Serve(std::io::Error::other(e))),
         }
         tracing::info!("Tally stopped");

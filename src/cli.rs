@@ -311,7 +311,7 @@ enum BenchCommand {
         #[arg(long)]
         uniform: bool,
         /// Timestamps of the backlog spread over this span before now.
-        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        #[arg(long, default_value = "1h", value_parser = crate::duration::parse)]
         span: std::time::Duration,
     },
     /// Alert rules: ingest rate with and without N rules, and publish → alert
@@ -692,7 +692,7 @@ async fn alerts(db: &DatabaseConfig, which: AlertsCommand) -> anyhow::Result<()>
         }
         AlertsCommand::Status => {
             let active: Vec<_> = store
-                .alert_instances()
+                .active_instances()
                 .await?
                 .into_iter()
                 .filter(|i| matches!(i.state.as_str(), "pending" | "firing"))

@@ -33,7 +33,7 @@ pub struct DatabaseConfig {
 
     /// Longest a query (`/v1/stats`, `/v1/keys`, …) may run before it is
     /// cancelled and answered with 503.
-    #[arg(long, env = "TALLY_QUERY_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration, global = true)]
+    #[arg(long, env = "TALLY_QUERY_TIMEOUT", default_value = "5s", value_parser = crate::duration::parse, global = true)]
     pub query_timeout: Duration,
 }
 
@@ -79,16 +79,31 @@ pub struct ServerConfig {
     pub http_addr: SocketAddr,
 
     /// Oldest event timestamp accepted, relative to now (e.g. `35d`, `48h`).
-    #[arg(long, env = "TALLY_LATE_ARRIVAL_HORIZON", default_value = "35d", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "TALLY_LATE_ARRIVAL_HORIZON", default_value = "35d", value_parser = crate::duration::parse)]
     pub late_arrival_horizon: Duration,
 
     /// How far in the future an event timestamp may be (emitter clock skew).
-    #[arg(long, env = "TALLY_MAX_FUTURE_SKEW", default_value = "5m", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "TALLY_MAX_FUTURE_SKEW", default_value = "5m", value_parser = crate::duration::parse)]
     pub max_future_skew: Duration,
 
     /// Largest accepted request body, in bytes.
     #[arg(long, env = "TALLY_MAX_BODY_BYTES", default_value_t = 4 * 1024 * 1024)]
     pub max_body_bytes: usize,
+
+    /// Most HTTP connections served at once; further clients wait in the
+    /// listen backlog until one closes.
+    #[arg(long, env = "TALLY_HTTP_MAX_CONNECTIONS", default_value_t = 1024)]
+    pub http_max_connections: usize,
+
+    /// Longest wait for a request's headers, from the connection's start or
+    /// the end of its previous request (so it also closes idle keep-alive
+    /// connections).
+    #[arg(long, env = "TALLY_HTTP_HEADER_TIMEOUT", default_value = "10s", value_parser = crate::duration::parse)]
+    pub http_header_timeout: Duration,
+
+    /// Longest time to receive a whole request body (`408` after it).
+    #[arg(long, env = "TALLY_HTTP_BODY_TIMEOUT", default_value = "30s", value_parser = crate::duration::parse)]
+    pub http_body_timeout: Duration,
 
     /// Most events accepted in one request body.
     #[arg(long, env = "TALLY_MAX_BATCH_EVENTS", default_value_t = 10_000)]
@@ -118,7 +133,7 @@ pub struct ServerConfig {
 
     /// How long a shutdown may take before in-flight work is abandoned (it is
     /// then redelivered by JetStream, never lost).
-    #[arg(long, env = "TALLY_SHUTDOWN_TIMEOUT", default_value = "8s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "TALLY_SHUTDOWN_TIMEOUT", default_value = "8s", value_parser = crate::duration::parse)]
     pub shutdown_timeout: Duration,
 }
 
@@ -147,12 +162,12 @@ pub struct ProjectionConfig {
     pub projector_batch: i64,
 
     /// How often a caught-up projector looks for new events.
-    #[arg(long, env = "TALLY_PROJECTOR_POLL", default_value = "100ms", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "TALLY_PROJECTOR_POLL", default_value = "100ms", value_parser = crate::duration::parse)]
     pub projector_poll: Duration,
 
     /// Projector lease length: how soon another instance takes over the
     /// projections of an instance that died.
-    #[arg(long, env = "TALLY_PROJECTOR_LEASE", default_value = "10s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "TALLY_PROJECTOR_LEASE", default_value = "10s", value_parser = crate::duration::parse)]
     pub projector_lease: Duration,
 
     /// Crash-test hooks (`projector.before_commit=0.1,projector.after_commit=0.1`).
@@ -244,7 +259,7 @@ pub struct NatsConfig {
     pub nats_manage_stream: bool,
 
     /// Drop stream messages older than this (e.g. `7d`); unset: keep until limits. Compared with an existing stream only when set.
-    #[arg(long, env = "TALLY_NATS_STREAM_MAX_AGE", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "TALLY_NATS_STREAM_MAX_AGE", value_parser = crate::duration::parse)]
     pub nats_stream_max_age: Option<Duration>,
 
     /// Durable pull consumer shared by all Tally instances.
@@ -256,7 +271,7 @@ pub struct NatsConfig {
     pub nats_max_ack_pending: i64,
 
     /// How long the server waits for an ack before redelivering.
-    #[arg(long, env = "TALLY_NATS_ACK_WAIT", default_value = "30s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "TALLY_NATS_ACK_WAIT", default_value = "30s", value_parser = crate::duration::parse)]
     pub nats_ack_wait: Duration,
 
     /// Most messages appended in one transaction.
@@ -269,7 +284,7 @@ pub struct NatsConfig {
     pub nats_batch_bytes: usize,
 
     /// How long to wait for a batch to fill once its first message arrived.
-    #[arg(long, env = "TALLY_NATS_FETCH_WAIT", default_value = "5ms", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "TALLY_NATS_FETCH_WAIT", default_value = "5ms", value_parser = crate::duration::parse)]
     pub nats_fetch_wait: Duration,
 
     /// Subject that gets a JSON notice for every rejected message or item.
@@ -319,18 +334,30 @@ pub struct AlertConfig {
     pub alerts_subject_prefix: String,
 
     /// Evaluate every rule at least this often (windows slide with no new data).
-    #[arg(long, env = "TALLY_ALERTS_TICK", default_value = "5s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "TALLY_ALERTS_TICK", default_value = "5s", value_parser = crate::duration::parse)]
     pub alerts_tick: Duration,
 
     /// Duplicate window of the alert stream: a notification re-published
     /// within it (after a crash between publish and bookkeeping) is dropped.
-    #[arg(long, env = "TALLY_ALERTS_DEDUP_WINDOW", default_value = "1h", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "TALLY_ALERTS_DEDUP_WINDOW", default_value = "1h", value_parser = crate::duration::parse)]
     pub alerts_dedup_window: Duration,
 
     /// Least time between two evaluations: bounds the database share of
     /// evaluation under heavy load (alerts follow the data within about this).
-    #[arg(long, env = "TALLY_ALERTS_MIN_INTERVAL", default_value = "250ms", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "TALLY_ALERTS_MIN_INTERVAL", default_value = "250ms", value_parser = crate::duration::parse)]
     pub alerts_min_interval: Duration,
+}
+
+impl JobsConfig {
+    /// The retention of the history tables, for the retention job.
+    pub fn history(&self) -> crate::jobs::HistoryRetention {
+        crate::jobs::HistoryRetention {
+            rejected: self.retention_rejected.0,
+            alerts: self.retention_alerts.0,
+            job_runs: self.retention_job_runs.0,
+            audit: self.retention_audit.0,
+        }
+    }
 }
 
 impl AlertConfig {
@@ -355,7 +382,7 @@ pub struct JobsConfig {
     /// keep the raw log forever. Must exceed the late-arrival horizon by at
     /// least one day (`jobs::RETENTION_MARGIN`), so every id Tally can still
     /// accept is still there to deduplicate against.
-    #[arg(long, env = "TALLY_RETENTION", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "TALLY_RETENTION", value_parser = crate::duration::parse)]
     pub retention: Option<Duration>,
 
     /// When the retention job runs.
@@ -373,6 +400,26 @@ pub struct JobsConfig {
     /// When the housekeeping job (SQLite `PRAGMA optimize`, WAL checkpoint; PostgreSQL `ANALYZE`) runs.
     #[arg(long, env = "TALLY_JOB_OPTIMIZE_CRON", default_value = "0 47 4 * * *")]
     pub job_optimize_cron: String,
+
+    /// How long rejected payloads are kept, by the time Tally received them
+    /// (`forever` keeps them). At least the late-arrival horizon, so a
+    /// rejected event can be found for as long as it could be sent again.
+    #[arg(long, env = "TALLY_RETENTION_REJECTED", default_value = "90d", value_parser = crate::duration::parse_keep)]
+    pub retention_rejected: crate::duration::Keep,
+
+    /// How long sent alert notifications (`alert_outbox`) and resolved alert
+    /// instances are kept (`forever` keeps them); at least 1 day.
+    #[arg(long, env = "TALLY_RETENTION_ALERTS", default_value = "90d", value_parser = crate::duration::parse_keep)]
+    pub retention_alerts: crate::duration::Keep,
+
+    /// How long finished job runs (`job_runs`) are kept (`forever` keeps them).
+    #[arg(long, env = "TALLY_RETENTION_JOB_RUNS", default_value = "90d", value_parser = crate::duration::parse_keep)]
+    pub retention_job_runs: crate::duration::Keep,
+
+    /// How long the audit trail of rules and quotas (`alert_audit`) is kept;
+    /// by default forever.
+    #[arg(long, env = "TALLY_RETENTION_AUDIT", default_value = "forever", value_parser = crate::duration::parse_keep)]
+    pub retention_audit: crate::duration::Keep,
 
     /// Rows deleted per statement by retention (bounded so no transaction holds locks for long).
     #[arg(long, env = "TALLY_RETENTION_BATCH", default_value_t = 10_000)]

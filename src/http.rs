@@ -28,6 +28,8 @@ pub struct AppState {
     pub store: Arc<dyn EventStore>,
     /// Largest accepted body, in bytes.
     pub max_body_bytes: usize,
+    /// Longest time to receive a whole body.
+    pub body_timeout: Duration,
     /// Dependency states shared with the background tasks.
     pub health: Arc<Health>,
     /// The projections the query module can read.
@@ -51,6 +53,7 @@ impl AppState {
             intake: Intake::new(store.clone(), config.intake_limits()),
             store: store.clone(),
             max_body_bytes: config.max_body_bytes,
+            body_timeout: config.http_body_timeout,
             health,
             catalog: Arc::new(catalog),
             signal: Arc::default(),
@@ -78,7 +81,30 @@ pub const DISCARD_MAX_TIME: Duration = Duration::from_secs(10);
 /// `hint` (how to fix it). The rest of an oversized body is read and
 /// discarded first, up to [`DISCARD_MAX_BYTES`] and [`DISCARD_MAX_TIME`],
 /// unless the client asked `Expect: 100-continue` (it has sent nothing yet).
+///
+/// A body that does not arrive within `timeout` is answered `408
+/// request_timeout` (a client trickling bytes cannot hold a connection).
 pub async fn read_body(
+    headers: &axum::http::HeaderMap,
+    body: axum::body::Body,
+    limit: usize,
+    timeout: Duration,
+    hint: &str,
+) -> Result<bytes::Bytes, ApiError> {
+    match tokio::time::timeout(timeout, read_body_within(headers, body, limit, hint)).await {
+        Ok(read) => read,
+        Err(_) => Err(ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "request_timeout",
+            format!(
+                "the request body did not arrive within {} (TALLY_HTTP_BODY_TIMEOUT); send it at once, or split it",
+                humantime::format_duration(timeout)
+            ),
+        )),
+    }
+}
+
+async fn read_body_within(
     headers: &axum::http::HeaderMap,
     body: axum::body::Body,
     limit: usize,
@@ -154,6 +180,7 @@ pub async fn read_body(
 
 /// [`read_body`] with [`ADMIN_MAX_BODY_BYTES`], for rules and quotas.
 pub async fn read_admin_body(
+    state: &AppState,
     headers: &axum::http::HeaderMap,
     body: axum::body::Body,
 ) -> Result<bytes::Bytes, ApiError> {
@@ -161,9 +188,92 @@ pub async fn read_admin_body(
         headers,
         body,
         ADMIN_MAX_BODY_BYTES,
+        state.body_timeout,
         "a rule or quota is a small JSON object",
     )
     .await
+}
+
+/// Limits of the HTTP server itself (see [`serve`]).
+#[derive(Debug, Clone, Copy)]
+pub struct ServeLimits {
+    /// Connections served at once.
+    pub max_connections: usize,
+    /// Longest wait for a request's headers (and idle keep-alive).
+    pub header_timeout: Duration,
+}
+
+/// Serves `router` on `listener` until `shutdown`, then lets open
+/// connections finish their request until `deadline`.
+///
+/// Unlike `axum::serve`, it bounds what slow or idle clients can hold: at
+/// most `max_connections` at once (the rest wait in the listen backlog), and
+/// a connection that does not send a request's headers within
+/// `header_timeout` is closed.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    limits: ServeLimits,
+    shutdown: tokio_util::sync::CancellationToken,
+    deadline: tokio_util::sync::CancellationToken,
+) {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    use hyper_util::service::TowerToHyperService;
+    let permits = Arc::new(tokio::sync::Semaphore::new(limits.max_connections.max(1)));
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_timeout);
+    let mut connections = tokio::task::JoinSet::new();
+    loop {
+        let permit = tokio::select! {
+            p = permits.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+            _ = shutdown.cancelled() => break,
+        };
+        let tcp = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((tcp, _)) => tcp,
+                Err(e) => {
+                    // Out of file descriptors and the like: wait, do not spin.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.cancelled() => break,
+        };
+        // TCP_NODELAY: an answer is written in several segments; Nagle would
+        // hold the last one back until the client acknowledges the first.
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+        }
+        let conn =
+            builder.serve_connection(TokioIo::new(tcp), TowerToHyperService::new(router.clone()));
+        let shutdown = shutdown.clone();
+        connections.spawn(async move {
+            let mut conn = std::pin::pin!(conn);
+            let result = tokio::select! {
+                r = conn.as_mut() => r,
+                _ = shutdown.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            };
+            if let Err(e) = result {
+                tracing::debug!(error = %e, "HTTP connection ended with an error");
+            }
+            drop(permit);
+        });
+        while connections.try_join_next().is_some() {}
+    }
+    tokio::select! {
+        _ = async { while connections.join_next().await.is_some() {} } => {}
+        // Idle keep-alive clients must not hold the process past the deadline.
+        _ = deadline.cancelled() => connections.abort_all(),
+    }
 }
 
 /// All routes. Tests call this with `tower::ServiceExt::oneshot` or serve it on port 0.
@@ -238,9 +348,11 @@ async fn readyz(State(state): State<AppState>) -> Response {
         .health
         .note_database(error.is_none(), error.as_deref());
     let nats = state.health.nats();
+    // The probe is unauthenticated: it says which dependency is down, never
+    // the database's error text (host names, users); that goes to the log.
     let database = match &error {
         None => json!({"status": "up"}),
-        Some(e) => json!({"status": "down", "error": e}),
+        Some(_) => json!({"status": "down"}),
     };
     let (code, status) = match (&error, nats) {
         (Some(_), _) => (StatusCode::SERVICE_UNAVAILABLE, "not_ready"),

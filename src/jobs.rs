@@ -34,6 +34,7 @@ use crate::projection::bucket::{day_start, next_bucket};
 use crate::projection::fold::Fold;
 use crate::projection::spec::{Granularity, Spec};
 use crate::store::alerts::{InstanceRow, InstanceWrite, NewNotification};
+use crate::store::ops::History;
 use crate::store::{EventStore, StoreError};
 
 /// How much longer than the late-arrival horizon raw events must be kept.
@@ -118,6 +119,31 @@ pub struct JobContext {
     pub instance: String,
     /// Subject prefix of alert notifications.
     pub alert_prefix: String,
+    /// Retention of the history tables.
+    pub history: HistoryRetention,
+}
+
+/// How long the history tables keep their rows (`None`: forever).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct HistoryRetention {
+    /// `rejected_events`, by received time; at least the late-arrival horizon.
+    pub rejected: Option<Duration>,
+    /// Sent `alert_outbox` rows and resolved `alert_instances`; at least a day.
+    pub alerts: Option<Duration>,
+    /// Finished `job_runs`.
+    pub job_runs: Option<Duration>,
+    /// `alert_audit`.
+    pub audit: Option<Duration>,
+}
+
+impl HistoryRetention {
+    fn of(&self, table: History) -> Option<Duration> {
+        match table {
+            History::SentNotifications | History::ResolvedInstances => self.alerts,
+            History::JobRuns => self.job_runs,
+            History::Audit => self.audit,
+        }
+    }
 }
 
 /// What one run did.
@@ -152,6 +178,25 @@ pub fn validate(cfg: &JobsConfig, late_arrival_horizon: Duration) -> Result<(), 
                 days(least)
             )));
         }
+    }
+    if let Some(r) = cfg.retention_rejected.0 {
+        if r < late_arrival_horizon {
+            return Err(JobError::Config(format!(
+                "TALLY_RETENTION_REJECTED = {} is shorter than the late-arrival horizon ({}): a rejected event could be gone while it can still be sent again. Set it to at least {}, or `forever`",
+                days(r),
+                days(late_arrival_horizon),
+                days(late_arrival_horizon)
+            )));
+        }
+    }
+    if cfg
+        .retention_alerts
+        .0
+        .is_some_and(|r| r < Duration::from_secs(86_400))
+    {
+        return Err(JobError::Config(
+            "TALLY_RETENTION_ALERTS must be at least 1d (a resolved alert that fires again within it keeps its alert_id sequence)".into(),
+        ));
     }
     if cfg.retention_batch < 1 {
         return Err(JobError::Config(
@@ -228,11 +273,21 @@ pub async fn run_job(
     Ok(Some((id, result.map_err(|e| e.to_string()))))
 }
 
+/// `now - d`, or the earliest representable instant when that overflows (a
+/// retention of 100 years, the longest accepted, never does; this keeps a
+/// bug elsewhere from becoming a panic here).
+fn before(now: DateTime<Utc>, d: Duration) -> DateTime<Utc> {
+    chrono::Duration::from_std(d)
+        .ok()
+        .and_then(|d| now.checked_sub_signed(d))
+        .unwrap_or(DateTime::<Utc>::MIN_UTC)
+}
+
 async fn retention(ctx: &JobContext) -> Result<JobOutcome, JobError> {
     let now = Utc::now();
     let mut deleted = BTreeMap::new();
     if let Some(r) = ctx.retention {
-        let cutoff = now - chrono::Duration::from_std(r).unwrap_or(chrono::TimeDelta::MAX);
+        let cutoff = before(now, r);
         let mut total = 0u64;
         loop {
             let n = ctx.store.delete_events_before(cutoff, ctx.batch).await?;
@@ -248,7 +303,7 @@ async fn retention(ctx: &JobContext) -> Result<JobOutcome, JobError> {
     }
     for spec in &ctx.specs {
         for (&g, &keep) in &spec.retention {
-            let cutoff = now - chrono::Duration::from_std(keep).unwrap_or(chrono::TimeDelta::MAX);
+            let cutoff = before(now, keep);
             let mut total = 0u64;
             loop {
                 let n = ctx
@@ -265,6 +320,41 @@ async fn retention(ctx: &JobContext) -> Result<JobOutcome, JobError> {
             crate::metrics::RETENTION_DELETED.add(&[&table], total);
             deleted.insert(table, total);
         }
+    }
+    // The history tables: each loop is bounded by `batch` rows per statement.
+    if let Some(keep) = ctx.history.rejected {
+        let cutoff = before(now, keep);
+        let mut total = 0u64;
+        loop {
+            let n = ctx.store.delete_rejected_before(cutoff, ctx.batch).await?;
+            total += n;
+            if n < ctx.batch as u64 {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        crate::metrics::RETENTION_DELETED.add(&["rejected_events"], total);
+        deleted.insert("rejected_events".to_string(), total);
+    }
+    for table in History::ALL {
+        let Some(keep) = ctx.history.of(table) else {
+            continue;
+        };
+        let cutoff = before(now, keep);
+        let mut total = 0u64;
+        loop {
+            let n = ctx
+                .store
+                .delete_history_before(table, cutoff, ctx.batch)
+                .await?;
+            total += n;
+            if n < ctx.batch as u64 {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        crate::metrics::RETENTION_DELETED.add(&[table.table()], total);
+        deleted.insert(table.table().to_string(), total);
     }
     let rows = deleted.values().sum::<u64>();
     Ok(JobOutcome {
@@ -346,7 +436,7 @@ async fn reconciliation(ctx: &JobContext, run_id: i64) -> Result<JobOutcome, Job
         }
         // Days whose raw events retention may have deleted cannot be recomputed.
         if let Some(r) = ctx.retention {
-            let oldest = now - chrono::Duration::from_std(r).unwrap_or(chrono::TimeDelta::MAX);
+            let oldest = before(now, r);
             days.retain(|d| day_start(*d, tz) > oldest);
         }
         for day in days {
@@ -480,10 +570,10 @@ async fn settle_alert(
     let fp = fingerprint(&[RECONCILIATION_UID, "", &group]);
     let existing = ctx
         .store
-        .alert_instances()
+        .instances_by_fingerprint(std::slice::from_ref(&fp))
         .await?
         .into_iter()
-        .find(|r| r.fingerprint == fp);
+        .next();
     let firing = existing.as_ref().is_some_and(|r| r.state == "firing");
     let now = Utc::now();
     let (state, value) = match (mismatch, firing) {
@@ -614,7 +704,24 @@ mod tests {
             job_reconciliation_cron: "0 7 1 * * *".into(),
             job_optimize_cron: "off".into(),
             retention_batch: 100,
+            retention_rejected: crate::duration::Keep(Some(Duration::from_secs(90 * 86_400))),
+            retention_alerts: crate::duration::Keep(Some(Duration::from_secs(90 * 86_400))),
+            retention_job_runs: crate::duration::Keep(Some(Duration::from_secs(90 * 86_400))),
+            retention_audit: crate::duration::Keep(None),
         }
+    }
+
+    #[test]
+    fn history_retentions_are_checked() {
+        let horizon = Duration::from_secs(35 * 86_400);
+        let mut c = cfg();
+        assert!(validate(&c, horizon).is_ok());
+        c.retention_rejected = crate::duration::Keep(Some(Duration::from_secs(86_400)));
+        let e = validate(&c, horizon).expect_err("shorter than the horizon");
+        assert!(e.to_string().contains("TALLY_RETENTION_REJECTED"), "{e}");
+        let mut c = cfg();
+        c.retention_alerts = crate::duration::Keep(Some(Duration::from_secs(60)));
+        assert!(validate(&c, horizon).is_err());
     }
 
     #[test]

@@ -43,6 +43,7 @@ pub mod cli;
 pub mod config;
 pub mod demo;
 pub mod devserver;
+pub mod duration;
 pub mod emit;
 pub mod event;
 pub mod health;

@@ -355,6 +355,30 @@ pub async fn render(store: &dyn EventStore) -> String {
         ),
         Err(_) => db_up = false,
     }
+    match store
+        .table_rows(&[
+            "rejected_events",
+            "alert_outbox",
+            "alert_instances",
+            "alert_audit",
+            "job_runs",
+        ])
+        .await
+    {
+        Ok(rows) => {
+            let series: Vec<(String, f64)> = rows
+                .iter()
+                .map(|(t, n)| (labels(&["table"], std::slice::from_ref(t)), *n as f64))
+                .collect();
+            gauge(
+                &mut out,
+                "tally_table_rows",
+                "Rows in the history tables the retention job trims (PostgreSQL: the planner's estimate).",
+                &series,
+            );
+        }
+        Err(_) => db_up = false,
+    }
     match store.rule_failures().await {
         Ok(failures) => {
             let series: Vec<(String, f64)> = failures

@@ -385,16 +385,19 @@ impl Evaluator {
         let loaded = load_rules(self.store.as_ref(), &self.catalog, &mut cache, &mut failing).await;
         self.rules = cache;
         let rules = loaded?;
+        // Only active instances are loaded; a resolved one is looked up when
+        // its group holds again, and forgotten an hour after it resolved, so
+        // memory and each read follow what is active, not the history.
         if self.instances.is_none() {
-            let rows = self.store.alert_instances().await?;
-            self.instances = Some(
-                rows.into_iter()
-                    .map(|r| {
-                        let v = Some(r.version);
-                        (r.fingerprint.clone(), Tracked { row: r, version: v })
-                    })
-                    .collect(),
-            );
+            let rows = self.store.active_instances().await?;
+            self.instances = Some(rows.into_iter().map(tracked).collect());
+        }
+        if let Some(map) = self.instances.as_mut() {
+            let forget_before = now - chrono::Duration::hours(1);
+            map.retain(|_, t| {
+                matches!(t.row.state.as_str(), "pending" | "firing")
+                    || t.row.updated_at >= forget_before
+            });
         }
         // Settled window parts may be reused only while this process folds
         // every projection (so it hears of every late event), and not past
@@ -501,6 +504,25 @@ impl Evaluator {
                 };
                 changes.extend(self.step(&fp, input, now));
                 handled.insert(fp);
+            }
+            // Instances of holding groups this evaluator does not track may
+            // exist (resolved, forgotten): one read for all of them.
+            let mut unknown = Vec::new();
+            for (group, m) in current.iter() {
+                for level in &rule.levels {
+                    if holds(level, m, threshold_of(level, Some(group))) {
+                        let fp = fingerprint(&[&rule.uid, &level.id, &group_json(group)]);
+                        if !self.instances.as_ref().is_some_and(|i| i.contains_key(&fp)) {
+                            unknown.push(fp);
+                        }
+                    }
+                }
+            }
+            if !unknown.is_empty() {
+                let rows = self.store.instances_by_fingerprint(&unknown).await?;
+                if let Some(map) = self.instances.as_mut() {
+                    map.extend(rows.into_iter().map(tracked));
+                }
             }
             // Only groups whose condition holds can start an instance: the
             // rest cost one comparison each.
@@ -862,6 +884,12 @@ impl Evaluator {
             }
         }
     }
+}
+
+/// A stored instance as the evaluator tracks it (at its stored version).
+fn tracked(row: InstanceRow) -> (String, Tracked) {
+    let version = Some(row.version);
+    (row.fingerprint.clone(), Tracked { row, version })
 }
 
 /// One instance's evaluation input.

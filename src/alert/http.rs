@@ -109,7 +109,7 @@ pub async fn create_rule(
     headers: HeaderMap,
     body: axum::body::Body,
 ) -> Result<Response, ApiError> {
-    let body = crate::http::read_admin_body(&headers, body).await?;
+    let body = crate::http::read_admin_body(&state, &headers, body).await?;
     let spec = parse_rule(&state, &body)?;
     let written = state
         .store
@@ -142,7 +142,7 @@ pub async fn put_rule(
     headers: HeaderMap,
     body: axum::body::Body,
 ) -> Result<Response, ApiError> {
-    let body = crate::http::read_admin_body(&headers, body).await?;
+    let body = crate::http::read_admin_body(&state, &headers, body).await?;
     let mut value: Value = serde_json::from_slice(&body).map_err(|e| {
         ApiError::from(AlertError::Invalid(format!(
             "the rule is not valid JSON: {e}"
@@ -327,7 +327,7 @@ pub async fn list_alerts(State(state): State<AppState>, q: Pairs) -> Result<Resp
         ..filter.clone()
     };
     let (instances, history) = tokio::join!(
-        state.store.alert_instances(),
+        state.store.active_instances(),
         state.store.notifications(&history_filter)
     );
     let instances = instances.map_err(AlertError::from)?;
@@ -384,7 +384,7 @@ pub async fn put_quota(
     headers: HeaderMap,
     body: axum::body::Body,
 ) -> Result<Response, ApiError> {
-    let body = crate::http::read_admin_body(&headers, body).await?;
+    let body = crate::http::read_admin_body(&state, &headers, body).await?;
     let spec = QuotaSpec::from_json(&body)?;
     let quota = spec.validate(&key, &state.catalog.specs)?;
     let text = serde_json::to_string(&spec).unwrap_or_default();

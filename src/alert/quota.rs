@@ -96,7 +96,7 @@ impl QuotaSpec {
         let minute = minute_spec(specs).ok_or_else(|| {
             invalid("quotas are read from a projection with minute buckets and the `key` dimension (alerts_minute); none is loaded")
         })?;
-        let window = humantime::parse_duration(self.window.trim()).map_err(|e| {
+        let window = crate::duration::parse(&self.window).map_err(|e| {
             invalid(format!(
                 "`window` {:?} is not a duration ({e}); write e.g. \"5h\"",
                 self.window

@@ -340,7 +340,7 @@ pub fn check_name(name: &str) -> Result<(), AlertError> {
 fn duration(field: &str, text: &Option<String>) -> Result<Duration, AlertError> {
     match text {
         None => Ok(Duration::ZERO),
-        Some(t) => humantime::parse_duration(t.trim()).map_err(|e| {
+        Some(t) => crate::duration::parse(t).map_err(|e| {
             invalid(format!(
                 "`{field}` {t:?} is not a duration ({e}); write e.g. \"30s\", \"5m\", \"1h\""
             ))
@@ -389,7 +389,7 @@ pub fn parse_window(
             })
         }
         _ => {
-            let length = humantime::parse_duration(text).map_err(|e| {
+            let length = crate::duration::parse(text).map_err(|e| {
                 invalid(format!(
                     "`window` {text:?} is neither a duration ({e}) nor `calendar_day` / `calendar_month`; write e.g. \"5m\", \"1h\", \"7d\""
                 ))

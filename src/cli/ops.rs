@@ -69,7 +69,7 @@ pub(super) enum JobsCommand {
         #[command(flatten)]
         projections: ProjectionConfig,
         /// Oldest event timestamp accepted (retention must exceed it; see `serve`).
-        #[arg(long, env = "TALLY_LATE_ARRIVAL_HORIZON", default_value = "35d", value_parser = humantime::parse_duration)]
+        #[arg(long, env = "TALLY_LATE_ARRIVAL_HORIZON", default_value = "35d", value_parser = crate::duration::parse)]
         late_arrival_horizon: Duration,
         /// Subject prefix of alert notifications (as `serve`).
         #[arg(
@@ -102,7 +102,7 @@ pub(super) struct ImportArgs {
     /// A file written by `tally export` (NDJSON or MessagePack, detected).
     file: PathBuf,
     /// How far in the future an event timestamp may be.
-    #[arg(long, env = "TALLY_MAX_FUTURE_SKEW", default_value = "5m", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "TALLY_MAX_FUTURE_SKEW", default_value = "5m", value_parser = crate::duration::parse)]
     max_future_skew: Duration,
     /// Fold the imported events into the projections now (a running server does it anyway).
     #[arg(long)]
@@ -301,6 +301,7 @@ pub(super) async fn jobs(db: &DatabaseConfig, which: JobsCommand) -> anyhow::Res
                 batch: cfg.retention_batch,
                 instance: format!("cli-{}", std::process::id()),
                 alert_prefix: alerts_subject_prefix,
+                history: cfg.history(),
             };
             match jobs::run_job(&ctx, job, Utc::now(), "manual").await? {
                 None => anyhow::bail!("a run of `{}` holds this instant; try again", job.as_str()),

@@ -254,7 +254,8 @@ pub fn describe(value: &Value) -> String {
         Value::Number(n) => format!("number {n}"),
         Value::String(s) if s.chars().count() > 40 => {
             let head: String = s.chars().take(40).collect();
-            format!("string \"{head}…\"")
+            // Debug-quoted, like short strings: control characters escaped.
+            format!("string {head:?}…")
         }
         Value::String(s) => format!("string {s:?}"),
         Value::Array(_) => "an array".into(),

@@ -22,6 +22,7 @@ pub async fn post_events(
         &headers,
         body,
         state.max_body_bytes,
+        state.body_timeout,
         "split the batch (TALLY_MAX_BODY_BYTES sets the limit)",
     )
     .await?;

@@ -217,7 +217,7 @@ impl Spec {
                     "retention for `{g}`, which is not in granularities"
                 )));
             }
-            let dur = humantime::parse_duration(d)
+            let dur = crate::duration::parse(d)
                 .map_err(|e| invalid(format!("retention.{g} = `{d}`: {e} (e.g. `8d`, `36h`)")))?;
             retention.insert(gran, dur);
         }

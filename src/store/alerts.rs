@@ -228,6 +228,14 @@ pub trait AlertStore: Send + Sync {
     async fn delete_quota(&self, key: &str, actor: &str) -> Result<bool, StoreError>;
     /// Every stored instance.
     async fn alert_instances(&self) -> Result<Vec<InstanceRow>, StoreError>;
+    /// The pending and firing instances: what the evaluator and
+    /// `GET /v1/alerts` read, bounded by what is active rather than by history.
+    async fn active_instances(&self) -> Result<Vec<InstanceRow>, StoreError>;
+    /// The stored instances with these fingerprints (any state).
+    async fn instances_by_fingerprint(
+        &self,
+        fingerprints: &[String],
+    ) -> Result<Vec<InstanceRow>, StoreError>;
     /// Writes instance changes and their notifications in one transaction if
     /// every instance is still at the version the change was computed from;
     /// otherwise writes nothing and answers false.
@@ -733,6 +741,48 @@ macro_rules! impl_alert_store {
                     .iter()
                     .map($crate::store::alerts::instance_from_row)
                     .collect::<Result<_, _>>()?)
+            }
+
+            async fn active_instances(
+                &self,
+            ) -> Result<Vec<$crate::store::alerts::InstanceRow>, $crate::store::StoreError> {
+                let rows = sqlx::query(&format!(
+                    "SELECT {} FROM alert_instances WHERE state IN ('pending', 'firing') ORDER BY fingerprint",
+                    $crate::store::alerts::INSTANCE_COLUMNS
+                ))
+                .fetch_all(&self.$reader)
+                .await?;
+                Ok(rows
+                    .iter()
+                    .map($crate::store::alerts::instance_from_row)
+                    .collect::<Result<_, _>>()?)
+            }
+
+            async fn instances_by_fingerprint(
+                &self,
+                fingerprints: &[String],
+            ) -> Result<Vec<$crate::store::alerts::InstanceRow>, $crate::store::StoreError> {
+                let mut out = Vec::new();
+                // Bounded statements: SQLite binds at most 32,766 values.
+                for chunk in fingerprints.chunks(500) {
+                    let list = (1..=chunk.len())
+                        .map(|i| format!("${i}"))
+                        .collect::<Vec<_>>()
+                        .join(", ");
+                    let sql = format!(
+                        "SELECT {} FROM alert_instances WHERE fingerprint IN ({list})",
+                        $crate::store::alerts::INSTANCE_COLUMNS
+                    );
+                    let mut q = sqlx::query(&sql);
+                    for fp in chunk {
+                        q = q.bind(fp);
+                    }
+                    let rows = q.fetch_all(&self.$reader).await?;
+                    for r in &rows {
+                        out.push($crate::store::alerts::instance_from_row(r)?);
+                    }
+                }
+                Ok(out)
             }
 
             async fn commit_transitions(

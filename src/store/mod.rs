@@ -334,6 +334,17 @@ pub trait EventStore: ProjectionStore + alerts::AlertStore + ops::OpsStore {
     /// Closes the pools, waiting for connections to be returned.
     async fn close(&self);
 
+    /// Deletes up to `limit` rejected payloads received before `cutoff`.
+    async fn delete_rejected_before(
+        &self,
+        cutoff: DateTime<Utc>,
+        limit: i64,
+    ) -> Result<u64, StoreError>;
+
+    /// Approximate row counts of `tables` (PostgreSQL: the planner's
+    /// estimate, so a scrape never scans; SQLite: exact), for `/metrics`.
+    async fn table_rows(&self, tables: &[&str]) -> Result<Vec<(String, i64)>, StoreError>;
+
     /// Deletes up to `limit` events whose `ts` is before `cutoff`; how many it deleted.
     async fn delete_events_before(
         &self,

@@ -83,6 +83,54 @@ impl AlertState {
     }
 }
 
+/// The history tables the retention job trims, and which rows of each may go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum History {
+    /// `alert_outbox` rows the stream acknowledged (unsent ones always stay).
+    SentNotifications,
+    /// `alert_instances` that are resolved or inactive, by their last change.
+    ResolvedInstances,
+    /// Finished `job_runs`.
+    JobRuns,
+    /// `alert_audit` entries.
+    Audit,
+}
+
+impl History {
+    /// Every history table, in the order the retention job trims them.
+    pub const ALL: [History; 4] = [
+        History::SentNotifications,
+        History::ResolvedInstances,
+        History::JobRuns,
+        History::Audit,
+    ];
+
+    /// The table's name.
+    pub fn table(self) -> &'static str {
+        match self {
+            History::SentNotifications => "alert_outbox",
+            History::ResolvedInstances => "alert_instances",
+            History::JobRuns => "job_runs",
+            History::Audit => "alert_audit",
+        }
+    }
+
+    /// The `DELETE` (same text on both backends: times are Unix ms), `$1` the
+    /// cutoff and `$2` the limit.
+    pub fn delete_sql(self) -> &'static str {
+        match self {
+            History::SentNotifications => "DELETE FROM alert_outbox WHERE id IN (SELECT id FROM alert_outbox \
+                 WHERE sent_at_ms IS NOT NULL AND created_at_ms < $1 ORDER BY id LIMIT $2)",
+            History::ResolvedInstances => "DELETE FROM alert_instances WHERE fingerprint IN (SELECT fingerprint \
+                 FROM alert_instances WHERE state IN ('resolved', 'inactive') AND updated_at_ms < $1 LIMIT $2)",
+            History::JobRuns => "DELETE FROM job_runs WHERE id IN (SELECT id FROM job_runs \
+                 WHERE outcome <> 'running' AND started_at_ms < $1 ORDER BY id LIMIT $2)",
+            History::Audit => "DELETE FROM alert_audit WHERE id IN (SELECT id FROM alert_audit \
+                 WHERE at_ms < $1 ORDER BY id LIMIT $2)",
+        }
+    }
+}
+
 /// Tokens, job runs and bulk alert state. One implementation per backend, from one SQL text.
 #[async_trait]
 pub trait OpsStore: Send + Sync {
@@ -90,6 +138,14 @@ pub trait OpsStore: Send + Sync {
     async fn create_token(&self, t: &TokenRow) -> Result<bool, StoreError>;
     /// Every token, active first, then by name.
     async fn tokens(&self) -> Result<Vec<TokenRow>, StoreError>;
+    /// Deletes up to `limit` rows of a history table older than `cutoff`
+    /// (see [`History`]); returns how many.
+    async fn delete_history_before(
+        &self,
+        table: History,
+        cutoff: DateTime<Utc>,
+        limit: i64,
+    ) -> Result<u64, StoreError>;
     /// A persistent setting (table `settings`), `None` when never set.
     async fn setting(&self, name: &str) -> Result<Option<String>, StoreError>;
     /// Sets a persistent setting.
@@ -224,6 +280,20 @@ macro_rules! impl_ops_store {
                     .iter()
                     .map($crate::store::ops::token_from_row)
                     .collect::<Result<_, _>>()?)
+            }
+
+            async fn delete_history_before(
+                &self,
+                table: $crate::store::ops::History,
+                cutoff: chrono::DateTime<chrono::Utc>,
+                limit: i64,
+            ) -> Result<u64, $crate::store::StoreError> {
+                let done = sqlx::query(table.delete_sql())
+                    .bind($crate::store::alerts::ms(cutoff))
+                    .bind(limit)
+                    .execute(&self.$writer)
+                    .await?;
+                Ok(done.rows_affected())
             }
 
             async fn setting(

@@ -314,6 +314,37 @@ impl EventStore for PgStore {
         self.pool.close().await;
     }
 
+    async fn delete_rejected_before(
+        &self,
+        cutoff: DateTime<Utc>,
+        limit: i64,
+    ) -> Result<u64, StoreError> {
+        let done = sqlx::query(
+            "DELETE FROM rejected_events WHERE seq IN \
+             (SELECT seq FROM rejected_events WHERE received_at < $1 ORDER BY seq LIMIT $2)",
+        )
+        .bind(cutoff)
+        .bind(limit)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
+    async fn table_rows(&self, tables: &[&str]) -> Result<Vec<(String, i64)>, StoreError> {
+        let rows: Vec<(String, f32)> = sqlx::query_as(
+            "SELECT relname::text, reltuples FROM pg_class \
+             WHERE relname = ANY($1) AND relkind = 'r' AND relnamespace = current_schema()::regnamespace",
+        )
+        .bind(tables)
+        .fetch_all(&self.pool)
+        .await?;
+        // reltuples is -1 before the first ANALYZE (the optimize job runs it).
+        Ok(rows
+            .into_iter()
+            .map(|(t, n)| (t, n.max(0.0) as i64))
+            .collect())
+    }
+
     async fn delete_events_before(
         &self,
         cutoff: DateTime<Utc>,

@@ -284,6 +284,34 @@ impl EventStore for SqliteStore {
         self.reader.close().await;
     }
 
+    async fn delete_rejected_before(
+        &self,
+        cutoff: DateTime<Utc>,
+        limit: i64,
+    ) -> Result<u64, StoreError> {
+        let done = sqlx::query(
+            "DELETE FROM rejected_events WHERE seq IN \
+             (SELECT seq FROM rejected_events WHERE received_at < ? ORDER BY seq LIMIT ?)",
+        )
+        .bind(format_ts(&cutoff))
+        .bind(limit)
+        .execute(&self.writer)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
+    async fn table_rows(&self, tables: &[&str]) -> Result<Vec<(String, i64)>, StoreError> {
+        let mut out = Vec::with_capacity(tables.len());
+        for t in tables {
+            // Names come from Tally's own constants, never from a request.
+            let n: i64 = sqlx::query_scalar(&format!("SELECT count(*) FROM {t}"))
+                .fetch_one(&self.reader)
+                .await?;
+            out.push((t.to_string(), n));
+        }
+        Ok(out)
+    }
+
     async fn delete_events_before(
         &self,
         cutoff: DateTime<Utc>,
@@ -907,11 +935,28 @@ impl ProjectionStore for SqliteStore {
             qb.push(")");
         }
         qb.push(tail);
-        // SQLite has no server-side statement timeout: the future is dropped
-        // instead, which stops the read at the next row.
-        let rows = tokio::time::timeout(self.statement_timeout, qb.build().fetch_all(&self.reader))
-            .await
-            .map_err(|_| StoreError::Timeout(self.statement_timeout))??;
+        // SQLite has no statement timeout: a progress handler interrupts the
+        // statement itself once the deadline passes (dropping the future
+        // would leave it running on the connection's worker thread).
+        let mut conn = self.reader.acquire().await?;
+        let deadline = Deadline::arm(self.statement_timeout);
+        {
+            let watch = deadline.watch();
+            conn.lock_handle()
+                .await?
+                .set_progress_handler(1_000, move || !watch.passed());
+        }
+        let result = qb.build().fetch_all(&mut *conn).await;
+        drop(deadline);
+        if let Ok(mut handle) = conn.lock_handle().await {
+            handle.remove_progress_handler();
+        }
+        let rows = match result {
+            Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("9") => {
+                return Err(StoreError::Timeout(self.statement_timeout))
+            }
+            other => other?,
+        };
         if rows.len() > q.max_rows {
             return Err(StoreError::TooManyRows(q.max_rows));
         }
@@ -950,3 +995,41 @@ impl ProjectionStore for SqliteStore {
 
 super::alerts::impl_alert_store!(SqliteStore, writer, reader, "BEGIN IMMEDIATE", "");
 super::ops::impl_ops_store!(SqliteStore, writer, reader, "BEGIN IMMEDIATE");
+
+/// A statement deadline shared with a connection's progress handler. Dropping
+/// it disarms the handler (even when the query's future is dropped midway), so
+/// a connection back in the pool never interrupts the next statement.
+struct Deadline(std::sync::Arc<std::sync::atomic::AtomicU64>);
+
+/// What the progress handler reads.
+struct DeadlineWatch(std::sync::Arc<std::sync::atomic::AtomicU64>);
+
+fn process_nanos() -> u64 {
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    let start = START.get_or_init(std::time::Instant::now);
+    u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX)
+}
+
+impl Deadline {
+    fn arm(timeout: Duration) -> Self {
+        let at =
+            process_nanos().saturating_add(u64::try_from(timeout.as_nanos()).unwrap_or(u64::MAX));
+        Self(std::sync::Arc::new(std::sync::atomic::AtomicU64::new(at)))
+    }
+
+    fn watch(&self) -> DeadlineWatch {
+        DeadlineWatch(self.0.clone())
+    }
+}
+
+impl Drop for Deadline {
+    fn drop(&mut self) {
+        self.0.store(u64::MAX, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+impl DeadlineWatch {
+    fn passed(&self) -> bool {
+        process_nanos() >= self.0.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}

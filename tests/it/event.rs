@@ -120,3 +120,49 @@ fn non_objects_are_rejected_with_their_type() {
         assert!(err.contains(word), "{err}");
     }
 }
+
+/// Found by `cargo fuzz run msgpack`: a MessagePack body whose items are long
+/// strings holding NUL produced reasons with a raw NUL (the long-string branch
+/// of `describe` did not escape). Every reason of every regression input is
+/// NUL-free and bounded.
+#[test]
+fn fuzz_regressions_give_bounded_nul_free_reasons() {
+    use tally::event::codec::{decode_body, Encoding};
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/fuzz/regressions");
+    let mut inputs = 0;
+    for entry in std::fs::read_dir(dir).expect("regressions dir") {
+        let path = entry.expect("entry").path();
+        let data = std::fs::read(&path).expect("read");
+        inputs += 1;
+        for enc in [
+            Encoding::MsgPack,
+            Encoding::Json,
+            Encoding::Ndjson,
+            Encoding::CloudEventsBatch,
+        ] {
+            let Ok(items) = decode_body(&data, enc, 10_000) else {
+                continue;
+            };
+            for item in items {
+                let reason = match item.value {
+                    Err(e) => e.to_string(),
+                    Ok(v) => match tally::event::validate(&v, &rules()) {
+                        Ok(_) => continue,
+                        Err(e) => e.to_string(),
+                    },
+                };
+                assert!(
+                    !reason.contains('\u{0}'),
+                    "{}: NUL in {reason:?}",
+                    path.display()
+                );
+                assert!(
+                    reason.chars().count() <= 4_097,
+                    "{}: long reason",
+                    path.display()
+                );
+            }
+        }
+    }
+    assert!(inputs > 0, "no regression inputs found");
+}

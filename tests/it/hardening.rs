@@ -1135,3 +1135,275 @@ async fn a_log_restored_into_a_new_cluster_is_refused_then_repaired_on_postgres(
         .expect("append");
     assert_eq!(folded_requests(&s.store).await, 9);
 }
+
+/// Slow clients: headers that never finish are cut off after the header
+/// timeout, a body that trickles gets `408`, and connections beyond the limit
+/// wait instead of holding the process.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_clients_are_timed_out_and_connections_are_bounded() {
+    use std::io::{Read, Write};
+    let s = support::store(Backend::Sqlite).await;
+    let mut config = support::server_config();
+    config.http_header_timeout = Duration::from_secs(1);
+    config.http_body_timeout = Duration::from_secs(1);
+    config.http_max_connections = 4;
+    let srv = TestServer::start(s.store.clone(), config).await;
+    let addr = srv.base.trim_start_matches("http://").to_string();
+    let started = std::time::Instant::now();
+    let (header_cut, body_answer) = tokio::task::spawn_blocking({
+        let addr = addr.clone();
+        move || {
+            // Headers begun, never finished.
+            let mut slow = std::net::TcpStream::connect(&addr).expect("connect");
+            slow.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+            slow.write_all(b"GET /v1/projections HTTP/1.1\r\nHost: x\r\n").expect("write");
+            let t = std::time::Instant::now();
+            let mut buf = Vec::new();
+            let _ = slow.read_to_end(&mut buf);
+            let header_cut = t.elapsed();
+            // A body that stops after one byte.
+            let mut trickle = std::net::TcpStream::connect(&addr).expect("connect");
+            trickle.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+            trickle
+                .write_all(b"POST /v1/events HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n[")
+                .expect("write");
+            let mut answer = Vec::new();
+            let _ = trickle.read_to_end(&mut answer);
+            (header_cut, String::from_utf8_lossy(&answer).to_string())
+        }
+    })
+    .await
+    .expect("clients");
+    assert!(
+        header_cut < Duration::from_secs(5),
+        "unfinished headers held for {header_cut:?}"
+    );
+    assert!(body_answer.starts_with("HTTP/1.1 408"), "{body_answer}");
+    assert!(body_answer.contains("request_timeout"), "{body_answer}");
+    // Ten idle connections against a limit of four: a real request is still
+    // answered once the idle ones time out, and the server stays up.
+    let idle: Vec<std::net::TcpStream> = (0..10)
+        .map(|_| std::net::TcpStream::connect(&addr).expect("connect"))
+        .collect();
+    let (status, _) = srv.get("/v1/projections").await;
+    assert_eq!(status, 200);
+    drop(idle);
+    assert!(started.elapsed() < Duration::from_secs(30));
+}
+
+/// `/readyz` is open to anyone: it names the dependency that is down, never
+/// the database's error text.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_names_what_is_down_without_the_error_text() {
+    let port = tally::devserver::free_port().expect("port");
+    let dead = tally::store::connect(
+        &format!("postgres://secretuser@127.0.0.1:{port}/none"),
+        &tally::store::StoreOptions {
+            acquire_timeout: Duration::from_millis(500),
+            ..Default::default()
+        },
+    )
+    .await
+    .expect("lazy connect");
+    let srv = TestServer::start(dead, support::server_config()).await;
+    let (status, body) = srv.get("/readyz").await;
+    assert_eq!(status, 503);
+    assert_eq!(
+        body["checks"]["database"],
+        json!({"status": "down"}),
+        "{body}"
+    );
+    let text = body.to_string();
+    assert!(
+        !text.contains("127.0.0.1") && !text.contains("secretuser"),
+        "{text}"
+    );
+}
+
+/// Durations far beyond anything sensible are refused where they are read,
+/// naming the setting, instead of panicking later in a date subtraction.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn absurd_durations_are_refused_not_panicked_on() {
+    let dir = tempfile::tempdir().expect("dir");
+    let db = format!("sqlite://{}", dir.path().join("t.db").display());
+    let run = |args: &[&str], envs: &[(&str, String)]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_tally"))
+            .args(args)
+            .env("TALLY_DATABASE_URL", &db)
+            .env("TALLY_HTTP_ADDR", "127.0.0.1:0")
+            .envs(envs.iter().map(|(k, v)| (*k, v.as_str())))
+            .output()
+            .expect("run tally")
+    };
+    for (var, value) in [
+        ("TALLY_RETENTION", "999999999999d"),
+        ("TALLY_LATE_ARRIVAL_HORIZON", "999999999999d"),
+        ("TALLY_MAX_FUTURE_SKEW", "999999999999d"),
+    ] {
+        let out = run(&["serve"], &[(var, value.to_string())]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{var}: {out:?}");
+        assert!(!err.contains("panicked"), "{var}: {err}");
+        assert!(err.contains("100 years"), "{var}: {err}");
+    }
+    // In a projection spec.
+    let specs = dir.path().join("specs");
+    std::fs::create_dir(&specs).expect("dir");
+    std::fs::write(
+        specs.join("p.toml"),
+        "name = \"p\"\ndimensions = [\"api\"]\ngranularities = [\"minute\"]\ntimezone = \"UTC\"\nretention = { minute = \"999999999999d\" }\n",
+    )
+    .expect("spec");
+    let out = run(
+        &["serve"],
+        &[("TALLY_PROJECTIONS_DIR", specs.display().to_string())],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && !err.contains("panicked"), "{err}");
+    assert!(
+        err.contains("retention.minute") && err.contains("100 years"),
+        "{err}"
+    );
+}
+
+both_backends!(history_tables_have_a_retention);
+
+/// The history tables are trimmed by the retention job: old rejected
+/// payloads, sent notifications, resolved instances and finished job runs
+/// go; unsent notifications, active instances and (by default) the audit
+/// trail stay; `/metrics` shows the tables' sizes.
+async fn history_tables_have_a_retention(s: &TestStore) {
+    use tally::jobs::{run_job, HistoryRetention, Job, JobContext};
+    let day_ms: i64 = 86_400_000;
+    let now_ms = chrono::Utc::now().timestamp_millis();
+    let (old, recent) = (now_ms - 100 * day_ms, now_ms - day_ms);
+    // Rejected payloads: one old (its received time moved back), one recent.
+    s.store
+        .append(
+            &[],
+            &[bad_record("old-rej"), bad_record("new-rej")],
+            &ORIGIN,
+        )
+        .await
+        .expect("rejects");
+    let old_ts = chrono::DateTime::from_timestamp_millis(old).expect("ts");
+    let sqls: Vec<String> = match s.store.backend() {
+        Backend::Postgres => vec![format!(
+            "UPDATE rejected_events SET received_at = to_timestamp({}) WHERE event_id = 'old-rej'",
+            old / 1000
+        )],
+        Backend::Sqlite => vec![format!(
+            "UPDATE rejected_events SET received_at = '{}' WHERE event_id = 'old-rej'",
+            tally::event::format_ts(&old_ts)
+        )],
+    };
+    let mut all = sqls;
+    for (i, (created, sent)) in [(old, Some(old)), (old, None), (recent, Some(recent))]
+        .iter()
+        .enumerate()
+    {
+        all.push(format!(
+            "INSERT INTO alert_outbox (fingerprint, sequence, rule, state, severity, subject, payload, created_at_ms, sent_at_ms) \
+             VALUES ('fp{i}', 1, 'r', 'firing', 'warning', 's', '{{}}', {created}, {})",
+            sent.map_or("NULL".to_string(), |v| v.to_string())
+        ));
+    }
+    for (fp, state, at) in [
+        ("i-old", "resolved", old),
+        ("i-firing", "firing", old),
+        ("i-new", "resolved", recent),
+    ] {
+        all.push(format!(
+            "INSERT INTO alert_instances (fingerprint, rule, rule_uid, level, grp, severity, state, updated_at_ms) \
+             VALUES ('{fp}', 'r', 'u', 'l', '{{}}', 'warning', '{state}', {at})"
+        ));
+    }
+    all.push(format!(
+        "INSERT INTO alert_audit (at_ms, actor, action, target) VALUES ({old}, 'a', 'rule.create', 'r')"
+    ));
+    all.push(format!(
+        "INSERT INTO job_runs (job, slot_ms, trigger, instance, started_at_ms, finished_at_ms, outcome) \
+         VALUES ('optimize', {old}, 'manual', 'x', {old}, {old}, 'ok')"
+    ));
+    for sql in &all {
+        exec(s, sql).await;
+    }
+    let ctx = JobContext {
+        store: s.store.clone(),
+        specs: Vec::new(),
+        retention: None,
+        batch: 1,
+        instance: "test".into(),
+        alert_prefix: "usage.alerts".into(),
+        history: HistoryRetention {
+            rejected: Some(Duration::from_secs(40 * 86_400)),
+            alerts: Some(Duration::from_secs(30 * 86_400)),
+            job_runs: Some(Duration::from_secs(30 * 86_400)),
+            audit: None,
+        },
+    };
+    let (_, outcome) = run_job(&ctx, Job::Retention, chrono::Utc::now(), "manual")
+        .await
+        .expect("run")
+        .expect("claimed");
+    let outcome = outcome.expect("ok");
+    let deleted = &outcome.detail["deleted"];
+    assert_eq!(deleted["rejected_events"], 1, "{deleted}");
+    assert_eq!(deleted["alert_outbox"], 1, "{deleted}");
+    assert_eq!(deleted["alert_instances"], 1, "{deleted}");
+    assert_eq!(deleted["job_runs"], 1, "{deleted}");
+    assert!(deleted.get("alert_audit").is_none(), "{deleted}");
+    let rows = s.store.recent_rejected(10).await.expect("rows");
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0].event_id.as_deref(), Some("new-rej"));
+    let left: Vec<String> = s
+        .store
+        .alert_instances()
+        .await
+        .expect("instances")
+        .into_iter()
+        .map(|i| i.fingerprint)
+        .collect();
+    assert_eq!(left, vec!["i-firing".to_string(), "i-new".to_string()]);
+    let active = s.store.active_instances().await.expect("active");
+    assert_eq!(active.len(), 1);
+    let sizes = s
+        .store
+        .table_rows(&["alert_outbox", "alert_audit"])
+        .await
+        .expect("sizes");
+    if s.store.backend() == Backend::Sqlite {
+        assert!(
+            sizes.contains(&("alert_outbox".to_string(), 2)),
+            "{sizes:?}"
+        );
+        assert!(sizes.contains(&("alert_audit".to_string(), 1)), "{sizes:?}");
+    } else {
+        assert_eq!(sizes.len(), 2, "{sizes:?}");
+    }
+}
+
+fn bad_record(id: &str) -> tally::store::Rejected {
+    tally::store::Rejected {
+        kind: tally::store::RejectKind::Invalid,
+        event_id: Some(id.into()),
+        item_index: Some(0),
+        reason: "test".into(),
+        content_type: None,
+        payload: b"{}".to_vec(),
+        subject: None,
+    }
+}
+
+async fn exec(s: &TestStore, sql: &str) {
+    match s.store.backend() {
+        Backend::Postgres => {
+            let pool = sqlx::PgPool::connect(&s.url).await.expect("pg");
+            sqlx::query(sql).execute(&pool).await.expect(sql);
+        }
+        Backend::Sqlite => {
+            let pool = sqlx::SqlitePool::connect(&s.url).await.expect("sqlite");
+            sqlx::query(sql).execute(&pool).await.expect(sql);
+        }
+    }
+}

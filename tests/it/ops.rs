@@ -512,6 +512,7 @@ fn job_ctx(store: &Arc<dyn EventStore>, retention: Option<Duration>) -> JobConte
         batch: 7,
         instance: "test".into(),
         alert_prefix: "usage.alerts".into(),
+        history: Default::default(),
     }
 }
 
