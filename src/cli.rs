@@ -557,6 +557,7 @@ async fn demo(db: &DatabaseConfig, mut args: DemoArgs) -> anyhow::Result<()> {
         "\nThe event log now holds {} events; rejected_events holds {} payloads.",
         counts.events, counts.rejected
     );
+    crate::demo::report(&base).await?;
     if args.exit {
         shutdown.cancel();
     } else {

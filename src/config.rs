@@ -55,7 +55,7 @@ pub struct LogConfig {
     #[arg(
         long,
         env = "TALLY_LOG",
-        default_value = "info,sqlx=warn",
+        default_value = "info,sqlx=warn,tokio_cron_scheduler=warn",
         global = true
     )]
     pub log: String,

@@ -48,6 +48,8 @@ pub async fn send_sample_traffic(base: &str, count: usize) -> Result<DemoSummary
     let url = format!("{base}/v1/events");
     let cfg = SynthConfig {
         id_prefix: format!("demo-{:06x}", rand::random::<u32>() & 0xff_ffff),
+        // Inside the last hour, which the report reads back.
+        span: Duration::from_secs(50 * 60),
         ..SynthConfig::default()
     };
     let events = synth::events(&cfg, 0, count);
@@ -164,6 +166,8 @@ pub async fn send_sample_traffic_nats(
         .map_err(|e| DemoError::Unexpected(e.to_string()))?;
     let cfg = SynthConfig {
         id_prefix: format!("demo-{:06x}", rand::random::<u32>() & 0xff_ffff),
+        // Inside the last hour, which the report reads back.
+        span: Duration::from_secs(50 * 60),
         ..SynthConfig::default()
     };
     let events = synth::events(&cfg, 0, count);
@@ -287,4 +291,119 @@ fn broken_batch(prefix: &str, first: &crate::event::Event) -> Vec<Value> {
         json!({"id": format!("{prefix}-precise"), "ts": now.timestamp_millis(), "api": "openai", "cost": "0.0000000001"}),
         json!({"id": format!("{prefix}-ok"), "ts": now.timestamp_millis(), "api": "openai", "status": 429, "tokens_in": 12}),
     ]
+}
+
+/// The rule the demo installs; it fires on the sample traffic.
+pub const DEMO_RULE: &str = "demo-busy-api";
+
+/// What Tally is for, read back through the query API after the traffic:
+/// the last hour by api, the top keys by cost, and an alert rule firing.
+/// Waits (up to 30 s) for the projections to fold the traffic first.
+pub async fn report(base: &str) -> Result<(), DemoError> {
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()?;
+    let get = |path: String| {
+        let client = client.clone();
+        let url = format!("{base}{path}");
+        async move {
+            let resp = client.get(&url).send().await?;
+            let status = resp.status();
+            let body: Value = resp.json().await?;
+            if !status.is_success() {
+                return Err(DemoError::Unexpected(format!("GET {url}: {status} {body}")));
+            }
+            Ok::<_, DemoError>(body)
+        }
+    };
+    let rule = json!({"name": DEMO_RULE, "severity": "warning", "measure": "requests",
+        "window": "1h", "group_by": ["api"], "threshold": 20,
+        "labels": {"from": "tally demo"}});
+    let resp = client
+        .put(format!("{base}/v1/alert-rules/{DEMO_RULE}"))
+        .json(&rule)
+        .send()
+        .await?;
+    if !resp.status().is_success() {
+        return Err(DemoError::Unexpected(format!(
+            "creating the demo rule: {} {}",
+            resp.status(),
+            resp.text().await.unwrap_or_default()
+        )));
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let p = get("/v1/projections".into()).await?;
+        let caught_up = p["projections"]
+            .as_array()
+            .is_some_and(|a| a.iter().all(|p| p["lag_events"].as_i64() == Some(0)));
+        if caught_up || tokio::time::Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let from = (chrono::Utc::now() - chrono::Duration::hours(1))
+        .format("%Y-%m-%dT%H:%M:00Z")
+        .to_string();
+    let stats = get(format!(
+        "/v1/stats?granularity=minute&group_by=api&order_by=cost&from={from}"
+    ))
+    .await?;
+    println!(
+        "\nThe last hour by api (GET /v1/stats?granularity=minute&group_by=api&order_by=cost):"
+    );
+    println!(
+        "  {:<12} {:>9} {:>7} {:>10} {:>14}",
+        "api", "requests", "errors", "p95 ms", "cost"
+    );
+    for t in stats["totals"].as_array().into_iter().flatten() {
+        println!(
+            "  {:<12} {:>9} {:>7} {:>10} {:>14}",
+            t["group"]["api"].as_str().unwrap_or(""),
+            t["requests"].to_string(),
+            t["errors"].to_string(),
+            t["latency_ms"]["p95"]
+                .as_f64()
+                .map_or("-".to_string(), |v| format!("{v:.1}")),
+            t["cost"].as_str().unwrap_or("0")
+        );
+    }
+    let keys = get(format!("/v1/keys?order_by=cost&limit=5&from={from}")).await?;
+    println!("\nTop keys by cost, last hour (GET /v1/keys?order_by=cost&limit=5):");
+    println!("  {:<16} {:>9} {:>14}", "key", "requests", "cost");
+    for k in keys["keys"].as_array().into_iter().flatten() {
+        println!(
+            "  {:<16} {:>9} {:>14}",
+            k["key"].as_str().unwrap_or(""),
+            k["requests"].to_string(),
+            k["cost"].as_str().unwrap_or("0")
+        );
+    }
+    println!(
+        "\nAlert rule `{DEMO_RULE}`: more than 20 requests per api in 1h (PUT /v1/alert-rules/{DEMO_RULE}) …"
+    );
+    loop {
+        let alerts = get(format!("/v1/alerts?rule={DEMO_RULE}")).await?;
+        let active = alerts["active"].as_array().cloned().unwrap_or_default();
+        if !active.is_empty() {
+            for a in &active {
+                println!(
+                    "  {} {} {}: value {} > threshold {}",
+                    a["state"].as_str().unwrap_or(""),
+                    a["severity"].as_str().unwrap_or(""),
+                    a["group"],
+                    a["value"],
+                    a["threshold"]
+                );
+            }
+            println!("  (each transition is also published once on usage.alerts.warning.{DEMO_RULE} when NATS is configured)");
+            break;
+        }
+        if tokio::time::Instant::now() > deadline {
+            println!("  not firing yet; see GET /v1/alerts?rule={DEMO_RULE}");
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    Ok(())
 }

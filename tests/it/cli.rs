@@ -69,6 +69,20 @@ fn demo_runs_on_sqlite_and_reports_what_happened() {
             stdout.contains("The event log now holds 201 events; rejected_events holds 7 payloads"),
             "{stdout}"
         );
+        // What Tally is for: the last hour by api, top keys, an alert firing,
+        // read back through the query API; and no library noise in the log.
+        for line in [
+            "The last hour by api",
+            "Top keys by cost",
+            "firing warning {\"api\":",
+        ] {
+            assert!(stdout.contains(line), "missing {line:?} in:\n{stdout}");
+        }
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !stdout.contains("Uninited") && !stderr.contains("Uninited"),
+            "{stderr}"
+        );
     }
 }
 
