@@ -265,8 +265,9 @@ impl Auth {
 
     /// Reloads when the snapshot is older than `max_age`. One reload runs at a
     /// time; a request that finds one running uses the current copy instead of
-    /// waiting (when there is one not older than [`STALE_LIMIT`]).
-    async fn refresh(&self, max_age: Duration) -> Result<(), StoreError> {
+    /// waiting (when there is one not older than [`STALE_LIMIT`]), unless
+    /// `wait` (an unknown token, perhaps created a moment ago).
+    async fn refresh(&self, max_age: Duration, wait: bool) -> Result<(), StoreError> {
         let fresh = |s: &Option<Snapshot>, age: Duration| {
             s.as_ref().is_some_and(|s| s.loaded.elapsed() < age)
         };
@@ -275,7 +276,7 @@ impl Auth {
         }
         let _one = match self.reload.try_lock() {
             Ok(guard) => guard,
-            Err(_) if fresh(&*self.snapshot.read().await, STALE_LIMIT) => return Ok(()),
+            Err(_) if !wait && fresh(&*self.snapshot.read().await, STALE_LIMIT) => return Ok(()),
             Err(_) => self.reload.lock().await,
         };
         if fresh(&*self.snapshot.read().await, max_age) {
@@ -315,7 +316,7 @@ impl Auth {
     /// `Ok(None)`: authentication is off (no active token). `Ok(Some(name))`:
     /// the token named `name` holds `need`.
     async fn check(&self, bearer: Option<&str>, need: Scope) -> Result<Option<String>, Refusal> {
-        if let Err(e) = self.refresh(RELOAD_EVERY).await {
+        if let Err(e) = self.refresh(RELOAD_EVERY, false).await {
             // A stale list is better than refusing every request while the
             // database blips; with none at all (or a too old one) there is
             // nothing to check against.
@@ -373,7 +374,12 @@ impl Auth {
                 }
             }
             // Unknown: perhaps created a moment ago. Reload once, soon.
-            if attempt == 0 && self.refresh(Duration::from_millis(100)).await.is_err() {
+            if attempt == 0
+                && self
+                    .refresh(Duration::from_millis(100), true)
+                    .await
+                    .is_err()
+            {
                 break;
             }
         }

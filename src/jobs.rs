@@ -283,78 +283,70 @@ fn before(now: DateTime<Utc>, d: Duration) -> DateTime<Utc> {
         .unwrap_or(DateTime::<Utc>::MIN_UTC)
 }
 
+/// Runs `delete` (one bounded statement) until it deletes less than `batch`
+/// rows; records the total for `table` in `deleted` and the metrics.
+async fn delete_in_batches<F, Fut>(
+    table: String,
+    batch: i64,
+    deleted: &mut BTreeMap<String, u64>,
+    mut delete: F,
+) -> Result<(), JobError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<u64, StoreError>>,
+{
+    let mut total = 0u64;
+    loop {
+        let n = delete().await?;
+        total += n;
+        if n < batch as u64 {
+            break;
+        }
+        // Let ingest's transactions in between the batches.
+        tokio::task::yield_now().await;
+    }
+    crate::metrics::RETENTION_DELETED.add(&[&table], total);
+    deleted.insert(table, total);
+    Ok(())
+}
+
 async fn retention(ctx: &JobContext) -> Result<JobOutcome, JobError> {
     let now = Utc::now();
     let mut deleted = BTreeMap::new();
+    let (store, batch) = (&ctx.store, ctx.batch);
     if let Some(r) = ctx.retention {
         let cutoff = before(now, r);
-        let mut total = 0u64;
-        loop {
-            let n = ctx.store.delete_events_before(cutoff, ctx.batch).await?;
-            total += n;
-            if n < ctx.batch as u64 {
-                break;
-            }
-            // Let ingest's transactions in between the batches.
-            tokio::task::yield_now().await;
-        }
-        crate::metrics::RETENTION_DELETED.add(&["usage_events"], total);
-        deleted.insert("usage_events".to_string(), total);
+        delete_in_batches("usage_events".into(), batch, &mut deleted, || {
+            store.delete_events_before(cutoff, batch)
+        })
+        .await?;
     }
     for spec in &ctx.specs {
         for (&g, &keep) in &spec.retention {
             let cutoff = before(now, keep);
-            let mut total = 0u64;
-            loop {
-                let n = ctx
-                    .store
-                    .delete_agg_before(spec, g, cutoff, ctx.batch)
-                    .await?;
-                total += n;
-                if n < ctx.batch as u64 {
-                    break;
-                }
-                tokio::task::yield_now().await;
-            }
             let table = crate::store::agg::table(spec, g, "");
-            crate::metrics::RETENTION_DELETED.add(&[&table], total);
-            deleted.insert(table, total);
+            delete_in_batches(table, batch, &mut deleted, || {
+                store.delete_agg_before(spec, g, cutoff, batch)
+            })
+            .await?;
         }
     }
-    // The history tables: each loop is bounded by `batch` rows per statement.
+    // The history tables.
     if let Some(keep) = ctx.history.rejected {
         let cutoff = before(now, keep);
-        let mut total = 0u64;
-        loop {
-            let n = ctx.store.delete_rejected_before(cutoff, ctx.batch).await?;
-            total += n;
-            if n < ctx.batch as u64 {
-                break;
-            }
-            tokio::task::yield_now().await;
-        }
-        crate::metrics::RETENTION_DELETED.add(&["rejected_events"], total);
-        deleted.insert("rejected_events".to_string(), total);
+        delete_in_batches("rejected_events".into(), batch, &mut deleted, || {
+            store.delete_rejected_before(cutoff, batch)
+        })
+        .await?;
     }
     for table in History::ALL {
-        let Some(keep) = ctx.history.of(table) else {
-            continue;
-        };
-        let cutoff = before(now, keep);
-        let mut total = 0u64;
-        loop {
-            let n = ctx
-                .store
-                .delete_history_before(table, cutoff, ctx.batch)
-                .await?;
-            total += n;
-            if n < ctx.batch as u64 {
-                break;
-            }
-            tokio::task::yield_now().await;
+        if let Some(keep) = ctx.history.of(table) {
+            let cutoff = before(now, keep);
+            delete_in_batches(table.table().into(), batch, &mut deleted, || {
+                store.delete_history_before(table, cutoff, batch)
+            })
+            .await?;
         }
-        crate::metrics::RETENTION_DELETED.add(&[table.table()], total);
-        deleted.insert(table.table().to_string(), total);
     }
     let rows = deleted.values().sum::<u64>();
     Ok(JobOutcome {

@@ -1407,3 +1407,59 @@ async fn exec(s: &TestStore, sql: &str) {
         }
     }
 }
+
+/// NATS batches have a byte budget: 200 messages of 900 KB each (every one
+/// rejected, its bytes kept) no longer land in one batch of ~200 MB of
+/// payloads plus their copies; peak RSS stays bounded. An oversized token
+/// count over NATS is rejected like over HTTP, its neighbour counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_batches_are_bounded_by_bytes() {
+    const BOUND_KIB: u64 = 160 * 1024;
+    let db = crate::support::postgres().create_database("natsbytes").expect("db");
+    let n = nats();
+    let (_client, js) = jetstream(&n.url()).await;
+    // The stream must exist before publishing: create it as Tally would.
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: "USAGE".into(),
+        subjects: vec!["usage.events.>".into()],
+        storage: async_nats::jetstream::stream::StorageType::File,
+        description: Some("Tally usage events".into()),
+        ..Default::default()
+    })
+    .await
+    .expect("stream");
+    let ts = now_rfc3339();
+    for i in 0..200 {
+        let body = json!({"id": format!("big-{i}"), "ts": ts, "api": "a", "error_message": "x".repeat(900_000)});
+        js.publish("usage.events.a", body.to_string().into())
+            .await
+            .expect("publish")
+            .await
+            .expect("ack");
+    }
+    let overflow = json!([
+        {"id": "of-ok", "ts": ts, "api": "a", "tokens_in": 10},
+        {"id": "of-bad", "ts": ts, "api": "a", "tokens_in": 5e18}
+    ]);
+    js.publish("usage.events.a", overflow.to_string().into())
+        .await
+        .expect("publish")
+        .await
+        .expect("ack");
+    let tally = TallyProc::start(&db, &n.url(), &[]).await;
+    wait_drained(&db, &js, 1, Duration::from_secs(120), "big messages").await;
+    let (_, peak) = tally.memory_kib();
+    assert!(peak < BOUND_KIB, "peak RSS {} MiB", peak / 1024);
+    let pool = sqlx::PgPool::connect(&db).await.expect("pg");
+    let rejected: i64 = sqlx::query_scalar("SELECT count(*) FROM rejected_events")
+        .fetch_one(&pool)
+        .await
+        .expect("count");
+    assert_eq!(rejected, 201, "every big message and the overflow item are kept");
+    let reason: String = sqlx::query_scalar("SELECT reason FROM rejected_events WHERE event_id = 'of-bad'")
+        .fetch_one(&pool)
+        .await
+        .expect("reason");
+    assert!(reason.contains("`tokens_in`") && reason.contains("1000000000"), "{reason}");
+    eprintln!("peak RSS with 200 x 900 KB messages: {} MiB", peak / 1024);
+}
