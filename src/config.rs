@@ -280,7 +280,7 @@ pub struct NatsConfig {
 
     /// Most payload bytes pulled and appended in one batch (raised to the
     /// server's `max_payload` so one large message always fits).
-    #[arg(long, env = "TALLY_NATS_BATCH_BYTES", default_value_t = 8 * 1024 * 1024)]
+    #[arg(long, env = "TALLY_NATS_BATCH_BYTES", default_value_t = 2 * 1024 * 1024)]
     pub nats_batch_bytes: usize,
 
     /// How long to wait for a batch to fill once its first message arrived.
