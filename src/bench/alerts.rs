@@ -72,8 +72,8 @@ fn rules(n: usize, apis: &[String]) -> Result<Vec<RuleSpec>, BenchError> {
                 "window": WINDOWS[(i / MEASURES.len()) % WINDOWS.len()],
                 "scope": {"api": apis[i % apis.len()]},
                 "group_by": ["key"],
-                // Reached only by a probe (10^12 tokens).
-                "threshold": if measure == "tokens" { 1.0e11 } else { 1.0e12 },
+                // Reached only by a probe (10^9 tokens, the most one event may carry).
+                "threshold": if measure == "tokens" { 5.0e8 } else { 1.0e12 },
             });
             serde_json::from_value(json)
                 .map_err(|e| BenchError::Check(format!("bench rule {i}: {e}")))
@@ -253,7 +253,7 @@ pub async fn alerts(params: &AlertsBench) -> Result<AlertsResult, BenchError> {
             let key = format!("probe-{n}-{:08x}", rand::random::<u32>());
             let body = serde_json::json!({
                 "id": key, "ts": chrono::Utc::now().to_rfc3339(), "api": apis[0], "key": key,
-                "tokens_in": 1_000_000_000_000i64,
+                "tokens_in": crate::event::validate::MAX_TOKENS,
             });
             let started = super::publish_probe(&js, &body).await?;
             // The alert and the probe's minute row, watched at once.
