@@ -236,7 +236,7 @@ impl App {
             batch: self.jobs.retention_batch,
             instance: self.instance.clone(),
             alert_prefix: settings.subject_prefix.clone(),
-            history: self.jobs.history(),
+            history: crate::jobs::HistoryRetention::from_config(&self.jobs),
         };
         let scheduler = match crate::jobs::schedule(job_ctx, &self.jobs, shutdown.clone()).await {
             Ok(handle) => Some(handle),

@@ -348,18 +348,6 @@ pub struct AlertConfig {
     pub alerts_min_interval: Duration,
 }
 
-impl JobsConfig {
-    /// The retention of the history tables, for the retention job.
-    pub fn history(&self) -> crate::jobs::HistoryRetention {
-        crate::jobs::HistoryRetention {
-            rejected: self.retention_rejected.0,
-            alerts: self.retention_alerts.0,
-            job_runs: self.retention_job_runs.0,
-            audit: self.retention_audit.0,
-        }
-    }
-}
-
 impl AlertConfig {
     /// Evaluator settings derived from this config.
     pub fn settings(&self, lease_ttl: Duration) -> crate::alert::eval::AlertSettings {

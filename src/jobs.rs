@@ -137,6 +137,16 @@ pub struct HistoryRetention {
 }
 
 impl HistoryRetention {
+    /// The retentions configured in `cfg`.
+    pub fn from_config(cfg: &JobsConfig) -> Self {
+        Self {
+            rejected: cfg.retention_rejected.0,
+            alerts: cfg.retention_alerts.0,
+            job_runs: cfg.retention_job_runs.0,
+            audit: cfg.retention_audit.0,
+        }
+    }
+
     fn of(&self, table: History) -> Option<Duration> {
         match table {
             History::SentNotifications | History::ResolvedInstances => self.alerts,

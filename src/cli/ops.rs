@@ -301,7 +301,7 @@ pub(super) async fn jobs(db: &DatabaseConfig, which: JobsCommand) -> anyhow::Res
                 batch: cfg.retention_batch,
                 instance: format!("cli-{}", std::process::id()),
                 alert_prefix: alerts_subject_prefix,
-                history: cfg.history(),
+                history: jobs::HistoryRetention::from_config(&cfg),
             };
             match jobs::run_job(&ctx, job, Utc::now(), "manual").await? {
                 None => anyhow::bail!("a run of `{}` holds this instant; try again", job.as_str()),
