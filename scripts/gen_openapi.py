@@ -1,4 +1,4 @@
-"""Regenerates src/query/openapi.json (run from anywhere: python3 scripts/gen_openapi.py)."""
+"""Regenerates src/http/openapi.json (run from anywhere: python3 scripts/gen_openapi.py)."""
 import os
 import json
 def p(name, desc, schema=None, required=False, where="query", explode=None):
@@ -99,4 +99,4 @@ doc={
   "Projection":{"type":"object","properties":{"name":{"type":"string"},"status":{"type":"string"},"dimensions":{"type":"array","items":{"type":"string"}},"granularities":{"type":"array","items":{"type":"string"}},"timezone":{"type":"string"},"tables":{"type":"array","items":{"type":"string"}},"as_of":{"type":["string","null"]},"lag_events":{"type":["integer","null"]},"events_folded":{"type":["integer","null"]},"checkpoint":{"type":["string","null"]},"rebuilding":{"type":"boolean"},"retention":{"type":["object","null"]}}}
  }}
 }
-open(os.path.join(os.path.dirname(os.path.abspath(__file__)),"..","src","query","openapi.json"),"w").write(json.dumps(doc,indent=1)+"\n")
+open(os.path.join(os.path.dirname(os.path.abspath(__file__)),"..","src","http","openapi.json"),"w").write(json.dumps(doc,indent=1)+"\n")

@@ -8,6 +8,7 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::aggregate::spec;
 use crate::alert::eval::Evaluator;
 use crate::alert::relay::{self, RelayConfig};
 use crate::config::{AlertConfig, DatabaseConfig, ServerConfig};
@@ -15,7 +16,7 @@ use crate::health::Health;
 use crate::http::{router, AppState};
 use crate::ingest::nats::{NatsError, NatsIntake};
 use crate::projection::projector::ProjectionTask;
-use crate::projection::{spec, ProjectionError, Projector, ProjectorConfig};
+use crate::projection::{ProjectionError, Projector, ProjectorConfig};
 use crate::query::Catalog;
 use crate::store::{self, redact_url, EventStore, StoreError};
 

@@ -1,4 +1,5 @@
-//! API tokens: creation, hashing, and the check every HTTP request passes.
+//! API tokens: creation, hashing, and the check every HTTP request passes
+//! (the middleware that calls it is `http::auth`).
 //!
 //! A token is `tally_<id>_<secret>`; the store keeps only its SHA-256, so a
 //! leaked database does not leak usable tokens. Authentication turns on when
@@ -22,16 +23,11 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use axum::extract::{Request, State};
-use axum::http::{header, HeaderValue, Method, StatusCode};
-use axum::middleware::Next;
-use axum::response::{IntoResponse, Response};
 use chrono::Utc;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use tokio::sync::{Mutex, RwLock};
 
-use crate::http::ApiError;
 use crate::store::ops::TokenRow;
 use crate::store::{EventStore, StoreError};
 
@@ -209,16 +205,6 @@ pub async fn check_bind(
     }
 }
 
-/// The scope a request needs; `None` for the probes and the API description.
-pub fn required_scope(method: &Method, path: &str) -> Option<Scope> {
-    match path {
-        "/healthz" | "/readyz" | "/openapi.json" => None,
-        "/v1/events" if method == Method::POST => Some(Scope::Ingest),
-        _ if method == Method::GET || method == Method::HEAD => Some(Scope::Read),
-        _ => Some(Scope::Admin),
-    }
-}
-
 struct Entry {
     hash: [u8; 32],
     name: String,
@@ -232,7 +218,7 @@ struct Snapshot {
     loaded: Instant,
 }
 
-/// The request check, shared by every handler through [`crate::http::AppState`].
+/// The request check: one per server, shared by every request.
 pub struct Auth {
     store: Arc<dyn EventStore>,
     snapshot: RwLock<Option<Snapshot>>,
@@ -243,12 +229,24 @@ pub struct Auth {
 }
 
 /// Why a request was refused.
-enum Refusal {
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// No bearer token, and tokens exist.
     Missing,
+    /// The token is unknown or revoked.
     Unknown,
+    /// Authentication is on but every token is revoked.
     NoActiveToken,
+    /// No token exists and the server listens on a public address.
     OpenPublic,
-    Scope { name: String, need: Scope },
+    /// The token lacks the scope.
+    Scope {
+        /// The token's name.
+        name: String,
+        /// The scope the request needs.
+        need: Scope,
+    },
+    /// The token list cannot be read.
     Unavailable(String),
 }
 
@@ -315,7 +313,11 @@ impl Auth {
 
     /// `Ok(None)`: authentication is off (no active token). `Ok(Some(name))`:
     /// the token named `name` holds `need`.
-    async fn check(&self, bearer: Option<&str>, need: Scope) -> Result<Option<String>, Refusal> {
+    pub async fn check(
+        &self,
+        bearer: Option<&str>,
+        need: Scope,
+    ) -> Result<Option<String>, Refusal> {
         if let Err(e) = self.refresh(RELOAD_EVERY, false).await {
             // A stale list is better than refusing every request while the
             // database blips; with none at all (or a too old one) there is
@@ -396,100 +398,9 @@ impl Auth {
     }
 }
 
-/// The bearer token of a request, if it has one.
-fn bearer(req: &Request) -> Option<&str> {
-    let value = req.headers().get(header::AUTHORIZATION)?.to_str().ok()?;
-    let (scheme, token) = value.split_once(' ')?;
-    scheme
-        .eq_ignore_ascii_case("bearer")
-        .then(|| token.trim())
-        .filter(|t| !t.is_empty())
-}
-
-/// Middleware: answers 401 without a valid token and 403 without the scope;
-/// otherwise records the token's name as the request's actor.
-pub async fn require(State(auth): State<Arc<Auth>>, mut req: Request, next: Next) -> Response {
-    let Some(need) = required_scope(req.method(), req.uri().path()) else {
-        return next.run(req).await;
-    };
-    match auth.check(bearer(&req), need).await {
-        Ok(None) => next.run(req).await,
-        Ok(Some(name)) => {
-            // The audit trail names the token, never what the client claims.
-            if let Ok(v) = HeaderValue::from_str(&format!("token:{name}")) {
-                req.headers_mut().insert("x-tally-actor", v);
-            }
-            next.run(req).await
-        }
-        Err(refusal) => {
-            let (status, code, message) = match refusal {
-                Refusal::Missing => (
-                    StatusCode::UNAUTHORIZED,
-                    "unauthorized",
-                    "this route needs an API token: send `Authorization: Bearer <token>` (create one with `tally tokens create`)".to_string(),
-                ),
-                Refusal::Unknown => (
-                    StatusCode::UNAUTHORIZED,
-                    "unauthorized",
-                    "the bearer token is unknown or revoked".to_string(),
-                ),
-                Refusal::NoActiveToken => (
-                    StatusCode::UNAUTHORIZED,
-                    "unauthorized",
-                    "authentication is on but no active token exists (the last one was revoked): create one with `tally tokens create --name NAME --scope admin`".to_string(),
-                ),
-                Refusal::OpenPublic => (
-                    StatusCode::UNAUTHORIZED,
-                    "unauthorized",
-                    "this server listens on a public address and no API token exists: create one with `tally tokens create --name NAME --scope admin` (or restart it on 127.0.0.1, or with --insecure-no-auth)".to_string(),
-                ),
-                Refusal::Scope { name, need } => (
-                    StatusCode::FORBIDDEN,
-                    "forbidden",
-                    format!(
-                        "token `{name}` lacks the `{}` scope this route needs",
-                        need.as_str()
-                    ),
-                ),
-                Refusal::Unavailable(e) => (
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "store_unavailable",
-                    format!("cannot check the token: the database is unreachable ({e})"),
-                ),
-            };
-            let mut resp = ApiError::new(status, code, message).into_response();
-            if status == StatusCode::UNAUTHORIZED {
-                resp.headers_mut()
-                    .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-            }
-            resp
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn routes_need_the_documented_scope() {
-        assert_eq!(required_scope(&Method::GET, "/healthz"), None);
-        assert_eq!(required_scope(&Method::GET, "/openapi.json"), None);
-        assert_eq!(
-            required_scope(&Method::POST, "/v1/events"),
-            Some(Scope::Ingest)
-        );
-        assert_eq!(required_scope(&Method::GET, "/v1/stats"), Some(Scope::Read));
-        assert_eq!(required_scope(&Method::GET, "/metrics"), Some(Scope::Read));
-        assert_eq!(
-            required_scope(&Method::POST, "/v1/alert-rules"),
-            Some(Scope::Admin)
-        );
-        assert_eq!(
-            required_scope(&Method::DELETE, "/v1/keys/k/quota"),
-            Some(Scope::Admin)
-        );
-    }
 
     #[test]
     fn scopes_parse_and_refuse_unknown_names() {

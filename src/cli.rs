@@ -650,7 +650,7 @@ async fn alerts(db: &DatabaseConfig, which: AlertsCommand) -> anyhow::Result<()>
             let text = std::fs::read_to_string(&file)
                 .with_context(|| format!("reading {}", file.display()))?;
             let specs: Vec<_> =
-                crate::projection::spec::load_specs(config.projections_dir.as_deref())?
+                crate::aggregate::spec::load_specs(config.projections_dir.as_deref())?
                     .into_iter()
                     .map(std::sync::Arc::new)
                     .collect();
@@ -684,7 +684,7 @@ async fn alerts(db: &DatabaseConfig, which: AlertsCommand) -> anyhow::Result<()>
                 .alert_rules()
                 .await?
                 .iter()
-                .map(crate::alert::http::rule_view)
+                .map(crate::http::alerts::rule_view)
                 .collect();
             println!(
                 "{}",
@@ -696,8 +696,8 @@ async fn alerts(db: &DatabaseConfig, which: AlertsCommand) -> anyhow::Result<()>
                 .active_instances()
                 .await?
                 .into_iter()
-                .filter(|i| matches!(i.state.as_str(), "pending" | "firing"))
-                .map(|i| serde_json::json!({"alert_id": i.fingerprint, "rule": i.rule, "state": i.state, "severity": i.severity, "group": serde_json::from_str::<serde_json::Value>(&i.group).unwrap_or_default(), "sequence": i.sequence}))
+                .filter(|i| i.state.is_active())
+                .map(|i| serde_json::json!({"alert_id": i.fingerprint, "rule": i.rule, "state": i.state.as_str(), "severity": i.severity, "group": serde_json::from_str::<serde_json::Value>(&i.group).unwrap_or_default(), "sequence": i.sequence}))
                 .collect();
             let history: Vec<_> = store
                 .notifications(&HistoryFilter { limit: 20, ..HistoryFilter::default() })
@@ -718,7 +718,8 @@ async fn alerts(db: &DatabaseConfig, which: AlertsCommand) -> anyhow::Result<()>
 }
 
 async fn projections(db: &DatabaseConfig, which: ProjectionsCommand) -> anyhow::Result<()> {
-    use crate::projection::{rebuild, spec, status};
+    use crate::aggregate::spec;
+    use crate::projection::{rebuild, status};
     use std::io::Write;
     use std::sync::Arc;
     if let ProjectionsCommand::Init { dir } = &which {
@@ -923,7 +924,7 @@ async fn query_answer(
         }
         return Ok(body);
     }
-    let specs = crate::projection::spec::load_specs(target.projections_dir.as_deref())?;
+    let specs = crate::aggregate::spec::load_specs(target.projections_dir.as_deref())?;
     let catalog = crate::query::Catalog::new(specs.into_iter().map(std::sync::Arc::new).collect());
     let store = store::connect(&db.database_url, &db.store_options()).await?;
     let answer = local(store.clone(), catalog, pairs).await;

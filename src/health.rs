@@ -46,7 +46,7 @@ impl Health {
     /// Records the database state; logs when it changed.
     pub fn note_database(&self, up: bool, error: Option<&str>) {
         if self.db_up.swap(up, Ordering::Relaxed) != up {
-            crate::telemetry::database_state_changed(up, error);
+            database_state_changed(up, error);
         }
     }
 
@@ -59,7 +59,7 @@ impl Health {
     pub fn note_nats(&self, state: NatsState, detail: &str) {
         let old = self.nats.swap(state as u8, Ordering::Relaxed);
         if old != state as u8 {
-            crate::telemetry::nats_state_changed(state, detail);
+            nats_state_changed(state, detail);
         }
     }
 
@@ -70,5 +70,28 @@ impl Health {
             x if x == NatsState::Down as u8 => NatsState::Down,
             _ => NatsState::Disabled,
         }
+    }
+}
+
+/// The database changed between reachable and unreachable; logged once per change.
+fn database_state_changed(up: bool, error: Option<&str>) {
+    if up {
+        tracing::info!("database is reachable again");
+    } else {
+        tracing::warn!(error = error.unwrap_or(""), "database is unreachable");
+    }
+}
+
+/// The NATS connection changed state; logged once per change.
+fn nats_state_changed(state: NatsState, detail: &str) {
+    match state {
+        NatsState::Up => tracing::info!(detail, "NATS is connected"),
+        NatsState::Down => {
+            tracing::warn!(
+                detail,
+                "NATS is unreachable; HTTP ingest keeps working, NATS ingest resumes on reconnect"
+            )
+        }
+        NatsState::Disabled => {}
     }
 }

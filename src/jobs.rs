@@ -16,7 +16,7 @@
 //!   of any earlier day that late events touched since the last run) from the
 //!   raw log, in the same snapshot as the stored rows and the projection's
 //!   checkpoint, and compares. A differing day raises the alert
-//!   [`RECONCILIATION_RULE`] through the alert outbox (once; it resolves when a
+//!   [`RECONCILIATION_RULE`](crate::alert::reconcile::RECONCILIATION_RULE) through the alert outbox (once; it resolves when a
 //!   later run finds the day equal again).
 //! - **optimize** runs the backend's housekeeping ([`EventStore::maintenance`]).
 
@@ -28,26 +28,16 @@ use chrono::{DateTime, NaiveDate, Utc};
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
-use crate::alert::{fingerprint, subject};
+use crate::aggregate::bucket::{day_start, next_bucket};
+use crate::aggregate::spec::{Granularity, Spec};
+use crate::alert::{reconcile, AlertError};
 use crate::config::JobsConfig;
-use crate::projection::bucket::{day_start, next_bucket};
 use crate::projection::fold::Fold;
-use crate::projection::spec::{Granularity, Spec};
-use crate::store::alerts::{InstanceRow, InstanceWrite, NewNotification};
 use crate::store::ops::History;
 use crate::store::{EventStore, StoreError};
 
 /// How much longer than the late-arrival horizon raw events must be kept.
 pub const RETENTION_MARGIN: Duration = Duration::from_secs(24 * 3600);
-
-/// Rule name of reconciliation alerts (reserved: no user rule may take it).
-pub const RECONCILIATION_RULE: &str = "tally_reconciliation_mismatch";
-
-/// The rule uid in reconciliation alerts' fingerprints.
-pub const RECONCILIATION_UID: &str = "tally-reconciliation";
-
-/// Severity of reconciliation alerts: a billing number is wrong.
-const RECONCILIATION_SEVERITY: &str = "critical";
 
 /// The jobs Tally runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -96,6 +86,9 @@ pub enum JobError {
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The reconciliation alert could not be written.
+    #[error(transparent)]
+    Alert(#[from] AlertError),
     /// A setting is invalid.
     #[error("{0}")]
     Config(String),
@@ -498,7 +491,7 @@ pub async fn reconcile_day(
         let mut seen = 0usize;
         for row in stored {
             compared += 1;
-            let key = crate::projection::fold::RowKey {
+            let key = crate::aggregate::measures::RowKey {
                 bucket: row.bucket,
                 dims: row.dims.clone(),
             };
@@ -568,86 +561,12 @@ async fn settle_alert(
     day: NaiveDate,
     mismatch: Option<&Mismatch>,
 ) -> Result<(), JobError> {
-    let group = json!({"projection": spec.name, "day": day.to_string()}).to_string();
-    let fp = fingerprint(&[RECONCILIATION_UID, "", &group]);
-    let existing = ctx
-        .store
-        .instances_by_fingerprint(std::slice::from_ref(&fp))
-        .await?
-        .into_iter()
-        .next();
-    let firing = existing.as_ref().is_some_and(|r| r.state == "firing");
-    let now = Utc::now();
-    let (state, value) = match (mismatch, firing) {
-        (Some(m), false) => ("firing", m.rows as f64),
-        (None, true) => ("resolved", 0.0),
-        // Already firing for this day, or nothing wrong and nothing raised.
-        _ => return Ok(()),
+    let found = reconcile::Finding {
+        projection: &spec.name,
+        day,
+        mismatch: mismatch.map(|m| (m.rows, m.first.as_str())),
     };
-    let sequence = existing.as_ref().map_or(0, |r| r.sequence) + 1;
-    let started = if state == "firing" {
-        Some(now)
-    } else {
-        existing.as_ref().and_then(|r| r.firing_since)
-    };
-    let row = InstanceRow {
-        fingerprint: fp.clone(),
-        rule: RECONCILIATION_RULE.to_string(),
-        rule_uid: RECONCILIATION_UID.to_string(),
-        level: String::new(),
-        group: group.clone(),
-        severity: RECONCILIATION_SEVERITY.to_string(),
-        state: state.to_string(),
-        value: Some(value),
-        threshold: Some(0.0),
-        active_since: started,
-        firing_since: started,
-        last_true: mismatch.map(|_| now),
-        last_sent: Some(now),
-        resolved_at: (state == "resolved").then_some(now),
-        sequence,
-        version: 0,
-        updated_at: now,
-    };
-    let rfc = |t: Option<DateTime<Utc>>| {
-        t.map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
-    };
-    let payload = json!({
-        "alert_id": fp,
-        "rule": RECONCILIATION_RULE,
-        "state": state,
-        "severity": RECONCILIATION_SEVERITY,
-        "group": {"projection": spec.name, "day": day.to_string()},
-        "labels": {},
-        "measure": "mismatched_rows",
-        "value": value,
-        "threshold": 0,
-        "window": "1d",
-        "started_at": rfc(started),
-        "resolved_at": rfc(row.resolved_at),
-        "sequence": sequence,
-        "first_difference": mismatch.map(|m| m.first.clone()),
-        "evaluated_at": rfc(Some(now)),
-    });
-    let note = NewNotification {
-        fingerprint: fp,
-        sequence,
-        rule: RECONCILIATION_RULE.to_string(),
-        state: state.to_string(),
-        severity: RECONCILIATION_SEVERITY.to_string(),
-        subject: subject(
-            &ctx.alert_prefix,
-            RECONCILIATION_SEVERITY,
-            RECONCILIATION_RULE,
-        ),
-        payload: payload.to_string(),
-        created_at: now,
-    };
-    let write = InstanceWrite {
-        expected_version: existing.as_ref().map(|r| r.version),
-        row,
-    };
-    if !ctx.store.commit_transitions(&[write], &[note]).await? {
+    if !reconcile::settle(ctx.store.as_ref(), &ctx.alert_prefix, found).await? {
         // Only one reconciliation runs per occurrence, so this is a manual run
         // racing a scheduled one: the other writer raised or resolved it.
         tracing::warn!(projection = %spec.name, %day, "reconciliation alert changed concurrently; left as the other run wrote it");

@@ -34,6 +34,7 @@
 //! [`synth`] (seeded synthetic events) and [`devserver`] (throwaway
 //! PostgreSQL for tests and benchmarks).
 
+pub mod aggregate;
 pub mod alert;
 pub mod app;
 pub mod auth;

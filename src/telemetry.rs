@@ -1,10 +1,8 @@
-//! Logging setup and one function per notable happening, so that the log line
-//! (and, later, the metric) for a happening is written in one place.
+//! Logging setup. The log line of each notable happening is written by the
+//! module that owns the state it describes (`health` for reachability,
+//! `ingest` for batches), so this module depends on nothing of Tally's.
 
 use tracing_subscriber::{fmt, EnvFilter};
-
-use crate::event::codec::CodecError;
-use crate::ingest::IngestReport;
 
 /// Log output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -29,44 +27,4 @@ pub fn init(filter: &str, format: LogFormat) {
         LogFormat::Human => builder.try_init(),
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
     };
-}
-
-/// A body was refused as a whole (and stored in `rejected_events`).
-pub fn body_rejected(source: &str, error: &CodecError) {
-    tracing::info!(source, %error, "body rejected");
-}
-
-/// A body was committed.
-pub fn batch_ingested(source: &str, report: &IngestReport) {
-    tracing::debug!(
-        source,
-        accepted = report.accepted,
-        duplicates = report.duplicates,
-        conflicts = report.conflicts,
-        rejected = report.rejected.len(),
-        "batch committed"
-    );
-}
-
-/// The database changed between reachable and unreachable; logged once per change.
-pub fn database_state_changed(up: bool, error: Option<&str>) {
-    if up {
-        tracing::info!("database is reachable again");
-    } else {
-        tracing::warn!(error = error.unwrap_or(""), "database is unreachable");
-    }
-}
-
-/// The NATS connection changed state; logged once per change.
-pub fn nats_state_changed(state: crate::health::NatsState, detail: &str) {
-    match state {
-        crate::health::NatsState::Up => tracing::info!(detail, "NATS is connected"),
-        crate::health::NatsState::Down => {
-            tracing::warn!(
-                detail,
-                "NATS is unreachable; HTTP ingest keeps working, NATS ingest resumes on reconnect"
-            )
-        }
-        crate::health::NatsState::Disabled => {}
-    }
 }

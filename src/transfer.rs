@@ -15,10 +15,10 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
+use crate::aggregate::spec::Granularity;
 use crate::event::codec::{to_msgpack, to_wire_json};
 use crate::event::ValidationRules;
 use crate::ingest::{Intake, IntakeLimits};
-use crate::projection::spec::Granularity;
 use crate::projection::ProjectionError;
 use crate::store::{EventStore, LogTotals, Origin, StoreError};
 
@@ -341,7 +341,9 @@ pub async fn verify_projections(
     projections_dir: Option<&Path>,
     totals: &LogTotals,
 ) -> Result<(), TransferError> {
-    for spec in crate::projection::spec::load_specs(projections_dir)? {
+    for spec in
+        crate::aggregate::spec::load_specs(projections_dir).map_err(ProjectionError::from)?
+    {
         for &g in &spec.granularities {
             if spec.retention.contains_key(&g) && g == Granularity::Minute {
                 continue;

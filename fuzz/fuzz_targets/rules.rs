@@ -6,7 +6,7 @@ use std::sync::{Arc, OnceLock};
 
 use tally::alert::quota::QuotaSpec;
 use tally::alert::rule::{RuleFile, RuleSpec};
-use tally::projection::spec::{SpecSource, Spec};
+use tally::aggregate::spec::{SpecSource, Spec};
 
 fn specs() -> &'static [Arc<Spec>] {
     static SPECS: OnceLock<Vec<Arc<Spec>>> = OnceLock::new();

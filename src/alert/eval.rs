@@ -20,18 +20,19 @@ use serde_json::json;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use super::lifecycle::{advance, Life, State, Timing};
+use super::lifecycle::{advance, AlertState, Life, Timing};
+use super::notice::{rfc3339, Notice};
 use super::quota::{self, number, QuotaSpec};
-use super::rule::{Level, Rule, RuleSpec, Window};
-use super::{fingerprint, subject, AlertError};
+use super::rule::{window_range, Level, Rule, RuleSpec, Window};
+use super::{fingerprint, AlertError};
+use crate::aggregate::bucket::bucket_start;
+use crate::aggregate::spec::{Dimension, Granularity};
+use crate::aggregate::Measures;
 use crate::backoff::Backoff;
-use crate::projection::bucket::{bucket_start, day_start, next_bucket};
 use crate::projection::projector::FoldSignal;
-use crate::projection::spec::{Dimension, Granularity};
-use crate::projection::Measures;
-use crate::query::keys::month_start;
 use crate::query::output::Group;
-use crate::query::{plan, Catalog};
+use crate::query::window::{self, Range};
+use crate::query::Catalog;
 use crate::store::alerts::{InstanceRow, InstanceWrite, NewNotification, RuleFailure};
 use crate::store::{Cursor, EventStore};
 
@@ -136,60 +137,11 @@ pub async fn load_rules(
     Ok(out)
 }
 
-/// A half-open time range `[from, to)`.
-pub type Range = (DateTime<Utc>, DateTime<Utc>);
-
-/// `[from, to)` of a rule's window at `now`, and of the window before it.
-pub fn window_range(rule: &Rule, now: DateTime<Utc>) -> (Range, Range) {
-    match rule.window {
-        Window::Rolling {
-            length,
-            granularity,
-        } => {
-            let end = next_bucket(
-                bucket_start(now, granularity, Tz::UTC),
-                granularity,
-                Tz::UTC,
-            );
-            let len = chrono::Duration::from_std(length).unwrap_or_default();
-            ((end - len, end), (end - len - len, end - len))
-        }
-        Window::CalendarDay => {
-            let start = day_start(now.with_timezone(&rule.tz).date_naive(), rule.tz);
-            let end = next_bucket(start, Granularity::Day, rule.tz);
-            let before = bucket_start(
-                start - chrono::Duration::seconds(1),
-                Granularity::Day,
-                rule.tz,
-            );
-            ((start, end), (before, start))
-        }
-        Window::CalendarMonth => {
-            let start = month_start(now, rule.tz);
-            let end = next_bucket(start, Granularity::Month, rule.tz);
-            let before = month_start(start - chrono::Duration::seconds(1), rule.tz);
-            ((start, end), (before, start))
-        }
-    }
-}
-
 /// An instance the evaluator knows: its stored row and version.
 #[derive(Debug, Clone)]
 struct Tracked {
     row: InstanceRow,
     version: Option<i64>,
-}
-
-fn life_of(row: &InstanceRow) -> Life {
-    Life {
-        state: State::parse(&row.state).unwrap_or(State::Inactive),
-        active_since: row.active_since,
-        firing_since: row.firing_since,
-        last_true: row.last_true,
-        last_sent: row.last_sent,
-        resolved_at: row.resolved_at,
-        sequence: row.sequence,
-    }
 }
 
 /// What one evaluation did.
@@ -359,23 +311,22 @@ impl Evaluator {
     async fn read_range(
         &self,
         rule: &Rule,
-        (from, to): Range,
+        range: Range,
         now: DateTime<Utc>,
         sketch: bool,
     ) -> Result<(Values, Range), AlertError> {
-        let mut needed: Vec<Dimension> = rule.group_by.clone();
-        needed.extend(rule.scope.iter().map(|(d, _)| *d));
-        let stats = self.catalog.sizes(self.store.as_ref()).await;
-        let plan = plan::decompose(&self.catalog, &stats, rule.tz, &needed, from, to, now)?;
-        let rows = crate::query::keys::read(
+        let (rows, covered) = window::read_range(
             self.store.as_ref(),
-            &plan,
+            &self.catalog,
+            rule.tz,
             &rule.scope,
             &rule.group_by,
+            range,
+            now,
             sketch,
         )
         .await?;
-        Ok((Arc::new(rows.into_iter().collect()), plan.covered))
+        Ok((Arc::new(rows.into_iter().collect()), covered))
     }
 
     /// One evaluation of every rule at `now`.
@@ -394,10 +345,7 @@ impl Evaluator {
         }
         if let Some(map) = self.instances.as_mut() {
             let forget_before = now - chrono::Duration::hours(1);
-            map.retain(|_, t| {
-                matches!(t.row.state.as_str(), "pending" | "firing")
-                    || t.row.updated_at >= forget_before
-            });
+            map.retain(|_, t| t.row.state.is_active() || t.row.updated_at >= forget_before);
         }
         // Settled window parts may be reused only while this process folds
         // every projection (so it hears of every late event), and not past
@@ -424,9 +372,7 @@ impl Evaluator {
         let mut active: HashMap<String, Vec<String>> = HashMap::new();
         for (fp, t) in self.instances.iter().flatten() {
             // Reconciliation alerts are raised and resolved by that job, not by rules.
-            if matches!(t.row.state.as_str(), "pending" | "firing")
-                && t.row.rule_uid != crate::jobs::RECONCILIATION_UID
-            {
+            if t.row.state.is_active() && t.row.rule_uid != super::reconcile::RECONCILIATION_UID {
                 active
                     .entry(t.row.rule_uid.clone())
                     .or_default()
@@ -583,7 +529,7 @@ impl Evaluator {
         if let Some(map) = self.instances.as_mut() {
             for (mut t, n) in changes {
                 if let Some(n) = &n {
-                    tracing::info!(rule = %n.rule, fingerprint = %n.fingerprint, sequence = n.sequence, state = %n.state, "alert transition");
+                    tracing::info!(rule = %n.rule, fingerprint = %n.fingerprint, sequence = n.sequence, state = n.state.as_str(), "alert transition");
                 }
                 t.version = Some(t.version.map_or(1, |v| v + 1));
                 map.insert(t.row.fingerprint.clone(), t);
@@ -644,7 +590,7 @@ impl Evaluator {
     ) -> Option<(Tracked, Option<NewNotification>)> {
         let known = self.instances.as_ref().and_then(|i| i.get(fp));
         let (mut life, version) = match known {
-            Some(t) => (life_of(&t.row), t.version),
+            Some(t) => (Life::of(&t.row), t.version),
             None if !input.holds => return None,
             None => (Life::default(), None),
         };
@@ -664,7 +610,7 @@ impl Evaluator {
             level: input.level.id.clone(),
             group: input.group.to_string(),
             severity: input.level.severity.as_str().to_string(),
-            state: life.state.as_str().to_string(),
+            state: life.state,
             value: input.value,
             threshold: Some(input.threshold),
             active_since: life.active_since,
@@ -685,45 +631,22 @@ impl Evaluator {
     /// Resolves (or drops, if only pending) an instance whose rule or level no longer exists.
     fn retire(&self, fp: &str, now: DateTime<Utc>) -> Option<(Tracked, Option<NewNotification>)> {
         let t = self.instances.as_ref()?.get(fp)?;
-        let mut life = life_of(&t.row);
+        let mut life = Life::of(&t.row);
         let change = advance(&mut life, &Timing::default(), false, now);
         if !change.dirty {
             return None;
         }
         let mut row = t.row.clone();
-        row.state = life.state.as_str().to_string();
+        row.state = life.state;
         row.active_since = life.active_since;
         row.resolved_at = life.resolved_at;
         row.last_sent = life.last_sent;
         row.sequence = life.sequence;
         row.updated_at = now;
         let note = change.notify.map(|state| {
-            let payload = json!({
-                "alert_id": row.fingerprint,
-                "rule": row.rule,
-                "state": state.as_str(),
-                "severity": row.severity,
-                "group": serde_json::from_str::<serde_json::Value>(&row.group).unwrap_or(json!({})),
-                "labels": {},
-                "measure": null,
-                "value": row.value,
-                "threshold": row.threshold,
-                "window": null,
-                "started_at": rfc(row.active_since.or(row.firing_since)),
-                "resolved_at": rfc(row.resolved_at),
-                "sequence": row.sequence,
-                "reason": "rule_removed",
-            });
-            NewNotification {
-                fingerprint: row.fingerprint.clone(),
-                sequence: row.sequence,
-                rule: row.rule.clone(),
-                state: state.as_str().to_string(),
-                severity: row.severity.clone(),
-                subject: subject(&self.prefix, &row.severity, &row.rule),
-                payload: payload.to_string(),
-                created_at: now,
-            }
+            Notice::of(&row, state)
+                .with("reason", json!("rule_removed"))
+                .into_outbox(&self.prefix, now)
         });
         Some((
             Tracked {
@@ -738,42 +661,25 @@ impl Evaluator {
         &self,
         row: &InstanceRow,
         input: &Input<'_>,
-        state: State,
+        state: AlertState,
         now: DateTime<Utc>,
     ) -> NewNotification {
         let rule = input.rule;
-        let value = match input.value {
+        let mut notice = Notice::of(row, state);
+        notice.labels = json!(rule.labels);
+        notice.measure = Some(rule.measure.as_str().to_string());
+        notice.value = match input.value {
             Some(v) => quota::amount(rule.measure, input.m, v),
             None => serde_json::Value::Null,
         };
-        let payload = json!({
-            "alert_id": row.fingerprint,
-            "rule": rule.name,
-            "state": state.as_str(),
-            "severity": row.severity,
-            "group": serde_json::from_str::<serde_json::Value>(&row.group).unwrap_or(json!({})),
-            "labels": rule.labels,
-            "measure": rule.measure.as_str(),
-            "value": value,
-            "threshold": number(input.threshold),
-            "window": rule.window.describe(),
-            "started_at": rfc(row.active_since),
-            "resolved_at": rfc(row.resolved_at.filter(|_| state == State::Resolved)),
-            "sequence": row.sequence,
-            "level": input.level.id.parse::<f64>().ok(),
-            "limit": rule.spec.limit,
-            "evaluated_at": rfc(Some(now)),
-        });
-        NewNotification {
-            fingerprint: row.fingerprint.clone(),
-            sequence: row.sequence,
-            rule: rule.name.clone(),
-            state: state.as_str().to_string(),
-            severity: row.severity.clone(),
-            subject: subject(&self.prefix, &row.severity, &rule.name),
-            payload: payload.to_string(),
-            created_at: now,
-        }
+        notice.threshold = number(input.threshold);
+        notice.window = Some(rule.window.describe());
+        notice.started_at = row.active_since;
+        notice
+            .with("level", json!(input.level.id.parse::<f64>().ok()))
+            .with("limit", json!(rule.spec.limit))
+            .with("evaluated_at", json!(rfc3339(now)))
+            .into_outbox(&self.prefix, now)
     }
 
     /// Runs until `shutdown`: holds the evaluator lease (or waits for it) and
@@ -926,19 +832,12 @@ fn group_json(g: &Group) -> String {
     serde_json::Value::Object(map).to_string()
 }
 
-fn rfc(t: Option<DateTime<Utc>>) -> serde_json::Value {
-    match t {
-        Some(t) => json!(t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)),
-        None => serde_json::Value::Null,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn rule(json: &str) -> Rule {
-        let spec = crate::projection::spec::Spec::parse(
+        let spec = crate::aggregate::spec::Spec::parse(
             "name = \"m\"\ndimensions = [\"api\", \"key\", \"model\"]\ngranularities = [\"minute\", \"hour\"]\ntimezone = \"UTC\"",
             None,
         )

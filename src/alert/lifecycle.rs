@@ -16,41 +16,8 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 
-/// Where an instance is in its lifecycle.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum State {
-    /// The condition does not hold (or never did).
-    Inactive,
-    /// The condition holds, not yet for `for`.
-    Pending,
-    /// Notified as firing.
-    Firing,
-    /// Was firing, notified as resolved.
-    Resolved,
-}
-
-impl State {
-    /// Stored and wire name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            State::Inactive => "inactive",
-            State::Pending => "pending",
-            State::Firing => "firing",
-            State::Resolved => "resolved",
-        }
-    }
-
-    /// Parses the stored name.
-    pub fn parse(s: &str) -> Option<Self> {
-        match s {
-            "inactive" => Some(State::Inactive),
-            "pending" => Some(State::Pending),
-            "firing" => Some(State::Firing),
-            "resolved" => Some(State::Resolved),
-            _ => None,
-        }
-    }
-}
+pub use crate::store::alerts::AlertState;
+use crate::store::alerts::InstanceRow;
 
 /// The timing settings of a rule.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -67,7 +34,7 @@ pub struct Timing {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Life {
     /// Current state.
-    pub state: State,
+    pub state: AlertState,
     /// When the condition started holding (pending or firing); the alert's `started_at`.
     pub active_since: Option<DateTime<Utc>>,
     /// When it started firing.
@@ -82,10 +49,25 @@ pub struct Life {
     pub sequence: i64,
 }
 
+impl Life {
+    /// The lifecycle fields of a stored instance.
+    pub fn of(row: &InstanceRow) -> Self {
+        Self {
+            state: row.state,
+            active_since: row.active_since,
+            firing_since: row.firing_since,
+            last_true: row.last_true,
+            last_sent: row.last_sent,
+            resolved_at: row.resolved_at,
+            sequence: row.sequence,
+        }
+    }
+}
+
 impl Default for Life {
     fn default() -> Self {
         Self {
-            state: State::Inactive,
+            state: AlertState::Inactive,
             active_since: None,
             firing_since: None,
             last_true: None,
@@ -102,7 +84,7 @@ pub struct Change {
     /// The persisted fields changed (the instance must be written).
     pub dirty: bool,
     /// A notification to send, with `life.sequence` as its number.
-    pub notify: Option<State>,
+    pub notify: Option<AlertState>,
 }
 
 fn elapsed(since: Option<DateTime<Utc>>, now: DateTime<Utc>) -> Duration {
@@ -118,29 +100,29 @@ pub fn advance(life: &mut Life, timing: &Timing, holds: bool, now: DateTime<Utc>
         notify: None,
     };
     let fire = |life: &mut Life| {
-        life.state = State::Firing;
+        life.state = AlertState::Firing;
         life.firing_since = Some(now);
         life.last_sent = Some(now);
         life.resolved_at = None;
         life.sequence += 1;
         Change {
             dirty: true,
-            notify: Some(State::Firing),
+            notify: Some(AlertState::Firing),
         }
     };
     match (life.state, holds) {
-        (State::Inactive | State::Resolved, false) => quiet(false),
-        (State::Inactive | State::Resolved, true) => {
+        (AlertState::Inactive | AlertState::Resolved, false) => quiet(false),
+        (AlertState::Inactive | AlertState::Resolved, true) => {
             life.active_since = Some(now);
             life.last_true = Some(now);
             if timing.for_.is_zero() {
                 fire(life)
             } else {
-                life.state = State::Pending;
+                life.state = AlertState::Pending;
                 quiet(true)
             }
         }
-        (State::Pending, true) => {
+        (AlertState::Pending, true) => {
             life.last_true = Some(now);
             if elapsed(life.active_since, now) >= timing.for_ {
                 fire(life)
@@ -149,12 +131,12 @@ pub fn advance(life: &mut Life, timing: &Timing, holds: bool, now: DateTime<Utc>
                 quiet(false)
             }
         }
-        (State::Pending, false) => {
-            life.state = State::Inactive;
+        (AlertState::Pending, false) => {
+            life.state = AlertState::Inactive;
             life.active_since = None;
             quiet(true)
         }
-        (State::Firing, true) => {
+        (AlertState::Firing, true) => {
             life.last_true = Some(now);
             if let Some(every) = timing.repeat_every {
                 if elapsed(life.last_sent, now) >= every {
@@ -162,22 +144,22 @@ pub fn advance(life: &mut Life, timing: &Timing, holds: bool, now: DateTime<Utc>
                     life.sequence += 1;
                     return Change {
                         dirty: true,
-                        notify: Some(State::Firing),
+                        notify: Some(AlertState::Firing),
                     };
                 }
             }
             // Persisted only when a restart needs it to time keep_firing_for.
             quiet(!timing.keep_firing_for.is_zero())
         }
-        (State::Firing, false) => {
+        (AlertState::Firing, false) => {
             if elapsed(life.last_true, now) >= timing.keep_firing_for {
-                life.state = State::Resolved;
+                life.state = AlertState::Resolved;
                 life.resolved_at = Some(now);
                 life.last_sent = Some(now);
                 life.sequence += 1;
                 Change {
                     dirty: true,
-                    notify: Some(State::Resolved),
+                    notify: Some(AlertState::Resolved),
                 }
             } else {
                 quiet(false)
@@ -198,7 +180,7 @@ mod tests {
     }
 
     /// Runs a sequence of (second, holds) and returns the notifications sent.
-    fn run(timing: Timing, steps: &[(i64, bool)]) -> Vec<(i64, State, i64)> {
+    fn run(timing: Timing, steps: &[(i64, bool)]) -> Vec<(i64, AlertState, i64)> {
         let mut life = Life::default();
         let mut sent = Vec::new();
         for &(s, holds) in steps {
@@ -222,7 +204,10 @@ mod tests {
                 (5, false),
             ],
         );
-        assert_eq!(sent, vec![(1, State::Firing, 1), (4, State::Resolved, 2)]);
+        assert_eq!(
+            sent,
+            vec![(1, AlertState::Firing, 1), (4, AlertState::Resolved, 2)]
+        );
     }
 
     #[test]
@@ -233,7 +218,10 @@ mod tests {
         };
         assert!(run(timing, &[(0, true), (5, true), (9, false), (12, false)]).is_empty());
         let sent = run(timing, &[(0, true), (5, true), (10, true), (11, false)]);
-        assert_eq!(sent, vec![(10, State::Firing, 1), (11, State::Resolved, 2)]);
+        assert_eq!(
+            sent,
+            vec![(10, AlertState::Firing, 1), (11, AlertState::Resolved, 2)]
+        );
     }
 
     #[test]
@@ -247,7 +235,10 @@ mod tests {
             .chain([(200, false)])
             .collect();
         let sent = run(timing, &steps);
-        assert_eq!(sent, vec![(0, State::Firing, 1), (200, State::Resolved, 2)]);
+        assert_eq!(
+            sent,
+            vec![(0, AlertState::Firing, 1), (200, AlertState::Resolved, 2)]
+        );
     }
 
     #[test]
@@ -270,10 +261,10 @@ mod tests {
         assert_eq!(
             sent,
             vec![
-                (0, State::Firing, 1),
-                (60, State::Firing, 2),
-                (120, State::Firing, 3),
-                (121, State::Resolved, 4)
+                (0, AlertState::Firing, 1),
+                (60, AlertState::Firing, 2),
+                (120, AlertState::Firing, 3),
+                (121, AlertState::Resolved, 4)
             ]
         );
     }

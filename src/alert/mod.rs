@@ -17,9 +17,10 @@
 //! duplicate window, which is longer than any relay retry loop).
 
 pub mod eval;
-pub mod http;
 pub mod lifecycle;
+pub mod notice;
 pub mod quota;
+pub mod reconcile;
 pub mod relay;
 pub mod rule;
 
@@ -84,7 +85,7 @@ pub struct ApplyReport {
 /// Applying the same file twice changes nothing and adds no audit entries.
 pub async fn apply_file(
     store: &dyn crate::store::EventStore,
-    specs: &[std::sync::Arc<crate::projection::spec::Spec>],
+    specs: &[std::sync::Arc<crate::aggregate::spec::Spec>],
     text: &str,
     actor: &str,
     prune: bool,
@@ -100,7 +101,7 @@ pub async fn apply_file(
                 r.name
             )));
         }
-        if r.name == quota::QUOTA_RULE || r.name == crate::jobs::RECONCILIATION_RULE {
+        if r.name == quota::QUOTA_RULE || r.name == reconcile::RECONCILIATION_RULE {
             return Err(AlertError::Invalid(format!(
                 "rules file: `{}` is reserved for Tally's own alerts",
                 r.name

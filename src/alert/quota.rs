@@ -13,11 +13,10 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use super::rule::{Measure, Op, Rule, RuleSpec, ScopeValue, Severity};
+use super::rule::{window_range, Measure, Op, Rule, RuleSpec, ScopeValue, Severity};
 use super::AlertError;
-use crate::projection::bucket::bucket_start;
-use crate::projection::spec::{Dimension, Granularity, Spec};
-use crate::projection::Measures;
+use crate::aggregate::spec::{Dimension, Granularity, Spec};
+use crate::aggregate::Measures;
 use crate::query::output::rfc3339_opt;
 use crate::query::Catalog;
 use crate::store::{AggQuery, EventStore};
@@ -217,18 +216,21 @@ pub fn number(v: f64) -> serde_json::Value {
     }
 }
 
-/// Usage of `quota` at `now`, from the minute table.
+/// Usage of `quota` at `now`. `used` is read exactly as the evaluator reads
+/// the quota's rule (same window, same reader: [`crate::query::window`]), so
+/// the route and the alert cannot disagree; the minute buckets are read only
+/// to say when the oldest usage leaves the window.
 pub async fn status(
     store: &dyn EventStore,
+    catalog: &Catalog,
     quota: &Quota,
     now: DateTime<Utc>,
 ) -> Result<QuotaStatus, AlertError> {
-    let minute = chrono::Duration::minutes(1);
-    let end = bucket_start(now, Granularity::Minute, chrono_tz::UTC) + minute;
-    let window = chrono::Duration::from_std(quota.window).unwrap_or(minute);
-    let start = end - window;
+    let rule = quota.rule("", &catalog.specs)?;
+    let ((start, end), _) = window_range(&rule, now);
+    let window = end - start;
     let filters = [(Dimension::Key, vec![quota.key.clone()])];
-    let q = AggQuery {
+    let buckets = AggQuery {
         spec: &quota.minute,
         granularity: Granularity::Minute,
         from: start,
@@ -240,20 +242,35 @@ pub async fn status(
         max_rows: crate::query::MAX_ROWS,
         top: None,
     };
-    let (answer, states) = tokio::join!(store.query_agg(&q), store.projection_states());
-    let answer = answer.map_err(crate::query::QueryError::from)?;
+    let (read, buckets, states) = tokio::join!(
+        crate::query::window::read_range(
+            store,
+            catalog,
+            rule.tz,
+            &rule.scope,
+            &rule.group_by,
+            (start, end),
+            now,
+            false,
+        ),
+        store.query_agg(&buckets),
+        store.projection_states()
+    );
+    let mut total = Measures::default();
+    for (_, m) in &read?.0 {
+        total.merge(m);
+    }
+    let buckets = buckets.map_err(crate::query::QueryError::from)?;
     let as_of = states
         .ok()
         .and_then(|s| s.into_iter().find(|s| s.name == quota.minute.name))
         .and_then(|s| s.as_of);
-    let mut total = Measures::default();
-    let mut oldest: Option<DateTime<Utc>> = None;
-    for row in &answer.rows {
-        if quota.spec.measure.value(&row.measures).unwrap_or(0.0) > 0.0 {
-            oldest = Some(oldest.map_or(row.bucket, |o: DateTime<Utc>| o.min(row.bucket)));
-        }
-        total.merge(&row.measures);
-    }
+    let oldest = buckets
+        .rows
+        .iter()
+        .filter(|row| quota.spec.measure.value(&row.measures).unwrap_or(0.0) > 0.0)
+        .map(|row| row.bucket)
+        .min();
     let used = quota.spec.measure.value(&total).unwrap_or(0.0);
     let remaining = (quota.limit - used).max(0.0);
     let remaining = if quota.spec.measure == Measure::Cost {

@@ -84,7 +84,7 @@ pub async fn publish_some(
     for ((id, ack), row) in pending.into_iter().zip(&rows) {
         match ack.await {
             Ok(a) => {
-                crate::metrics::ALERTS_SENT.add(&[&row.n.severity, &row.n.state], 1);
+                crate::metrics::ALERTS_SENT.add(&[&row.n.severity, row.n.state.as_str()], 1);
                 if a.duplicate {
                     tracing::debug!(
                         id,

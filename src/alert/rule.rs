@@ -8,12 +8,15 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
 use chrono_tz::Tz;
 use serde::{Deserialize, Serialize};
 
 use super::AlertError;
-use crate::projection::spec::{Dimension, Granularity, Spec};
-use crate::projection::Measures;
+use crate::aggregate::bucket::{bucket_start, day_start, month_start, next_bucket};
+use crate::aggregate::spec::{Dimension, Granularity, Spec};
+use crate::aggregate::Measures;
+use crate::query::window::Range;
 
 /// Longest rolling window.
 pub const MAX_WINDOW: Duration = Duration::from_secs(31 * 86_400);
@@ -650,6 +653,40 @@ pub struct RuleFile {
     /// The rules.
     #[serde(default)]
     pub rule: Vec<RuleSpec>,
+}
+
+/// `[from, to)` of a rule's window at `now`, and of the window before it.
+pub fn window_range(rule: &Rule, now: DateTime<Utc>) -> (Range, Range) {
+    match rule.window {
+        Window::Rolling {
+            length,
+            granularity,
+        } => {
+            let end = next_bucket(
+                bucket_start(now, granularity, Tz::UTC),
+                granularity,
+                Tz::UTC,
+            );
+            let len = chrono::Duration::from_std(length).unwrap_or_default();
+            ((end - len, end), (end - len - len, end - len))
+        }
+        Window::CalendarDay => {
+            let start = day_start(now.with_timezone(&rule.tz).date_naive(), rule.tz);
+            let end = next_bucket(start, Granularity::Day, rule.tz);
+            let before = bucket_start(
+                start - chrono::Duration::seconds(1),
+                Granularity::Day,
+                rule.tz,
+            );
+            ((start, end), (before, start))
+        }
+        Window::CalendarMonth => {
+            let start = month_start(now, rule.tz);
+            let end = next_bucket(start, Granularity::Month, rule.tz);
+            let before = month_start(start - chrono::Duration::seconds(1), rule.tz);
+            ((start, end), (before, start))
+        }
+    }
 }
 
 #[cfg(test)]

@@ -18,8 +18,8 @@ use super::{
     nats_with_usage_stream, num_cpus, peak_rss_mib, spawn_tally_with, stop, tempfile_dir,
     wait_drained, BenchError,
 };
+use crate::aggregate::spec::load_dir;
 use crate::alert::rule::RuleSpec;
-use crate::projection::spec::load_dir;
 use crate::store::alerts::WriteMode;
 use crate::store::{Backend, StoreOptions};
 use crate::synth::SynthConfig;

@@ -28,7 +28,7 @@ use crate::synth::{self, SynthConfig};
 /// shared read), until every checkpoint has nothing after it.
 async fn fold_backlog(
     store: &Arc<dyn EventStore>,
-    specs: &[crate::projection::Spec],
+    specs: &[crate::aggregate::Spec],
 ) -> Result<FoldStats, BenchError> {
     use crate::projection::{Projector, ProjectorConfig};
     let check = |e: crate::projection::ProjectionError| BenchError::Check(e.to_string());

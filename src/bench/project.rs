@@ -9,9 +9,9 @@ use super::{
     append_synthetic, fold_backlog, nats_with_usage_stream, num_cpus, peak_rss_mib,
     spawn_tally_with, stop, tempfile_dir, wait_drained, BenchError,
 };
+use crate::aggregate::spec::{load_dir, Granularity};
 use crate::devserver::TempPostgres;
 use crate::projection::projector::MAX_DELTA_ROWS;
-use crate::projection::spec::{load_dir, Granularity};
 use crate::store::{Backend, EventStore, StoreOptions};
 use crate::synth::SynthConfig;
 
@@ -163,7 +163,7 @@ pub async fn project(params: &ProjectBench) -> Result<ProjectResult, BenchError>
 /// [`MAX_DELTA_ROWS`]: crate::projection::projector::MAX_DELTA_ROWS
 async fn read_log_through(
     store: &dyn EventStore,
-    specs: Option<&[crate::projection::Spec]>,
+    specs: Option<&[crate::aggregate::Spec]>,
 ) -> Result<std::time::Duration, BenchError> {
     use crate::projection::fold::Fold;
     let started = Instant::now();
@@ -199,7 +199,7 @@ async fn read_log_through(
 /// Every table of every projection sums to the number of events.
 async fn check_totals(
     store: &dyn EventStore,
-    specs: &[crate::projection::Spec],
+    specs: &[crate::aggregate::Spec],
     events: usize,
 ) -> Result<(), BenchError> {
     for spec in specs {

@@ -15,9 +15,9 @@ use sqlx::postgres::PgPoolCopyExt;
 use sqlx::{PgPool, Row};
 
 use super::{copy_text, fold_backlog, num_cpus, tempfile_dir, BenchError};
+use crate::aggregate::sketch::RELATIVE_ERROR;
+use crate::aggregate::spec::load_dir;
 use crate::devserver::TempPostgres;
-use crate::projection::sketch::RELATIVE_ERROR;
-use crate::projection::spec::load_dir;
 use crate::store::postgres::PgStore;
 use crate::store::{EventStore, StoreOptions, EVENT_COLUMNS};
 use crate::synth::{self, SynthConfig};

@@ -289,11 +289,10 @@ pub(super) async fn jobs(db: &DatabaseConfig, which: JobsCommand) -> anyhow::Res
                 format!("unknown job `{job}`: use retention, reconciliation or optimize")
             })?;
             jobs::validate(&cfg, late_arrival_horizon)?;
-            let specs =
-                crate::projection::spec::load_specs(projections.projections_dir.as_deref())?
-                    .into_iter()
-                    .map(std::sync::Arc::new)
-                    .collect();
+            let specs = crate::aggregate::spec::load_specs(projections.projections_dir.as_deref())?
+                .into_iter()
+                .map(std::sync::Arc::new)
+                .collect();
             let ctx = JobContext {
                 store: store.clone(),
                 specs,

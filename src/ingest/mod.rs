@@ -6,7 +6,6 @@
 //! reports success (HTTP 200, NATS ack) only after it returns `Ok`, i.e. after
 //! the commit: an answered event is never lost, and a retried one is a duplicate.
 
-pub mod http;
 pub mod nats;
 
 use std::sync::Arc;
@@ -262,11 +261,18 @@ impl Intake {
             .append_isolating(&prepared.events, &prepared.rejects, origin)
             .await?;
         if let Some(e) = prepared.body_error.take() {
-            crate::telemetry::body_rejected(origin.source, &e);
+            tracing::info!(source = origin.source, error = %e, "body rejected");
             return Err(e.into());
         }
         let report = prepared.report(&outcomes);
-        crate::telemetry::batch_ingested(origin.source, &report);
+        tracing::debug!(
+            source = origin.source,
+            accepted = report.accepted,
+            duplicates = report.duplicates,
+            conflicts = report.conflicts,
+            rejected = report.rejected.len(),
+            "batch committed"
+        );
         Ok(report)
     }
 }

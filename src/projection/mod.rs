@@ -11,39 +11,22 @@
 //! only keeps two instances from doing the same work.
 //! [`rebuild`] folds the whole log into shadow tables and swaps them in.
 
-pub mod bucket;
 pub mod fold;
 pub mod projector;
 pub mod rebuild;
-pub mod sketch;
-pub mod spec;
 pub mod status;
 
-pub use fold::Measures;
 pub use projector::{Failpoints, Projector, ProjectorConfig};
-pub use spec::{Dimension, Granularity, Spec};
 
+use crate::aggregate::SpecError;
 use crate::store::StoreError;
 
 /// Errors of the projection stage.
 #[derive(Debug, thiserror::Error)]
 pub enum ProjectionError {
-    /// A spec file is malformed or inconsistent.
-    #[error("projection spec {file}: {reason}")]
-    InvalidSpec {
-        /// The file.
-        file: String,
-        /// What is wrong and what is allowed.
-        reason: String,
-    },
-    /// The specs directory cannot be read.
-    #[error("cannot read projection specs from `{dir}`: {reason} (set --projections-dir / TALLY_PROJECTIONS_DIR)")]
-    SpecDir {
-        /// The directory.
-        dir: String,
-        /// The OS error.
-        reason: String,
-    },
+    /// A spec file is malformed, inconsistent or cannot be read.
+    #[error(transparent)]
+    Spec(#[from] SpecError),
     /// A checkpoint lies beyond the positions new events will get.
     #[error("{0}. Stop every Tally on this database and run `tally projections repair-positions`, then start again")]
     LogPosition(String),
@@ -72,10 +55,4 @@ pub enum ProjectionError {
     /// A log read task panicked or was cancelled (a bug, or the runtime shutting down).
     #[error("log read task failed: {0}")]
     ReadTask(String),
-}
-
-/// Test hook: stops the process the way `kill -9` would, at a named point.
-pub(crate) fn failpoint_abort(point: &str) -> ! {
-    eprintln!("failpoint {point}: aborting");
-    std::process::abort()
 }

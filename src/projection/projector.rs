@@ -27,10 +27,11 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use tokio_util::sync::CancellationToken;
 
-use super::fold::{Delta, Fold};
-use super::sketch::Bin;
-use super::spec::Spec;
+use super::fold::Fold;
 use super::ProjectionError;
+use crate::aggregate::measures::Delta;
+use crate::aggregate::sketch::Bin;
+use crate::aggregate::spec::Spec;
 use crate::backoff::Backoff;
 use crate::store::{Apply, ApplyOutcome, Cursor, EventStore, LogBatch, Watermark};
 
@@ -385,7 +386,7 @@ impl Group {
                 to: prepared.to[k],
                 as_of: member_as_of,
                 delta: &prepared.deltas[k],
-                crash_before_commit: crash,
+                before_commit: crash.then_some(crash_before_commit as fn()),
             })
             .collect();
         let store = self.store.clone();
@@ -410,7 +411,7 @@ impl Group {
         match outcome? {
             ApplyOutcome::Applied => {
                 if Failpoints::fires(self.failpoints.after_commit) {
-                    super::failpoint_abort("projector.after_commit");
+                    failpoint_abort("projector.after_commit");
                 }
                 for (k, &i) in prepared.leading.iter().enumerate() {
                     self.members[i].cursor = prepared.to[k];
@@ -899,4 +900,14 @@ async fn run_one(
         },
     };
     projector.run(config, owner, shutdown).await;
+}
+
+/// Test hook: stops the process the way `kill -9` would, at a named point.
+fn failpoint_abort(point: &str) -> ! {
+    eprintln!("failpoint {point}: aborting");
+    std::process::abort()
+}
+
+fn crash_before_commit() {
+    failpoint_abort("projector.before_commit")
 }

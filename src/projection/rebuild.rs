@@ -10,8 +10,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::projector::Projector;
-use super::spec::Spec;
 use super::ProjectionError;
+use crate::aggregate::spec::Spec;
 use crate::store::{Cursor, EventStore};
 
 /// Shadow tables' suffix.

@@ -5,8 +5,8 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 
 use super::rebuild::shadow_state;
-use super::spec::Spec;
 use super::ProjectionError;
+use crate::aggregate::spec::Spec;
 use crate::store::{EventStore, ProjectionState};
 
 /// One projection as an operator sees it.

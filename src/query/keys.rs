@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 
-use chrono::{DateTime, Datelike, Duration, NaiveDate, Utc};
+use chrono::{DateTime, Duration, Utc};
 use chrono_tz::Tz;
 use futures::future::try_join_all;
 use serde::Serialize;
@@ -13,11 +13,12 @@ use super::output::{rfc3339, rfc3339_opt, Covered, Group, MeasuresOut};
 use super::params::{range, OrderBy, Params};
 use super::plan::{decompose, Decomposition, Segment};
 use super::stats::rank;
-use super::{Catalog, QueryError, MAX_ROWS};
-use crate::projection::bucket::day_start;
-use crate::projection::spec::Dimension;
-use crate::projection::Measures;
-use crate::store::{AggQuery, EventStore, Top};
+use super::window::{read, segment_query};
+use super::{Catalog, QueryError};
+use crate::aggregate::bucket::{day_start, month_start};
+use crate::aggregate::spec::Dimension;
+use crate::aggregate::Measures;
+use crate::store::{EventStore, Top};
 
 /// The parameters `/v1/keys` accepts.
 pub const KEYS_PARAMETERS: &str = "from, to, tz, order_by (cost|requests|tokens|errors|…), limit, offset, and the filters api, endpoint, method, user, model, status, error_type, cached";
@@ -173,58 +174,6 @@ pub async fn range_totals(
     })
 }
 
-/// The read of one segment's table range.
-fn segment_query<'a>(
-    seg: &'a Segment,
-    filters: &'a [(Dimension, Vec<String>)],
-    group_by: &'a [Dimension],
-    rows: bool,
-    top: Option<Top>,
-) -> AggQuery<'a> {
-    AggQuery {
-        spec: &seg.spec,
-        granularity: seg.granularity,
-        from: seg.from,
-        to: seg.to,
-        filters,
-        group_by,
-        rows,
-        by_bucket: false,
-        max_rows: MAX_ROWS,
-        top,
-    }
-}
-
-/// Reads every segment (concurrently) and sums per group; `rows` reads the
-/// stored rows with sketches, otherwise the database sums integers only.
-pub(crate) async fn read(
-    store: &dyn EventStore,
-    plan: &Decomposition,
-    filters: &[(Dimension, Vec<String>)],
-    group_by: &[Dimension],
-    rows: bool,
-) -> Result<Vec<(Group, Measures)>, QueryError> {
-    let reads = plan.segments.iter().map(|seg| {
-        let q = segment_query(seg, filters, group_by, rows, None);
-        async move { store.query_agg(&q).await.map(|a| a.rows) }
-    });
-    let mut merged: HashMap<Group, Measures> = HashMap::new();
-    for rows in try_join_all(reads).await? {
-        for row in rows {
-            let g = Group(group_by.iter().copied().zip(row.dims).collect());
-            match merged.entry(g) {
-                std::collections::hash_map::Entry::Vacant(v) => {
-                    v.insert(row.measures);
-                }
-                std::collections::hash_map::Entry::Occupied(mut o) => {
-                    o.get_mut().merge(&row.measures)
-                }
-            }
-        }
-    }
-    Ok(merged.into_iter().collect())
-}
-
 /// A parsed `/v1/keys` request.
 #[derive(Debug, Clone)]
 pub struct KeysRequest {
@@ -238,13 +187,6 @@ pub struct KeysRequest {
     pub page: Page,
     /// Filters on other dimensions.
     pub filters: Vec<(Dimension, Vec<String>)>,
-}
-
-/// The first instant of the month of `t` in `tz`.
-pub fn month_start(t: DateTime<Utc>, tz: Tz) -> DateTime<Utc> {
-    let local = t.with_timezone(&tz).date_naive();
-    let first = NaiveDate::from_ymd_opt(local.year(), local.month(), 1).unwrap_or(local);
-    day_start(first, tz)
 }
 
 impl KeysRequest {

@@ -13,21 +13,19 @@
 //! the key views decompose a range into months, days, hours and (from the
 //! minute projection) minutes, so they are exact to the minute.
 
-pub mod http;
 pub mod keys;
 pub mod output;
 pub mod params;
 pub mod plan;
 pub mod render;
 pub mod stats;
+pub mod window;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use axum::http::StatusCode;
-
-use crate::projection::spec::Spec;
+use crate::aggregate::spec::Spec;
 use crate::store::{EventStore, StoreError};
 
 /// Most points (buckets × groups) one answer may hold.
@@ -64,16 +62,6 @@ impl QueryError {
         QueryError::BadRequest {
             code,
             message: message.into(),
-        }
-    }
-
-    /// HTTP status and stable code.
-    pub fn status(&self) -> (StatusCode, &'static str) {
-        match self {
-            QueryError::BadRequest { code, .. } => (StatusCode::BAD_REQUEST, code),
-            QueryError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
-            QueryError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
-            QueryError::Store(_) => (StatusCode::SERVICE_UNAVAILABLE, "database_error"),
         }
     }
 }

@@ -4,9 +4,9 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use serde::ser::SerializeMap;
 use serde::{Serialize, Serializer};
 
+use crate::aggregate::spec::Dimension;
+use crate::aggregate::Measures;
 use crate::event::cost::format_nanos;
-use crate::projection::spec::Dimension;
-use crate::projection::Measures;
 
 /// Dimension values of a group, serialized as an object in group_by order.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]

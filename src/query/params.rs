@@ -5,8 +5,8 @@ use chrono::{DateTime, Duration, Utc};
 use chrono_tz::Tz;
 
 use super::QueryError;
-use crate::projection::spec::{Dimension, Granularity};
-use crate::projection::Measures;
+use crate::aggregate::spec::{Dimension, Granularity};
+use crate::aggregate::Measures;
 
 /// A measure groups can be ranked by (descending; ties by group values).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -9,8 +9,8 @@ use chrono::{DateTime, Utc};
 use chrono_tz::Tz;
 
 use super::{Catalog, QueryError, TableStats};
-use crate::projection::bucket::{bucket_start, next_bucket};
-use crate::projection::spec::{Dimension, Granularity, Spec};
+use crate::aggregate::bucket::{bucket_start, next_bucket};
+use crate::aggregate::spec::{Dimension, Granularity, Spec};
 
 /// True when `spec` can answer at granularity `g` in `tz` over `needed`.
 /// Minute buckets are the same instants in every zone, so any spec serves them.

@@ -118,7 +118,7 @@ fn group_labels(answer: &Value) -> Vec<(&'static str, String)> {
         .map(|dims| {
             dims.iter()
                 .filter_map(|d| d.as_str())
-                .filter_map(crate::projection::spec::Dimension::parse)
+                .filter_map(crate::aggregate::spec::Dimension::parse)
                 .map(|d| (d.as_str(), format!("/group/{}", d.as_str())))
                 .collect()
         })

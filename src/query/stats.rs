@@ -10,9 +10,9 @@ use super::output::{rfc3339, rfc3339_opt, Covered, Group, MeasuresOut, Point, To
 use super::params::{parse_granularity, range, OrderBy, Params};
 use super::plan::{buckets, choose};
 use super::{Catalog, QueryError, MAX_POINTS, MAX_ROWS};
-use crate::projection::bucket::next_bucket;
-use crate::projection::spec::{Dimension, Granularity};
-use crate::projection::Measures;
+use crate::aggregate::bucket::next_bucket;
+use crate::aggregate::spec::{Dimension, Granularity};
+use crate::aggregate::Measures;
 use crate::store::{AggQuery, AggRow, EventStore, Top};
 
 /// The parameters `/v1/stats` accepts (for messages).

@@ -8,10 +8,10 @@
 use chrono::{DateTime, Utc};
 
 use super::Backend;
+use crate::aggregate::measures::{Delta, Measures};
+use crate::aggregate::sketch::Sketch;
+use crate::aggregate::spec::{table_name, Dimension, Granularity, Spec};
 use crate::event::Event;
-use crate::projection::fold::{Delta, Measures};
-use crate::projection::sketch::Sketch;
-use crate::projection::spec::{table_name, Dimension, Granularity, Spec};
 
 /// A position in the event log, in commit-safe order.
 ///
@@ -97,8 +97,9 @@ pub struct Apply<'a> {
     pub as_of: Option<DateTime<Utc>>,
     /// The rows to add.
     pub delta: &'a Delta,
-    /// Test hook: abort the process after writing, before commit.
-    pub crash_before_commit: bool,
+    /// Called after the rows are written, before the commit (the projector's
+    /// crash test hook); the store knows nothing of what it does.
+    pub before_commit: Option<fn()>,
 }
 
 /// Whether an [`Apply`] landed.

@@ -89,6 +89,48 @@ pub struct QuotaRow {
     pub updated_by: String,
 }
 
+/// Where an alert instance is in its lifecycle (`alert::lifecycle` moves it;
+/// the store keeps it by these names).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum AlertState {
+    /// The condition does not hold (or never did).
+    Inactive,
+    /// The condition holds, not yet for `for`.
+    Pending,
+    /// Notified as firing.
+    Firing,
+    /// Was firing, notified as resolved.
+    Resolved,
+}
+
+impl AlertState {
+    /// Stored and wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AlertState::Inactive => "inactive",
+            AlertState::Pending => "pending",
+            AlertState::Firing => "firing",
+            AlertState::Resolved => "resolved",
+        }
+    }
+
+    /// Pending or firing: the instance is watched even when its group has no data.
+    pub fn is_active(self) -> bool {
+        matches!(self, AlertState::Pending | AlertState::Firing)
+    }
+
+    /// Parses the stored name.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "inactive" => Some(AlertState::Inactive),
+            "pending" => Some(AlertState::Pending),
+            "firing" => Some(AlertState::Firing),
+            "resolved" => Some(AlertState::Resolved),
+            _ => None,
+        }
+    }
+}
+
 /// The stored state of one alert instance.
 #[derive(Debug, Clone, PartialEq)]
 pub struct InstanceRow {
@@ -104,8 +146,8 @@ pub struct InstanceRow {
     pub group: String,
     /// Severity of its notifications.
     pub severity: String,
-    /// `inactive`, `pending`, `firing` or `resolved`.
-    pub state: String,
+    /// Where it is in its lifecycle.
+    pub state: AlertState,
     /// Measured value at the last transition.
     pub value: Option<f64>,
     /// Threshold at the last transition.
@@ -147,8 +189,8 @@ pub struct NewNotification {
     pub sequence: i64,
     /// Rule name.
     pub rule: String,
-    /// `firing` or `resolved`.
-    pub state: String,
+    /// [`AlertState::Firing`] or [`AlertState::Resolved`].
+    pub state: AlertState,
     /// Severity.
     pub severity: String,
     /// NATS subject.
@@ -175,8 +217,8 @@ pub struct NotificationRow {
 pub struct HistoryFilter {
     /// Only this rule.
     pub rule: Option<String>,
-    /// Only `firing` or `resolved`.
-    pub state: Option<String>,
+    /// Only notifications of this state.
+    pub state: Option<AlertState>,
     /// Created at or after.
     pub from: Option<DateTime<Utc>>,
     /// Created before.
@@ -307,7 +349,7 @@ where
         level: row.try_get(3)?,
         group: row.try_get(4)?,
         severity: row.try_get(5)?,
-        state: row.try_get(6)?,
+        state: state_from_row(row, 6)?,
         value: row.try_get(7)?,
         threshold: row.try_get(8)?,
         active_since: t(9)?,
@@ -318,6 +360,19 @@ where
         sequence: row.try_get(14)?,
         version: row.try_get(15)?,
         updated_at: from_ms(row.try_get(16)?),
+    })
+}
+
+fn state_from_row<'r, R>(row: &'r R, i: usize) -> Result<AlertState, sqlx::Error>
+where
+    R: sqlx::Row,
+    usize: sqlx::ColumnIndex<R>,
+    String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+{
+    let name: String = row.try_get(i)?;
+    AlertState::parse(&name).ok_or_else(|| sqlx::Error::ColumnDecode {
+        index: i.to_string(),
+        source: format!("unknown alert state `{name}`").into(),
     })
 }
 
@@ -335,7 +390,7 @@ where
             fingerprint: row.try_get(1)?,
             sequence: row.try_get(2)?,
             rule: row.try_get(3)?,
-            state: row.try_get(4)?,
+            state: state_from_row(row, 4)?,
             severity: row.try_get(5)?,
             subject: row.try_get(6)?,
             payload: row.try_get(7)?,
@@ -818,7 +873,7 @@ macro_rules! impl_alert_store {
                         .bind(&r.level)
                         .bind(&r.group)
                         .bind(&r.severity)
-                        .bind(&r.state)
+                        .bind(r.state.as_str())
                         .bind(r.value)
                         .bind(r.threshold);
                     for t in b.times {
@@ -842,7 +897,7 @@ macro_rules! impl_alert_store {
                     .bind(&n.fingerprint)
                     .bind(n.sequence)
                     .bind(&n.rule)
-                    .bind(&n.state)
+                    .bind(n.state.as_str())
                     .bind(&n.severity)
                     .bind(&n.subject)
                     .bind(&n.payload)
@@ -900,7 +955,7 @@ macro_rules! impl_alert_store {
                     $crate::store::alerts::OUTBOX_COLUMNS
                 ))
                 .bind(f.rule.as_deref())
-                .bind(f.state.as_deref())
+                .bind(f.state.map($crate::store::alerts::AlertState::as_str))
                 .bind(f.from.map($crate::store::alerts::ms).unwrap_or(i64::MIN))
                 .bind(f.to.map($crate::store::alerts::ms).unwrap_or(i64::MAX))
                 .bind(f.limit)

@@ -12,7 +12,7 @@ pub mod ops;
 pub mod postgres;
 pub mod sqlite;
 
-use crate::projection::spec::{Granularity, Spec};
+use crate::aggregate::spec::{Granularity, Spec};
 pub use agg::{
     AggAnswer, AggQuery, AggRow, Apply, ApplyOutcome, Cursor, LogBatch, ProjectionState, Top,
     Watermark,

@@ -25,10 +25,10 @@ use super::{
     ProjectionStore, Watermark,
 };
 use super::{PoolStats, ReconcileRead};
+use crate::aggregate::measures::{Measures, RowKey, Rows};
+use crate::aggregate::sketch::Sketch;
+use crate::aggregate::spec::{Granularity, Spec};
 use crate::event::Event;
-use crate::projection::fold::{Measures, RowKey, Rows};
-use crate::projection::sketch::Sketch;
-use crate::projection::spec::{Granularity, Spec};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./schema/postgres");
 
@@ -636,8 +636,8 @@ impl PgStore {
             let t = table(apply.spec, *g, apply.suffix);
             Self::upsert_rows(&mut tx, apply.spec, &t, rows).await?;
         }
-        if apply.crash_before_commit {
-            crate::projection::failpoint_abort("projector.before_commit");
+        if let Some(hook) = apply.before_commit {
+            hook();
         }
         tx.commit().await?;
         Ok(ApplyOutcome::Applied)

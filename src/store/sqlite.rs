@@ -31,10 +31,10 @@ use super::{
     ProjectionStore, Watermark,
 };
 use super::{PoolStats, ReconcileRead};
+use crate::aggregate::measures::{Measures, RowKey, Rows};
+use crate::aggregate::sketch::Sketch;
+use crate::aggregate::spec::{Granularity, Spec};
 use crate::event::{format_ts, Event};
-use crate::projection::fold::{Measures, RowKey, Rows};
-use crate::projection::sketch::Sketch;
-use crate::projection::spec::{Granularity, Spec};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./schema/sqlite");
 
@@ -809,8 +809,8 @@ impl ProjectionStore for SqliteStore {
                 Self::upsert_rows(&mut tx, apply.spec, &t, rows).await?;
             }
         }
-        if applies.iter().any(|a| a.crash_before_commit) {
-            crate::projection::failpoint_abort("projector.before_commit");
+        for hook in applies.iter().filter_map(|a| a.before_commit) {
+            hook();
         }
         tx.commit().await?;
         Ok(ApplyOutcome::Applied)

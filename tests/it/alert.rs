@@ -475,7 +475,7 @@ async fn calendar_month_follows_the_rules_timezone_at_the_boundary() {
     let n = nats();
     let tally = TallyProc::start(&db, &n.url(), &ENV).await;
     let ny: chrono_tz::Tz = "America/New_York".parse().expect("tz");
-    let month_start = tally::query::keys::month_start(Utc::now(), ny);
+    let month_start = tally::aggregate::bucket::month_start(Utc::now(), ny);
     for (name, tz) in [("cost-ny", "America/New_York"), ("cost-utc", "UTC")] {
         create_rule(
             &tally.base,

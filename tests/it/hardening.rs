@@ -1028,7 +1028,7 @@ async fn revoking_the_last_token_keeps_authentication_on() {
 
 /// Folds `by_key` until caught up and returns its hourly `requests` total.
 async fn folded_requests(store: &std::sync::Arc<dyn tally::store::EventStore>) -> i64 {
-    use tally::projection::spec::{Granularity, SpecSource};
+    use tally::aggregate::spec::{Granularity, SpecSource};
     let spec = SpecSource::Builtin
         .load()
         .expect("specs")

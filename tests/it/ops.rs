@@ -61,7 +61,7 @@ async fn fold_all(store: &Arc<dyn EventStore>) {
 /// Every row of every shipped projection table, by table name.
 async fn all_aggregates(store: &dyn EventStore) -> BTreeMap<String, Vec<tally::store::AggRow>> {
     let mut out = BTreeMap::new();
-    for spec in tally::projection::spec::load_dir(Path::new(PROJECTIONS)).expect("specs") {
+    for spec in tally::aggregate::spec::load_dir(Path::new(PROJECTIONS)).expect("specs") {
         for &g in &spec.granularities {
             let rows = store.read_agg(&spec, g, "").await.expect("read agg");
             out.insert(tally::store::agg::table(&spec, g, ""), rows);
@@ -503,7 +503,7 @@ async fn metrics_parse_and_count_what_the_test_did() {
 fn job_ctx(store: &Arc<dyn EventStore>, retention: Option<Duration>) -> JobContext {
     JobContext {
         store: store.clone(),
-        specs: tally::projection::spec::load_dir(Path::new(PROJECTIONS))
+        specs: tally::aggregate::spec::load_dir(Path::new(PROJECTIONS))
             .expect("specs")
             .into_iter()
             .map(Arc::new)
@@ -547,18 +547,18 @@ async fn retention_case(backend: Backend) {
         .await
         .expect("append");
     fold_all(&store).await;
-    let spec = tally::projection::spec::load_dir(Path::new(PROJECTIONS))
+    let spec = tally::aggregate::spec::load_dir(Path::new(PROJECTIONS))
         .expect("specs")
         .into_iter()
         .find(|s| {
             s.retention
-                .contains_key(&tally::projection::spec::Granularity::Minute)
+                .contains_key(&tally::aggregate::spec::Granularity::Minute)
         })
         .expect("a projection with minute retention");
-    let keep_minutes = spec.retention[&tally::projection::spec::Granularity::Minute];
-    let minute_rows = |store: Arc<dyn EventStore>, spec: tally::projection::spec::Spec| async move {
+    let keep_minutes = spec.retention[&tally::aggregate::spec::Granularity::Minute];
+    let minute_rows = |store: Arc<dyn EventStore>, spec: tally::aggregate::spec::Spec| async move {
         store
-            .read_agg(&spec, tally::projection::spec::Granularity::Minute, "")
+            .read_agg(&spec, tally::aggregate::spec::Granularity::Minute, "")
             .await
             .expect("rows")
     };
@@ -590,13 +590,13 @@ async fn retention_case(backend: Backend) {
         after.len(),
         before.iter().filter(|r| r.bucket >= cutoff).count()
     );
-    let by_key = tally::projection::spec::load_dir(Path::new(PROJECTIONS))
+    let by_key = tally::aggregate::spec::load_dir(Path::new(PROJECTIONS))
         .expect("specs")
         .into_iter()
         .find(|s| s.name == "by_key")
         .expect("by_key");
     let hours = store
-        .read_agg(&by_key, tally::projection::spec::Granularity::Hour, "")
+        .read_agg(&by_key, tally::aggregate::spec::Granularity::Hour, "")
         .await
         .expect("hours");
     assert_eq!(
@@ -718,8 +718,11 @@ async fn reconciliation_case(backend: Backend) {
         .await
         .expect("history");
     assert_eq!(notes.len(), 1, "exactly one alert: {notes:?}");
-    assert_eq!(notes[0].n.rule, jobs::RECONCILIATION_RULE);
-    assert_eq!(notes[0].n.state, "firing");
+    assert_eq!(
+        notes[0].n.rule,
+        tally::alert::reconcile::RECONCILIATION_RULE
+    );
+    assert_eq!(notes[0].n.state.as_str(), "firing");
     assert_eq!(
         notes[0].n.subject,
         "usage.alerts.critical.tally_reconciliation_mismatch"

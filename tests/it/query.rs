@@ -8,9 +8,9 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use chrono_tz::Tz;
 use serde_json::Value;
+use tally::aggregate::sketch::RELATIVE_ERROR;
+use tally::aggregate::spec::Granularity;
 use tally::event::{ErrorType, Event};
-use tally::projection::sketch::RELATIVE_ERROR;
-use tally::projection::spec::Granularity;
 use tally::store::{Backend, StoreOptions};
 
 use crate::projection::oracle::{append_all, dim, nearest_rank, oracle_bucket, seeded_events};

@@ -11,9 +11,9 @@ use std::time::Duration;
 
 use chrono::Utc;
 use proptest::prelude::*;
+use tally::aggregate::spec::{Granularity, Spec};
 use tally::event::Event;
 use tally::projection::rebuild::rebuild;
-use tally::projection::spec::{Granularity, Spec};
 use tally::projection::{ProjectionError, ProjectorConfig};
 use tally::store::{Backend, Cursor, EventStore};
 use tokio_util::sync::CancellationToken;
@@ -282,7 +282,7 @@ async fn changed_spec_refuses_to_start_until_rebuilt(s: &TestStore) {
         "{err}"
     );
 
-    let v2 = tally::projection::spec::load_dir(dir.path())
+    let v2 = tally::aggregate::spec::load_dir(dir.path())
         .expect("v2")
         .remove(0);
     let report = rebuild(s.store.clone(), Arc::new(v2.clone()), 77, "test", |_, _| {})
@@ -404,7 +404,7 @@ async fn new_projection_backfills_a_100k_log_while_ingest_continues(s: &TestStor
         all.extend(batch);
     }
     wait_caught_up(store.as_ref(), "late_added").await;
-    let spec = tally::projection::spec::load_dir(dir.path())
+    let spec = tally::aggregate::spec::load_dir(dir.path())
         .expect("spec")
         .remove(0);
     assert_matches_oracle(store.as_ref(), &spec, &all).await;

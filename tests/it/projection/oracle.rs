@@ -10,9 +10,9 @@ use std::sync::Arc;
 
 use chrono::{DateTime, Datelike, Duration, DurationRound, NaiveDate, Offset, TimeZone, Utc};
 use chrono_tz::Tz;
+use tally::aggregate::sketch::RELATIVE_ERROR;
+use tally::aggregate::spec::{load_dir, Granularity, Spec};
 use tally::event::{ErrorType, Event};
-use tally::projection::sketch::RELATIVE_ERROR;
-use tally::projection::spec::{load_dir, Granularity, Spec};
 use tally::projection::Projector;
 use tally::store::{EventStore, Origin};
 

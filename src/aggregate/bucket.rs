@@ -79,6 +79,13 @@ pub fn next_bucket(start: DateTime<Utc>, granularity: Granularity, tz: Tz) -> Da
     }
 }
 
+/// The first instant of the month of `t` in `tz`.
+pub fn month_start(t: DateTime<Utc>, tz: Tz) -> DateTime<Utc> {
+    let local = t.with_timezone(&tz).date_naive();
+    let first = NaiveDate::from_ymd_opt(local.year(), local.month(), 1).unwrap_or(local);
+    day_start(first, tz)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

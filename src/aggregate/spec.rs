@@ -13,7 +13,26 @@ use std::time::Duration;
 use chrono_tz::Tz;
 use serde::Deserialize;
 
-use super::ProjectionError;
+/// Errors of reading projection specs.
+#[derive(Debug, thiserror::Error)]
+pub enum SpecError {
+    /// A spec file is malformed or inconsistent.
+    #[error("projection spec {file}: {reason}")]
+    InvalidSpec {
+        /// The file.
+        file: String,
+        /// What is wrong and what is allowed.
+        reason: String,
+    },
+    /// The specs directory cannot be read.
+    #[error("cannot read projection specs from `{dir}`: {reason} (set --projections-dir / TALLY_PROJECTIONS_DIR)")]
+    SpecDir {
+        /// The directory.
+        dir: String,
+        /// The OS error.
+        reason: String,
+    },
+}
 
 /// A column an aggregate can group by.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -151,8 +170,8 @@ fn utc() -> String {
 
 impl Spec {
     /// Parses and validates one spec file's text.
-    pub fn parse(text: &str, source: Option<&Path>) -> Result<Self, ProjectionError> {
-        let invalid = |reason: String| ProjectionError::InvalidSpec {
+    pub fn parse(text: &str, source: Option<&Path>) -> Result<Self, SpecError> {
+        let invalid = |reason: String| SpecError::InvalidSpec {
             file: source.map(|p| p.display().to_string()).unwrap_or_default(),
             reason,
         };
@@ -268,8 +287,8 @@ pub fn table_name(projection: &str, granularity: Granularity) -> String {
 }
 
 /// Reads every `*.toml` in `dir`, sorted by file name. Names must be unique.
-pub fn load_dir(dir: &Path) -> Result<Vec<Spec>, ProjectionError> {
-    let entries = std::fs::read_dir(dir).map_err(|e| ProjectionError::SpecDir {
+pub fn load_dir(dir: &Path) -> Result<Vec<Spec>, SpecError> {
+    let entries = std::fs::read_dir(dir).map_err(|e| SpecError::SpecDir {
         dir: dir.display().to_string(),
         reason: e.to_string(),
     })?;
@@ -281,13 +300,13 @@ pub fn load_dir(dir: &Path) -> Result<Vec<Spec>, ProjectionError> {
     paths.sort();
     let mut specs: Vec<Spec> = Vec::with_capacity(paths.len());
     for path in paths {
-        let text = std::fs::read_to_string(&path).map_err(|e| ProjectionError::InvalidSpec {
+        let text = std::fs::read_to_string(&path).map_err(|e| SpecError::InvalidSpec {
             file: path.display().to_string(),
             reason: e.to_string(),
         })?;
         let spec = Spec::parse(&text, Some(&path))?;
         if let Some(other) = specs.iter().find(|s| s.name == spec.name) {
-            return Err(ProjectionError::InvalidSpec {
+            return Err(SpecError::InvalidSpec {
                 file: path.display().to_string(),
                 reason: format!(
                     "projection name `{}` is also used by {}",
@@ -354,7 +373,7 @@ impl SpecSource {
     }
 
     /// Reads and validates the specs.
-    pub fn load(&self) -> Result<Vec<Spec>, ProjectionError> {
+    pub fn load(&self) -> Result<Vec<Spec>, SpecError> {
         match self {
             Self::Dir { dir, .. } => load_dir(dir),
             Self::Builtin => BUILTIN
@@ -379,14 +398,14 @@ impl std::fmt::Display for SpecSource {
 }
 
 /// The specs of [`SpecSource::resolve`]`(set)`.
-pub fn load_specs(set: Option<&Path>) -> Result<Vec<Spec>, ProjectionError> {
+pub fn load_specs(set: Option<&Path>) -> Result<Vec<Spec>, SpecError> {
     SpecSource::resolve(set).load()
 }
 
 /// Writes the built-in specs into `dir` (created when missing) for editing;
 /// refuses to overwrite a file that exists. Returns the files written.
-pub fn write_builtin(dir: &Path) -> Result<Vec<PathBuf>, ProjectionError> {
-    let failed = |reason: String| ProjectionError::SpecDir {
+pub fn write_builtin(dir: &Path) -> Result<Vec<PathBuf>, SpecError> {
+    let failed = |reason: String| SpecError::SpecDir {
         dir: dir.display().to_string(),
         reason,
     };

@@ -9,11 +9,12 @@ use axum::Json;
 use chrono::Utc;
 use serde_json::json;
 
-use super::keys::{self, KeysRequest};
-use super::stats::{self, StatsRequest};
-use super::QueryError;
-use crate::http::{ApiError, AppState};
+use super::error::ApiError;
+use super::state::AppState;
 use crate::projection::status;
+use crate::query::keys::{self, KeysRequest};
+use crate::query::stats::{self, StatsRequest};
+use crate::query::QueryError;
 
 /// The OpenAPI 3.1 document of the whole HTTP API.
 pub const OPENAPI: &str = include_str!("openapi.json");
@@ -28,16 +29,6 @@ fn pairs(q: Pairs) -> Result<Vec<(String, String)>, ApiError> {
             format!("the query string cannot be decoded: {e}"),
         )
     })
-}
-
-impl From<QueryError> for ApiError {
-    fn from(e: QueryError) -> Self {
-        let (status, code) = e.status();
-        if status.is_server_error() {
-            tracing::warn!(error = %e, "query failed");
-        }
-        ApiError::new(status, code, e.to_string())
-    }
 }
 
 /// `GET /v1/stats`.
@@ -66,7 +57,8 @@ pub async fn get_key_page(
     if let Some(quota) =
         crate::alert::quota::load(state.store.as_ref(), &state.catalog, &key).await?
     {
-        let status = crate::alert::quota::status(state.store.as_ref(), &quota, now).await?;
+        let status =
+            crate::alert::quota::status(state.store.as_ref(), &state.catalog, &quota, now).await?;
         answer.quota = serde_json::to_value(status).ok();
     }
     Ok(Json(answer).into_response())
@@ -77,7 +69,7 @@ pub async fn get_projections(
     State(state): State<AppState>,
     q: Pairs,
 ) -> Result<Response, ApiError> {
-    super::params::Params::new(pairs(q)?).finish("none")?;
+    crate::query::params::Params::new(pairs(q)?).finish("none")?;
     let specs: Vec<_> = state.catalog.specs.iter().map(|s| (**s).clone()).collect();
     let infos = status::list(state.store.as_ref(), &specs, false)
         .await

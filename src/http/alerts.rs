@@ -9,31 +9,17 @@ use axum::Json;
 use chrono::{DateTime, Utc};
 use serde_json::{json, Value};
 
-use super::quota::{self, QuotaSpec, QUOTA_RULE};
-use super::rule::RuleSpec;
-use super::AlertError;
-use crate::http::{ApiError, AppState};
+use super::body::read_admin_body;
+use super::error::ApiError;
+use super::state::AppState;
+use crate::alert::quota::{self, QuotaSpec, QUOTA_RULE};
+use crate::alert::rule::RuleSpec;
+use crate::alert::AlertError;
 use crate::query::params::parse_time;
 use crate::query::QueryError;
-use crate::store::alerts::{AuditRow, HistoryFilter, RuleFailure, RuleRow, RuleWritten, WriteMode};
-
-impl From<AlertError> for ApiError {
-    fn from(e: AlertError) -> Self {
-        match e {
-            AlertError::Invalid(m) => ApiError::new(StatusCode::BAD_REQUEST, "invalid_rule", m),
-            AlertError::Query(q) => q.into(),
-            AlertError::Store(s) if !s.is_data_error() => ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "unavailable",
-                format!("database unavailable: {s}"),
-            ),
-            e => {
-                tracing::error!(error = %e, "alert request failed");
-                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
-            }
-        }
-    }
-}
+use crate::store::alerts::{
+    AlertState, AuditRow, HistoryFilter, RuleFailure, RuleRow, RuleWritten, WriteMode,
+};
 
 /// Who made a change: the `X-Tally-Actor` header (API tokens replace it once
 /// authentication lands), else `anonymous`.
@@ -88,10 +74,10 @@ fn parse_rule(state: &AppState, body: &[u8]) -> Result<RuleSpec, ApiError> {
         ))
         .into());
     }
-    if spec.name == crate::jobs::RECONCILIATION_RULE {
+    if spec.name == crate::alert::reconcile::RECONCILIATION_RULE {
         return Err(AlertError::Invalid(format!(
             "`{}` is reserved for the reconciliation job",
-            crate::jobs::RECONCILIATION_RULE
+            crate::alert::reconcile::RECONCILIATION_RULE
         ))
         .into());
     }
@@ -109,7 +95,7 @@ pub async fn create_rule(
     headers: HeaderMap,
     body: axum::body::Body,
 ) -> Result<Response, ApiError> {
-    let body = crate::http::read_admin_body(&state, &headers, body).await?;
+    let body = read_admin_body(&state, &headers, body).await?;
     let spec = parse_rule(&state, &body)?;
     let written = state
         .store
@@ -142,7 +128,7 @@ pub async fn put_rule(
     headers: HeaderMap,
     body: axum::body::Body,
 ) -> Result<Response, ApiError> {
-    let body = crate::http::read_admin_body(&state, &headers, body).await?;
+    let body = read_admin_body(&state, &headers, body).await?;
     let mut value: Value = serde_json::from_slice(&body).map_err(|e| {
         ApiError::from(AlertError::Invalid(format!(
             "the rule is not valid JSON: {e}"
@@ -287,8 +273,8 @@ pub async fn list_alerts(State(state): State<AppState>, q: Pairs) -> Result<Resp
     for (k, v) in pairs {
         match k.as_str() {
             "rule" => filter.rule = Some(v),
-            "state" => match v.as_str() {
-                "firing" | "resolved" | "pending" => filter.state = Some(v),
+            "state" => match AlertState::parse(&v) {
+                Some(s) if s != AlertState::Inactive => filter.state = Some(s),
                 _ => return Err(bad(format!("`state` {v:?} must be firing, pending or resolved"))),
             },
             "group" => match v.split_once(':') {
@@ -318,7 +304,7 @@ pub async fn list_alerts(State(state): State<AppState>, q: Pairs) -> Result<Resp
     };
     let history_filter = HistoryFilter {
         // Pending is never notified: history filters only on firing/resolved.
-        state: filter.state.clone(),
+        state: filter.state,
         limit: if groups.is_empty() {
             filter.limit
         } else {
@@ -333,16 +319,16 @@ pub async fn list_alerts(State(state): State<AppState>, q: Pairs) -> Result<Resp
     let instances = instances.map_err(AlertError::from)?;
     let active: Vec<Value> = instances
         .iter()
-        .filter(|i| matches!(i.state.as_str(), "pending" | "firing"))
+        .filter(|i| i.state.is_active())
         .filter(|i| filter.rule.as_ref().is_none_or(|r| *r == i.rule))
-        .filter(|i| filter.state.as_ref().is_none_or(|s| *s == i.state))
+        .filter(|i| filter.state.is_none_or(|s| s == i.state))
         .filter_map(|i| {
             let group: Value = serde_json::from_str(&i.group).unwrap_or(json!({}));
             group_ok(&group).then(|| {
                 json!({
                     "alert_id": i.fingerprint,
                     "rule": i.rule,
-                    "state": i.state,
+                    "state": i.state.as_str(),
                     "severity": i.severity,
                     "group": group,
                     "value": i.value,
@@ -384,7 +370,7 @@ pub async fn put_quota(
     headers: HeaderMap,
     body: axum::body::Body,
 ) -> Result<Response, ApiError> {
-    let body = crate::http::read_admin_body(&state, &headers, body).await?;
+    let body = read_admin_body(&state, &headers, body).await?;
     let spec = QuotaSpec::from_json(&body)?;
     let quota = spec.validate(&key, &state.catalog.specs)?;
     let text = serde_json::to_string(&spec).unwrap_or_default();
@@ -394,7 +380,7 @@ pub async fn put_quota(
         .await
         .map_err(AlertError::from)?;
     state.signal.wake();
-    let status = quota::status(state.store.as_ref(), &quota, Utc::now()).await?;
+    let status = quota::status(state.store.as_ref(), &state.catalog, &quota, Utc::now()).await?;
     let code = if created {
         StatusCode::CREATED
     } else {
@@ -410,7 +396,7 @@ pub async fn get_quota(
 ) -> Result<Response, ApiError> {
     match quota::load(state.store.as_ref(), &state.catalog, &key).await? {
         Some(q) => {
-            let status = quota::status(state.store.as_ref(), &q, Utc::now()).await?;
+            let status = quota::status(state.store.as_ref(), &state.catalog, &q, Utc::now()).await?;
             Ok(Json(status).into_response())
         }
         None => Err(not_found(format!(

@@ -1,5 +1,5 @@
 //! `POST /v1/events`: reads the body within the size limit, hands it to
-//! [`Intake`](super::Intake), and maps the outcome to a status code.
+//! [`Intake`](crate::ingest::Intake), and maps the outcome to a status code.
 
 use axum::body::Body;
 use axum::extract::State;
@@ -7,9 +7,11 @@ use axum::http::header::CONTENT_TYPE;
 use axum::http::{HeaderMap, StatusCode};
 use axum::Json;
 
-use super::{IngestError, IngestReport};
+use super::body::read_body;
+use super::error::ApiError;
+use super::state::AppState;
 use crate::event::codec::CodecError;
-use crate::http::{read_body, ApiError, AppState};
+use crate::ingest::{IngestError, IngestReport};
 use crate::store::Origin;
 
 /// Ingests one body. Answers 200 only after the accepted events are committed.

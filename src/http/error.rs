@@ -1,0 +1,87 @@
+//! The one error type every handler answers with, and how each module's
+//! errors map to a status and a stable code. No other module knows status codes.
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::json;
+
+use crate::alert::AlertError;
+use crate::query::QueryError;
+
+/// An error answer: `{"code": "...", "error": "..."}` with a status.
+///
+/// `code` is stable and machine-readable (see the error table in README.md);
+/// `error` tells a person what is wrong and what to do.
+#[derive(Debug)]
+pub struct ApiError {
+    /// HTTP status.
+    pub status: StatusCode,
+    /// Stable machine-readable code.
+    pub code: &'static str,
+    /// Human message.
+    pub message: String,
+}
+
+impl ApiError {
+    /// An error with this status, code and message.
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (
+            self.status,
+            Json(json!({"code": self.code, "error": self.message})),
+        )
+            .into_response()
+    }
+}
+
+impl From<QueryError> for ApiError {
+    fn from(e: QueryError) -> Self {
+        let (status, code) = match &e {
+            QueryError::BadRequest { code, .. } => (StatusCode::BAD_REQUEST, *code),
+            QueryError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+            QueryError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            QueryError::Store(_) => (StatusCode::SERVICE_UNAVAILABLE, "database_error"),
+        };
+        if status.is_server_error() {
+            tracing::warn!(error = %e, "query failed");
+        }
+        ApiError::new(status, code, e.to_string())
+    }
+}
+
+impl From<AlertError> for ApiError {
+    fn from(e: AlertError) -> Self {
+        match e {
+            AlertError::Invalid(m) => ApiError::new(StatusCode::BAD_REQUEST, "invalid_rule", m),
+            AlertError::Query(q) => q.into(),
+            AlertError::Store(s) if !s.is_data_error() => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                format!("database unavailable: {s}"),
+            ),
+            e => {
+                tracing::error!(error = %e, "alert request failed");
+                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
+            }
+        }
+    }
+}
+
+/// The answer to a path no route serves.
+pub async fn not_found() -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        "no such route; see README.md or GET /openapi.json for the API (POST /v1/events, GET /v1/stats, GET /v1/keys, GET /v1/keys/{key}/stats, GET /v1/projections, GET /metrics, GET /healthz, GET /readyz)",
+    )
+}

@@ -1,0 +1,59 @@
+//! What every handler can reach.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::auth::Auth;
+use crate::config::ServerConfig;
+use crate::health::Health;
+use crate::ingest::Intake;
+use crate::projection::projector::FoldSignal;
+use crate::query::Catalog;
+use crate::store::EventStore;
+
+/// What every handler can reach. Cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    /// The ingest path shared with NATS.
+    pub intake: Intake,
+    /// The event log.
+    pub store: Arc<dyn EventStore>,
+    /// Largest accepted body, in bytes.
+    pub max_body_bytes: usize,
+    /// Longest time to receive a whole body.
+    pub body_timeout: Duration,
+    /// Dependency states shared with the background tasks.
+    pub health: Arc<Health>,
+    /// The projections the query module can read.
+    pub catalog: Arc<Catalog>,
+    /// Shared by the projectors and the alert evaluator of this process; a
+    /// rule or quota change wakes the evaluator through it.
+    pub signal: Arc<FoldSignal>,
+    /// The API token check.
+    pub auth: Arc<Auth>,
+}
+
+impl AppState {
+    /// State for a server with this config over this store.
+    pub fn new(
+        store: Arc<dyn EventStore>,
+        config: &ServerConfig,
+        health: Arc<Health>,
+        catalog: Catalog,
+    ) -> Self {
+        Self {
+            intake: Intake::new(store.clone(), config.intake_limits()),
+            store: store.clone(),
+            max_body_bytes: config.max_body_bytes,
+            body_timeout: config.http_body_timeout,
+            health,
+            catalog: Arc::new(catalog),
+            signal: Arc::default(),
+            auth: Arc::new(Auth::new(
+                store.clone(),
+                config.http_addr,
+                config.insecure_no_auth,
+            )),
+        }
+    }
+}
