@@ -115,7 +115,7 @@ pub struct App {
     projector_config: ProjectorConfig,
     alerts: AlertConfig,
     jobs: crate::config::JobsConfig,
-    nats_connection: crate::config::NatsConnection,
+    nats_connection: crate::nats::NatsConnection,
     instance: String,
     shutdown_timeout: Duration,
     http_limits: crate::http::ServeLimits,

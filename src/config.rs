@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::ingest::nats::NatsConfig;
 use crate::ingest::IntakeLimits;
 use crate::projection::{Failpoints, ProjectorConfig};
 use crate::store::StoreOptions;
@@ -187,134 +188,6 @@ impl ProjectionConfig {
             on_commit: None,
             wake: None,
         })
-    }
-}
-
-/// How to reach and authenticate to NATS (shared by `serve` and `emit`).
-#[derive(Clone, Default, clap::Args)]
-pub struct NatsConnection {
-    /// NATS server URL(s), comma-separated (`nats://host:4222`, `tls://…`). Unset: HTTP ingest only.
-    #[arg(long, env = "TALLY_NATS_URL")]
-    pub nats_url: Option<String>,
-
-    /// User name (with `--nats-password`).
-    #[arg(long, env = "TALLY_NATS_USER")]
-    pub nats_user: Option<String>,
-
-    /// Password (with `--nats-user`).
-    #[arg(long, env = "TALLY_NATS_PASSWORD", hide_env_values = true)]
-    pub nats_password: Option<String>,
-
-    /// Authentication token.
-    #[arg(long, env = "TALLY_NATS_TOKEN", hide_env_values = true)]
-    pub nats_token: Option<String>,
-
-    /// File holding an nkey seed (`SU…`), so the seed stays out of the environment and `ps`.
-    #[arg(long, env = "TALLY_NATS_NKEY_FILE")]
-    pub nats_nkey_file: Option<std::path::PathBuf>,
-
-    /// Credentials file (JWT + nkey seed, as written by `nsc`).
-    #[arg(long, env = "TALLY_NATS_CREDS")]
-    pub nats_creds: Option<std::path::PathBuf>,
-
-    /// CA certificate (PEM) to verify the server with; implies TLS.
-    #[arg(long, env = "TALLY_NATS_TLS_CA")]
-    pub nats_tls_ca: Option<std::path::PathBuf>,
-
-    /// Client certificate (PEM) for mutual TLS (with `--nats-tls-key`).
-    #[arg(long, env = "TALLY_NATS_TLS_CERT")]
-    pub nats_tls_cert: Option<std::path::PathBuf>,
-
-    /// Client private key (PEM) for mutual TLS.
-    #[arg(long, env = "TALLY_NATS_TLS_KEY")]
-    pub nats_tls_key: Option<std::path::PathBuf>,
-
-    /// Refuse to connect without TLS.
-    #[arg(long, env = "TALLY_NATS_TLS_REQUIRED")]
-    pub nats_tls_required: bool,
-}
-
-/// NATS JetStream ingest: connection, stream and consumer.
-#[derive(Debug, Clone, clap::Args)]
-pub struct NatsConfig {
-    /// Server and credentials.
-    #[command(flatten)]
-    pub connection: NatsConnection,
-
-    /// JetStream stream holding usage events.
-    #[arg(long, env = "TALLY_NATS_STREAM", default_value = "USAGE")]
-    pub nats_stream: String,
-
-    /// Subjects of that stream, comma-separated.
-    #[arg(
-        long,
-        env = "TALLY_NATS_SUBJECTS",
-        default_value = "usage.events.>",
-        value_delimiter = ','
-    )]
-    pub nats_subjects: Vec<String>,
-
-    /// Update an existing stream whose settings differ instead of refusing to start.
-    #[arg(long, env = "TALLY_NATS_MANAGE_STREAM")]
-    pub nats_manage_stream: bool,
-
-    /// Drop stream messages older than this (e.g. `7d`); unset: keep until limits. Compared with an existing stream only when set.
-    #[arg(long, env = "TALLY_NATS_STREAM_MAX_AGE", value_parser = crate::duration::parse)]
-    pub nats_stream_max_age: Option<Duration>,
-
-    /// Durable pull consumer shared by all Tally instances.
-    #[arg(long, env = "TALLY_NATS_CONSUMER", default_value = "tally")]
-    pub nats_consumer: String,
-
-    /// Most messages delivered and not yet acked, across all instances (bounds memory and redelivery).
-    #[arg(long, env = "TALLY_NATS_MAX_ACK_PENDING", default_value_t = 10_000)]
-    pub nats_max_ack_pending: i64,
-
-    /// How long the server waits for an ack before redelivering.
-    #[arg(long, env = "TALLY_NATS_ACK_WAIT", default_value = "30s", value_parser = crate::duration::parse)]
-    pub nats_ack_wait: Duration,
-
-    /// Most messages appended in one transaction.
-    #[arg(long, env = "TALLY_NATS_BATCH", default_value_t = 1_000)]
-    pub nats_batch: usize,
-
-    /// Most payload bytes pulled and appended in one batch (raised to the
-    /// server's `max_payload` so one large message always fits).
-    #[arg(long, env = "TALLY_NATS_BATCH_BYTES", default_value_t = 2 * 1024 * 1024)]
-    pub nats_batch_bytes: usize,
-
-    /// How long to wait for a batch to fill once its first message arrived.
-    #[arg(long, env = "TALLY_NATS_FETCH_WAIT", default_value = "5ms", value_parser = crate::duration::parse)]
-    pub nats_fetch_wait: Duration,
-
-    /// Subject that gets a JSON notice for every rejected message or item.
-    #[arg(
-        long,
-        env = "TALLY_NATS_REJECTED_SUBJECT",
-        default_value = "usage.rejected"
-    )]
-    pub nats_rejected_subject: String,
-}
-
-/// Secrets are shown as `***` so the config can be logged.
-impl std::fmt::Debug for NatsConnection {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let secret = |s: &Option<String>| s.as_ref().map(|_| "***");
-        f.debug_struct("NatsConnection")
-            .field(
-                "nats_url",
-                &self.nats_url.as_deref().map(crate::store::redact_url),
-            )
-            .field("nats_user", &self.nats_user)
-            .field("nats_password", &secret(&self.nats_password))
-            .field("nats_token", &secret(&self.nats_token))
-            .field("nats_nkey_file", &self.nats_nkey_file)
-            .field("nats_creds", &self.nats_creds)
-            .field("nats_tls_ca", &self.nats_tls_ca)
-            .field("nats_tls_cert", &self.nats_tls_cert)
-            .field("nats_tls_key", &self.nats_tls_key)
-            .field("nats_tls_required", &self.nats_tls_required)
-            .finish()
     }
 }
 

@@ -17,7 +17,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
-use crate::config::NatsConnection;
+use crate::nats::NatsConnection;
 use crate::store::EventStore;
 
 /// The lease name of the relay.
@@ -124,7 +124,7 @@ pub async fn run(
 ) {
     let mut backoff = Backoff::new();
     let js = loop {
-        match crate::ingest::nats::connect(&cfg.connection, "tally-alerts", None).await {
+        match crate::nats::connect(&cfg.connection, "tally-alerts", None).await {
             Ok(client) => {
                 let js = jetstream::new(client);
                 match js.get_or_create_stream(wanted_stream(&cfg)).await {

@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream::consumer::{pull, AckPolicy, PullConsumer};
 use async_nats::jetstream::{self, stream, AckKind, Context};
-use async_nats::{Client, ConnectOptions, ServerAddr, Subject};
+use async_nats::{Client, Subject};
 use bytes::Bytes;
 use futures::StreamExt;
 use serde::Serialize;
@@ -34,26 +34,18 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
-use crate::config::{NatsConfig, NatsConnection};
 use crate::event::Event;
 use crate::health::{Health, NatsState};
 use crate::ingest::Intake;
+use crate::nats::{connect, ConnectError, NatsConnection};
 use crate::store::{Origin, Outcome, Rejected, StoreError};
 
 /// Why NATS ingest could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum NatsError {
-    /// The server could not be reached or refused us.
-    #[error("cannot connect to NATS at {url}: {reason}")]
-    Connect {
-        /// The configured URL (credentials redacted).
-        url: String,
-        /// What went wrong.
-        reason: String,
-    },
-    /// A credentials, nkey or TLS file could not be used.
-    #[error("NATS credentials: {0}")]
-    Credentials(String),
+    /// The server could not be reached, refused us, or a credentials file is unusable.
+    #[error(transparent)]
+    Connection(#[from] ConnectError),
     /// The stream could not be read, created or updated.
     #[error("JetStream stream `{stream}`: {reason}")]
     Stream {
@@ -83,97 +75,66 @@ pub enum NatsError {
     },
 }
 
-/// Connects to NATS with the configured credentials; reconnects forever afterwards.
-///
-/// `health`, when given, follows the connection state (for `/readyz` and the log).
-pub async fn connect(
-    conn: &NatsConnection,
-    client_name: &str,
-    health: Option<Arc<Health>>,
-) -> Result<Client, NatsError> {
-    let url = conn
-        .nats_url
-        .clone()
-        .unwrap_or_else(|| "nats://127.0.0.1:4222".to_string());
-    let shown = crate::store::redact_url(&url);
-    let mut opts = match &conn.nats_creds {
-        Some(path) => ConnectOptions::with_credentials_file(path)
-            .await
-            .map_err(|e| {
-                NatsError::Credentials(format!("credentials file {}: {e}", path.display()))
-            })?,
-        None => ConnectOptions::new(),
-    };
-    match (&conn.nats_user, &conn.nats_password) {
-        (Some(user), Some(pass)) => opts = opts.user_and_password(user.clone(), pass.clone()),
-        (None, None) => {}
-        _ => {
-            return Err(NatsError::Credentials(
-                "--nats-user and --nats-password go together; set both or neither".into(),
-            ))
-        }
-    }
-    if let Some(token) = &conn.nats_token {
-        opts = opts.token(token.clone());
-    }
-    if let Some(path) = &conn.nats_nkey_file {
-        let seed = std::fs::read_to_string(path)
-            .map_err(|e| NatsError::Credentials(format!("nkey file {}: {e}", path.display())))?;
-        opts = opts.nkey(seed.trim().to_string());
-    }
-    if let Some(ca) = &conn.nats_tls_ca {
-        opts = opts.add_root_certificates(ca.clone()).require_tls(true);
-    }
-    match (&conn.nats_tls_cert, &conn.nats_tls_key) {
-        (Some(cert), Some(key)) => {
-            opts = opts.add_client_certificate(cert.clone(), key.clone());
-        }
-        (None, None) => {}
-        _ => {
-            return Err(NatsError::Credentials(
-                "--nats-tls-cert and --nats-tls-key go together; set both or neither".into(),
-            ))
-        }
-    }
-    if conn.nats_tls_required {
-        opts = opts.require_tls(true);
-    }
-    if let Some(health) = health.clone() {
-        opts = opts.event_callback(move |event| {
-            let health = health.clone();
-            async move {
-                match event {
-                    async_nats::Event::Connected => health.note_nats(NatsState::Up, "connected"),
-                    async_nats::Event::Disconnected => {
-                        health.note_nats(NatsState::Down, "disconnected")
-                    }
-                    other => tracing::debug!(event = %other, "NATS client event"),
-                }
-            }
-        });
-    }
-    let servers = url
-        .split(',')
-        .map(|s| s.trim().parse::<ServerAddr>())
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| NatsError::Connect {
-            url: shown.clone(),
-            reason: format!("bad URL: {e}"),
-        })?;
-    let client = opts
-        .name(client_name)
-        .max_reconnects(None)
-        .connection_timeout(Duration::from_secs(5))
-        .connect(servers)
-        .await
-        .map_err(|e| NatsError::Connect {
-            url: shown,
-            reason: e.to_string(),
-        })?;
-    if let Some(health) = health {
-        health.note_nats(NatsState::Up, "connected");
-    }
-    Ok(client)
+/// NATS JetStream ingest: connection, stream and consumer.
+#[derive(Debug, Clone, clap::Args)]
+pub struct NatsConfig {
+    /// Server and credentials.
+    #[command(flatten)]
+    pub connection: NatsConnection,
+
+    /// JetStream stream holding usage events.
+    #[arg(long, env = "TALLY_NATS_STREAM", default_value = "USAGE")]
+    pub nats_stream: String,
+
+    /// Subjects of that stream, comma-separated.
+    #[arg(
+        long,
+        env = "TALLY_NATS_SUBJECTS",
+        default_value = "usage.events.>",
+        value_delimiter = ','
+    )]
+    pub nats_subjects: Vec<String>,
+
+    /// Update an existing stream whose settings differ instead of refusing to start.
+    #[arg(long, env = "TALLY_NATS_MANAGE_STREAM")]
+    pub nats_manage_stream: bool,
+
+    /// Drop stream messages older than this (e.g. `7d`); unset: keep until limits. Compared with an existing stream only when set.
+    #[arg(long, env = "TALLY_NATS_STREAM_MAX_AGE", value_parser = crate::duration::parse)]
+    pub nats_stream_max_age: Option<Duration>,
+
+    /// Durable pull consumer shared by all Tally instances.
+    #[arg(long, env = "TALLY_NATS_CONSUMER", default_value = "tally")]
+    pub nats_consumer: String,
+
+    /// Most messages delivered and not yet acked, across all instances (bounds memory and redelivery).
+    #[arg(long, env = "TALLY_NATS_MAX_ACK_PENDING", default_value_t = 10_000)]
+    pub nats_max_ack_pending: i64,
+
+    /// How long the server waits for an ack before redelivering.
+    #[arg(long, env = "TALLY_NATS_ACK_WAIT", default_value = "30s", value_parser = crate::duration::parse)]
+    pub nats_ack_wait: Duration,
+
+    /// Most messages appended in one transaction.
+    #[arg(long, env = "TALLY_NATS_BATCH", default_value_t = 1_000)]
+    pub nats_batch: usize,
+
+    /// Most payload bytes pulled and appended in one batch (raised to the
+    /// server's `max_payload` so one large message always fits).
+    #[arg(long, env = "TALLY_NATS_BATCH_BYTES", default_value_t = 2 * 1024 * 1024)]
+    pub nats_batch_bytes: usize,
+
+    /// How long to wait for a batch to fill once its first message arrived.
+    #[arg(long, env = "TALLY_NATS_FETCH_WAIT", default_value = "5ms", value_parser = crate::duration::parse)]
+    pub nats_fetch_wait: Duration,
+
+    /// Subject that gets a JSON notice for every rejected message or item.
+    #[arg(
+        long,
+        env = "TALLY_NATS_REJECTED_SUBJECT",
+        default_value = "usage.rejected"
+    )]
+    pub nats_rejected_subject: String,
 }
 
 /// The stream Tally wants, from config.

@@ -67,11 +67,6 @@ impl PgStore {
         })
     }
 
-    /// The pool, for modules that keep their own tables in the same database.
-    pub fn pool(&self) -> &PgPool {
-        &self.pool
-    }
-
     async fn insert_events(
         tx: &mut Transaction<'_, Postgres>,
         events: &[&Event],

@@ -84,16 +84,6 @@ impl SqliteStore {
         })
     }
 
-    /// The read pool, for queries of other modules.
-    pub fn reader(&self) -> &SqlitePool {
-        &self.reader
-    }
-
-    /// The single-connection write pool.
-    pub fn writer(&self) -> &SqlitePool {
-        &self.writer
-    }
-
     async fn insert_events(
         tx: &mut Transaction<'_, Sqlite>,
         events: &[&Event],
@@ -162,9 +152,9 @@ impl SqliteStore {
     }
 }
 
-/// A multi-row `INSERT INTO usage_events … VALUES (…), (…)` without a conflict
-/// clause (the benchmark's baseline uses it bare). At most [`ROWS_PER_STATEMENT`] rows.
-pub(crate) fn insert_rows<'a>(
+/// A multi-row `INSERT INTO usage_events … VALUES (…), (…)` without a
+/// conflict clause (the caller adds it). At most [`ROWS_PER_STATEMENT`] rows.
+fn insert_rows<'a>(
     rows: impl IntoIterator<Item = &'a Event>,
     ingested_at: &'a str,
 ) -> QueryBuilder<'a, Sqlite> {

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, DurationRound, Timelike, Utc};
 use serde_json::{json, Value};
-use tally::devserver::TempNats;
+use tally_cli::dev::devserver::TempNats;
 
 use crate::support::postgres;
 use crate::support::proc::{jetstream, nats, TallyProc};
@@ -266,7 +266,7 @@ async fn seed_limit_warns_at_80_and_100_percent_once_through_restarts_rebuilds_a
             let out = std::process::Command::new(env!("CARGO_BIN_EXE_tally"))
                 .args(["projections", "rebuild", name])
                 .env("TALLY_DATABASE_URL", &db)
-                .env("TALLY_PROJECTIONS_DIR", concat!(env!("CARGO_MANIFEST_DIR"), "/projections"))
+                .env("TALLY_PROJECTIONS_DIR", concat!(env!("CARGO_MANIFEST_DIR"), "/../../projections"))
                 .output()
                 .expect("run rebuild");
             assert!(out.status.success(), "rebuild {name}: {}", String::from_utf8_lossy(&out.stderr));
@@ -786,7 +786,7 @@ min_requests = 50
             .env("TALLY_DATABASE_URL", &db)
             .env(
                 "TALLY_PROJECTIONS_DIR",
-                concat!(env!("CARGO_MANIFEST_DIR"), "/projections"),
+                concat!(env!("CARGO_MANIFEST_DIR"), "/../../projections"),
             )
             .output()
             .expect("run apply");

@@ -118,7 +118,7 @@ async fn projections_list_and_rebuild_from_the_command_line() {
     store.migrate().await.expect("migrate");
     let events = crate::projection::oracle::seeded_events("cli", 300, 21);
     crate::projection::oracle::append_all(store.as_ref(), &events, 100).await;
-    let projections = concat!(env!("CARGO_MANIFEST_DIR"), "/projections");
+    let projections = concat!(env!("CARGO_MANIFEST_DIR"), "/../../projections");
     let run = |args: &[&str]| {
         let out = tally()
             .args(["--database-url", &db, "projections"])
@@ -176,7 +176,7 @@ async fn stats_and_keys_from_the_command_line() {
     store.migrate().await.expect("migrate");
     let events = crate::projection::oracle::seeded_events("cliq", 400, 5);
     crate::projection::oracle::append_all(store.as_ref(), &events, 100).await;
-    let projections = concat!(env!("CARGO_MANIFEST_DIR"), "/projections");
+    let projections = concat!(env!("CARGO_MANIFEST_DIR"), "/../../projections");
     let run = |args: &[&str]| {
         let out = tally()
             .args(["--database-url", &db])

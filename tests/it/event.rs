@@ -128,7 +128,7 @@ fn non_objects_are_rejected_with_their_type() {
 #[test]
 fn fuzz_regressions_give_bounded_nul_free_reasons() {
     use tally::event::codec::{decode_body, Encoding};
-    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/fuzz/regressions");
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../../fuzz/regressions");
     let mut inputs = 0;
     for entry in std::fs::read_dir(dir).expect("regressions dir") {
         let path = entry.expect("entry").path();

@@ -582,7 +582,7 @@ async fn refuse_record_in(s: &TestStore, id: &str) {
 async fn serve_starts_from_any_directory_with_the_built_in_specs() {
     let elsewhere = tempfile::tempdir().expect("dir");
     let db = format!("sqlite://{}", elsewhere.path().join("t.db").display());
-    let port = tally::devserver::free_port().expect("port");
+    let port = tally_cli::dev::devserver::free_port().expect("port");
     let base = format!("http://127.0.0.1:{port}");
     let log = elsewhere.path().join("serve.log");
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_tally"))
@@ -1201,7 +1201,7 @@ async fn slow_clients_are_timed_out_and_connections_are_bounded() {
 /// the database's error text.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readyz_names_what_is_down_without_the_error_text() {
-    let port = tally::devserver::free_port().expect("port");
+    let port = tally_cli::dev::devserver::free_port().expect("port");
     let dead = tally::store::connect(
         &format!("postgres://secretuser@127.0.0.1:{port}/none"),
         &tally::store::StoreOptions {
@@ -1488,7 +1488,7 @@ async fn nats_batches_are_bounded_by_bytes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn token_checks_do_not_queue_during_a_database_outage() {
     use tally::auth::{create_token, Scope};
-    let mut pg = tally::devserver::TempPostgres::start(false).expect("private postgres");
+    let mut pg = tally_cli::dev::devserver::TempPostgres::start(false).expect("private postgres");
     let url = pg.create_database("authout").expect("db");
     let store = tally::store::connect(
         &url,

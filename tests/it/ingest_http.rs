@@ -460,7 +460,7 @@ async fn health_and_readiness() {
     assert_eq!(body["code"], "not_found");
 
     // A PostgreSQL URL where nothing listens: not ready, and ingest answers 503, not 500.
-    let port = tally::devserver::free_port().expect("port");
+    let port = tally_cli::dev::devserver::free_port().expect("port");
     let dead = tally::store::connect(
         &format!("postgres://postgres@127.0.0.1:{port}/none"),
         &tally::store::StoreOptions {

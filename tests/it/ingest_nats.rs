@@ -5,8 +5,8 @@
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use tally::devserver::TempPostgres;
-use tally::emit::{EmitEncoding, Expectation};
+use tally_cli::dev::devserver::TempPostgres;
+use tally_cli::dev::emit::{EmitEncoding, Expectation};
 
 use crate::support::postgres;
 use crate::support::proc::{

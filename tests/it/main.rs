@@ -1,6 +1,7 @@
 //! Integration tests: one binary, real PostgreSQL (started by `support`) and SQLite files.
 
 mod alert;
+mod architecture;
 mod cli;
 mod event;
 mod hardening;

@@ -13,12 +13,12 @@ use serde_json::{json, Value};
 use tally::auth::{self, Scope};
 use tally::jobs::{self, Job, JobContext};
 use tally::store::{Backend, EventStore, Origin};
-use tally::synth::{self, SynthConfig};
+use tally_cli::dev::synth::{self, SynthConfig};
 
 use crate::support::proc::{jetstream, nats, TallyProc};
 use crate::support::{database, open, server_config, TestServer};
 
-const PROJECTIONS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/projections");
+const PROJECTIONS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../projections");
 
 fn tally() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_tally"));
@@ -324,7 +324,9 @@ async fn a_token_made_by_the_cli_works_at_once_and_secrets_stay_out_of_logs() {
 fn serving_on_a_public_address_without_tokens_is_refused() {
     let dir = tempfile::tempdir().expect("dir");
     let db = format!("sqlite://{}", dir.path().join("t.db").display());
-    let port = tally::devserver::free_port().expect("port").to_string();
+    let port = tally_cli::dev::devserver::free_port()
+        .expect("port")
+        .to_string();
     let addr = format!("0.0.0.0:{port}");
     let out = tally()
         .args(["--database-url", &db, "serve", "--http-addr", &addr])
@@ -1013,7 +1015,10 @@ async fn export_import_and_copy_to_postgres_keep_aggregates_identical() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("empty target"));
 }
 
-const NATS_CONF: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/docker/nats/nats-server.conf");
+const NATS_CONF: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../../docker/nats/nats-server.conf"
+);
 
 async fn connect_as(url: &str, user: &str, password: &str) -> async_nats::Client {
     async_nats::ConnectOptions::with_user_and_password(user.into(), password.into())
@@ -1033,7 +1038,7 @@ async fn nats_users_limited_to_their_subjects() {
         ("PRODUCER_NATS_PASSWORD", "p-pass-2"),
         ("ALERTS_NATS_PASSWORD", "a-pass-3"),
     ];
-    let nats = tally::devserver::TempNats::start_with_config(Path::new(NATS_CONF), &env)
+    let nats = tally_cli::dev::devserver::TempNats::start_with_config(Path::new(NATS_CONF), &env)
         .expect("nats-server with the shipped config");
     let url = nats.url();
     let (db, _dir) = fresh_db(Backend::Sqlite);
@@ -1131,7 +1136,7 @@ async fn nats_users_limited_to_their_subjects() {
 /// The files docker/compose.yaml mounts and builds from are the tested ones.
 #[test]
 fn compose_mounts_the_tested_config_files() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let root = &Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
     let compose = std::fs::read_to_string(root.join("docker/compose.yaml")).expect("compose.yaml");
     assert!(
         compose.contains("./nats/nats-server.conf:/etc/nats/nats-server.conf:ro"),

@@ -154,7 +154,7 @@ proptest! {
 async fn slow_committer_is_folded_exactly_once() {
     // A cluster of its own: the open transaction holds back xmin cluster-wide,
     // which would stall (never corrupt) the other tests' projectors.
-    let pg = tally::devserver::TempPostgres::start(false).expect("own PostgreSQL");
+    let pg = tally_cli::dev::devserver::TempPostgres::start(false).expect("own PostgreSQL");
     let url = pg.create_database("slow").expect("database");
     let store: Arc<dyn EventStore> = Arc::new(
         tally::store::postgres::PgStore::connect(&url, &Default::default())

@@ -16,7 +16,7 @@ use tally::event::{ErrorType, Event};
 use tally::projection::Projector;
 use tally::store::{EventStore, Origin};
 
-pub const PROJECTIONS_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/projections");
+pub const PROJECTIONS_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../projections");
 
 /// The shipped specs.
 pub fn shipped() -> Vec<Spec> {

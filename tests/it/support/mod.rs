@@ -8,9 +8,9 @@ use std::sync::{Arc, OnceLock};
 use chrono::{DateTime, Utc};
 use tally::app::App;
 use tally::config::ServerConfig;
-use tally::devserver::TempPostgres;
 use tally::event::Event;
 use tally::store::{self, Backend, EventStore, StoreOptions};
+use tally_cli::dev::devserver::TempPostgres;
 use tokio_util::sync::CancellationToken;
 
 /// One cluster per test process; its watchdog stops it when the process exits.
@@ -77,7 +77,7 @@ pub fn server_config() -> ServerConfig {
     let mut c = Wrap::parse_from(["tally"]).c;
     c.http_addr = "127.0.0.1:0".parse().expect("addr");
     c.projections.projections_dir =
-        Some(concat!(env!("CARGO_MANIFEST_DIR"), "/projections").into());
+        Some(concat!(env!("CARGO_MANIFEST_DIR"), "/../../projections").into());
     c
 }
 

@@ -8,8 +8,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
-use tally::devserver::{free_port, TempNats};
-use tally::emit::{EmitConfig, Expectation};
+use tally_cli::dev::devserver::{free_port, TempNats};
+use tally_cli::dev::emit::{EmitConfig, Expectation};
 
 /// A fresh nats-server with JetStream for one test; panics loudly when missing.
 pub fn nats() -> TempNats {
@@ -74,7 +74,7 @@ impl TallyProc {
             .env("TALLY_DATABASE_URL", &self.db_url)
             .env(
                 "TALLY_PROJECTIONS_DIR",
-                concat!(env!("CARGO_MANIFEST_DIR"), "/projections"),
+                concat!(env!("CARGO_MANIFEST_DIR"), "/../../projections"),
             )
             .env("TALLY_HTTP_ADDR", format!("127.0.0.1:{}", self.port));
         if let Some(url) = &self.nats_url {
@@ -202,7 +202,7 @@ pub async fn jetstream(url: &str) -> (async_nats::Client, jetstream::Context) {
 
 /// Publishes with `tally emit`'s generator; returns what Tally must count.
 pub async fn emit(js: &jetstream::Context, cfg: EmitConfig) -> Expectation {
-    let (summary, expect) = tally::emit::emit(js, &cfg).await.expect("emit");
+    let (summary, expect) = tally_cli::dev::emit::emit(js, &cfg).await.expect("emit");
     assert_eq!(summary.failed, 0, "every publish is acked: {summary:?}");
     assert_eq!(summary.acked, summary.published);
     expect

@@ -18,30 +18,38 @@ use super::{
     nats_with_usage_stream, num_cpus, peak_rss_mib, spawn_tally_with, stop, tempfile_dir,
     wait_drained, BenchError,
 };
-use crate::aggregate::spec::load_dir;
-use crate::alert::rule::RuleSpec;
-use crate::store::alerts::WriteMode;
-use crate::store::{Backend, StoreOptions};
-use crate::synth::SynthConfig;
+use crate::dev::synth::SynthConfig;
+use tally::aggregate::spec::load_dir;
+use tally::alert::rule::RuleSpec;
+use tally::store::alerts::WriteMode;
+use tally::store::{Backend, StoreOptions};
 
 /// Parameters of `tally bench alerts`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, clap::Args)]
 pub struct AlertsBench {
-    /// Database to measure.
+    /// Database to measure: postgres or sqlite.
+    #[arg(long, value_parser = super::parse_backend, default_value = "postgres")]
     pub backend: Backend,
-    /// Rules to install.
+    /// Rules to install (grouped by key, scoped by api).
+    #[arg(long, default_value_t = 1_000)]
     pub rules: usize,
     /// Distinct API keys of the load.
+    #[arg(long, default_value_t = 10_000)]
     pub keys: usize,
-    /// Events drained for the ingest rates.
+    /// Events drained for each ingest rate.
+    #[arg(long, default_value_t = 100_000)]
     pub events: usize,
-    /// Seconds of live load for the latency measurement.
+    /// Seconds of live load with latency probes.
+    #[arg(long, default_value_t = 30)]
     pub live_seconds: u64,
     /// Projection specs.
+    #[arg(long, env = "TALLY_PROJECTIONS_DIR", default_value = "projections")]
     pub projections_dir: std::path::PathBuf,
-    /// Live load as a fraction of the measured ingest rate (the issue: 0.5).
+    /// Live load as a fraction of the measured ingest rate.
+    #[arg(long, default_value_t = 0.5)]
     pub load_fraction: f64,
-    /// (a)/(b) pairs measured, alternating.
+    /// Pairs of ingest-rate runs without/with rules, alternated.
+    #[arg(long, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..), default_value_t = 2)]
     pub rounds: usize,
 }
 
@@ -99,7 +107,7 @@ pub async fn alerts(params: &AlertsBench) -> Result<AlertsResult, BenchError> {
         id_prefix: "x".into(),
         ..SynthConfig::default()
     };
-    let apis: Vec<String> = crate::synth::events(&synth, 0, 5_000)
+    let apis: Vec<String> = crate::dev::synth::events(&synth, 0, 5_000)
         .into_iter()
         .map(|e| e.api)
         .collect::<BTreeSet<_>>()
@@ -137,7 +145,7 @@ pub async fn alerts(params: &AlertsBench) -> Result<AlertsResult, BenchError> {
         let events = params.events;
         async move {
             let (nats, _client, js) = nats_with_usage_stream().await?;
-            let cfg = crate::emit::EmitConfig {
+            let cfg = crate::dev::emit::EmitConfig {
                 count: events,
                 apis: 10,
                 keys,
@@ -146,9 +154,9 @@ pub async fn alerts(params: &AlertsBench) -> Result<AlertsResult, BenchError> {
                 id_prefix: name.into(),
                 progress: false,
                 realistic: true,
-                ..crate::emit::EmitConfig::default()
+                ..crate::dev::emit::EmitConfig::default()
             };
-            crate::emit::emit(&js, &cfg)
+            crate::dev::emit::emit(&js, &cfg)
                 .await
                 .map_err(|e| BenchError::Check(e.to_string()))?;
             let started = Instant::now();
@@ -174,7 +182,7 @@ pub async fn alerts(params: &AlertsBench) -> Result<AlertsResult, BenchError> {
     for round in 0..params.rounds.max(1) {
         let without = drain(fresh_db(&format!("without{round}"))?, 21, "without").await?;
         let db = fresh_db(&format!("with{round}"))?;
-        let store = crate::store::connect(&db, &StoreOptions::default()).await?;
+        let store = tally::store::connect(&db, &StoreOptions::default()).await?;
         store.migrate().await?;
         for r in &installed {
             store
@@ -217,7 +225,7 @@ pub async fn alerts(params: &AlertsBench) -> Result<AlertsResult, BenchError> {
             .await
             .map_err(|e| BenchError::Check(format!("subscribe: {e}")))?;
         let rate = live_rate;
-        let cfg = crate::emit::EmitConfig {
+        let cfg = crate::dev::emit::EmitConfig {
             count: (rate * params.live_seconds as f64).max(1.0) as usize,
             rate: Some(rate),
             apis: 10,
@@ -227,18 +235,18 @@ pub async fn alerts(params: &AlertsBench) -> Result<AlertsResult, BenchError> {
             id_prefix: "live".into(),
             progress: false,
             realistic: true,
-            ..crate::emit::EmitConfig::default()
+            ..crate::dev::emit::EmitConfig::default()
         };
         let load = {
             let js = js.clone();
-            tokio::spawn(async move { crate::emit::emit(&js, &cfg).await })
+            tokio::spawn(async move { crate::dev::emit::emit(&js, &cfg).await })
         };
         // Rules a probe on apis[0] crosses: tokens rules on that api.
         let per_probe = installed
             .iter()
-            .filter(|r| r.measure == crate::alert::rule::Measure::Tokens)
+            .filter(|r| r.measure == tally::alert::rule::Measure::Tokens)
             .filter(|r| {
-                matches!(r.scope.get("api"), Some(crate::alert::rule::ScopeValue::One(a)) if *a == apis[0])
+                matches!(r.scope.get("api"), Some(tally::alert::rule::ScopeValue::One(a)) if *a == apis[0])
             })
             .count();
         let mut latencies = Vec::new();
@@ -253,7 +261,7 @@ pub async fn alerts(params: &AlertsBench) -> Result<AlertsResult, BenchError> {
             let key = format!("probe-{n}-{:08x}", rand::random::<u32>());
             let body = serde_json::json!({
                 "id": key, "ts": chrono::Utc::now().to_rfc3339(), "api": apis[0], "key": key,
-                "tokens_in": crate::event::validate::MAX_TOKENS,
+                "tokens_in": tally::event::validate::MAX_TOKENS,
             });
             let started = super::publish_probe(&js, &body).await?;
             // The alert and the probe's minute row, watched at once.

@@ -20,10 +20,10 @@ use rand::{Rng, SeedableRng};
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::event::codec::{to_msgpack, to_wire_json};
-use crate::event::cost::format_nanos;
-use crate::event::{validate, ErrorType, Event, ValidationRules};
-use crate::synth::{self, SynthConfig};
+use crate::dev::synth::{self, SynthConfig};
+use tally::event::codec::{to_msgpack, to_wire_json};
+use tally::event::cost::format_nanos;
+use tally::event::{validate, ErrorType, Event, ValidationRules};
 
 /// Wire encoding of published messages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

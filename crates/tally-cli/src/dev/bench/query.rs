@@ -14,26 +14,32 @@ use serde_json::Value;
 use sqlx::postgres::PgPoolCopyExt;
 use sqlx::{PgPool, Row};
 
-use super::{copy_text, fold_backlog, num_cpus, tempfile_dir, BenchError};
-use crate::aggregate::sketch::RELATIVE_ERROR;
-use crate::aggregate::spec::load_dir;
-use crate::devserver::TempPostgres;
-use crate::store::postgres::PgStore;
-use crate::store::{EventStore, StoreOptions, EVENT_COLUMNS};
-use crate::synth::{self, SynthConfig};
+use super::baseline::copy_text;
+use super::{fold_backlog, num_cpus, tempfile_dir, BenchError};
+use crate::dev::devserver::TempPostgres;
+use crate::dev::synth::{self, SynthConfig};
+use tally::aggregate::sketch::RELATIVE_ERROR;
+use tally::aggregate::spec::load_dir;
+use tally::store::postgres::PgStore;
+use tally::store::{EventStore, StoreOptions};
 
 /// Parameters of `tally bench query`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, clap::Args)]
 pub struct QueryBench {
-    /// Events generated over 30 days.
+    /// Events generated over 30 days (COPY, then folded into the projections).
+    #[arg(long, default_value_t = 10_000_000)]
     pub events: usize,
-    /// Timed requests per canonical query (Tally).
+    /// Timed Tally requests per canonical query.
+    #[arg(long, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..), default_value_t = 500)]
     pub iterations: usize,
-    /// Timed runs per canonical query (raw GROUP BY; slow, so fewer).
+    /// Timed runs per canonical query of the raw GROUP BY (slow, so fewer).
+    #[arg(long, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..), default_value_t = 10)]
     pub baseline_iterations: usize,
     /// Projection specs.
+    #[arg(long, env = "TALLY_PROJECTIONS_DIR", default_value = "projections")]
     pub projections_dir: PathBuf,
-    /// Draw every field independently (the worst case) instead of realistic keys.
+    /// Draw every field independently (the worst case for the projections).
+    #[arg(long)]
     pub uniform: bool,
 }
 
@@ -101,14 +107,17 @@ pub async fn query(params: &QueryBench) -> Result<Vec<QueryFigures>, BenchError>
         arrival_order: Some(params.events),
     };
     let started = Instant::now();
-    let pool = pg.pool().clone();
+    let pool = sqlx::PgPool::connect(&url).await?;
     let chunk = 50_000;
     let mut done = 0;
     while done < params.events {
         let n = chunk.min(params.events - done);
         let events = synth::events(&cfg, done as u64, n);
         let mut copy = pool
-            .copy_in_raw(&format!("COPY usage_events ({EVENT_COLUMNS}) FROM STDIN"))
+            .copy_in_raw(&format!(
+                "COPY usage_events ({}) FROM STDIN",
+                super::baseline::COLUMNS
+            ))
             .await?;
         copy.send(copy_text(&events).into_bytes()).await?;
         copy.finish().await?;
@@ -193,7 +202,7 @@ fn spawn_server(
     tmp: &std::path::Path,
 ) -> Result<(std::process::Child, String), BenchError> {
     let log = std::fs::File::create(tmp.join("tally.log"))?;
-    let port = crate::devserver::free_port()?;
+    let port = crate::dev::devserver::free_port()?;
     let child = std::process::Command::new(std::env::current_exe()?)
         .arg("serve")
         .env("TALLY_DATABASE_URL", url)

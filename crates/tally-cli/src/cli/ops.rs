@@ -9,11 +9,11 @@ use chrono::{DateTime, NaiveDate, Utc};
 use clap::Subcommand;
 
 use super::progress_bar;
-use crate::auth;
-use crate::config::{DatabaseConfig, JobsConfig, ProjectionConfig};
-use crate::jobs::{self, Job, JobContext};
-use crate::store::{self, redact_url, EventStore};
-use crate::transfer::{self, Format};
+use tally::auth;
+use tally::config::{DatabaseConfig, JobsConfig, ProjectionConfig};
+use tally::jobs::{self, Job, JobContext};
+use tally::store::{self, redact_url, EventStore};
+use tally::transfer::{self, Format};
 
 #[derive(Debug, Subcommand)]
 pub(super) enum TokensCommand {
@@ -69,7 +69,7 @@ pub(super) enum JobsCommand {
         #[command(flatten)]
         projections: ProjectionConfig,
         /// Oldest event timestamp accepted (retention must exceed it; see `serve`).
-        #[arg(long, env = "TALLY_LATE_ARRIVAL_HORIZON", default_value = "35d", value_parser = crate::duration::parse)]
+        #[arg(long, env = "TALLY_LATE_ARRIVAL_HORIZON", default_value = "35d", value_parser = tally::duration::parse)]
         late_arrival_horizon: Duration,
         /// Subject prefix of alert notifications (as `serve`).
         #[arg(
@@ -102,7 +102,7 @@ pub(super) struct ImportArgs {
     /// A file written by `tally export` (NDJSON or MessagePack, detected).
     file: PathBuf,
     /// How far in the future an event timestamp may be.
-    #[arg(long, env = "TALLY_MAX_FUTURE_SKEW", default_value = "5m", value_parser = crate::duration::parse)]
+    #[arg(long, env = "TALLY_MAX_FUTURE_SKEW", default_value = "5m", value_parser = tally::duration::parse)]
     max_future_skew: Duration,
     /// Fold the imported events into the projections now (a running server does it anyway).
     #[arg(long)]
@@ -201,7 +201,7 @@ pub(super) async fn tokens(db: &DatabaseConfig, which: TokensCommand) -> anyhow:
             }
         }
         TokensCommand::DisableAuth => {
-            crate::auth::disable_auth(store.as_ref()).await?;
+            tally::auth::disable_auth(store.as_ref()).await?;
             println!("authentication is off: the API is open to anyone who can reach it (servers on a non-loopback address refuse requests unless started with --insecure-no-auth)");
         }
     }
@@ -289,7 +289,7 @@ pub(super) async fn jobs(db: &DatabaseConfig, which: JobsCommand) -> anyhow::Res
                 format!("unknown job `{job}`: use retention, reconciliation or optimize")
             })?;
             jobs::validate(&cfg, late_arrival_horizon)?;
-            let specs = crate::aggregate::spec::load_specs(projections.projections_dir.as_deref())?
+            let specs = tally::aggregate::spec::load_specs(projections.projections_dir.as_deref())?
                 .into_iter()
                 .map(std::sync::Arc::new)
                 .collect();
@@ -404,7 +404,7 @@ pub(super) async fn import(db: &DatabaseConfig, a: ImportArgs) -> anyhow::Result
     println!("{}", serde_json::to_string_pretty(&report)?);
     if !a.no_project {
         for task in
-            crate::app::open_projectors(&store, a.projections.projections_dir.as_deref()).await?
+            tally::app::open_projectors(&store, a.projections.projections_dir.as_deref()).await?
         {
             if let Some(mut p) = task.projector {
                 let n = p.catch_up(a.projections.projector_batch.max(1)).await?;

@@ -10,7 +10,7 @@ use chrono::{DateTime, SubsecRound, Utc};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use crate::event::{ErrorType, Event};
+use tally::event::{ErrorType, Event};
 
 const APIS: &[(&str, &[&str])] = &[
     (

@@ -9,27 +9,33 @@ use super::{
     append_synthetic, fold_backlog, nats_with_usage_stream, num_cpus, peak_rss_mib,
     spawn_tally_with, stop, tempfile_dir, wait_drained, BenchError,
 };
-use crate::aggregate::spec::{load_dir, Granularity};
-use crate::devserver::TempPostgres;
-use crate::projection::projector::MAX_DELTA_ROWS;
-use crate::store::{Backend, EventStore, StoreOptions};
-use crate::synth::SynthConfig;
+use crate::dev::devserver::TempPostgres;
+use crate::dev::synth::SynthConfig;
+use tally::aggregate::spec::{load_dir, Granularity};
+use tally::projection::projector::MAX_DELTA_ROWS;
+use tally::store::{Backend, EventStore, StoreOptions};
 
 /// Parameters of `tally bench project`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, clap::Args)]
 pub struct ProjectBench {
-    /// Database to measure.
+    /// Database to measure: postgres or sqlite.
+    #[arg(long, value_parser = super::parse_backend)]
     pub backend: Backend,
     /// Backlog size.
+    #[arg(long, default_value_t = 1_000_000)]
     pub events: usize,
     /// Seconds of live load for the freshness measurement (0: skip it).
+    #[arg(long, default_value_t = 20)]
     pub live_seconds: u64,
     /// Projection specs to fold (the shipped ones by default).
+    #[arg(long, env = "TALLY_PROJECTIONS_DIR", default_value = "projections")]
     pub projections_dir: PathBuf,
-    /// Draw every field independently (the worst case) instead of realistic keys.
+    /// Draw every field independently (the worst case for folding) instead of realistic keys.
+    #[arg(long)]
     pub uniform: bool,
     /// Timestamps spread over this span before now (density decides how many
     /// events share an aggregate row).
+    #[arg(long, default_value = "1h", value_parser = tally::duration::parse)]
     pub span: Duration,
 }
 
@@ -80,7 +86,7 @@ pub async fn project(params: &ProjectBench) -> Result<ProjectResult, BenchError>
             .join(", "),
         num_cpus()
     );
-    let store = crate::store::connect(&url, &StoreOptions::default()).await?;
+    let store = tally::store::connect(&url, &StoreOptions::default()).await?;
     store.migrate().await?;
 
     // (a) The backlog, appended the way ingest appends (1,000 per transaction).
@@ -105,7 +111,7 @@ pub async fn project(params: &ProjectBench) -> Result<ProjectResult, BenchError>
     // Where the fold's time goes: the log read alone, then read + fold in memory.
     let read = read_log_through(store.as_ref(), None).await?;
     let folded = read_log_through(store.as_ref(), Some(&specs)).await?;
-    let chunk = crate::projection::projector::READ_CHUNK;
+    let chunk = tally::projection::projector::READ_CHUNK;
     for (what, took) in [
         ("read + fold in memory, no writes:".to_string(), folded),
         (format!("log read alone (chunks of {chunk}):"), read),
@@ -159,20 +165,20 @@ pub async fn project(params: &ProjectBench) -> Result<ProjectResult, BenchError>
 /// every [`MAX_DELTA_ROWS`] rows, as a transaction would); nothing is
 /// written. How long it took.
 ///
-/// [`READ_CHUNK`]: crate::projection::projector::READ_CHUNK
-/// [`MAX_DELTA_ROWS`]: crate::projection::projector::MAX_DELTA_ROWS
+/// [`READ_CHUNK`]: tally::projection::projector::READ_CHUNK
+/// [`MAX_DELTA_ROWS`]: tally::projection::projector::MAX_DELTA_ROWS
 async fn read_log_through(
     store: &dyn EventStore,
-    specs: Option<&[crate::aggregate::Spec]>,
+    specs: Option<&[tally::aggregate::Spec]>,
 ) -> Result<std::time::Duration, BenchError> {
-    use crate::projection::fold::Fold;
+    use tally::projection::fold::Fold;
     let started = Instant::now();
     let specs = specs.unwrap_or_default();
     let mut folds: Vec<Fold> = specs.iter().map(Fold::new).collect();
-    let mut cursor = crate::store::Cursor::default();
+    let mut cursor = tally::store::Cursor::default();
     loop {
         let batch = store
-            .read_log(cursor, crate::projection::projector::READ_CHUNK)
+            .read_log(cursor, tally::projection::projector::READ_CHUNK)
             .await?;
         for (_, e) in &batch.events {
             for f in folds.iter_mut() {
@@ -199,7 +205,7 @@ async fn read_log_through(
 /// Every table of every projection sums to the number of events.
 async fn check_totals(
     store: &dyn EventStore,
-    specs: &[crate::aggregate::Spec],
+    specs: &[tally::aggregate::Spec],
     events: usize,
 ) -> Result<(), BenchError> {
     for spec in specs {
@@ -226,7 +232,7 @@ async fn freshness(
     // The ingest rate first: `tally serve` drains a pre-filled stream.
     let (nats, _client, js) = nats_with_usage_stream().await?;
     let drain_events = params.events.clamp(10_000, 100_000);
-    let prefill = crate::emit::EmitConfig {
+    let prefill = crate::dev::emit::EmitConfig {
         count: drain_events,
         apis: 10,
         keys: 1000,
@@ -235,9 +241,9 @@ async fn freshness(
         id_prefix: "drain".into(),
         progress: false,
         realistic: !params.uniform,
-        ..crate::emit::EmitConfig::default()
+        ..crate::dev::emit::EmitConfig::default()
     };
-    crate::emit::emit(&js, &prefill)
+    crate::dev::emit::emit(&js, &prefill)
         .await
         .map_err(|e| BenchError::Check(e.to_string()))?;
     let started = Instant::now();
@@ -267,7 +273,7 @@ async fn freshness(
         caught_up.as_secs_f64()
     );
     let count = (rate * params.live_seconds as f64).max(1.0) as usize;
-    let cfg = crate::emit::EmitConfig {
+    let cfg = crate::dev::emit::EmitConfig {
         count,
         rate: Some(rate),
         apis: 10,
@@ -277,11 +283,11 @@ async fn freshness(
         id_prefix: "live".into(),
         progress: false,
         realistic: !params.uniform,
-        ..crate::emit::EmitConfig::default()
+        ..crate::dev::emit::EmitConfig::default()
     };
     let load = {
         let js = js.clone();
-        tokio::spawn(async move { crate::emit::emit(&js, &cfg).await })
+        tokio::spawn(async move { crate::dev::emit::emit(&js, &cfg).await })
     };
     let probe = Probe::connect(url).await?;
     let mut latencies = Vec::new();
@@ -332,7 +338,7 @@ async fn freshness(
 /// Waits until every projection's checkpoint is at the end of the log; how long that took.
 async fn wait_projections_caught_up(url: &str, timeout: Duration) -> Result<Duration, BenchError> {
     let started = Instant::now();
-    let store = crate::store::connect(url, &StoreOptions::default()).await?;
+    let store = tally::store::connect(url, &StoreOptions::default()).await?;
     loop {
         let mut behind = 0;
         for state in store.projection_states().await? {

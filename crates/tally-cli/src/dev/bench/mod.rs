@@ -5,33 +5,36 @@
 //! database, measured on the same rows right before.
 
 pub mod alerts;
+pub mod baseline;
 pub mod project;
 pub mod query;
 
 pub use project::{project, ProjectBench, ProjectResult};
 pub use query::{query, QueryBench, QueryFigures};
 
-use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use sqlx::postgres::PgPoolCopyExt;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use std::str::FromStr;
 
-use crate::devserver::TempPostgres;
-use crate::event::{format_ts, Event};
-use crate::store::postgres::PgStore;
-use crate::store::sqlite::{insert_rows, SqliteStore, ROWS_PER_STATEMENT};
-use crate::store::{metadata_json, Backend, EventStore, Origin, StoreOptions, EVENT_COLUMNS};
-use crate::synth::{self, SynthConfig};
+use crate::dev::devserver::TempPostgres;
+use crate::dev::synth::{self, SynthConfig};
+use baseline::{copy_text, sqlite_insert, COLUMNS, SQLITE_ROWS_PER_STATEMENT};
+use tally::event::{format_ts, Event};
+use tally::store::postgres::PgStore;
+use tally::store::sqlite::SqliteStore;
+use tally::store::{Backend, EventStore, Origin, StoreOptions};
 
 /// Folds the whole log into `specs` as `tally serve` does (one group, one
 /// shared read), until every checkpoint has nothing after it.
 async fn fold_backlog(
     store: &Arc<dyn EventStore>,
-    specs: &[crate::aggregate::Spec],
+    specs: &[tally::aggregate::Spec],
 ) -> Result<FoldStats, BenchError> {
-    use crate::projection::{Projector, ProjectorConfig};
-    let check = |e: crate::projection::ProjectionError| BenchError::Check(e.to_string());
+    use tally::projection::{Projector, ProjectorConfig};
+    let check = |e: tally::projection::ProjectionError| BenchError::Check(e.to_string());
     let mut projectors = Vec::new();
     for spec in specs.iter().cloned() {
         let name = spec.name.clone();
@@ -42,7 +45,7 @@ async fn fold_backlog(
         );
     }
     // The group `tally serve` runs (a Vec, should serve ever split it in lanes again).
-    let groups = vec![crate::projection::projector::Group::new(
+    let groups = vec![tally::projection::projector::Group::new(
         store.clone(),
         projectors,
     )];
@@ -93,13 +96,13 @@ struct FoldStats {
 pub enum BenchError {
     /// The store failed.
     #[error(transparent)]
-    Store(#[from] crate::store::StoreError),
+    Store(#[from] tally::store::StoreError),
     /// A baseline query failed.
     #[error("baseline: {0}")]
     Sql(#[from] sqlx::Error),
     /// The throwaway PostgreSQL could not start.
     #[error(transparent)]
-    DevServer(#[from] crate::devserver::DevServerError),
+    DevServer(#[from] crate::dev::devserver::DevServerError),
     /// Temp files.
     #[error(transparent)]
     Io(#[from] std::io::Error),
@@ -109,17 +112,22 @@ pub enum BenchError {
 }
 
 /// Parameters of `tally bench append`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, clap::Args)]
 pub struct AppendBench {
-    /// Database to measure.
+    /// Database to measure: postgres or sqlite.
+    #[arg(long, value_parser = parse_backend)]
     pub backend: Backend,
     /// Events per path.
+    #[arg(long, default_value_t = 1_000_000)]
     pub events: usize,
     /// Events per transaction.
+    #[arg(long, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..), default_value_t = 1_000)]
     pub batch: usize,
     /// Rounds (baseline then Tally each round); the best of each is reported.
+    #[arg(long, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..), default_value_t = 1)]
     pub rounds: usize,
     /// An existing PostgreSQL database to use instead of a throwaway cluster.
+    #[arg(long)]
     pub postgres_url: Option<String>,
 }
 
@@ -183,7 +191,7 @@ pub async fn append(params: &AppendBench) -> Result<AppendResult, BenchError> {
                 };
                 let store = PgStore::connect(&url, &StoreOptions::default()).await?;
                 store.migrate().await?;
-                let result = postgres_round(&store, &events, params.batch, &origin).await;
+                let result = postgres_round(&store, &url, &events, params.batch, &origin).await;
                 store.close().await;
                 result?
             }
@@ -241,11 +249,12 @@ fn tempfile_dir() -> Result<std::path::PathBuf, BenchError> {
 
 async fn postgres_round(
     store: &PgStore,
+    url: &str,
     events: &[Event],
     batch: usize,
     origin: &Origin,
 ) -> Result<(Duration, Duration), BenchError> {
-    let pool = store.pool();
+    let pool = &sqlx::PgPool::connect(url).await?;
     sqlx::query("DROP TABLE IF EXISTS bench_copy")
         .execute(pool)
         .await?;
@@ -256,7 +265,7 @@ async fn postgres_round(
     let start = Instant::now();
     for chunk in events.chunks(batch) {
         let mut copy = pool
-            .copy_in_raw(&format!("COPY bench_copy ({EVENT_COLUMNS}) FROM STDIN"))
+            .copy_in_raw(&format!("COPY bench_copy ({COLUMNS}) FROM STDIN"))
             .await?;
         copy.send(copy_text(chunk).into_bytes()).await?;
         copy.finish().await?;
@@ -288,54 +297,6 @@ fn check_counts(baseline: i64, tally: i64, expected: usize) -> Result<(), BenchE
     Ok(())
 }
 
-/// COPY text format: tab-separated, `\N` for NULL, backslash escapes.
-fn copy_text(events: &[Event]) -> String {
-    fn field(out: &mut String, v: Option<&str>) {
-        match v {
-            None => out.push_str("\\N"),
-            Some(s) => {
-                for c in s.chars() {
-                    match c {
-                        '\\' => out.push_str("\\\\"),
-                        '\t' => out.push_str("\\t"),
-                        '\n' => out.push_str("\\n"),
-                        '\r' => out.push_str("\\r"),
-                        c => out.push(c),
-                    }
-                }
-            }
-        }
-        out.push('\t');
-    }
-    let num = |v: Option<i64>| v.map(|n| n.to_string());
-    let mut out = String::with_capacity(events.len() * 400);
-    for e in events {
-        field(&mut out, Some(&e.id));
-        field(&mut out, Some(&format_ts(&e.ts)));
-        field(&mut out, Some(&e.api));
-        field(&mut out, e.endpoint.as_deref());
-        field(&mut out, e.method.as_deref());
-        field(&mut out, e.key.as_deref());
-        field(&mut out, e.user.as_deref());
-        field(&mut out, e.model.as_deref());
-        field(&mut out, e.status.map(|s| s.to_string()).as_deref());
-        field(&mut out, Some(if e.success { "t" } else { "f" }));
-        field(&mut out, e.error_type.map(|t| t.as_str()));
-        field(&mut out, e.error_message.as_deref());
-        field(&mut out, e.latency_ms.map(|l| l.to_string()).as_deref());
-        field(&mut out, num(e.request_bytes).as_deref());
-        field(&mut out, num(e.response_bytes).as_deref());
-        field(&mut out, num(e.tokens_in).as_deref());
-        field(&mut out, num(e.tokens_out).as_deref());
-        field(&mut out, num(e.cost_nanos).as_deref());
-        field(&mut out, Some(if e.cached { "t" } else { "f" }));
-        field(&mut out, metadata_json(e).as_deref());
-        out.pop();
-        let _ = writeln!(out);
-    }
-    out
-}
-
 async fn sqlite_round(
     baseline_path: &std::path::Path,
     tally_path: &std::path::Path,
@@ -346,18 +307,31 @@ async fn sqlite_round(
     let open = |p: &std::path::Path| format!("sqlite://{}", p.display());
     let base = SqliteStore::connect(&open(baseline_path), &StoreOptions::default()).await?;
     base.migrate().await?;
+    base.close().await;
+    // The baseline's own connection, as durable as the store's writer.
+    let options = SqliteConnectOptions::from_str(&open(baseline_path))?
+        .journal_mode(SqliteJournalMode::Wal)
+        .synchronous(SqliteSynchronous::Full)
+        .busy_timeout(Duration::from_secs(10))
+        .foreign_keys(true);
+    let writer = SqlitePoolOptions::new()
+        .max_connections(1)
+        .connect_with(options)
+        .await?;
     let start = Instant::now();
     for chunk in events.chunks(batch) {
-        let mut tx = base.writer().begin_with("BEGIN IMMEDIATE").await?;
+        let mut tx = writer.begin_with("BEGIN IMMEDIATE").await?;
         let now = format_ts(&chrono::Utc::now());
-        for rows in chunk.chunks(ROWS_PER_STATEMENT) {
-            insert_rows(rows, &now).build().execute(&mut *tx).await?;
+        for rows in chunk.chunks(SQLITE_ROWS_PER_STATEMENT) {
+            sqlite_insert(rows, &now).build().execute(&mut *tx).await?;
         }
         tx.commit().await?;
     }
     let baseline = start.elapsed();
-    let baseline_count = base.counts().await?.events;
-    base.close().await;
+    let baseline_count: i64 = sqlx::query_scalar("SELECT count(*) FROM usage_events")
+        .fetch_one(&writer)
+        .await?;
+    writer.close().await;
 
     let tally: Arc<dyn EventStore> =
         Arc::new(SqliteStore::connect(&open(tally_path), &StoreOptions::default()).await?);
@@ -374,14 +348,26 @@ async fn sqlite_round(
 }
 
 /// Parameters of `tally bench ingest`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, clap::Args)]
 pub struct IngestBench {
-    /// Database to measure.
+    /// Database to measure: postgres or sqlite.
+    #[arg(long, value_parser = parse_backend)]
     pub backend: Backend,
     /// Events per path.
+    #[arg(long, default_value_t = 1_000_000)]
     pub events: usize,
-    /// Also run the live path (`tally emit` publishing while Tally consumes).
-    pub live: bool,
+    /// Skip the live run (`tally emit` publishing while Tally consumes).
+    #[arg(long)]
+    pub no_live: bool,
+}
+
+/// `--backend postgres|sqlite`.
+pub fn parse_backend(name: &str) -> Result<Backend, String> {
+    match name {
+        "postgres" => Ok(Backend::Postgres),
+        "sqlite" => Ok(Backend::Sqlite),
+        other => Err(format!("unknown backend `{other}`: use postgres or sqlite")),
+    }
 }
 
 /// The measured rates of one ingest run.
@@ -402,7 +388,7 @@ pub struct IngestResult {
 /// Runs the NATS ingest benchmark and prints rates, ratios and peak RSS.
 pub async fn ingest(params: &IngestBench) -> Result<IngestResult, BenchError> {
     let seed = 7;
-    let cfg = crate::emit::EmitConfig {
+    let cfg = crate::dev::emit::EmitConfig {
         count: params.events,
         seed,
         apis: 10,
@@ -410,7 +396,7 @@ pub async fn ingest(params: &IngestBench) -> Result<IngestResult, BenchError> {
         models: 20,
         id_prefix: "bench".into(),
         progress: false,
-        ..crate::emit::EmitConfig::default()
+        ..crate::dev::emit::EmitConfig::default()
     };
     let tmp = tempfile_dir()?;
     let dbs = Databases::start(params.backend, &tmp)?;
@@ -424,7 +410,7 @@ pub async fn ingest(params: &IngestBench) -> Result<IngestResult, BenchError> {
 
     // (a) Baseline: the same events straight through the store, batches of 1000.
     let url = fresh_db("baseline")?;
-    let store = crate::store::connect(&url, &StoreOptions::default()).await?;
+    let store = tally::store::connect(&url, &StoreOptions::default()).await?;
     store.migrate().await?;
     let synth_cfg = SynthConfig {
         seed,
@@ -445,7 +431,7 @@ pub async fn ingest(params: &IngestBench) -> Result<IngestResult, BenchError> {
     // (b) Pre-published stream, drained by `tally serve` end to end.
     let (nats, client, js) = nats_with_usage_stream().await?;
     print!("    publishing {} events to JetStream… ", params.events);
-    let (summary, _) = crate::emit::emit(&js, &cfg)
+    let (summary, _) = crate::dev::emit::emit(&js, &cfg)
         .await
         .map_err(|e| BenchError::Check(e.to_string()))?;
     println!("{:.0} msg/s", summary.published as f64 / summary.seconds);
@@ -469,8 +455,8 @@ pub async fn ingest(params: &IngestBench) -> Result<IngestResult, BenchError> {
 
     // (c) Live: `tally emit` publishes while Tally consumes.
     let (mut live_rate, mut live_peak_rss_mib) = (None, None);
-    if params.live {
-        let nats = crate::devserver::TempNats::start()?;
+    if !params.no_live {
+        let nats = crate::dev::devserver::TempNats::start()?;
         let url = fresh_db("live")?;
         let mut tally = spawn_tally(&url, &nats.url(), &tmp.join("live.log"))?;
         let client = async_nats::connect(nats.url())
@@ -479,7 +465,7 @@ pub async fn ingest(params: &IngestBench) -> Result<IngestResult, BenchError> {
         let js = async_nats::jetstream::new(client.clone());
         wait_consumer(&js, &mut tally).await?;
         let started = Instant::now();
-        let (summary, _) = crate::emit::emit(&js, &cfg)
+        let (summary, _) = crate::dev::emit::emit(&js, &cfg)
             .await
             .map_err(|e| BenchError::Check(e.to_string()))?;
         wait_drained(&js, &mut tally, Duration::from_secs(3600)).await?;
@@ -563,13 +549,13 @@ impl Databases {
 /// already created (so events can be published before Tally starts).
 async fn nats_with_usage_stream() -> Result<
     (
-        crate::devserver::TempNats,
+        crate::dev::devserver::TempNats,
         async_nats::Client,
         async_nats::jetstream::Context,
     ),
     BenchError,
 > {
-    let nats = crate::devserver::TempNats::start()?;
+    let nats = crate::dev::devserver::TempNats::start()?;
     let client = async_nats::connect(nats.url())
         .await
         .map_err(|e| BenchError::Check(format!("connect to NATS: {e}")))?;
@@ -630,7 +616,7 @@ fn spawn_tally_with(
 ) -> Result<std::process::Child, BenchError> {
     let out = std::fs::File::create(log)?;
     let err = out.try_clone()?;
-    let port = crate::devserver::free_port()?;
+    let port = crate::dev::devserver::free_port()?;
     Ok(std::process::Command::new(std::env::current_exe()?)
         .arg("serve")
         .env("TALLY_DATABASE_URL", db_url)
@@ -712,7 +698,7 @@ fn stop(mut child: std::process::Child) {
 }
 
 async fn check_count(url: &str, want: usize) -> Result<(), BenchError> {
-    let store = crate::store::connect(url, &StoreOptions::default()).await?;
+    let store = tally::store::connect(url, &StoreOptions::default()).await?;
     let have = store.counts().await?.events;
     store.close().await;
     if have != want as i64 {

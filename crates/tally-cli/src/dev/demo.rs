@@ -8,9 +8,9 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use crate::event::codec::to_wire_json;
-use crate::ingest::IngestReport;
-use crate::synth::{self, SynthConfig};
+use crate::dev::synth::{self, SynthConfig};
+use tally::event::codec::to_wire_json;
+use tally::ingest::IngestReport;
 
 /// Errors of the demo's client side.
 #[derive(Debug, thiserror::Error)]
@@ -150,7 +150,7 @@ fn print_summary(summary: &DemoSummary, samples: &[String]) {
 /// the event log and the notices on `usage.rejected`, so it shows what Tally did.
 pub async fn send_sample_traffic_nats(
     client: &async_nats::Client,
-    store: &std::sync::Arc<dyn crate::store::EventStore>,
+    store: &std::sync::Arc<dyn tally::store::EventStore>,
     count: usize,
 ) -> Result<DemoSummary, DemoError> {
     use futures::StreamExt;
@@ -278,7 +278,7 @@ pub async fn send_sample_traffic_nats(
 
 /// A conflicting resend of `first` (same id, other cost), five broken events
 /// and one valid event: the mix every demo path sends.
-fn broken_batch(prefix: &str, first: &crate::event::Event) -> Vec<Value> {
+fn broken_batch(prefix: &str, first: &tally::event::Event) -> Vec<Value> {
     let mut changed = to_wire_json(first);
     changed["cost"] = json!("99.5");
     let now = chrono::Utc::now();

@@ -5,14 +5,15 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
-use crate::app::App;
-use crate::bench::{self, AppendBench};
+use crate::dev::bench::{self, AppendBench};
 use std::path::PathBuf;
+use tally::app::App;
 
-use crate::config::{DatabaseConfig, LogConfig, NatsConnection, ProjectionConfig, ServerConfig};
-use crate::emit::{EmitConfig, EmitEncoding};
-use crate::ingest::nats;
-use crate::store::{self, redact_url, Backend};
+use crate::dev::emit::{EmitConfig, EmitEncoding};
+use tally::config::{DatabaseConfig, LogConfig, ProjectionConfig, ServerConfig};
+use tally::nats;
+use tally::nats::NatsConnection;
+use tally::store::{self, redact_url};
 
 mod ops;
 
@@ -169,7 +170,7 @@ struct QueryTarget {
     projections_dir: Option<PathBuf>,
     /// Output format.
     #[arg(long, value_enum, default_value = "table")]
-    format: crate::query::render::Format,
+    format: tally::query::render::Format,
 }
 
 #[derive(Debug, clap::Args)]
@@ -293,110 +294,23 @@ enum AlertsCommand {
 #[derive(Debug, Subcommand)]
 enum BenchCommand {
     /// Projector fold rate from a backlog vs. the append rate, and freshness under live NATS load.
-    Project {
-        /// Database to measure.
-        #[arg(long, value_parser = ["postgres", "sqlite"])]
-        backend: String,
-        /// Backlog size.
-        #[arg(long, default_value_t = 1_000_000)]
-        events: usize,
-        /// Seconds of live load for the freshness probes (0 skips them).
-        #[arg(long, default_value_t = 20)]
-        live_seconds: u64,
-        /// Projection specs to fold.
-        #[arg(long, env = "TALLY_PROJECTIONS_DIR", default_value = "projections")]
-        projections_dir: PathBuf,
-        /// Draw every event field independently: almost every event gets its own
-        /// row in every table (the worst case for folding).
-        #[arg(long)]
-        uniform: bool,
-        /// Timestamps of the backlog spread over this span before now.
-        #[arg(long, default_value = "1h", value_parser = crate::duration::parse)]
-        span: std::time::Duration,
-    },
+    Project(bench::ProjectBench),
     /// Alert rules: ingest rate with and without N rules, and publish → alert
     /// latency under a live load at half the ingest rate.
-    Alerts {
-        /// Database to measure.
-        #[arg(long, value_parser = ["postgres", "sqlite"], default_value = "postgres")]
-        backend: String,
-        /// Rules installed (grouped by key, scoped by api).
-        #[arg(long, default_value_t = 1_000)]
-        rules: usize,
-        /// Distinct API keys of the load.
-        #[arg(long, default_value_t = 10_000)]
-        keys: usize,
-        /// Events drained for each ingest rate.
-        #[arg(long, default_value_t = 100_000)]
-        events: usize,
-        /// Seconds of live load with latency probes.
-        #[arg(long, default_value_t = 30)]
-        live_seconds: u64,
-        /// Live load as a fraction of the measured ingest rate.
-        #[arg(long, default_value_t = 0.5)]
-        load_fraction: f64,
-        /// Pairs of ingest-rate runs without/with rules, alternated.
-        #[arg(long, default_value_t = 2)]
-        rounds: usize,
-        /// Projection specs.
-        #[arg(long, env = "TALLY_PROJECTIONS_DIR", default_value = "projections")]
-        projections_dir: PathBuf,
-    },
+    Alerts(bench::alerts::AlertsBench),
     /// The five canonical queries over HTTP vs. the same answers by GROUP BY over
     /// the raw log with composite indexes (PostgreSQL).
-    Query {
-        /// Events generated over 30 days (COPY, then folded into the projections).
-        #[arg(long, default_value_t = 10_000_000)]
-        events: usize,
-        /// Timed Tally requests per query.
-        #[arg(long, default_value_t = 500)]
-        iterations: usize,
-        /// Timed GROUP BY runs per query.
-        #[arg(long, default_value_t = 10)]
-        baseline_iterations: usize,
-        /// Projection specs.
-        #[arg(long, env = "TALLY_PROJECTIONS_DIR", default_value = "projections")]
-        projections_dir: PathBuf,
-        /// Draw every event field independently (the worst case for the projections).
-        #[arg(long)]
-        uniform: bool,
-    },
+    Query(bench::QueryBench),
     /// NATS ingest end to end vs. appending the same events straight through the store.
-    Ingest {
-        /// Database to measure.
-        #[arg(long, value_parser = ["postgres", "sqlite"])]
-        backend: String,
-        /// Events per path.
-        #[arg(long, default_value_t = 1_000_000)]
-        events: usize,
-        /// Skip the live run (publisher and Tally at once).
-        #[arg(long)]
-        no_live: bool,
-    },
+    Ingest(bench::IngestBench),
     /// Append path vs. the database's physical limit (COPY / bare multi-row INSERT).
-    Append {
-        /// Database to measure.
-        #[arg(long, value_parser = ["postgres", "sqlite"])]
-        backend: String,
-        /// Events per path.
-        #[arg(long, default_value_t = 1_000_000)]
-        events: usize,
-        /// Events per transaction.
-        #[arg(long, default_value_t = 1_000)]
-        batch: usize,
-        /// Rounds; the best of each path is reported.
-        #[arg(long, default_value_t = 1)]
-        rounds: usize,
-        /// Use this PostgreSQL database instead of a throwaway cluster.
-        #[arg(long)]
-        postgres_url: Option<String>,
-    },
+    Append(AppendBench),
 }
 
 /// Entry point of the binary.
 pub async fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    crate::telemetry::init(&cli.log.log, cli.log.log_format);
+    tally::telemetry::init(&cli.log.log, cli.log.log_format);
     match cli.command {
         Command::Serve(server) => {
             let app = App::build(&cli.db, &server).await.with_context(|| {
@@ -423,92 +337,20 @@ pub async fn run() -> anyhow::Result<()> {
         Command::Import(args) => ops::import(&cli.db, args).await?,
         Command::Copy(args) => ops::copy(&cli.db, args).await?,
         Command::Bench { which } => match which {
-            BenchCommand::Project {
-                backend,
-                events,
-                live_seconds,
-                projections_dir,
-                uniform,
-                span,
-            } => {
-                let backend = bench_backend(&backend);
-                bench::project(&bench::ProjectBench {
-                    backend,
-                    events,
-                    live_seconds,
-                    projections_dir,
-                    uniform,
-                    span,
-                })
-                .await?;
+            BenchCommand::Project(params) => {
+                bench::project(&params).await?;
             }
-            BenchCommand::Alerts {
-                backend,
-                rules,
-                keys,
-                events,
-                live_seconds,
-                projections_dir,
-                load_fraction,
-                rounds,
-            } => {
-                bench::alerts::alerts(&bench::alerts::AlertsBench {
-                    load_fraction,
-                    rounds,
-                    backend: bench_backend(&backend),
-                    rules,
-                    keys,
-                    events,
-                    live_seconds,
-                    projections_dir,
-                })
-                .await?;
+            BenchCommand::Alerts(params) => {
+                bench::alerts::alerts(&params).await?;
             }
-            BenchCommand::Query {
-                events,
-                iterations,
-                baseline_iterations,
-                projections_dir,
-                uniform,
-            } => {
-                bench::query(&bench::QueryBench {
-                    events,
-                    iterations: iterations.max(1),
-                    baseline_iterations: baseline_iterations.max(1),
-                    projections_dir,
-                    uniform,
-                })
-                .await?;
+            BenchCommand::Query(params) => {
+                bench::query(&params).await?;
             }
-            BenchCommand::Ingest {
-                backend,
-                events,
-                no_live,
-            } => {
-                let backend = bench_backend(&backend);
-                bench::ingest(&bench::IngestBench {
-                    backend,
-                    events,
-                    live: !no_live,
-                })
-                .await?;
+            BenchCommand::Ingest(params) => {
+                bench::ingest(&params).await?;
             }
-            BenchCommand::Append {
-                backend,
-                events,
-                batch,
-                rounds,
-                postgres_url,
-            } => {
-                let backend = bench_backend(&backend);
-                bench::append(&AppendBench {
-                    backend,
-                    events,
-                    batch: batch.max(1),
-                    rounds: rounds.max(1),
-                    postgres_url,
-                })
-                .await?;
+            BenchCommand::Append(params) => {
+                bench::append(&params).await?;
             }
         },
     }
@@ -519,9 +361,9 @@ async fn demo(db: &DatabaseConfig, mut args: DemoArgs) -> anyhow::Result<()> {
     // The main path: a private nats-server when one is installed and no NATS is configured.
     let mut private_nats = None;
     if args.server.nats.connection.nats_url.is_none() && !args.http_only {
-        match crate::devserver::which("nats-server") {
+        match crate::dev::devserver::which("nats-server") {
             Some(_) => {
-                let nats = crate::devserver::TempNats::start()?;
+                let nats = crate::dev::devserver::TempNats::start()?;
                 println!("Started a private nats-server -js at {}", nats.url());
                 args.server.nats.connection.nats_url = Some(nats.url());
                 private_nats = Some(nats);
@@ -545,11 +387,11 @@ async fn demo(db: &DatabaseConfig, mut args: DemoArgs) -> anyhow::Result<()> {
     match &args.server.nats.connection.nats_url {
         Some(_) if !args.http_only => {
             let client = nats::connect(&args.server.nats.connection, "tally-demo", None).await?;
-            crate::demo::send_sample_traffic_nats(&client, &store, args.events).await?;
+            crate::dev::demo::send_sample_traffic_nats(&client, &store, args.events).await?;
             let _ = client.drain().await;
         }
         _ => {
-            crate::demo::send_sample_traffic(&base, args.events).await?;
+            crate::dev::demo::send_sample_traffic(&base, args.events).await?;
         }
     }
     let counts = store.counts().await?;
@@ -557,7 +399,7 @@ async fn demo(db: &DatabaseConfig, mut args: DemoArgs) -> anyhow::Result<()> {
         "\nThe event log now holds {} events; rejected_events holds {} payloads.",
         counts.events, counts.rejected
     );
-    crate::demo::report(&base).await?;
+    crate::dev::demo::report(&base).await?;
     if args.exit {
         shutdown.cancel();
     } else {
@@ -596,11 +438,11 @@ async fn emit(args: EmitArgs) -> anyhow::Result<()> {
         subject_prefix: args.subject_prefix,
         input: args.input,
         id_prefix: args.id_prefix.unwrap_or(defaults.id_prefix),
-        progress: args.count >= 100_000 || crate::emit::stderr_is_terminal(),
+        progress: args.count >= 100_000 || crate::dev::emit::stderr_is_terminal(),
         realistic: args.realistic,
         ..defaults
     };
-    let (summary, expect) = crate::emit::emit(&js, &cfg).await?;
+    let (summary, expect) = crate::dev::emit::emit(&js, &cfg).await?;
     client.flush().await.context("flushing NATS")?;
     println!(
         "published {} messages in {:.1}s ({:.0} msg/s): {} events, {} re-published duplicates, {} late, {} malformed",
@@ -637,7 +479,7 @@ async fn emit(args: EmitArgs) -> anyhow::Result<()> {
 }
 
 async fn alerts(db: &DatabaseConfig, which: AlertsCommand) -> anyhow::Result<()> {
-    use crate::store::alerts::HistoryFilter;
+    use tally::store::alerts::HistoryFilter;
     let store = store::connect(&db.database_url, &db.store_options()).await?;
     store.migrate().await?;
     match which {
@@ -650,7 +492,7 @@ async fn alerts(db: &DatabaseConfig, which: AlertsCommand) -> anyhow::Result<()>
             let text = std::fs::read_to_string(&file)
                 .with_context(|| format!("reading {}", file.display()))?;
             let specs: Vec<_> =
-                crate::aggregate::spec::load_specs(config.projections_dir.as_deref())?
+                tally::aggregate::spec::load_specs(config.projections_dir.as_deref())?
                     .into_iter()
                     .map(std::sync::Arc::new)
                     .collect();
@@ -660,7 +502,7 @@ async fn alerts(db: &DatabaseConfig, which: AlertsCommand) -> anyhow::Result<()>
                     std::env::var("USER").unwrap_or_else(|_| "unknown".into())
                 )
             });
-            let report = crate::alert::apply_file(store.as_ref(), &specs, &text, &actor, prune)
+            let report = tally::alert::apply_file(store.as_ref(), &specs, &text, &actor, prune)
                 .await
                 .with_context(|| format!("applying {}", file.display()))?;
             for (what, names) in [
@@ -684,7 +526,7 @@ async fn alerts(db: &DatabaseConfig, which: AlertsCommand) -> anyhow::Result<()>
                 .alert_rules()
                 .await?
                 .iter()
-                .map(crate::http::alerts::rule_view)
+                .map(tally::http::alerts::rule_view)
                 .collect();
             println!(
                 "{}",
@@ -718,10 +560,10 @@ async fn alerts(db: &DatabaseConfig, which: AlertsCommand) -> anyhow::Result<()>
 }
 
 async fn projections(db: &DatabaseConfig, which: ProjectionsCommand) -> anyhow::Result<()> {
-    use crate::aggregate::spec;
-    use crate::projection::{rebuild, status};
     use std::io::Write;
     use std::sync::Arc;
+    use tally::aggregate::spec;
+    use tally::projection::{rebuild, status};
     if let ProjectionsCommand::Init { dir } = &which {
         for path in spec::write_builtin(dir)? {
             println!("wrote {}", path.display());
@@ -792,7 +634,7 @@ async fn projections(db: &DatabaseConfig, which: ProjectionsCommand) -> anyhow::
             let spec = specs
                 .into_iter()
                 .find(|s| s.name == name)
-                .ok_or_else(|| crate::projection::ProjectionError::NotFound(name.clone()))?;
+                .ok_or_else(|| tally::projection::ProjectionError::NotFound(name.clone()))?;
             let owner = format!("rebuild-{}", std::process::id());
             let started = std::time::Instant::now();
             let mut stderr = std::io::stderr();
@@ -824,14 +666,6 @@ async fn projections(db: &DatabaseConfig, which: ProjectionsCommand) -> anyhow::
 }
 
 /// The `--backend` of a benchmark (clap has already checked the name).
-fn bench_backend(name: &str) -> Backend {
-    if name == "postgres" {
-        Backend::Postgres
-    } else {
-        Backend::Sqlite
-    }
-}
-
 /// `[#####.....] 50% 500/1000 events, 2.0s`.
 fn progress_bar(done: u64, total: u64, elapsed: std::time::Duration, unit: &str) -> String {
     let total = total.max(1);
@@ -899,9 +733,9 @@ async fn query_answer(
     pairs: Vec<(String, String)>,
     local: impl AsyncFnOnce(
         std::sync::Arc<dyn store::EventStore>,
-        crate::query::Catalog,
+        tally::query::Catalog,
         Vec<(String, String)>,
-    ) -> Result<serde_json::Value, crate::query::QueryError>,
+    ) -> Result<serde_json::Value, tally::query::QueryError>,
 ) -> anyhow::Result<serde_json::Value> {
     if let Some(server) = &target.server {
         let url = format!("{}{path}", server.trim_end_matches('/'));
@@ -924,8 +758,8 @@ async fn query_answer(
         }
         return Ok(body);
     }
-    let specs = crate::aggregate::spec::load_specs(target.projections_dir.as_deref())?;
-    let catalog = crate::query::Catalog::new(specs.into_iter().map(std::sync::Arc::new).collect());
+    let specs = tally::aggregate::spec::load_specs(target.projections_dir.as_deref())?;
+    let catalog = tally::query::Catalog::new(specs.into_iter().map(std::sync::Arc::new).collect());
     let store = store::connect(&db.database_url, &db.store_options()).await?;
     let answer = local(store.clone(), catalog, pairs).await;
     store.close().await;
@@ -933,7 +767,7 @@ async fn query_answer(
 }
 
 async fn query_stats(db: &DatabaseConfig, a: StatsArgs) -> anyhow::Result<()> {
-    use crate::query::{render, stats};
+    use tally::query::{render, stats};
     let pairs = query_pairs(
         &[
             ("from", &a.from),
@@ -964,7 +798,7 @@ async fn query_stats(db: &DatabaseConfig, a: StatsArgs) -> anyhow::Result<()> {
 }
 
 async fn query_keys(db: &DatabaseConfig, a: KeysArgs) -> anyhow::Result<()> {
-    use crate::query::{keys, render};
+    use tally::query::{keys, render};
     let now = chrono::Utc::now();
     if let Some(key) = a.key.clone() {
         let pairs = query_pairs(&[("at", &a.at), ("tz", &a.tz)], &a.filters)?;
