@@ -1,5 +1,5 @@
-//! Wiring: the store, the HTTP router and (later) the NATS consumer, projectors
-//! and alert relay, built from config and run until a shutdown signal.
+//! Wiring: the store, the HTTP router, the NATS consumer, the projectors, the
+//! alert evaluator and relay, and the jobs, built from config and run until a shutdown signal.
 
 use std::net::SocketAddr;
 use std::sync::Arc;

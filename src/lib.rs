@@ -53,6 +53,7 @@ pub mod health;
 pub mod http;
 pub mod ingest;
 pub mod jobs;
+pub mod lease;
 pub mod metrics;
 pub mod nats;
 pub mod projection;

@@ -27,7 +27,7 @@ const CHUNK: usize = 5_000;
 
 /// Backup formats.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Format {
+pub enum ExportFormat {
     /// One JSON event per line.
     Ndjson,
     /// MessagePack maps, one after another.
@@ -67,7 +67,7 @@ pub async fn export(
     store: &dyn EventStore,
     from: Option<DateTime<Utc>>,
     to: Option<DateTime<Utc>>,
-    format: Format,
+    format: ExportFormat,
     out: &mut dyn Write,
     mut progress: impl FnMut(u64, u64),
 ) -> Result<ExportReport, TransferError> {
@@ -84,12 +84,12 @@ pub async fn export(
         for (_, e) in &rows {
             let v = to_wire_json(e);
             match format {
-                Format::Ndjson => {
+                ExportFormat::Ndjson => {
                     serde_json::to_writer(&mut *out, &v)
                         .map_err(|e| TransferError::Io(e.to_string()))?;
                     out.write_all(b"\n").map_err(io)?;
                 }
-                Format::Msgpack => out.write_all(&to_msgpack(&v)).map_err(io)?,
+                ExportFormat::Msgpack => out.write_all(&to_msgpack(&v)).map_err(io)?,
             }
         }
         report.events += rows.len() as u64;
@@ -169,10 +169,10 @@ pub async fn import(
                 ndjson.push(b'\n');
             }
             reader = Box::new(std::io::Cursor::new(ndjson));
-            Format::Ndjson
+            ExportFormat::Ndjson
         }
-        Some(b'{') => Format::Ndjson,
-        Some(_) => Format::Msgpack,
+        Some(b'{') => ExportFormat::Ndjson,
+        Some(_) => ExportFormat::Msgpack,
     };
     // History is restored on purpose: no late-arrival horizon.
     let limits = IntakeLimits {
@@ -190,7 +190,7 @@ pub async fn import(
     let io = |e: std::io::Error| TransferError::Io(format!("cannot read {}: {e}", path.display()));
     loop {
         let (body, content_type, bytes, done) = match format {
-            Format::Ndjson => {
+            ExportFormat::Ndjson => {
                 let mut body = Vec::with_capacity(1 << 20);
                 let mut lines = 0;
                 let mut done = false;
@@ -205,7 +205,7 @@ pub async fn import(
                 let len = body.len() as u64;
                 (body, "application/x-ndjson", len, done)
             }
-            Format::Msgpack => {
+            ExportFormat::Msgpack => {
                 let mut values = Vec::with_capacity(CHUNK);
                 let mut done = false;
                 let mut bytes = 0u64;

@@ -29,6 +29,7 @@ use crate::aggregate::bucket::bucket_start;
 use crate::aggregate::spec::{Dimension, Granularity};
 use crate::aggregate::Measures;
 use crate::backoff::Backoff;
+use crate::lease::{Holding, Lease, LeaseKind};
 use crate::projection::projector::FoldSignal;
 use crate::query::output::Group;
 use crate::query::window::{self, Range};
@@ -345,7 +346,7 @@ impl Evaluator {
         }
         if let Some(map) = self.instances.as_mut() {
             let forget_before = now - chrono::Duration::hours(1);
-            map.retain(|_, t| t.row.state.is_active() || t.row.updated_at >= forget_before);
+            map.retain(|_, t| t.row.life.state.is_active() || t.row.updated_at >= forget_before);
         }
         // Settled window parts may be reused only while this process folds
         // every projection (so it hears of every late event), and not past
@@ -372,7 +373,9 @@ impl Evaluator {
         let mut active: HashMap<String, Vec<String>> = HashMap::new();
         for (fp, t) in self.instances.iter().flatten() {
             // Reconciliation alerts are raised and resolved by that job, not by rules.
-            if t.row.state.is_active() && t.row.rule_uid != super::reconcile::RECONCILIATION_UID {
+            if t.row.life.state.is_active()
+                && t.row.rule_uid != super::reconcile::RECONCILIATION_UID
+            {
                 active
                     .entry(t.row.rule_uid.clone())
                     .or_default()
@@ -590,7 +593,7 @@ impl Evaluator {
     ) -> Option<(Tracked, Option<NewNotification>)> {
         let known = self.instances.as_ref().and_then(|i| i.get(fp));
         let (mut life, version) = match known {
-            Some(t) => (Life::of(&t.row), t.version),
+            Some(t) => (t.row.life.clone(), t.version),
             None if !input.holds => return None,
             None => (Life::default(), None),
         };
@@ -610,15 +613,9 @@ impl Evaluator {
             level: input.level.id.clone(),
             group: input.group.to_string(),
             severity: input.level.severity.as_str().to_string(),
-            state: life.state,
             value: input.value,
             threshold: Some(input.threshold),
-            active_since: life.active_since,
-            firing_since: life.firing_since,
-            last_true: life.last_true,
-            last_sent: life.last_sent,
-            resolved_at: life.resolved_at,
-            sequence: life.sequence,
+            life,
             version: version.unwrap_or(0),
             updated_at: now,
         };
@@ -631,17 +628,13 @@ impl Evaluator {
     /// Resolves (or drops, if only pending) an instance whose rule or level no longer exists.
     fn retire(&self, fp: &str, now: DateTime<Utc>) -> Option<(Tracked, Option<NewNotification>)> {
         let t = self.instances.as_ref()?.get(fp)?;
-        let mut life = Life::of(&t.row);
+        let mut life = t.row.life.clone();
         let change = advance(&mut life, &Timing::default(), false, now);
         if !change.dirty {
             return None;
         }
         let mut row = t.row.clone();
-        row.state = life.state;
-        row.active_since = life.active_since;
-        row.resolved_at = life.resolved_at;
-        row.last_sent = life.last_sent;
-        row.sequence = life.sequence;
+        row.life = life;
         row.updated_at = now;
         let note = change.notify.map(|state| {
             Notice::of(&row, state)
@@ -674,7 +667,7 @@ impl Evaluator {
         };
         notice.threshold = number(input.threshold);
         notice.window = Some(rule.window.describe());
-        notice.started_at = row.active_since;
+        notice.started_at = row.life.active_since;
         notice
             .with("level", json!(input.level.id.parse::<f64>().ok()))
             .with("limit", json!(rule.spec.limit))
@@ -691,38 +684,24 @@ impl Evaluator {
         relay: Arc<Notify>,
         shutdown: CancellationToken,
     ) {
-        let renew_every = settings.lease_ttl / 3;
-        let mut renewed: Option<Instant> = None;
-        let mut leading = false;
+        let mut lease = Lease::new(
+            LeaseKind::Named,
+            EVALUATOR_LEASE,
+            &owner,
+            settings.lease_ttl,
+        );
         let mut last_eval: Option<Instant> = None;
         let mut last_cursors: Vec<(String, Cursor)> = Vec::new();
         let mut backoff = Backoff::new();
         while !shutdown.is_cancelled() {
-            if renewed.is_none_or(|t| t.elapsed() >= renew_every) {
-                let was = leading;
-                leading = match self
-                    .store
-                    .try_named_lease(EVALUATOR_LEASE, &owner, settings.lease_ttl)
-                    .await
-                {
-                    Ok(l) => l,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "cannot take the alert evaluator lease; retrying");
-                        false
-                    }
-                };
-                renewed = Some(Instant::now());
-                if leading && !was {
-                    tracing::info!(%owner, "alert evaluator lease taken");
-                    self.instances = None;
+            match lease.keep(self.store.as_ref()).await {
+                // Another instance may have moved instances while we did not lead.
+                Holding::Taken => self.instances = None,
+                Holding::Kept => {}
+                Holding::Lost | Holding::Waiting => {
+                    lease.wait(&shutdown).await;
+                    continue;
                 }
-            }
-            if !leading {
-                tokio::select! {
-                    _ = tokio::time::sleep(renew_every) => {}
-                    _ = shutdown.cancelled() => {}
-                }
-                continue;
             }
             let woken = tokio::select! {
                 _ = async {
@@ -780,15 +759,7 @@ impl Evaluator {
                 }
             }
         }
-        if leading {
-            if let Err(e) = self
-                .store
-                .release_named_lease(EVALUATOR_LEASE, &owner)
-                .await
-            {
-                tracing::debug!(error = %e, "evaluator lease not released; it expires by itself");
-            }
-        }
+        lease.release(self.store.as_ref()).await;
     }
 }
 

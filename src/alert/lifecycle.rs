@@ -16,8 +16,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 
-pub use crate::store::alerts::AlertState;
-use crate::store::alerts::InstanceRow;
+pub use crate::store::alerts::{AlertState, Life};
 
 /// The timing settings of a rule.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -28,54 +27,6 @@ pub struct Timing {
     pub keep_firing_for: Duration,
     /// Re-notify a firing alert this often.
     pub repeat_every: Option<Duration>,
-}
-
-/// The persisted lifecycle fields of an instance.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Life {
-    /// Current state.
-    pub state: AlertState,
-    /// When the condition started holding (pending or firing); the alert's `started_at`.
-    pub active_since: Option<DateTime<Utc>>,
-    /// When it started firing.
-    pub firing_since: Option<DateTime<Utc>>,
-    /// The last evaluation at which the condition held.
-    pub last_true: Option<DateTime<Utc>>,
-    /// The last notification.
-    pub last_sent: Option<DateTime<Utc>>,
-    /// When it last resolved.
-    pub resolved_at: Option<DateTime<Utc>>,
-    /// Sequence number of the last notification (0: none yet).
-    pub sequence: i64,
-}
-
-impl Life {
-    /// The lifecycle fields of a stored instance.
-    pub fn of(row: &InstanceRow) -> Self {
-        Self {
-            state: row.state,
-            active_since: row.active_since,
-            firing_since: row.firing_since,
-            last_true: row.last_true,
-            last_sent: row.last_sent,
-            resolved_at: row.resolved_at,
-            sequence: row.sequence,
-        }
-    }
-}
-
-impl Default for Life {
-    fn default() -> Self {
-        Self {
-            state: AlertState::Inactive,
-            active_since: None,
-            firing_since: None,
-            last_true: None,
-            last_sent: None,
-            resolved_at: None,
-            sequence: 0,
-        }
-    }
 }
 
 /// What [`advance`] did.

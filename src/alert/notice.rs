@@ -63,9 +63,12 @@ impl Notice {
             value: row.value.map_or(Value::Null, Value::from),
             threshold: row.threshold.map_or(Value::Null, Value::from),
             window: None,
-            started_at: row.active_since.or(row.firing_since),
-            resolved_at: row.resolved_at.filter(|_| state == AlertState::Resolved),
-            sequence: row.sequence,
+            started_at: row.life.active_since.or(row.life.firing_since),
+            resolved_at: row
+                .life
+                .resolved_at
+                .filter(|_| state == AlertState::Resolved),
+            sequence: row.life.sequence,
             extra: Map::new(),
         }
     }

@@ -242,7 +242,16 @@ pub async fn status(
         max_rows: crate::query::MAX_ROWS,
         top: None,
     };
-    let (read, buckets, states) = tokio::join!(
+    // `as_of` first: rows read after it are at least that fresh, so "every
+    // event committed before `as_of` is counted" holds. Read concurrently, a
+    // fold committing in between could pair a new `as_of` with old rows.
+    let as_of = store
+        .projection_states()
+        .await
+        .ok()
+        .and_then(|s| s.into_iter().find(|s| s.name == quota.minute.name))
+        .and_then(|s| s.as_of);
+    let (read, buckets) = tokio::join!(
         crate::query::window::read_range(
             store,
             catalog,
@@ -254,17 +263,12 @@ pub async fn status(
             false,
         ),
         store.query_agg(&buckets),
-        store.projection_states()
     );
     let mut total = Measures::default();
     for (_, m) in &read?.0 {
         total.merge(m);
     }
     let buckets = buckets.map_err(crate::query::QueryError::from)?;
-    let as_of = states
-        .ok()
-        .and_then(|s| s.into_iter().find(|s| s.name == quota.minute.name))
-        .and_then(|s| s.as_of);
     let oldest = buckets
         .rows
         .iter()

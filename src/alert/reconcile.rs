@@ -7,7 +7,7 @@
 use chrono::{NaiveDate, Utc};
 use serde_json::json;
 
-use super::lifecycle::{advance, Life, Timing};
+use super::lifecycle::{advance, Timing};
 use super::notice::{rfc3339, Notice};
 use super::{fingerprint, AlertError};
 use crate::store::alerts::{AlertStore, InstanceRow, InstanceWrite};
@@ -48,7 +48,10 @@ pub async fn settle(
         .into_iter()
         .next();
     let now = Utc::now();
-    let mut life = existing.as_ref().map_or_else(Life::default, Life::of);
+    let mut life = existing
+        .as_ref()
+        .map(|r| r.life.clone())
+        .unwrap_or_default();
     let change = advance(&mut life, &Timing::default(), found.mismatch.is_some(), now);
     let Some(state) = change.notify else {
         // Already firing for this day, or nothing wrong and nothing raised.
@@ -61,15 +64,9 @@ pub async fn settle(
         level: String::new(),
         group: group_text,
         severity: SEVERITY.to_string(),
-        state: life.state,
         value: Some(found.mismatch.map_or(0.0, |(rows, _)| rows as f64)),
         threshold: Some(0.0),
-        active_since: life.active_since,
-        firing_since: life.firing_since,
-        last_true: life.last_true,
-        last_sent: life.last_sent,
-        resolved_at: life.resolved_at,
-        sequence: life.sequence,
+        life,
         version: 0,
         updated_at: now,
     };
@@ -78,7 +75,7 @@ pub async fn settle(
     notice.measure = Some("mismatched_rows".to_string());
     notice.threshold = json!(0);
     notice.window = Some("1d".to_string());
-    notice.started_at = row.firing_since;
+    notice.started_at = row.life.firing_since;
     let note = notice
         .with(
             "first_difference",

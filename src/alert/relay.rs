@@ -9,7 +9,7 @@
 //! `alerts.relay` lease).
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_nats::jetstream::{self, message::PublishMessage, stream};
 use chrono::Utc;
@@ -17,6 +17,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
+use crate::lease::{Lease, LeaseKind};
 use crate::nats::NatsConnection;
 use crate::store::EventStore;
 
@@ -143,22 +144,10 @@ pub async fn run(
         }
     };
     backoff.reset();
-    let renew_every = cfg.lease_ttl / 3;
-    let mut renewed: Option<Instant> = None;
-    let mut leading = false;
+    let mut lease = Lease::new(LeaseKind::Named, RELAY_LEASE, &owner, cfg.lease_ttl);
     while !shutdown.is_cancelled() {
-        if renewed.is_none_or(|t| t.elapsed() >= renew_every) {
-            leading = store
-                .try_named_lease(RELAY_LEASE, &owner, cfg.lease_ttl)
-                .await
-                .unwrap_or(false);
-            renewed = Some(Instant::now());
-        }
-        if !leading {
-            tokio::select! {
-                _ = tokio::time::sleep(renew_every) => {}
-                _ = shutdown.cancelled() => {}
-            }
+        if !lease.keep(store.as_ref()).await.held() {
+            lease.wait(&shutdown).await;
             continue;
         }
         match publish_some(store.as_ref(), &js).await {
@@ -182,7 +171,5 @@ pub async fn run(
             }
         }
     }
-    if leading {
-        let _ = store.release_named_lease(RELAY_LEASE, &owner).await;
-    }
+    lease.release(store.as_ref()).await;
 }

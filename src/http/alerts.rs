@@ -21,8 +21,9 @@ use crate::store::alerts::{
     AlertState, AuditRow, HistoryFilter, RuleFailure, RuleRow, RuleWritten, WriteMode,
 };
 
-/// Who made a change: the `X-Tally-Actor` header (API tokens replace it once
-/// authentication lands), else `anonymous`.
+/// Who made a change: `X-Tally-Actor`, which the token middleware sets to
+/// `token:<name>` (replacing what a client sent) when authentication is on;
+/// else `anonymous`.
 fn actor(headers: &HeaderMap) -> String {
     headers
         .get("x-tally-actor")
@@ -319,24 +320,24 @@ pub async fn list_alerts(State(state): State<AppState>, q: Pairs) -> Result<Resp
     let instances = instances.map_err(AlertError::from)?;
     let active: Vec<Value> = instances
         .iter()
-        .filter(|i| i.state.is_active())
+        .filter(|i| i.life.state.is_active())
         .filter(|i| filter.rule.as_ref().is_none_or(|r| *r == i.rule))
-        .filter(|i| filter.state.is_none_or(|s| s == i.state))
+        .filter(|i| filter.state.is_none_or(|s| s == i.life.state))
         .filter_map(|i| {
             let group: Value = serde_json::from_str(&i.group).unwrap_or(json!({}));
             group_ok(&group).then(|| {
                 json!({
                     "alert_id": i.fingerprint,
                     "rule": i.rule,
-                    "state": i.state.as_str(),
+                    "state": i.life.state.as_str(),
                     "severity": i.severity,
                     "group": group,
                     "value": i.value,
                     "threshold": i.threshold,
                     "level": i.level.parse::<f64>().ok(),
-                    "started_at": i.active_since.map(time),
-                    "firing_since": i.firing_since.map(time),
-                    "sequence": i.sequence,
+                    "started_at": i.life.active_since.map(time),
+                    "firing_since": i.life.firing_since.map(time),
+                    "sequence": i.life.sequence,
                 })
             })
         })

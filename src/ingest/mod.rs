@@ -1,6 +1,6 @@
 //! Ingest: bodies from the outside world → validated events → the event log.
 //!
-//! [`Intake::ingest`] is the one path every source takes (HTTP now, NATS next):
+//! [`Intake::ingest`] is the one path every source takes (HTTP, NATS and `tally import`):
 //! decode ([`crate::event::codec`]), validate ([`crate::event::validate`]) and
 //! append valid events *and* rejected items in one store transaction. A caller
 //! reports success (HTTP 200, NATS ack) only after it returns `Ok`, i.e. after

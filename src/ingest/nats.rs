@@ -308,12 +308,12 @@ struct Batch {
 /// A committed batch: what to ack and what to tell producers.
 struct Committed {
     acks: Vec<(Subject, AckKind)>,
-    notices: Vec<Notice>,
+    notices: Vec<RejectionNotice>,
 }
 
 /// The JSON published to the rejected subject for each refused message or item.
 #[derive(Debug, Serialize)]
-pub struct Notice {
+pub struct RejectionNotice {
     /// Subject the message was published on.
     pub subject: String,
     /// Its JetStream stream sequence.
@@ -684,7 +684,7 @@ fn verdicts(batch: &Batch, outcomes: &[Outcome]) -> Committed {
         let notice = |kind: &'static str,
                       event_id: Option<String>,
                       index: Option<i32>,
-                      reason: String| Notice {
+                      reason: String| RejectionNotice {
             subject: d.subject.to_string(),
             stream_sequence: d.stream_seq,
             msg_id: d.msg_id.clone(),

@@ -1,6 +1,6 @@
 //! Projector tasks: read the log after the checkpoints, fold, apply.
 //!
-//! A [`Group`] folds several projections from **one** read of the log (the
+//! A [`FoldGroup`] folds several projections from **one** read of the log (the
 //! read costs as much as an upsert, so N projections reading separately
 //! would cost N reads per event). Each member keeps its own checkpoint;
 //! the group reads from the lowest and folds an event into a member only
@@ -33,6 +33,7 @@ use crate::aggregate::measures::Delta;
 use crate::aggregate::sketch::Bin;
 use crate::aggregate::spec::Spec;
 use crate::backoff::Backoff;
+use crate::lease::{Holding, Lease, LeaseKind};
 use crate::store::{Apply, ApplyOutcome, Cursor, EventStore, LogBatch, Watermark};
 
 /// How projectors run (`tally serve` flags).
@@ -178,7 +179,7 @@ pub const READ_CHUNK: i64 = 10_000;
 /// Most aggregate rows one transaction writes (bounds memory and transaction size).
 pub const MAX_DELTA_ROWS: usize = 60_000;
 
-/// What one [`Group::step`] did.
+/// What one [`FoldGroup::step`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Step {
     /// Events folded and committed (counted once per event, not per member).
@@ -202,7 +203,7 @@ pub struct Step {
     pub apply: Duration,
 }
 
-/// One projection inside a [`Group`]: its spec and where its checkpoint is.
+/// One projection inside a [`FoldGroup`]: its spec and where its checkpoint is.
 #[derive(Debug)]
 struct Member {
     spec: Arc<Spec>,
@@ -211,10 +212,13 @@ struct Member {
     cursor: Cursor,
     as_of: Option<DateTime<Utc>>,
     leading: bool,
+    /// Held while [`FoldGroup::run`] runs; `None` outside it (tests, rebuilds),
+    /// where the member always leads.
+    lease: Option<Lease>,
 }
 
 /// Projections folded together from one read of the log.
-pub struct Group {
+pub struct FoldGroup {
     store: Arc<dyn EventStore>,
     members: Vec<Member>,
     marks: VecDeque<Watermark>,
@@ -256,10 +260,11 @@ async fn open_member(
         cursor: row.cursor,
         as_of: row.as_of,
         leading: true,
+        lease: None,
     })
 }
 
-impl Group {
+impl FoldGroup {
     /// Joins opened projectors into one group (they keep their checkpoints).
     pub fn new(store: Arc<dyn EventStore>, projectors: Vec<Projector>) -> Self {
         let members = projectors
@@ -459,54 +464,49 @@ impl Group {
         owner: String,
         shutdown: CancellationToken,
     ) {
-        let renew_every = config.lease_ttl / 3;
-        let mut renewed: Option<Instant> = None;
         let mut backoff = Backoff::new();
         let mut held_back_wait = Duration::ZERO;
         self.failpoints = config.failpoints;
+        let store = self.store.clone();
         for m in &mut self.members {
             m.leading = false;
+            m.lease = Some(Lease::new(
+                LeaseKind::Projection,
+                &m.state,
+                &owner,
+                config.lease_ttl,
+            ));
+            if let Some(signal) = &config.on_commit {
+                signal.set_leading(&m.state, false);
+            }
         }
         while !shutdown.is_cancelled() && !self.members.is_empty() {
-            if renewed.is_none_or(|t| t.elapsed() >= renew_every) {
-                let mut taken = false;
-                for m in &mut self.members {
-                    match self
-                        .store
-                        .try_lease(&m.state, &owner, config.lease_ttl)
-                        .await
-                    {
-                        Ok(true) => {
-                            if !m.leading {
-                                tracing::info!(projection = %m.state, %owner, "projector lease taken; folding");
-                                taken = true;
-                            }
-                            m.leading = true;
-                        }
-                        Ok(false) => m.leading = false,
-                        Err(e) => {
-                            tracing::warn!(projection = %m.state, error = %e, "cannot take the projector lease; retrying");
-                            m.leading = false;
-                        }
-                    }
+            let mut taken = false;
+            for m in &mut self.members {
+                let Some(lease) = m.lease.as_mut() else {
+                    continue;
+                };
+                let holding = lease.keep(store.as_ref()).await;
+                m.leading = holding.held();
+                if matches!(holding, Holding::Taken | Holding::Lost) {
+                    taken |= holding == Holding::Taken;
                     if let Some(signal) = &config.on_commit {
                         signal.set_leading(&m.state, m.leading);
                     }
                 }
-                renewed = Some(Instant::now());
-                if taken {
-                    // Another instance may have folded while we did not lead.
-                    if let Err(e) = self.reload().await {
-                        if !self.handle(e) {
-                            backoff.sleep(&shutdown).await;
-                        }
-                        continue;
+            }
+            if taken {
+                // Another instance may have folded while we did not lead.
+                if let Err(e) = self.reload().await {
+                    if !self.handle(e) {
+                        backoff.sleep(&shutdown).await;
                     }
+                    continue;
                 }
             }
             if !self.members.iter().any(|m| m.leading) {
                 tokio::select! {
-                    _ = tokio::time::sleep(renew_every) => {}
+                    _ = tokio::time::sleep(config.lease_ttl / 3) => {}
                     _ = shutdown.cancelled() => {}
                 }
                 continue;
@@ -569,9 +569,9 @@ impl Group {
                 signal.set_leading(&m.state, false);
             }
         }
-        for m in self.members.iter().filter(|m| m.leading) {
-            if let Err(e) = self.store.release_lease(&m.state, &owner).await {
-                tracing::debug!(projection = %m.state, error = %e, "lease not released; it expires by itself");
+        for m in &mut self.members {
+            if let Some(lease) = m.lease.as_mut() {
+                lease.release(store.as_ref()).await;
             }
         }
     }
@@ -740,9 +740,9 @@ async fn read_ahead(
 }
 
 /// Folds one projection's tables (live, or shadow during a rebuild): a
-/// [`Group`] of one.
+/// [`FoldGroup`] of one.
 pub struct Projector {
-    group: Group,
+    group: FoldGroup,
 }
 
 impl Projector {
@@ -756,7 +756,7 @@ impl Projector {
     ) -> Result<Self, ProjectionError> {
         let member = open_member(&store, spec, state, suffix).await?;
         Ok(Self {
-            group: Group {
+            group: FoldGroup {
                 store,
                 members: vec![member],
                 marks: VecDeque::new(),
@@ -805,7 +805,7 @@ impl Projector {
         }
     }
 
-    /// Runs until `shutdown` (see [`Group::run`]).
+    /// Runs until `shutdown` (see [`FoldGroup::run`]).
     pub async fn run(self, config: ProjectorConfig, owner: String, shutdown: CancellationToken) {
         self.group.run(config, owner, shutdown).await;
     }
@@ -859,7 +859,7 @@ pub fn spawn_all(
     // and each commits in its own transaction (on PostgreSQL side by side),
     // so the alert windows' minute table is not held up by a bigger one.
     if !together.is_empty() {
-        let group = Group::new(store.clone(), together);
+        let group = FoldGroup::new(store.clone(), together);
         tracing::info!(projections = ?group.names(), "projections folded together from one read of the log");
         handles.push(tokio::spawn(group.run(
             config.clone(),

@@ -119,9 +119,10 @@ pub async fn range_totals(
             }
         }
     };
-    let (ranked, as_of) = tokio::join!(ranked, as_of);
-    let as_of = as_of?;
-    let (mut groups, total_groups, paged) = ranked?;
+    // `as_of` before the rows (see `alert::quota::status`): read together, a
+    // fold committing in between could pair a new `as_of` with old rows.
+    let as_of = as_of.await?;
+    let (mut groups, total_groups, paged) = ranked.await?;
     let groups = match page {
         None => {
             let mut full = read(store, &plan, filters, group_by, true).await?;
@@ -321,7 +322,7 @@ pub async fn list(
 
 /// A window of the key page.
 #[derive(Debug, Clone, Serialize)]
-pub struct Window {
+pub struct PageWindow {
     /// Start.
     #[serde(serialize_with = "rfc3339")]
     pub from: DateTime<Utc>,
@@ -360,11 +361,11 @@ pub struct KeyPage {
     #[serde(serialize_with = "rfc3339_opt")]
     pub as_of: Option<DateTime<Utc>>,
     /// From local midnight to `at`.
-    pub today: Window,
+    pub today: PageWindow,
     /// From the first of the local month to `at`.
-    pub this_month: Window,
+    pub this_month: PageWindow,
     /// The 24 hours before `at`.
-    pub last_24h: Window,
+    pub last_24h: PageWindow,
     /// This month by model, by cost (descending).
     pub by_model: Vec<Breakdown>,
     /// This month by api, by cost (descending).
@@ -418,8 +419,9 @@ pub async fn page(
         let q = segment_query(seg, &filters, &split, true, None);
         async move { store.query_agg(&q).await.map(|a| a.rows) }
     });
-    let (read, states) = tokio::join!(try_join_all(reads), store.projection_states());
-    let (read, states) = (read?, states?);
+    // The checkpoints before the rows: see `range_totals`.
+    let states = store.projection_states().await?;
+    let read = try_join_all(reads).await?;
     let window_totals = |plan: &Option<Decomposition>| -> RangeTotals {
         let Some(plan) = plan else {
             return RangeTotals {
@@ -473,7 +475,7 @@ pub async fn page(
         }
         m
     };
-    let win = |from: DateTime<Utc>, t: &RangeTotals| Window {
+    let win = |from: DateTime<Utc>, t: &RangeTotals| PageWindow {
         from,
         to: at,
         covered: Covered {

@@ -6,7 +6,7 @@ use serde_json::Value;
 
 /// Output format of the query commands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Format {
+pub enum OutputFormat {
     /// Aligned columns with the main measures.
     Table,
     /// The API's JSON answer, pretty-printed.
@@ -54,10 +54,10 @@ fn cell(v: Option<&Value>) -> String {
 }
 
 /// A table: label columns (taken from each row by pointer) then measures.
-fn rows_table(rows: &[&Value], labels: &[(&str, String)], format: Format) -> String {
+fn rows_table(rows: &[&Value], labels: &[(&str, String)], format: OutputFormat) -> String {
     let measures: Vec<_> = MEASURES
         .iter()
-        .filter(|(_, _, shown)| format == Format::Csv || *shown)
+        .filter(|(_, _, shown)| format == OutputFormat::Csv || *shown)
         .collect();
     let mut header: Vec<String> = labels.iter().map(|(h, _)| h.to_string()).collect();
     header.extend(measures.iter().map(|(h, _, _)| h.to_string()));
@@ -67,7 +67,7 @@ fn rows_table(rows: &[&Value], labels: &[(&str, String)], format: Format) -> Str
         line.extend(measures.iter().map(|(_, p, _)| cell(r.pointer(p))));
         lines.push(line);
     }
-    if format == Format::Csv {
+    if format == OutputFormat::Csv {
         return lines
             .iter()
             .map(|l| l.iter().map(|c| csv_field(c)).collect::<Vec<_>>().join(","))
@@ -126,8 +126,8 @@ fn group_labels(answer: &Value) -> Vec<(&'static str, String)> {
 }
 
 /// Renders a `/v1/stats` answer.
-pub fn stats(answer: &Value, format: Format) -> String {
-    if format == Format::Json {
+pub fn stats(answer: &Value, format: OutputFormat) -> String {
+    if format == OutputFormat::Json {
         return serde_json::to_string_pretty(answer).unwrap_or_default() + "\n";
     }
     let mut labels = vec![("bucket", "/bucket".to_string())];
@@ -137,7 +137,7 @@ pub fn stats(answer: &Value, format: Format) -> String {
         .map(|a| a.iter().collect())
         .unwrap_or_default();
     let mut out = rows_table(&series, &labels, format);
-    if format == Format::Table {
+    if format == OutputFormat::Table {
         let totals: Vec<&Value> = answer["totals"]
             .as_array()
             .map(|a| a.iter().collect())
@@ -158,8 +158,8 @@ pub fn stats(answer: &Value, format: Format) -> String {
 }
 
 /// Renders a `/v1/keys` answer.
-pub fn keys(answer: &Value, format: Format) -> String {
-    if format == Format::Json {
+pub fn keys(answer: &Value, format: OutputFormat) -> String {
+    if format == OutputFormat::Json {
         return serde_json::to_string_pretty(answer).unwrap_or_default() + "\n";
     }
     let rows: Vec<&Value> = answer["keys"]
@@ -167,7 +167,7 @@ pub fn keys(answer: &Value, format: Format) -> String {
         .map(|a| a.iter().collect())
         .unwrap_or_default();
     let mut out = rows_table(&rows, &[("key", "/key".to_string())], format);
-    if format == Format::Table {
+    if format == OutputFormat::Table {
         out.push_str(&format!(
             "\n{} of {} keys by {}  covered [{}, {})  as_of {}\n",
             rows.len(),
@@ -182,8 +182,8 @@ pub fn keys(answer: &Value, format: Format) -> String {
 }
 
 /// Renders a `/v1/keys/{key}/stats` answer.
-pub fn key_page(answer: &Value, format: Format) -> String {
-    if format == Format::Json {
+pub fn key_page(answer: &Value, format: OutputFormat) -> String {
+    if format == OutputFormat::Json {
         return serde_json::to_string_pretty(answer).unwrap_or_default() + "\n";
     }
     let windows: Vec<Value> = ["today", "this_month", "last_24h"]
@@ -213,7 +213,7 @@ pub fn key_page(answer: &Value, format: Format) -> String {
             .map(|a| a.iter().collect())
             .unwrap_or_default();
         out.push('\n');
-        if format == Format::Table {
+        if format == OutputFormat::Table {
             out.push_str(&format!("this month {title}\n"));
         }
         out.push_str(&rows_table(&rows, &[(dim, format!("/{dim}"))], format));

@@ -240,8 +240,11 @@ pub async fn run(
             filters: &filters,
             ..base.clone()
         };
-        let (rows, as_of) = tokio::join!(store.query_agg(&q), as_of);
-        (rows?.rows, as_of?)
+        // `as_of` before the rows, so the rows are at least that fresh: read
+        // together, a fold committing in between could pair a new `as_of`
+        // with old rows.
+        let as_of = as_of.await?;
+        (store.query_agg(&q).await?.rows, as_of)
     };
 
     let read_rows = started.elapsed();

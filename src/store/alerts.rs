@@ -131,6 +131,40 @@ impl AlertState {
     }
 }
 
+/// The lifecycle fields of an instance, as `alert::lifecycle::advance`
+/// moves them and the store keeps them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Life {
+    /// Current state.
+    pub state: AlertState,
+    /// When the condition started holding (pending or firing); the alert's `started_at`.
+    pub active_since: Option<DateTime<Utc>>,
+    /// When it started firing.
+    pub firing_since: Option<DateTime<Utc>>,
+    /// The last evaluation at which the condition held.
+    pub last_true: Option<DateTime<Utc>>,
+    /// The last notification.
+    pub last_sent: Option<DateTime<Utc>>,
+    /// When it last resolved.
+    pub resolved_at: Option<DateTime<Utc>>,
+    /// Sequence number of the last notification (0: none yet).
+    pub sequence: i64,
+}
+
+impl Default for Life {
+    fn default() -> Self {
+        Self {
+            state: AlertState::Inactive,
+            active_since: None,
+            firing_since: None,
+            last_true: None,
+            last_sent: None,
+            resolved_at: None,
+            sequence: 0,
+        }
+    }
+}
+
 /// The stored state of one alert instance.
 #[derive(Debug, Clone, PartialEq)]
 pub struct InstanceRow {
@@ -146,24 +180,12 @@ pub struct InstanceRow {
     pub group: String,
     /// Severity of its notifications.
     pub severity: String,
-    /// Where it is in its lifecycle.
-    pub state: AlertState,
     /// Measured value at the last transition.
     pub value: Option<f64>,
     /// Threshold at the last transition.
     pub threshold: Option<f64>,
-    /// When the condition started holding.
-    pub active_since: Option<DateTime<Utc>>,
-    /// When it started firing.
-    pub firing_since: Option<DateTime<Utc>>,
-    /// Last evaluation that held (kept for `keep_firing_for`).
-    pub last_true: Option<DateTime<Utc>>,
-    /// Last notification.
-    pub last_sent: Option<DateTime<Utc>>,
-    /// Last resolution.
-    pub resolved_at: Option<DateTime<Utc>>,
-    /// Last notification's sequence number.
-    pub sequence: i64,
+    /// Where it is in its lifecycle, and since when.
+    pub life: Life,
     /// Compare-and-set guard.
     pub version: i64,
     /// Last write.
@@ -349,15 +371,17 @@ where
         level: row.try_get(3)?,
         group: row.try_get(4)?,
         severity: row.try_get(5)?,
-        state: state_from_row(row, 6)?,
         value: row.try_get(7)?,
         threshold: row.try_get(8)?,
-        active_since: t(9)?,
-        firing_since: t(10)?,
-        last_true: t(11)?,
-        last_sent: t(12)?,
-        resolved_at: t(13)?,
-        sequence: row.try_get(14)?,
+        life: Life {
+            state: state_from_row(row, 6)?,
+            active_since: t(9)?,
+            firing_since: t(10)?,
+            last_true: t(11)?,
+            last_sent: t(12)?,
+            resolved_at: t(13)?,
+            sequence: row.try_get(14)?,
+        },
         version: row.try_get(15)?,
         updated_at: from_ms(row.try_get(16)?),
     })
@@ -429,11 +453,11 @@ impl InstanceBinds {
     pub(crate) fn of(r: &InstanceRow) -> Self {
         Self {
             times: [
-                opt_ms(r.active_since),
-                opt_ms(r.firing_since),
-                opt_ms(r.last_true),
-                opt_ms(r.last_sent),
-                opt_ms(r.resolved_at),
+                opt_ms(r.life.active_since),
+                opt_ms(r.life.firing_since),
+                opt_ms(r.life.last_true),
+                opt_ms(r.life.last_sent),
+                opt_ms(r.life.resolved_at),
             ],
             updated_at_ms: ms(r.updated_at),
         }
@@ -873,13 +897,13 @@ macro_rules! impl_alert_store {
                         .bind(&r.level)
                         .bind(&r.group)
                         .bind(&r.severity)
-                        .bind(r.state.as_str())
+                        .bind(r.life.state.as_str())
                         .bind(r.value)
                         .bind(r.threshold);
                     for t in b.times {
                         query = query.bind(t);
                     }
-                    query = query.bind(r.sequence).bind(b.updated_at_ms);
+                    query = query.bind(r.life.sequence).bind(b.updated_at_ms);
                     if let Some(v) = w.expected_version {
                         query = query.bind(v);
                     }

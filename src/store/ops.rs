@@ -56,7 +56,7 @@ pub struct JobRunRow {
 
 /// Everything of the alert tables, for `tally copy`.
 #[derive(Debug, Clone, Default)]
-pub struct AlertState {
+pub struct AlertSnapshot {
     /// `alert_rules`.
     pub rules: Vec<RuleRow>,
     /// `key_quotas`.
@@ -71,7 +71,7 @@ pub struct AlertState {
     pub tokens: Vec<TokenRow>,
 }
 
-impl AlertState {
+impl AlertSnapshot {
     /// Rows in all tables.
     pub fn rows(&self) -> usize {
         self.rules.len()
@@ -174,9 +174,9 @@ pub trait OpsStore: Send + Sync {
     /// Notifications not yet published.
     async fn outbox_backlog(&self) -> Result<i64, StoreError>;
     /// Reads every alert table and the tokens.
-    async fn alert_state(&self) -> Result<AlertState, StoreError>;
+    async fn alert_state(&self) -> Result<AlertSnapshot, StoreError>;
     /// Writes `state` into empty tables, keeping ids, uids and versions, in one transaction.
-    async fn restore_alert_state(&self, state: &AlertState) -> Result<(), StoreError>;
+    async fn restore_alert_state(&self, state: &AlertSnapshot) -> Result<(), StoreError>;
     /// Count and sums of the whole log, to verify a copy.
     async fn log_totals(&self) -> Result<super::LogTotals, StoreError>;
 }
@@ -439,7 +439,7 @@ macro_rules! impl_ops_store {
 
             async fn alert_state(
                 &self,
-            ) -> Result<$crate::store::ops::AlertState, $crate::store::StoreError> {
+            ) -> Result<$crate::store::ops::AlertSnapshot, $crate::store::StoreError> {
                 use $crate::store::alerts::AlertStore;
                 let outbox = sqlx::query(&format!(
                     "SELECT {} FROM alert_outbox ORDER BY id",
@@ -452,7 +452,7 @@ macro_rules! impl_ops_store {
                 .collect::<Result<_, _>>()?;
                 let mut audit = self.audit_log(None, i64::MAX).await?;
                 audit.reverse();
-                Ok($crate::store::ops::AlertState {
+                Ok($crate::store::ops::AlertSnapshot {
                     rules: self.alert_rules().await?,
                     quotas: self.quotas().await?,
                     instances: self.alert_instances().await?,
@@ -464,7 +464,7 @@ macro_rules! impl_ops_store {
 
             async fn restore_alert_state(
                 &self,
-                s: &$crate::store::ops::AlertState,
+                s: &$crate::store::ops::AlertSnapshot,
             ) -> Result<(), $crate::store::StoreError> {
                 use $crate::store::alerts::{ms, InstanceBinds};
                 let mut tx = self.$writer.begin_with($begin).await?;
@@ -508,7 +508,7 @@ macro_rules! impl_ops_store {
                     .bind(&i.level)
                     .bind(&i.group)
                     .bind(&i.severity)
-                    .bind(i.state.as_str())
+                    .bind(i.life.state.as_str())
                     .bind(i.value)
                     .bind(i.threshold)
                     .bind(b.times[0])
@@ -516,7 +516,7 @@ macro_rules! impl_ops_store {
                     .bind(b.times[2])
                     .bind(b.times[3])
                     .bind(b.times[4])
-                    .bind(i.sequence)
+                    .bind(i.life.sequence)
                     .bind(i.version)
                     .bind(b.updated_at_ms)
                     .execute(&mut *tx)

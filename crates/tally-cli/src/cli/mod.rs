@@ -170,7 +170,7 @@ struct QueryTarget {
     projections_dir: Option<PathBuf>,
     /// Output format.
     #[arg(long, value_enum, default_value = "table")]
-    format: tally::query::render::Format,
+    format: tally::query::render::OutputFormat,
 }
 
 #[derive(Debug, clap::Args)]
@@ -538,8 +538,8 @@ async fn alerts(db: &DatabaseConfig, which: AlertsCommand) -> anyhow::Result<()>
                 .active_instances()
                 .await?
                 .into_iter()
-                .filter(|i| i.state.is_active())
-                .map(|i| serde_json::json!({"alert_id": i.fingerprint, "rule": i.rule, "state": i.state.as_str(), "severity": i.severity, "group": serde_json::from_str::<serde_json::Value>(&i.group).unwrap_or_default(), "sequence": i.sequence}))
+                .filter(|i| i.life.state.is_active())
+                .map(|i| serde_json::json!({"alert_id": i.fingerprint, "rule": i.rule, "state": i.life.state.as_str(), "severity": i.severity, "group": serde_json::from_str::<serde_json::Value>(&i.group).unwrap_or_default(), "sequence": i.life.sequence}))
                 .collect();
             let history: Vec<_> = store
                 .notifications(&HistoryFilter { limit: 20, ..HistoryFilter::default() })

@@ -13,7 +13,7 @@ use tally::auth;
 use tally::config::{DatabaseConfig, JobsConfig, ProjectionConfig};
 use tally::jobs::{self, Job, JobContext};
 use tally::store::{self, redact_url, EventStore};
-use tally::transfer::{self, Format};
+use tally::transfer::{self, ExportFormat};
 
 #[derive(Debug, Subcommand)]
 pub(super) enum TokensCommand {
@@ -91,7 +91,7 @@ pub(super) struct ExportArgs {
     to: Option<String>,
     /// Output format.
     #[arg(long, value_enum, default_value = "ndjson")]
-    format: Format,
+    format: ExportFormat,
     /// File to write (default: standard output).
     #[arg(long)]
     out: Option<PathBuf>,

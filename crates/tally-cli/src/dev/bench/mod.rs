@@ -45,7 +45,7 @@ async fn fold_backlog(
         );
     }
     // The group `tally serve` runs (a Vec, should serve ever split it in lanes again).
-    let groups = vec![tally::projection::projector::Group::new(
+    let groups = vec![tally::projection::projector::FoldGroup::new(
         store.clone(),
         projectors,
     )];
