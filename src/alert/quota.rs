@@ -242,14 +242,12 @@ pub async fn status(
         max_rows: crate::query::MAX_ROWS,
         top: None,
     };
-    // `as_of` first: rows read after it are at least that fresh, so "every
-    // event committed before `as_of` is counted" holds. Read concurrently, a
-    // fold committing in between could pair a new `as_of` with old rows.
-    let as_of = store
-        .projection_states()
+    // `as_of` before the rows (see `query::Catalog::checkpoints`).
+    let as_of = catalog
+        .checkpoints(store)
         .await
         .ok()
-        .and_then(|s| s.into_iter().find(|s| s.name == quota.minute.name))
+        .and_then(|s| s.iter().find(|s| s.name == quota.minute.name).cloned())
         .and_then(|s| s.as_of);
     let (read, buckets) = tokio::join!(
         crate::query::window::read_range(

@@ -70,7 +70,7 @@ pub async fn range_totals(
     let sizes = catalog.sizes(store).await;
     let plan = decompose(catalog, &sizes, tz, &needed, from, to, now)?;
     let as_of = async {
-        let states = store.projection_states().await?;
+        let states = catalog.checkpoints(store).await?;
         let mut as_of: Option<Option<DateTime<Utc>>> = None;
         for seg in &plan.segments {
             let a = states
@@ -420,7 +420,7 @@ pub async fn page(
         async move { store.query_agg(&q).await.map(|a| a.rows) }
     });
     // The checkpoints before the rows: see `range_totals`.
-    let states = store.projection_states().await?;
+    let states = catalog.checkpoints(store).await?;
     let read = try_join_all(reads).await?;
     let window_totals = |plan: &Option<Decomposition>| -> RangeTotals {
         let Some(plan) = plan else {

@@ -26,7 +26,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::aggregate::spec::Spec;
-use crate::store::{EventStore, StoreError};
+use crate::store::{EventStore, ProjectionState, StoreError};
 
 /// Most points (buckets × groups) one answer may hold.
 pub const MAX_POINTS: usize = 10_000;
@@ -101,6 +101,19 @@ type Sizes = Option<(Instant, Arc<TableStats>)>;
 /// stale estimate only costs speed, never correctness.
 const SIZES_TTL: Duration = Duration::from_secs(30);
 
+/// How long a read of the checkpoints is reused for answers' `as_of`.
+///
+/// An answer's `as_of` promises that every event committed before it is in
+/// the rows, so the checkpoints must be read *before* the rows (read
+/// together, a fold committing in between pairs a new `as_of` with old
+/// rows). Any read that finished before the rows were read keeps that
+/// promise, so a recent one is reused rather than paying a round trip per
+/// request; `as_of` is then at most this much older than it could be.
+const CHECKPOINTS_TTL: Duration = Duration::from_millis(100);
+
+/// The checkpoints as last read, and when the read finished.
+type Checkpoints = Option<(Instant, Arc<Vec<ProjectionState>>)>;
+
 /// What can be queried: the loaded projection specs, and how big their tables
 /// are (the planner prefers the smallest table that can answer).
 #[derive(Debug, Default)]
@@ -108,6 +121,7 @@ pub struct Catalog {
     /// Every loaded spec.
     pub specs: Vec<Arc<Spec>>,
     sizes: Mutex<Sizes>,
+    checkpoints: Mutex<Checkpoints>,
 }
 
 impl Catalog {
@@ -116,7 +130,29 @@ impl Catalog {
         Self {
             specs,
             sizes: Mutex::new(None),
+            checkpoints: Mutex::new(None),
         }
+    }
+
+    /// Every projection's checkpoint, read at most [`CHECKPOINTS_TTL`] ago
+    /// and always before this call returns: call it before reading the rows
+    /// whose `as_of` it gives.
+    pub async fn checkpoints(
+        &self,
+        store: &dyn EventStore,
+    ) -> Result<Arc<Vec<ProjectionState>>, StoreError> {
+        if let Ok(guard) = self.checkpoints.lock() {
+            if let Some((at, states)) = guard.as_ref() {
+                if at.elapsed() < CHECKPOINTS_TTL {
+                    return Ok(states.clone());
+                }
+            }
+        }
+        let states = Arc::new(store.projection_states().await?);
+        if let Ok(mut guard) = self.checkpoints.lock() {
+            *guard = Some((Instant::now(), states.clone()));
+        }
+        Ok(states)
     }
 
     /// Size estimates of every table and the caught-up projections, cached for

@@ -177,10 +177,10 @@ pub async fn run(
         top: None,
     };
     let as_of = async {
-        let states = store.projection_states().await?;
+        let states = catalog.checkpoints(store).await?;
         Ok::<_, QueryError>(
             states
-                .into_iter()
+                .iter()
                 .find(|s| s.name == spec.name)
                 .and_then(|s| s.as_of),
         )
