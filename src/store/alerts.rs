@@ -344,11 +344,11 @@ pub fn new_uid() -> String {
     format!("{:016x}", rand::random::<u64>())
 }
 
-/// Columns of `alert_instances`, in [`instance_from_row`] order.
+/// Columns of `alert_instances` (decoded by name in [`instance_from_row`]).
 pub(crate) const INSTANCE_COLUMNS: &str = "fingerprint, rule, rule_uid, level, grp, severity, state, value, threshold, \
      active_since_ms, firing_since_ms, last_true_ms, last_sent_ms, resolved_at_ms, sequence, version, updated_at_ms";
 
-/// Columns of `alert_outbox`, in [`notification_from_row`] order.
+/// Columns of `alert_outbox` (decoded by name in [`notification_from_row`]).
 pub(crate) const OUTBOX_COLUMNS: &str =
     "id, fingerprint, sequence, rule, state, severity, subject, payload, created_at_ms, sent_at_ms";
 
@@ -356,41 +356,41 @@ pub(crate) const OUTBOX_COLUMNS: &str =
 pub(crate) fn instance_from_row<'r, R>(row: &'r R) -> Result<InstanceRow, sqlx::Error>
 where
     R: sqlx::Row,
-    usize: sqlx::ColumnIndex<R>,
+    for<'n> &'n str: sqlx::ColumnIndex<R>,
     String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
     i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
     f64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
 {
-    let t = |i: usize| -> Result<Option<DateTime<Utc>>, sqlx::Error> {
+    let t = |i: &str| -> Result<Option<DateTime<Utc>>, sqlx::Error> {
         Ok(row.try_get::<Option<i64>, _>(i)?.map(from_ms))
     };
     Ok(InstanceRow {
-        fingerprint: row.try_get(0)?,
-        rule: row.try_get(1)?,
-        rule_uid: row.try_get(2)?,
-        level: row.try_get(3)?,
-        group: row.try_get(4)?,
-        severity: row.try_get(5)?,
-        value: row.try_get(7)?,
-        threshold: row.try_get(8)?,
+        fingerprint: row.try_get("fingerprint")?,
+        rule: row.try_get("rule")?,
+        rule_uid: row.try_get("rule_uid")?,
+        level: row.try_get("level")?,
+        group: row.try_get("grp")?,
+        severity: row.try_get("severity")?,
+        value: row.try_get("value")?,
+        threshold: row.try_get("threshold")?,
         life: Life {
-            state: state_from_row(row, 6)?,
-            active_since: t(9)?,
-            firing_since: t(10)?,
-            last_true: t(11)?,
-            last_sent: t(12)?,
-            resolved_at: t(13)?,
-            sequence: row.try_get(14)?,
+            state: state_from_row(row, "state")?,
+            active_since: t("active_since_ms")?,
+            firing_since: t("firing_since_ms")?,
+            last_true: t("last_true_ms")?,
+            last_sent: t("last_sent_ms")?,
+            resolved_at: t("resolved_at_ms")?,
+            sequence: row.try_get("sequence")?,
         },
-        version: row.try_get(15)?,
-        updated_at: from_ms(row.try_get(16)?),
+        version: row.try_get("version")?,
+        updated_at: from_ms(row.try_get("updated_at_ms")?),
     })
 }
 
-fn state_from_row<'r, R>(row: &'r R, i: usize) -> Result<AlertState, sqlx::Error>
+fn state_from_row<'r, R>(row: &'r R, i: &str) -> Result<AlertState, sqlx::Error>
 where
     R: sqlx::Row,
-    usize: sqlx::ColumnIndex<R>,
+    for<'n> &'n str: sqlx::ColumnIndex<R>,
     String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
 {
     let name: String = row.try_get(i)?;
@@ -404,23 +404,23 @@ where
 pub(crate) fn notification_from_row<'r, R>(row: &'r R) -> Result<NotificationRow, sqlx::Error>
 where
     R: sqlx::Row,
-    usize: sqlx::ColumnIndex<R>,
+    for<'n> &'n str: sqlx::ColumnIndex<R>,
     String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
     i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
 {
     Ok(NotificationRow {
-        id: row.try_get(0)?,
+        id: row.try_get("id")?,
         n: NewNotification {
-            fingerprint: row.try_get(1)?,
-            sequence: row.try_get(2)?,
-            rule: row.try_get(3)?,
-            state: state_from_row(row, 4)?,
-            severity: row.try_get(5)?,
-            subject: row.try_get(6)?,
-            payload: row.try_get(7)?,
-            created_at: from_ms(row.try_get(8)?),
+            fingerprint: row.try_get("fingerprint")?,
+            sequence: row.try_get("sequence")?,
+            rule: row.try_get("rule")?,
+            state: state_from_row(row, "state")?,
+            severity: row.try_get("severity")?,
+            subject: row.try_get("subject")?,
+            payload: row.try_get("payload")?,
+            created_at: from_ms(row.try_get("created_at_ms")?),
         },
-        sent_at: row.try_get::<Option<i64>, _>(9)?.map(from_ms),
+        sent_at: row.try_get::<Option<i64>, _>("sent_at_ms")?.map(from_ms),
     })
 }
 

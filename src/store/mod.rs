@@ -507,32 +507,32 @@ pub(crate) fn not_inserted<'a>(unique: &[&'a Event], inserted: &HashSet<String>)
         .collect()
 }
 
-/// Columns read back by `recent_rejected`, in [`rejected_from_row`] order.
+/// Columns read back by `recent_rejected` (decoded by name in [`rejected_from_row`]).
 pub(crate) const REJECTED_COLUMNS: &str =
     "received_at, source, subject, kind, event_id, item_index, reason, payload";
 
-/// Builds a [`RejectedRow`] from a row of [`REJECTED_COLUMNS`], given the
-/// backend-specific `received_at` (column 0).
+/// Builds a [`RejectedRow`] from a row holding [`REJECTED_COLUMNS`], read by
+/// name, given the backend-specific `received_at`.
 pub(crate) fn rejected_from_row<'r, R>(
     row: &'r R,
     received_at: DateTime<Utc>,
 ) -> Result<RejectedRow, StoreError>
 where
     R: sqlx::Row,
-    usize: sqlx::ColumnIndex<R>,
+    for<'n> &'n str: sqlx::ColumnIndex<R>,
     String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
     i32: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
     Vec<u8>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
 {
     Ok(RejectedRow {
         received_at,
-        source: row.try_get(1)?,
-        subject: row.try_get(2)?,
-        kind: row.try_get(3)?,
-        event_id: row.try_get(4)?,
-        item_index: row.try_get(5)?,
-        reason: row.try_get(6)?,
-        payload: row.try_get(7)?,
+        source: row.try_get("source")?,
+        subject: row.try_get("subject")?,
+        kind: row.try_get("kind")?,
+        event_id: row.try_get("event_id")?,
+        item_index: row.try_get("item_index")?,
+        reason: row.try_get("reason")?,
+        payload: row.try_get("payload")?,
     })
 }
 
@@ -613,52 +613,52 @@ fn conflict_record(e: &Event, stored: &Event, index: usize) -> Rejected {
     }
 }
 
-/// Builds an [`Event`] from a row of [`EVENT_COLUMNS`] (in that order), given the
-/// backend-specific `ts` (column 1) and `metadata` (column 19, JSON text).
+/// Builds an [`Event`] from a row holding [`EVENT_COLUMNS`], read by name,
+/// given the backend-specific `ts`; `metadata` is JSON text.
 pub(crate) fn event_from_row<'r, R>(row: &'r R, ts: DateTime<Utc>) -> Result<Event, StoreError>
 where
     R: sqlx::Row,
-    usize: sqlx::ColumnIndex<R>,
+    for<'n> &'n str: sqlx::ColumnIndex<R>,
     String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
     i32: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
     i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
     f64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
     bool: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
 {
-    let id: String = row.try_get(0)?;
+    let id: String = row.try_get("id")?;
     let corrupt = |reason: String| StoreError::CorruptRow {
         id: id.clone(),
         reason,
     };
-    let error_type: Option<String> = row.try_get(10)?;
+    let error_type: Option<String> = row.try_get("error_type")?;
     let error_type = match error_type {
         Some(t) => Some(ErrorType::parse(&t).ok_or_else(|| corrupt(format!("error_type {t:?}")))?),
         None => None,
     };
-    let metadata: Option<String> = row.try_get(19)?;
+    let metadata: Option<String> = row.try_get("metadata")?;
     let metadata = match metadata {
         Some(text) => serde_json::from_str(&text).map_err(|e| corrupt(format!("metadata: {e}")))?,
         None => Default::default(),
     };
     Ok(Event {
         ts,
-        api: row.try_get(2)?,
-        endpoint: row.try_get(3)?,
-        method: row.try_get(4)?,
-        key: row.try_get(5)?,
-        user: row.try_get(6)?,
-        model: row.try_get(7)?,
-        status: row.try_get(8)?,
-        success: row.try_get(9)?,
+        api: row.try_get("api")?,
+        endpoint: row.try_get("endpoint")?,
+        method: row.try_get("method")?,
+        key: row.try_get("key")?,
+        user: row.try_get("user")?,
+        model: row.try_get("model")?,
+        status: row.try_get("status")?,
+        success: row.try_get("success")?,
         error_type,
-        error_message: row.try_get(11)?,
-        latency_ms: row.try_get(12)?,
-        request_bytes: row.try_get(13)?,
-        response_bytes: row.try_get(14)?,
-        tokens_in: row.try_get(15)?,
-        tokens_out: row.try_get(16)?,
-        cost_nanos: row.try_get(17)?,
-        cached: row.try_get(18)?,
+        error_message: row.try_get("error_message")?,
+        latency_ms: row.try_get("latency_ms")?,
+        request_bytes: row.try_get("request_bytes")?,
+        response_bytes: row.try_get("response_bytes")?,
+        tokens_in: row.try_get("tokens_in")?,
+        tokens_out: row.try_get("tokens_out")?,
+        cost_nanos: row.try_get("cost_nanos")?,
+        cached: row.try_get("cached")?,
         metadata,
         id,
     })

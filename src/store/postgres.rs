@@ -169,7 +169,7 @@ impl PgStore {
         let rows = sqlx::query(&sql).bind(ids).fetch_all(executor).await?;
         rows.iter()
             .map(|row: &PgRow| {
-                let ts: DateTime<Utc> = row.try_get(1)?;
+                let ts: DateTime<Utc> = row.try_get("ts")?;
                 let e = event_from_row(row, ts)?;
                 Ok((e.id.clone(), e))
             })
@@ -301,7 +301,7 @@ impl EventStore for PgStore {
             format!("SELECT {REJECTED_COLUMNS} FROM rejected_events ORDER BY seq DESC LIMIT $1");
         let rows = sqlx::query(&sql).bind(limit).fetch_all(&self.pool).await?;
         rows.iter()
-            .map(|r| rejected_from_row(r, r.try_get(0)?))
+            .map(|r| rejected_from_row(r, r.try_get("received_at")?))
             .collect()
     }
 
@@ -395,7 +395,7 @@ impl EventStore for PgStore {
             .fetch_all(&self.pool)
             .await?;
         rows.iter()
-            .map(|r| Ok((r.try_get(20)?, event_from_row(r, r.try_get(1)?)?)))
+            .map(|r| Ok((r.try_get("seq")?, event_from_row(r, r.try_get("ts")?)?)))
             .collect()
     }
 

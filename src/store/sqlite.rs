@@ -114,12 +114,7 @@ impl SqliteStore {
         let rows = sqlx::query(&sql).bind(list).fetch_all(executor).await?;
         rows.iter()
             .map(|row: &SqliteRow| {
-                let ts_text: String = row.try_get(1)?;
-                let ts = parse_ts(&ts_text).ok_or_else(|| StoreError::CorruptRow {
-                    id: row.try_get::<String, _>(0).unwrap_or_default(),
-                    reason: format!("ts {ts_text:?}"),
-                })?;
-                let e = event_from_row(row, ts)?;
+                let e = event_from_row(row, stored_ts(row)?)?;
                 Ok((e.id.clone(), e))
             })
             .collect()
@@ -263,7 +258,7 @@ impl EventStore for SqliteStore {
             .await?;
         rows.iter()
             .map(|r| {
-                let received: String = r.try_get(0)?;
+                let received: String = r.try_get("received_at")?;
                 rejected_from_row(r, parse_ts(&received).unwrap_or_default())
             })
             .collect()
@@ -359,7 +354,7 @@ impl EventStore for SqliteStore {
             .fetch_all(&self.reader)
             .await?;
         rows.iter()
-            .map(|r| Ok((r.try_get(20)?, event_from_row(r, stored_ts(r)?)?)))
+            .map(|r| Ok((r.try_get("seq")?, event_from_row(r, stored_ts(r)?)?)))
             .collect()
     }
 
@@ -479,11 +474,11 @@ impl EventStore for SqliteStore {
     }
 }
 
-/// The `ts` (column 1) of an event row.
+/// The `ts` of an event row (stored as fixed-width RFC 3339 text).
 fn stored_ts(r: &SqliteRow) -> Result<DateTime<Utc>, StoreError> {
-    let ts: String = r.try_get(1)?;
+    let ts: String = r.try_get("ts")?;
     parse_ts(&ts).ok_or_else(|| StoreError::CorruptRow {
-        id: r.try_get::<String, _>(0).unwrap_or_default(),
+        id: r.try_get::<String, _>("id").unwrap_or_default(),
         reason: format!("ts {ts:?}"),
     })
 }
