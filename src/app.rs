@@ -18,19 +18,19 @@ use crate::ingest::nats::{NatsError, NatsIntake};
 use crate::projection::projector::ProjectionTask;
 use crate::projection::{ProjectionError, Projector, ProjectorConfig};
 use crate::query::Catalog;
-use crate::store::{self, redact_url, EventStore, StoreError};
+use crate::store::{self, redact_url, Store, StoreError};
 
 /// Loads the specs, creates missing tables and checkpoints, and refuses to go
 /// on when any projection's stored spec differs from its file (naming every such
 /// projection and the command that fixes it). A database that cannot be reached
 /// does not stop start-up: those projections open (and check) when it is back.
 pub async fn open_projectors(
-    store: &Arc<dyn EventStore>,
+    store: &Store,
     dir: Option<&std::path::Path>,
 ) -> Result<Vec<ProjectionTask>, ProjectionError> {
     // Checked before anything folds: a projector past the log's next
     // position would skip every new event silently.
-    match store.log_position_problem().await {
+    match store.projections().log_position_problem().await {
         Ok(Some(problem)) => return Err(ProjectionError::LogPosition(problem)),
         Ok(None) => {}
         // An unreachable database is handled below, like every projection.
@@ -131,13 +131,10 @@ impl App {
     }
 
     /// Builds around an already opened (and migrated) store.
-    pub async fn with_store(
-        store: Arc<dyn EventStore>,
-        server: &ServerConfig,
-    ) -> Result<Self, AppError> {
+    pub async fn with_store(store: Store, server: &ServerConfig) -> Result<Self, AppError> {
         crate::jobs::validate(&server.jobs, server.late_arrival_horizon)
             .map_err(|e| AppError::Config(e.to_string()))?;
-        crate::auth::check_bind(store.as_ref(), server.http_addr, server.insecure_no_auth)
+        crate::auth::check_bind(&store, server.http_addr, server.insecure_no_auth)
             .await
             .map_err(|e| AppError::Config(e.to_string()))?;
         let listener = TcpListener::bind(server.http_addr)
@@ -187,7 +184,7 @@ impl App {
     }
 
     /// The store the app writes to.
-    pub fn store(&self) -> Arc<dyn EventStore> {
+    pub fn store(&self) -> Store {
         self.state.store.clone()
     }
 

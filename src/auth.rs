@@ -20,7 +20,6 @@
 //! a guess was.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
@@ -28,8 +27,8 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use tokio::sync::{Mutex, RwLock};
 
-use crate::store::ops::TokenRow;
-use crate::store::{EventStore, StoreError};
+use crate::store::tokens::TokenRow;
+use crate::store::{Store, StoreError};
 
 /// How stale the in-memory token list may get (revocation delay).
 pub const RELOAD_EVERY: Duration = Duration::from_secs(1);
@@ -121,7 +120,7 @@ pub fn token_hash(token: &str) -> String {
 
 /// Creates and stores a token; returns the token (shown once) and its row.
 pub async fn create_token(
-    store: &dyn EventStore,
+    store: &Store,
     name: &str,
     scopes: &[Scope],
     created_by: &str,
@@ -138,7 +137,7 @@ pub async fn create_token(
         return Err(AuthError::NoScope);
     }
     // On before the token exists: from here on, revoking it closes the API.
-    store.put_setting(AUTH_SETTING, "on").await?;
+    store.tokens().put_setting(AUTH_SETTING, "on").await?;
     let id = hex::encode(rand::random::<[u8; 6]>());
     let secret = hex::encode(rand::random::<[u8; 32]>());
     let token = format!("tally_{id}_{secret}");
@@ -155,7 +154,7 @@ pub async fn create_token(
         created_by: created_by.to_string(),
         revoked_at: None,
     };
-    if !store.create_token(&row).await? {
+    if !store.tokens().create_token(&row).await? {
         return Err(AuthError::NameTaken(name.to_string()));
     }
     Ok((token, row))
@@ -163,15 +162,16 @@ pub async fn create_token(
 
 /// Whether authentication is on (a token was ever created, and it was not
 /// turned off since).
-pub async fn auth_enabled(store: &dyn EventStore) -> Result<bool, StoreError> {
-    Ok(store.setting(AUTH_SETTING).await?.as_deref() == Some("on"))
+pub async fn auth_enabled(store: &Store) -> Result<bool, StoreError> {
+    Ok(store.tokens().setting(AUTH_SETTING).await?.as_deref() == Some("on"))
 }
 
 /// Turns authentication off (`tally tokens disable-auth`); refused while a
 /// token is active. The API is then open on loopback or with `--insecure-no-auth`.
-pub async fn disable_auth(store: &dyn EventStore) -> Result<(), AuthError> {
+pub async fn disable_auth(store: &Store) -> Result<(), AuthError> {
     let active = store
         .tokens()
+        .list()
         .await?
         .iter()
         .filter(|t| t.revoked_at.is_none())
@@ -179,23 +179,24 @@ pub async fn disable_auth(store: &dyn EventStore) -> Result<(), AuthError> {
     if active > 0 {
         return Err(AuthError::TokensActive(active));
     }
-    store.put_setting(AUTH_SETTING, "off").await?;
+    store.tokens().put_setting(AUTH_SETTING, "off").await?;
     Ok(())
 }
 
 /// Refuses a non-loopback bind with no active token, unless `insecure` is set.
-pub async fn check_bind(
-    store: &dyn EventStore,
-    addr: SocketAddr,
-    insecure: bool,
-) -> Result<(), AuthError> {
+pub async fn check_bind(store: &Store, addr: SocketAddr, insecure: bool) -> Result<(), AuthError> {
     if addr.ip().is_loopback() || insecure {
         if insecure && !addr.ip().is_loopback() {
             tracing::warn!(%addr, "--insecure-no-auth: the API is open to anyone who can reach this address until a token is created");
         }
         return Ok(());
     }
-    let active = store.tokens().await?.iter().any(|t| t.revoked_at.is_none());
+    let active = store
+        .tokens()
+        .list()
+        .await?
+        .iter()
+        .any(|t| t.revoked_at.is_none());
     if active || auth_enabled(store).await? {
         // With authentication on and no active token, every request is
         // refused until one is created: closed, not open.
@@ -220,7 +221,7 @@ struct Snapshot {
 
 /// The request check: one per server, shared by every request.
 pub struct Auth {
-    store: Arc<dyn EventStore>,
+    store: Store,
     snapshot: RwLock<Option<Snapshot>>,
     reload: Mutex<()>,
     /// Serving on a non-loopback address without `--insecure-no-auth`: an
@@ -252,7 +253,7 @@ pub enum Refusal {
 
 impl Auth {
     /// A check over the tokens in `store`, for a server bound to `addr`.
-    pub fn new(store: Arc<dyn EventStore>, addr: SocketAddr, insecure_no_auth: bool) -> Self {
+    pub fn new(store: Store, addr: SocketAddr, insecure_no_auth: bool) -> Self {
         Self {
             store,
             snapshot: RwLock::new(None),
@@ -281,8 +282,8 @@ impl Auth {
             return Ok(());
         }
         let load = async {
-            let rows = self.store.tokens().await?;
-            let enabled = auth_enabled(self.store.as_ref()).await?;
+            let rows = self.store.tokens().list().await?;
+            let enabled = auth_enabled(&self.store).await?;
             Ok::<_, StoreError>((rows, enabled))
         };
         let (rows, enabled) = match tokio::time::timeout(RELOAD_TIMEOUT, load).await {

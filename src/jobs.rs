@@ -18,7 +18,7 @@
 //!   checkpoint, and compares. A differing day raises the alert
 //!   [`RECONCILIATION_RULE`](crate::alert::reconcile::RECONCILIATION_RULE) through the alert outbox (once; it resolves when a
 //!   later run finds the day equal again).
-//! - **optimize** runs the backend's housekeeping ([`EventStore::maintenance`]).
+//! - **optimize** runs the backend's housekeeping ([`Store::maintenance`]).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -33,8 +33,8 @@ use crate::aggregate::spec::{Granularity, Spec};
 use crate::alert::{reconcile, AlertError};
 use crate::config::JobsConfig;
 use crate::projection::fold::Fold;
-use crate::store::ops::History;
-use crate::store::{EventStore, StoreError};
+use crate::store::jobs::History;
+use crate::store::{Store, StoreError};
 
 /// How much longer than the late-arrival horizon raw events must be kept.
 pub const RETENTION_MARGIN: Duration = Duration::from_secs(24 * 3600);
@@ -101,7 +101,7 @@ pub enum JobError {
 #[derive(Clone)]
 pub struct JobContext {
     /// The deployment's store.
-    pub store: Arc<dyn EventStore>,
+    pub store: Store,
     /// The projections (for aggregate retention and reconciliation).
     pub specs: Vec<Arc<Spec>>,
     /// Raw-event retention; `None` keeps everything.
@@ -249,6 +249,7 @@ pub async fn run_job(
 ) -> Result<Option<(i64, Result<JobOutcome, String>)>, JobError> {
     let Some(id) = ctx
         .store
+        .jobs()
         .start_job_run(job.as_str(), slot, trigger, &ctx.instance)
         .await?
     else {
@@ -267,6 +268,7 @@ pub async fn run_job(
     };
     crate::metrics::JOB_RUNS.add(&[job.as_str(), outcome], 1);
     ctx.store
+        .jobs()
         .finish_job_run(id, outcome, rows, Some(&detail))
         .await?;
     match &result {
@@ -320,7 +322,7 @@ async fn retention(ctx: &JobContext) -> Result<JobOutcome, JobError> {
     if let Some(r) = ctx.retention {
         let cutoff = before(now, r);
         delete_in_batches("usage_events".into(), batch, &mut deleted, || {
-            store.delete_events_before(cutoff, batch)
+            store.log().delete_events_before(cutoff, batch)
         })
         .await?;
     }
@@ -329,7 +331,9 @@ async fn retention(ctx: &JobContext) -> Result<JobOutcome, JobError> {
             let cutoff = before(now, keep);
             let table = crate::store::agg::table(spec, g, "");
             delete_in_batches(table, batch, &mut deleted, || {
-                store.delete_agg_before(spec, g, cutoff, batch)
+                store
+                    .projections()
+                    .delete_agg_before(spec, g, cutoff, batch)
             })
             .await?;
         }
@@ -338,7 +342,7 @@ async fn retention(ctx: &JobContext) -> Result<JobOutcome, JobError> {
     if let Some(keep) = ctx.history.rejected {
         let cutoff = before(now, keep);
         delete_in_batches("rejected_events".into(), batch, &mut deleted, || {
-            store.delete_rejected_before(cutoff, batch)
+            store.log().delete_rejected_before(cutoff, batch)
         })
         .await?;
     }
@@ -346,7 +350,7 @@ async fn retention(ctx: &JobContext) -> Result<JobOutcome, JobError> {
         if let Some(keep) = ctx.history.of(table) {
             let cutoff = before(now, keep);
             delete_in_batches(table.table().into(), batch, &mut deleted, || {
-                store.delete_history_before(table, cutoff, batch)
+                store.jobs().delete_history_before(table, cutoff, batch)
             })
             .await?;
         }
@@ -387,6 +391,7 @@ async fn reconciliation(ctx: &JobContext, run_id: i64) -> Result<JobOutcome, Job
     // Where the previous successful run stopped looking for late events.
     let previous = ctx
         .store
+        .jobs()
         .job_runs(Some(Job::Reconciliation.as_str()), 50)
         .await?
         .into_iter()
@@ -421,12 +426,13 @@ async fn reconciliation(ctx: &JobContext, run_id: i64) -> Result<JobOutcome, Job
         if let Some(after) = previous {
             let (hours, max_seq) = ctx
                 .store
+                .log()
                 .touched_hours(after, day_start(yesterday, tz))
                 .await?;
             late_seq = late_seq.max(max_seq);
             days.extend(hours.iter().map(|h| h.with_timezone(&tz).date_naive()));
         } else {
-            let (_, max_seq) = ctx.store.touched_hours(i64::MAX, now).await?;
+            let (_, max_seq) = ctx.store.log().touched_hours(i64::MAX, now).await?;
             late_seq = late_seq.max(max_seq);
         }
         // Days whose raw events retention may have deleted cannot be recomputed.
@@ -435,7 +441,7 @@ async fn reconciliation(ctx: &JobContext, run_id: i64) -> Result<JobOutcome, Job
             days.retain(|d| day_start(*d, tz) > oldest);
         }
         for day in days {
-            let (n, found) = reconcile_day(ctx.store.as_ref(), spec, &grans, day).await?;
+            let (n, found) = reconcile_day(&ctx.store, spec, &grans, day).await?;
             compared += n;
             checked.push(json!({"projection": spec.name, "day": day.to_string(), "rows": n}));
             settle_alert(ctx, spec, day, found.as_ref()).await?;
@@ -465,14 +471,17 @@ async fn reconciliation(ctx: &JobContext, run_id: i64) -> Result<JobOutcome, Job
 
 /// Recomputes one day of one projection; the rows compared and the mismatch, if any.
 pub async fn reconcile_day(
-    store: &dyn EventStore,
+    store: &Store,
     spec: &Spec,
     grans: &[Granularity],
     day: NaiveDate,
 ) -> Result<(usize, Option<Mismatch>), JobError> {
     let from = day_start(day, spec.timezone);
     let to = next_bucket(from, Granularity::Day, spec.timezone);
-    let read = store.reconcile_read(spec, grans, from, to).await?;
+    let read = store
+        .projections()
+        .reconcile_read(spec, grans, from, to)
+        .await?;
     if read.cursor.is_none() {
         return Ok((0, None));
     }
@@ -566,7 +575,7 @@ async fn settle_alert(
         day,
         mismatch: mismatch.map(|m| (m.rows, m.first.as_str())),
     };
-    if !reconcile::settle(ctx.store.as_ref(), &ctx.alert_prefix, found).await? {
+    if !reconcile::settle(ctx.store.alerts(), &ctx.alert_prefix, found).await? {
         // Only one reconciliation runs per occurrence, so this is a manual run
         // racing a scheduled one: the other writer raised or resolved it.
         tracing::warn!(projection = %spec.name, %day, "reconciliation alert changed concurrently; left as the other run wrote it");

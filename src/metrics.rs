@@ -15,18 +15,18 @@ use std::time::Duration;
 
 use chrono::Utc;
 
-use crate::store::{EventStore, Outcome};
+use crate::store::{Outcome, Store};
 
-/// A counter family with labels.
-pub struct Counter {
+/// A metric family: series keyed by their label values ([`Counter`], [`Histogram`]).
+pub struct Family<V> {
     name: &'static str,
     help: &'static str,
     labels: &'static [&'static str],
-    values: Mutex<BTreeMap<Vec<String>, u64>>,
+    values: Mutex<BTreeMap<Vec<String>, V>>,
 }
 
-impl Counter {
-    /// A family; `labels` names the label values passed to [`Counter::add`].
+impl<V> Family<V> {
+    /// A family; `labels` names the label values passed when counting.
     pub const fn new(
         name: &'static str,
         help: &'static str,
@@ -40,28 +40,43 @@ impl Counter {
         }
     }
 
+    /// The series map; a panic elsewhere while it was held leaves counts that are still valid.
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<Vec<String>, V>> {
+        self.values.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Changes the series with these label values (created empty).
+    fn update(&self, label_values: &[&str], change: impl FnOnce(&mut V))
+    where
+        V: Default,
+    {
+        let key = label_values.iter().map(|s| s.to_string()).collect();
+        change(self.lock().entry(key).or_default());
+    }
+}
+
+/// A counter family with labels.
+pub type Counter = Family<u64>;
+
+impl Counter {
     /// Adds `n` to the series with these label values.
     pub fn add(&self, label_values: &[&str], n: u64) {
-        if n == 0 {
-            return;
+        if n > 0 {
+            self.update(label_values, |v| *v += n);
         }
-        let mut v = self.values.lock().unwrap_or_else(|p| p.into_inner());
-        *v.entry(label_values.iter().map(|s| s.to_string()).collect())
-            .or_default() += n;
     }
 
     /// The current value of one series (tests).
     pub fn get(&self, label_values: &[&str]) -> u64 {
         let key: Vec<String> = label_values.iter().map(|s| s.to_string()).collect();
-        let v = self.values.lock().unwrap_or_else(|p| p.into_inner());
-        v.get(&key).copied().unwrap_or(0)
+        self.lock().get(&key).copied().unwrap_or(0)
     }
 
     fn render(&self, out: &mut String) {
-        header(out, self.name, self.help, "counter");
-        let v = self.values.lock().unwrap_or_else(|p| p.into_inner());
-        for (values, n) in v.iter() {
-            let _ = writeln!(out, "{}{} {n}", self.name, labels(self.labels, values));
+        let f = self;
+        header(out, f.name, f.help, "counter");
+        for (values, n) in f.lock().iter() {
+            let _ = writeln!(out, "{}{} {n}", f.name, labels(f.labels, values));
         }
     }
 }
@@ -72,52 +87,31 @@ const BUCKETS: [f64; 12] = [
 ];
 
 /// One labelled series of a histogram: bucket counts, count, sum.
-type Series = ([u64; BUCKETS.len()], u64, f64);
+pub type Series = ([u64; BUCKETS.len()], u64, f64);
 
-/// A histogram family with labels and fixed [`BUCKETS`].
-pub struct Histogram {
-    name: &'static str,
-    help: &'static str,
-    labels: &'static [&'static str],
-    values: Mutex<BTreeMap<Vec<String>, Series>>,
-}
+/// A histogram family with labels and fixed [`BUCKETS`], in seconds.
+pub type Histogram = Family<Series>;
 
 impl Histogram {
-    /// A family in seconds.
-    pub const fn new(
-        name: &'static str,
-        help: &'static str,
-        labels: &'static [&'static str],
-    ) -> Self {
-        Self {
-            name,
-            help,
-            labels,
-            values: Mutex::new(BTreeMap::new()),
-        }
-    }
-
     /// Records one observation.
     pub fn observe(&self, label_values: &[&str], d: Duration) {
         let secs = d.as_secs_f64();
-        let mut v = self.values.lock().unwrap_or_else(|p| p.into_inner());
-        let entry = v
-            .entry(label_values.iter().map(|s| s.to_string()).collect())
-            .or_insert(([0; BUCKETS.len()], 0, 0.0));
-        for (i, le) in BUCKETS.iter().enumerate() {
-            if secs <= *le {
-                entry.0[i] += 1;
+        self.update(label_values, |entry| {
+            for (i, le) in BUCKETS.iter().enumerate() {
+                if secs <= *le {
+                    entry.0[i] += 1;
+                }
             }
-        }
-        entry.1 += 1;
-        entry.2 += secs;
+            entry.1 += 1;
+            entry.2 += secs;
+        });
     }
 
     fn render(&self, out: &mut String) {
-        header(out, self.name, self.help, "histogram");
-        let v = self.values.lock().unwrap_or_else(|p| p.into_inner());
-        for (values, (buckets, count, sum)) in v.iter() {
-            let base = labels(self.labels, values);
+        let f = self;
+        header(out, f.name, f.help, "histogram");
+        for (values, (buckets, count, sum)) in f.lock().iter() {
+            let base = labels(f.labels, values);
             let with_le = |le: &str| {
                 let inner = base.trim_start_matches('{').trim_end_matches('}');
                 if inner.is_empty() {
@@ -127,11 +121,11 @@ impl Histogram {
                 }
             };
             for (le, n) in BUCKETS.iter().zip(buckets) {
-                let _ = writeln!(out, "{}_bucket{} {n}", self.name, with_le(&le.to_string()));
+                let _ = writeln!(out, "{}_bucket{} {n}", f.name, with_le(&le.to_string()));
             }
-            let _ = writeln!(out, "{}_bucket{} {count}", self.name, with_le("+Inf"));
-            let _ = writeln!(out, "{}_sum{base} {sum}", self.name);
-            let _ = writeln!(out, "{}_count{base} {count}", self.name);
+            let _ = writeln!(out, "{}_bucket{} {count}", f.name, with_le("+Inf"));
+            let _ = writeln!(out, "{}_sum{base} {sum}", f.name);
+            let _ = writeln!(out, "{}_count{base} {count}", f.name);
         }
     }
 }
@@ -265,7 +259,7 @@ fn gauge(out: &mut String, name: &str, help: &str, series: &[(String, f64)]) {
 
 /// The whole exposition: counters, then gauges read from `store` now.
 /// A gauge the database cannot answer is left out (and `tally_up` says why).
-pub async fn render(store: &dyn EventStore) -> String {
+pub async fn render(store: &Store) -> String {
     let mut out = String::with_capacity(8 * 1024);
     for c in [
         &INGESTED,
@@ -317,13 +311,13 @@ pub async fn render(store: &dyn EventStore) -> String {
         &pools,
     );
     let mut db_up = true;
-    match store.projection_states().await {
+    match store.projections().projection_states().await {
         Ok(states) => {
             let mut lag_events = Vec::new();
             let mut lag_seconds = Vec::new();
             for s in states.iter().filter(|s| !s.name.contains('~')) {
                 let l = labels(&["projection"], std::slice::from_ref(&s.name));
-                if let Ok(n) = store.events_after(s.cursor).await {
+                if let Ok(n) = store.projections().events_after(s.cursor).await {
                     lag_events.push((l.clone(), n as f64));
                 }
                 if let Some(as_of) = s.as_of {
@@ -346,7 +340,7 @@ pub async fn render(store: &dyn EventStore) -> String {
         }
         Err(_) => db_up = false,
     }
-    match store.outbox_backlog().await {
+    match store.alerts().outbox_backlog().await {
         Ok(n) => gauge(
             &mut out,
             "tally_alert_outbox_backlog",
@@ -379,7 +373,7 @@ pub async fn render(store: &dyn EventStore) -> String {
         }
         Err(_) => db_up = false,
     }
-    match store.rule_failures().await {
+    match store.alerts().rule_failures().await {
         Ok(failures) => {
             let series: Vec<(String, f64)> = failures
                 .iter()

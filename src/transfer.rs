@@ -9,7 +9,6 @@
 
 use std::io::{BufRead, Read, Write};
 use std::path::Path;
-use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -20,7 +19,7 @@ use crate::event::codec::{to_msgpack, to_wire_json};
 use crate::event::ValidationRules;
 use crate::ingest::{Intake, IntakeLimits};
 use crate::projection::ProjectionError;
-use crate::store::{EventStore, LogTotals, Origin, StoreError};
+use crate::store::{LogTotals, Origin, Store, StoreError};
 
 /// Events per read, append or body.
 const CHUNK: usize = 5_000;
@@ -64,19 +63,22 @@ pub struct ExportReport {
 /// Streams the log, in `seq` order, with `ts` in `[from, to)`, to `out`.
 /// `progress(done, total)` is called after each chunk.
 pub async fn export(
-    store: &dyn EventStore,
+    store: &Store,
     from: Option<DateTime<Utc>>,
     to: Option<DateTime<Utc>>,
     format: ExportFormat,
     out: &mut dyn Write,
     mut progress: impl FnMut(u64, u64),
 ) -> Result<ExportReport, TransferError> {
-    let total = u64::try_from(store.counts().await?.events).unwrap_or(0);
+    let total = u64::try_from(store.log().counts().await?.events).unwrap_or(0);
     let mut after = 0i64;
     let mut report = ExportReport::default();
     let io = |e: std::io::Error| TransferError::Io(format!("cannot write the export: {e}"));
     loop {
-        let rows = store.export_events(after, from, to, CHUNK as i64).await?;
+        let rows = store
+            .log()
+            .export_events(after, from, to, CHUNK as i64)
+            .await?;
         let Some((last, _)) = rows.last() else {
             break;
         };
@@ -132,7 +134,7 @@ impl ImportReport {
 /// Imports a backup file: NDJSON, MessagePack maps one after another, or one
 /// JSON array (detected from the first byte).
 pub async fn import(
-    store: Arc<dyn EventStore>,
+    store: Store,
     path: &Path,
     max_future_skew: Duration,
     mut progress: impl FnMut(u64, u64),
@@ -279,16 +281,16 @@ pub struct CopyReport {
 /// Copies a deployment's log and alert state into an empty database, folds
 /// every projection there, and verifies counts and totals.
 pub async fn copy(
-    source: &dyn EventStore,
-    target: Arc<dyn EventStore>,
+    source: &Store,
+    target: Store,
     projections_dir: Option<&Path>,
     mut progress: impl FnMut(&str, u64, u64),
 ) -> Result<CopyReport, TransferError> {
-    let existing = target.counts().await?.events;
+    let existing = target.log().counts().await?.events;
     if existing > 0 {
         return Err(TransferError::TargetNotEmpty(existing));
     }
-    let total = u64::try_from(source.counts().await?.events).unwrap_or(0);
+    let total = u64::try_from(source.log().counts().await?.events).unwrap_or(0);
     let origin = Origin {
         source: "import",
         subject: Some("tally copy".into()),
@@ -297,6 +299,7 @@ pub async fn copy(
     let mut copied = 0u64;
     loop {
         let rows = source
+            .log()
             .export_events(after, None, None, CHUNK as i64)
             .await?;
         let Some((last, _)) = rows.last() else {
@@ -304,7 +307,7 @@ pub async fn copy(
         };
         after = *last;
         let events: Vec<_> = rows.into_iter().map(|(_, e)| e).collect();
-        target.append(&events, &[], &origin).await?;
+        target.log().append(&events, &[], &origin).await?;
         copied += events.len() as u64;
         progress("events", copied, total.max(copied));
     }
@@ -319,13 +322,16 @@ pub async fn copy(
         progress(&format!("projection {}", task.spec.name), n, n);
         projections.push((task.spec.name.clone(), n));
     }
-    let (s, t) = (source.log_totals().await?, target.log_totals().await?);
+    let (s, t) = (
+        source.log().log_totals().await?,
+        target.log().log_totals().await?,
+    );
     if s != t {
         return Err(TransferError::Verify(format!(
             "source totals {s:?} differ from target totals {t:?}"
         )));
     }
-    verify_projections(target.as_ref(), projections_dir, &t).await?;
+    verify_projections(&target, projections_dir, &t).await?;
     Ok(CopyReport {
         events: copied,
         state_rows: state.rows(),
@@ -337,7 +343,7 @@ pub async fn copy(
 
 /// Checks that every unpruned aggregate table sums to the log's totals.
 pub async fn verify_projections(
-    store: &dyn EventStore,
+    store: &Store,
     projections_dir: Option<&Path>,
     totals: &LogTotals,
 ) -> Result<(), TransferError> {
@@ -348,7 +354,7 @@ pub async fn verify_projections(
             if spec.retention.contains_key(&g) && g == Granularity::Minute {
                 continue;
             }
-            let rows = store.read_agg(&spec, g, "").await?;
+            let rows = store.projections().read_agg(&spec, g, "").await?;
             let requests: i64 = rows.iter().map(|r| r.measures.requests).sum();
             let cost: i64 = rows.iter().map(|r| r.measures.cost_nanos).sum();
             let tokens_in: i64 = rows.iter().map(|r| r.measures.tokens_in).sum();

@@ -35,7 +35,7 @@ use crate::query::output::Group;
 use crate::query::window::{self, Range};
 use crate::query::Catalog;
 use crate::store::alerts::{InstanceRow, InstanceWrite, NewNotification, RuleFailure};
-use crate::store::{Cursor, EventStore};
+use crate::store::{Cursor, Store};
 
 /// Evaluator and relay settings (`tally serve` flags).
 #[derive(Debug, Clone)]
@@ -75,12 +75,12 @@ pub type RuleCache = HashMap<String, (String, Rule)>;
 /// that no longer validates (a projection it needs was removed) is skipped
 /// with an error in the log and added to `failing`; its firing instances resolve.
 pub async fn load_rules(
-    store: &dyn EventStore,
+    store: &Store,
     catalog: &Catalog,
     cache: &mut RuleCache,
     failing: &mut Vec<(String, String, String)>,
 ) -> Result<Vec<Rule>, AlertError> {
-    let (rules, quotas) = tokio::join!(store.alert_rules(), store.quotas());
+    let (rules, quotas) = tokio::join!(store.alerts().alert_rules(), store.alerts().quotas());
     let mut out = Vec::new();
     let mut seen = HashSet::new();
     for row in rules? {
@@ -164,7 +164,7 @@ pub struct Round {
 
 /// Evaluates rules against the projections; keeps the instances it knows in memory.
 pub struct Evaluator {
-    store: Arc<dyn EventStore>,
+    store: Store,
     catalog: Arc<Catalog>,
     prefix: String,
     instances: Option<HashMap<String, Tracked>>,
@@ -188,7 +188,7 @@ impl Evaluator {
     /// An evaluator publishing under `prefix`; `signal` (from this process's
     /// projectors) lets it reuse the settled parts of windows between rounds.
     pub fn new(
-        store: Arc<dyn EventStore>,
+        store: Store,
         catalog: Arc<Catalog>,
         prefix: &str,
         signal: Option<Arc<FoldSignal>>,
@@ -317,7 +317,7 @@ impl Evaluator {
         sketch: bool,
     ) -> Result<(Values, Range), AlertError> {
         let (rows, covered) = window::read_range(
-            self.store.as_ref(),
+            &self.store,
             &self.catalog,
             rule.tz,
             &rule.scope,
@@ -334,14 +334,14 @@ impl Evaluator {
     pub async fn evaluate(&mut self, now: DateTime<Utc>) -> Result<Round, AlertError> {
         let mut cache = std::mem::take(&mut self.rules);
         let mut failing = Vec::new();
-        let loaded = load_rules(self.store.as_ref(), &self.catalog, &mut cache, &mut failing).await;
+        let loaded = load_rules(&self.store, &self.catalog, &mut cache, &mut failing).await;
         self.rules = cache;
         let rules = loaded?;
         // Only active instances are loaded; a resolved one is looked up when
         // its group holds again, and forgotten an hour after it resolved, so
         // memory and each read follow what is active, not the history.
         if self.instances.is_none() {
-            let rows = self.store.active_instances().await?;
+            let rows = self.store.alerts().active_instances().await?;
             self.instances = Some(rows.into_iter().map(tracked).collect());
         }
         if let Some(map) = self.instances.as_mut() {
@@ -468,7 +468,11 @@ impl Evaluator {
                 }
             }
             if !unknown.is_empty() {
-                let rows = self.store.instances_by_fingerprint(&unknown).await?;
+                let rows = self
+                    .store
+                    .alerts()
+                    .instances_by_fingerprint(&unknown)
+                    .await?;
                 if let Some(map) = self.instances.as_mut() {
                     map.extend(rows.into_iter().map(tracked));
                 }
@@ -521,7 +525,12 @@ impl Evaluator {
             })
             .collect();
         let notes: Vec<NewNotification> = changes.iter().filter_map(|(_, n)| n.clone()).collect();
-        if !self.store.commit_transitions(&writes, &notes).await? {
+        if !self
+            .store
+            .alerts()
+            .commit_transitions(&writes, &notes)
+            .await?
+        {
             tracing::info!("an alert instance moved under this evaluator; re-reading them");
             self.instances = None;
             round.stale = true;
@@ -576,7 +585,7 @@ impl Evaluator {
             return;
         }
         let list: Vec<RuleFailure> = current.values().cloned().collect();
-        match self.store.set_rule_failures(&list, now).await {
+        match self.store.alerts().set_rule_failures(&list, now).await {
             Ok(()) => self.failing = Some(current),
             Err(e) => {
                 tracing::warn!(error = %e, "cannot record failing alert rules; retrying next round")
@@ -694,7 +703,7 @@ impl Evaluator {
         let mut last_cursors: Vec<(String, Cursor)> = Vec::new();
         let mut backoff = Backoff::new();
         while !shutdown.is_cancelled() {
-            match lease.keep(self.store.as_ref()).await {
+            match lease.keep(&self.store).await {
                 // Another instance may have moved instances while we did not lead.
                 Holding::Taken => self.instances = None,
                 Holding::Kept => {}
@@ -715,7 +724,7 @@ impl Evaluator {
             };
             let mut due = woken || last_eval.is_none_or(|t| t.elapsed() >= settings.tick);
             if !due {
-                if let Ok(states) = self.store.projection_states().await {
+                if let Ok(states) = self.store.projections().projection_states().await {
                     let cursors: Vec<(String, Cursor)> =
                         states.into_iter().map(|s| (s.name, s.cursor)).collect();
                     due = cursors != last_cursors;
@@ -759,7 +768,7 @@ impl Evaluator {
                 }
             }
         }
-        lease.release(self.store.as_ref()).await;
+        lease.release(&self.store).await;
     }
 }
 

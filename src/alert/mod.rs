@@ -84,7 +84,7 @@ pub struct ApplyReport {
 /// replaced; with `prune`, stored rules missing from the file are deleted.
 /// Applying the same file twice changes nothing and adds no audit entries.
 pub async fn apply_file(
-    store: &dyn crate::store::EventStore,
+    store: &crate::store::Store,
     specs: &[std::sync::Arc<crate::aggregate::spec::Spec>],
     text: &str,
     actor: &str,
@@ -113,6 +113,7 @@ pub async fn apply_file(
     let mut report = ApplyReport::default();
     for r in &file.rule {
         match store
+            .alerts()
             .write_rule(&r.name, &r.to_json(), actor, WriteMode::Upsert)
             .await?
         {
@@ -128,8 +129,14 @@ pub async fn apply_file(
         }
     }
     if prune {
-        for row in store.alert_rules().await? {
-            if !names.contains(&row.name) && store.delete_rule(&row.name, actor).await?.is_some() {
+        for row in store.alerts().alert_rules().await? {
+            if !names.contains(&row.name)
+                && store
+                    .alerts()
+                    .delete_rule(&row.name, actor)
+                    .await?
+                    .is_some()
+            {
                 report.deleted.push(row.name);
             }
         }

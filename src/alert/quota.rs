@@ -19,7 +19,7 @@ use crate::aggregate::spec::{Dimension, Granularity, Spec};
 use crate::aggregate::Measures;
 use crate::query::output::rfc3339_opt;
 use crate::query::Catalog;
-use crate::store::{AggQuery, EventStore};
+use crate::store::{AggQuery, Store};
 
 /// The rule name every quota alerts under.
 pub const QUOTA_RULE: &str = "quota_exceeded";
@@ -221,7 +221,7 @@ pub fn number(v: f64) -> serde_json::Value {
 /// the route and the alert cannot disagree; the minute buckets are read only
 /// to say when the oldest usage leaves the window.
 pub async fn status(
-    store: &dyn EventStore,
+    store: &Store,
     catalog: &Catalog,
     quota: &Quota,
     now: DateTime<Utc>,
@@ -260,7 +260,7 @@ pub async fn status(
             now,
             false,
         ),
-        store.query_agg(&buckets),
+        store.projections().query_agg(&buckets),
     );
     let mut total = Measures::default();
     for (_, m) in &read?.0 {
@@ -302,11 +302,11 @@ pub async fn status(
 
 /// The stored quota of `key`, validated (`None`: no quota).
 pub async fn load(
-    store: &dyn EventStore,
+    store: &Store,
     catalog: &Catalog,
     key: &str,
 ) -> Result<Option<Quota>, AlertError> {
-    let rows = store.quotas().await?;
+    let rows = store.alerts().quotas().await?;
     let Some(row) = rows.into_iter().find(|q| q.key == key) else {
         return Ok(None);
     };

@@ -10,7 +10,8 @@ use serde_json::json;
 use super::lifecycle::{advance, Timing};
 use super::notice::{rfc3339, Notice};
 use super::{fingerprint, AlertError};
-use crate::store::alerts::{AlertStore, InstanceRow, InstanceWrite};
+use crate::store::alerts::{InstanceRow, InstanceWrite};
+use crate::store::Alerts;
 
 /// Rule name of the alert raised on a reconciliation mismatch (reserved).
 pub const RECONCILIATION_RULE: &str = "tally_reconciliation_mismatch";
@@ -34,11 +35,7 @@ pub struct Finding<'a> {
 /// Raises (once) or resolves the reconciliation alert of one projection-day;
 /// returns false when another writer changed the instance concurrently (it
 /// is then left as that writer wrote it).
-pub async fn settle(
-    store: &dyn AlertStore,
-    prefix: &str,
-    found: Finding<'_>,
-) -> Result<bool, AlertError> {
+pub async fn settle(store: &Alerts, prefix: &str, found: Finding<'_>) -> Result<bool, AlertError> {
     let group = json!({"projection": found.projection, "day": found.day.to_string()});
     let group_text = group.to_string();
     let fp = fingerprint(&[RECONCILIATION_UID, "", &group_text]);

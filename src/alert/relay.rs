@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use crate::backoff::Backoff;
 use crate::lease::{Lease, LeaseKind};
 use crate::nats::NatsConnection;
-use crate::store::EventStore;
+use crate::store::Store;
 
 /// The lease name of the relay.
 pub const RELAY_LEASE: &str = "alerts.relay";
@@ -55,11 +55,9 @@ pub fn wanted_stream(cfg: &RelayConfig) -> stream::Config {
 
 /// Publishes up to [`BATCH`] unsent rows; returns how many were acknowledged.
 /// Stops at the first failure (the rest stay unsent, in order).
-pub async fn publish_some(
-    store: &dyn EventStore,
-    js: &jetstream::Context,
-) -> Result<usize, String> {
+pub async fn publish_some(store: &Store, js: &jetstream::Context) -> Result<usize, String> {
     let rows = store
+        .alerts()
         .unsent_notifications(BATCH)
         .await
         .map_err(|e| e.to_string())?;
@@ -101,6 +99,7 @@ pub async fn publish_some(
         }
     }
     store
+        .alerts()
         .mark_sent(&acked, Utc::now())
         .await
         .map_err(|e| e.to_string())?;
@@ -117,7 +116,7 @@ pub async fn publish_some(
 /// Runs until `shutdown`: connects (retrying), makes sure the stream exists,
 /// and publishes the outbox whenever woken or every half second.
 pub async fn run(
-    store: Arc<dyn EventStore>,
+    store: Store,
     cfg: RelayConfig,
     owner: String,
     wake: Arc<Notify>,
@@ -146,11 +145,11 @@ pub async fn run(
     backoff.reset();
     let mut lease = Lease::new(LeaseKind::Named, RELAY_LEASE, &owner, cfg.lease_ttl);
     while !shutdown.is_cancelled() {
-        if !lease.keep(store.as_ref()).await.held() {
+        if !lease.keep(&store).await.held() {
             lease.wait(&shutdown).await;
             continue;
         }
-        match publish_some(store.as_ref(), &js).await {
+        match publish_some(&store, &js).await {
             Ok(n) if n as i64 == BATCH => {
                 backoff.reset();
                 continue;
@@ -171,5 +170,5 @@ pub async fn run(
             }
         }
     }
-    lease.release(store.as_ref()).await;
+    lease.release(&store).await;
 }

@@ -100,6 +100,7 @@ pub async fn create_rule(
     let spec = parse_rule(&state, &body)?;
     let written = state
         .store
+        .alerts()
         .write_rule(
             &spec.name,
             &spec.to_json(),
@@ -152,6 +153,7 @@ pub async fn put_rule(
     let spec = parse_rule(&state, value.to_string().as_bytes())?;
     let written = state
         .store
+        .alerts()
         .write_rule(&name, &spec.to_json(), &actor(&headers), WriteMode::Upsert)
         .await
         .map_err(AlertError::from)?;
@@ -173,17 +175,23 @@ pub async fn put_rule(
 
 /// `GET /v1/alert-rules`.
 pub async fn list_rules(State(state): State<AppState>) -> Result<Response, ApiError> {
-    let rows = state.store.alert_rules().await.map_err(AlertError::from)?;
-    let failures = state
-        .store
-        .rule_failures()
-        .await
-        .map_err(AlertError::from)?;
-    let rules: Vec<Value> = rows
-        .iter()
-        .map(|r| with_status(rule_view(r), r, &failures))
-        .collect();
+    let rules = rules_with_status(&state).await?;
+    let rules: Vec<Value> = rules.into_iter().map(|(_, view)| view).collect();
     Ok(Json(json!({ "rules": rules })).into_response())
+}
+
+/// Every rule (by name) with its view, status included.
+async fn rules_with_status(state: &AppState) -> Result<Vec<(RuleRow, Value)>, ApiError> {
+    let alerts = state.store.alerts();
+    let rows = alerts.alert_rules().await.map_err(AlertError::from)?;
+    let failures = alerts.rule_failures().await.map_err(AlertError::from)?;
+    Ok(rows
+        .into_iter()
+        .map(|r| {
+            let view = with_status(rule_view(&r), &r, &failures);
+            (r, view)
+        })
+        .collect())
 }
 
 /// Adds `status` (`ok` or `failing`), and for a failing rule `error` and
@@ -210,14 +218,9 @@ pub async fn get_rule(
     State(state): State<AppState>,
     Path(name): Path<String>,
 ) -> Result<Response, ApiError> {
-    let rows = state.store.alert_rules().await.map_err(AlertError::from)?;
-    let failures = state
-        .store
-        .rule_failures()
-        .await
-        .map_err(AlertError::from)?;
-    match rows.iter().find(|r| r.name == name) {
-        Some(r) => Ok(Json(with_status(rule_view(r), r, &failures)).into_response()),
+    let rules = rules_with_status(&state).await?;
+    match rules.into_iter().find(|(r, _)| r.name == name) {
+        Some((_, view)) => Ok(Json(view).into_response()),
         None => Err(not_found(format!("no alert rule named `{name}`"))),
     }
 }
@@ -230,6 +233,7 @@ pub async fn delete_rule(
 ) -> Result<Response, ApiError> {
     match state
         .store
+        .alerts()
         .delete_rule(&name, &actor(&headers))
         .await
         .map_err(AlertError::from)?
@@ -249,6 +253,7 @@ pub async fn rule_audit(
 ) -> Result<Response, ApiError> {
     let rows = state
         .store
+        .alerts()
         .audit_log(Some(&name), 1000)
         .await
         .map_err(AlertError::from)?;
@@ -314,8 +319,8 @@ pub async fn list_alerts(State(state): State<AppState>, q: Pairs) -> Result<Resp
         ..filter.clone()
     };
     let (instances, history) = tokio::join!(
-        state.store.active_instances(),
-        state.store.notifications(&history_filter)
+        state.store.alerts().active_instances(),
+        state.store.alerts().notifications(&history_filter)
     );
     let instances = instances.map_err(AlertError::from)?;
     let active: Vec<Value> = instances
@@ -377,11 +382,12 @@ pub async fn put_quota(
     let text = serde_json::to_string(&spec).unwrap_or_default();
     let (_, created) = state
         .store
+        .alerts()
         .put_quota(&key, &text, &actor(&headers))
         .await
         .map_err(AlertError::from)?;
     state.signal.wake();
-    let status = quota::status(state.store.as_ref(), &state.catalog, &quota, Utc::now()).await?;
+    let status = quota::status(&state.store, &state.catalog, &quota, Utc::now()).await?;
     let code = if created {
         StatusCode::CREATED
     } else {
@@ -395,9 +401,9 @@ pub async fn get_quota(
     State(state): State<AppState>,
     Path(key): Path<String>,
 ) -> Result<Response, ApiError> {
-    match quota::load(state.store.as_ref(), &state.catalog, &key).await? {
+    match quota::load(&state.store, &state.catalog, &key).await? {
         Some(q) => {
-            let status = quota::status(state.store.as_ref(), &state.catalog, &q, Utc::now()).await?;
+            let status = quota::status(&state.store, &state.catalog, &q, Utc::now()).await?;
             Ok(Json(status).into_response())
         }
         None => Err(not_found(format!(
@@ -414,6 +420,7 @@ pub async fn delete_quota(
 ) -> Result<Response, ApiError> {
     if state
         .store
+        .alerts()
         .delete_quota(&key, &actor(&headers))
         .await
         .map_err(AlertError::from)?

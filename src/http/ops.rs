@@ -13,7 +13,7 @@ use crate::health::NatsState;
 
 /// Prometheus text exposition (format 0.0.4).
 pub async fn metrics(State(state): State<AppState>) -> Response {
-    let body = crate::metrics::render(state.store.as_ref()).await;
+    let body = crate::metrics::render(&state.store).await;
     (
         [(
             axum::http::header::CONTENT_TYPE,

@@ -34,7 +34,7 @@ fn pairs(q: Pairs) -> Result<Vec<(String, String)>, ApiError> {
 /// `GET /v1/stats`.
 pub async fn get_stats(State(state): State<AppState>, q: Pairs) -> Result<Response, ApiError> {
     let req = StatsRequest::parse(pairs(q)?, Utc::now())?;
-    let answer = stats::run(state.store.as_ref(), &state.catalog, &req).await?;
+    let answer = stats::run(&state.store, &state.catalog, &req).await?;
     Ok(Json(answer).into_response())
 }
 
@@ -42,7 +42,7 @@ pub async fn get_stats(State(state): State<AppState>, q: Pairs) -> Result<Respon
 pub async fn get_keys(State(state): State<AppState>, q: Pairs) -> Result<Response, ApiError> {
     let now = Utc::now();
     let req = KeysRequest::parse(pairs(q)?, now)?;
-    let answer = keys::list(state.store.as_ref(), &state.catalog, &req, now).await?;
+    let answer = keys::list(&state.store, &state.catalog, &req, now).await?;
     Ok(Json(answer).into_response())
 }
 
@@ -53,12 +53,9 @@ pub async fn get_key_page(
     q: Pairs,
 ) -> Result<Response, ApiError> {
     let now = Utc::now();
-    let mut answer = keys::page(state.store.as_ref(), &state.catalog, &key, pairs(q)?, now).await?;
-    if let Some(quota) =
-        crate::alert::quota::load(state.store.as_ref(), &state.catalog, &key).await?
-    {
-        let status =
-            crate::alert::quota::status(state.store.as_ref(), &state.catalog, &quota, now).await?;
+    let mut answer = keys::page(&state.store, &state.catalog, &key, pairs(q)?, now).await?;
+    if let Some(quota) = crate::alert::quota::load(&state.store, &state.catalog, &key).await? {
+        let status = crate::alert::quota::status(&state.store, &state.catalog, &quota, now).await?;
         answer.quota = serde_json::to_value(status).ok();
     }
     Ok(Json(answer).into_response())
@@ -71,7 +68,7 @@ pub async fn get_projections(
 ) -> Result<Response, ApiError> {
     crate::query::params::Params::new(pairs(q)?).finish("none")?;
     let specs: Vec<_> = state.catalog.specs.iter().map(|s| (**s).clone()).collect();
-    let infos = status::list(state.store.as_ref(), &specs, false)
+    let infos = status::list(&state.store, &specs, false)
         .await
         .map_err(|e| ApiError::from(QueryError::Unavailable(e.to_string())))?;
     let list: Vec<_> = infos

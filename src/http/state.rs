@@ -9,7 +9,7 @@ use crate::health::Health;
 use crate::ingest::Intake;
 use crate::projection::projector::FoldSignal;
 use crate::query::Catalog;
-use crate::store::EventStore;
+use crate::store::Store;
 
 /// What every handler can reach. Cheap to clone.
 #[derive(Clone)]
@@ -17,7 +17,7 @@ pub struct AppState {
     /// The ingest path shared with NATS.
     pub intake: Intake,
     /// The event log.
-    pub store: Arc<dyn EventStore>,
+    pub store: Store,
     /// Largest accepted body, in bytes.
     pub max_body_bytes: usize,
     /// Longest time to receive a whole body.
@@ -35,12 +35,7 @@ pub struct AppState {
 
 impl AppState {
     /// State for a server with this config over this store.
-    pub fn new(
-        store: Arc<dyn EventStore>,
-        config: &ServerConfig,
-        health: Arc<Health>,
-        catalog: Catalog,
-    ) -> Self {
+    pub fn new(store: Store, config: &ServerConfig, health: Arc<Health>, catalog: Catalog) -> Self {
         Self {
             intake: Intake::new(store.clone(), config.intake_limits()),
             store: store.clone(),

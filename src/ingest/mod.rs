@@ -16,7 +16,7 @@ use serde_json::Value;
 
 use crate::event::codec::{decode_body, to_wire_json, CodecError, Encoding};
 use crate::event::{escape_controls, validate, Event, ValidationRules};
-use crate::store::{EventStore, Origin, Outcome, RejectKind, Rejected, StoreError};
+use crate::store::{Origin, Outcome, RejectKind, Rejected, Store, StoreError};
 
 /// Limits applied to every body, whatever its source.
 #[derive(Debug, Clone)]
@@ -32,7 +32,7 @@ pub struct IntakeLimits {
 /// Decodes, validates and appends bodies. Cheap to clone.
 #[derive(Clone)]
 pub struct Intake {
-    store: Arc<dyn EventStore>,
+    store: Store,
     limits: IntakeLimits,
     /// Signalled after every commit that stored an event (see [`Intake::appended`]).
     appended: Arc<tokio::sync::Notify>,
@@ -78,7 +78,7 @@ pub enum IngestError {
 
 impl Intake {
     /// An intake writing to `store`.
-    pub fn new(store: Arc<dyn EventStore>, limits: IntakeLimits) -> Self {
+    pub fn new(store: Store, limits: IntakeLimits) -> Self {
         Self {
             store,
             limits,
@@ -93,7 +93,7 @@ impl Intake {
     }
 
     /// The store this intake appends to.
-    pub fn store(&self) -> &Arc<dyn EventStore> {
+    pub fn store(&self) -> &Store {
         &self.store
     }
 
@@ -106,7 +106,7 @@ impl Intake {
     ) -> Result<Vec<Outcome>, StoreError> {
         let started = std::time::Instant::now();
         let rejects = storable(rejects);
-        let outcomes = self.store.append(events, &rejects, origin).await?;
+        let outcomes = self.store.log().append(events, &rejects, origin).await?;
         crate::metrics::record_append(origin.source, &outcomes, &rejects, started.elapsed());
         if outcomes.contains(&Outcome::Inserted) {
             // One stored permit: a projector busy folding runs again right after.

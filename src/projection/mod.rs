@@ -2,7 +2,7 @@
 //!
 //! Data flow: [`spec`] reads `projections/*.toml`; a [`projector::Projector`]
 //! per projection reads the log after its checkpoint in commit-safe order
-//! ([`crate::store::ProjectionStore::read_log`]), folds a batch in memory
+//! ([`crate::store::Projections::read_log`]), folds a batch in memory
 //! ([`fold`], buckets from [`bucket`], latency sketches from [`sketch`]) and
 //! hands the delta to the store, which adds it to every granularity table and
 //! moves the checkpoint in one transaction — only if the checkpoint is still

@@ -34,7 +34,7 @@ use crate::aggregate::sketch::Bin;
 use crate::aggregate::spec::Spec;
 use crate::backoff::Backoff;
 use crate::lease::{Holding, Lease, LeaseKind};
-use crate::store::{Apply, ApplyOutcome, Cursor, EventStore, LogBatch, Watermark};
+use crate::store::{Apply, ApplyOutcome, Cursor, LogBatch, Store, Watermark};
 
 /// How projectors run (`tally serve` flags).
 #[derive(Debug, Clone)]
@@ -219,7 +219,7 @@ struct Member {
 
 /// Projections folded together from one read of the log.
 pub struct FoldGroup {
-    store: Arc<dyn EventStore>,
+    store: Store,
     members: Vec<Member>,
     marks: VecDeque<Watermark>,
     /// The next batch, read and folded while the previous one committed.
@@ -240,12 +240,15 @@ const MAX_MARKS: usize = 1024;
 const IDLE_AS_OF_EVERY: Duration = Duration::from_millis(500);
 
 async fn open_member(
-    store: &Arc<dyn EventStore>,
+    store: &Store,
     spec: Arc<Spec>,
     state: &str,
     suffix: &str,
 ) -> Result<Member, ProjectionError> {
-    let row = store.ensure_projection(&spec, state, suffix).await?;
+    let row = store
+        .projections()
+        .ensure_projection(&spec, state, suffix)
+        .await?;
     if row.spec_hash != spec.hash() {
         return Err(ProjectionError::SpecChanged {
             name: spec.name.clone(),
@@ -266,7 +269,7 @@ async fn open_member(
 
 impl FoldGroup {
     /// Joins opened projectors into one group (they keep their checkpoints).
-    pub fn new(store: Arc<dyn EventStore>, projectors: Vec<Projector>) -> Self {
+    pub fn new(store: Store, projectors: Vec<Projector>) -> Self {
         let members = projectors
             .into_iter()
             .flat_map(|p| p.group.members)
@@ -298,7 +301,7 @@ impl FoldGroup {
     /// Re-reads every member's checkpoint. A member whose stored spec no longer
     /// matches is an error (it must stop: its tables have another shape now).
     pub async fn reload(&mut self) -> Result<(), ProjectionError> {
-        let states = self.store.projection_states().await?;
+        let states = self.store.projections().projection_states().await?;
         for m in &mut self.members {
             let row = states
                 .iter()
@@ -397,7 +400,7 @@ impl FoldGroup {
         let store = self.store.clone();
         let applying = Instant::now();
         let (outcome, next) = if prepared.caught_up {
-            (store.apply_fold(&applies).await, None)
+            (store.projections().apply_fold(&applies).await, None)
         } else {
             // The next batch starts where this one ends, as if it committed.
             let next = prepare(
@@ -408,7 +411,7 @@ impl FoldGroup {
                 prepared.to.clone(),
                 limit,
             );
-            let (outcome, next) = tokio::join!(store.apply_fold(&applies), next);
+            let (outcome, next) = tokio::join!(store.projections().apply_fold(&applies), next);
             (outcome, Some(next))
         };
         drop(applies);
@@ -486,7 +489,7 @@ impl FoldGroup {
                 let Some(lease) = m.lease.as_mut() else {
                     continue;
                 };
-                let holding = lease.keep(store.as_ref()).await;
+                let holding = lease.keep(&store).await;
                 m.leading = holding.held();
                 if matches!(holding, Holding::Taken | Holding::Lost) {
                     taken |= holding == Holding::Taken;
@@ -571,7 +574,7 @@ impl FoldGroup {
         }
         for m in &mut self.members {
             if let Some(lease) = m.lease.as_mut() {
-                lease.release(store.as_ref()).await;
+                lease.release(&store).await;
             }
         }
     }
@@ -620,7 +623,7 @@ struct Prepared {
 /// core while this one folds. Once the delta holds [`MAX_DELTA_ROWS`] rows
 /// the rest of the read is abandoned.
 async fn prepare(
-    store: &Arc<dyn EventStore>,
+    store: &Store,
     members: &[Member],
     marks: &mut VecDeque<Watermark>,
     leading: Vec<usize>,
@@ -639,7 +642,7 @@ async fn prepare(
     let (sender, mut batches) = tokio::sync::mpsc::channel(2);
     let reader = {
         let store = store.clone();
-        tokio::spawn(async move { read_ahead(store.as_ref(), from, limit, sender).await })
+        tokio::spawn(async move { read_ahead(&store, from, limit, sender).await })
     };
     let mut capped = false;
     let mut held_back = false;
@@ -713,7 +716,7 @@ async fn prepare(
 /// on PostgreSQL: while it is open, the upserts' old row versions cannot be
 /// pruned (see BENCHMARKS.md).
 async fn read_ahead(
-    store: &dyn EventStore,
+    store: &Store,
     after: Cursor,
     limit: i64,
     out: tokio::sync::mpsc::Sender<Result<LogBatch, crate::store::StoreError>>,
@@ -721,7 +724,7 @@ async fn read_ahead(
     let (mut after, mut left) = (after, limit);
     while left > 0 {
         let want = READ_CHUNK.clamp(1, left);
-        let batch = match store.read_log(after, want).await {
+        let batch = match store.projections().read_log(after, want).await {
             Ok(b) => b,
             Err(e) => {
                 let _ = out.send(Err(e)).await;
@@ -749,7 +752,7 @@ impl Projector {
     /// Creates the tables and checkpoint if missing and checks that the stored
     /// spec hash is this spec's.
     pub async fn open(
-        store: Arc<dyn EventStore>,
+        store: Store,
         spec: Arc<Spec>,
         state: &str,
         suffix: &str,
@@ -829,7 +832,7 @@ pub const GROUP_LAG: i64 = 50_000;
 /// are (nearly) caught up, one task per projection that is far behind or
 /// could not be opened yet. Each task ends at `shutdown`.
 pub fn spawn_all(
-    store: Arc<dyn EventStore>,
+    store: Store,
     tasks: Vec<ProjectionTask>,
     config: ProjectorConfig,
     owner: String,
@@ -873,7 +876,7 @@ pub fn spawn_all(
 /// One projection's task: opens it (retrying while the database is
 /// unreachable; stopping if its spec changed) unless `opened` already did.
 async fn run_one(
-    store: Arc<dyn EventStore>,
+    store: Store,
     spec: Arc<Spec>,
     opened: Option<Projector>,
     config: ProjectorConfig,

@@ -12,7 +12,7 @@ use std::time::Duration;
 use super::projector::Projector;
 use super::ProjectionError;
 use crate::aggregate::spec::Spec;
-use crate::store::{Cursor, EventStore};
+use crate::store::{Cursor, Store};
 
 /// Shadow tables' suffix.
 pub const SHADOW_SUFFIX: &str = "_rebuild";
@@ -31,7 +31,7 @@ pub struct RebuildReport {
 
 /// Rebuilds `spec` from the log. `progress(folded, total)` is called after each batch.
 pub async fn rebuild(
-    store: Arc<dyn EventStore>,
+    store: Store,
     spec: Arc<Spec>,
     batch_size: i64,
     owner: &str,
@@ -39,22 +39,29 @@ pub async fn rebuild(
 ) -> Result<RebuildReport, ProjectionError> {
     let shadow = shadow_state(&spec.name);
     store
+        .projections()
         .ensure_projection(&spec, &shadow, SHADOW_SUFFIX)
         .await?;
     if !store
+        .leases()
         .try_lease(&shadow, owner, Duration::from_secs(60))
         .await?
     {
         return Err(ProjectionError::RebuildRunning(spec.name.clone()));
     }
     // Whatever an interrupted rebuild left is thrown away: start from the log's beginning.
-    store.drop_projection(&spec, &shadow, SHADOW_SUFFIX).await?;
+    store
+        .projections()
+        .drop_projection(&spec, &shadow, SHADOW_SUFFIX)
+        .await?;
     let mut projector =
         Projector::open(store.clone(), spec.clone(), &shadow, SHADOW_SUFFIX).await?;
     store
+        .leases()
         .try_lease(&shadow, owner, Duration::from_secs(60))
         .await?;
-    let total = u64::try_from(store.events_after(Cursor::default()).await?).unwrap_or(0);
+    let total =
+        u64::try_from(store.projections().events_after(Cursor::default()).await?).unwrap_or(0);
     let mut folded = 0u64;
     progress(0, total);
     loop {
@@ -63,6 +70,7 @@ pub async fn rebuild(
         progress(folded, total.max(folded));
         if step.folded > 0 {
             store
+                .leases()
                 .try_lease(&shadow, owner, Duration::from_secs(60))
                 .await?;
         }
@@ -70,6 +78,7 @@ pub async fn rebuild(
         // fold on (live ingest is slower than folding, so this converges).
         if step.caught_up
             && store
+                .projections()
                 .swap_rebuilt(&spec, &spec.name, &shadow, SHADOW_SUFFIX)
                 .await?
         {

@@ -7,7 +7,7 @@ use serde::Serialize;
 use super::rebuild::shadow_state;
 use super::ProjectionError;
 use crate::aggregate::spec::Spec;
-use crate::store::{EventStore, ProjectionState};
+use crate::store::{ProjectionState, Store};
 
 /// One projection as an operator sees it.
 #[derive(Debug, Clone, Serialize)]
@@ -42,11 +42,11 @@ pub struct ProjectionInfo {
 /// Describes every spec and every stored checkpoint. `count_rows` also counts
 /// each table's rows (a full scan on PostgreSQL: for the CLI, not the API).
 pub async fn list(
-    store: &dyn EventStore,
+    store: &Store,
     specs: &[Spec],
     count_rows: bool,
 ) -> Result<Vec<ProjectionInfo>, ProjectionError> {
-    let states = store.projection_states().await?;
+    let states = store.projections().projection_states().await?;
     let now_ms = Utc::now().timestamp_millis();
     let mut out = Vec::new();
     for spec in specs {
@@ -62,7 +62,7 @@ pub async fn list(
             for &g in &spec.granularities {
                 let t = spec.table(g);
                 let rows = if count_rows {
-                    Some(store.count_rows(&t).await?)
+                    Some(store.projections().count_rows(&t).await?)
                 } else {
                     None
                 };
@@ -70,7 +70,7 @@ pub async fn list(
             }
         }
         let lag = match state {
-            Some(s) => Some(store.events_after(s.cursor).await?),
+            Some(s) => Some(store.projections().events_after(s.cursor).await?),
             None => None,
         };
         out.push(info(spec, status, tables, state, lag, now_ms, &states));

@@ -18,7 +18,7 @@ use super::{Catalog, QueryError};
 use crate::aggregate::bucket::{day_start, month_start};
 use crate::aggregate::spec::Dimension;
 use crate::aggregate::Measures;
-use crate::store::{EventStore, Top};
+use crate::store::{Store, Top};
 
 /// The parameters `/v1/keys` accepts.
 pub const KEYS_PARAMETERS: &str = "from, to, tz, order_by (cost|requests|tokens|errors|…), limit, offset, and the filters api, endpoint, method, user, model, status, error_type, cached";
@@ -56,7 +56,7 @@ pub struct Page {
 /// Totals per group over `[from, to)`, read from the coarsest tables that fit.
 #[allow(clippy::too_many_arguments)]
 pub async fn range_totals(
-    store: &dyn EventStore,
+    store: &Store,
     catalog: &Catalog,
     tz: Tz,
     filters: &[(Dimension, Vec<String>)],
@@ -98,7 +98,7 @@ pub async fn range_totals(
                     offset: page.offset,
                 };
                 let q = segment_query(seg, filters, group_by, false, Some(top));
-                let answer = store.query_agg(&q).await?;
+                let answer = store.projections().query_agg(&q).await?;
                 let groups: Vec<(Group, Measures)> = answer
                     .rows
                     .into_iter()
@@ -281,7 +281,7 @@ pub struct KeysResponse {
 
 /// Answers `/v1/keys`.
 pub async fn list(
-    store: &dyn EventStore,
+    store: &Store,
     catalog: &Catalog,
     req: &KeysRequest,
     now: DateTime<Utc>,
@@ -376,7 +376,7 @@ pub struct KeyPage {
 
 /// Answers `/v1/keys/{key}/stats`.
 pub async fn page(
-    store: &dyn EventStore,
+    store: &Store,
     catalog: &Catalog,
     key: &str,
     pairs: Vec<(String, String)>,
@@ -417,7 +417,7 @@ pub async fn page(
     }
     let reads = distinct.iter().map(|seg| {
         let q = segment_query(seg, &filters, &split, true, None);
-        async move { store.query_agg(&q).await.map(|a| a.rows) }
+        async move { store.projections().query_agg(&q).await.map(|a| a.rows) }
     });
     // The checkpoints before the rows: see `range_totals`.
     let states = catalog.checkpoints(store).await?;

@@ -26,7 +26,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::aggregate::spec::Spec;
-use crate::store::{EventStore, ProjectionState, StoreError};
+use crate::store::{ProjectionState, Store, StoreError};
 
 /// Most points (buckets × groups) one answer may hold.
 pub const MAX_POINTS: usize = 10_000;
@@ -139,7 +139,7 @@ impl Catalog {
     /// whose `as_of` it gives.
     pub async fn checkpoints(
         &self,
-        store: &dyn EventStore,
+        store: &Store,
     ) -> Result<Arc<Vec<ProjectionState>>, StoreError> {
         if let Ok(guard) = self.checkpoints.lock() {
             if let Some((at, states)) = guard.as_ref() {
@@ -148,7 +148,7 @@ impl Catalog {
                 }
             }
         }
-        let states = Arc::new(store.projection_states().await?);
+        let states = Arc::new(store.projections().projection_states().await?);
         if let Ok(mut guard) = self.checkpoints.lock() {
             *guard = Some((Instant::now(), states.clone()));
         }
@@ -158,7 +158,7 @@ impl Catalog {
     /// Size estimates of every table and the caught-up projections, cached for
     /// [`SIZES_TTL`]. A failed read gives no statistics: the planner then
     /// orders by dimension count alone.
-    pub async fn sizes(&self, store: &dyn EventStore) -> Arc<TableStats> {
+    pub async fn sizes(&self, store: &Store) -> Arc<TableStats> {
         if let Ok(guard) = self.sizes.lock() {
             if let Some((at, sizes)) = guard.as_ref() {
                 if at.elapsed() < SIZES_TTL {
@@ -172,8 +172,9 @@ impl Catalog {
             .flat_map(|s| s.granularities.iter().map(|g| s.table(*g)))
             .collect();
         let read = async {
-            let sizes = store.table_sizes(&tables).await?;
+            let sizes = store.projections().table_sizes(&tables).await?;
             let ready = store
+                .projections()
                 .projection_states()
                 .await?
                 .into_iter()

@@ -13,7 +13,7 @@ use super::{Catalog, QueryError, MAX_POINTS, MAX_ROWS};
 use crate::aggregate::bucket::next_bucket;
 use crate::aggregate::spec::{Dimension, Granularity};
 use crate::aggregate::Measures;
-use crate::store::{AggQuery, AggRow, EventStore, Top};
+use crate::store::{AggQuery, AggRow, Store, Top};
 
 /// The parameters `/v1/stats` accepts (for messages).
 pub const PARAMETERS: &str = "from, to, granularity, group_by, tz, order_by, limit, fill, and the filters api, endpoint, method, key, user, model, status, error_type, cached";
@@ -140,7 +140,7 @@ pub fn rank(groups: &mut [(Group, Measures)], order: OrderBy) {
 
 /// Answers a stats request from the aggregate tables.
 pub async fn run(
-    store: &dyn EventStore,
+    store: &Store,
     catalog: &Catalog,
     req: &StatsRequest,
 ) -> Result<StatsResponse, QueryError> {
@@ -192,6 +192,7 @@ pub async fn run(
             let order = req.order_by.unwrap_or(OrderBy::Requests);
             // Ranked and cut in the database: only `limit` groups come back.
             let sums = store
+                .projections()
                 .query_agg(&AggQuery {
                     rows: false,
                     by_bucket: false,
@@ -244,7 +245,7 @@ pub async fn run(
         // together, a fold committing in between could pair a new `as_of`
         // with old rows.
         let as_of = as_of.await?;
-        (store.query_agg(&q).await?.rows, as_of)
+        (store.projections().query_agg(&q).await?.rows, as_of)
     };
 
     let read_rows = started.elapsed();

@@ -13,7 +13,7 @@ use super::plan::{decompose, Decomposition, Segment};
 use super::{Catalog, QueryError, MAX_ROWS};
 use crate::aggregate::spec::Dimension;
 use crate::aggregate::Measures;
-use crate::store::{AggQuery, EventStore, Top};
+use crate::store::{AggQuery, Store, Top};
 
 /// A half-open time range `[from, to)`.
 pub type Range = (DateTime<Utc>, DateTime<Utc>);
@@ -24,7 +24,7 @@ pub type Range = (DateTime<Utc>, DateTime<Utc>);
 /// latency sketches (percentiles), else the database sums integers only.
 #[allow(clippy::too_many_arguments)]
 pub async fn read_range(
-    store: &dyn EventStore,
+    store: &Store,
     catalog: &Catalog,
     tz: Tz,
     filters: &[(Dimension, Vec<String>)],
@@ -66,7 +66,7 @@ pub(crate) fn segment_query<'a>(
 /// Reads every segment (concurrently) and sums per group; `rows` reads the
 /// stored rows with sketches, otherwise the database sums integers only.
 pub async fn read(
-    store: &dyn EventStore,
+    store: &Store,
     plan: &Decomposition,
     filters: &[(Dimension, Vec<String>)],
     group_by: &[Dimension],
@@ -74,7 +74,7 @@ pub async fn read(
 ) -> Result<Vec<(Group, Measures)>, QueryError> {
     let reads = plan.segments.iter().map(|seg| {
         let q = segment_query(seg, filters, group_by, rows, None);
-        async move { store.query_agg(&q).await.map(|a| a.rows) }
+        async move { store.projections().query_agg(&q).await.map(|a| a.rows) }
     });
     let mut merged: HashMap<Group, Measures> = HashMap::new();
     for rows in try_join_all(reads).await? {

@@ -423,32 +423,13 @@ pub struct Top {
     pub offset: usize,
 }
 
-/// What [`super::ProjectionStore::query_agg`] answers.
+/// What [`super::Projections::query_agg`] answers.
 #[derive(Debug, Clone, Default)]
 pub struct AggAnswer {
     /// The rows (or summed groups).
     pub rows: Vec<AggRow>,
     /// With [`AggQuery::top`]: how many groups there are in all.
     pub groups: Option<i64>,
-}
-
-/// With [`AggQuery::top`], how many groups there are in all: the
-/// `count(*) OVER ()` column of any returned row (none returned: 0).
-pub(crate) fn total_groups<R>(
-    q: &AggQuery<'_>,
-    first: Option<&R>,
-) -> Result<Option<i64>, sqlx::Error>
-where
-    R: sqlx::Row,
-    usize: sqlx::ColumnIndex<R>,
-    i64: for<'r> sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
-{
-    let column = 1 + q.group_by.len() + INT_COLUMNS.len() + FLOAT_COLUMNS.len() + 1;
-    match (q.top, first) {
-        (None, _) => Ok(None),
-        (Some(_), None) => Ok(Some(0)),
-        (Some(_), Some(r)) => r.try_get(column).map(Some),
-    }
 }
 
 /// Dimensions that get a `(dimension, bucket)` index: the per-customer ones,

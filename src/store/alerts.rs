@@ -1,17 +1,12 @@
 //! The alert side of the store: rules and their audit trail, quotas, alert
-//! instances, the outbox of notifications, and named leases.
+//! instances and the outbox of notifications.
 //!
-//! The tables (`schema/*/0003_alerts.sql`) keep times as Unix milliseconds so
-//! that one set of SQL text serves both backends: [`impl_alert_store!`]
-//! instantiates it for each (`$N` placeholders work on SQLite too). The
-//! backends differ only in which pool writes and how a write transaction
-//! begins (SQLite takes the write lock up front with `BEGIN IMMEDIATE`).
+//! The tables (`schema/*/0003_alerts.sql`) keep times as Unix milliseconds;
+//! every statement here is the same on both backends.
 
-use std::time::Duration;
-
-use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
+use super::db::{Db, Row, Sql};
 use super::StoreError;
 
 /// A stored rule.
@@ -33,7 +28,7 @@ pub struct RuleRow {
     pub updated_by: String,
 }
 
-/// How [`AlertStore::write_rule`] treats an existing rule of the same name.
+/// How [`Alerts::write_rule`] treats an existing rule of the same name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WriteMode {
     /// Fail with [`RuleWritten::Exists`] (`POST`).
@@ -42,7 +37,7 @@ pub enum WriteMode {
     Upsert,
 }
 
-/// What [`AlertStore::write_rule`] did.
+/// What [`Alerts::write_rule`] did.
 #[derive(Debug, Clone, PartialEq)]
 pub enum RuleWritten {
     /// A new rule.
@@ -234,7 +229,7 @@ pub struct NotificationRow {
     pub sent_at: Option<DateTime<Utc>>,
 }
 
-/// Which notifications [`AlertStore::notifications`] returns (newest first).
+/// Which notifications [`Alerts::notifications`] returns (newest first).
 #[derive(Debug, Clone, Default)]
 pub struct HistoryFilter {
     /// Only this rule.
@@ -249,82 +244,6 @@ pub struct HistoryFilter {
     pub limit: i64,
 }
 
-/// The alert tables. One implementation per backend, from one SQL text.
-#[async_trait]
-pub trait AlertStore: Send + Sync {
-    /// Every rule, by name.
-    async fn alert_rules(&self) -> Result<Vec<RuleRow>, StoreError>;
-    /// Rules whose evaluation currently fails (table `alert_rule_status`).
-    async fn rule_failures(&self) -> Result<Vec<RuleFailure>, StoreError>;
-    /// Records this round's failing rules (keeping `since` of those already
-    /// failing) and clears every other rule's failure.
-    async fn set_rule_failures(
-        &self,
-        failing: &[RuleFailure],
-        now: DateTime<Utc>,
-    ) -> Result<(), StoreError>;
-    /// Creates or replaces a rule and records who did it, in one transaction.
-    async fn write_rule(
-        &self,
-        name: &str,
-        spec: &str,
-        actor: &str,
-        mode: WriteMode,
-    ) -> Result<RuleWritten, StoreError>;
-    /// Deletes a rule (its instances resolve at the next evaluation); the removed row.
-    async fn delete_rule(&self, name: &str, actor: &str) -> Result<Option<RuleRow>, StoreError>;
-    /// Audit entries, newest first, optionally for one target.
-    async fn audit_log(
-        &self,
-        target: Option<&str>,
-        limit: i64,
-    ) -> Result<Vec<AuditRow>, StoreError>;
-    /// Every quota, by key.
-    async fn quotas(&self) -> Result<Vec<QuotaRow>, StoreError>;
-    /// Sets a key's quota (true: it had none).
-    async fn put_quota(
-        &self,
-        key: &str,
-        spec: &str,
-        actor: &str,
-    ) -> Result<(QuotaRow, bool), StoreError>;
-    /// Removes a key's quota (false: it had none).
-    async fn delete_quota(&self, key: &str, actor: &str) -> Result<bool, StoreError>;
-    /// Every stored instance.
-    async fn alert_instances(&self) -> Result<Vec<InstanceRow>, StoreError>;
-    /// The pending and firing instances: what the evaluator and
-    /// `GET /v1/alerts` read, bounded by what is active rather than by history.
-    async fn active_instances(&self) -> Result<Vec<InstanceRow>, StoreError>;
-    /// The stored instances with these fingerprints (any state).
-    async fn instances_by_fingerprint(
-        &self,
-        fingerprints: &[String],
-    ) -> Result<Vec<InstanceRow>, StoreError>;
-    /// Writes instance changes and their notifications in one transaction if
-    /// every instance is still at the version the change was computed from;
-    /// otherwise writes nothing and answers false.
-    async fn commit_transitions(
-        &self,
-        writes: &[InstanceWrite],
-        notifications: &[NewNotification],
-    ) -> Result<bool, StoreError>;
-    /// The oldest notifications not yet published.
-    async fn unsent_notifications(&self, limit: i64) -> Result<Vec<NotificationRow>, StoreError>;
-    /// Records that the stream acknowledged these notifications.
-    async fn mark_sent(&self, ids: &[i64], at: DateTime<Utc>) -> Result<(), StoreError>;
-    /// Notification history.
-    async fn notifications(&self, f: &HistoryFilter) -> Result<Vec<NotificationRow>, StoreError>;
-    /// Takes or renews the lease `name` for `ttl`; false while another live holder has it.
-    async fn try_named_lease(
-        &self,
-        name: &str,
-        holder: &str,
-        ttl: Duration,
-    ) -> Result<bool, StoreError>;
-    /// Gives a lease up if `holder` has it.
-    async fn release_named_lease(&self, name: &str, holder: &str) -> Result<(), StoreError>;
-}
-
 /// Milliseconds since the epoch.
 pub fn ms(t: DateTime<Utc>) -> i64 {
     t.timestamp_millis()
@@ -335,133 +254,9 @@ pub fn from_ms(ms: i64) -> DateTime<Utc> {
     DateTime::from_timestamp_millis(ms).unwrap_or_default()
 }
 
-fn opt_ms(t: Option<DateTime<Utc>>) -> Option<i64> {
-    t.map(ms)
-}
-
 /// A random 64-bit id in hex.
 pub fn new_uid() -> String {
     format!("{:016x}", rand::random::<u64>())
-}
-
-/// Columns of `alert_instances` (decoded by name in [`instance_from_row`]).
-pub(crate) const INSTANCE_COLUMNS: &str = "fingerprint, rule, rule_uid, level, grp, severity, state, value, threshold, \
-     active_since_ms, firing_since_ms, last_true_ms, last_sent_ms, resolved_at_ms, sequence, version, updated_at_ms";
-
-/// Columns of `alert_outbox` (decoded by name in [`notification_from_row`]).
-pub(crate) const OUTBOX_COLUMNS: &str =
-    "id, fingerprint, sequence, rule, state, severity, subject, payload, created_at_ms, sent_at_ms";
-
-/// Reads one row of [`INSTANCE_COLUMNS`].
-pub(crate) fn instance_from_row<'r, R>(row: &'r R) -> Result<InstanceRow, sqlx::Error>
-where
-    R: sqlx::Row,
-    for<'n> &'n str: sqlx::ColumnIndex<R>,
-    String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
-    i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
-    f64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
-{
-    let t = |i: &str| -> Result<Option<DateTime<Utc>>, sqlx::Error> {
-        Ok(row.try_get::<Option<i64>, _>(i)?.map(from_ms))
-    };
-    Ok(InstanceRow {
-        fingerprint: row.try_get("fingerprint")?,
-        rule: row.try_get("rule")?,
-        rule_uid: row.try_get("rule_uid")?,
-        level: row.try_get("level")?,
-        group: row.try_get("grp")?,
-        severity: row.try_get("severity")?,
-        value: row.try_get("value")?,
-        threshold: row.try_get("threshold")?,
-        life: Life {
-            state: state_from_row(row, "state")?,
-            active_since: t("active_since_ms")?,
-            firing_since: t("firing_since_ms")?,
-            last_true: t("last_true_ms")?,
-            last_sent: t("last_sent_ms")?,
-            resolved_at: t("resolved_at_ms")?,
-            sequence: row.try_get("sequence")?,
-        },
-        version: row.try_get("version")?,
-        updated_at: from_ms(row.try_get("updated_at_ms")?),
-    })
-}
-
-fn state_from_row<'r, R>(row: &'r R, i: &str) -> Result<AlertState, sqlx::Error>
-where
-    R: sqlx::Row,
-    for<'n> &'n str: sqlx::ColumnIndex<R>,
-    String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
-{
-    let name: String = row.try_get(i)?;
-    AlertState::parse(&name).ok_or_else(|| sqlx::Error::ColumnDecode {
-        index: i.to_string(),
-        source: format!("unknown alert state `{name}`").into(),
-    })
-}
-
-/// Reads one row of [`OUTBOX_COLUMNS`].
-pub(crate) fn notification_from_row<'r, R>(row: &'r R) -> Result<NotificationRow, sqlx::Error>
-where
-    R: sqlx::Row,
-    for<'n> &'n str: sqlx::ColumnIndex<R>,
-    String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
-    i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
-{
-    Ok(NotificationRow {
-        id: row.try_get("id")?,
-        n: NewNotification {
-            fingerprint: row.try_get("fingerprint")?,
-            sequence: row.try_get("sequence")?,
-            rule: row.try_get("rule")?,
-            state: state_from_row(row, "state")?,
-            severity: row.try_get("severity")?,
-            subject: row.try_get("subject")?,
-            payload: row.try_get("payload")?,
-            created_at: from_ms(row.try_get("created_at_ms")?),
-        },
-        sent_at: row.try_get::<Option<i64>, _>("sent_at_ms")?.map(from_ms),
-    })
-}
-
-/// Reads one row of `alert_rules` (`name, uid, spec, version, created_at_ms, updated_at_ms, updated_by`).
-pub(crate) fn rule_from_row<'r, R>(row: &'r R) -> Result<RuleRow, sqlx::Error>
-where
-    R: sqlx::Row,
-    usize: sqlx::ColumnIndex<R>,
-    String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
-    i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
-{
-    Ok(RuleRow {
-        name: row.try_get(0)?,
-        uid: row.try_get(1)?,
-        spec: row.try_get(2)?,
-        version: row.try_get(3)?,
-        created_at: from_ms(row.try_get(4)?),
-        updated_at: from_ms(row.try_get(5)?),
-        updated_by: row.try_get(6)?,
-    })
-}
-
-/// The instance columns' values in bind order after the fingerprint.
-pub(crate) struct InstanceBinds {
-    pub(crate) times: [Option<i64>; 5],
-    pub(crate) updated_at_ms: i64,
-}
-
-impl InstanceBinds {
-    pub(crate) fn of(r: &InstanceRow) -> Self {
-        Self {
-            times: [
-                opt_ms(r.life.active_since),
-                opt_ms(r.life.firing_since),
-                opt_ms(r.life.last_true),
-                opt_ms(r.life.last_sent),
-                opt_ms(r.life.resolved_at),
-            ],
-            updated_at_ms: ms(r.updated_at),
-        }
-    }
 }
 
 /// A rule whose evaluation fails, and why.
@@ -477,556 +272,650 @@ pub struct RuleFailure {
     pub since: DateTime<Utc>,
 }
 
-/// Implements [`AlertStore`] for a backend: `$writer` and `$reader` name its
-/// pools, `$begin` the statement that opens a write transaction, and
-/// `$lock` the suffix that locks a row read for update (empty on SQLite,
-/// whose `BEGIN IMMEDIATE` already holds the write lock).
-macro_rules! impl_alert_store {
-    ($store:ty, $writer:ident, $reader:ident, $begin:literal, $lock:literal) => {
-        #[async_trait::async_trait]
-        impl $crate::store::alerts::AlertStore for $store {
-            async fn alert_rules(
-                &self,
-            ) -> Result<Vec<$crate::store::alerts::RuleRow>, $crate::store::StoreError> {
-                let rows = sqlx::query(
-                    "SELECT name, uid, spec, version, created_at_ms, updated_at_ms, updated_by \
-                     FROM alert_rules ORDER BY name",
-                )
-                .fetch_all(&self.$reader)
-                .await?;
-                Ok(rows
-                    .iter()
-                    .map($crate::store::alerts::rule_from_row)
-                    .collect::<Result<_, _>>()?)
-            }
+/// Columns of `alert_rules`.
+const RULE_COLUMNS: &str = "name, uid, spec, version, created_at_ms, updated_at_ms, updated_by";
 
-            async fn rule_failures(
-                &self,
-            ) -> Result<Vec<$crate::store::alerts::RuleFailure>, $crate::store::StoreError> {
-                use sqlx::Row;
-                let rows = sqlx::query(
-                    "SELECT uid, rule, error, since_ms FROM alert_rule_status ORDER BY rule",
-                )
-                .fetch_all(&self.$reader)
-                .await?;
-                rows.iter()
-                    .map(|r| {
-                        Ok($crate::store::alerts::RuleFailure {
-                            uid: r.try_get("uid")?,
-                            rule: r.try_get("rule")?,
-                            error: r.try_get("error")?,
-                            since: $crate::store::alerts::from_ms(r.try_get("since_ms")?),
-                        })
-                    })
-                    .collect::<Result<_, sqlx::Error>>()
-                    .map_err(Into::into)
-            }
+/// Columns of `alert_instances` (decoded by name in [`instance_from_row`]).
+pub(crate) const INSTANCE_COLUMNS: &str = "fingerprint, rule, rule_uid, level, grp, severity, state, value, threshold, \
+     active_since_ms, firing_since_ms, last_true_ms, last_sent_ms, resolved_at_ms, sequence, version, updated_at_ms";
 
-            async fn set_rule_failures(
-                &self,
-                failing: &[$crate::store::alerts::RuleFailure],
-                now: chrono::DateTime<chrono::Utc>,
-            ) -> Result<(), $crate::store::StoreError> {
-                let now = $crate::store::alerts::ms(now);
-                let mut tx = self.$writer.begin().await?;
-                for f in failing {
-                    sqlx::query(
-                        "INSERT INTO alert_rule_status (uid, rule, error, since_ms, checked_at_ms) \
-                         VALUES ($1, $2, $3, $4, $5) ON CONFLICT (uid) DO UPDATE SET \
-                         rule = excluded.rule, error = excluded.error, checked_at_ms = excluded.checked_at_ms",
-                    )
-                    .bind(&f.uid)
-                    .bind(&f.rule)
-                    .bind(&f.error)
-                    .bind($crate::store::alerts::ms(f.since))
-                    .bind(now)
-                    .execute(&mut *tx)
-                    .await?;
-                }
-                // Every rule not failing now has recovered (or is gone).
-                sqlx::query("DELETE FROM alert_rule_status WHERE checked_at_ms < $1")
-                    .bind(now)
-                    .execute(&mut *tx)
-                    .await?;
-                tx.commit().await?;
-                Ok(())
-            }
+/// Columns of `alert_outbox` (decoded by name in [`notification_from_row`]).
+pub(crate) const OUTBOX_COLUMNS: &str =
+    "id, fingerprint, sequence, rule, state, severity, subject, payload, created_at_ms, sent_at_ms";
 
-            async fn write_rule(
-                &self,
-                name: &str,
-                spec: &str,
-                actor: &str,
-                mode: $crate::store::alerts::WriteMode,
-            ) -> Result<$crate::store::alerts::RuleWritten, $crate::store::StoreError> {
-                use $crate::store::alerts::{rule_from_row, RuleWritten, WriteMode};
-                let now = $crate::store::alerts::ms(chrono::Utc::now());
-                let mut tx = self.$writer.begin_with($begin).await?;
-                let old = sqlx::query(concat!(
-                    "SELECT name, uid, spec, version, created_at_ms, updated_at_ms, updated_by \
-                     FROM alert_rules WHERE name = $1",
-                    $lock
-                ))
-                .bind(name)
-                .fetch_optional(&mut *tx)
-                .await?
-                .map(|r| rule_from_row(&r))
-                .transpose()?;
-                let (action, before) = match &old {
-                    Some(_) if mode == WriteMode::Create => return Ok(RuleWritten::Exists),
-                    Some(old) if old.spec == spec => return Ok(RuleWritten::Unchanged(old.clone())),
-                    Some(old) => ("rule.update", Some(old.spec.clone())),
-                    None => ("rule.create", None),
-                };
-                let row = match &old {
-                    Some(old) => {
-                        sqlx::query(
-                            "UPDATE alert_rules SET spec = $2, version = version + 1, \
-                             updated_at_ms = $3, updated_by = $4 WHERE name = $1 \
-                             RETURNING name, uid, spec, version, created_at_ms, updated_at_ms, updated_by",
-                        )
-                        .bind(&old.name)
-                        .bind(spec)
-                        .bind(now)
-                        .bind(actor)
-                        .fetch_one(&mut *tx)
-                        .await?
-                    }
-                    None => {
-                        let inserted = sqlx::query(
-                            "INSERT INTO alert_rules (name, uid, spec, version, created_at_ms, updated_at_ms, updated_by) \
-                             VALUES ($1, $2, $3, 1, $4, $4, $5) ON CONFLICT (name) DO NOTHING \
-                             RETURNING name, uid, spec, version, created_at_ms, updated_at_ms, updated_by",
-                        )
-                        .bind(name)
-                        .bind($crate::store::alerts::new_uid())
-                        .bind(spec)
-                        .bind(now)
-                        .bind(actor)
-                        .fetch_optional(&mut *tx)
-                        .await?;
-                        match inserted {
-                            Some(r) => r,
-                            // Created concurrently by another writer.
-                            None => return Ok(RuleWritten::Exists),
-                        }
-                    }
-                };
-                sqlx::query(
-                    "INSERT INTO alert_audit (at_ms, actor, action, target, before, after) \
-                     VALUES ($1, $2, $3, $4, $5, $6)",
-                )
-                .bind(now)
-                .bind(actor)
-                .bind(action)
-                .bind(name)
-                .bind(before)
-                .bind(spec)
-                .execute(&mut *tx)
-                .await?;
-                tx.commit().await?;
-                let row = rule_from_row(&row)?;
-                Ok(if old.is_some() {
-                    RuleWritten::Updated(row)
-                } else {
-                    RuleWritten::Created(row)
+fn opt_time(row: &Row, col: &str) -> Result<Option<DateTime<Utc>>, sqlx::Error> {
+    Ok(row.get::<Option<i64>, _>(col)?.map(from_ms))
+}
+
+/// Reads one row of [`INSTANCE_COLUMNS`].
+pub(crate) fn instance_from_row(row: &Row) -> Result<InstanceRow, sqlx::Error> {
+    Ok(InstanceRow {
+        fingerprint: row.get("fingerprint")?,
+        rule: row.get("rule")?,
+        rule_uid: row.get("rule_uid")?,
+        level: row.get("level")?,
+        group: row.get("grp")?,
+        severity: row.get("severity")?,
+        value: row.get("value")?,
+        threshold: row.get("threshold")?,
+        life: Life {
+            state: state_from_row(row, "state")?,
+            active_since: opt_time(row, "active_since_ms")?,
+            firing_since: opt_time(row, "firing_since_ms")?,
+            last_true: opt_time(row, "last_true_ms")?,
+            last_sent: opt_time(row, "last_sent_ms")?,
+            resolved_at: opt_time(row, "resolved_at_ms")?,
+            sequence: row.get("sequence")?,
+        },
+        version: row.get("version")?,
+        updated_at: from_ms(row.get("updated_at_ms")?),
+    })
+}
+
+fn state_from_row(row: &Row, col: &str) -> Result<AlertState, sqlx::Error> {
+    let name: String = row.get(col)?;
+    AlertState::parse(&name).ok_or_else(|| sqlx::Error::ColumnDecode {
+        index: col.to_string(),
+        source: format!("unknown alert state `{name}`").into(),
+    })
+}
+
+/// Reads one row of [`OUTBOX_COLUMNS`].
+pub(crate) fn notification_from_row(row: &Row) -> Result<NotificationRow, sqlx::Error> {
+    Ok(NotificationRow {
+        id: row.get("id")?,
+        n: NewNotification {
+            fingerprint: row.get("fingerprint")?,
+            sequence: row.get("sequence")?,
+            rule: row.get("rule")?,
+            state: state_from_row(row, "state")?,
+            severity: row.get("severity")?,
+            subject: row.get("subject")?,
+            payload: row.get("payload")?,
+            created_at: from_ms(row.get("created_at_ms")?),
+        },
+        sent_at: opt_time(row, "sent_at_ms")?,
+    })
+}
+
+/// Reads one row of [`RULE_COLUMNS`].
+pub(crate) fn rule_from_row(row: &Row) -> Result<RuleRow, sqlx::Error> {
+    Ok(RuleRow {
+        name: row.get("name")?,
+        uid: row.get("uid")?,
+        spec: row.get("spec")?,
+        version: row.get("version")?,
+        created_at: from_ms(row.get("created_at_ms")?),
+        updated_at: from_ms(row.get("updated_at_ms")?),
+        updated_by: row.get("updated_by")?,
+    })
+}
+
+/// Reads one row of `alert_audit`.
+pub(crate) fn audit_from_row(r: &Row) -> Result<AuditRow, sqlx::Error> {
+    Ok(AuditRow {
+        id: r.get("id")?,
+        at: from_ms(r.get("at_ms")?),
+        actor: r.get("actor")?,
+        action: r.get("action")?,
+        target: r.get("target")?,
+        before: r.get("before")?,
+        after: r.get("after")?,
+    })
+}
+
+/// Binds an instance's columns after the fingerprint, in [`INSTANCE_COLUMNS`]
+/// order up to `sequence`.
+pub(crate) fn bind_instance<'a>(q: Sql<'a>, r: &'a InstanceRow) -> Sql<'a> {
+    q.bind(&r.rule)
+        .bind(&r.rule_uid)
+        .bind(&r.level)
+        .bind(&r.group)
+        .bind(&r.severity)
+        .bind(r.life.state.as_str())
+        .bind(r.value)
+        .bind(r.threshold)
+        .bind(r.life.active_since.map(ms))
+        .bind(r.life.firing_since.map(ms))
+        .bind(r.life.last_true.map(ms))
+        .bind(r.life.last_sent.map(ms))
+        .bind(r.life.resolved_at.map(ms))
+        .bind(r.life.sequence)
+}
+
+/// The alert tables: rules and their audit trail, quotas, instances and the outbox.
+#[derive(Debug, Clone)]
+pub struct Alerts {
+    db: Db,
+}
+
+impl Alerts {
+    pub(crate) fn new(db: Db) -> Self {
+        Self { db }
+    }
+
+    /// Every rule, by name.
+    pub async fn alert_rules(&self) -> Result<Vec<RuleRow>, StoreError> {
+        let rows = self
+            .db
+            .reader()
+            .fetch_all(Sql::new(format!(
+                "SELECT {RULE_COLUMNS} FROM alert_rules ORDER BY name"
+            )))
+            .await?;
+        Ok(rows.iter().map(rule_from_row).collect::<Result<_, _>>()?)
+    }
+
+    /// Rules whose evaluation currently fails (table `alert_rule_status`).
+    pub async fn rule_failures(&self) -> Result<Vec<RuleFailure>, StoreError> {
+        let rows = self
+            .db
+            .reader()
+            .fetch_all(Sql::new(
+                "SELECT uid, rule, error, since_ms FROM alert_rule_status ORDER BY rule",
+            ))
+            .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(RuleFailure {
+                    uid: r.get("uid")?,
+                    rule: r.get("rule")?,
+                    error: r.get("error")?,
+                    since: from_ms(r.get("since_ms")?),
                 })
-            }
+            })
+            .collect()
+    }
 
-            async fn delete_rule(
-                &self,
-                name: &str,
-                actor: &str,
-            ) -> Result<Option<$crate::store::alerts::RuleRow>, $crate::store::StoreError> {
-                let now = $crate::store::alerts::ms(chrono::Utc::now());
-                let mut tx = self.$writer.begin_with($begin).await?;
-                let old = sqlx::query(
-                    "DELETE FROM alert_rules WHERE name = $1 \
-                     RETURNING name, uid, spec, version, created_at_ms, updated_at_ms, updated_by",
+    /// Records this round's failing rules (keeping `since` of those already
+    /// failing) and clears every other rule's failure.
+    pub async fn set_rule_failures(
+        &self,
+        failing: &[RuleFailure],
+        now: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        let now = ms(now);
+        let mut tx = self.db.begin().await?;
+        for f in failing {
+            tx.execute(
+                Sql::new(
+                    "INSERT INTO alert_rule_status (uid, rule, error, since_ms, checked_at_ms) \
+                     VALUES ($1, $2, $3, $4, $5) ON CONFLICT (uid) DO UPDATE SET \
+                     rule = excluded.rule, error = excluded.error, checked_at_ms = excluded.checked_at_ms",
                 )
-                .bind(name)
-                .fetch_optional(&mut *tx)
-                .await?
-                .map(|r| $crate::store::alerts::rule_from_row(&r))
-                .transpose()?;
-                if let Some(old) = &old {
-                    sqlx::query(
-                        "INSERT INTO alert_audit (at_ms, actor, action, target, before, after) \
-                         VALUES ($1, $2, 'rule.delete', $3, $4, NULL)",
-                    )
-                    .bind(now)
-                    .bind(actor)
-                    .bind(name)
-                    .bind(&old.spec)
-                    .execute(&mut *tx)
-                    .await?;
-                }
-                tx.commit().await?;
-                Ok(old)
-            }
+                .bind(&f.uid)
+                .bind(&f.rule)
+                .bind(&f.error)
+                .bind(ms(f.since))
+                .bind(now),
+            )
+            .await?;
+        }
+        // Every rule not failing now has recovered (or is gone).
+        tx.execute(Sql::new("DELETE FROM alert_rule_status WHERE checked_at_ms < $1").bind(now))
+            .await?;
+        tx.commit().await
+    }
 
-            async fn audit_log(
-                &self,
-                target: Option<&str>,
-                limit: i64,
-            ) -> Result<Vec<$crate::store::alerts::AuditRow>, $crate::store::StoreError> {
-                let rows = sqlx::query(
+    /// Creates or replaces a rule and records who did it, in one transaction.
+    pub async fn write_rule(
+        &self,
+        name: &str,
+        spec: &str,
+        actor: &str,
+        mode: WriteMode,
+    ) -> Result<RuleWritten, StoreError> {
+        let now = ms(Utc::now());
+        let mut tx = self.db.begin().await?;
+        let old = tx
+            .fetch_optional(
+                Sql::new(format!(
+                    "SELECT {RULE_COLUMNS} FROM alert_rules WHERE name = $1{}",
+                    self.db.for_update()
+                ))
+                .bind(name),
+            )
+            .await?
+            .map(|r| rule_from_row(&r))
+            .transpose()?;
+        let (action, before) = match &old {
+            Some(_) if mode == WriteMode::Create => return Ok(RuleWritten::Exists),
+            Some(old) if old.spec == spec => return Ok(RuleWritten::Unchanged(old.clone())),
+            Some(old) => ("rule.update", Some(old.spec.clone())),
+            None => ("rule.create", None),
+        };
+        let row = match &old {
+            Some(old) => {
+                tx.fetch_one(
+                    Sql::new(format!(
+                        "UPDATE alert_rules SET spec = $2, version = version + 1, \
+                         updated_at_ms = $3, updated_by = $4 WHERE name = $1 RETURNING {RULE_COLUMNS}"
+                    ))
+                    .bind(&old.name)
+                    .bind(spec)
+                    .bind(now)
+                    .bind(actor),
+                )
+                .await?
+            }
+            None => {
+                let inserted = tx
+                    .fetch_optional(
+                        Sql::new(format!(
+                            "INSERT INTO alert_rules ({RULE_COLUMNS}) \
+                             VALUES ($1, $2, $3, 1, $4, $4, $5) ON CONFLICT (name) DO NOTHING \
+                             RETURNING {RULE_COLUMNS}"
+                        ))
+                        .bind(name)
+                        .bind(new_uid())
+                        .bind(spec)
+                        .bind(now)
+                        .bind(actor),
+                    )
+                    .await?;
+                match inserted {
+                    Some(r) => r,
+                    // Created concurrently by another writer.
+                    None => return Ok(RuleWritten::Exists),
+                }
+            }
+        };
+        tx.execute(audit(
+            now,
+            actor,
+            action,
+            name,
+            before,
+            Some(spec.to_string()),
+        ))
+        .await?;
+        tx.commit().await?;
+        let row = rule_from_row(&row)?;
+        Ok(if old.is_some() {
+            RuleWritten::Updated(row)
+        } else {
+            RuleWritten::Created(row)
+        })
+    }
+
+    /// Deletes a rule (its instances resolve at the next evaluation); the removed row.
+    pub async fn delete_rule(
+        &self,
+        name: &str,
+        actor: &str,
+    ) -> Result<Option<RuleRow>, StoreError> {
+        let now = ms(Utc::now());
+        let mut tx = self.db.begin().await?;
+        let old = tx
+            .fetch_optional(
+                Sql::new(format!(
+                    "DELETE FROM alert_rules WHERE name = $1 RETURNING {RULE_COLUMNS}"
+                ))
+                .bind(name),
+            )
+            .await?
+            .map(|r| rule_from_row(&r))
+            .transpose()?;
+        if let Some(old) = &old {
+            tx.execute(audit(
+                now,
+                actor,
+                "rule.delete",
+                name,
+                Some(old.spec.clone()),
+                None,
+            ))
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(old)
+    }
+
+    /// Audit entries, newest first, optionally for one target.
+    pub async fn audit_log(
+        &self,
+        target: Option<&str>,
+        limit: i64,
+    ) -> Result<Vec<AuditRow>, StoreError> {
+        let rows = self
+            .db
+            .reader()
+            .fetch_all(
+                Sql::new(
                     "SELECT id, at_ms, actor, action, target, before, after FROM alert_audit \
                      WHERE CAST($1 AS TEXT) IS NULL OR target = $1 ORDER BY id DESC LIMIT $2",
                 )
                 .bind(target)
-                .bind(limit)
-                .fetch_all(&self.$reader)
-                .await?;
-                let mut out = Vec::with_capacity(rows.len());
-                for r in &rows {
-                    use sqlx::Row;
-                    out.push($crate::store::alerts::AuditRow {
-                        id: r.try_get(0)?,
-                        at: $crate::store::alerts::from_ms(r.try_get(1)?),
-                        actor: r.try_get(2)?,
-                        action: r.try_get(3)?,
-                        target: r.try_get(4)?,
-                        before: r.try_get(5)?,
-                        after: r.try_get(6)?,
-                    });
-                }
-                Ok(out)
-            }
+                .bind(limit),
+            )
+            .await?;
+        Ok(rows.iter().map(audit_from_row).collect::<Result<_, _>>()?)
+    }
 
-            async fn quotas(
-                &self,
-            ) -> Result<Vec<$crate::store::alerts::QuotaRow>, $crate::store::StoreError> {
-                let rows = sqlx::query(
-                    "SELECT key, uid, spec, updated_at_ms, updated_by FROM key_quotas ORDER BY key",
-                )
-                .fetch_all(&self.$reader)
-                .await?;
-                let mut out = Vec::with_capacity(rows.len());
-                for r in &rows {
-                    use sqlx::Row;
-                    out.push($crate::store::alerts::QuotaRow {
-                        key: r.try_get(0)?,
-                        uid: r.try_get(1)?,
-                        spec: r.try_get(2)?,
-                        updated_at: $crate::store::alerts::from_ms(r.try_get(3)?),
-                        updated_by: r.try_get(4)?,
-                    });
-                }
-                Ok(out)
-            }
+    /// Every quota, by key.
+    pub async fn quotas(&self) -> Result<Vec<QuotaRow>, StoreError> {
+        let rows = self
+            .db
+            .reader()
+            .fetch_all(Sql::new(
+                "SELECT key, uid, spec, updated_at_ms, updated_by FROM key_quotas ORDER BY key",
+            ))
+            .await?;
+        Ok(rows.iter().map(quota_from_row).collect::<Result<_, _>>()?)
+    }
 
-            async fn put_quota(
-                &self,
-                key: &str,
-                spec: &str,
-                actor: &str,
-            ) -> Result<($crate::store::alerts::QuotaRow, bool), $crate::store::StoreError> {
-                use sqlx::Row;
-                let now_t = chrono::Utc::now();
-                let now = $crate::store::alerts::ms(now_t);
-                let mut tx = self.$writer.begin_with($begin).await?;
-                let old: Option<(String, String)> = sqlx::query(concat!(
-                    "SELECT uid, spec FROM key_quotas WHERE key = $1",
-                    $lock
+    /// Sets a key's quota (true: it had none).
+    pub async fn put_quota(
+        &self,
+        key: &str,
+        spec: &str,
+        actor: &str,
+    ) -> Result<(QuotaRow, bool), StoreError> {
+        let now = ms(Utc::now());
+        let mut tx = self.db.begin().await?;
+        let old = tx
+            .fetch_optional(
+                Sql::new(format!(
+                    "SELECT uid, spec FROM key_quotas WHERE key = $1{}",
+                    self.db.for_update()
                 ))
-                .bind(key)
-                .fetch_optional(&mut *tx)
-                .await?
-                .map(|r| Ok::<_, sqlx::Error>((r.try_get(0)?, r.try_get(1)?)))
-                .transpose()?;
-                let uid = match &old {
-                    Some((uid, _)) => uid.clone(),
-                    None => $crate::store::alerts::new_uid(),
-                };
-                sqlx::query(
-                    "INSERT INTO key_quotas (key, uid, spec, updated_at_ms, updated_by) VALUES ($1, $2, $3, $4, $5) \
-                     ON CONFLICT (key) DO UPDATE SET spec = excluded.spec, updated_at_ms = excluded.updated_at_ms, \
-                     updated_by = excluded.updated_by",
-                )
-                .bind(key)
-                .bind(&uid)
-                .bind(spec)
-                .bind(now)
-                .bind(actor)
-                .execute(&mut *tx)
-                .await?;
-                if old.as_ref().is_none_or(|(_, s)| s != spec) {
-                    sqlx::query(
-                        "INSERT INTO alert_audit (at_ms, actor, action, target, before, after) \
-                         VALUES ($1, $2, 'quota.set', $3, $4, $5)",
-                    )
-                    .bind(now)
-                    .bind(actor)
-                    .bind(format!("quota:{key}"))
-                    .bind(old.as_ref().map(|(_, s)| s.clone()))
-                    .bind(spec)
-                    .execute(&mut *tx)
-                    .await?;
-                }
-                tx.commit().await?;
-                Ok((
-                    $crate::store::alerts::QuotaRow {
-                        key: key.to_string(),
-                        uid,
-                        spec: spec.to_string(),
-                        updated_at: $crate::store::alerts::from_ms(now),
-                        updated_by: actor.to_string(),
-                    },
-                    old.is_none(),
-                ))
-            }
+                .bind(key),
+            )
+            .await?;
+        let old: Option<(String, String)> = match old {
+            Some(r) => Some((r.get("uid")?, r.get("spec")?)),
+            None => None,
+        };
+        let uid = match &old {
+            Some((uid, _)) => uid.clone(),
+            None => new_uid(),
+        };
+        tx.execute(
+            Sql::new(
+                "INSERT INTO key_quotas (key, uid, spec, updated_at_ms, updated_by) VALUES ($1, $2, $3, $4, $5) \
+                 ON CONFLICT (key) DO UPDATE SET spec = excluded.spec, updated_at_ms = excluded.updated_at_ms, \
+                 updated_by = excluded.updated_by",
+            )
+            .bind(key)
+            .bind(&uid)
+            .bind(spec)
+            .bind(now)
+            .bind(actor),
+        )
+        .await?;
+        if old.as_ref().is_none_or(|(_, s)| s != spec) {
+            let before = old.as_ref().map(|(_, s)| s.clone());
+            let target = format!("quota:{key}");
+            tx.execute(audit(
+                now,
+                actor,
+                "quota.set",
+                &target,
+                before,
+                Some(spec.to_string()),
+            ))
+            .await?;
+        }
+        tx.commit().await?;
+        Ok((
+            QuotaRow {
+                key: key.to_string(),
+                uid,
+                spec: spec.to_string(),
+                updated_at: from_ms(now),
+                updated_by: actor.to_string(),
+            },
+            old.is_none(),
+        ))
+    }
 
-            async fn delete_quota(
-                &self,
-                key: &str,
-                actor: &str,
-            ) -> Result<bool, $crate::store::StoreError> {
-                use sqlx::Row;
-                let now = $crate::store::alerts::ms(chrono::Utc::now());
-                let mut tx = self.$writer.begin_with($begin).await?;
-                let old = sqlx::query("DELETE FROM key_quotas WHERE key = $1 RETURNING spec")
-                    .bind(key)
-                    .fetch_optional(&mut *tx)
-                    .await?;
-                let Some(old) = old else {
-                    return Ok(false);
-                };
-                let spec: String = old.try_get(0)?;
-                sqlx::query(
-                    "INSERT INTO alert_audit (at_ms, actor, action, target, before, after) \
-                     VALUES ($1, $2, 'quota.delete', $3, $4, NULL)",
-                )
-                .bind(now)
-                .bind(actor)
-                .bind(format!("quota:{key}"))
-                .bind(spec)
-                .execute(&mut *tx)
-                .await?;
-                tx.commit().await?;
-                Ok(true)
-            }
+    /// Removes a key's quota (false: it had none).
+    pub async fn delete_quota(&self, key: &str, actor: &str) -> Result<bool, StoreError> {
+        let now = ms(Utc::now());
+        let mut tx = self.db.begin().await?;
+        let old = tx
+            .fetch_optional(
+                Sql::new("DELETE FROM key_quotas WHERE key = $1 RETURNING spec").bind(key),
+            )
+            .await?;
+        let Some(old) = old else {
+            return Ok(false);
+        };
+        let target = format!("quota:{key}");
+        tx.execute(audit(
+            now,
+            actor,
+            "quota.delete",
+            &target,
+            Some(old.get("spec")?),
+            None,
+        ))
+        .await?;
+        tx.commit().await?;
+        Ok(true)
+    }
 
-            async fn alert_instances(
-                &self,
-            ) -> Result<Vec<$crate::store::alerts::InstanceRow>, $crate::store::StoreError> {
-                let rows = sqlx::query(&format!(
-                    "SELECT {} FROM alert_instances ORDER BY fingerprint",
-                    $crate::store::alerts::INSTANCE_COLUMNS
-                ))
-                .fetch_all(&self.$reader)
-                .await?;
-                Ok(rows
-                    .iter()
-                    .map($crate::store::alerts::instance_from_row)
-                    .collect::<Result<_, _>>()?)
-            }
+    /// Every stored instance.
+    pub async fn alert_instances(&self) -> Result<Vec<InstanceRow>, StoreError> {
+        self.instances_where("TRUE").await
+    }
 
-            async fn active_instances(
-                &self,
-            ) -> Result<Vec<$crate::store::alerts::InstanceRow>, $crate::store::StoreError> {
-                let rows = sqlx::query(&format!(
-                    "SELECT {} FROM alert_instances WHERE state IN ('pending', 'firing') ORDER BY fingerprint",
-                    $crate::store::alerts::INSTANCE_COLUMNS
-                ))
-                .fetch_all(&self.$reader)
-                .await?;
-                Ok(rows
-                    .iter()
-                    .map($crate::store::alerts::instance_from_row)
-                    .collect::<Result<_, _>>()?)
-            }
+    /// The pending and firing instances: what the evaluator and
+    /// `GET /v1/alerts` read, bounded by what is active rather than by history.
+    pub async fn active_instances(&self) -> Result<Vec<InstanceRow>, StoreError> {
+        self.instances_where("state IN ('pending', 'firing')").await
+    }
 
-            async fn instances_by_fingerprint(
-                &self,
-                fingerprints: &[String],
-            ) -> Result<Vec<$crate::store::alerts::InstanceRow>, $crate::store::StoreError> {
-                let mut out = Vec::new();
-                // Bounded statements: SQLite binds at most 32,766 values.
-                for chunk in fingerprints.chunks(500) {
-                    let list = (1..=chunk.len())
-                        .map(|i| format!("${i}"))
-                        .collect::<Vec<_>>()
-                        .join(", ");
-                    let sql = format!(
-                        "SELECT {} FROM alert_instances WHERE fingerprint IN ({list})",
-                        $crate::store::alerts::INSTANCE_COLUMNS
-                    );
-                    let mut q = sqlx::query(&sql);
-                    for fp in chunk {
-                        q = q.bind(fp);
-                    }
-                    let rows = q.fetch_all(&self.$reader).await?;
-                    for r in &rows {
-                        out.push($crate::store::alerts::instance_from_row(r)?);
-                    }
-                }
-                Ok(out)
-            }
+    async fn instances_where(&self, condition: &str) -> Result<Vec<InstanceRow>, StoreError> {
+        let rows = self
+            .db
+            .reader()
+            .fetch_all(Sql::new(format!(
+                "SELECT {INSTANCE_COLUMNS} FROM alert_instances WHERE {condition} ORDER BY fingerprint"
+            )))
+            .await?;
+        Ok(rows
+            .iter()
+            .map(instance_from_row)
+            .collect::<Result<_, _>>()?)
+    }
 
-            async fn commit_transitions(
-                &self,
-                writes: &[$crate::store::alerts::InstanceWrite],
-                notifications: &[$crate::store::alerts::NewNotification],
-            ) -> Result<bool, $crate::store::StoreError> {
-                use $crate::store::alerts::InstanceBinds;
-                let mut tx = self.$writer.begin_with($begin).await?;
-                for w in writes {
-                    let r = &w.row;
-                    let b = InstanceBinds::of(r);
-                    let query = match w.expected_version {
-                        Some(_) => sqlx::query(
-                            "UPDATE alert_instances SET rule = $2, rule_uid = $3, level = $4, grp = $5, \
-                             severity = $6, state = $7, value = $8, threshold = $9, active_since_ms = $10, \
-                             firing_since_ms = $11, last_true_ms = $12, last_sent_ms = $13, resolved_at_ms = $14, \
-                             sequence = $15, version = version + 1, updated_at_ms = $16 \
-                             WHERE fingerprint = $1 AND version = $17",
-                        ),
-                        None => sqlx::query(
-                            "INSERT INTO alert_instances (fingerprint, rule, rule_uid, level, grp, severity, state, \
-                             value, threshold, active_since_ms, firing_since_ms, last_true_ms, last_sent_ms, \
-                             resolved_at_ms, sequence, version, updated_at_ms) \
-                             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, 1, $16) \
-                             ON CONFLICT (fingerprint) DO NOTHING",
-                        ),
-                    };
-                    let mut query = query
-                        .bind(&r.fingerprint)
-                        .bind(&r.rule)
-                        .bind(&r.rule_uid)
-                        .bind(&r.level)
-                        .bind(&r.group)
-                        .bind(&r.severity)
-                        .bind(r.life.state.as_str())
-                        .bind(r.value)
-                        .bind(r.threshold);
-                    for t in b.times {
-                        query = query.bind(t);
-                    }
-                    query = query.bind(r.life.sequence).bind(b.updated_at_ms);
-                    if let Some(v) = w.expected_version {
-                        query = query.bind(v);
-                    }
-                    if query.execute(&mut *tx).await?.rows_affected() != 1 {
-                        // Another evaluator moved this instance first.
-                        tx.rollback().await?;
-                        return Ok(false);
-                    }
-                }
-                for n in notifications {
-                    sqlx::query(
-                        "INSERT INTO alert_outbox (fingerprint, sequence, rule, state, severity, subject, payload, created_at_ms) \
-                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
-                    )
-                    .bind(&n.fingerprint)
-                    .bind(n.sequence)
-                    .bind(&n.rule)
-                    .bind(n.state.as_str())
-                    .bind(&n.severity)
-                    .bind(&n.subject)
-                    .bind(&n.payload)
-                    .bind($crate::store::alerts::ms(n.created_at))
-                    .execute(&mut *tx)
-                    .await?;
-                }
-                tx.commit().await?;
-                Ok(true)
+    /// The stored instances with these fingerprints (any state).
+    pub async fn instances_by_fingerprint(
+        &self,
+        fingerprints: &[String],
+    ) -> Result<Vec<InstanceRow>, StoreError> {
+        let mut out = Vec::new();
+        // Bounded statements: SQLite binds at most 32,766 values.
+        for chunk in fingerprints.chunks(500) {
+            let list = (1..=chunk.len())
+                .map(|i| format!("${i}"))
+                .collect::<Vec<_>>()
+                .join(", ");
+            let mut q = Sql::new(format!(
+                "SELECT {INSTANCE_COLUMNS} FROM alert_instances WHERE fingerprint IN ({list})"
+            ));
+            for fp in chunk {
+                q = q.bind(fp);
             }
-
-            async fn unsent_notifications(
-                &self,
-                limit: i64,
-            ) -> Result<Vec<$crate::store::alerts::NotificationRow>, $crate::store::StoreError> {
-                let rows = sqlx::query(&format!(
-                    "SELECT {} FROM alert_outbox WHERE sent_at_ms IS NULL ORDER BY id LIMIT $1",
-                    $crate::store::alerts::OUTBOX_COLUMNS
-                ))
-                .bind(limit)
-                .fetch_all(&self.$writer)
-                .await?;
-                Ok(rows
-                    .iter()
-                    .map($crate::store::alerts::notification_from_row)
-                    .collect::<Result<_, _>>()?)
-            }
-
-            async fn mark_sent(
-                &self,
-                ids: &[i64],
-                at: chrono::DateTime<chrono::Utc>,
-            ) -> Result<(), $crate::store::StoreError> {
-                if ids.is_empty() {
-                    return Ok(());
-                }
-                let list = ids.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(",");
-                sqlx::query(&format!(
-                    "UPDATE alert_outbox SET sent_at_ms = $1 WHERE sent_at_ms IS NULL AND id IN ({list})"
-                ))
-                .bind($crate::store::alerts::ms(at))
-                .execute(&self.$writer)
-                .await?;
-                Ok(())
-            }
-
-            async fn notifications(
-                &self,
-                f: &$crate::store::alerts::HistoryFilter,
-            ) -> Result<Vec<$crate::store::alerts::NotificationRow>, $crate::store::StoreError> {
-                let rows = sqlx::query(&format!(
-                    "SELECT {} FROM alert_outbox WHERE (CAST($1 AS TEXT) IS NULL OR rule = $1) \
-                     AND (CAST($2 AS TEXT) IS NULL OR state = $2) AND created_at_ms >= $3 AND created_at_ms < $4 \
-                     ORDER BY id DESC LIMIT $5",
-                    $crate::store::alerts::OUTBOX_COLUMNS
-                ))
-                .bind(f.rule.as_deref())
-                .bind(f.state.map($crate::store::alerts::AlertState::as_str))
-                .bind(f.from.map($crate::store::alerts::ms).unwrap_or(i64::MIN))
-                .bind(f.to.map($crate::store::alerts::ms).unwrap_or(i64::MAX))
-                .bind(f.limit)
-                .fetch_all(&self.$reader)
-                .await?;
-                Ok(rows
-                    .iter()
-                    .map($crate::store::alerts::notification_from_row)
-                    .collect::<Result<_, _>>()?)
-            }
-
-            async fn try_named_lease(
-                &self,
-                name: &str,
-                holder: &str,
-                ttl: std::time::Duration,
-            ) -> Result<bool, $crate::store::StoreError> {
-                let now = $crate::store::alerts::ms(chrono::Utc::now());
-                let until = now + i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX / 4);
-                let done = sqlx::query(
-                    "INSERT INTO leases (name, holder, until_ms) VALUES ($1, $2, $3) \
-                     ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, until_ms = excluded.until_ms \
-                     WHERE leases.holder = excluded.holder OR leases.until_ms < $4",
-                )
-                .bind(name)
-                .bind(holder)
-                .bind(until)
-                .bind(now)
-                .execute(&self.$writer)
-                .await?;
-                Ok(done.rows_affected() == 1)
-            }
-
-            async fn release_named_lease(
-                &self,
-                name: &str,
-                holder: &str,
-            ) -> Result<(), $crate::store::StoreError> {
-                sqlx::query("DELETE FROM leases WHERE name = $1 AND holder = $2")
-                    .bind(name)
-                    .bind(holder)
-                    .execute(&self.$writer)
-                    .await?;
-                Ok(())
+            for r in &self.db.reader().fetch_all(q).await? {
+                out.push(instance_from_row(r)?);
             }
         }
-    };
+        Ok(out)
+    }
+
+    /// Writes instance changes and their notifications in one transaction if
+    /// every instance is still at the version the change was computed from;
+    /// otherwise writes nothing and answers false.
+    pub async fn commit_transitions(
+        &self,
+        writes: &[InstanceWrite],
+        notifications: &[NewNotification],
+    ) -> Result<bool, StoreError> {
+        let mut tx = self.db.begin().await?;
+        for w in writes {
+            let r = &w.row;
+            let q = match w.expected_version {
+                Some(_) => Sql::new(
+                    "UPDATE alert_instances SET rule = $2, rule_uid = $3, level = $4, grp = $5, \
+                     severity = $6, state = $7, value = $8, threshold = $9, active_since_ms = $10, \
+                     firing_since_ms = $11, last_true_ms = $12, last_sent_ms = $13, resolved_at_ms = $14, \
+                     sequence = $15, version = version + 1, updated_at_ms = $16 \
+                     WHERE fingerprint = $1 AND version = $17",
+                ),
+                None => Sql::new(
+                    "INSERT INTO alert_instances (fingerprint, rule, rule_uid, level, grp, severity, state, \
+                     value, threshold, active_since_ms, firing_since_ms, last_true_ms, last_sent_ms, \
+                     resolved_at_ms, sequence, version, updated_at_ms) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, 1, $16) \
+                     ON CONFLICT (fingerprint) DO NOTHING",
+                ),
+            };
+            let mut q = bind_instance(q.bind(&r.fingerprint), r).bind(ms(r.updated_at));
+            if let Some(v) = w.expected_version {
+                q = q.bind(v);
+            }
+            if tx.execute(q).await? != 1 {
+                // Another evaluator moved this instance first.
+                tx.rollback().await?;
+                return Ok(false);
+            }
+        }
+        for n in notifications {
+            tx.execute(
+                Sql::new(
+                    "INSERT INTO alert_outbox (fingerprint, sequence, rule, state, severity, subject, payload, created_at_ms) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+                )
+                .bind(&n.fingerprint)
+                .bind(n.sequence)
+                .bind(&n.rule)
+                .bind(n.state.as_str())
+                .bind(&n.severity)
+                .bind(&n.subject)
+                .bind(&n.payload)
+                .bind(ms(n.created_at)),
+            )
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    /// The oldest notifications not yet published.
+    pub async fn unsent_notifications(
+        &self,
+        limit: i64,
+    ) -> Result<Vec<NotificationRow>, StoreError> {
+        // The writer's view: a relay must not miss a notification just committed.
+        let rows = self
+            .db
+            .writer()
+            .fetch_all(
+                Sql::new(format!(
+                    "SELECT {OUTBOX_COLUMNS} FROM alert_outbox WHERE sent_at_ms IS NULL ORDER BY id LIMIT $1"
+                ))
+                .bind(limit),
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(notification_from_row)
+            .collect::<Result<_, _>>()?)
+    }
+
+    /// Records that the stream acknowledged these notifications.
+    pub async fn mark_sent(&self, ids: &[i64], at: DateTime<Utc>) -> Result<(), StoreError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        // Ids are integers Tally read from the outbox: safe to inline.
+        let list = ids
+            .iter()
+            .map(|i| i.to_string())
+            .collect::<Vec<_>>()
+            .join(",");
+        self.db
+            .writer()
+            .execute(
+                Sql::new(format!(
+                    "UPDATE alert_outbox SET sent_at_ms = $1 WHERE sent_at_ms IS NULL AND id IN ({list})"
+                ))
+                .bind(ms(at)),
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Notifications not yet published (for `/metrics`).
+    pub async fn outbox_backlog(&self) -> Result<i64, StoreError> {
+        Ok(self
+            .db
+            .reader()
+            .fetch_one(Sql::new(
+                "SELECT count(*) AS n FROM alert_outbox WHERE sent_at_ms IS NULL",
+            ))
+            .await?
+            .get("n")?)
+    }
+
+    /// Notification history.
+    pub async fn notifications(
+        &self,
+        f: &HistoryFilter,
+    ) -> Result<Vec<NotificationRow>, StoreError> {
+        let rows = self
+            .db
+            .reader()
+            .fetch_all(
+                Sql::new(format!(
+                    "SELECT {OUTBOX_COLUMNS} FROM alert_outbox WHERE (CAST($1 AS TEXT) IS NULL OR rule = $1) \
+                     AND (CAST($2 AS TEXT) IS NULL OR state = $2) AND created_at_ms >= $3 AND created_at_ms < $4 \
+                     ORDER BY id DESC LIMIT $5"
+                ))
+                .bind(f.rule.as_deref())
+                .bind(f.state.map(AlertState::as_str))
+                .bind(f.from.map(ms).unwrap_or(i64::MIN))
+                .bind(f.to.map(ms).unwrap_or(i64::MAX))
+                .bind(f.limit),
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(notification_from_row)
+            .collect::<Result<_, _>>()?)
+    }
 }
 
-pub(crate) use impl_alert_store;
+/// Reads one row of `key_quotas`.
+fn quota_from_row(r: &Row) -> Result<QuotaRow, sqlx::Error> {
+    Ok(QuotaRow {
+        key: r.get("key")?,
+        uid: r.get("uid")?,
+        spec: r.get("spec")?,
+        updated_at: from_ms(r.get("updated_at_ms")?),
+        updated_by: r.get("updated_by")?,
+    })
+}
+
+/// An `alert_audit` entry.
+pub(crate) fn audit<'a>(
+    at_ms: i64,
+    actor: &'a str,
+    action: &'a str,
+    target: &'a str,
+    before: Option<String>,
+    after: Option<String>,
+) -> Sql<'a> {
+    Sql::new(
+        "INSERT INTO alert_audit (at_ms, actor, action, target, before, after) \
+         VALUES ($1, $2, $3, $4, $5, $6)",
+    )
+    .bind(at_ms)
+    .bind(actor)
+    .bind(action)
+    .bind(target)
+    .bind(before)
+    .bind(after)
+}

@@ -1,32 +1,47 @@
-//! The event log: `usage_events` (the source of truth) and `rejected_events`.
+//! The store: the event log, the aggregate tables, alert state and the
+//! operations tables, on PostgreSQL (production) or SQLite (the embedded
+//! default).
 //!
-//! Two backends implement [`EventStore`]: [`postgres::PgStore`] for production
-//! and [`sqlite::SqliteStore`] as the embedded default. Both append a batch in
-//! one transaction and classify every event as inserted, duplicate or conflict
-//! with the same pure logic ([`classify`]), so their answers cannot drift apart;
-//! `tests/it/store.rs` runs one conformance suite against both.
+//! [`Store`] is the handle the rest of Tally holds. It hands out one small
+//! interface per concern, named after what it holds: [`EventLog`],
+//! [`Projections`], [`Leases`], [`Alerts`], [`Tokens`] and [`Jobs`]. Each is
+//! written once: the statements that are the same on both backends go
+//! through the dialect seam in `db.rs`, and only what a dialect really does
+//! its own way (bulk inserts, the log cursor, upserts, timeouts) lives in
+//! `postgres.rs` and `sqlite.rs`. `tests/it/store.rs` runs one conformance
+//! suite against both.
 
 pub mod agg;
 pub mod alerts;
-pub mod ops;
-pub mod postgres;
+mod db;
+pub mod jobs;
+pub mod leases;
+pub mod log;
+mod postgres;
+pub mod projections;
+mod snapshot;
 pub mod sqlite;
+pub mod tokens;
 
-use crate::aggregate::spec::{Granularity, Spec};
 pub use agg::{
     AggAnswer, AggQuery, AggRow, Apply, ApplyOutcome, Cursor, LogBatch, ProjectionState, Top,
     Watermark,
 };
+pub use alerts::Alerts;
+pub use jobs::Jobs;
+pub use leases::Leases;
+pub use log::EventLog;
+pub use projections::Projections;
+pub use snapshot::AlertSnapshot;
+pub use tokens::Tokens;
 
-use std::collections::{HashMap, HashSet};
-use std::sync::Arc;
 use std::time::Duration;
 
-use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
-use crate::event::codec::to_wire_json;
-use crate::event::{ErrorType, Event};
+use crate::aggregate::spec::Granularity;
+use crate::event::Event;
+use db::Db;
 
 /// Which database a store writes to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -207,199 +222,7 @@ pub struct LogCounts {
     pub rejected: i64,
 }
 
-/// The projections' side of the store: reading the log in commit-safe order,
-/// checkpoints, leases and the aggregate tables. One implementation per backend.
-#[async_trait]
-pub trait ProjectionStore: Send + Sync + 'static {
-    /// Up to `limit` events after `after`, in cursor order, from one snapshot.
-    /// Never returns an event while an event that will sort before it can still commit.
-    async fn read_log(&self, after: Cursor, limit: i64) -> Result<LogBatch, StoreError>;
-
-    /// Events stored after `after` (a projection's lag), committed or not yet foldable.
-    async fn events_after(&self, after: Cursor) -> Result<i64, StoreError>;
-
-    /// `Some(what is wrong)` when a checkpoint or stored event lies beyond the
-    /// positions the database will give new events (PostgreSQL: a dump
-    /// restored into a new cluster restarts transaction ids below the stored
-    /// ones; SQLite: a log file older than its checkpoints). New events would
-    /// then sort before the checkpoints and never be folded.
-    async fn log_position_problem(&self) -> Result<Option<String>, StoreError>;
-
-    /// Repairs what [`ProjectionStore::log_position_problem`] finds, keeping
-    /// which events each checkpoint has folded; returns what it did. Run with
-    /// no Tally serving this database.
-    async fn repair_log_positions(&self) -> Result<String, StoreError>;
-
-    /// Creates the spec's tables (with `suffix`) if missing and the checkpoint
-    /// row `state` (with the spec's hash) if missing, and returns the row.
-    async fn ensure_projection(
-        &self,
-        spec: &Spec,
-        state: &str,
-        suffix: &str,
-    ) -> Result<ProjectionState, StoreError>;
-
-    /// Every checkpoint row, by name.
-    async fn projection_states(&self) -> Result<Vec<ProjectionState>, StoreError>;
-
-    /// Takes or renews the projector lease of `state` for `ttl`; false when
-    /// another live instance holds it.
-    async fn try_lease(&self, state: &str, owner: &str, ttl: Duration) -> Result<bool, StoreError>;
-
-    /// Gives the lease up (clean shutdown), if `owner` holds it.
-    async fn release_lease(&self, state: &str, owner: &str) -> Result<(), StoreError>;
-
-    /// Adds each folded batch to its tables and moves its checkpoint, in one
-    /// transaction per batch or one for all (the backend's choice), if that
-    /// checkpoint is still where the batch was read from. A batch whose
-    /// checkpoint moved writes nothing, and the answer is then
-    /// [`ApplyOutcome::Stale`] (other batches may have committed: the caller
-    /// re-reads every checkpoint). On an error, too, some batches may have
-    /// committed; the checkpoints tell which.
-    async fn apply_fold(&self, applies: &[Apply<'_>]) -> Result<ApplyOutcome, StoreError>;
-
-    /// Drops the tables (every granularity, with `suffix`) and the checkpoint row.
-    async fn drop_projection(
-        &self,
-        spec: &Spec,
-        state: &str,
-        suffix: &str,
-    ) -> Result<(), StoreError>;
-
-    /// Atomically replaces the live tables and checkpoint of `spec` with the
-    /// rebuilt ones (`suffix`, `shadow_state`). Returns false, changing nothing,
-    /// when the live checkpoint is ahead of the shadow's (readers would see
-    /// totals step back): fold further and try again.
-    async fn swap_rebuilt(
-        &self,
-        spec: &Spec,
-        state: &str,
-        shadow_state: &str,
-        suffix: &str,
-    ) -> Result<bool, StoreError>;
-
-    /// Every row of one table, in key order (tests, reconciliation, `projections list`).
-    async fn read_agg(
-        &self,
-        spec: &Spec,
-        granularity: Granularity,
-        suffix: &str,
-    ) -> Result<Vec<AggRow>, StoreError>;
-
-    /// The rows an [`AggQuery`] selects, under the store's statement timeout.
-    async fn query_agg(&self, q: &AggQuery<'_>) -> Result<AggAnswer, StoreError>;
-
-    /// A cheap size estimate of each named table that exists (PostgreSQL:
-    /// pages on disk; SQLite: the largest rowid), for choosing between
-    /// projections that can answer the same query.
-    async fn table_sizes(&self, tables: &[String]) -> Result<HashMap<String, i64>, StoreError>;
-
-    /// Rows in a table named by a spec.
-    async fn count_rows(&self, table: &str) -> Result<i64, StoreError>;
-}
-
-/// The append-only event log. One implementation per backend.
-#[async_trait]
-pub trait EventStore: ProjectionStore + alerts::AlertStore + ops::OpsStore {
-    /// Which backend this is.
-    fn backend(&self) -> Backend;
-
-    /// Applies pending migrations from `schema/<backend>/` (idempotent).
-    async fn migrate(&self) -> Result<(), StoreError>;
-
-    /// Cheap liveness probe for `/readyz`.
-    async fn ping(&self) -> Result<(), StoreError>;
-
-    /// Appends events and rejected payloads in one transaction.
-    ///
-    /// Returns one [`Outcome`] per event, in order. Conflicts are also written to
-    /// `rejected_events` in the same transaction. Either everything is committed
-    /// or nothing is (and an error is returned).
-    async fn append(
-        &self,
-        events: &[Event],
-        rejects: &[Rejected],
-        origin: &Origin,
-    ) -> Result<Vec<Outcome>, StoreError>;
-
-    /// The stored event with this id.
-    async fn get_event(&self, id: &str) -> Result<Option<Event>, StoreError>;
-
-    /// Row counts of `usage_events` and `rejected_events`.
-    async fn counts(&self) -> Result<LogCounts, StoreError>;
-
-    /// The most recent rejected payloads, newest first.
-    async fn recent_rejected(&self, limit: i64) -> Result<Vec<RejectedRow>, StoreError>;
-
-    /// Closes the pools, waiting for connections to be returned.
-    async fn close(&self);
-
-    /// Deletes up to `limit` rejected payloads received before `cutoff`.
-    async fn delete_rejected_before(
-        &self,
-        cutoff: DateTime<Utc>,
-        limit: i64,
-    ) -> Result<u64, StoreError>;
-
-    /// Approximate row counts of `tables` (PostgreSQL: the planner's
-    /// estimate, so a scrape never scans; SQLite: exact), for `/metrics`.
-    async fn table_rows(&self, tables: &[&str]) -> Result<Vec<(String, i64)>, StoreError>;
-
-    /// Deletes up to `limit` events whose `ts` is before `cutoff`; how many it deleted.
-    async fn delete_events_before(
-        &self,
-        cutoff: DateTime<Utc>,
-        limit: i64,
-    ) -> Result<u64, StoreError>;
-
-    /// Deletes up to `limit` rows of a live aggregate table whose bucket starts before `cutoff`.
-    async fn delete_agg_before(
-        &self,
-        spec: &Spec,
-        granularity: Granularity,
-        cutoff: DateTime<Utc>,
-        limit: i64,
-    ) -> Result<u64, StoreError>;
-
-    /// Up to `limit` whole events (message and metadata included) after
-    /// `after_seq` in `seq` order, with `ts` in `[from, to)`; each with its seq.
-    async fn export_events(
-        &self,
-        after_seq: i64,
-        from: Option<DateTime<Utc>>,
-        to: Option<DateTime<Utc>>,
-        limit: i64,
-    ) -> Result<Vec<(i64, Event)>, StoreError>;
-
-    /// The UTC hours (bucket starts) that events stored after `after_seq`
-    /// with `ts` before `before` fall in, and the largest seq stored (0 when
-    /// empty): the days late events touched since reconciliation last looked.
-    async fn touched_hours(
-        &self,
-        after_seq: i64,
-        before: DateTime<Utc>,
-    ) -> Result<(Vec<DateTime<Utc>>, i64), StoreError>;
-
-    /// From one snapshot: the projection's checkpoint, the stored rows of
-    /// `granularities` with buckets in `[from, to)`, and every event folded
-    /// as of that checkpoint with `ts` in `[from, to)`.
-    async fn reconcile_read(
-        &self,
-        spec: &Spec,
-        granularities: &[Granularity],
-        from: DateTime<Utc>,
-        to: DateTime<Utc>,
-    ) -> Result<ReconcileRead, StoreError>;
-
-    /// Backend housekeeping after bulk deletes (SQLite: `PRAGMA optimize`
-    /// and a WAL checkpoint); a line per step taken.
-    async fn maintenance(&self) -> Result<Vec<String>, StoreError>;
-
-    /// Connection pool usage, for `/metrics`.
-    fn pool_stats(&self) -> Vec<PoolStats>;
-}
-
-/// What [`EventStore::reconcile_read`] saw.
+/// What [`Projections::reconcile_read`] saw.
 #[derive(Debug, Clone)]
 pub struct ReconcileRead {
     /// The projection's checkpoint at the snapshot (`None`: no such projection).
@@ -423,7 +246,7 @@ pub struct PoolStats {
     pub max: u32,
 }
 
-/// The whole log summed ([`ops::OpsStore::log_totals`]), compared by `tally copy`.
+/// The whole log summed ([`EventLog::log_totals`]), compared by `tally copy`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
 pub struct LogTotals {
     /// Events.
@@ -462,11 +285,113 @@ impl Default for StoreOptions {
 }
 
 /// Opens the store a URL names (without migrating).
-pub async fn connect(url: &str, options: &StoreOptions) -> Result<Arc<dyn EventStore>, StoreError> {
-    Ok(match Backend::from_url(url)? {
-        Backend::Postgres => Arc::new(postgres::PgStore::connect(url, options).await?),
-        Backend::Sqlite => Arc::new(sqlite::SqliteStore::connect(url, options).await?),
-    })
+pub async fn connect(url: &str, options: &StoreOptions) -> Result<Store, StoreError> {
+    let db = match Backend::from_url(url)? {
+        Backend::Postgres => Db::Postgres(postgres::connect(url, options)?),
+        Backend::Sqlite => Db::Sqlite(sqlite::connect(url, options).await?),
+    };
+    Ok(Store::new(db))
+}
+
+/// One database: a cheap handle (clones share the pools) that hands out the
+/// interface of each concern.
+#[derive(Debug, Clone)]
+pub struct Store {
+    db: Db,
+    log: EventLog,
+    projections: Projections,
+    leases: Leases,
+    alerts: Alerts,
+    tokens: Tokens,
+    jobs: Jobs,
+}
+
+impl Store {
+    fn new(db: Db) -> Self {
+        Self {
+            log: EventLog::new(db.clone()),
+            projections: Projections::new(db.clone()),
+            leases: Leases::new(db.clone()),
+            alerts: Alerts::new(db.clone()),
+            tokens: Tokens::new(db.clone()),
+            jobs: Jobs::new(db.clone()),
+            db,
+        }
+    }
+
+    /// Which backend this is.
+    pub fn backend(&self) -> Backend {
+        self.db.backend()
+    }
+
+    /// The event log.
+    pub fn log(&self) -> &EventLog {
+        &self.log
+    }
+
+    /// Checkpoints and aggregate tables.
+    pub fn projections(&self) -> &Projections {
+        &self.projections
+    }
+
+    /// Projector and singleton leases.
+    pub fn leases(&self) -> &Leases {
+        &self.leases
+    }
+
+    /// Rules, quotas, alert instances and the outbox.
+    pub fn alerts(&self) -> &Alerts {
+        &self.alerts
+    }
+
+    /// API tokens and the authentication switch.
+    pub fn tokens(&self) -> &Tokens {
+        &self.tokens
+    }
+
+    /// Job runs and history retention.
+    pub fn jobs(&self) -> &Jobs {
+        &self.jobs
+    }
+
+    /// Applies pending migrations from `schema/<backend>/` (idempotent).
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        self.db.migrate().await
+    }
+
+    /// Cheap liveness probe for `/readyz`.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        self.db.reader().execute(db::Sql::new("SELECT 1")).await?;
+        Ok(())
+    }
+
+    /// Closes the pools, waiting for connections to be returned.
+    pub async fn close(&self) {
+        self.db.close().await
+    }
+
+    /// Approximate row counts of `tables` (PostgreSQL: the planner's
+    /// estimate, so a scrape never scans; SQLite: exact), for `/metrics`.
+    pub async fn table_rows(&self, tables: &[&str]) -> Result<Vec<(String, i64)>, StoreError> {
+        match &self.db {
+            Db::Postgres(p) => postgres::table_rows(p, tables).await,
+            Db::Sqlite(p) => sqlite::table_rows(p, tables).await,
+        }
+    }
+
+    /// Backend housekeeping after bulk deletes (PostgreSQL: `ANALYZE`;
+    /// SQLite: `PRAGMA optimize` and a WAL checkpoint); a line per step taken.
+    pub async fn maintenance(&self) -> Result<Vec<String>, StoreError> {
+        match &self.db {
+            Db::Postgres(p) => postgres::maintenance(p).await,
+            Db::Sqlite(p) => sqlite::maintenance(p).await,
+        }
+    }
+
+    /// Connection pool usage, for `/metrics`.
+    pub fn pool_stats(&self) -> Vec<PoolStats> {
+        self.db.pool_stats()
+    }
 }
 
 /// A URL with its password replaced, safe to log.
@@ -481,247 +406,4 @@ pub fn redact_url(url: &str) -> String {
         }
         _ => url.to_string(),
     }
-}
-
-/// The columns of `usage_events` that carry the event, in bind order.
-pub(crate) const EVENT_COLUMNS: &str =
-    "id, ts, api, endpoint, method, key, \"user\", model, status, success, \
-     error_type, error_message, latency_ms, request_bytes, response_bytes, tokens_in, tokens_out, \
-     cost_nanos, cached, metadata";
-
-/// Indices of the first occurrence of each id: the only events a backend inserts.
-pub(crate) fn first_occurrences(events: &[Event]) -> Vec<usize> {
-    let mut seen = HashSet::with_capacity(events.len());
-    (0..events.len())
-        .filter(|&i| seen.insert(events[i].id.as_str()))
-        .collect()
-}
-
-/// The ids of `unique` that were not inserted: only these need their stored
-/// version read back (none in the common, duplicate-free case).
-pub(crate) fn not_inserted<'a>(unique: &[&'a Event], inserted: &HashSet<String>) -> Vec<&'a str> {
-    unique
-        .iter()
-        .map(|e| e.id.as_str())
-        .filter(|id| !inserted.contains(*id))
-        .collect()
-}
-
-/// Columns read back by `recent_rejected` (decoded by name in [`rejected_from_row`]).
-pub(crate) const REJECTED_COLUMNS: &str =
-    "received_at, source, subject, kind, event_id, item_index, reason, payload";
-
-/// Builds a [`RejectedRow`] from a row holding [`REJECTED_COLUMNS`], read by
-/// name, given the backend-specific `received_at`.
-pub(crate) fn rejected_from_row<'r, R>(
-    row: &'r R,
-    received_at: DateTime<Utc>,
-) -> Result<RejectedRow, StoreError>
-where
-    R: sqlx::Row,
-    for<'n> &'n str: sqlx::ColumnIndex<R>,
-    String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
-    i32: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
-    Vec<u8>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
-{
-    Ok(RejectedRow {
-        received_at,
-        source: row.try_get("source")?,
-        subject: row.try_get("subject")?,
-        kind: row.try_get("kind")?,
-        event_id: row.try_get("event_id")?,
-        item_index: row.try_get("item_index")?,
-        reason: row.try_get("reason")?,
-        payload: row.try_get("payload")?,
-    })
-}
-
-/// Classifies every event of a batch once the backend knows which ids it
-/// inserted and what was already stored for the others.
-///
-/// The "winner" of an id is the stored row, or the first occurrence in this batch
-/// when that one was inserted now. Every other occurrence is a duplicate when it
-/// equals the winner and a conflict otherwise.
-pub(crate) fn classify(
-    events: &[Event],
-    inserted: &HashSet<String>,
-    existing: &HashMap<String, Event>,
-) -> (Vec<Outcome>, Vec<Rejected>) {
-    let mut first: HashMap<&str, usize> = HashMap::new();
-    let mut outcomes = Vec::with_capacity(events.len());
-    let mut conflicts = Vec::new();
-    for (i, e) in events.iter().enumerate() {
-        let first_index = *first.entry(e.id.as_str()).or_insert(i);
-        let is_new = inserted.contains(&e.id);
-        if is_new && first_index == i {
-            outcomes.push(Outcome::Inserted);
-            continue;
-        }
-        let winner = if is_new {
-            Some(&events[first_index])
-        } else {
-            existing.get(&e.id)
-        };
-        match winner {
-            Some(w) if w == e => outcomes.push(Outcome::Duplicate),
-            Some(w) => {
-                outcomes.push(Outcome::Conflict);
-                conflicts.push(conflict_record(e, w, i));
-            }
-            // Not inserted yet not found: only possible if a concurrent delete ran;
-            // reporting a duplicate would hide it, so call it a conflict.
-            None => {
-                outcomes.push(Outcome::Conflict);
-                conflicts.push(Rejected {
-                    kind: RejectKind::Conflict,
-                    event_id: Some(e.id.clone()),
-                    item_index: i32::try_from(i).ok(),
-                    reason: format!("id `{}` was neither inserted nor found", e.id),
-                    content_type: Some("application/json".into()),
-                    payload: to_wire_json(e).to_string().into_bytes(),
-                    subject: None,
-                });
-            }
-        }
-    }
-    (outcomes, conflicts)
-}
-
-fn conflict_record(e: &Event, stored: &Event, index: usize) -> Rejected {
-    let new = to_wire_json(e);
-    let old = to_wire_json(stored);
-    let mut differing: Vec<&str> = crate::event::validate::FIELDS
-        .iter()
-        .copied()
-        .filter(|f| new.get(f) != old.get(f))
-        .collect();
-    if differing.is_empty() {
-        differing.push("(normalised form)");
-    }
-    Rejected {
-        kind: RejectKind::Conflict,
-        event_id: Some(e.id.clone()),
-        item_index: i32::try_from(index).ok(),
-        reason: format!(
-            "conflict: id `{}` is already stored with different content (differs in: {}); the stored event is kept. Use a new id for a new call",
-            e.id,
-            differing.join(", ")
-        ),
-        content_type: Some("application/json".into()),
-        payload: new.to_string().into_bytes(),
-        subject: None,
-    }
-}
-
-/// Builds an [`Event`] from a row holding [`EVENT_COLUMNS`], read by name,
-/// given the backend-specific `ts`; `metadata` is JSON text.
-pub(crate) fn event_from_row<'r, R>(row: &'r R, ts: DateTime<Utc>) -> Result<Event, StoreError>
-where
-    R: sqlx::Row,
-    for<'n> &'n str: sqlx::ColumnIndex<R>,
-    String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
-    i32: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
-    i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
-    f64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
-    bool: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
-{
-    let id: String = row.try_get("id")?;
-    let corrupt = |reason: String| StoreError::CorruptRow {
-        id: id.clone(),
-        reason,
-    };
-    let error_type: Option<String> = row.try_get("error_type")?;
-    let error_type = match error_type {
-        Some(t) => Some(ErrorType::parse(&t).ok_or_else(|| corrupt(format!("error_type {t:?}")))?),
-        None => None,
-    };
-    let metadata: Option<String> = row.try_get("metadata")?;
-    let metadata = match metadata {
-        Some(text) => serde_json::from_str(&text).map_err(|e| corrupt(format!("metadata: {e}")))?,
-        None => Default::default(),
-    };
-    Ok(Event {
-        ts,
-        api: row.try_get("api")?,
-        endpoint: row.try_get("endpoint")?,
-        method: row.try_get("method")?,
-        key: row.try_get("key")?,
-        user: row.try_get("user")?,
-        model: row.try_get("model")?,
-        status: row.try_get("status")?,
-        success: row.try_get("success")?,
-        error_type,
-        error_message: row.try_get("error_message")?,
-        latency_ms: row.try_get("latency_ms")?,
-        request_bytes: row.try_get("request_bytes")?,
-        response_bytes: row.try_get("response_bytes")?,
-        tokens_in: row.try_get("tokens_in")?,
-        tokens_out: row.try_get("tokens_out")?,
-        cost_nanos: row.try_get("cost_nanos")?,
-        cached: row.try_get("cached")?,
-        metadata,
-        id,
-    })
-}
-
-/// The event columns a projector reads, in this order; each backend appends
-/// its cursor columns. No id, message or metadata: nothing folds them, and on
-/// a 1M-event backlog every column read costs (see BENCHMARKS.md).
-pub(crate) const FOLD_COLUMNS: &str = "ts, api, endpoint, method, key, \"user\", model, status, \
-     success, error_type, latency_ms, request_bytes, response_bytes, tokens_in, tokens_out, \
-     cost_nanos, cached";
-
-/// An event read with [`FOLD_COLUMNS`] (`ts` decoded by the caller); `id` is
-/// empty and `error_message`/`metadata` absent. `seq` names the row in errors.
-pub(crate) fn fold_event_from_row<'r, R>(
-    row: &'r R,
-    ts: DateTime<Utc>,
-    seq: i64,
-) -> Result<Event, StoreError>
-where
-    R: sqlx::Row,
-    usize: sqlx::ColumnIndex<R>,
-    String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
-    &'r str: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
-    i32: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
-    i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
-    f64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
-    bool: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
-{
-    let error_type: Option<&str> = row.try_get(9)?;
-    let error_type = match error_type {
-        Some(t) => Some(ErrorType::parse(t).ok_or_else(|| StoreError::CorruptRow {
-            id: format!("seq {seq}"),
-            reason: format!("error_type {t:?}"),
-        })?),
-        None => None,
-    };
-    Ok(Event {
-        id: String::new(),
-        ts,
-        api: row.try_get(1)?,
-        endpoint: row.try_get(2)?,
-        method: row.try_get(3)?,
-        key: row.try_get(4)?,
-        user: row.try_get(5)?,
-        model: row.try_get(6)?,
-        status: row.try_get(7)?,
-        success: row.try_get(8)?,
-        error_type,
-        error_message: None,
-        latency_ms: row.try_get(10)?,
-        request_bytes: row.try_get(11)?,
-        response_bytes: row.try_get(12)?,
-        tokens_in: row.try_get(13)?,
-        tokens_out: row.try_get(14)?,
-        cost_nanos: row.try_get(15)?,
-        cached: row.try_get(16)?,
-        metadata: Default::default(),
-    })
-}
-
-/// `metadata` as stored: JSON text, NULL when empty.
-pub(crate) fn metadata_json(e: &Event) -> Option<String> {
-    (!e.metadata.is_empty())
-        .then(|| serde_json::to_string(&e.metadata).unwrap_or_else(|_| "{}".to_string()))
 }

@@ -117,7 +117,7 @@ async fn projections_list_and_rebuild_from_the_command_line() {
         .expect("store");
     store.migrate().await.expect("migrate");
     let events = crate::projection::oracle::seeded_events("cli", 300, 21);
-    crate::projection::oracle::append_all(store.as_ref(), &events, 100).await;
+    crate::projection::oracle::append_all(&store, &events, 100).await;
     let projections = concat!(env!("CARGO_MANIFEST_DIR"), "/../../projections");
     let run = |args: &[&str]| {
         let out = tally()
@@ -157,7 +157,7 @@ async fn projections_list_and_rebuild_from_the_command_line() {
         .into_iter()
         .find(|s| s.name == "by_key")
         .expect("spec");
-    crate::projection::oracle::assert_matches_oracle(store.as_ref(), &spec, &events).await;
+    crate::projection::oracle::assert_matches_oracle(&store, &spec, &events).await;
 
     let (ok, _, err) = run(&["rebuild", "no_such"]);
     assert!(!ok);
@@ -175,7 +175,7 @@ async fn stats_and_keys_from_the_command_line() {
         .expect("store");
     store.migrate().await.expect("migrate");
     let events = crate::projection::oracle::seeded_events("cliq", 400, 5);
-    crate::projection::oracle::append_all(store.as_ref(), &events, 100).await;
+    crate::projection::oracle::append_all(&store, &events, 100).await;
     let projections = concat!(env!("CARGO_MANIFEST_DIR"), "/../../projections");
     let run = |args: &[&str]| {
         let out = tally()

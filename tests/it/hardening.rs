@@ -86,12 +86,12 @@ async fn nul_and_control_characters_are_refused_by_field_beside_valid_events(s: 
     }
     // The invalid item's id is kept escaped, so it can be found.
     assert_eq!(rejected[3]["id"], "nul\\u{0}-4");
-    let c = s.store.counts().await.expect("counts");
+    let c = s.store.log().counts().await.expect("counts");
     assert_eq!(
         (c.events, c.rejected),
         (cases.len() as i64 + 1, cases.len() as i64)
     );
-    let rows = s.store.recent_rejected(100).await.expect("rows");
+    let rows = s.store.log().recent_rejected(100).await.expect("rows");
     assert!(rows
         .iter()
         .any(|r| r.event_id.as_deref() == Some("nul\\u{0}-4")));
@@ -187,6 +187,7 @@ async fn leap_seconds_are_stored_alike_and_retries_are_duplicates(s: &TestStore)
     for _ in 0..2 {
         let outcomes = s
             .store
+            .log()
             .append(
                 std::slice::from_ref(&e),
                 &[],
@@ -201,6 +202,7 @@ async fn leap_seconds_are_stored_alike_and_retries_are_duplicates(s: &TestStore)
     }
     let stored = s
         .store
+        .log()
         .get_event("leap-1")
         .await
         .expect("get")
@@ -239,9 +241,9 @@ async fn a_row_the_database_refuses_is_kept_and_its_neighbours_counted(s: &TestS
         .iter()
         .any(|r| r["id"] == "refuse-me"
             && r["error"].as_str().is_some_and(|e| e.contains("refused"))));
-    let c = s.store.counts().await.expect("counts");
+    let c = s.store.log().counts().await.expect("counts");
     assert_eq!((c.events, c.rejected), (2, 2));
-    let rows = s.store.recent_rejected(10).await.expect("rows");
+    let rows = s.store.log().recent_rejected(10).await.expect("rows");
     let refused = rows
         .iter()
         .find(|r| r.event_id.as_deref() == Some("refuse-me"))
@@ -300,6 +302,7 @@ async fn float32_costs_in_msgpack_are_read_as_written() {
     assert_eq!(answer["accepted"], 1, "{answer}");
     let e = s
         .store
+        .log()
         .get_event("f32-1")
         .await
         .expect("get")
@@ -343,7 +346,7 @@ async fn text_bodies_are_sniffed_as_json_only_and_a_bom_is_accepted() {
     let (status, answer) = srv.post(None, body).await;
     assert_eq!(status, 200, "{answer}");
     assert_eq!(answer["accepted"], 2, "{answer}");
-    assert_eq!(s.store.counts().await.expect("counts").events, 4);
+    assert_eq!(s.store.log().counts().await.expect("counts").events, 4);
 }
 
 /// Bodies built to cost memory: each is refused (or its items rejected) with
@@ -747,6 +750,7 @@ async fn one_failing_rule_does_not_stop_the_others_on_sqlite() {
     let huge = json!({"name": "huge-scope", "measure": "requests", "window": "1h",
         "scope": {"key": keys}, "group_by": ["key"], "threshold": 1});
     s.store
+        .alerts()
         .write_rule("huge-scope", &huge.to_string(), "test", WriteMode::Create)
         .await
         .expect("stored without the HTTP validation");
@@ -811,7 +815,7 @@ async fn one_failing_rule_does_not_stop_the_others_on_sqlite() {
     assert_eq!(status, 400, "{answer:?}");
     // Fixed: the failure clears.
     s.store
-        .write_rule("huge-scope", &json!({"name": "huge-scope", "measure": "requests", "window": "1h", "group_by": ["key"], "threshold": 1}).to_string(), "test", WriteMode::Upsert)
+        .alerts().write_rule("huge-scope", &json!({"name": "huge-scope", "measure": "requests", "window": "1h", "group_by": ["key"], "threshold": 1}).to_string(), "test", WriteMode::Upsert)
         .await
         .expect("fixed");
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
@@ -862,10 +866,21 @@ async fn a_rule_whose_read_fails_is_isolated_on_postgres() {
     // Wait until every projection folded them.
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {
-        let states = s.store.projection_states().await.expect("states");
+        let states = s
+            .store
+            .projections()
+            .projection_states()
+            .await
+            .expect("states");
         let mut all = true;
         for st in &states {
-            all &= s.store.events_after(st.cursor).await.expect("lag") == 0;
+            all &= s
+                .store
+                .projections()
+                .events_after(st.cursor)
+                .await
+                .expect("lag")
+                == 0;
         }
         if all && !states.is_empty() {
             break;
@@ -925,7 +940,7 @@ async fn a_rule_whose_read_fails_is_isolated_on_postgres() {
 async fn revoking_the_last_token_keeps_authentication_on() {
     use tally::auth::{create_token, disable_auth, Scope};
     let s = support::store(Backend::Sqlite).await;
-    let (token, _) = create_token(s.store.as_ref(), "admin1", &[Scope::Admin], "test")
+    let (token, _) = create_token(&s.store, "admin1", &[Scope::Admin], "test")
         .await
         .expect("token");
     let mut config = support::server_config();
@@ -946,6 +961,7 @@ async fn revoking_the_last_token_keeps_authentication_on() {
     assert_eq!(get(None).await.0, 401);
     assert!(s
         .store
+        .tokens()
         .revoke_token("admin1", chrono::Utc::now())
         .await
         .expect("revoke"));
@@ -970,18 +986,19 @@ async fn revoking_the_last_token_keeps_authentication_on() {
     // (A stopped server closes its store: open it again.)
     let store = support::open(&s.url).await;
     // Only the explicit command turns it off, and not while a token is active.
-    create_token(store.as_ref(), "admin2", &[Scope::Admin], "test")
+    create_token(&store, "admin2", &[Scope::Admin], "test")
         .await
         .expect("token");
     assert!(
-        disable_auth(store.as_ref()).await.is_err(),
+        disable_auth(&store).await.is_err(),
         "refused while a token is active"
     );
     assert!(store
+        .tokens()
         .revoke_token("admin2", chrono::Utc::now())
         .await
         .expect("revoke"));
-    disable_auth(store.as_ref()).await.expect("disable");
+    disable_auth(&store).await.expect("disable");
     let srv = TestServer::start(store, support::server_config()).await;
     let r = srv
         .client
@@ -994,7 +1011,7 @@ async fn revoking_the_last_token_keeps_authentication_on() {
     // On a public address an open API is refused on every request, even when
     // authentication was turned off while the server ran.
     let store = support::open(&s.url).await;
-    let (token, _) = create_token(store.as_ref(), "admin3", &[Scope::Admin], "test")
+    let (token, _) = create_token(&store, "admin3", &[Scope::Admin], "test")
         .await
         .expect("token");
     let mut config = support::server_config();
@@ -1009,10 +1026,11 @@ async fn revoking_the_last_token_keeps_authentication_on() {
         .expect("request");
     assert_eq!(ok.status().as_u16(), 200);
     assert!(store
+        .tokens()
         .revoke_token("admin3", chrono::Utc::now())
         .await
         .expect("revoke"));
-    disable_auth(store.as_ref()).await.expect("disable");
+    disable_auth(&store).await.expect("disable");
     tokio::time::sleep(tally::auth::RELOAD_EVERY + Duration::from_millis(300)).await;
     let r = srv
         .client
@@ -1027,7 +1045,7 @@ async fn revoking_the_last_token_keeps_authentication_on() {
 }
 
 /// Folds `by_key` until caught up and returns its hourly `requests` total.
-async fn folded_requests(store: &std::sync::Arc<dyn tally::store::EventStore>) -> i64 {
+async fn folded_requests(store: &tally::store::Store) -> i64 {
     use tally::aggregate::spec::{Granularity, SpecSource};
     let spec = SpecSource::Builtin
         .load()
@@ -1041,6 +1059,7 @@ async fn folded_requests(store: &std::sync::Arc<dyn tally::store::EventStore>) -
         .expect("open");
     p.catch_up(10_000).await.expect("fold");
     store
+        .projections()
         .read_agg(&spec, Granularity::Hour, "")
         .await
         .expect("agg")
@@ -1067,17 +1086,20 @@ const ORIGIN: tally::store::Origin = tally::store::Origin {
 async fn new_events_after_retention_emptied_the_log_are_folded_on_sqlite() {
     let s = support::store(Backend::Sqlite).await;
     s.store
+        .log()
         .append(&events("old", 5), &[], &ORIGIN)
         .await
         .expect("append");
     assert_eq!(folded_requests(&s.store).await, 5);
     let deleted = s
         .store
+        .log()
         .delete_events_before(chrono::Utc::now() + chrono::Duration::hours(1), 100)
         .await
         .expect("retention");
     assert_eq!(deleted, 5);
     s.store
+        .log()
         .append(&events("new", 3), &[], &ORIGIN)
         .await
         .expect("append");
@@ -1086,7 +1108,14 @@ async fn new_events_after_retention_emptied_the_log_are_folded_on_sqlite() {
         8,
         "the new events are folded"
     );
-    assert_eq!(s.store.log_position_problem().await.expect("check"), None);
+    assert_eq!(
+        s.store
+            .projections()
+            .log_position_problem()
+            .await
+            .expect("check"),
+        None
+    );
 }
 
 /// PostgreSQL: a dump restored into a new cluster restarts transaction ids
@@ -1098,11 +1127,13 @@ async fn new_events_after_retention_emptied_the_log_are_folded_on_sqlite() {
 async fn a_log_restored_into_a_new_cluster_is_refused_then_repaired_on_postgres() {
     let s = support::store(Backend::Postgres).await;
     s.store
+        .log()
         .append(&events("a", 4), &[], &ORIGIN)
         .await
         .expect("append");
     assert_eq!(folded_requests(&s.store).await, 4);
     s.store
+        .log()
         .append(&events("b", 2), &[], &ORIGIN)
         .await
         .expect("append");
@@ -1116,7 +1147,12 @@ async fn a_log_restored_into_a_new_cluster_is_refused_then_repaired_on_postgres(
             .await
             .expect("simulate the restore");
     }
-    let problem = s.store.log_position_problem().await.expect("check");
+    let problem = s
+        .store
+        .projections()
+        .log_position_problem()
+        .await
+        .expect("check");
     assert!(
         problem.as_deref().is_some_and(|p| p.contains("restored")),
         "{problem:?}"
@@ -1133,9 +1169,17 @@ async fn a_log_restored_into_a_new_cluster_is_refused_then_repaired_on_postgres(
         .output()
         .expect("run");
     assert!(out.status.success(), "{out:?}");
-    assert_eq!(s.store.log_position_problem().await.expect("check"), None);
+    assert_eq!(
+        s.store
+            .projections()
+            .log_position_problem()
+            .await
+            .expect("check"),
+        None
+    );
     // The two events not yet folded are folded once; new ones after them too.
     s.store
+        .log()
         .append(&events("c", 3), &[], &ORIGIN)
         .await
         .expect("append");
@@ -1285,6 +1329,7 @@ async fn history_tables_have_a_retention(s: &TestStore) {
     let (old, recent) = (now_ms - 100 * day_ms, now_ms - day_ms);
     // Rejected payloads: one old (its received time moved back), one recent.
     s.store
+        .log()
         .append(
             &[],
             &[bad_record("old-rej"), bad_record("new-rej")],
@@ -1359,11 +1404,12 @@ async fn history_tables_have_a_retention(s: &TestStore) {
     assert_eq!(deleted["alert_instances"], 1, "{deleted}");
     assert_eq!(deleted["job_runs"], 1, "{deleted}");
     assert!(deleted.get("alert_audit").is_none(), "{deleted}");
-    let rows = s.store.recent_rejected(10).await.expect("rows");
+    let rows = s.store.log().recent_rejected(10).await.expect("rows");
     assert_eq!(rows.len(), 1);
     assert_eq!(rows[0].event_id.as_deref(), Some("new-rej"));
     let left: Vec<String> = s
         .store
+        .alerts()
         .alert_instances()
         .await
         .expect("instances")
@@ -1371,7 +1417,7 @@ async fn history_tables_have_a_retention(s: &TestStore) {
         .map(|i| i.fingerprint)
         .collect();
     assert_eq!(left, vec!["i-firing".to_string(), "i-new".to_string()]);
-    let active = s.store.active_instances().await.expect("active");
+    let active = s.store.alerts().active_instances().await.expect("active");
     assert_eq!(active.len(), 1);
     let sizes = s
         .store
@@ -1500,7 +1546,7 @@ async fn token_checks_do_not_queue_during_a_database_outage() {
     .await
     .expect("connect");
     store.migrate().await.expect("migrate");
-    let (token, _) = create_token(store.as_ref(), "reader", &[Scope::Read], "test")
+    let (token, _) = create_token(&store, "reader", &[Scope::Read], "test")
         .await
         .expect("token");
     let srv = TestServer::start(store, support::server_config()).await;

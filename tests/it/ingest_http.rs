@@ -12,7 +12,7 @@ async fn server(s: &TestStore) -> TestServer {
 }
 
 async fn counts(s: &TestStore) -> (i64, i64) {
-    let c = s.store.counts().await.expect("counts");
+    let c = s.store.log().counts().await.expect("counts");
     (c.events, c.rejected)
 }
 
@@ -38,6 +38,7 @@ async fn valid_batch_is_accepted_and_answered_after_commit(s: &TestStore) {
     assert_eq!(counts(s).await, (3, 0));
     let e = s
         .store
+        .log()
         .get_event("v-3")
         .await
         .expect("get")
@@ -148,7 +149,7 @@ async fn each_bad_field_is_rejected_beside_valid_events(s: &TestStore) {
     let n = cases.len() as i64;
     assert_eq!(counts(s).await, (2 * n + 3, n + 3));
     // The raw bytes of each bad item are kept with its reason.
-    let rows = s.store.recent_rejected(1000).await.expect("rejected");
+    let rows = s.store.log().recent_rejected(1000).await.expect("rejected");
     assert!(rows
         .iter()
         .all(|r| r.kind == "invalid" && r.source == "http"));
@@ -220,7 +221,7 @@ async fn unparseable_bodies_get_400_and_are_kept(s: &TestStore) {
         .as_str()
         .expect("error")
         .contains("application/x-ndjson"));
-    let rows = s.store.recent_rejected(100).await.expect("rows");
+    let rows = s.store.log().recent_rejected(100).await.expect("rows");
     assert_eq!(rows.len(), cases.len() + 1);
     assert!(rows
         .iter()
@@ -291,9 +292,15 @@ async fn duplicates_and_conflicts_over_http(s: &TestStore) {
     assert_eq!(body["conflicting"][0]["index"], 1);
     assert_eq!(body["conflicting"][0]["id"], "dup-1");
     assert_eq!(counts(s).await, (2, 1));
-    let stored = s.store.get_event("dup-1").await.expect("get").expect("row");
+    let stored = s
+        .store
+        .log()
+        .get_event("dup-1")
+        .await
+        .expect("get")
+        .expect("row");
     assert_eq!(stored.cost_nanos, Some(500_000_000));
-    let rows = s.store.recent_rejected(10).await.expect("rows");
+    let rows = s.store.log().recent_rejected(10).await.expect("rows");
     assert_eq!(rows[0].kind, "conflict");
     assert!(
         rows[0].reason.contains("differs in: cost"),
@@ -367,7 +374,13 @@ async fn encodings_ndjson_msgpack_cloudevents() {
     assert_eq!(status, 200);
     assert_eq!(body["accepted"], 1);
     assert_eq!(body["rejected"][0]["id"], "mp-3");
-    let e = s.store.get_event("mp-1").await.expect("get").expect("row");
+    let e = s
+        .store
+        .log()
+        .get_event("mp-1")
+        .await
+        .expect("get")
+        .expect("row");
     assert_eq!(
         (e.cost_nanos, e.latency_ms),
         (Some(100_000_000), Some(12.5))
@@ -384,7 +397,13 @@ async fn encodings_ndjson_msgpack_cloudevents() {
         (200, json!(1)),
         "{body}"
     );
-    let e = s.store.get_event("ce-1").await.expect("get").expect("row");
+    let e = s
+        .store
+        .log()
+        .get_event("ce-1")
+        .await
+        .expect("get")
+        .expect("row");
     assert_eq!((e.key.as_deref(), e.tokens_in), (Some("key_7"), Some(5)));
     let batch = json!([
         {"specversion": "1.0", "id": "ce-2", "source": "s", "type": "t", "time": ts, "data": {"api": "x"}},
@@ -412,7 +431,7 @@ async fn encodings_ndjson_msgpack_cloudevents() {
     // Without a content type the body is sniffed.
     let (status, body) = srv.post(None, wire("sniff-1").to_string()).await;
     assert_eq!((status, body["accepted"].clone()), (200, json!(1)));
-    assert_eq!(s.store.counts().await.expect("c").events, 7);
+    assert_eq!(s.store.log().counts().await.expect("c").events, 7);
 }
 
 #[tokio::test]
@@ -435,6 +454,7 @@ async fn unicode_is_stored_exactly_and_limits_count_characters() {
         .contains("257 characters"));
     let e = s
         .store
+        .log()
         .get_event("ü-ñ-日本-🚀")
         .await
         .expect("get")

@@ -12,7 +12,7 @@ use chrono::{DateTime, Utc};
 use serde_json::{json, Value};
 use tally::auth::{self, Scope};
 use tally::jobs::{self, Job, JobContext};
-use tally::store::{Backend, EventStore, Origin};
+use tally::store::{Backend, Origin, Store};
 use tally_cli::dev::synth::{self, SynthConfig};
 
 use crate::support::proc::{jetstream, nats, TallyProc};
@@ -45,7 +45,7 @@ fn fresh_db(backend: Backend) -> (String, Option<tempfile::TempDir>) {
 }
 
 /// Folds every shipped projection up to the end of the log.
-async fn fold_all(store: &Arc<dyn EventStore>) {
+async fn fold_all(store: &Store) {
     for task in tally::app::open_projectors(store, Some(Path::new(PROJECTIONS)))
         .await
         .expect("open projections")
@@ -59,11 +59,15 @@ async fn fold_all(store: &Arc<dyn EventStore>) {
 }
 
 /// Every row of every shipped projection table, by table name.
-async fn all_aggregates(store: &dyn EventStore) -> BTreeMap<String, Vec<tally::store::AggRow>> {
+async fn all_aggregates(store: &Store) -> BTreeMap<String, Vec<tally::store::AggRow>> {
     let mut out = BTreeMap::new();
     for spec in tally::aggregate::spec::load_dir(Path::new(PROJECTIONS)).expect("specs") {
         for &g in &spec.granularities {
-            let rows = store.read_agg(&spec, g, "").await.expect("read agg");
+            let rows = store
+                .projections()
+                .read_agg(&spec, g, "")
+                .await
+                .expect("read agg");
             out.insert(tally::store::agg::table(&spec, g, ""), rows);
         }
     }
@@ -140,7 +144,7 @@ async fn every_route_answers_401_403_or_200_by_scope() {
 
     let mut tokens = BTreeMap::new();
     for scope in Scope::ALL {
-        let (t, row) = auth::create_token(store.as_ref(), scope.as_str(), &[scope], "test")
+        let (t, row) = auth::create_token(&store, scope.as_str(), &[scope], "test")
             .await
             .expect("create token");
         assert_ne!(row.token_sha256, t, "only the hash is stored");
@@ -211,11 +215,16 @@ async fn every_route_answers_401_403_or_200_by_scope() {
         .await
         .expect("request");
     assert_eq!(resp.status().as_u16(), 201);
-    let audit = store.audit_log(Some("audited"), 10).await.expect("audit");
+    let audit = store
+        .alerts()
+        .audit_log(Some("audited"), 10)
+        .await
+        .expect("audit");
     assert_eq!(audit[0].actor, "token:admin");
 
     // A revoked token is refused within the reload interval.
     assert!(store
+        .tokens()
         .revoke_token("read", Utc::now())
         .await
         .expect("revoke"));
@@ -502,7 +511,7 @@ async fn metrics_parse_and_count_what_the_test_did() {
     );
 }
 
-fn job_ctx(store: &Arc<dyn EventStore>, retention: Option<Duration>) -> JobContext {
+fn job_ctx(store: &Store, retention: Option<Duration>) -> JobContext {
     JobContext {
         store: store.clone(),
         specs: tally::aggregate::spec::load_dir(Path::new(PROJECTIONS))
@@ -545,6 +554,7 @@ async fn retention_case(backend: Backend) {
         }
     }
     store
+        .log()
         .append(&events, &[], &import_origin())
         .await
         .expect("append");
@@ -558,8 +568,9 @@ async fn retention_case(backend: Backend) {
         })
         .expect("a projection with minute retention");
     let keep_minutes = spec.retention[&tally::aggregate::spec::Granularity::Minute];
-    let minute_rows = |store: Arc<dyn EventStore>, spec: tally::aggregate::spec::Spec| async move {
+    let minute_rows = |store: Store, spec: tally::aggregate::spec::Spec| async move {
         store
+            .projections()
             .read_agg(&spec, tally::aggregate::spec::Granularity::Minute, "")
             .await
             .expect("rows")
@@ -571,16 +582,16 @@ async fn retention_case(backend: Backend) {
     let ctx = job_ctx(&store, Some(Duration::from_secs(36 * 86_400)));
     let out = run(&ctx, Job::Retention).await;
     assert_eq!(out.detail["deleted"]["usage_events"], 20, "{}", out.detail);
-    assert_eq!(store.counts().await.expect("counts").events, 60);
+    assert_eq!(store.log().counts().await.expect("counts").events, 60);
     for id in ["e40-0", "e40-19"] {
         assert!(
-            store.get_event(id).await.expect("get").is_none(),
+            store.log().get_event(id).await.expect("get").is_none(),
             "{id} deleted"
         );
     }
     for id in ["e30-0", "e10-19", "e0-5"] {
         assert!(
-            store.get_event(id).await.expect("get").is_some(),
+            store.log().get_event(id).await.expect("get").is_some(),
             "{id} kept"
         );
     }
@@ -598,6 +609,7 @@ async fn retention_case(backend: Backend) {
         .find(|s| s.name == "by_key")
         .expect("by_key");
     let hours = store
+        .projections()
         .read_agg(&by_key, tally::aggregate::spec::Granularity::Hour, "")
         .await
         .expect("hours");
@@ -633,7 +645,7 @@ async fn retention_case(backend: Backend) {
     // Running it again deletes nothing more.
     let again = run(&ctx, Job::Retention).await;
     assert_eq!(again.rows_affected, 0, "{}", again.detail);
-    assert_eq!(store.counts().await.expect("counts").events, 60);
+    assert_eq!(store.log().counts().await.expect("counts").events, 60);
 }
 
 #[tokio::test]
@@ -675,6 +687,7 @@ async fn reconciliation_case(backend: Backend) {
         ..SynthConfig::default()
     };
     store
+        .log()
         .append(&synth::events(&cfg, 0, 2_000), &[], &import_origin())
         .await
         .expect("append");
@@ -688,7 +701,12 @@ async fn reconciliation_case(backend: Backend) {
         clean.detail
     );
     assert!(clean.rows_affected > 100, "rows compared: {}", clean.detail);
-    assert!(store.alert_instances().await.expect("instances").is_empty());
+    assert!(store
+        .alerts()
+        .alert_instances()
+        .await
+        .expect("instances")
+        .is_empty());
 
     // One stored hourly row is off by one request.
     corrupt(
@@ -713,6 +731,7 @@ async fn reconciliation_case(backend: Backend) {
     // Found again by the next run, but raised only once.
     run(&ctx, Job::Reconciliation).await;
     let notes = store
+        .alerts()
         .notifications(&tally::store::alerts::HistoryFilter {
             limit: 100,
             ..Default::default()
@@ -755,6 +774,7 @@ async fn reconciliation_case(backend: Backend) {
     let repaired = run(&ctx, Job::Reconciliation).await;
     assert_eq!(repaired.detail["mismatches"], json!([]));
     let notes = store
+        .alerts()
         .notifications(&tally::store::alerts::HistoryFilter {
             limit: 100,
             ..Default::default()
@@ -772,6 +792,7 @@ async fn reconciliation_case(backend: Backend) {
     let mut late = event_at("late-1", late_day);
     late.key = Some("late-key".into());
     store
+        .log()
         .append(&[late], &[], &import_origin())
         .await
         .expect("late");
@@ -819,7 +840,11 @@ async fn a_scheduled_job_runs_once_per_occurrence_across_two_instances() {
     a.kill9();
     b.kill9();
     let store = open(&url).await;
-    let runs = store.job_runs(Some("optimize"), 100).await.expect("runs");
+    let runs = store
+        .jobs()
+        .job_runs(Some("optimize"), 100)
+        .await
+        .expect("runs");
     assert!(runs.len() >= 3, "{runs:?}");
     let slots: std::collections::BTreeSet<_> = runs.iter().map(|r| r.slot).collect();
     assert_eq!(slots.len(), runs.len(), "one run per occurrence: {runs:?}");
@@ -886,7 +911,8 @@ async fn export_import_and_copy_to_postgres_keep_aggregates_identical() {
     let mut events = synth::events(&cfg, 0, 3_000);
     events[0].metadata.insert("team".into(), "search".into());
     events[1].error_message = Some("upstream said no".into());
-    src.append(&events, &[], &import_origin())
+    src.log()
+        .append(&events, &[], &import_origin())
         .await
         .expect("append");
     fold_all(&src).await;
@@ -912,8 +938,8 @@ async fn export_import_and_copy_to_postgres_keep_aggregates_identical() {
     // The server closes its store when it stops: open the file again.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let src = open(&src_url).await;
-    let src_aggs = all_aggregates(src.as_ref()).await;
-    let src_totals = src.log_totals().await.expect("totals");
+    let src_aggs = all_aggregates(&src).await;
+    let src_totals = src.log().log_totals().await.expect("totals");
 
     let dir = tempfile::tempdir().expect("dir");
     for format in ["ndjson", "msgpack"] {
@@ -943,19 +969,19 @@ async fn export_import_and_copy_to_postgres_keep_aggregates_identical() {
         );
         let dst = open(&dst_url).await;
         assert_eq!(
-            dst.log_totals().await.expect("totals"),
+            dst.log().log_totals().await.expect("totals"),
             src_totals,
             "{format}"
         );
         assert_eq!(
-            all_aggregates(dst.as_ref()).await,
+            all_aggregates(&dst).await,
             src_aggs,
             "{format}: aggregates equal"
         );
         for id in [&events[0].id, &events[1].id] {
             assert_eq!(
-                dst.get_event(id).await.expect("get"),
-                src.get_event(id).await.expect("get"),
+                dst.log().get_event(id).await.expect("get"),
+                src.log().get_event(id).await.expect("get"),
                 "{format}: {id} round-trips whole"
             );
         }
@@ -986,25 +1012,25 @@ async fn export_import_and_copy_to_postgres_keep_aggregates_identical() {
     let out = run_ok(&["copy", "--from", &src_url, "--to", &pg_url]);
     assert!(out.contains("verified: 3000 events"), "{out}");
     let pg = open(&pg_url).await;
-    assert_eq!(pg.log_totals().await.expect("totals"), src_totals);
+    assert_eq!(pg.log().log_totals().await.expect("totals"), src_totals);
     assert_eq!(
-        all_aggregates(pg.as_ref()).await,
+        all_aggregates(&pg).await,
         src_aggs,
         "copy: aggregates equal"
     );
-    let rules = pg.alert_rules().await.expect("rules");
+    let rules = pg.alerts().alert_rules().await.expect("rules");
     assert_eq!(
         rules.iter().map(|r| r.name.as_str()).collect::<Vec<_>>(),
         ["big"]
     );
     assert_eq!(
         rules,
-        src.alert_rules().await.expect("rules"),
+        src.alerts().alert_rules().await.expect("rules"),
         "rules keep uid and version"
     );
     assert_eq!(
-        pg.quotas().await.expect("quotas"),
-        src.quotas().await.expect("quotas")
+        pg.alerts().quotas().await.expect("quotas"),
+        src.alerts().quotas().await.expect("quotas")
     );
     // A second copy into the now non-empty target is refused.
     let out = tally()
@@ -1220,12 +1246,12 @@ async fn import_takes_a_json_array_and_restores_old_history() {
         "{out}"
     );
     let store = open(&url).await;
-    let totals = store.log_totals().await.expect("totals");
+    let totals = store.log().log_totals().await.expect("totals");
     assert_eq!(
         (totals.events, totals.cost_nanos, totals.tokens_in),
         (2, 250_000_000, 7)
     );
-    let rejected = store.recent_rejected(10).await.expect("rejected");
+    let rejected = store.log().recent_rejected(10).await.expect("rejected");
     assert_eq!(rejected.len(), 1);
     assert_eq!(rejected[0].source, "import");
     assert!(rejected[0].reason.contains("ts"), "{}", rejected[0].reason);

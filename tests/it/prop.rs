@@ -59,16 +59,22 @@ fn run(backend: Backend, seq: &[(u8, u8)], sizes: &[usize]) -> Result<(), TestCa
                 break;
             }
             let (batch, tail) = rest.split_at((*size).min(rest.len()));
-            got.extend(s.store.append(batch, &[], &origin).await.expect("append"));
+            got.extend(
+                s.store
+                    .log()
+                    .append(batch, &[], &origin)
+                    .await
+                    .expect("append"),
+            );
             rest = tail;
         }
         prop_assert_eq!(&got, &expected);
-        let counts = s.store.counts().await.expect("counts");
+        let counts = s.store.log().counts().await.expect("counts");
         prop_assert_eq!(counts.events as usize, winner.len());
         let conflicts = expected.iter().filter(|o| **o == Outcome::Conflict).count();
         prop_assert_eq!(counts.rejected as usize, conflicts);
         for (id, w) in &winner {
-            let stored = s.store.get_event(id).await.expect("get");
+            let stored = s.store.log().get_event(id).await.expect("get");
             prop_assert_eq!(stored.as_ref(), Some(*w));
         }
         s.store.close().await;

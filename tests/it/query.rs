@@ -55,7 +55,7 @@ fn spec_dir() -> tempfile::TempDir {
 async fn fixture(backend: Backend, n: usize) -> Fixture {
     let store = support::store(backend).await;
     let events = seeded_events("q", n, 7);
-    append_all(store.store.as_ref(), &events, 500).await;
+    append_all(&store.store, &events, 500).await;
     let dir = spec_dir();
     let mut config = support::server_config();
     config.projections.projections_dir = Some(dir.path().to_path_buf());

@@ -28,7 +28,7 @@ both_backends!(
 
 async fn migrate_is_idempotent(s: &TestStore) {
     s.store.migrate().await.expect("second migrate");
-    assert_eq!(s.store.counts().await.expect("counts").events, 0);
+    assert_eq!(s.store.log().counts().await.expect("counts").events, 0);
 }
 
 async fn every_field_round_trips(s: &TestStore) {
@@ -53,13 +53,20 @@ async fn every_field_round_trips(s: &TestStore) {
     bare.metadata.clear();
     let out = s
         .store
+        .log()
         .append(&[full.clone(), bare.clone()], &[], &origin())
         .await
         .expect("append");
     assert_eq!(out, vec![Outcome::Inserted, Outcome::Inserted]);
-    assert_eq!(s.store.get_event("full-1").await.expect("get"), Some(full));
-    assert_eq!(s.store.get_event("bare-1").await.expect("get"), Some(bare));
-    assert_eq!(s.store.get_event("nope").await.expect("get"), None);
+    assert_eq!(
+        s.store.log().get_event("full-1").await.expect("get"),
+        Some(full)
+    );
+    assert_eq!(
+        s.store.log().get_event("bare-1").await.expect("get"),
+        Some(bare)
+    );
+    assert_eq!(s.store.log().get_event("nope").await.expect("get"), None);
 }
 
 async fn duplicate_in_later_batch_changes_nothing(s: &TestStore) {
@@ -67,17 +74,19 @@ async fn duplicate_in_later_batch_changes_nothing(s: &TestStore) {
     let b = full_event("d-2", Utc::now());
     let first = s
         .store
+        .log()
         .append(std::slice::from_ref(&a), &[], &origin())
         .await
         .expect("append");
     assert_eq!(first, vec![Outcome::Inserted]);
     let second = s
         .store
+        .log()
         .append(&[a.clone(), b], &[], &origin())
         .await
         .expect("append");
     assert_eq!(second, vec![Outcome::Duplicate, Outcome::Inserted]);
-    let counts = s.store.counts().await.expect("counts");
+    let counts = s.store.log().counts().await.expect("counts");
     assert_eq!((counts.events, counts.rejected), (2, 0));
 }
 
@@ -85,6 +94,7 @@ async fn same_id_twice_in_one_batch_is_stored_once(s: &TestStore) {
     let a = full_event("twice", Utc::now());
     let out = s
         .store
+        .log()
         .append(&[a.clone(), a.clone(), a], &[], &origin())
         .await
         .expect("append");
@@ -92,7 +102,7 @@ async fn same_id_twice_in_one_batch_is_stored_once(s: &TestStore) {
         out,
         vec![Outcome::Inserted, Outcome::Duplicate, Outcome::Duplicate]
     );
-    assert_eq!(s.store.counts().await.expect("counts").events, 1);
+    assert_eq!(s.store.log().counts().await.expect("counts").events, 1);
 }
 
 async fn conflict_keeps_the_stored_event_and_records_the_newcomer(s: &TestStore) {
@@ -101,17 +111,22 @@ async fn conflict_keeps_the_stored_event_and_records_the_newcomer(s: &TestStore)
     changed.cost_nanos = Some(99);
     changed.tokens_in = Some(1);
     s.store
+        .log()
         .append(std::slice::from_ref(&original), &[], &origin())
         .await
         .expect("append");
     let out = s
         .store
+        .log()
         .append(&[changed.clone(), original.clone()], &[], &origin())
         .await
         .expect("append");
     assert_eq!(out, vec![Outcome::Conflict, Outcome::Duplicate]);
-    assert_eq!(s.store.get_event("c-1").await.expect("get"), Some(original));
-    let rejected = s.store.recent_rejected(10).await.expect("rejected");
+    assert_eq!(
+        s.store.log().get_event("c-1").await.expect("get"),
+        Some(original)
+    );
+    let rejected = s.store.log().recent_rejected(10).await.expect("rejected");
     assert_eq!(rejected.len(), 1);
     let r = &rejected[0];
     assert_eq!(r.kind, "conflict");
@@ -139,6 +154,7 @@ async fn rejects_commit_with_the_batch(s: &TestStore) {
     };
     let out = s
         .store
+        .log()
         .append(
             &[full_event("ok-1", Utc::now())],
             std::slice::from_ref(&reject),
@@ -147,7 +163,7 @@ async fn rejects_commit_with_the_batch(s: &TestStore) {
         .await
         .expect("append");
     assert_eq!(out, vec![Outcome::Inserted]);
-    let rows = s.store.recent_rejected(10).await.expect("rejected");
+    let rows = s.store.log().recent_rejected(10).await.expect("rejected");
     assert_eq!(rows.len(), 1);
     assert_eq!(rows[0].payload, reject.payload);
     assert_eq!(rows[0].reason, reject.reason);
@@ -155,9 +171,14 @@ async fn rejects_commit_with_the_batch(s: &TestStore) {
 }
 
 async fn empty_append_is_a_no_op(s: &TestStore) {
-    let out = s.store.append(&[], &[], &origin()).await.expect("append");
+    let out = s
+        .store
+        .log()
+        .append(&[], &[], &origin())
+        .await
+        .expect("append");
     assert!(out.is_empty());
-    assert_eq!(s.store.counts().await.expect("counts").events, 0);
+    assert_eq!(s.store.log().counts().await.expect("counts").events, 0);
 }
 
 /// Eight writers append overlapping batches at once: every id is inserted by
@@ -181,6 +202,7 @@ async fn concurrent_appends_store_each_id_once(s: &TestStore) {
             let mut inserted = Vec::new();
             for chunk in mine.chunks(50) {
                 let out = store
+                    .log()
                     .append(
                         chunk,
                         &[],
@@ -218,7 +240,7 @@ async fn concurrent_appends_store_each_id_once(s: &TestStore) {
     let expected: HashSet<String> = (0..(7 * 25 + 200)).map(|i| format!("cc-{i}")).collect();
     assert_eq!(distinct, expected);
     assert_eq!(
-        s.store.counts().await.expect("counts").events as usize,
+        s.store.log().counts().await.expect("counts").events as usize,
         expected.len()
     );
 }

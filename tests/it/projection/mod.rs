@@ -15,7 +15,7 @@ use tally::aggregate::spec::{Granularity, Spec};
 use tally::event::Event;
 use tally::projection::rebuild::rebuild;
 use tally::projection::{ProjectionError, ProjectorConfig};
-use tally::store::{Backend, Cursor, EventStore};
+use tally::store::{Backend, Cursor, Store};
 use tokio_util::sync::CancellationToken;
 
 use self::oracle::{
@@ -31,12 +31,22 @@ fn spec(name: &str) -> Spec {
 }
 
 /// Waits until the checkpoint of `name` has nothing after it.
-async fn wait_caught_up(store: &dyn EventStore, name: &str) {
+async fn wait_caught_up(store: &Store, name: &str) {
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     loop {
-        let states = store.projection_states().await.expect("states");
+        let states = store
+            .projections()
+            .projection_states()
+            .await
+            .expect("states");
         if let Some(s) = states.iter().find(|s| s.name == name) {
-            if store.events_after(s.cursor).await.expect("lag") == 0 {
+            if store
+                .projections()
+                .events_after(s.cursor)
+                .await
+                .expect("lag")
+                == 0
+            {
                 return;
             }
         }
@@ -104,7 +114,7 @@ fn run_case(
             if start > 0 {
                 delivery.push(events[dups[round % dups.len()] % start].clone());
             }
-            oracle::append_all(store.as_ref(), &delivery, delivery.len()).await;
+            oracle::append_all(&store, &delivery, delivery.len()).await;
             for p in &mut projectors {
                 p.step(limits[round % limits.len()]).await.expect("step");
             }
@@ -112,10 +122,10 @@ fn run_case(
             round += 1;
         }
         for p in &mut projectors {
-            fold_all(p, store.as_ref(), limits[0]).await;
+            fold_all(p, &store, limits[0]).await;
         }
         for spec in &specs {
-            assert_matches_oracle(store.as_ref(), spec, &events).await;
+            assert_matches_oracle(&store, spec, &events).await;
         }
         Ok(())
     })
@@ -156,11 +166,9 @@ async fn slow_committer_is_folded_exactly_once() {
     // which would stall (never corrupt) the other tests' projectors.
     let pg = tally_cli::dev::devserver::TempPostgres::start(false).expect("own PostgreSQL");
     let url = pg.create_database("slow").expect("database");
-    let store: Arc<dyn EventStore> = Arc::new(
-        tally::store::postgres::PgStore::connect(&url, &Default::default())
-            .await
-            .expect("connect"),
-    );
+    let store = tally::store::connect(&url, &Default::default())
+        .await
+        .expect("connect");
     store.migrate().await.expect("migrate");
     let spec = spec("by_key");
     let mut p = projector(&store, &spec).await;
@@ -188,7 +196,7 @@ async fn slow_committer_is_folded_exactly_once() {
         .expect("insert A");
     }
     let before_b = Utc::now();
-    append_all(store.as_ref(), &b, 100).await;
+    append_all(&store, &b, 100).await;
     p.catch_up(100).await.expect("fold while A is open");
 
     // A's rows sort first by seq yet are not committed; B's are. Nothing may be
@@ -205,6 +213,7 @@ async fn slow_committer_is_folded_exactly_once() {
         "A must hold the smaller seq for this test to mean anything"
     );
     let folded: i64 = store
+        .projections()
         .read_agg(&spec, Granularity::Day, "")
         .await
         .expect("read")
@@ -212,7 +221,11 @@ async fn slow_committer_is_folded_exactly_once() {
         .map(|r| r.measures.requests)
         .sum();
     assert_eq!(folded, 0, "B was folded past the still-open A");
-    let state = store.projection_states().await.expect("states");
+    let state = store
+        .projections()
+        .projection_states()
+        .await
+        .expect("states");
     let as_of = state
         .iter()
         .find(|s| s.name == "by_key")
@@ -223,18 +236,25 @@ async fn slow_committer_is_folded_exactly_once() {
     );
 
     tx_a.commit().await.expect("commit A");
-    fold_all(&mut p, store.as_ref(), 100).await;
+    fold_all(&mut p, &store, 100).await;
     p.catch_up(100).await.expect("fold again: idempotent");
     let all: Vec<Event> = b.iter().chain(a.iter()).cloned().collect();
     // A was inserted with only some columns; the oracle must see the same rows.
     let stored: Vec<Event> = {
         let mut v = Vec::new();
         for e in &all {
-            v.push(store.get_event(&e.id).await.expect("get").expect("stored"));
+            v.push(
+                store
+                    .log()
+                    .get_event(&e.id)
+                    .await
+                    .expect("get")
+                    .expect("stored"),
+            );
         }
         v
     };
-    assert_matches_oracle(store.as_ref(), &spec, &stored).await;
+    assert_matches_oracle(&store, &spec, &stored).await;
 }
 
 // ------------------------------------------------------------- as_of ------
@@ -242,13 +262,18 @@ async fn slow_committer_is_folded_exactly_once() {
 async fn as_of_covers_every_committed_event(s: &TestStore) {
     let spec = spec("by_user");
     let mut p = projector(&s.store, &spec).await;
-    append_all(s.store.as_ref(), &seeded_events("asof", 50, 3), 50).await;
+    append_all(&s.store, &seeded_events("asof", 50, 3), 50).await;
     let committed = Utc::now();
-    fold_all(&mut p, s.store.as_ref(), 1000).await;
+    fold_all(&mut p, &s.store, 1000).await;
     // as_of needs a read whose snapshot has no transaction older than the commit.
     tokio::time::sleep(Duration::from_millis(600)).await;
     p.catch_up(1000).await.expect("idle step");
-    let states = s.store.projection_states().await.expect("states");
+    let states = s
+        .store
+        .projections()
+        .projection_states()
+        .await
+        .expect("states");
     let state = states.iter().find(|s| s.name == "by_user").expect("state");
     let as_of = state.as_of.expect("as_of set once caught up");
     assert!(
@@ -264,8 +289,8 @@ async fn changed_spec_refuses_to_start_until_rebuilt(s: &TestStore) {
     let v1 = spec("by_key");
     let mut p = projector(&s.store, &v1).await;
     let events = seeded_events("chg", 400, 4);
-    append_all(s.store.as_ref(), &events, 100).await;
-    fold_all(&mut p, s.store.as_ref(), 150).await;
+    append_all(&s.store, &events, 100).await;
+    fold_all(&mut p, &s.store, 150).await;
 
     let dir = tempfile::tempdir().expect("dir");
     std::fs::write(
@@ -294,10 +319,10 @@ async fn changed_spec_refuses_to_start_until_rebuilt(s: &TestStore) {
         .expect("starts after rebuild");
     assert_eq!(opened.len(), 1);
     let p2 = opened[0].projector.as_mut().expect("opened");
-    fold_all(p2, s.store.as_ref(), 100).await;
-    assert_matches_oracle(s.store.as_ref(), &v2, &events).await;
+    fold_all(p2, &s.store, 100).await;
+    assert_matches_oracle(&s.store, &v2, &events).await;
     // The old projector's spec no longer matches: it must stop, not write v1 rows into v2 tables.
-    append_all(s.store.as_ref(), &seeded_events("chg2", 10, 5), 10).await;
+    append_all(&s.store, &seeded_events("chg2", 10, 5), 10).await;
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {
         match p.step(100).await {
@@ -317,9 +342,9 @@ async fn rebuild_during_live_ingest_never_shows_an_empty_table(s: &TestStore) {
     let store = s.store.clone();
     let spec = Arc::new(spec("by_api"));
     let mut all = seeded_events("rb0", 1500, 6);
-    append_all(store.as_ref(), &all, 500).await;
+    append_all(&store, &all, 500).await;
     let mut live = projector(&store, &spec).await;
-    fold_all(&mut live, store.as_ref(), 500).await;
+    fold_all(&mut live, &store, 500).await;
 
     let stop = CancellationToken::new();
     let config = ProjectorConfig {
@@ -334,7 +359,7 @@ async fn rebuild_during_live_ingest_never_shows_an_empty_table(s: &TestStore) {
             let mut sent = Vec::new();
             for round in 0..30 {
                 let batch = seeded_events(&format!("rb{}", round + 1), 60, 100 + round);
-                append_all(store.as_ref(), &batch, 60).await;
+                append_all(&store, &batch, 60).await;
                 sent.extend(batch);
                 tokio::time::sleep(Duration::from_millis(15)).await;
             }
@@ -348,6 +373,7 @@ async fn rebuild_during_live_ingest_never_shows_an_empty_table(s: &TestStore) {
             let (mut reads, mut last) = (0u64, 0i64);
             while reading.load(Ordering::Relaxed) {
                 let rows = store
+                    .projections()
                     .read_agg(&spec, Granularity::Hour, "")
                     .await
                     .expect("read during rebuild");
@@ -369,14 +395,18 @@ async fn rebuild_during_live_ingest_never_shows_an_empty_table(s: &TestStore) {
         .expect("rebuild");
     assert!(report.events >= 1500);
     all.extend(ingest.await.expect("ingest task"));
-    wait_caught_up(store.as_ref(), "by_api").await;
+    wait_caught_up(&store, "by_api").await;
     reading.store(false, Ordering::Relaxed);
     let reads = reader.await.expect("reader saw only full tables");
     assert!(reads > 10, "the reader ran only {reads} times");
     stop.cancel();
     live_task.await.expect("live projector");
-    assert_matches_oracle(store.as_ref(), &spec, &all).await;
-    let states = store.projection_states().await.expect("states");
+    assert_matches_oracle(&store, &spec, &all).await;
+    let states = store
+        .projections()
+        .projection_states()
+        .await
+        .expect("states");
     assert!(
         states.iter().all(|s| !s.name.contains('~')),
         "the shadow checkpoint was left behind"
@@ -388,7 +418,7 @@ async fn rebuild_during_live_ingest_never_shows_an_empty_table(s: &TestStore) {
 async fn new_projection_backfills_a_100k_log_while_ingest_continues(s: &TestStore) {
     let store = s.store.clone();
     let mut all = seeded_events("bf", 100_000, 7);
-    append_all(store.as_ref(), &all, 5000).await;
+    append_all(&store, &all, 5000).await;
     let dir = tempfile::tempdir().expect("dir");
     std::fs::write(
         dir.path().join("late_added.toml"),
@@ -400,14 +430,14 @@ async fn new_projection_backfills_a_100k_log_while_ingest_continues(s: &TestStor
     let server = support::TestServer::start(store.clone(), config).await;
     for round in 0..10 {
         let batch = seeded_events(&format!("bf-live{round}"), 200, 200 + round);
-        append_all(store.as_ref(), &batch, 200).await;
+        append_all(&store, &batch, 200).await;
         all.extend(batch);
     }
-    wait_caught_up(store.as_ref(), "late_added").await;
+    wait_caught_up(&store, "late_added").await;
     let spec = tally::aggregate::spec::load_dir(dir.path())
         .expect("spec")
         .remove(0);
-    assert_matches_oracle(store.as_ref(), &spec, &all).await;
+    assert_matches_oracle(&store, &spec, &all).await;
     drop(server);
 }
 
@@ -426,8 +456,9 @@ async fn an_ingested_event_wakes_a_sleeping_projector(s: &TestStore) {
     config.projections.projector_poll = Duration::from_secs(60);
     let srv = support::TestServer::start(s.store.clone(), config).await;
     let by_key = spec("by_key");
-    let total = |store: Arc<dyn EventStore>, spec: Spec| async move {
+    let total = |store: Store, spec: Spec| async move {
         store
+            .projections()
             .read_agg(&spec, Granularity::Hour, "")
             .await
             .expect("read")
@@ -467,6 +498,7 @@ async fn an_event_held_back_by_an_open_transaction_is_folded_soon_after_it_ends(
     let by_key = spec("by_key");
     let total = || async {
         store
+            .projections()
             .read_agg(&by_key, Granularity::Hour, "")
             .await
             .expect("read")
@@ -505,6 +537,7 @@ async fn empty_log_reads_nothing() {
     let s = support::store(Backend::Sqlite).await;
     let batch = s
         .store
+        .projections()
         .read_log(Cursor { tx: 0, seq: 10 }, 10)
         .await
         .expect("read");

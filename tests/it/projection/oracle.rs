@@ -14,7 +14,7 @@ use tally::aggregate::sketch::RELATIVE_ERROR;
 use tally::aggregate::spec::{load_dir, Granularity, Spec};
 use tally::event::{ErrorType, Event};
 use tally::projection::Projector;
-use tally::store::{EventStore, Origin};
+use tally::store::{Origin, Store};
 
 pub const PROJECTIONS_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../projections");
 
@@ -168,10 +168,11 @@ pub fn nearest_rank(sorted: &[f64], q: f64) -> f64 {
 }
 
 /// Asserts every table of `spec` (with `suffix`) equals the oracle, row for row.
-pub async fn assert_matches_oracle(store: &dyn EventStore, spec: &Spec, events: &[Event]) {
+pub async fn assert_matches_oracle(store: &Store, spec: &Spec, events: &[Event]) {
     let expected = oracle(spec, events);
     for &g in &spec.granularities {
         let rows = store
+            .projections()
             .read_agg(spec, g, "")
             .await
             .expect("read aggregate table");
@@ -367,14 +368,18 @@ pub fn origin() -> Origin {
 }
 
 /// Appends in batches of `batch`.
-pub async fn append_all(store: &dyn EventStore, events: &[Event], batch: usize) {
+pub async fn append_all(store: &Store, events: &[Event], batch: usize) {
     for chunk in events.chunks(batch.max(1)) {
-        store.append(chunk, &[], &origin()).await.expect("append");
+        store
+            .log()
+            .append(chunk, &[], &origin())
+            .await
+            .expect("append");
     }
 }
 
 /// Opens a projector on the live tables of `spec`.
-pub async fn projector(store: &Arc<dyn EventStore>, spec: &Spec) -> Projector {
+pub async fn projector(store: &Store, spec: &Spec) -> Projector {
     Projector::open(store.clone(), Arc::new(spec.clone()), &spec.name, "")
         .await
         .expect("open projector")
@@ -384,11 +389,17 @@ pub async fn projector(store: &Arc<dyn EventStore>, spec: &Spec) -> Projector {
 /// what is foldable *now*: on PostgreSQL a transaction open anywhere in the
 /// cluster (another test's database included) holds back `xmin`, and events
 /// committed after it wait until it ends.
-pub async fn fold_all(p: &mut Projector, store: &dyn EventStore, limit: i64) {
+pub async fn fold_all(p: &mut Projector, store: &Store, limit: i64) {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     loop {
         p.catch_up(limit).await.expect("catch up");
-        if store.events_after(p.cursor()).await.expect("lag") == 0 {
+        if store
+            .projections()
+            .events_after(p.cursor())
+            .await
+            .expect("lag")
+            == 0
+        {
             return;
         }
         assert!(

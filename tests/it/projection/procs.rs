@@ -3,19 +3,19 @@
 
 use std::time::{Duration, Instant};
 
-use tally::store::{Backend, EventStore};
+use tally::store::{Backend, Store};
 
 use super::oracle::{append_all, assert_matches_oracle, seeded_events, shipped};
 use crate::support::proc::TallyProc;
 use crate::support::{database, open};
 
 /// Lag of every shipped projection, 0 when all caught up (None: no checkpoint yet).
-async fn total_lag(store: &dyn EventStore) -> Option<i64> {
-    let states = store.projection_states().await.ok()?;
+async fn total_lag(store: &Store) -> Option<i64> {
+    let states = store.projections().projection_states().await.ok()?;
     let mut lag = 0;
     for spec in shipped() {
         let s = states.iter().find(|s| s.name == spec.name)?;
-        lag += store.events_after(s.cursor).await.ok()?;
+        lag += store.projections().events_after(s.cursor).await.ok()?;
     }
     Some(lag)
 }
@@ -36,7 +36,7 @@ async fn crash_points_never_lose_or_double_count(backend: Backend) {
     let events = seeded_events("crash", 5000, 11);
     let mut restarts = 0;
     for (i, chunk) in events.chunks(250).enumerate() {
-        append_all(store.as_ref(), chunk, chunk.len()).await;
+        append_all(&store, chunk, chunk.len()).await;
         if i % 6 == 5 {
             // A crash at whatever point the process happens to be.
             tally.kill9();
@@ -58,14 +58,13 @@ async fn crash_points_never_lose_or_double_count(backend: Backend) {
         let after = log.matches("failpoint projector.after_commit").count();
         // Enough crashes of each kind, then caught up. (Once the stream is
         // folded, the idle `as_of` commits keep hitting the failpoints.)
-        if total_lag(store.as_ref()).await == Some(0) && before >= 2 && after >= 2 && restarts >= 5
-        {
+        if total_lag(&store).await == Some(0) && before >= 2 && after >= 2 && restarts >= 5 {
             break;
         }
         assert!(
             Instant::now() < deadline,
             "not caught up after 180s ({restarts} restarts, {before} before-commit and {after} after-commit crashes, lag {:?})",
-            total_lag(store.as_ref()).await
+            total_lag(&store).await
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -75,9 +74,13 @@ async fn crash_points_never_lose_or_double_count(backend: Backend) {
         "only {restarts} restarts: the test did not crash the projector often"
     );
     for spec in shipped() {
-        assert_matches_oracle(store.as_ref(), &spec, &events).await;
+        assert_matches_oracle(&store, &spec, &events).await;
     }
-    let states = store.projection_states().await.expect("states");
+    let states = store
+        .projections()
+        .projection_states()
+        .await
+        .expect("states");
     for spec in shipped() {
         let s = states.iter().find(|s| s.name == spec.name).expect("state");
         assert_eq!(s.events_folded, 5000, "{}: events folded", spec.name);
@@ -113,15 +116,19 @@ async fn two_instances_fold_one_at_a_time_and_take_over(backend: Backend) {
     let mut a = TallyProc::start_http(&url, &env).await;
     let mut b = TallyProc::start_http(&url, &env).await;
     let mut events = seeded_events("two", 3000, 12);
-    append_all(store.as_ref(), &events, 200).await;
+    append_all(&store, &events, 200).await;
     let deadline = Instant::now() + Duration::from_secs(60);
-    while total_lag(store.as_ref()).await != Some(0) {
+    while total_lag(&store).await != Some(0) {
         assert!(Instant::now() < deadline, "two instances did not catch up");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     // Each projection was taken by exactly one instance, and is held by it.
     let (log_a, log_b) = (a.log_text(), b.log_text());
-    let states = store.projection_states().await.expect("states");
+    let states = store
+        .projections()
+        .projection_states()
+        .await
+        .expect("states");
     let owner_of = |pid: u32| format!("-{pid}-");
     for spec in shipped() {
         let takers = (
@@ -161,11 +168,15 @@ async fn two_instances_fold_one_at_a_time_and_take_over(backend: Backend) {
     let survivor = owner_of(alive.pid());
     dead.kill9();
     let more = seeded_events("two-more", 1000, 13);
-    append_all(store.as_ref(), &more, 100).await;
+    append_all(&store, &more, 100).await;
     events.extend(more);
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let states = store.projection_states().await.expect("states");
+        let states = store
+            .projections()
+            .projection_states()
+            .await
+            .expect("states");
         let all_led_by_survivor = shipped().iter().all(|spec| {
             states
                 .iter()
@@ -173,7 +184,7 @@ async fn two_instances_fold_one_at_a_time_and_take_over(backend: Backend) {
                 .and_then(|s| s.leader.as_deref())
                 .is_some_and(|l| l.contains(&survivor))
         });
-        if all_led_by_survivor && total_lag(store.as_ref()).await == Some(0) {
+        if all_led_by_survivor && total_lag(&store).await == Some(0) {
             break;
         }
         assert!(
@@ -184,7 +195,7 @@ async fn two_instances_fold_one_at_a_time_and_take_over(backend: Backend) {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     for spec in shipped() {
-        assert_matches_oracle(store.as_ref(), &spec, &events).await;
+        assert_matches_oracle(&store, &spec, &events).await;
     }
 }
 

@@ -3,13 +3,13 @@
 
 pub mod proc;
 
-use std::sync::{Arc, OnceLock};
+use std::sync::OnceLock;
 
 use chrono::{DateTime, Utc};
 use tally::app::App;
 use tally::config::ServerConfig;
 use tally::event::Event;
-use tally::store::{self, Backend, EventStore, StoreOptions};
+use tally::store::{self, Backend, Store, StoreOptions};
 use tally_cli::dev::devserver::TempPostgres;
 use tokio_util::sync::CancellationToken;
 
@@ -23,7 +23,7 @@ pub fn postgres() -> &'static TempPostgres {
 
 /// A store on a fresh database, and what keeps it alive.
 pub struct TestStore {
-    pub store: Arc<dyn EventStore>,
+    pub store: Store,
     /// The database URL, for tests that change the database itself.
     pub url: String,
     pub _dir: Option<tempfile::TempDir>,
@@ -58,7 +58,7 @@ pub fn database(backend: Backend, name: &str) -> (String, Option<tempfile::TempD
 }
 
 /// Connects to `url` and migrates.
-pub async fn open(url: &str) -> Arc<dyn EventStore> {
+pub async fn open(url: &str) -> Store {
     let s = store::connect(url, &StoreOptions::default())
         .await
         .expect("connect store");
@@ -95,7 +95,7 @@ impl Drop for TestServer {
 }
 
 impl TestServer {
-    pub async fn start(store: Arc<dyn EventStore>, config: ServerConfig) -> Self {
+    pub async fn start(store: Store, config: ServerConfig) -> Self {
         let app = App::with_store(store, &config).await.expect("build app");
         let base = format!("http://{}", app.local_addr());
         let shutdown = CancellationToken::new();

@@ -394,7 +394,7 @@ async fn demo(db: &DatabaseConfig, mut args: DemoArgs) -> anyhow::Result<()> {
             crate::dev::demo::send_sample_traffic(&base, args.events).await?;
         }
     }
-    let counts = store.counts().await?;
+    let counts = store.log().counts().await?;
     println!(
         "\nThe event log now holds {} events; rejected_events holds {} payloads.",
         counts.events, counts.rejected
@@ -502,7 +502,7 @@ async fn alerts(db: &DatabaseConfig, which: AlertsCommand) -> anyhow::Result<()>
                     std::env::var("USER").unwrap_or_else(|_| "unknown".into())
                 )
             });
-            let report = tally::alert::apply_file(store.as_ref(), &specs, &text, &actor, prune)
+            let report = tally::alert::apply_file(&store, &specs, &text, &actor, prune)
                 .await
                 .with_context(|| format!("applying {}", file.display()))?;
             for (what, names) in [
@@ -523,6 +523,7 @@ async fn alerts(db: &DatabaseConfig, which: AlertsCommand) -> anyhow::Result<()>
         }
         AlertsCommand::List => {
             let rules: Vec<_> = store
+                .alerts()
                 .alert_rules()
                 .await?
                 .iter()
@@ -535,14 +536,14 @@ async fn alerts(db: &DatabaseConfig, which: AlertsCommand) -> anyhow::Result<()>
         }
         AlertsCommand::Status => {
             let active: Vec<_> = store
-                .active_instances()
+                .alerts().active_instances()
                 .await?
                 .into_iter()
                 .filter(|i| i.life.state.is_active())
                 .map(|i| serde_json::json!({"alert_id": i.fingerprint, "rule": i.rule, "state": i.life.state.as_str(), "severity": i.severity, "group": serde_json::from_str::<serde_json::Value>(&i.group).unwrap_or_default(), "sequence": i.life.sequence}))
                 .collect();
             let history: Vec<_> = store
-                .notifications(&HistoryFilter { limit: 20, ..HistoryFilter::default() })
+                .alerts().notifications(&HistoryFilter { limit: 20, ..HistoryFilter::default() })
                 .await?
                 .into_iter()
                 .map(|n| serde_json::json!({"subject": n.n.subject, "payload": serde_json::from_str::<serde_json::Value>(&n.n.payload).unwrap_or_default(), "sent": n.sent_at.is_some()}))
@@ -578,20 +579,22 @@ async fn projections(db: &DatabaseConfig, which: ProjectionsCommand) -> anyhow::
     store.migrate().await?;
     match which {
         ProjectionsCommand::Init { .. } => {}
-        ProjectionsCommand::RepairPositions => match store.log_position_problem().await? {
-            None => println!("log positions are consistent; nothing to repair"),
-            Some(problem) => {
-                println!("found: {problem}");
-                println!("{}", store.repair_log_positions().await?);
-                if let Some(still) = store.log_position_problem().await? {
-                    anyhow::bail!("still inconsistent after the repair: {still}");
+        ProjectionsCommand::RepairPositions => {
+            match store.projections().log_position_problem().await? {
+                None => println!("log positions are consistent; nothing to repair"),
+                Some(problem) => {
+                    println!("found: {problem}");
+                    println!("{}", store.projections().repair_log_positions().await?);
+                    if let Some(still) = store.projections().log_position_problem().await? {
+                        anyhow::bail!("still inconsistent after the repair: {still}");
+                    }
                 }
             }
-        },
+        }
         ProjectionsCommand::List { config, json } => {
             let source = spec::SpecSource::resolve(config.projections_dir.as_deref());
             let specs = source.load()?;
-            let infos = status::list(store.as_ref(), &specs, true).await?;
+            let infos = status::list(&store, &specs, true).await?;
             // The source goes to stderr so `--json` stays one JSON document.
             eprintln!("specs: {source}");
             if json {
@@ -732,7 +735,7 @@ async fn query_answer(
     path: &str,
     pairs: Vec<(String, String)>,
     local: impl AsyncFnOnce(
-        std::sync::Arc<dyn store::EventStore>,
+        store::Store,
         tally::query::Catalog,
         Vec<(String, String)>,
     ) -> Result<serde_json::Value, tally::query::QueryError>,
@@ -788,7 +791,7 @@ async fn query_stats(db: &DatabaseConfig, a: StatsArgs) -> anyhow::Result<()> {
         pairs,
         async |store, catalog, pairs| {
             let req = stats::StatsRequest::parse(pairs, chrono::Utc::now())?;
-            let answer = stats::run(store.as_ref(), &catalog, &req).await?;
+            let answer = stats::run(&store, &catalog, &req).await?;
             Ok(serde_json::to_value(answer).unwrap_or_default())
         },
     )
@@ -809,7 +812,7 @@ async fn query_keys(db: &DatabaseConfig, a: KeysArgs) -> anyhow::Result<()> {
             &path,
             pairs,
             async |store, catalog, pairs| {
-                let page = keys::page(store.as_ref(), &catalog, &key, pairs, now).await?;
+                let page = keys::page(&store, &catalog, &key, pairs, now).await?;
                 Ok(serde_json::to_value(page).unwrap_or_default())
             },
         )
@@ -835,7 +838,7 @@ async fn query_keys(db: &DatabaseConfig, a: KeysArgs) -> anyhow::Result<()> {
         pairs,
         async |store, catalog, pairs| {
             let req = keys::KeysRequest::parse(pairs, now)?;
-            let answer = keys::list(store.as_ref(), &catalog, &req, now).await?;
+            let answer = keys::list(&store, &catalog, &req, now).await?;
             Ok(serde_json::to_value(answer).unwrap_or_default())
         },
     )

@@ -12,7 +12,7 @@ use super::progress_bar;
 use tally::auth;
 use tally::config::{DatabaseConfig, JobsConfig, ProjectionConfig};
 use tally::jobs::{self, Job, JobContext};
-use tally::store::{self, redact_url, EventStore};
+use tally::store::{self, redact_url, Store};
 use tally::transfer::{self, ExportFormat};
 
 #[derive(Debug, Subcommand)]
@@ -131,7 +131,7 @@ fn cli_actor() -> String {
     )
 }
 
-async fn open(db: &DatabaseConfig) -> anyhow::Result<std::sync::Arc<dyn EventStore>> {
+async fn open(db: &DatabaseConfig) -> anyhow::Result<Store> {
     let store = store::connect(&db.database_url, &db.store_options()).await?;
     store
         .migrate()
@@ -149,8 +149,7 @@ pub(super) async fn tokens(db: &DatabaseConfig, which: TokensCommand) -> anyhow:
     match which {
         TokensCommand::Create { name, scopes } => {
             let scopes = auth::parse_scopes(&scopes)?;
-            let (token, row) =
-                auth::create_token(store.as_ref(), &name, &scopes, &cli_actor()).await?;
+            let (token, row) = auth::create_token(&store, &name, &scopes, &cli_actor()).await?;
             eprintln!(
                 "created token `{}` (id {}, scopes {}). It is shown only now; store it in a secret manager:",
                 row.name, row.id, row.scopes
@@ -158,7 +157,7 @@ pub(super) async fn tokens(db: &DatabaseConfig, which: TokensCommand) -> anyhow:
             println!("{token}");
         }
         TokensCommand::List { json } => {
-            let rows = store.tokens().await?;
+            let rows = store.tokens().list().await?;
             if json {
                 let v: Vec<_> = rows
                     .iter()
@@ -190,9 +189,14 @@ pub(super) async fn tokens(db: &DatabaseConfig, which: TokensCommand) -> anyhow:
             }
         }
         TokensCommand::Revoke { name } => {
-            if store.revoke_token(&name, Utc::now()).await? {
+            if store.tokens().revoke_token(&name, Utc::now()).await? {
                 println!("revoked `{name}`; running servers refuse it within a second");
-                let active = store.tokens().await?.iter().any(|t| t.revoked_at.is_none());
+                let active = store
+                    .tokens()
+                    .list()
+                    .await?
+                    .iter()
+                    .any(|t| t.revoked_at.is_none());
                 if !active {
                     println!("no active token is left: authentication stays on, so every request is refused until a token is created (`tally tokens disable-auth` turns it off)");
                 }
@@ -201,7 +205,7 @@ pub(super) async fn tokens(db: &DatabaseConfig, which: TokensCommand) -> anyhow:
             }
         }
         TokensCommand::DisableAuth => {
-            tally::auth::disable_auth(store.as_ref()).await?;
+            tally::auth::disable_auth(&store).await?;
             println!("authentication is off: the API is open to anyone who can reach it (servers on a non-loopback address refuse requests unless started with --insecure-no-auth)");
         }
     }
@@ -223,7 +227,7 @@ pub(super) async fn jobs(db: &DatabaseConfig, which: JobsCommand) -> anyhow::Res
                     format!("unknown job `{j}`: use retention, reconciliation or optimize")
                 })?;
             }
-            let runs = store.job_runs(job.as_deref(), limit.max(1)).await?;
+            let runs = store.jobs().job_runs(job.as_deref(), limit.max(1)).await?;
             if json {
                 let v: Vec<_> = runs
                     .iter()
@@ -371,15 +375,8 @@ pub(super) async fn export(db: &DatabaseConfig, a: ExportArgs) -> anyhow::Result
         )),
         None => Box::new(std::io::BufWriter::new(std::io::stdout().lock())),
     };
-    let report = transfer::export(
-        store.as_ref(),
-        from,
-        to,
-        a.format,
-        &mut out,
-        bar(started, "events"),
-    )
-    .await?;
+    let report =
+        transfer::export(&store, from, to, a.format, &mut out, bar(started, "events")).await?;
     drop(out);
     eprintln!(
         "\nexported {} events in {:.1}s",
@@ -431,7 +428,7 @@ pub(super) async fn copy(db: &DatabaseConfig, a: CopyArgs) -> anyhow::Result<()>
     let started = Instant::now();
     let mut stderr = std::io::stderr();
     let report = transfer::copy(
-        source.as_ref(),
+        &source,
         target.clone(),
         a.projections.projections_dir.as_deref(),
         |what, done, total| {

@@ -150,7 +150,7 @@ fn print_summary(summary: &DemoSummary, samples: &[String]) {
 /// the event log and the notices on `usage.rejected`, so it shows what Tally did.
 pub async fn send_sample_traffic_nats(
     client: &async_nats::Client,
-    store: &std::sync::Arc<dyn tally::store::EventStore>,
+    store: &tally::store::Store,
     count: usize,
 ) -> Result<DemoSummary, DemoError> {
     use futures::StreamExt;
@@ -161,6 +161,7 @@ pub async fn send_sample_traffic_nats(
         .await
         .map_err(|e| nats_err(&e))?;
     let before = store
+        .log()
         .counts()
         .await
         .map_err(|e| DemoError::Unexpected(e.to_string()))?;
@@ -255,6 +256,7 @@ pub async fn send_sample_traffic_nats(
     let want = before.events + count as i64 + 1;
     loop {
         let now = store
+            .log()
             .counts()
             .await
             .map_err(|e| DemoError::Unexpected(e.to_string()))?;

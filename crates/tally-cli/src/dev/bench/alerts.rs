@@ -186,6 +186,7 @@ pub async fn alerts(params: &AlertsBench) -> Result<AlertsResult, BenchError> {
         store.migrate().await?;
         for r in &installed {
             store
+                .alerts()
                 .write_rule(&r.name, &r.to_json(), "bench", WriteMode::Upsert)
                 .await?;
         }

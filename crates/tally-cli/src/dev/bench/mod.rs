@@ -23,14 +23,12 @@ use crate::dev::devserver::TempPostgres;
 use crate::dev::synth::{self, SynthConfig};
 use baseline::{copy_text, sqlite_insert, COLUMNS, SQLITE_ROWS_PER_STATEMENT};
 use tally::event::{format_ts, Event};
-use tally::store::postgres::PgStore;
-use tally::store::sqlite::SqliteStore;
-use tally::store::{Backend, EventStore, Origin, StoreOptions};
+use tally::store::{Backend, Origin, Store, StoreOptions};
 
 /// Folds the whole log into `specs` as `tally serve` does (one group, one
 /// shared read), until every checkpoint has nothing after it.
 async fn fold_backlog(
-    store: &Arc<dyn EventStore>,
+    store: &Store,
     specs: &[tally::aggregate::Spec],
 ) -> Result<FoldStats, BenchError> {
     use tally::projection::{Projector, ProjectorConfig};
@@ -64,7 +62,9 @@ async fn fold_backlog(
                         stats.transactions += 1;
                         stats.rows += step.rows;
                     }
-                    if step.caught_up && store.events_after(group.min_cursor()).await? == 0 {
+                    if step.caught_up
+                        && store.projections().events_after(group.min_cursor()).await? == 0
+                    {
                         return Ok::<_, BenchError>(stats);
                     }
                 }
@@ -189,7 +189,7 @@ pub async fn append(params: &AppendBench) -> Result<AppendResult, BenchError> {
                         pg.create_database("bench")?
                     }
                 };
-                let store = PgStore::connect(&url, &StoreOptions::default()).await?;
+                let store = tally::store::connect(&url, &StoreOptions::default()).await?;
                 store.migrate().await?;
                 let result = postgres_round(&store, &url, &events, params.batch, &origin).await;
                 store.close().await;
@@ -248,7 +248,7 @@ fn tempfile_dir() -> Result<std::path::PathBuf, BenchError> {
 }
 
 async fn postgres_round(
-    store: &PgStore,
+    store: &Store,
     url: &str,
     events: &[Event],
     batch: usize,
@@ -274,7 +274,7 @@ async fn postgres_round(
 
     let start = Instant::now();
     for chunk in events.chunks(batch) {
-        store.append(chunk, &[], origin).await?;
+        store.log().append(chunk, &[], origin).await?;
     }
     let tally = start.elapsed();
 
@@ -305,7 +305,7 @@ async fn sqlite_round(
     origin: &Origin,
 ) -> Result<(Duration, Duration), BenchError> {
     let open = |p: &std::path::Path| format!("sqlite://{}", p.display());
-    let base = SqliteStore::connect(&open(baseline_path), &StoreOptions::default()).await?;
+    let base = tally::store::connect(&open(baseline_path), &StoreOptions::default()).await?;
     base.migrate().await?;
     base.close().await;
     // The baseline's own connection, as durable as the store's writer.
@@ -333,15 +333,14 @@ async fn sqlite_round(
         .await?;
     writer.close().await;
 
-    let tally: Arc<dyn EventStore> =
-        Arc::new(SqliteStore::connect(&open(tally_path), &StoreOptions::default()).await?);
+    let tally = tally::store::connect(&open(tally_path), &StoreOptions::default()).await?;
     tally.migrate().await?;
     let start = Instant::now();
     for chunk in events.chunks(batch) {
-        tally.append(chunk, &[], origin).await?;
+        tally.log().append(chunk, &[], origin).await?;
     }
     let elapsed = start.elapsed();
-    let tally_count = tally.counts().await?.events;
+    let tally_count = tally.log().counts().await?.events;
     tally.close().await;
     check_counts(baseline_count, tally_count, events.len())?;
     Ok((baseline, elapsed))
@@ -420,7 +419,7 @@ pub async fn ingest(params: &IngestBench) -> Result<IngestResult, BenchError> {
         id_prefix: cfg.id_prefix.clone(),
         ..SynthConfig::default()
     };
-    let baseline = append_synthetic(store.as_ref(), &synth_cfg, params.events).await?;
+    let baseline = append_synthetic(&store, &synth_cfg, params.events).await?;
     store.close().await;
     let baseline_rate = params.events as f64 / baseline.as_secs_f64();
     println!(
@@ -575,7 +574,7 @@ async fn nats_with_usage_stream() -> Result<
 /// the same config stores identical rows). Returns the time spent appending
 /// (generation excluded).
 async fn append_synthetic(
-    store: &dyn EventStore,
+    store: &Store,
     cfg: &SynthConfig,
     events: usize,
 ) -> Result<Duration, BenchError> {
@@ -590,7 +589,7 @@ async fn append_synthetic(
         let chunk = synth::events(cfg, done as u64, n);
         let started = Instant::now();
         for b in chunk.chunks(1000) {
-            store.append(b, &[], &origin).await?;
+            store.log().append(b, &[], &origin).await?;
         }
         spent += started.elapsed();
         done += n;
@@ -699,7 +698,7 @@ fn stop(mut child: std::process::Child) {
 
 async fn check_count(url: &str, want: usize) -> Result<(), BenchError> {
     let store = tally::store::connect(url, &StoreOptions::default()).await?;
-    let have = store.counts().await?.events;
+    let have = store.log().counts().await?.events;
     store.close().await;
     if have != want as i64 {
         return Err(BenchError::Check(format!(

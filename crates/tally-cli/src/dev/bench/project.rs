@@ -13,7 +13,7 @@ use crate::dev::devserver::TempPostgres;
 use crate::dev::synth::SynthConfig;
 use tally::aggregate::spec::{load_dir, Granularity};
 use tally::projection::projector::MAX_DELTA_ROWS;
-use tally::store::{Backend, EventStore, StoreOptions};
+use tally::store::{Backend, Store, StoreOptions};
 
 /// Parameters of `tally bench project`.
 #[derive(Debug, Clone, clap::Args)]
@@ -42,7 +42,7 @@ pub struct ProjectBench {
 /// Measured figures.
 #[derive(Debug, Clone)]
 pub struct ProjectResult {
-    /// (a) events per second through `EventStore::append`.
+    /// (a) events per second through `Store::append`.
     pub append_rate: f64,
     /// (b) events per second folded into every projection from a backlog.
     pub fold_rate: f64,
@@ -101,7 +101,7 @@ pub async fn project(params: &ProjectBench) -> Result<ProjectResult, BenchError>
         span: params.span,
         ..SynthConfig::default()
     };
-    let append = append_synthetic(store.as_ref(), &synth_cfg, params.events).await?;
+    let append = append_synthetic(&store, &synth_cfg, params.events).await?;
     let append_rate = params.events as f64 / append.as_secs_f64();
     println!(
         "(a) append through the store:             {append_rate:>9.0} ev/s ({:.1}s)",
@@ -109,8 +109,8 @@ pub async fn project(params: &ProjectBench) -> Result<ProjectResult, BenchError>
     );
 
     // Where the fold's time goes: the log read alone, then read + fold in memory.
-    let read = read_log_through(store.as_ref(), None).await?;
-    let folded = read_log_through(store.as_ref(), Some(&specs)).await?;
+    let read = read_log_through(&store, None).await?;
+    let folded = read_log_through(&store, Some(&specs)).await?;
     let chunk = tally::projection::projector::READ_CHUNK;
     for (what, took) in [
         ("read + fold in memory, no writes:".to_string(), folded),
@@ -139,7 +139,7 @@ pub async fn project(params: &ProjectBench) -> Result<ProjectResult, BenchError>
         stats.rows,
         stats.rows as f64 / params.events as f64
     );
-    check_totals(store.as_ref(), &specs, params.events).await?;
+    check_totals(&store, &specs, params.events).await?;
 
     // (c) Freshness: `tally serve` ingests from NATS at half the append rate
     // while probes are published one at a time and looked for in the hourly table.
@@ -168,7 +168,7 @@ pub async fn project(params: &ProjectBench) -> Result<ProjectResult, BenchError>
 /// [`READ_CHUNK`]: tally::projection::projector::READ_CHUNK
 /// [`MAX_DELTA_ROWS`]: tally::projection::projector::MAX_DELTA_ROWS
 async fn read_log_through(
-    store: &dyn EventStore,
+    store: &Store,
     specs: Option<&[tally::aggregate::Spec]>,
 ) -> Result<std::time::Duration, BenchError> {
     use tally::projection::fold::Fold;
@@ -178,6 +178,7 @@ async fn read_log_through(
     let mut cursor = tally::store::Cursor::default();
     loop {
         let batch = store
+            .projections()
             .read_log(cursor, tally::projection::projector::READ_CHUNK)
             .await?;
         for (_, e) in &batch.events {
@@ -204,13 +205,13 @@ async fn read_log_through(
 
 /// Every table of every projection sums to the number of events.
 async fn check_totals(
-    store: &dyn EventStore,
+    store: &Store,
     specs: &[tally::aggregate::Spec],
     events: usize,
 ) -> Result<(), BenchError> {
     for spec in specs {
         for &g in &spec.granularities {
-            let rows = store.read_agg(spec, g, "").await?;
+            let rows = store.projections().read_agg(spec, g, "").await?;
             let total: i64 = rows.iter().map(|r| r.measures.requests).sum();
             if total != events as i64 {
                 return Err(BenchError::Check(format!(
@@ -341,8 +342,8 @@ async fn wait_projections_caught_up(url: &str, timeout: Duration) -> Result<Dura
     let store = tally::store::connect(url, &StoreOptions::default()).await?;
     loop {
         let mut behind = 0;
-        for state in store.projection_states().await? {
-            behind += store.events_after(state.cursor).await?;
+        for state in store.projections().projection_states().await? {
+            behind += store.projections().events_after(state.cursor).await?;
         }
         if behind == 0 {
             store.close().await;

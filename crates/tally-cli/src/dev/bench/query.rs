@@ -6,7 +6,6 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Datelike, DurationRound, NaiveDate, Utc};
@@ -20,8 +19,7 @@ use crate::dev::devserver::TempPostgres;
 use crate::dev::synth::{self, SynthConfig};
 use tally::aggregate::sketch::RELATIVE_ERROR;
 use tally::aggregate::spec::load_dir;
-use tally::store::postgres::PgStore;
-use tally::store::{EventStore, StoreOptions};
+use tally::store::StoreOptions;
 
 /// Parameters of `tally bench query`.
 #[derive(Debug, Clone, clap::Args)]
@@ -77,8 +75,7 @@ pub async fn query(params: &QueryBench) -> Result<Vec<QueryFigures>, BenchError>
     let tmp = tempfile_dir()?;
     let cluster = TempPostgres::start(false)?;
     let url = cluster.create_database("query")?;
-    let pg = PgStore::connect(&url, &StoreOptions::default()).await?;
-    let store: Arc<dyn EventStore> = Arc::new(pg.clone());
+    let store = tally::store::connect(&url, &StoreOptions::default()).await?;
     store.migrate().await?;
     let end = Utc::now()
         .duration_trunc(chrono::Duration::hours(1))

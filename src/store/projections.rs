@@ -1,0 +1,603 @@
+//! The projections' side of the store: reading the log in commit-safe order,
+//! checkpoints, and the aggregate tables (created, folded into, swapped after
+//! a rebuild, read by queries and by reconciliation).
+
+use std::collections::HashMap;
+
+use chrono::{DateTime, Utc};
+
+use super::agg::{
+    agg_row_from, all_columns, create_table_sql, float_values, index_sql, int_values, key_columns,
+    merged_sketch, query_select, table, FLOAT_COLUMNS, INT_COLUMNS,
+};
+use super::db::{Arg, Db, Row, Sql, Tx};
+use super::log::EventColumns;
+use super::{
+    postgres, sqlite, AggAnswer, AggQuery, AggRow, Apply, ApplyOutcome, Cursor, LogBatch,
+    ProjectionState, ReconcileRead, StoreError,
+};
+use crate::aggregate::measures::{RowKey, Rows};
+use crate::aggregate::sketch::Sketch;
+use crate::aggregate::spec::{Granularity, Spec};
+
+/// Checkpoints and aggregate tables.
+#[derive(Debug, Clone)]
+pub struct Projections {
+    db: Db,
+}
+
+const CHECKPOINT_COLUMNS: &str = "name, spec_hash, spec, cursor_tx, cursor_seq, as_of, \
+     events_folded, leader, lease_until_ms, updated_at";
+
+fn state_from_row(r: &Row) -> Result<ProjectionState, StoreError> {
+    Ok(ProjectionState {
+        name: r.get("name")?,
+        spec_hash: r.get("spec_hash")?,
+        spec: r.get("spec")?,
+        cursor: Cursor {
+            tx: r.get("cursor_tx")?,
+            seq: r.get("cursor_seq")?,
+        },
+        as_of: r.opt_time("as_of")?,
+        events_folded: r.get("events_folded")?,
+        leader: r.get("leader")?,
+        lease_until_ms: r.get("lease_until_ms")?,
+        updated_at: r.time("updated_at")?,
+    })
+}
+
+/// An aggregate row of [`all_columns`] (or a query's select list, whose
+/// first column is the bucket or its group's first bucket) from either dialect.
+fn agg_row(r: &Row, dims: usize, table: &str) -> Result<AggRow, StoreError> {
+    let bucket = r.time(0)?;
+    match r {
+        Row::Postgres(r) => agg_row_from(r, bucket, dims, table),
+        Row::Sqlite(r) => agg_row_from(r, bucket, dims, table),
+    }
+}
+
+impl Projections {
+    pub(crate) fn new(db: Db) -> Self {
+        Self { db }
+    }
+
+    /// Up to `limit` events after `after`, in cursor order, from one snapshot.
+    /// Never returns an event while an event that will sort before it can still commit.
+    pub async fn read_log(&self, after: Cursor, limit: i64) -> Result<LogBatch, StoreError> {
+        match &self.db {
+            Db::Postgres(p) => postgres::read_log(p, after, limit).await,
+            Db::Sqlite(p) => sqlite::read_log(p, after, limit).await,
+        }
+    }
+
+    /// Events stored after `after` (a projection's lag), committed or not yet foldable.
+    pub async fn events_after(&self, after: Cursor) -> Result<i64, StoreError> {
+        match &self.db {
+            Db::Postgres(p) => postgres::events_after(p, after).await,
+            Db::Sqlite(p) => sqlite::events_after(p, after).await,
+        }
+    }
+
+    /// `Some(what is wrong)` when a checkpoint or stored event lies beyond the
+    /// positions the database will give new events (PostgreSQL: a dump
+    /// restored into a new cluster restarts transaction ids below the stored
+    /// ones; SQLite: a log file older than its checkpoints). New events would
+    /// then sort before the checkpoints and never be folded.
+    pub async fn log_position_problem(&self) -> Result<Option<String>, StoreError> {
+        match &self.db {
+            Db::Postgres(p) => postgres::log_position_problem(p).await,
+            Db::Sqlite(p) => sqlite::log_position_problem(p).await,
+        }
+    }
+
+    /// Repairs what [`Projections::log_position_problem`] finds, keeping
+    /// which events each checkpoint has folded; returns what it did. Run with
+    /// no Tally serving this database.
+    pub async fn repair_log_positions(&self) -> Result<String, StoreError> {
+        match &self.db {
+            Db::Postgres(p) => postgres::repair_log_positions(p).await,
+            Db::Sqlite(p) => sqlite::repair_log_positions(p).await,
+        }
+    }
+
+    /// Creates the spec's tables (with `suffix`) if missing and the checkpoint
+    /// row `state` (with the spec's hash) if missing, and returns the row.
+    pub async fn ensure_projection(
+        &self,
+        spec: &Spec,
+        state: &str,
+        suffix: &str,
+    ) -> Result<ProjectionState, StoreError> {
+        let mut tx = self.db.begin().await?;
+        if let Tx::Postgres(tx) = &mut tx {
+            postgres::ddl_lock(tx).await?;
+        }
+        for &g in &spec.granularities {
+            let t = table(spec, g, suffix);
+            tx.execute(Sql::new(create_table_sql(self.db.backend(), spec, &t)))
+                .await?;
+        }
+        let now = Utc::now();
+        tx.execute(
+            Sql::new(
+                "INSERT INTO projection_checkpoints (name, spec_hash, spec, created_at, updated_at) \
+                 VALUES ($1, $2, $3, $4, $4) ON CONFLICT (name) DO NOTHING",
+            )
+            .bind(state)
+            .bind(spec.hash())
+            .bind(spec.canonical())
+            .bind(now),
+        )
+        .await?;
+        let row = tx
+            .fetch_one(
+                Sql::new(format!(
+                    "SELECT {CHECKPOINT_COLUMNS} FROM projection_checkpoints WHERE name = $1"
+                ))
+                .bind(state),
+            )
+            .await?;
+        let found = state_from_row(&row)?;
+        // Indexes only on tables built with this very spec: a changed spec's
+        // tables may lack the columns (the caller then refuses to start).
+        if found.spec_hash == spec.hash() {
+            for &g in &spec.granularities {
+                for sql in index_sql(spec, &table(spec, g, suffix)) {
+                    tx.execute(Sql::new(sql)).await?;
+                }
+            }
+        }
+        tx.commit().await?;
+        Ok(found)
+    }
+
+    /// Every checkpoint row, by name.
+    pub async fn projection_states(&self) -> Result<Vec<ProjectionState>, StoreError> {
+        let rows = self
+            .db
+            .reader()
+            .fetch_all(Sql::new(format!(
+                "SELECT {CHECKPOINT_COLUMNS} FROM projection_checkpoints ORDER BY name"
+            )))
+            .await?;
+        rows.iter().map(state_from_row).collect()
+    }
+
+    /// Adds each folded batch to its tables and moves its checkpoint, if that
+    /// checkpoint is still where the batch was read from. A batch whose
+    /// checkpoint moved writes nothing, and the answer is then
+    /// [`ApplyOutcome::Stale`] (other batches may have committed: the caller
+    /// re-reads every checkpoint). On an error, too, some batches may have
+    /// committed; the checkpoints tell which.
+    ///
+    /// PostgreSQL commits one transaction per projection, side by side on
+    /// their own connections: a projection's rows commit with its own
+    /// checkpoint (all exactly-once needs), and one backend per projection
+    /// spreads the upserts over the cores. SQLite has one writer: one
+    /// transaction for all.
+    pub async fn apply_fold(&self, applies: &[Apply<'_>]) -> Result<ApplyOutcome, StoreError> {
+        if let Db::Sqlite(_) = self.db {
+            let mut tx = self.db.begin().await?;
+            for apply in applies {
+                if apply_in(&mut tx, apply).await? == ApplyOutcome::Stale {
+                    tx.rollback().await?;
+                    return Ok(ApplyOutcome::Stale);
+                }
+            }
+            for hook in applies.iter().filter_map(|a| a.before_commit) {
+                hook();
+            }
+            tx.commit().await?;
+            return Ok(ApplyOutcome::Applied);
+        }
+        let outcomes = futures::future::join_all(applies.iter().map(|a| self.apply_one(a))).await;
+        let mut all = ApplyOutcome::Applied;
+        for outcome in outcomes {
+            if outcome? == ApplyOutcome::Stale {
+                all = ApplyOutcome::Stale;
+            }
+        }
+        Ok(all)
+    }
+
+    async fn apply_one(&self, apply: &Apply<'_>) -> Result<ApplyOutcome, StoreError> {
+        let mut tx = self.db.begin_derived().await?;
+        if apply_in(&mut tx, apply).await? == ApplyOutcome::Stale {
+            tx.rollback().await?;
+            return Ok(ApplyOutcome::Stale);
+        }
+        if let Some(hook) = apply.before_commit {
+            hook();
+        }
+        tx.commit().await?;
+        Ok(ApplyOutcome::Applied)
+    }
+
+    /// Drops the tables (every granularity, with `suffix`) and the checkpoint row.
+    pub async fn drop_projection(
+        &self,
+        spec: &Spec,
+        state: &str,
+        suffix: &str,
+    ) -> Result<(), StoreError> {
+        let mut tx = self.db.begin().await?;
+        for g in Granularity::ALL {
+            tx.execute(Sql::new(format!(
+                "DROP TABLE IF EXISTS {}",
+                table(spec, g, suffix)
+            )))
+            .await?;
+        }
+        tx.execute(Sql::new("DELETE FROM projection_checkpoints WHERE name = $1").bind(state))
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Atomically replaces the live tables and checkpoint of `spec` with the
+    /// rebuilt ones (`suffix`, `shadow_state`). Returns false, changing nothing,
+    /// when the live checkpoint is ahead of the shadow's (readers would see
+    /// totals step back): fold further and try again.
+    pub async fn swap_rebuilt(
+        &self,
+        spec: &Spec,
+        state: &str,
+        shadow_state: &str,
+        suffix: &str,
+    ) -> Result<bool, StoreError> {
+        // Lock the live checkpoint first (SQLite: BEGIN IMMEDIATE holds the
+        // write lock already): a live projector's commit finishes before the
+        // swap, and its next compare-and-set fails and re-reads.
+        let mut tx = self.db.begin().await?;
+        let now = Utc::now();
+        tx.execute(
+            Sql::new(
+                "INSERT INTO projection_checkpoints (name, spec_hash, spec, created_at, updated_at) \
+                 VALUES ($1, '', '', $2, $2) ON CONFLICT (name) DO UPDATE SET updated_at = excluded.updated_at",
+            )
+            .bind(state)
+            .bind(now),
+        )
+        .await?;
+        let moved = tx
+            .execute(
+                Sql::new(
+                    "UPDATE projection_checkpoints SET \
+                     (spec_hash, spec, cursor_tx, cursor_seq, as_of, events_folded) = \
+                     (SELECT spec_hash, spec, cursor_tx, cursor_seq, as_of, events_folded \
+                      FROM projection_checkpoints WHERE name = $2), updated_at = $3 \
+                     WHERE name = $1 AND EXISTS (SELECT 1 FROM projection_checkpoints s \
+                     WHERE s.name = $2 AND (s.cursor_tx, s.cursor_seq) >= \
+                     (projection_checkpoints.cursor_tx, projection_checkpoints.cursor_seq))",
+                )
+                .bind(state)
+                .bind(shadow_state)
+                .bind(now),
+            )
+            .await?;
+        if moved != 1 {
+            // The live tables are ahead of the shadow: swapping now would step back.
+            tx.rollback().await?;
+            return Ok(false);
+        }
+        for g in Granularity::ALL {
+            tx.execute(Sql::new(format!(
+                "DROP TABLE IF EXISTS {}",
+                table(spec, g, "")
+            )))
+            .await?;
+        }
+        for &g in &spec.granularities {
+            let (live, shadow) = (table(spec, g, ""), table(spec, g, suffix));
+            tx.execute(Sql::new(format!("ALTER TABLE {shadow} RENAME TO {live}")))
+                .await?;
+            let renames = match &self.db {
+                Db::Postgres(_) => postgres::index_renames(spec, &shadow, &live),
+                Db::Sqlite(_) => sqlite::index_renames(spec, &shadow, &live),
+            };
+            for sql in renames {
+                tx.execute(Sql::new(sql)).await?;
+            }
+        }
+        tx.execute(
+            Sql::new("DELETE FROM projection_checkpoints WHERE name = $1").bind(shadow_state),
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    /// Every row of one table, in key order (tests, reconciliation, `projections list`).
+    pub async fn read_agg(
+        &self,
+        spec: &Spec,
+        granularity: Granularity,
+        suffix: &str,
+    ) -> Result<Vec<AggRow>, StoreError> {
+        let t = table(spec, granularity, suffix);
+        let rows = self
+            .db
+            .reader()
+            .fetch_all(Sql::new(format!(
+                "SELECT {} FROM {t} ORDER BY {}",
+                all_columns(spec),
+                key_columns(spec)
+            )))
+            .await?;
+        let n = spec.dimensions.len();
+        rows.iter().map(|r| agg_row(r, n, &t)).collect()
+    }
+
+    /// The rows an [`AggQuery`] selects, under the store's statement timeout.
+    pub async fn query_agg(&self, q: &AggQuery<'_>) -> Result<AggAnswer, StoreError> {
+        let t = table(q.spec, q.granularity, "");
+        let (select, tail) = query_select(q, self.db.backend());
+        let mut text = format!("SELECT {select} FROM {t} WHERE bucket >= $1 AND bucket < $2");
+        for (i, (d, _)) in q.filters.iter().enumerate() {
+            let param = format!("${}", i + 3);
+            text.push_str(&format!(" AND {}", self.db.one_of(&d.column(), &param)));
+        }
+        text.push_str(&tail);
+        let mut sql = Sql::new(text).bind(q.from).bind(q.to);
+        for (_, values) in q.filters {
+            sql = sql.bind(Arg::List(values.iter().map(String::as_str).collect()));
+        }
+        let rows = self.db.fetch_timed(sql).await?;
+        if rows.len() > q.max_rows {
+            return Err(StoreError::TooManyRows(q.max_rows));
+        }
+        // With a ranking, every row carries the number of groups in its
+        // `count(*) OVER ()` column, after the measures.
+        let groups = match (q.top, rows.first()) {
+            (None, _) => None,
+            (Some(_), None) => Some(0),
+            (Some(_), Some(r)) => {
+                Some(r.get(1 + q.group_by.len() + INT_COLUMNS.len() + FLOAT_COLUMNS.len() + 1)?)
+            }
+        };
+        let n = q.group_by.len();
+        let rows = rows
+            .iter()
+            .map(|r| agg_row(r, n, &t))
+            .collect::<Result<_, _>>()?;
+        Ok(AggAnswer { rows, groups })
+    }
+
+    /// A cheap size estimate of each named table that exists (PostgreSQL:
+    /// pages on disk; SQLite: the largest rowid), for choosing between
+    /// projections that can answer the same query.
+    pub async fn table_sizes(&self, tables: &[String]) -> Result<HashMap<String, i64>, StoreError> {
+        let Db::Sqlite(p) = &self.db else {
+            let list = Arg::List(tables.iter().map(String::as_str).collect());
+            let sql = Sql::new(postgres::TABLE_PAGES).bind(list);
+            // On the timed pool: `pg_relation_size` waits for a table's lock,
+            // and a query planner must not hang behind a long DDL or LOCK.
+            let rows = self.db.fetch_timed(sql).await?;
+            return rows
+                .iter()
+                .map(|r| Ok((r.get("name")?, r.get("size")?)))
+                .collect();
+        };
+        sqlite::table_sizes(p, tables).await
+    }
+
+    /// Rows in a table named by a spec.
+    pub async fn count_rows(&self, table: &str) -> Result<i64, StoreError> {
+        Ok(self
+            .db
+            .reader()
+            .fetch_one(Sql::new(format!("SELECT count(*) AS n FROM {table}")))
+            .await?
+            .get("n")?)
+    }
+
+    /// Deletes up to `limit` rows of a live aggregate table whose bucket starts before `cutoff`.
+    pub async fn delete_agg_before(
+        &self,
+        spec: &Spec,
+        granularity: Granularity,
+        cutoff: DateTime<Utc>,
+        limit: i64,
+    ) -> Result<u64, StoreError> {
+        let t = table(spec, granularity, "");
+        let row_id = match &self.db {
+            Db::Postgres(_) => "ctid",
+            Db::Sqlite(_) => "rowid",
+        };
+        let sql = format!(
+            "DELETE FROM {t} WHERE {row_id} IN (SELECT {row_id} FROM {t} WHERE bucket < $1 LIMIT $2)"
+        );
+        self.db.delete_batch(&sql, cutoff, limit).await
+    }
+
+    /// From one snapshot: the projection's checkpoint, the stored rows of
+    /// `granularities` with buckets in `[from, to)`, and every event folded
+    /// as of that checkpoint with `ts` in `[from, to)`.
+    pub async fn reconcile_read(
+        &self,
+        spec: &Spec,
+        granularities: &[Granularity],
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+    ) -> Result<ReconcileRead, StoreError> {
+        let mut tx = self.db.snapshot().await?;
+        let cursor = tx
+            .fetch_optional(
+                Sql::new(
+                    "SELECT cursor_tx, cursor_seq FROM projection_checkpoints WHERE name = $1",
+                )
+                .bind(&spec.name),
+            )
+            .await?;
+        let Some(cursor) = cursor else {
+            return Ok(ReconcileRead {
+                cursor: None,
+                stored: Vec::new(),
+                events: Vec::new(),
+            });
+        };
+        let cursor = Cursor {
+            tx: cursor.get("cursor_tx")?,
+            seq: cursor.get("cursor_seq")?,
+        };
+        let mut stored = Vec::with_capacity(granularities.len());
+        for &g in granularities {
+            let t = table(spec, g, "");
+            let rows = tx
+                .fetch_all(
+                    Sql::new(format!(
+                        "SELECT {} FROM {t} WHERE bucket >= $1 AND bucket < $2 ORDER BY {}",
+                        all_columns(spec),
+                        key_columns(spec)
+                    ))
+                    .bind(from)
+                    .bind(to),
+                )
+                .await?;
+            let n = spec.dimensions.len();
+            let rows = rows
+                .iter()
+                .map(|r| agg_row(r, n, &t))
+                .collect::<Result<Vec<_>, _>>()?;
+            stored.push((g, rows));
+        }
+        let (columns, folded) = match &self.db {
+            Db::Postgres(_) => (postgres::log_columns(), postgres::FOLDED_UP_TO),
+            Db::Sqlite(_) => (sqlite::log_columns(), sqlite::FOLDED_UP_TO),
+        };
+        let rows = tx
+            .fetch_all(
+                Sql::new(format!(
+                    "SELECT {columns} FROM usage_events WHERE ts >= $1 AND ts < $2 AND {folded}"
+                ))
+                .bind(from)
+                .bind(to)
+                .bind(cursor.tx.to_string())
+                .bind(cursor.seq),
+            )
+            .await?;
+        let events = log_events(&rows)?.into_iter().map(|(_, e)| e).collect();
+        tx.commit().await?;
+        Ok(ReconcileRead {
+            cursor: Some(cursor),
+            stored,
+            events,
+        })
+    }
+}
+
+/// One projection's share of [`Projections::apply_fold`] inside `tx`: the
+/// checkpoint's compare-and-set, then its tables.
+async fn apply_in(tx: &mut Tx, apply: &Apply<'_>) -> Result<ApplyOutcome, StoreError> {
+    // The compare-and-set comes first: its row lock serialises every
+    // writer of this projection until commit.
+    let moved = tx
+        .execute(
+            Sql::new(
+                "UPDATE projection_checkpoints SET cursor_tx = $4, cursor_seq = $5, \
+                 as_of = COALESCE($6, as_of), events_folded = events_folded + $7, updated_at = $9 \
+                 WHERE name = $1 AND spec_hash = $2 AND cursor_tx = $3 AND cursor_seq = $8",
+            )
+            .bind(apply.state)
+            .bind(apply.spec.hash())
+            .bind(apply.from.tx)
+            .bind(apply.to.tx)
+            .bind(apply.to.seq)
+            .bind(apply.as_of)
+            .bind(i64::try_from(apply.delta.events).unwrap_or(i64::MAX))
+            .bind(apply.from.seq)
+            .bind(Utc::now()),
+        )
+        .await?;
+    if moved != 1 {
+        return Ok(ApplyOutcome::Stale);
+    }
+    for (g, rows) in &apply.delta.tables {
+        let t = table(apply.spec, *g, apply.suffix);
+        upsert_rows(tx, apply.spec, &t, rows).await?;
+    }
+    Ok(ApplyOutcome::Applied)
+}
+
+/// The aggregate table a dialect writes to, and the spec that lays it out.
+pub(crate) struct Target<'a> {
+    pub(crate) spec: &'a Spec,
+    pub(crate) table: &'a str,
+}
+
+/// One row of an upsert: its key and the values of every other column, with
+/// the latency sketch merged with the stored one.
+pub(crate) struct Upsert<'a> {
+    pub(crate) key: &'a RowKey,
+    pub(crate) ints: [i64; INT_COLUMNS.len()],
+    pub(crate) floats: [Option<f64>; FLOAT_COLUMNS.len()],
+    pub(crate) sketch: Option<Vec<u8>>,
+}
+
+/// Adds `rows` to `table`. A latency sketch cannot be added in SQL, so the
+/// stored sketches of the keys that carry latencies are read first (under
+/// the checkpoint's lock, which serialises this projection's writers) and
+/// merged here.
+async fn upsert_rows(tx: &mut Tx, spec: &Spec, table: &str, rows: &Rows) -> Result<(), StoreError> {
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let keys: Vec<&RowKey> = rows
+        .iter()
+        .filter(|(_, m)| m.latency_count > 0)
+        .map(|(k, _)| k)
+        .collect();
+    let target = Target { spec, table };
+    let mut existing = HashMap::new();
+    if !keys.is_empty() {
+        let found = match tx {
+            Tx::Postgres(tx) => postgres::sketches(tx, &target, &keys).await?,
+            Tx::Sqlite(tx) => sqlite::sketches(tx, &target, &keys).await?,
+        };
+        for r in &found {
+            let bucket = r.time("bucket")?;
+            let dims = spec
+                .dimensions
+                .iter()
+                .map(|d| r.get(d.as_str()))
+                .collect::<Result<Vec<String>, _>>()?;
+            let bytes: Vec<u8> = r.get("latency_sketch")?;
+            let sketch = Sketch::decode(&bytes).map_err(|e| StoreError::CorruptRow {
+                id: format!("{table} bucket {bucket}"),
+                reason: e.to_string(),
+            })?;
+            existing.insert(RowKey { bucket, dims }, sketch);
+        }
+    }
+    let rows: Vec<Upsert<'_>> = rows
+        .iter()
+        .map(|(key, m)| {
+            let merged = merged_sketch(m, existing.get(key));
+            Upsert {
+                key,
+                ints: int_values(m),
+                floats: float_values(m, &merged),
+                sketch: (m.latency_count > 0).then(|| merged.encode()),
+            }
+        })
+        .collect();
+    match tx {
+        Tx::Postgres(tx) => postgres::upsert(tx, &target, &rows).await,
+        Tx::Sqlite(tx) => sqlite::upsert(tx, &target, &rows).await,
+    }
+}
+
+/// Events read with a dialect's log columns, with their cursors.
+fn log_events(rows: &[Row]) -> Result<Vec<(Cursor, crate::event::Event)>, StoreError> {
+    let cols = match rows.first() {
+        None => return Ok(Vec::new()),
+        Some(Row::Postgres(r)) => EventColumns::of(r)?,
+        Some(Row::Sqlite(r)) => EventColumns::of(r)?,
+    };
+    rows.iter()
+        .map(|r| match r {
+            Row::Postgres(r) => postgres::log_event(&cols, r),
+            Row::Sqlite(r) => sqlite::log_event(&cols, r),
+        })
+        .collect()
+}
