@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
-use crate::store::{Store, StoreError};
+use crate::store::{Leases, StoreError};
 
 /// Which store mechanism a lease uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -90,7 +90,7 @@ impl Lease {
 
     /// Takes or renews the lease when a renewal is due; an unreachable store
     /// counts as not holding it (logged), so no work runs unguarded.
-    pub async fn keep(&mut self, store: &Store) -> Holding {
+    pub async fn keep(&mut self, store: &Leases) -> Holding {
         if self
             .renewed
             .is_some_and(|t| t.elapsed() < self.renew_every())
@@ -142,38 +142,27 @@ impl Lease {
 
     /// Gives the lease up if held (clean stop); a failure only means it
     /// expires by itself after its length.
-    pub async fn release(&mut self, store: &Store) {
+    pub async fn release(&mut self, store: &Leases) {
         if !std::mem::take(&mut self.held) {
             return;
         }
         let released = match self.kind {
-            LeaseKind::Named => {
-                store
-                    .leases()
-                    .release_named_lease(&self.name, &self.owner)
-                    .await
-            }
-            LeaseKind::Projection => store.leases().release_lease(&self.name, &self.owner).await,
+            LeaseKind::Named => store.release_named_lease(&self.name, &self.owner).await,
+            LeaseKind::Projection => store.release_lease(&self.name, &self.owner).await,
         };
         if let Err(e) = released {
             tracing::debug!(lease = %self.name, error = %e, "lease not released; it expires by itself");
         }
     }
 
-    async fn try_take(&self, store: &Store) -> Result<bool, StoreError> {
+    async fn try_take(&self, store: &Leases) -> Result<bool, StoreError> {
         match self.kind {
             LeaseKind::Named => {
                 store
-                    .leases()
                     .try_named_lease(&self.name, &self.owner, self.ttl)
                     .await
             }
-            LeaseKind::Projection => {
-                store
-                    .leases()
-                    .try_lease(&self.name, &self.owner, self.ttl)
-                    .await
-            }
+            LeaseKind::Projection => store.try_lease(&self.name, &self.owner, self.ttl).await,
         }
     }
 }

@@ -703,7 +703,7 @@ impl Evaluator {
         let mut last_cursors: Vec<(String, Cursor)> = Vec::new();
         let mut backoff = Backoff::new();
         while !shutdown.is_cancelled() {
-            match lease.keep(&self.store).await {
+            match lease.keep(self.store.leases()).await {
                 // Another instance may have moved instances while we did not lead.
                 Holding::Taken => self.instances = None,
                 Holding::Kept => {}
@@ -768,7 +768,7 @@ impl Evaluator {
                 }
             }
         }
-        lease.release(&self.store).await;
+        lease.release(self.store.leases()).await;
     }
 }
 

@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use crate::backoff::Backoff;
 use crate::lease::{Lease, LeaseKind};
 use crate::nats::NatsConnection;
-use crate::store::Store;
+use crate::store::{Alerts, Store};
 
 /// The lease name of the relay.
 pub const RELAY_LEASE: &str = "alerts.relay";
@@ -55,9 +55,8 @@ pub fn wanted_stream(cfg: &RelayConfig) -> stream::Config {
 
 /// Publishes up to [`BATCH`] unsent rows; returns how many were acknowledged.
 /// Stops at the first failure (the rest stay unsent, in order).
-pub async fn publish_some(store: &Store, js: &jetstream::Context) -> Result<usize, String> {
+pub async fn publish_some(store: &Alerts, js: &jetstream::Context) -> Result<usize, String> {
     let rows = store
-        .alerts()
         .unsent_notifications(BATCH)
         .await
         .map_err(|e| e.to_string())?;
@@ -99,7 +98,6 @@ pub async fn publish_some(store: &Store, js: &jetstream::Context) -> Result<usiz
         }
     }
     store
-        .alerts()
         .mark_sent(&acked, Utc::now())
         .await
         .map_err(|e| e.to_string())?;
@@ -145,11 +143,11 @@ pub async fn run(
     backoff.reset();
     let mut lease = Lease::new(LeaseKind::Named, RELAY_LEASE, &owner, cfg.lease_ttl);
     while !shutdown.is_cancelled() {
-        if !lease.keep(&store).await.held() {
+        if !lease.keep(store.leases()).await.held() {
             lease.wait(&shutdown).await;
             continue;
         }
-        match publish_some(&store, &js).await {
+        match publish_some(store.alerts(), &js).await {
             Ok(n) if n as i64 == BATCH => {
                 backoff.reset();
                 continue;
@@ -170,5 +168,5 @@ pub async fn run(
             }
         }
     }
-    lease.release(&store).await;
+    lease.release(store.leases()).await;
 }

@@ -489,7 +489,7 @@ impl FoldGroup {
                 let Some(lease) = m.lease.as_mut() else {
                     continue;
                 };
-                let holding = lease.keep(&store).await;
+                let holding = lease.keep(store.leases()).await;
                 m.leading = holding.held();
                 if matches!(holding, Holding::Taken | Holding::Lost) {
                     taken |= holding == Holding::Taken;
@@ -574,7 +574,7 @@ impl FoldGroup {
         }
         for m in &mut self.members {
             if let Some(lease) = m.lease.as_mut() {
-                lease.release(&store).await;
+                lease.release(store.leases()).await;
             }
         }
     }

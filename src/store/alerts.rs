@@ -396,14 +396,15 @@ impl Alerts {
 
     /// Every rule, by name.
     pub async fn alert_rules(&self) -> Result<Vec<RuleRow>, StoreError> {
-        let rows = self
-            .db
+        self.db
             .reader()
-            .fetch_all(Sql::new(format!(
-                "SELECT {RULE_COLUMNS} FROM alert_rules ORDER BY name"
-            )))
-            .await?;
-        Ok(rows.iter().map(rule_from_row).collect::<Result<_, _>>()?)
+            .read_all(
+                Sql::new(format!(
+                    "SELECT {RULE_COLUMNS} FROM alert_rules ORDER BY name"
+                )),
+                rule_from_row,
+            )
+            .await
     }
 
     /// Rules whose evaluation currently fails (table `alert_rule_status`).
@@ -577,31 +578,31 @@ impl Alerts {
         target: Option<&str>,
         limit: i64,
     ) -> Result<Vec<AuditRow>, StoreError> {
-        let rows = self
-            .db
+        self.db
             .reader()
-            .fetch_all(
+            .read_all(
                 Sql::new(
                     "SELECT id, at_ms, actor, action, target, before, after FROM alert_audit \
                      WHERE CAST($1 AS TEXT) IS NULL OR target = $1 ORDER BY id DESC LIMIT $2",
                 )
                 .bind(target)
                 .bind(limit),
+                audit_from_row,
             )
-            .await?;
-        Ok(rows.iter().map(audit_from_row).collect::<Result<_, _>>()?)
+            .await
     }
 
     /// Every quota, by key.
     pub async fn quotas(&self) -> Result<Vec<QuotaRow>, StoreError> {
-        let rows = self
-            .db
+        self.db
             .reader()
-            .fetch_all(Sql::new(
-                "SELECT key, uid, spec, updated_at_ms, updated_by FROM key_quotas ORDER BY key",
-            ))
-            .await?;
-        Ok(rows.iter().map(quota_from_row).collect::<Result<_, _>>()?)
+            .read_all(
+                Sql::new(
+                    "SELECT key, uid, spec, updated_at_ms, updated_by FROM key_quotas ORDER BY key",
+                ),
+                quota_from_row,
+            )
+            .await
     }
 
     /// Sets a key's quota (true: it had none).
@@ -707,17 +708,12 @@ impl Alerts {
     }
 
     async fn instances_where(&self, condition: &str) -> Result<Vec<InstanceRow>, StoreError> {
-        let rows = self
-            .db
+        self.db
             .reader()
-            .fetch_all(Sql::new(format!(
+            .read_all(Sql::new(format!(
                 "SELECT {INSTANCE_COLUMNS} FROM alert_instances WHERE {condition} ORDER BY fingerprint"
-            )))
-            .await?;
-        Ok(rows
-            .iter()
-            .map(instance_from_row)
-            .collect::<Result<_, _>>()?)
+            )), instance_from_row)
+            .await
     }
 
     /// The stored instances with these fingerprints (any state).
@@ -809,20 +805,16 @@ impl Alerts {
         limit: i64,
     ) -> Result<Vec<NotificationRow>, StoreError> {
         // The writer's view: a relay must not miss a notification just committed.
-        let rows = self
-            .db
+        self.db
             .writer()
-            .fetch_all(
+            .read_all(
                 Sql::new(format!(
                     "SELECT {OUTBOX_COLUMNS} FROM alert_outbox WHERE sent_at_ms IS NULL ORDER BY id LIMIT $1"
                 ))
                 .bind(limit),
+            notification_from_row,
             )
-            .await?;
-        Ok(rows
-            .iter()
-            .map(notification_from_row)
-            .collect::<Result<_, _>>()?)
+            .await
     }
 
     /// Records that the stream acknowledged these notifications.
@@ -865,10 +857,9 @@ impl Alerts {
         &self,
         f: &HistoryFilter,
     ) -> Result<Vec<NotificationRow>, StoreError> {
-        let rows = self
-            .db
+        self.db
             .reader()
-            .fetch_all(
+            .read_all(
                 Sql::new(format!(
                     "SELECT {OUTBOX_COLUMNS} FROM alert_outbox WHERE (CAST($1 AS TEXT) IS NULL OR rule = $1) \
                      AND (CAST($2 AS TEXT) IS NULL OR state = $2) AND created_at_ms >= $3 AND created_at_ms < $4 \
@@ -879,12 +870,9 @@ impl Alerts {
                 .bind(f.from.map(ms).unwrap_or(i64::MIN))
                 .bind(f.to.map(ms).unwrap_or(i64::MAX))
                 .bind(f.limit),
+            notification_from_row,
             )
-            .await?;
-        Ok(rows
-            .iter()
-            .map(notification_from_row)
-            .collect::<Result<_, _>>()?)
+            .await
     }
 }
 

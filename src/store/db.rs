@@ -349,6 +349,15 @@ impl Row {
         }
     }
 
+    /// The position of a column in this row's result set.
+    pub(crate) fn position(&self, name: &str) -> Result<usize, sqlx::Error> {
+        use sqlx::Column as _;
+        match self {
+            Row::Postgres(r) => r.try_column(name).map(|c| c.ordinal()),
+            Row::Sqlite(r) => r.try_column(name).map(|c| c.ordinal()),
+        }
+    }
+
     /// A timestamp column, in either encoding.
     pub(crate) fn time<I>(&self, col: I) -> Result<DateTime<Utc>, StoreError>
     where
@@ -379,6 +388,11 @@ impl Row {
             }
         }
     }
+}
+
+/// A dialect's rows as [`Row`]s.
+fn rows<R>(found: Vec<R>, wrap: fn(R) -> Row) -> Vec<Row> {
+    found.into_iter().map(wrap).collect()
 }
 
 /// A pool to run single statements on (autocommit).
@@ -414,20 +428,8 @@ impl Pool<'_> {
     /// Every row.
     pub(crate) async fn fetch_all(self, q: Sql<'_>) -> Result<Vec<Row>, StoreError> {
         Ok(match self {
-            Pool::Postgres(_, p) => q
-                .postgres()
-                .fetch_all(p)
-                .await?
-                .into_iter()
-                .map(Row::Postgres)
-                .collect(),
-            Pool::Sqlite(_, p) => q
-                .sqlite()
-                .fetch_all(p)
-                .await?
-                .into_iter()
-                .map(Row::Sqlite)
-                .collect(),
+            Pool::Postgres(_, p) => rows(q.postgres().fetch_all(p).await?, Row::Postgres),
+            Pool::Sqlite(_, p) => rows(q.sqlite().fetch_all(p).await?, Row::Sqlite),
         })
     }
 
@@ -445,6 +447,19 @@ impl Pool<'_> {
             Pool::Postgres(_, p) => Row::Postgres(q.postgres().fetch_one(p).await?),
             Pool::Sqlite(_, p) => Row::Sqlite(q.sqlite().fetch_one(p).await?),
         })
+    }
+
+    /// Every row, each decoded by `decode`.
+    pub(crate) async fn read_all<T, E>(
+        self,
+        q: Sql<'_>,
+        decode: impl Fn(&Row) -> Result<T, E>,
+    ) -> Result<Vec<T>, StoreError>
+    where
+        StoreError: From<E>,
+    {
+        let found = self.fetch_all(q).await?;
+        Ok(found.iter().map(decode).collect::<Result<_, _>>()?)
     }
 
     /// Runs the statement; the rows it changed.
@@ -468,20 +483,8 @@ impl Tx {
     /// Every row.
     pub(crate) async fn fetch_all(&mut self, q: Sql<'_>) -> Result<Vec<Row>, StoreError> {
         Ok(match self {
-            Tx::Postgres(tx) => q
-                .postgres()
-                .fetch_all(&mut **tx)
-                .await?
-                .into_iter()
-                .map(Row::Postgres)
-                .collect(),
-            Tx::Sqlite(tx) => q
-                .sqlite()
-                .fetch_all(&mut **tx)
-                .await?
-                .into_iter()
-                .map(Row::Sqlite)
-                .collect(),
+            Tx::Postgres(tx) => rows(q.postgres().fetch_all(&mut **tx).await?, Row::Postgres),
+            Tx::Sqlite(tx) => rows(q.sqlite().fetch_all(&mut **tx).await?, Row::Sqlite),
         })
     }
 

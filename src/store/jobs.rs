@@ -168,22 +168,18 @@ impl Jobs {
         job: Option<&str>,
         limit: i64,
     ) -> Result<Vec<JobRunRow>, StoreError> {
-        let rows = self
-            .db
+        self.db
             .reader()
-            .fetch_all(
+            .read_all(
                 Sql::new(format!(
                     "SELECT {JOB_RUN_COLUMNS} FROM job_runs WHERE (CAST($1 AS TEXT) IS NULL OR job = $1) \
                      ORDER BY id DESC LIMIT $2"
                 ))
                 .bind(job)
                 .bind(limit),
+            job_run_from_row,
             )
-            .await?;
-        Ok(rows
-            .iter()
-            .map(job_run_from_row)
-            .collect::<Result<_, _>>()?)
+            .await
     }
 
     /// Deletes up to `limit` finished rows of a history table older than `cutoff`.

@@ -37,15 +37,20 @@ impl EventLog {
         rejects: &[Rejected],
         origin: &Origin,
     ) -> Result<Vec<Outcome>, StoreError> {
-        // Rows are inserted in id order, so two batches that share ids take their
-        // unique-index locks in the same order and cannot deadlock (PostgreSQL;
-        // SQLite has one writer). The retry is a backstop for lock cycles we did
-        // not foresee; the transaction is all or nothing.
         let mut unique: Vec<&Event> = first_occurrences(events)
             .into_iter()
             .map(|i| &events[i])
             .collect();
-        unique.sort_unstable_by(|a, b| a.id.cmp(&b.id));
+        // PostgreSQL: rows are inserted in id order, so two batches that share
+        // ids take their unique-index locks in the same order and cannot
+        // deadlock; the retry below is a backstop for lock cycles we did not
+        // foresee (the transaction is all or nothing). SQLite has one writer
+        // and keeps arrival order, which is `ts` order: sorting by id there
+        // scatters the `ts` index inserts and cost 15–20% of its append rate
+        // (BENCHMARKS.md, issue 18).
+        if let Db::Postgres(_) = self.db {
+            unique.sort_unstable_by(|a, b| a.id.cmp(&b.id));
+        }
         let mut attempt = 0;
         loop {
             attempt += 1;

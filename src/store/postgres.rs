@@ -16,7 +16,7 @@ use super::agg::{all_columns, index_name, upsert_clause, FLOAT_COLUMNS, INT_COLU
 use super::db::{timed_out, Row as DbRow, Sql};
 use super::log::{each_event, EventColumns, FOLD_COLUMNS};
 use super::log::{metadata_json, EVENT_COLUMNS};
-use super::projections::{Target, Upsert};
+use super::projections::{Target, Upserts};
 use super::{Backend, Cursor, LogBatch, Origin, Rejected, StoreError, StoreOptions, Watermark};
 use crate::aggregate::measures::RowKey;
 use crate::aggregate::spec::Spec;
@@ -463,7 +463,7 @@ pub(crate) async fn sketches(
 pub(crate) async fn upsert(
     tx: &mut Tx<'_>,
     t: &Target<'_>,
-    rows: &[Upsert<'_>],
+    rows: &Upserts<'_>,
 ) -> Result<(), StoreError> {
     let spec = t.spec;
     let n = spec.dimensions.len();
@@ -484,23 +484,37 @@ pub(crate) async fn upsert(
         unnest.join(", "),
         upsert_clause(Backend::Postgres, spec, t.table)
     );
-    let mut q = sqlx::query(&sql).bind(rows.iter().map(|r| r.key.bucket).collect::<Vec<_>>());
-    for i in 0..n {
-        q = q.bind(
-            rows.iter()
-                .map(|r| r.key.dims[i].as_str())
-                .collect::<Vec<_>>(),
-        );
+    // One pass over the rows fills every column.
+    let len = rows.len();
+    let mut buckets = Vec::with_capacity(len);
+    let mut dims: Vec<Vec<&str>> = vec![Vec::with_capacity(len); n];
+    let mut ints: Vec<Vec<i64>> = vec![Vec::with_capacity(len); INT_COLUMNS.len()];
+    let mut floats: Vec<Vec<Option<f64>>> = vec![Vec::with_capacity(len); FLOAT_COLUMNS.len()];
+    let mut sketches = Vec::with_capacity(len);
+    for r in rows.each(0..len) {
+        buckets.push(r.key.bucket);
+        for (col, d) in dims.iter_mut().zip(&r.key.dims) {
+            col.push(d.as_str());
+        }
+        for (col, v) in ints.iter_mut().zip(r.ints) {
+            col.push(v);
+        }
+        for (col, v) in floats.iter_mut().zip(r.floats) {
+            col.push(v);
+        }
+        sketches.push(r.sketch);
     }
-    for c in 0..INT_COLUMNS.len() {
-        q = q.bind(rows.iter().map(|r| r.ints[c]).collect::<Vec<_>>());
+    let mut q = sqlx::query(&sql).bind(buckets);
+    for col in dims {
+        q = q.bind(col);
     }
-    for c in 0..FLOAT_COLUMNS.len() {
-        q = q.bind(rows.iter().map(|r| r.floats[c]).collect::<Vec<_>>());
+    for col in ints {
+        q = q.bind(col);
     }
-    q.bind(rows.iter().map(|r| r.sketch.as_deref()).collect::<Vec<_>>())
-        .execute(&mut **tx)
-        .await?;
+    for col in floats {
+        q = q.bind(col);
+    }
+    q.bind(sketches).execute(&mut **tx).await?;
     Ok(())
 }
 

@@ -16,7 +16,7 @@ use super::{
     postgres, sqlite, AggAnswer, AggQuery, AggRow, Apply, ApplyOutcome, Cursor, LogBatch,
     ProjectionState, ReconcileRead, StoreError,
 };
-use crate::aggregate::measures::{RowKey, Rows};
+use crate::aggregate::measures::{Measures, RowKey, Rows};
 use crate::aggregate::sketch::Sketch;
 use crate::aggregate::spec::{Granularity, Spec};
 
@@ -153,14 +153,15 @@ impl Projections {
 
     /// Every checkpoint row, by name.
     pub async fn projection_states(&self) -> Result<Vec<ProjectionState>, StoreError> {
-        let rows = self
-            .db
+        self.db
             .reader()
-            .fetch_all(Sql::new(format!(
-                "SELECT {CHECKPOINT_COLUMNS} FROM projection_checkpoints ORDER BY name"
-            )))
-            .await?;
-        rows.iter().map(state_from_row).collect()
+            .read_all(
+                Sql::new(format!(
+                    "SELECT {CHECKPOINT_COLUMNS} FROM projection_checkpoints ORDER BY name"
+                )),
+                state_from_row,
+            )
+            .await
     }
 
     /// Adds each folded batch to its tables and moves its checkpoint, if that
@@ -534,6 +535,37 @@ pub(crate) struct Upsert<'a> {
     pub(crate) sketch: Option<Vec<u8>>,
 }
 
+/// The rows of one upsert and the stored sketches they merge with. Each
+/// row's values are computed as the dialect binds them, so a batch of 60,000
+/// rows is never held twice (once as values, once as bound columns).
+pub(crate) struct Upserts<'a> {
+    rows: Vec<(&'a RowKey, &'a Measures)>,
+    existing: HashMap<RowKey, Sketch>,
+}
+
+impl<'a> Upserts<'a> {
+    /// How many rows.
+    pub(crate) fn len(&self) -> usize {
+        self.rows.len()
+    }
+
+    /// The rows in `range`, with their values.
+    pub(crate) fn each(
+        &self,
+        range: std::ops::Range<usize>,
+    ) -> impl Iterator<Item = Upsert<'a>> + '_ {
+        self.rows[range].iter().map(|&(key, m)| {
+            let merged = merged_sketch(m, self.existing.get(key));
+            Upsert {
+                key,
+                ints: int_values(m),
+                floats: float_values(m, &merged),
+                sketch: (m.latency_count > 0).then(|| merged.encode()),
+            }
+        })
+    }
+}
+
 /// Adds `rows` to `table`. A latency sketch cannot be added in SQL, so the
 /// stored sketches of the keys that carry latencies are read first (under
 /// the checkpoint's lock, which serialises this projection's writers) and
@@ -554,33 +586,35 @@ async fn upsert_rows(tx: &mut Tx, spec: &Spec, table: &str, rows: &Rows) -> Resu
             Tx::Postgres(tx) => postgres::sketches(tx, &target, &keys).await?,
             Tx::Sqlite(tx) => sqlite::sketches(tx, &target, &keys).await?,
         };
-        for r in &found {
-            let bucket = r.time("bucket")?;
-            let dims = spec
+        existing.reserve(found.len());
+        if let Some(first) = found.first() {
+            // Positions resolved by name once, then read by position.
+            let bucket_at = first.position("bucket")?;
+            let dims_at = spec
                 .dimensions
                 .iter()
-                .map(|d| r.get(d.as_str()))
-                .collect::<Result<Vec<String>, _>>()?;
-            let bytes: Vec<u8> = r.get("latency_sketch")?;
-            let sketch = Sketch::decode(&bytes).map_err(|e| StoreError::CorruptRow {
-                id: format!("{table} bucket {bucket}"),
-                reason: e.to_string(),
-            })?;
-            existing.insert(RowKey { bucket, dims }, sketch);
+                .map(|d| first.position(d.as_str()))
+                .collect::<Result<Vec<_>, _>>()?;
+            let sketch_at = first.position("latency_sketch")?;
+            for r in &found {
+                let bucket = r.time(bucket_at)?;
+                let dims = dims_at
+                    .iter()
+                    .map(|&i| r.get(i))
+                    .collect::<Result<Vec<String>, _>>()?;
+                let bytes: Vec<u8> = r.get(sketch_at)?;
+                let sketch = Sketch::decode(&bytes).map_err(|e| StoreError::CorruptRow {
+                    id: format!("{table} bucket {bucket}"),
+                    reason: e.to_string(),
+                })?;
+                existing.insert(RowKey { bucket, dims }, sketch);
+            }
         }
     }
-    let rows: Vec<Upsert<'_>> = rows
-        .iter()
-        .map(|(key, m)| {
-            let merged = merged_sketch(m, existing.get(key));
-            Upsert {
-                key,
-                ints: int_values(m),
-                floats: float_values(m, &merged),
-                sketch: (m.latency_count > 0).then(|| merged.encode()),
-            }
-        })
-        .collect();
+    let rows = Upserts {
+        rows: rows.iter().collect(),
+        existing,
+    };
     match tx {
         Tx::Postgres(tx) => postgres::upsert(tx, &target, &rows).await,
         Tx::Sqlite(tx) => sqlite::upsert(tx, &target, &rows).await,

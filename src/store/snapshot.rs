@@ -40,16 +40,14 @@ impl AlertSnapshot {
 impl Store {
     /// Every row of the alert and token tables.
     pub async fn alert_state(&self) -> Result<AlertSnapshot, StoreError> {
+        let outbox = Sql::new(format!(
+            "SELECT {OUTBOX_COLUMNS} FROM alert_outbox ORDER BY id"
+        ));
         let outbox = self
             .db
             .reader()
-            .fetch_all(Sql::new(format!(
-                "SELECT {OUTBOX_COLUMNS} FROM alert_outbox ORDER BY id"
-            )))
-            .await?
-            .iter()
-            .map(notification_from_row)
-            .collect::<Result<_, _>>()?;
+            .read_all(outbox, notification_from_row)
+            .await?;
         let mut audit = self.alerts().audit_log(None, i64::MAX).await?;
         audit.reverse();
         Ok(AlertSnapshot {

@@ -23,7 +23,7 @@ use super::agg::{all_columns, index_name, index_sql, key_columns, upsert_clause}
 use super::db::{timed_out, Row as DbRow, Sql};
 use super::log::{each_event, EventColumns, FOLD_COLUMNS};
 use super::log::{metadata_json, EVENT_COLUMNS};
-use super::projections::{Target, Upsert};
+use super::projections::{Target, Upserts};
 use super::{Backend, Cursor, LogBatch, Origin, Rejected, StoreError, StoreOptions, Watermark};
 use crate::aggregate::measures::RowKey;
 use crate::aggregate::spec::Spec;
@@ -349,14 +349,15 @@ pub(crate) async fn sketches(
 pub(crate) async fn upsert(
     tx: &mut Tx<'_>,
     t: &Target<'_>,
-    rows: &[Upsert<'_>],
+    rows: &Upserts<'_>,
 ) -> Result<(), StoreError> {
     let (spec, table) = (t.spec, t.table);
     let conflict = upsert_clause(Backend::Sqlite, spec, table);
-    for chunk in rows.chunks(AGG_ROWS_PER_STATEMENT) {
+    for start in (0..rows.len()).step_by(AGG_ROWS_PER_STATEMENT) {
+        let end = (start + AGG_ROWS_PER_STATEMENT).min(rows.len());
         let mut qb: QueryBuilder<Sqlite> =
             QueryBuilder::new(format!("INSERT INTO {table} ({}) ", all_columns(spec)));
-        qb.push_values(chunk, |mut b, r| {
+        qb.push_values(rows.each(start..end), |mut b, r| {
             b.push_bind(format_ts(&r.key.bucket));
             for d in &r.key.dims {
                 b.push_bind(d.as_str());
@@ -367,7 +368,7 @@ pub(crate) async fn upsert(
             for v in r.floats {
                 b.push_bind(v);
             }
-            b.push_bind(r.sketch.as_deref());
+            b.push_bind(r.sketch);
         });
         qb.push(conflict.as_str());
         qb.build().execute(&mut **tx).await?;

@@ -86,14 +86,9 @@ impl Tokens {
 
     /// Every token, active ones first.
     pub async fn list(&self) -> Result<Vec<TokenRow>, StoreError> {
-        let rows = self
-            .db
-            .reader()
-            .fetch_all(Sql::new(format!(
+        self.db.reader().read_all(Sql::new(format!(
                 "SELECT {TOKEN_COLUMNS} FROM api_tokens ORDER BY revoked_at_ms IS NOT NULL, name, created_at_ms"
-            )))
-            .await?;
-        Ok(rows.iter().map(token_from_row).collect::<Result<_, _>>()?)
+            )), token_from_row).await
     }
 
     /// Revokes the active token with this name or id; false when there is none.
