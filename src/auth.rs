@@ -191,12 +191,7 @@ pub async fn check_bind(store: &Store, addr: SocketAddr, insecure: bool) -> Resu
         }
         return Ok(());
     }
-    let active = store
-        .tokens()
-        .list()
-        .await?
-        .iter()
-        .any(|t| t.revoked_at.is_none());
+    let active = store.tokens().any_active().await?;
     if active || auth_enabled(store).await? {
         // With authentication on and no active token, every request is
         // refused until one is created: closed, not open.

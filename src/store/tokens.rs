@@ -91,6 +91,11 @@ impl Tokens {
             )), token_from_row).await
     }
 
+    /// True while at least one token is not revoked.
+    pub async fn any_active(&self) -> Result<bool, StoreError> {
+        Ok(self.list().await?.iter().any(|t| t.revoked_at.is_none()))
+    }
+
     /// Revokes the active token with this name or id; false when there is none.
     pub async fn revoke_token(
         &self,

@@ -191,12 +191,7 @@ pub(super) async fn tokens(db: &DatabaseConfig, which: TokensCommand) -> anyhow:
         TokensCommand::Revoke { name } => {
             if store.tokens().revoke_token(&name, Utc::now()).await? {
                 println!("revoked `{name}`; running servers refuse it within a second");
-                let active = store
-                    .tokens()
-                    .list()
-                    .await?
-                    .iter()
-                    .any(|t| t.revoked_at.is_none());
+                let active = store.tokens().any_active().await?;
                 if !active {
                     println!("no active token is left: authentication stays on, so every request is refused until a token is created (`tally tokens disable-auth` turns it off)");
                 }
