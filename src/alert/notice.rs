@@ -12,7 +12,8 @@ use crate::store::alerts::{AlertState, InstanceRow, NewNotification};
 /// The body of one alert notification, as published on NATS (README: "Alert
 /// notifications"). The fields every notification has are typed; what only
 /// one kind of alert adds goes in `extra`.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+#[schema(as = Notification)]
 pub struct Notice {
     /// The instance's fingerprint.
     pub alert_id: String,
@@ -20,31 +21,39 @@ pub struct Notice {
     pub rule: String,
     /// `firing` or `resolved`.
     #[serde(serialize_with = "state_name")]
+    #[schema(value_type = String, pattern = "^(firing|resolved)$")]
     pub state: AlertState,
     /// Severity (also the subject's middle token).
     pub severity: String,
     /// The group's dimension values.
+    #[schema(value_type = BTreeMap<String, String>)]
     pub group: Value,
     /// The rule's labels.
+    #[schema(value_type = BTreeMap<String, String>)]
     pub labels: Value,
     /// The measure watched (`null` when the rule is gone).
     pub measure: Option<String>,
     /// The value that decided the transition.
+    #[schema(value_type = Option<f64>)]
     pub value: Value,
     /// The threshold it was compared with.
+    #[schema(value_type = Option<f64>)]
     pub threshold: Value,
     /// The window, described (`null` when the rule is gone).
     pub window: Option<String>,
     /// When the condition started holding.
     #[serde(serialize_with = "millis")]
+    #[schema(value_type = Option<String>, format = DateTime)]
     pub started_at: Option<DateTime<Utc>>,
     /// When it resolved (only on `resolved`).
     #[serde(serialize_with = "millis")]
+    #[schema(value_type = Option<String>, format = DateTime)]
     pub resolved_at: Option<DateTime<Utc>>,
     /// The transition's number for this instance.
     pub sequence: i64,
     /// Fields of one kind of alert (`level`, `limit`, `reason`, `first_difference`, `evaluated_at`).
     #[serde(flatten)]
+    #[schema(value_type = Object)]
     pub extra: Map<String, Value>,
 }
 

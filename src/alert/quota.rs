@@ -25,15 +25,33 @@ use crate::store::{AggQuery, Store};
 pub const QUOTA_RULE: &str = "quota_exceeded";
 
 /// A quota as sent in `PUT /v1/keys/{key}/quota`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(as = Quota)]
 pub struct QuotaSpec {
     /// A summed measure: requests, errors, rate_limited, timeouts, server_errors, cost, tokens, tokens_in, tokens_out.
+    #[schema(schema_with = sum_measure)]
     pub measure: Measure,
     /// Most usage allowed within the window (cost in currency units).
+    #[schema(value_type = f64, minimum = 0)]
     pub limit: serde_json::Number,
-    /// Rolling window length (`5h`): whole minutes, at most the minute projection's retention.
+    /// Rolling window length (`5h`): whole minutes, at most the minute projection's retention
+    /// (8 days as shipped; the document lists windows up to 7 days).
+    #[schema(pattern = r"^([1-9][0-9]{0,3}m|[1-9][0-9]?h|[1-7]d)$")]
     pub window: String,
+}
+
+/// The measures a quota may limit (the summed ones), for the API document.
+fn sum_measure() -> utoipa::openapi::schema::Object {
+    utoipa::openapi::schema::ObjectBuilder::new()
+        .schema_type(utoipa::openapi::schema::Type::String)
+        .enum_values(Some(
+            Measure::ALL
+                .into_iter()
+                .filter(|m| m.is_sum())
+                .map(Measure::as_str),
+        ))
+        .build()
 }
 
 /// A validated quota.
@@ -78,8 +96,11 @@ impl QuotaSpec {
 
     /// Validates for `key` against the loaded projections.
     pub fn validate(&self, key: &str, specs: &[Arc<Spec>]) -> Result<Quota, AlertError> {
-        if key.is_empty() || key.len() > 256 {
-            return Err(invalid("the key must be 1 to 256 bytes"));
+        let max = crate::event::validate::MAX_KEY_CHARS;
+        if key.is_empty() || key.chars().count() > max {
+            return Err(invalid(format!(
+                "the key must be 1 to {max} characters, as events' `key`"
+            )));
         }
         if !self.measure.is_sum() {
             return Err(invalid(format!(
@@ -158,19 +179,23 @@ impl Quota {
 }
 
 /// `GET /v1/keys/{key}/quota`.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct QuotaStatus {
     /// The key.
     pub key: String,
     /// What is limited.
+    #[schema(value_type = String)]
     pub measure: &'static str,
     /// The limit, as set.
+    #[schema(value_type = f64)]
     pub limit: serde_json::Number,
     /// The window, as set.
     pub window: String,
-    /// Usage in the window.
+    /// Usage in the window (cost exact to 9 decimals).
+    #[schema(value_type = f64)]
     pub used: serde_json::Value,
     /// `max(0, limit - used)`.
+    #[schema(value_type = f64)]
     pub remaining: serde_json::Value,
     /// `used > limit`.
     pub exceeded: bool,
@@ -184,6 +209,7 @@ pub struct QuotaStatus {
     #[serde(serialize_with = "rfc3339_opt")]
     pub as_of: Option<DateTime<Utc>>,
     /// Always `1m`.
+    #[schema(value_type = String)]
     pub precision: &'static str,
 }
 

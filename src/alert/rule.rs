@@ -18,11 +18,16 @@ use crate::aggregate::spec::{Dimension, Granularity, Spec};
 use crate::aggregate::Measures;
 use crate::query::window::Range;
 
+/// What a rule name may look like (it becomes a NATS subject token).
+pub const NAME_PATTERN: &str = "^[a-z0-9_-]{1,64}$";
+
 /// Longest rolling window.
 pub const MAX_WINDOW: Duration = Duration::from_secs(31 * 86_400);
 
 /// How urgent an alert is; part of its NATS subject.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, utoipa::ToSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Severity {
     /// For information.
@@ -55,7 +60,7 @@ impl Severity {
 }
 
 /// What a rule measures over its window.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Measure {
     /// Events.
@@ -85,8 +90,26 @@ pub enum Measure {
 }
 
 impl Measure {
-    /// Every measure, for error messages.
-    pub const NAMES: &'static str = "requests, errors, error_rate, rate_limited, timeouts, server_errors, cost, tokens, tokens_in, tokens_out, latency_p95, latency_p99";
+    /// Every measure, in documentation order.
+    pub const ALL: [Measure; 12] = [
+        Measure::Requests,
+        Measure::Errors,
+        Measure::ErrorRate,
+        Measure::RateLimited,
+        Measure::Timeouts,
+        Measure::ServerErrors,
+        Measure::Cost,
+        Measure::Tokens,
+        Measure::TokensIn,
+        Measure::TokensOut,
+        Measure::LatencyP95,
+        Measure::LatencyP99,
+    ];
+
+    /// Every measure's name, comma-separated, for error messages.
+    pub fn names() -> String {
+        Self::ALL.map(Measure::as_str).join(", ")
+    }
 
     /// The wire name.
     pub fn as_str(self) -> &'static str {
@@ -142,7 +165,7 @@ impl Measure {
 }
 
 /// Comparison of a measure with a threshold.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub enum Op {
     /// Above.
     #[serde(rename = ">")]
@@ -175,7 +198,7 @@ impl Op {
 pub const MAX_SCOPE_VALUES: usize = 1_000;
 
 /// A scope filter: one value or any of several.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(untagged)]
 pub enum ScopeValue {
     /// `api = "openai"`.
@@ -187,23 +210,27 @@ pub enum ScopeValue {
 /// A rule as written by its author (HTTP JSON body, or one `[[rule]]` of a
 /// TOML file). Stored as canonical JSON; [`RuleSpec::validate`] turns it into
 /// a [`Rule`].
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(as = Rule)]
 pub struct RuleSpec {
     /// `[a-z0-9_-]`, 1 to 64 characters; part of the NATS subject.
+    #[schema(pattern = r"^[a-z0-9_-]{1,64}$")]
     pub name: String,
     /// Defaults to `warning` (for `limit` rules: the severity at 100% and above).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub severity: Option<Severity>,
-    /// Free labels copied into every notification.
+    /// Free labels copied into every notification (at most 32; names up to 100 and values up to 1000 bytes).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, String>,
     /// What is measured.
     pub measure: Measure,
-    /// `5m`, `1h`, `7d` (rolling), `calendar_day` or `calendar_month`.
+    /// `5m`, `1h`, `7d` (rolling: whole buckets of the finest loaded granularity, at most 31d), `calendar_day` or `calendar_month`.
+    #[schema(pattern = r"^(calendar_day|calendar_month|[1-9][0-9]{0,4}[mhd])$")]
     pub window: String,
     /// Timezone of calendar windows (IANA name), default UTC.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(pattern = r"^[A-Za-z][A-Za-z0-9_+-]*(/[A-Za-z0-9_+-]+){0,2}$")]
     pub timezone: Option<String>,
     /// Filters on dimensions.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
@@ -219,12 +246,14 @@ pub struct RuleSpec {
     pub threshold: Option<f64>,
     /// `previous_window`: compare with `threshold` × the value one window earlier.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(pattern = "^previous_window$")]
     pub baseline: Option<String>,
     /// A limit, alerted on at the `warn_at` fractions of it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limit: Option<f64>,
     /// Fractions of `limit` (`[0.8, 1.0]`): one alert level each.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(min_items = 1, max_items = 10)]
     pub warn_at: Option<Vec<f64>>,
     /// The condition holds only with at least this many requests in the window.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -236,12 +265,15 @@ pub struct RuleSpec {
         skip_serializing_if = "Option::is_none",
         alias = "for_"
     )]
+    #[schema(pattern = r"^[0-9]{1,4}(s|m|h|d)$")]
     pub for_: Option<String>,
     /// How long a firing alert stays firing after the condition stops holding.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(pattern = r"^[0-9]{1,4}(s|m|h|d)$")]
     pub keep_firing_for: Option<String>,
     /// Re-notify a firing alert this often (default: never).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(pattern = r"^[1-9][0-9]{0,3}(m|h|d)$")]
     pub repeat_every: Option<String>,
 }
 
@@ -459,7 +491,7 @@ impl RuleSpec {
         serde_json::from_slice(body).map_err(|e| {
             invalid(format!(
                 "the rule is not valid JSON or has a wrong field: {e}. Measures: {}",
-                Measure::NAMES
+                Measure::names()
             ))
         })
     }

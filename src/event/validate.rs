@@ -37,6 +37,8 @@ pub const FIELDS: &[&str] = &[
     "metadata",
 ];
 
+/// Longest `key`, in characters.
+pub const MAX_KEY_CHARS: usize = 256;
 /// Longest accepted `latency_ms`: one hour.
 pub const MAX_LATENCY_MS: f64 = 3_600_000.0;
 /// Most entries accepted in `metadata`.
@@ -181,7 +183,7 @@ pub fn validate(item: &Value, rules: &ValidationRules) -> Result<Event, Validati
     let api = v.required_string("api", 128, Text::Printable);
     let endpoint = v.optional_string("endpoint", 256, Text::Printable);
     let method = v.optional_string("method", 16, Text::Printable);
-    let key = v.optional_string("key", 256, Text::Printable);
+    let key = v.optional_string("key", MAX_KEY_CHARS, Text::Printable);
     let user = v.optional_string("user", 256, Text::Printable);
     let model = v.optional_string("model", 256, Text::Printable);
     let status = v.integer("status", 100, 599).map(|s| s as i32);

@@ -7,12 +7,16 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use chrono::{DateTime, Utc};
-use serde_json::{json, Value};
+use serde::Serialize;
+use serde_json::{json, Map, Value};
+use utoipa::ToSchema;
 
 use super::body::read_admin_body;
 use super::error::ApiError;
+use super::openapi::{ActorParam, ErrorBody, KeyParam, RuleNameParam};
 use super::state::AppState;
-use crate::alert::quota::{self, QuotaSpec, QUOTA_RULE};
+use crate::alert::notice::Notice;
+use crate::alert::quota::{self, QuotaSpec, QuotaStatus, QUOTA_RULE};
 use crate::alert::rule::RuleSpec;
 use crate::alert::AlertError;
 use crate::query::params::parse_time;
@@ -37,33 +41,177 @@ fn time(t: DateTime<Utc>) -> String {
     t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }
 
-/// A rule as answered: its spec plus version and change metadata.
-pub fn rule_view(row: &RuleRow) -> Value {
-    let mut v: Value = serde_json::from_str(&row.spec).unwrap_or_else(|_| json!({}));
-    if let Some(o) = v.as_object_mut() {
-        o.insert("version".into(), json!(row.version));
-        o.insert("created_at".into(), json!(time(row.created_at)));
-        o.insert("updated_at".into(), json!(time(row.updated_at)));
-        o.insert("updated_by".into(), json!(row.updated_by));
-    }
-    v
+/// A rule as answered: its spec plus version, change metadata and, when
+/// listed, whether it can be evaluated now.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct StoredRule {
+    /// The rule as written.
+    #[serde(flatten)]
+    #[schema(value_type = RuleFields)]
+    pub spec: Map<String, Value>,
+    /// Incremented by every change.
+    pub version: i64,
+    /// When it was created.
+    #[schema(format = DateTime)]
+    pub created_at: String,
+    /// When it last changed.
+    #[schema(format = DateTime)]
+    pub updated_at: String,
+    /// Who changed it last (`token:<name>` with authentication on).
+    pub updated_by: String,
+    /// `ok`, or `failing` when it cannot be evaluated now (the others still are); listed rules only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>, pattern = "^(ok|failing)$")]
+    pub status: Option<&'static str>,
+    /// Why it is failing.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Since when it is failing.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(format = DateTime)]
+    pub failing_since: Option<String>,
 }
 
-fn audit_view(a: &AuditRow) -> Value {
+/// The fields of a [`RuleSpec`] inside an answer that adds its own: the
+/// rule's schema without `additionalProperties: false`, which would forbid
+/// the added fields under `allOf`.
+pub struct RuleFields;
+
+impl utoipa::PartialSchema for RuleFields {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        let mut schema = <RuleSpec as utoipa::PartialSchema>::schema();
+        if let utoipa::openapi::RefOr::T(utoipa::openapi::schema::Schema::Object(o)) = &mut schema {
+            o.additional_properties = None;
+        }
+        schema
+    }
+}
+
+impl ToSchema for RuleFields {}
+
+/// A rule as answered, without a status.
+pub fn rule_view(row: &RuleRow) -> StoredRule {
+    StoredRule {
+        spec: serde_json::from_str(&row.spec).unwrap_or_default(),
+        version: row.version,
+        created_at: time(row.created_at),
+        updated_at: time(row.updated_at),
+        updated_by: row.updated_by.clone(),
+        status: None,
+        error: None,
+        failing_since: None,
+    }
+}
+
+/// One change of a rule or quota.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AuditEntry {
+    /// Increasing id.
+    pub id: i64,
+    /// When.
+    #[schema(format = DateTime)]
+    pub at: String,
+    /// Who (`X-Tally-Actor`, or `token:<name>` with authentication on).
+    pub actor: String,
+    /// `rule.create`, `rule.update`, `rule.delete`, `quota.set` or `quota.delete`.
+    #[schema(pattern = r"^(rule\.(create|update|delete)|quota\.(set|delete))$")]
+    pub action: String,
+    /// The rule name or key.
+    pub target: String,
+    /// The rule or quota before (`null` when created).
+    #[schema(value_type = Option<Object>)]
+    pub before: Value,
+    /// After (`null` when deleted).
+    #[schema(value_type = Option<Object>)]
+    pub after: Value,
+}
+
+fn audit_view(a: &AuditRow) -> AuditEntry {
     let parse = |s: &Option<String>| {
         s.as_deref()
             .and_then(|s| serde_json::from_str::<Value>(s).ok())
             .unwrap_or(Value::Null)
     };
-    json!({
-        "id": a.id,
-        "at": time(a.at),
-        "actor": a.actor,
-        "action": a.action,
-        "target": a.target,
-        "before": parse(&a.before),
-        "after": parse(&a.after),
-    })
+    AuditEntry {
+        id: a.id,
+        at: time(a.at),
+        actor: a.actor.clone(),
+        action: a.action.clone(),
+        target: a.target.clone(),
+        before: parse(&a.before),
+        after: parse(&a.after),
+    }
+}
+
+/// `GET /v1/alert-rules`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RuleList {
+    /// Every rule, by name.
+    pub rules: Vec<StoredRule>,
+}
+
+/// `GET /v1/alert-rules/{name}/audit`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AuditList {
+    /// Newest first.
+    pub entries: Vec<AuditEntry>,
+}
+
+/// An alert pending or firing now.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ActiveAlert {
+    /// The instance's fingerprint (rule, level, group).
+    pub alert_id: String,
+    /// Rule name.
+    pub rule: String,
+    /// `pending` (condition holds, `for` not yet elapsed) or `firing`.
+    #[schema(value_type = String, pattern = "^(pending|firing)$")]
+    pub state: &'static str,
+    /// Severity.
+    pub severity: String,
+    /// The group's dimension values.
+    #[schema(value_type = BTreeMap<String, String>)]
+    pub group: Value,
+    /// The last evaluated value.
+    pub value: Option<f64>,
+    /// The threshold it is compared with.
+    pub threshold: Option<f64>,
+    /// The fraction of the limit (limit rules), else `null`.
+    pub level: Option<f64>,
+    /// When the condition started holding.
+    #[schema(format = DateTime)]
+    pub started_at: Option<String>,
+    /// When it started firing.
+    #[schema(format = DateTime)]
+    pub firing_since: Option<String>,
+    /// Transitions notified so far.
+    pub sequence: i64,
+}
+
+/// A notification as sent, with its delivery.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Sent {
+    /// The notification's body as published.
+    #[serde(flatten)]
+    #[schema(value_type = Notice)]
+    pub body: Map<String, Value>,
+    /// The NATS subject.
+    pub subject: String,
+    /// When it was recorded.
+    #[schema(format = DateTime)]
+    pub created_at: String,
+    /// When NATS acknowledged it (`null` while queued).
+    #[schema(format = DateTime)]
+    pub sent_at: Option<String>,
+}
+
+/// `GET /v1/alerts`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AlertList {
+    /// Alerts pending or firing now.
+    pub active: Vec<ActiveAlert>,
+    /// Notifications, newest first.
+    pub history: Vec<Sent>,
 }
 
 /// Parses and validates a rule body.
@@ -91,6 +239,18 @@ fn not_found(what: String) -> ApiError {
 }
 
 /// `POST /v1/alert-rules`: 201, or 400 when the name is taken.
+#[utoipa::path(
+    post, path = "/v1/alert-rules", tag = "alerts",
+    summary = "Create an alert rule",
+    description = "Either `threshold` (with `op`, optionally `baseline`) or `limit` with `warn_at`. The rule's scope and group_by must be covered by a loaded projection with buckets fine enough for its window; otherwise 400 `invalid_rule` says what to change.",
+    params(ActorParam),
+    request_body(content = RuleSpec, description = "The rule"),
+    responses(
+        (status = 201, description = "Created", body = StoredRule),
+        (status = 400, description = "Invalid rule (`invalid_rule`) or the name is taken (`name_taken`)", body = ErrorBody),
+        (status = 413, description = "The body is larger than 1 MiB", body = ErrorBody),
+    )
+)]
 pub async fn create_rule(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -111,7 +271,9 @@ pub async fn create_rule(
         .map_err(AlertError::from)?;
     state.signal.wake();
     match written {
-        RuleWritten::Created(row) => Ok((StatusCode::CREATED, Json(rule_view(&row))).into_response()),
+        RuleWritten::Created(row) => {
+            Ok((StatusCode::CREATED, Json(rule_view(&row))).into_response())
+        }
         _ => Err(ApiError::new(
             StatusCode::BAD_REQUEST,
             "name_taken",
@@ -124,6 +286,20 @@ pub async fn create_rule(
 }
 
 /// `PUT /v1/alert-rules/{name}`: creates (201) or replaces (200).
+#[utoipa::path(
+    put, path = "/v1/alert-rules/{name}", tag = "alerts",
+    summary = "Create (201) or replace (200) a rule",
+    description = "The body's `name` may be left out; when given it must equal the path's. See POST /v1/alert-rules for what makes a rule valid.",
+    params(RuleNameParam, ActorParam),
+    request_body(content = RuleSpec, description = "The rule"),
+    responses(
+        (status = 200, description = "Replaced (or unchanged)", body = StoredRule),
+        (status = 201, description = "Created", body = StoredRule),
+        (status = 400, description = "Invalid rule", body = ErrorBody),
+        (status = 409, description = "Created concurrently by another request; retry", body = ErrorBody),
+        (status = 413, description = "The body is larger than 1 MiB", body = ErrorBody),
+    )
+)]
 pub async fn put_rule(
     State(state): State<AppState>,
     Path(name): Path<String>,
@@ -174,14 +350,20 @@ pub async fn put_rule(
 }
 
 /// `GET /v1/alert-rules`.
-pub async fn list_rules(State(state): State<AppState>) -> Result<Response, ApiError> {
+#[utoipa::path(
+    get, path = "/v1/alert-rules", tag = "alerts",
+    summary = "Every alert rule, with whether it can be evaluated now",
+    responses((status = 200, description = "Rules", body = RuleList)),
+)]
+pub async fn list_rules(State(state): State<AppState>) -> Result<Json<RuleList>, ApiError> {
     let rules = rules_with_status(&state).await?;
-    let rules: Vec<Value> = rules.into_iter().map(|(_, view)| view).collect();
-    Ok(Json(json!({ "rules": rules })).into_response())
+    Ok(Json(RuleList {
+        rules: rules.into_iter().map(|(_, view)| view).collect(),
+    }))
 }
 
 /// Every rule (by name) with its view, status included.
-async fn rules_with_status(state: &AppState) -> Result<Vec<(RuleRow, Value)>, ApiError> {
+async fn rules_with_status(state: &AppState) -> Result<Vec<(RuleRow, StoredRule)>, ApiError> {
     let alerts = state.store.alerts();
     let rows = alerts.alert_rules().await.map_err(AlertError::from)?;
     let failures = alerts.rule_failures().await.map_err(AlertError::from)?;
@@ -196,36 +378,48 @@ async fn rules_with_status(state: &AppState) -> Result<Vec<(RuleRow, Value)>, Ap
 
 /// Adds `status` (`ok` or `failing`), and for a failing rule `error` and
 /// `failing_since`, to a rule's view.
-fn with_status(mut view: Value, row: &RuleRow, failures: &[RuleFailure]) -> Value {
-    let failure = failures.iter().find(|f| f.uid == row.uid);
-    if let Some(o) = view.as_object_mut() {
-        match failure {
-            None => {
-                o.insert("status".into(), json!("ok"));
-            }
-            Some(f) => {
-                o.insert("status".into(), json!("failing"));
-                o.insert("error".into(), json!(f.error));
-                o.insert("failing_since".into(), json!(time(f.since)));
-            }
+fn with_status(mut view: StoredRule, row: &RuleRow, failures: &[RuleFailure]) -> StoredRule {
+    match failures.iter().find(|f| f.uid == row.uid) {
+        None => view.status = Some("ok"),
+        Some(f) => {
+            view.status = Some("failing");
+            view.error = Some(f.error.clone());
+            view.failing_since = Some(time(f.since));
         }
     }
     view
 }
 
 /// `GET /v1/alert-rules/{name}`.
+#[utoipa::path(
+    get, path = "/v1/alert-rules/{name}", tag = "alerts", summary = "One rule",
+    params(RuleNameParam),
+    responses(
+        (status = 200, description = "The rule", body = StoredRule),
+        (status = 404, description = "No rule has this name", body = ErrorBody),
+    )
+)]
 pub async fn get_rule(
     State(state): State<AppState>,
     Path(name): Path<String>,
-) -> Result<Response, ApiError> {
+) -> Result<Json<StoredRule>, ApiError> {
     let rules = rules_with_status(&state).await?;
     match rules.into_iter().find(|(r, _)| r.name == name) {
-        Some((_, view)) => Ok(Json(view).into_response()),
+        Some((_, view)) => Ok(Json(view)),
         None => Err(not_found(format!("no alert rule named `{name}`"))),
     }
 }
 
 /// `DELETE /v1/alert-rules/{name}`: 204; its firing alerts resolve at the next evaluation.
+#[utoipa::path(
+    delete, path = "/v1/alert-rules/{name}", tag = "alerts",
+    summary = "Delete a rule; its firing alerts resolve",
+    params(RuleNameParam, ActorParam),
+    responses(
+        (status = 204, description = "Deleted"),
+        (status = 404, description = "No rule has this name", body = ErrorBody),
+    )
+)]
 pub async fn delete_rule(
     State(state): State<AppState>,
     Path(name): Path<String>,
@@ -247,18 +441,29 @@ pub async fn delete_rule(
 }
 
 /// `GET /v1/alert-rules/{name}/audit`: every change, newest first.
+#[utoipa::path(
+    get, path = "/v1/alert-rules/{name}/audit", tag = "alerts",
+    summary = "Who changed the rule, when, from what to what (newest first, at most 1000)",
+    params(RuleNameParam),
+    responses(
+        (status = 200, description = "Audit entries (none for a name never used)", body = AuditList),
+        (status = 400, description = "The name cannot be a rule's", body = ErrorBody),
+    ),
+)]
 pub async fn rule_audit(
     State(state): State<AppState>,
     Path(name): Path<String>,
-) -> Result<Response, ApiError> {
+) -> Result<Json<AuditList>, ApiError> {
+    crate::alert::rule::check_name(&name)?;
     let rows = state
         .store
         .alerts()
         .audit_log(Some(&name), 1000)
         .await
         .map_err(AlertError::from)?;
-    let entries: Vec<Value> = rows.iter().map(audit_view).collect();
-    Ok(Json(json!({ "entries": entries })).into_response())
+    Ok(Json(AuditList {
+        entries: rows.iter().map(audit_view).collect(),
+    }))
 }
 
 type Pairs = Result<Query<Vec<(String, String)>>, QueryRejection>;
@@ -269,7 +474,19 @@ fn bad(message: String) -> ApiError {
 
 /// `GET /v1/alerts?rule=&state=&group=dim:value&from=&to=&limit=`: instances
 /// now pending or firing, and the notification history (newest first).
-pub async fn list_alerts(State(state): State<AppState>, q: Pairs) -> Result<Response, ApiError> {
+#[utoipa::path(
+    get, path = "/v1/alerts", tag = "alerts",
+    summary = "Alerts pending or firing now, and the notification history (newest first)",
+    params(super::openapi::AlertsParams),
+    responses(
+        (status = 200, description = "Active alerts and history", body = AlertList),
+        (status = 400, description = "A parameter is invalid", body = ErrorBody),
+    )
+)]
+pub async fn list_alerts(
+    State(state): State<AppState>,
+    q: Pairs,
+) -> Result<Json<AlertList>, ApiError> {
     let Query(pairs) = q.map_err(|e| bad(format!("the query string cannot be decoded: {e}")))?;
     let mut filter = HistoryFilter {
         limit: 100,
@@ -323,53 +540,60 @@ pub async fn list_alerts(State(state): State<AppState>, q: Pairs) -> Result<Resp
         state.store.alerts().notifications(&history_filter)
     );
     let instances = instances.map_err(AlertError::from)?;
-    let active: Vec<Value> = instances
+    let active = instances
         .iter()
         .filter(|i| i.life.state.is_active())
         .filter(|i| filter.rule.as_ref().is_none_or(|r| *r == i.rule))
         .filter(|i| filter.state.is_none_or(|s| s == i.life.state))
         .filter_map(|i| {
             let group: Value = serde_json::from_str(&i.group).unwrap_or(json!({}));
-            group_ok(&group).then(|| {
-                json!({
-                    "alert_id": i.fingerprint,
-                    "rule": i.rule,
-                    "state": i.life.state.as_str(),
-                    "severity": i.severity,
-                    "group": group,
-                    "value": i.value,
-                    "threshold": i.threshold,
-                    "level": i.level.parse::<f64>().ok(),
-                    "started_at": i.life.active_since.map(time),
-                    "firing_since": i.life.firing_since.map(time),
-                    "sequence": i.life.sequence,
-                })
+            group_ok(&group).then(|| ActiveAlert {
+                alert_id: i.fingerprint.clone(),
+                rule: i.rule.clone(),
+                state: i.life.state.as_str(),
+                severity: i.severity.clone(),
+                group,
+                value: i.value,
+                threshold: i.threshold,
+                level: i.level.parse::<f64>().ok(),
+                started_at: i.life.active_since.map(time),
+                firing_since: i.life.firing_since.map(time),
+                sequence: i.life.sequence,
             })
         })
         .collect();
-    let history: Vec<Value> = history
+    let history = history
         .map_err(AlertError::from)?
         .into_iter()
         .filter_map(|n| {
-            let mut body: Value = serde_json::from_str(&n.n.payload).ok()?;
+            let body: Map<String, Value> = serde_json::from_str(&n.n.payload).ok()?;
             let group = body.get("group").cloned().unwrap_or(json!({}));
-            if !group_ok(&group) {
-                return None;
-            }
-            if let Some(o) = body.as_object_mut() {
-                o.insert("subject".into(), json!(n.n.subject));
-                o.insert("created_at".into(), json!(time(n.n.created_at)));
-                o.insert("sent_at".into(), json!(n.sent_at.map(time)));
-            }
-            Some(body)
+            group_ok(&group).then(|| Sent {
+                body,
+                subject: n.n.subject,
+                created_at: time(n.n.created_at),
+                sent_at: n.sent_at.map(time),
+            })
         })
         .take(usize::try_from(filter.limit).unwrap_or(100))
         .collect();
-    Ok(Json(json!({ "active": active, "history": history })).into_response())
+    Ok(Json(AlertList { active, history }))
 }
 
 /// `PUT /v1/keys/{key}/quota`: sets (201) or replaces (200) the key's quota;
 /// answers its current status.
+#[utoipa::path(
+    put, path = "/v1/keys/{key}/quota", tag = "alerts",
+    summary = "Set the key's rolling quota (201 new, 200 replaced); crossing it fires `quota_exceeded`",
+    params(KeyParam, ActorParam),
+    request_body(content = QuotaSpec, description = "The quota"),
+    responses(
+        (status = 200, description = "Replaced; the quota's status now", body = QuotaStatus),
+        (status = 201, description = "Set; the quota's status now", body = QuotaStatus),
+        (status = 400, description = "Invalid quota, or a window longer than the minute projection keeps data", body = ErrorBody),
+        (status = 413, description = "The body is larger than 1 MiB", body = ErrorBody),
+    )
+)]
 pub async fn put_quota(
     State(state): State<AppState>,
     Path(key): Path<String>,
@@ -397,15 +621,23 @@ pub async fn put_quota(
 }
 
 /// `GET /v1/keys/{key}/quota`: 404 when the key has none.
+#[utoipa::path(
+    get, path = "/v1/keys/{key}/quota", tag = "alerts",
+    summary = "The key's rolling quota: used, remaining, exceeded, resets_at (one-minute precision)",
+    params(KeyParam),
+    responses(
+        (status = 200, description = "The quota's status now", body = QuotaStatus),
+        (status = 404, description = "The key has no quota", body = ErrorBody),
+    )
+)]
 pub async fn get_quota(
     State(state): State<AppState>,
     Path(key): Path<String>,
-) -> Result<Response, ApiError> {
+) -> Result<Json<QuotaStatus>, ApiError> {
     match quota::load(&state.store, &state.catalog, &key).await? {
-        Some(q) => {
-            let status = quota::status(&state.store, &state.catalog, &q, Utc::now()).await?;
-            Ok(Json(status).into_response())
-        }
+        Some(q) => Ok(Json(
+            quota::status(&state.store, &state.catalog, &q, Utc::now()).await?,
+        )),
         None => Err(not_found(format!(
             "key `{key}` has no quota; set one with PUT /v1/keys/{key}/quota {{\"measure\": \"tokens\", \"limit\": 100000, \"window\": \"5h\"}}"
         ))),
@@ -413,6 +645,15 @@ pub async fn get_quota(
 }
 
 /// `DELETE /v1/keys/{key}/quota`.
+#[utoipa::path(
+    delete, path = "/v1/keys/{key}/quota", tag = "alerts",
+    summary = "Remove the key's quota",
+    params(KeyParam, ActorParam),
+    responses(
+        (status = 204, description = "Removed"),
+        (status = 404, description = "The key has no quota", body = ErrorBody),
+    )
+)]
 pub async fn delete_quota(
     State(state): State<AppState>,
     Path(key): Path<String>,

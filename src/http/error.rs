@@ -4,7 +4,6 @@
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use serde_json::json;
 
 use crate::alert::AlertError;
 use crate::query::QueryError;
@@ -36,11 +35,11 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (
-            self.status,
-            Json(json!({"code": self.code, "error": self.message})),
-        )
-            .into_response()
+        let body = super::openapi::ErrorBody {
+            code: self.code,
+            error: self.message,
+        };
+        (self.status, Json(body)).into_response()
     }
 }
 
@@ -82,6 +81,9 @@ pub async fn not_found() -> ApiError {
     ApiError::new(
         StatusCode::NOT_FOUND,
         "not_found",
-        "no such route; see README.md or GET /openapi.json for the API (POST /v1/events, GET /v1/stats, GET /v1/keys, GET /v1/keys/{key}/stats, GET /v1/projections, GET /metrics, GET /healthz, GET /readyz)",
+        format!(
+            "no such route; see README.md or GET /openapi.json for the API ({})",
+            super::openapi::ROUTES.as_str()
+        ),
     )
 }

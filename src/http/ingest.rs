@@ -9,12 +9,36 @@ use axum::Json;
 
 use super::body::read_body;
 use super::error::ApiError;
+use super::openapi::{ErrorBody, EventsBody};
 use super::state::AppState;
 use crate::event::codec::CodecError;
 use crate::ingest::{IngestError, IngestReport};
 use crate::store::Origin;
 
 /// Ingests one body. Answers 200 only after the accepted events are committed.
+#[utoipa::path(
+    post, path = "/v1/events", tag = "ingest",
+    summary = "Ingest usage events",
+    description = "One event, a JSON array, NDJSON, MessagePack (one map or an array), or CloudEvents (structured or batch); see README \"Ingest\". Answers after the commit with each event's outcome: invalid events are listed in `rejected` and do not stop the others.",
+    request_body(
+        description = "Usage events",
+        content(
+            (EventsBody = "application/json"),
+            (String = "application/x-ndjson"),
+            (Vec<u8> = "application/msgpack"),
+            (EventsBody = "application/cloudevents+json"),
+            (EventsBody = "application/cloudevents-batch+json"),
+        ),
+    ),
+    responses(
+        (status = 200, description = "The body was decoded: each event's outcome (valid events are stored even when others are `rejected` or `conflicting`)", body = IngestReport),
+        (status = 400, description = "The body is empty or cannot be decoded at all", body = ErrorBody),
+        (status = 408, description = "The body did not arrive within TALLY_HTTP_BODY_TIMEOUT", body = ErrorBody),
+        (status = 413, description = "The body is larger than TALLY_MAX_BODY_BYTES or holds more than TALLY_MAX_BATCH_EVENTS events", body = ErrorBody),
+        (status = 415, description = "The content type is not one of the above", body = ErrorBody),
+        (status = 503, description = "The event log is unavailable; nothing was stored. Retry with the same ids", body = ErrorBody),
+    )
+)]
 pub async fn post_events(
     State(state): State<AppState>,
     headers: HeaderMap,

@@ -11,49 +11,54 @@ pub mod auth;
 pub mod body;
 pub mod error;
 pub mod ingest;
+pub mod openapi;
 pub mod ops;
 pub mod query;
 pub mod serve;
 pub mod state;
 
 use axum::extract::DefaultBodyLimit;
-use axum::routing::{get, post};
 use axum::Router;
+use utoipa::OpenApi as _;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 pub use error::ApiError;
 pub use serve::{serve, ServeLimits};
 pub use state::AppState;
 
+/// The route table, once: each entry registers the handlers with axum and
+/// their `#[utoipa::path]` description with the OpenAPI document.
+pub(crate) fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::with_openapi(openapi::ApiDoc::openapi())
+        .routes(routes!(ingest::post_events))
+        .routes(routes!(query::get_stats))
+        .routes(routes!(query::get_keys))
+        .routes(routes!(query::get_key_page))
+        .routes(routes!(
+            alerts::get_quota,
+            alerts::put_quota,
+            alerts::delete_quota
+        ))
+        .routes(routes!(alerts::list_rules, alerts::create_rule))
+        .routes(routes!(
+            alerts::get_rule,
+            alerts::put_rule,
+            alerts::delete_rule
+        ))
+        .routes(routes!(alerts::rule_audit))
+        .routes(routes!(alerts::list_alerts))
+        .routes(routes!(query::get_projections))
+        .routes(routes!(query::get_openapi))
+        .routes(routes!(ops::metrics))
+        .routes(routes!(ops::healthz))
+        .routes(routes!(ops::readyz))
+}
+
 /// All routes. Tests call this with `tower::ServiceExt::oneshot` or serve it on port 0.
 pub fn router(state: AppState) -> Router {
-    Router::new()
-        .route("/v1/events", post(ingest::post_events))
-        .route("/v1/stats", get(query::get_stats))
-        .route("/v1/keys", get(query::get_keys))
-        .route("/v1/keys/{key}/stats", get(query::get_key_page))
-        .route(
-            "/v1/keys/{key}/quota",
-            get(alerts::get_quota)
-                .put(alerts::put_quota)
-                .delete(alerts::delete_quota),
-        )
-        .route(
-            "/v1/alert-rules",
-            get(alerts::list_rules).post(alerts::create_rule),
-        )
-        .route(
-            "/v1/alert-rules/{name}",
-            get(alerts::get_rule)
-                .put(alerts::put_rule)
-                .delete(alerts::delete_rule),
-        )
-        .route("/v1/alert-rules/{name}/audit", get(alerts::rule_audit))
-        .route("/v1/alerts", get(alerts::list_alerts))
-        .route("/v1/projections", get(query::get_projections))
-        .route("/openapi.json", get(query::get_openapi))
-        .route("/metrics", get(ops::metrics))
-        .route("/healthz", get(ops::healthz))
-        .route("/readyz", get(ops::readyz))
+    let (routes, _) = routes().split_for_parts();
+    routes
         // The ingest handler enforces its own limit with a message that names it.
         .layer(DefaultBodyLimit::disable())
         .fallback(error::not_found)

@@ -1,23 +1,26 @@
 //! The query routes: `/v1/stats`, `/v1/keys`, `/v1/keys/{key}/stats`,
 //! `/v1/projections` and `/openapi.json`.
 
+use std::collections::BTreeMap;
+
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use chrono::Utc;
-use serde_json::json;
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use utoipa::ToSchema;
 
 use super::error::ApiError;
+use super::openapi::{ErrorBody, KeyPageParams, KeysParams, StatsParams};
 use super::state::AppState;
+use crate::alert::quota::QuotaStatus;
 use crate::projection::status;
-use crate::query::keys::{self, KeysRequest};
-use crate::query::stats::{self, StatsRequest};
+use crate::query::keys::{self, KeyPage, KeysRequest, KeysResponse};
+use crate::query::output::rfc3339_opt;
+use crate::query::stats::{self, StatsRequest, StatsResponse};
 use crate::query::QueryError;
-
-/// The OpenAPI 3.1 document of the whole HTTP API.
-pub const OPENAPI: &str = include_str!("openapi.json");
 
 type Pairs = Result<Query<Vec<(String, String)>>, QueryRejection>;
 
@@ -32,71 +35,188 @@ fn pairs(q: Pairs) -> Result<Vec<(String, String)>, ApiError> {
 }
 
 /// `GET /v1/stats`.
-pub async fn get_stats(State(state): State<AppState>, q: Pairs) -> Result<Response, ApiError> {
+#[utoipa::path(
+    get, path = "/v1/stats", tag = "query",
+    summary = "Aggregated time series per group, with totals",
+    description = "Answered from the narrowest projection that covers group_by and the filters at the granularity and timezone. Buckets are atomic: every bucket overlapping [from, to) is counted in full; `covered` says which range that is. At most 10,000 buckets per answer.",
+    params(StatsParams),
+    responses(
+        (status = 200, description = "Series and totals", body = StatsResponse),
+        (status = 400, description = "A parameter is invalid, `from` is not before `to`, the range holds too many buckets, or no loaded projection answers this grouping (`no_projection`); the message says what to change", body = ErrorBody),
+    )
+)]
+pub async fn get_stats(
+    State(state): State<AppState>,
+    q: Pairs,
+) -> Result<Json<StatsResponse>, ApiError> {
     let req = StatsRequest::parse(pairs(q)?, Utc::now())?;
-    let answer = stats::run(&state.store, &state.catalog, &req).await?;
-    Ok(Json(answer).into_response())
+    Ok(Json(stats::run(&state.store, &state.catalog, &req).await?))
 }
 
 /// `GET /v1/keys`.
-pub async fn get_keys(State(state): State<AppState>, q: Pairs) -> Result<Response, ApiError> {
+#[utoipa::path(
+    get, path = "/v1/keys", tag = "query",
+    summary = "API keys ranked over a range",
+    description = "Exact to the minute: the range is split into months, days, hours and minutes of the loaded projections.",
+    params(KeysParams),
+    responses(
+        (status = 200, description = "Keys, best first", body = KeysResponse),
+        (status = 400, description = "A parameter is invalid, `from` is not before `to`, or no loaded projection has the `key` dimension in this timezone", body = ErrorBody),
+    )
+)]
+pub async fn get_keys(
+    State(state): State<AppState>,
+    q: Pairs,
+) -> Result<Json<KeysResponse>, ApiError> {
     let now = Utc::now();
     let req = KeysRequest::parse(pairs(q)?, now)?;
-    let answer = keys::list(&state.store, &state.catalog, &req, now).await?;
-    Ok(Json(answer).into_response())
+    Ok(Json(
+        keys::list(&state.store, &state.catalog, &req, now).await?,
+    ))
+}
+
+/// The key page with the key's quota.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct KeyPageAnswer {
+    /// Today, this month, the last 24 h, by model and by api.
+    #[serde(flatten)]
+    pub page: KeyPage,
+    /// The key's rolling quota status now (as `GET /v1/keys/{key}/quota`); `null` without one.
+    pub quota: Option<QuotaStatus>,
 }
 
 /// `GET /v1/keys/{key}/stats`.
+#[utoipa::path(
+    get, path = "/v1/keys/{key}/stats", tag = "query",
+    summary = "One key's page: today, this month, last 24 h, by model and api, and its quota",
+    params(KeyPageParams),
+    responses(
+        (status = 200, description = "The key page (zeros for a key without usage)", body = KeyPageAnswer),
+        (status = 400, description = "`at` or `tz` is invalid, or no loaded projection has the `key` dimension in this timezone", body = ErrorBody),
+    )
+)]
 pub async fn get_key_page(
     State(state): State<AppState>,
     Path(key): Path<String>,
     q: Pairs,
-) -> Result<Response, ApiError> {
+) -> Result<Json<KeyPageAnswer>, ApiError> {
     let now = Utc::now();
-    let mut answer = keys::page(&state.store, &state.catalog, &key, pairs(q)?, now).await?;
-    if let Some(quota) = crate::alert::quota::load(&state.store, &state.catalog, &key).await? {
-        let status = crate::alert::quota::status(&state.store, &state.catalog, &quota, now).await?;
-        answer.quota = serde_json::to_value(status).ok();
-    }
-    Ok(Json(answer).into_response())
+    let page = keys::page(&state.store, &state.catalog, &key, pairs(q)?, now).await?;
+    let quota = match crate::alert::quota::load(&state.store, &state.catalog, &key).await? {
+        Some(q) => Some(crate::alert::quota::status(&state.store, &state.catalog, &q, now).await?),
+        None => None,
+    };
+    Ok(Json(KeyPageAnswer { page, quota }))
 }
 
+/// One projection as `GET /v1/projections` describes it.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ProjectionView {
+    /// Projection name (its file in projections/).
+    pub name: String,
+    /// `ok`, `new` (no checkpoint yet) or `changed` (needs `tally projections rebuild`).
+    #[schema(value_type = String)]
+    pub status: &'static str,
+    /// Dimensions, in table column order.
+    #[schema(value_type = Vec<String>)]
+    pub dimensions: Vec<&'static str>,
+    /// Granularities.
+    #[schema(value_type = Vec<String>)]
+    pub granularities: Vec<&'static str>,
+    /// Timezone of hour/day/month buckets.
+    pub timezone: String,
+    /// Its tables, one per granularity.
+    pub tables: Vec<String>,
+    /// Every event committed before this instant is folded in.
+    #[serde(serialize_with = "rfc3339_opt")]
+    pub as_of: Option<DateTime<Utc>>,
+    /// Events in the log after the checkpoint.
+    pub lag_events: Option<i64>,
+    /// Events folded since the tables were built.
+    pub events_folded: Option<i64>,
+    /// Checkpoint cursor as `tx:seq`.
+    pub checkpoint: Option<String>,
+    /// A rebuild is in progress.
+    pub rebuilding: bool,
+    /// How long each granularity's buckets are kept (`8days`); absent granularities are kept forever.
+    pub retention: BTreeMap<String, String>,
+}
+
+/// The `GET /v1/projections` answer.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Projections {
+    /// Every loaded projection.
+    pub projections: Vec<ProjectionView>,
+}
+
+/// The parameters `GET /v1/projections` accepts (none).
+#[derive(Debug, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct NoParams {}
+
 /// `GET /v1/projections`.
+#[utoipa::path(
+    get, path = "/v1/projections", tag = "query",
+    summary = "What can be queried: dimensions, granularities, timezone, as_of, lag",
+    responses(
+        (status = 200, description = "Projections", body = Projections),
+        (status = 400, description = "A query parameter was given; this route takes none", body = ErrorBody),
+    )
+)]
 pub async fn get_projections(
     State(state): State<AppState>,
     q: Pairs,
-) -> Result<Response, ApiError> {
+) -> Result<Json<Projections>, ApiError> {
     crate::query::params::Params::new(pairs(q)?).finish("none")?;
     let specs: Vec<_> = state.catalog.specs.iter().map(|s| (**s).clone()).collect();
     let infos = status::list(&state.store, &specs, false)
         .await
         .map_err(|e| ApiError::from(QueryError::Unavailable(e.to_string())))?;
-    let list: Vec<_> = infos
+    let projections = infos
         .into_iter()
         .filter(|p| p.status != "orphaned")
-        .map(|p| {
-            json!({
-                "name": p.name,
-                "status": p.status,
-                "dimensions": p.dimensions,
-                "granularities": p.granularities,
-                "timezone": p.timezone,
-                "tables": p.tables.iter().map(|(t, _)| t).collect::<Vec<_>>(),
-                "as_of": p.as_of.map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true)),
-                "lag_events": p.lag_events,
-                "events_folded": p.events_folded,
-                "checkpoint": p.checkpoint,
-                "rebuilding": p.rebuilding,
-                "retention": specs.iter().find(|s| s.name == p.name).map(|s| {
-                    s.retention.iter().map(|(g, d)| (g.as_str().to_string(), json!(humantime::format_duration(*d).to_string()))).collect::<serde_json::Map<_, _>>()
-                }),
-            })
+        .map(|p| ProjectionView {
+            retention: specs
+                .iter()
+                .find(|s| s.name == p.name)
+                .map(|s| {
+                    s.retention
+                        .iter()
+                        .map(|(g, d)| {
+                            (
+                                g.as_str().to_string(),
+                                humantime::format_duration(*d).to_string(),
+                            )
+                        })
+                        .collect()
+                })
+                .unwrap_or_default(),
+            tables: p.tables.into_iter().map(|(t, _)| t).collect(),
+            name: p.name,
+            status: p.status,
+            dimensions: p.dimensions,
+            granularities: p.granularities,
+            timezone: p.timezone,
+            as_of: p.as_of,
+            lag_events: p.lag_events,
+            events_folded: p.events_folded,
+            checkpoint: p.checkpoint,
+            rebuilding: p.rebuilding,
         })
         .collect();
-    Ok(Json(json!({"projections": list})).into_response())
+    Ok(Json(Projections { projections }))
 }
 
 /// `GET /openapi.json`.
+#[utoipa::path(
+    get, path = "/openapi.json", tag = "operations",
+    summary = "This document (OpenAPI 3.1), generated from the code",
+    responses((status = 200, description = "The OpenAPI document", content_type = "application/json", body = Object)),
+)]
 pub async fn get_openapi() -> Response {
-    ([(header::CONTENT_TYPE, "application/json")], OPENAPI).into_response()
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        super::openapi::DOCUMENT.as_str(),
+    )
+        .into_response()
 }

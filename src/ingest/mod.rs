@@ -39,7 +39,7 @@ pub struct Intake {
 }
 
 /// The answer to one body: what was counted, and why each other item was not.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
 pub struct IngestReport {
     /// Events stored now.
     pub accepted: usize,
@@ -55,7 +55,7 @@ pub struct IngestReport {
 }
 
 /// Why one item of a body was not counted.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
 pub struct ItemError {
     /// 0-based position in the body (for NDJSON: among the non-blank lines).
     pub index: usize,

@@ -330,7 +330,7 @@ mod tests {
             tokens_in: Some(7),
             tokens_out: Some(i64::from(model)),
             cost_nanos: Some(1_000_000_001),
-            cached: key % 2 == 0,
+            cached: key.is_multiple_of(2),
             metadata: Default::default(),
         }
     }

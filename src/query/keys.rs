@@ -28,6 +28,8 @@ pub const KEY_PAGE_PARAMETERS: &str = "at, tz";
 
 /// Largest `limit` of `/v1/keys`.
 pub const MAX_KEYS: usize = 1000;
+/// Most keys `/v1/keys` may skip.
+pub const MAX_OFFSET: usize = 1_000_000_000;
 
 /// Groups with their measures over a range, and how fresh they are.
 #[derive(Debug, Clone)]
@@ -220,7 +222,7 @@ impl KeysRequest {
                 format!("`limit` must be from 1 to {MAX_KEYS}"),
             ));
         }
-        let offset = p.count("offset", usize::MAX / 2)?.unwrap_or(0);
+        let offset = p.count("offset", MAX_OFFSET)?.unwrap_or(0);
         let filters = p.filters()?;
         if filters.iter().any(|(d, _)| *d == Dimension::Key) {
             return Err(QueryError::bad(
@@ -244,7 +246,7 @@ impl KeysRequest {
 }
 
 /// One key of `/v1/keys`.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct KeyRow {
     /// The API key.
     pub key: String,
@@ -254,7 +256,8 @@ pub struct KeyRow {
 }
 
 /// The `/v1/keys` answer.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+#[schema(as = Keys)]
 pub struct KeysResponse {
     /// Requested start.
     #[serde(serialize_with = "rfc3339")]
@@ -321,7 +324,7 @@ pub async fn list(
 }
 
 /// A window of the key page.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct PageWindow {
     /// Start.
     #[serde(serialize_with = "rfc3339")]
@@ -336,11 +339,22 @@ pub struct PageWindow {
     pub measures: MeasuresOut,
 }
 
+/// What a [`Breakdown`] holds in its `group` (for the API document).
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code)]
+struct BreakdownBy {
+    /// In `by_model`.
+    model: Option<String>,
+    /// In `by_api`.
+    api: Option<String>,
+}
+
 /// One value of a breakdown (`model` or `api`).
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Breakdown {
     /// `{"model": "…"}` or `{"api": "…"}`, inlined.
     #[serde(flatten)]
+    #[schema(value_type = BreakdownBy)]
     pub group: Group,
     /// Its measures.
     #[serde(flatten)]
@@ -348,7 +362,7 @@ pub struct Breakdown {
 }
 
 /// The `/v1/keys/{key}/stats` answer.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct KeyPage {
     /// The key.
     pub key: String,
@@ -370,8 +384,6 @@ pub struct KeyPage {
     pub by_model: Vec<Breakdown>,
     /// This month by api, by cost (descending).
     pub by_api: Vec<Breakdown>,
-    /// The key's rolling quota status now (as `GET /v1/keys/{key}/quota`), `null` without one.
-    pub quota: Option<serde_json::Value>,
 }
 
 /// Answers `/v1/keys/{key}/stats`.
@@ -382,6 +394,13 @@ pub async fn page(
     pairs: Vec<(String, String)>,
     now: DateTime<Utc>,
 ) -> Result<KeyPage, QueryError> {
+    let max = crate::event::validate::MAX_KEY_CHARS;
+    if key.chars().count() > max {
+        return Err(QueryError::bad(
+            "invalid_key",
+            format!("the key is longer than {max} characters, which no event's `key` can be"),
+        ));
+    }
     let mut p = Params::new(pairs);
     let at = p.time("at")?.unwrap_or(now);
     let tz = p.tz()?;
@@ -509,6 +528,5 @@ pub async fn page(
         last_24h: win(at - Duration::hours(24), &last_24h),
         by_model: breakdown(1),
         by_api: breakdown(0),
-        quota: None,
     })
 }

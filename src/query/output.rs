@@ -12,6 +12,27 @@ use crate::event::cost::format_nanos;
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
 pub struct Group(pub Vec<(Dimension, String)>);
 
+impl utoipa::PartialSchema for Group {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::openapi::schema::{AdditionalProperties, ObjectBuilder, Type};
+        let names = ObjectBuilder::new()
+            .schema_type(Type::String)
+            .enum_values(Some(Dimension::ALL.map(Dimension::as_str)));
+        ObjectBuilder::new()
+            .schema_type(Type::Object)
+            .description(Some(
+                "Dimension values of the group, in group_by order (absent values are the empty string)",
+            ))
+            .property_names(Some(names))
+            .additional_properties(Some(AdditionalProperties::RefOr(
+                ObjectBuilder::new().schema_type(Type::String).into(),
+            )))
+            .into()
+    }
+}
+
+impl utoipa::ToSchema for Group {}
+
 impl Serialize for Group {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         let mut map = s.serialize_map(Some(self.0.len()))?;
@@ -23,7 +44,7 @@ impl Serialize for Group {
 }
 
 /// Errors per type.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct ErrorsByType {
     /// `rate_limit`
     pub rate_limit: i64,
@@ -38,7 +59,7 @@ pub struct ErrorsByType {
 }
 
 /// Latency figures in milliseconds; `null` when no event carried a latency.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Latency {
     /// Exact mean (from the microsecond sum).
     pub avg: Option<f64>,
@@ -55,7 +76,8 @@ pub struct Latency {
 }
 
 /// The measures of one point or total.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+#[schema(as = Measures)]
 pub struct MeasuresOut {
     /// Events.
     pub requests: i64,
@@ -80,6 +102,7 @@ pub struct MeasuresOut {
     /// Sum of output tokens.
     pub tokens_out: i64,
     /// Exact decimal cost with 9 fractional digits.
+    #[schema(pattern = r"^-?[0-9]+\.[0-9]{9}$", example = "0.001250000")]
     pub cost: String,
     /// The same cost as an integer number of nano-units.
     pub cost_nanos: i64,
@@ -122,7 +145,7 @@ impl From<&Measures> for MeasuresOut {
 }
 
 /// A bucket of one group.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Point {
     /// Bucket start (UTC).
     #[serde(serialize_with = "rfc3339")]
@@ -135,7 +158,7 @@ pub struct Point {
 }
 
 /// A group's measures over the whole range.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Total {
     /// The group's dimension values.
     pub group: Group,
@@ -145,7 +168,7 @@ pub struct Total {
 }
 
 /// A range actually counted.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Covered {
     /// Start of the first bucket counted.
     #[serde(serialize_with = "rfc3339")]

@@ -47,6 +47,11 @@ impl OrderBy {
         ("cached", OrderBy::Cached),
     ];
 
+    /// Every wire name, in documentation order.
+    pub fn names() -> [&'static str; 10] {
+        Self::NAMES.map(|(n, _)| n)
+    }
+
     /// Parses an `order_by` value.
     pub fn parse(s: &str) -> Result<Self, QueryError> {
         Self::NAMES

@@ -97,7 +97,8 @@ impl StatsRequest {
 }
 
 /// The `/v1/stats` answer.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+#[schema(as = Stats)]
 pub struct StatsResponse {
     /// The requested start.
     #[serde(serialize_with = "rfc3339")]

@@ -291,8 +291,9 @@ pub fn event(
         .with_timezone(&Utc);
     let ts =
         base + Duration::seconds(offset_s) + Duration::microseconds(i64::from(micros % 1_000_000));
-    let opt =
-        |v: u8, n: u8, prefix: &str| (v % (n + 1) != 0).then(|| format!("{prefix}{}", v % (n + 1)));
+    let opt = |v: u8, n: u8, prefix: &str| {
+        (!v.is_multiple_of(n + 1)).then(|| format!("{prefix}{}", v % (n + 1)))
+    };
     let status = [
         Some(200),
         Some(201),
@@ -305,7 +306,7 @@ pub fn event(
     ][usize::from(pick[5] % 8)];
     let success = match status {
         Some(s) => s < 400,
-        None => pick[6] % 3 != 0,
+        None => !pick[6].is_multiple_of(3),
     };
     let error_type = (!success).then_some(match status {
         Some(429) => ErrorType::RateLimit,
@@ -334,7 +335,7 @@ pub fn event(
         tokens_in: (n % 2 == 0).then_some(n * 3),
         tokens_out: (n % 5 != 0).then_some(n * 7),
         cost_nanos: (n % 3 != 1).then_some(n * 1_234_567),
-        cached: pick[6] % 4 == 0,
+        cached: pick[6].is_multiple_of(4),
         metadata: Default::default(),
     }
 }
@@ -346,8 +347,8 @@ pub fn seeded_events(prefix: &str, n: usize, seed: u64) -> Vec<Event> {
     (0..n)
         .map(|i| {
             let pick: [u8; 8] = rng.random();
-            let latency =
-                (pick[7] % 7 != 0).then(|| f64::from(rng.random_range(0u32..3_000_000)) / 1000.0);
+            let latency = (!pick[7].is_multiple_of(7))
+                .then(|| f64::from(rng.random_range(0u32..3_000_000)) / 1000.0);
             event(
                 format!("{prefix}-{i}"),
                 rng.random_range(0..ANCHORS.len()),
