@@ -83,56 +83,43 @@ pub async fn load_rules(
     let (rules, quotas) = tokio::join!(store.alerts().alert_rules(), store.alerts().quotas());
     let mut out = Vec::new();
     let mut seen = HashSet::new();
+    let mut add = |uid: &str,
+                   spec: &str,
+                   name: String,
+                   parse: &dyn Fn() -> Result<Rule, String>| {
+        seen.insert(uid.to_string());
+        match cache.get(uid) {
+            Some((cached, rule)) if cached == spec => out.push(rule.clone()),
+            _ => match parse() {
+                Ok(rule) => {
+                    cache.insert(uid.to_string(), (spec.to_string(), rule.clone()));
+                    out.push(rule)
+                }
+                Err(reason) => {
+                    tracing::error!(rule = %name, %reason, "stored alert rule or quota cannot be evaluated; skipped");
+                    failing.push((uid.to_string(), name, reason));
+                }
+            },
+        }
+    };
     for row in rules? {
-        seen.insert(row.uid.clone());
-        if let Some((spec, rule)) = cache.get(&row.uid) {
-            if *spec == row.spec {
-                out.push(rule.clone());
-                continue;
-            }
-        }
-        let parsed = serde_json::from_str::<RuleSpec>(&row.spec)
-            .map_err(|e| e.to_string())
-            .and_then(|s| {
-                s.validate(&row.uid, &catalog.specs)
-                    .map_err(|e| e.to_string())
-            });
-        match parsed {
-            Ok(rule) => {
-                cache.insert(row.uid.clone(), (row.spec.clone(), rule.clone()));
-                out.push(rule)
-            }
-            Err(reason) => {
-                tracing::error!(rule = %row.name, %reason, "stored alert rule cannot be evaluated; skipped");
-                failing.push((row.uid.clone(), row.name.clone(), reason));
-            }
-        }
+        add(&row.uid, &row.spec, row.name.clone(), &|| {
+            serde_json::from_str::<RuleSpec>(&row.spec)
+                .map_err(|e| e.to_string())
+                .and_then(|s| {
+                    s.validate(&row.uid, &catalog.specs)
+                        .map_err(|e| e.to_string())
+                })
+        });
     }
     for row in quotas? {
-        seen.insert(row.uid.clone());
-        if let Some((spec, rule)) = cache.get(&row.uid) {
-            if *spec == row.spec {
-                out.push(rule.clone());
-                continue;
-            }
-        }
-        let parsed = QuotaSpec::from_json(row.spec.as_bytes())
-            .and_then(|s| s.validate(&row.key, &catalog.specs))
-            .and_then(|q| q.rule(&row.uid, &catalog.specs));
-        match parsed {
-            Ok(rule) => {
-                cache.insert(row.uid.clone(), (row.spec.clone(), rule.clone()));
-                out.push(rule)
-            }
-            Err(e) => {
-                tracing::error!(key = %row.key, error = %e, "stored quota cannot be evaluated; skipped");
-                failing.push((
-                    row.uid.clone(),
-                    format!("{}:{}", crate::alert::quota::QUOTA_RULE, row.key),
-                    e.to_string(),
-                ));
-            }
-        }
+        let name = format!("{}:{}", crate::alert::quota::QUOTA_RULE, row.key);
+        add(&row.uid, &row.spec, name, &|| {
+            QuotaSpec::from_json(row.spec.as_bytes())
+                .and_then(|s| s.validate(&row.key, &catalog.specs))
+                .and_then(|q| q.rule(&row.uid, &catalog.specs))
+                .map_err(|e| e.to_string())
+        });
     }
     cache.retain(|uid, _| seen.contains(uid));
     Ok(out)

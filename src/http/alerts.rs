@@ -425,19 +425,28 @@ pub async fn delete_rule(
     Path(name): Path<String>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    match state
+    let removed = state
         .store
         .alerts()
         .delete_rule(&name, &actor(&headers))
-        .await
-        .map_err(AlertError::from)?
-    {
-        Some(_) => {
-            state.signal.wake();
-            Ok(StatusCode::NO_CONTENT.into_response())
-        }
-        None => Err(not_found(format!("no alert rule named `{name}`"))),
+        .await;
+    deleted(&state, removed.map_err(AlertError::from)?.is_some(), || {
+        format!("no alert rule named `{name}`")
+    })
+}
+
+/// `204` after a deletion that found its target (the evaluator is woken to
+/// resolve what it fired), else `404` with `missing`.
+fn deleted(
+    state: &AppState,
+    found: bool,
+    missing: impl FnOnce() -> String,
+) -> Result<Response, ApiError> {
+    if !found {
+        return Err(not_found(missing()));
     }
+    state.signal.wake();
+    Ok(StatusCode::NO_CONTENT.into_response())
 }
 
 /// `GET /v1/alert-rules/{name}/audit`: every change, newest first.
@@ -659,16 +668,12 @@ pub async fn delete_quota(
     Path(key): Path<String>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    if state
+    let removed = state
         .store
         .alerts()
         .delete_quota(&key, &actor(&headers))
-        .await
-        .map_err(AlertError::from)?
-    {
-        state.signal.wake();
-        Ok(StatusCode::NO_CONTENT.into_response())
-    } else {
-        Err(not_found(format!("key `{key}` has no quota")))
-    }
+        .await;
+    deleted(&state, removed.map_err(AlertError::from)?, || {
+        format!("key `{key}` has no quota")
+    })
 }
