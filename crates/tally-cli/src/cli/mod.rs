@@ -303,6 +303,10 @@ enum BenchCommand {
     Query(bench::QueryBench),
     /// NATS ingest end to end vs. appending the same events straight through the store.
     Ingest(bench::IngestBench),
+    /// `tally serve` as a whole (projections and 1,000 rules): backlog drain
+    /// until every projection has folded it, vs. the store's append rate and
+    /// the database's bulk-load limit.
+    E2e(bench::e2e::E2eBench),
     /// Append path vs. the database's physical limit (COPY / bare multi-row INSERT).
     Append(AppendBench),
 }
@@ -345,6 +349,9 @@ pub async fn run() -> anyhow::Result<()> {
             }
             BenchCommand::Query(params) => {
                 bench::query(&params).await?;
+            }
+            BenchCommand::E2e(params) => {
+                bench::e2e::e2e(&params).await?;
             }
             BenchCommand::Ingest(params) => {
                 bench::ingest(&params).await?;

@@ -69,7 +69,7 @@ const WINDOWS: [&str; 3] = ["5m", "15m", "1h"];
 
 /// The bench's rules: rule `i` watches api `i % apis`, grouped by key, with a
 /// measure and window from small cycles and a threshold the load never reaches.
-fn rules(n: usize, apis: &[String]) -> Result<Vec<RuleSpec>, BenchError> {
+pub(super) fn rules(n: usize, apis: &[String]) -> Result<Vec<RuleSpec>, BenchError> {
     (0..n)
         .map(|i| {
             let measure = MEASURES[i % MEASURES.len()];

@@ -6,6 +6,7 @@
 
 pub mod alerts;
 pub mod baseline;
+pub mod e2e;
 pub mod project;
 pub mod query;
 

@@ -1,0 +1,407 @@
+//! `tally bench e2e`: `tally serve` as a whole, with the shipped projections
+//! and 1,000 alert rules, against the store and the database measured alone
+//! in the same run.
+//!
+//! (a) the store's append rate alone (batches of 1,000, as ingest appends)
+//!     and the database's bulk-load limit (PostgreSQL: `COPY` in chunks of
+//!     100,000; SQLite: one transaction of multi-row inserts) for the same events;
+//! (b) `tally serve` drains a pre-filled stream of those events (100 per
+//!     message) and every projection's checkpoint reaches the end of the log:
+//!     end-to-end events/s as a ratio of (a), and the serve process's peak RSS.
+//!
+//! Both data shapes run by default: events within the last hour, and events
+//! spread over 30 days arriving in time order with 1% up to an hour late.
+//! The sustained-rate search and queries under load (issue 19, (c) and (d))
+//! are not built yet.
+
+use std::time::{Duration, Instant};
+
+use sqlx::postgres::PgPoolCopyExt;
+
+use super::{
+    nats_with_usage_stream, num_cpus, peak_rss_mib, spawn_tally_with, stop, tempfile_dir,
+    wait_drained, BenchError, Databases,
+};
+use crate::dev::synth::{self, SynthConfig};
+use tally::aggregate::spec::load_dir;
+use tally::event::Event;
+use tally::store::alerts::WriteMode;
+use tally::store::{Backend, Origin, Store, StoreOptions};
+
+/// Parameters of `tally bench e2e`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct E2eBench {
+    /// Database to measure: postgres or sqlite.
+    #[arg(long, value_parser = super::parse_backend, default_value = "postgres")]
+    pub backend: Backend,
+    /// Events of each shape.
+    #[arg(long, default_value_t = 1_000_000)]
+    pub events: usize,
+    /// Alert rules installed (grouped by key, scoped by api, as `bench alerts`).
+    #[arg(long, default_value_t = 1_000)]
+    pub rules: usize,
+    /// Data shapes to run: `recent` (the last hour), `spread` (30 days), or both.
+    #[arg(long, value_delimiter = ',', default_value = "recent,spread")]
+    pub shapes: Vec<Shape>,
+    /// Events per NATS message when pre-filling the stream.
+    #[arg(long, default_value_t = 100)]
+    pub per_message: usize,
+    /// Projection specs.
+    #[arg(long, env = "TALLY_PROJECTIONS_DIR", default_value = "projections")]
+    pub projections_dir: std::path::PathBuf,
+}
+
+/// How the events' timestamps are spread.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Shape {
+    /// Within the last hour.
+    Recent,
+    /// Over the last 30 days, in time order, 1% up to an hour late.
+    Spread,
+}
+
+impl Shape {
+    fn span(self) -> Duration {
+        match self {
+            Shape::Recent => Duration::from_secs(3600),
+            Shape::Spread => Duration::from_secs(30 * 86_400),
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Shape::Recent => "recent (last hour)",
+            Shape::Spread => "spread (30 days, 1% late)",
+        }
+    }
+}
+
+/// The figures of one shape.
+#[derive(Debug, Clone)]
+pub struct E2eResult {
+    /// The shape.
+    pub shape: Shape,
+    /// (a) store append alone, ev/s.
+    pub append_rate: f64,
+    /// (a) the database's bulk-load limit, ev/s.
+    pub bulk_rate: f64,
+    /// (b) drained and folded by `tally serve`, ev/s.
+    pub drain_rate: f64,
+    /// (b) peak RSS of `tally serve`, MiB.
+    pub drain_rss_mib: f64,
+}
+
+/// Runs every shape and prints the figures with their goals.
+pub async fn e2e(params: &E2eBench) -> Result<Vec<E2eResult>, BenchError> {
+    let specs: Vec<std::sync::Arc<_>> = load_dir(&params.projections_dir)
+        .map_err(|e| BenchError::Check(e.to_string()))?
+        .into_iter()
+        .map(std::sync::Arc::new)
+        .collect();
+    let tmp = tempfile_dir()?;
+    let dbs = Databases::start(params.backend, &tmp)?;
+    let (drain_goal, _sustained_goal) = match params.backend {
+        Backend::Postgres => (0.7, 0.5),
+        Backend::Sqlite => (0.5, 0.3),
+    };
+    println!(
+        "backend {}: {} events per shape, {} rules, {} projections, {} events per message, {} cores",
+        params.backend.name(),
+        params.events,
+        params.rules,
+        specs.len(),
+        params.per_message,
+        num_cpus()
+    );
+    let mut out = Vec::new();
+    for (i, shape) in params.shapes.iter().copied().enumerate() {
+        println!("\nshape {}:", shape.name());
+        let synth_cfg = SynthConfig {
+            seed: 31 + i as u64,
+            apis: 10,
+            keys: 1000,
+            models: 20,
+            id_prefix: format!("e2e{i}"),
+            correlated: true,
+            arrival_order: Some(params.events),
+            span: shape.span(),
+            ..SynthConfig::default()
+        };
+        let events = synth::events(&synth_cfg, 0, params.events);
+
+        // (a) The store alone, then the database's bulk-load limit.
+        let url = dbs.fresh(&format!("append{i}"))?;
+        let store = tally::store::connect(&url, &StoreOptions::default()).await?;
+        store.migrate().await?;
+        let append = append_all(&store, &events).await?;
+        store.close().await;
+        let bulk = bulk_load(params.backend, &dbs.fresh(&format!("bulk{i}"))?, &events).await?;
+        let rate = |d: Duration| events.len() as f64 / d.as_secs_f64();
+        let (append_rate, bulk_rate) = (rate(append), rate(bulk));
+        println!(
+            "(a) store append alone {append_rate:>9.0} ev/s   bulk-load limit ({}) {bulk_rate:>9.0} ev/s",
+            match params.backend {
+                Backend::Postgres => "COPY, 100,000 per chunk",
+                Backend::Sqlite => "one transaction of multi-row INSERTs",
+            }
+        );
+
+        // (b) `tally serve` with rules drains the pre-filled stream and folds it.
+        let url = dbs.fresh(&format!("serve{i}"))?;
+        let apis: Vec<String> = events
+            .iter()
+            .map(|e| e.api.clone())
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        install_rules(&url, params.rules, &apis, &specs).await?;
+        let (nats, client, js) = nats_with_usage_stream().await?;
+        let published = prefill(&js, &events, params.per_message).await?;
+        println!(
+            "    pre-filled the stream: {} messages of up to {} events",
+            published, params.per_message
+        );
+        let started = Instant::now();
+        let env = vec![
+            (
+                "TALLY_PROJECTIONS_DIR",
+                params.projections_dir.display().to_string(),
+            ),
+            (
+                "TALLY_LOG",
+                std::env::var("TALLY_BENCH_CHILD_LOG").unwrap_or_else(|_| "warn".into()),
+            ),
+        ];
+        let mut tally =
+            spawn_tally_with(&url, &nats.url(), &tmp.join(format!("serve{i}.log")), &env)?;
+        wait_drained(&js, &mut tally, Duration::from_secs(3600)).await?;
+        let drained = started.elapsed();
+        let store = tally::store::connect(&url, &StoreOptions::default()).await?;
+        wait_folded(&store, &mut tally, events.len(), Duration::from_secs(3600)).await?;
+        let folded = started.elapsed();
+        let drain_rss_mib = peak_rss_mib(&tally);
+        stop(tally);
+        check_totals(&store, &specs, events.len()).await?;
+        store.close().await;
+        drop(js);
+        let _ = client.drain().await;
+        drop(nats);
+        let drain_rate = rate(folded);
+        println!(
+            "(b) serve: drained in {:.1}s, every projection folded in {:.1}s: {drain_rate:>9.0} ev/s   ratio to append {:.2} (goal ≥ {drain_goal})   to bulk load {:.2}   peak RSS {drain_rss_mib:.0} MiB (goal ≤ 150)",
+            drained.as_secs_f64(),
+            folded.as_secs_f64(),
+            drain_rate / append_rate,
+            drain_rate / bulk_rate,
+        );
+        out.push(E2eResult {
+            shape,
+            append_rate,
+            bulk_rate,
+            drain_rate,
+            drain_rss_mib,
+        });
+    }
+    println!("\nshape                      append ev/s  bulk ev/s  e2e drain ev/s  drain/append  goal   peak RSS MiB  goal");
+    for r in &out {
+        println!(
+            "{:<26} {:>11.0} {:>10.0} {:>15.0} {:>13.2}  {:<5} {:>13.0}  {}",
+            r.shape.name(),
+            r.append_rate,
+            r.bulk_rate,
+            r.drain_rate,
+            r.drain_rate / r.append_rate,
+            if r.drain_rate / r.append_rate >= drain_goal {
+                "met"
+            } else {
+                "MISS"
+            },
+            r.drain_rss_mib,
+            if r.drain_rss_mib <= 150.0 {
+                "met"
+            } else {
+                "MISS"
+            },
+        );
+    }
+    if std::env::var_os("TALLY_BENCH_KEEP").is_none() {
+        drop(dbs);
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    Ok(out)
+}
+
+/// Appends every event through the store, 1,000 per transaction.
+async fn append_all(store: &Store, events: &[Event]) -> Result<Duration, BenchError> {
+    let origin = Origin {
+        source: "bench",
+        subject: None,
+    };
+    let started = Instant::now();
+    for b in events.chunks(1000) {
+        store.log().append(b, &[], &origin).await?;
+    }
+    Ok(started.elapsed())
+}
+
+/// The fastest way this database loads the same rows: the physical limit.
+async fn bulk_load(backend: Backend, url: &str, events: &[Event]) -> Result<Duration, BenchError> {
+    let store = tally::store::connect(url, &StoreOptions::default()).await?;
+    store.migrate().await?;
+    store.close().await;
+    match backend {
+        Backend::Postgres => {
+            let pool = sqlx::PgPool::connect(url).await?;
+            let started = Instant::now();
+            for chunk in events.chunks(100_000) {
+                let mut copy = pool
+                    .copy_in_raw(&format!(
+                        "COPY usage_events ({}) FROM STDIN",
+                        super::baseline::COLUMNS
+                    ))
+                    .await?;
+                copy.send(super::baseline::copy_text(chunk).into_bytes())
+                    .await?;
+                copy.finish().await?;
+            }
+            let took = started.elapsed();
+            pool.close().await;
+            Ok(took)
+        }
+        Backend::Sqlite => {
+            use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqliteSynchronous};
+            use std::str::FromStr;
+            let options = SqliteConnectOptions::from_str(url)?
+                .journal_mode(SqliteJournalMode::Wal)
+                .synchronous(SqliteSynchronous::Full);
+            let pool = sqlx::sqlite::SqlitePoolOptions::new()
+                .max_connections(1)
+                .connect_with(options)
+                .await?;
+            let now = tally::event::format_ts(&chrono::Utc::now());
+            let started = Instant::now();
+            let mut tx = pool.begin().await?;
+            for rows in events.chunks(super::baseline::SQLITE_ROWS_PER_STATEMENT) {
+                super::baseline::sqlite_insert(rows, &now)
+                    .build()
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            tx.commit().await?;
+            let took = started.elapsed();
+            pool.close().await;
+            Ok(took)
+        }
+    }
+}
+
+/// Installs the bench's alert rules into a fresh database.
+async fn install_rules(
+    url: &str,
+    n: usize,
+    apis: &[String],
+    specs: &[std::sync::Arc<tally::aggregate::Spec>],
+) -> Result<(), BenchError> {
+    let store = tally::store::connect(url, &StoreOptions::default()).await?;
+    store.migrate().await?;
+    for r in super::alerts::rules(n, apis)? {
+        r.validate("", specs)
+            .map_err(|e| BenchError::Check(format!("bench rule {}: {e}", r.name)))?;
+        store
+            .alerts()
+            .write_rule(&r.name, &r.to_json(), "bench", WriteMode::Upsert)
+            .await?;
+    }
+    store.close().await;
+    Ok(())
+}
+
+/// Publishes the events as JSON arrays, `per_message` per message, on the
+/// subject of their first event's api; waits for every ack. Messages published.
+async fn prefill(
+    js: &async_nats::jetstream::Context,
+    events: &[Event],
+    per_message: usize,
+) -> Result<usize, BenchError> {
+    let mut pending = std::collections::VecDeque::new();
+    let mut n = 0;
+    for chunk in events.chunks(per_message.max(1)) {
+        let items: Vec<_> = chunk
+            .iter()
+            .map(tally::event::codec::to_wire_json)
+            .collect();
+        let body = serde_json::to_vec(&items).map_err(|e| BenchError::Check(e.to_string()))?;
+        let subject = format!("usage.events.{}", chunk[0].api);
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Nats-Msg-Id", format!("e2e-{}", chunk[0].id).as_str());
+        let ack = js
+            .publish_with_headers(subject, headers, body.into())
+            .await
+            .map_err(|e| BenchError::Check(format!("publish: {e}")))?;
+        pending.push_back(ack);
+        if pending.len() >= 256 {
+            if let Some(a) = pending.pop_front() {
+                a.await
+                    .map_err(|e| BenchError::Check(format!("ack: {e}")))?;
+            }
+        }
+        n += 1;
+    }
+    for a in pending {
+        a.await
+            .map_err(|e| BenchError::Check(format!("ack: {e}")))?;
+    }
+    Ok(n)
+}
+
+/// Waits until the log holds `events` and every projection's checkpoint is at its end.
+async fn wait_folded(
+    store: &Store,
+    child: &mut std::process::Child,
+    events: usize,
+    timeout: Duration,
+) -> Result<(), BenchError> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(BenchError::Check(format!("tally exited with {status}")));
+        }
+        let stored = store.log().counts().await?.events;
+        let mut behind = 0;
+        let states = store.projections().projection_states().await?;
+        for state in &states {
+            behind += store.projections().events_after(state.cursor).await?;
+        }
+        if stored == events as i64 && behind == 0 && !states.is_empty() {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(BenchError::Check(format!(
+                "after {timeout:?}: {stored} of {events} events stored, projections {behind} events behind"
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Every table of every projection sums to the number of events.
+async fn check_totals(
+    store: &Store,
+    specs: &[std::sync::Arc<tally::aggregate::Spec>],
+    events: usize,
+) -> Result<(), BenchError> {
+    for spec in specs {
+        for &g in &spec.granularities {
+            let rows = store.projections().read_agg(spec, g, "").await?;
+            let total: i64 = rows.iter().map(|r| r.measures.requests).sum();
+            if total != events as i64 {
+                return Err(BenchError::Check(format!(
+                    "{} holds {total} requests, expected {events}",
+                    spec.table(g)
+                )));
+            }
+        }
+    }
+    println!("    check: every table of every projection sums to {events} requests");
+    Ok(())
+}
