@@ -181,7 +181,7 @@ pub async fn e2e(params: &E2eBench) -> Result<Vec<E2eResult>, BenchError> {
         let folded = started.elapsed();
         let drain_rss_mib = peak_rss_mib(&tally);
         stop(tally);
-        check_totals(&store, &specs, events.len()).await?;
+        super::project::check_totals(&store, specs.iter().map(|s| &**s), events.len()).await?;
         store.close().await;
         drop(js);
         let _ = client.drain().await;
@@ -382,26 +382,4 @@ async fn wait_folded(
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-}
-
-/// Every table of every projection sums to the number of events.
-async fn check_totals(
-    store: &Store,
-    specs: &[std::sync::Arc<tally::aggregate::Spec>],
-    events: usize,
-) -> Result<(), BenchError> {
-    for spec in specs {
-        for &g in &spec.granularities {
-            let rows = store.projections().read_agg(spec, g, "").await?;
-            let total: i64 = rows.iter().map(|r| r.measures.requests).sum();
-            if total != events as i64 {
-                return Err(BenchError::Check(format!(
-                    "{} holds {total} requests, expected {events}",
-                    spec.table(g)
-                )));
-            }
-        }
-    }
-    println!("    check: every table of every projection sums to {events} requests");
-    Ok(())
 }

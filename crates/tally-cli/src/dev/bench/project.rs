@@ -204,9 +204,9 @@ async fn read_log_through(
 }
 
 /// Every table of every projection sums to the number of events.
-async fn check_totals(
+pub(super) async fn check_totals<'a>(
     store: &Store,
-    specs: &[tally::aggregate::Spec],
+    specs: impl IntoIterator<Item = &'a tally::aggregate::Spec>,
     events: usize,
 ) -> Result<(), BenchError> {
     for spec in specs {
