@@ -28,16 +28,15 @@ use crate::query::params::OrderBy;
 
 /// The document, built once.
 pub static DOCUMENT: LazyLock<String> = LazyLock::new(|| {
-    serde_json::to_string_pretty(&document()).unwrap_or_else(|e| {
+    serde_json::to_string_pretty(&*API).unwrap_or_else(|e| {
         format!("{{\"error\": \"the OpenAPI document cannot be written: {e}\"}}")
     })
 });
 
 /// Every route as `METHOD /path`, comma-separated, for the 404 message.
 pub static ROUTES: LazyLock<String> = LazyLock::new(|| {
-    let doc = document();
     let mut out = Vec::new();
-    for (path, item) in &doc.paths.paths {
+    for (path, item) in &API.paths.paths {
         let ops = [
             ("GET", &item.get),
             ("PUT", &item.put),
@@ -52,6 +51,9 @@ pub static ROUTES: LazyLock<String> = LazyLock::new(|| {
     }
     out.join(", ")
 });
+
+/// The generated document, built once for both answers above.
+static API: LazyLock<OpenApi> = LazyLock::new(document);
 
 /// Generates the document from the route table and the types.
 pub fn document() -> OpenApi {
@@ -564,6 +566,11 @@ mod tests {
                 d.as_str()
             );
         }
+        // Patterns typed in `#[schema]` attributes (which take literals only)
+        // agree with the constants the server validates with.
+        let rule = &doc["components"]["schemas"]["Rule"]["properties"];
+        assert_eq!(rule["name"]["pattern"], crate::alert::rule::NAME_PATTERN);
+        assert_eq!(rule["timezone"]["pattern"], TZ_PATTERN);
         let stats = &doc["paths"]["/v1/stats"]["get"];
         assert!(stats["responses"]["401"].is_object() && stats["responses"]["403"].is_object());
         assert_eq!(

@@ -19,7 +19,6 @@ use super::{
     wait_drained, BenchError,
 };
 use crate::dev::synth::SynthConfig;
-use tally::aggregate::spec::load_dir;
 use tally::alert::rule::RuleSpec;
 use tally::store::alerts::WriteMode;
 use tally::store::{Backend, StoreOptions};
@@ -91,11 +90,7 @@ pub(super) fn rules(n: usize, apis: &[String]) -> Result<Vec<RuleSpec>, BenchErr
 
 /// Runs the benchmark and prints figures and ratios.
 pub async fn alerts(params: &AlertsBench) -> Result<AlertsResult, BenchError> {
-    let specs: Vec<std::sync::Arc<_>> = load_dir(&params.projections_dir)
-        .map_err(|e| BenchError::Check(e.to_string()))?
-        .into_iter()
-        .map(std::sync::Arc::new)
-        .collect();
+    let specs = super::load_specs(&params.projections_dir)?;
     let tmp = tempfile_dir()?;
     let dbs = super::Databases::start(params.backend, &tmp)?;
     let fresh_db = |name: &str| dbs.fresh(name);

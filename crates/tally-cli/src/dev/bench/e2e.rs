@@ -23,7 +23,6 @@ use super::{
     wait_drained, BenchError, Databases,
 };
 use crate::dev::synth::{self, SynthConfig};
-use tally::aggregate::spec::load_dir;
 use tally::event::Event;
 use tally::store::alerts::WriteMode;
 use tally::store::{Backend, Origin, Store, StoreOptions};
@@ -93,11 +92,7 @@ pub struct E2eResult {
 
 /// Runs every shape and prints the figures with their goals.
 pub async fn e2e(params: &E2eBench) -> Result<Vec<E2eResult>, BenchError> {
-    let specs: Vec<std::sync::Arc<_>> = load_dir(&params.projections_dir)
-        .map_err(|e| BenchError::Check(e.to_string()))?
-        .into_iter()
-        .map(std::sync::Arc::new)
-        .collect();
+    let specs = super::load_specs(&params.projections_dir)?;
     let tmp = tempfile_dir()?;
     let dbs = Databases::start(params.backend, &tmp)?;
     let (drain_goal, _sustained_goal) = match params.backend {

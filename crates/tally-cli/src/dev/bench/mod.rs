@@ -598,6 +598,15 @@ async fn append_synthetic(
     Ok(spent)
 }
 
+/// The projection specs of `dir`, shared as `tally serve` holds them.
+fn load_specs(dir: &std::path::Path) -> Result<Vec<Arc<tally::aggregate::Spec>>, BenchError> {
+    Ok(tally::aggregate::spec::load_dir(dir)
+        .map_err(|e| BenchError::Check(e.to_string()))?
+        .into_iter()
+        .map(Arc::new)
+        .collect())
+}
+
 /// `tally serve` (this executable) as a child, logging to `log`.
 fn spawn_tally(
     db_url: &str,
