@@ -31,7 +31,7 @@ pub use alerts::Alerts;
 pub use jobs::Jobs;
 pub use leases::Leases;
 pub use log::EventLog;
-pub use projections::Projections;
+pub use projections::{Projections, UPSERT_CHUNK};
 pub use snapshot::AlertSnapshot;
 pub use tokens::Tokens;
 

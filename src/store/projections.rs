@@ -566,18 +566,35 @@ impl<'a> Upserts<'a> {
     }
 }
 
-/// Adds `rows` to `table`. A latency sketch cannot be added in SQL, so the
-/// stored sketches of the keys that carry latencies are read first (under
-/// the checkpoint's lock, which serialises this projection's writers) and
-/// merged here.
+/// Most rows one upsert statement (and its sketch read) carries. Bounds the
+/// bound-argument buffers (one 60,000-row statement encoded ~50 MiB of
+/// arguments) and keeps the sketch read a few thousand primary-key probes,
+/// which PostgreSQL plans as index lookups, not a hash of the whole table.
+pub const UPSERT_CHUNK: usize = 4_096;
+
+/// Adds `rows` to `table`, [`UPSERT_CHUNK`] rows per statement. A latency
+/// sketch cannot be added in SQL, so the stored sketches of the keys that
+/// carry latencies are read first (under the checkpoint's lock, which
+/// serialises this projection's writers) and merged here.
 async fn upsert_rows(tx: &mut Tx, spec: &Spec, table: &str, rows: &Rows) -> Result<(), StoreError> {
-    if rows.is_empty() {
-        return Ok(());
+    let all: Vec<(&RowKey, &Measures)> = rows.iter().collect();
+    for chunk in all.chunks(UPSERT_CHUNK) {
+        upsert_chunk(tx, spec, table, chunk).await?;
     }
+    Ok(())
+}
+
+/// One statement's share of [`upsert_rows`]; the keys are distinct.
+async fn upsert_chunk<'a>(
+    tx: &mut Tx,
+    spec: &Spec,
+    table: &str,
+    rows: &[(&'a RowKey, &'a Measures)],
+) -> Result<(), StoreError> {
     let keys: Vec<&RowKey> = rows
         .iter()
         .filter(|(_, m)| m.latency_count > 0)
-        .map(|(k, _)| k)
+        .map(|(k, _)| *k)
         .collect();
     let target = Target { spec, table };
     let mut existing = HashMap::new();
@@ -612,7 +629,7 @@ async fn upsert_rows(tx: &mut Tx, spec: &Spec, table: &str, rows: &Rows) -> Resu
         }
     }
     let rows = Upserts {
-        rows: rows.iter().collect(),
+        rows: rows.to_vec(),
         existing,
     };
     match tx {

@@ -413,6 +413,45 @@ async fn rebuild_during_live_ingest_never_shows_an_empty_table(s: &TestStore) {
     );
 }
 
+// ------------------------------------------------------- large applies ----
+
+/// More rows in one apply than one upsert statement carries: every chunk is
+/// written, and the second fold merges latency sketches into rows that
+/// earlier chunks created.
+async fn an_apply_larger_than_one_statement_writes_every_chunk(s: &TestStore) {
+    let spec = Spec::parse(
+        "name = \"wide\"\ndimensions = [\"key\"]\ngranularities = [\"hour\", \"day\"]\ntimezone = \"UTC\"\n",
+        None,
+    )
+    .expect("spec");
+    let keys = 3 * tally::store::UPSERT_CHUNK + 17;
+    let with_keys = |prefix: &str, seed: u64| {
+        let mut events = seeded_events(prefix, keys, seed);
+        for (i, e) in events.iter_mut().enumerate() {
+            e.key = Some(format!("k{i}"));
+        }
+        events
+    };
+    let mut all = with_keys("wide-a", 21);
+    append_all(&s.store, &all, 5000).await;
+    let mut p = projector(&s.store, &spec).await;
+    let step = p.step(1_000_000).await.expect("step");
+    // A transaction open elsewhere in the cluster may hold events back
+    // (see `fold_all`); a step that folded them all wrote several chunks.
+    assert!(
+        step.folded < keys || step.rows > 2 * tally::store::UPSERT_CHUNK,
+        "{} events folded into {} rows",
+        step.folded,
+        step.rows
+    );
+    fold_all(&mut p, &s.store, 1_000_000).await;
+    let again = with_keys("wide-b", 22);
+    append_all(&s.store, &again, 5000).await;
+    all.extend(again);
+    fold_all(&mut p, &s.store, 1_000_000).await;
+    assert_matches_oracle(&s.store, &spec, &all).await;
+}
+
 // ------------------------------------------------------------ backfill ----
 
 async fn new_projection_backfills_a_100k_log_while_ingest_continues(s: &TestStore) {
@@ -442,6 +481,7 @@ async fn new_projection_backfills_a_100k_log_while_ingest_continues(s: &TestStor
 }
 
 both_backends!(
+    an_apply_larger_than_one_statement_writes_every_chunk,
     an_ingested_event_wakes_a_sleeping_projector,
     as_of_covers_every_committed_event,
     changed_spec_refuses_to_start_until_rebuilt,

@@ -309,6 +309,9 @@ enum BenchCommand {
     E2e(bench::e2e::E2eBench),
     /// Append path vs. the database's physical limit (COPY / bare multi-row INSERT).
     Append(AppendBench),
+    /// Every benchmark, then one table of each figure beside its goal
+    /// (`--quick`: about 10 minutes on 2 cores).
+    All(bench::all::AllBench),
 }
 
 /// Entry point of the binary.
@@ -349,6 +352,9 @@ pub async fn run() -> anyhow::Result<()> {
             }
             BenchCommand::Query(params) => {
                 bench::query(&params).await?;
+            }
+            BenchCommand::All(params) => {
+                bench::all::all(&params).await?;
             }
             BenchCommand::E2e(params) => {
                 bench::e2e::e2e(&params).await?;

@@ -73,6 +73,9 @@ pub struct EmitConfig {
     /// Realistic traffic: keys call one API with one or two models, users
     /// belong to keys, and events arrive in time order (see [`SynthConfig`]).
     pub realistic: bool,
+    /// Realistic timestamps spread over this span ending now, instead of the
+    /// time the run takes at its rate (`bench e2e`'s 30-day live shape).
+    pub span: Option<Duration>,
 }
 
 impl Default for EmitConfig {
@@ -95,6 +98,7 @@ impl Default for EmitConfig {
             window: 2048,
             progress: false,
             realistic: false,
+            span: None,
         }
     }
 }
@@ -231,8 +235,9 @@ pub async fn emit(js: &Context, cfg: &EmitConfig) -> Result<(EmitSummary, Expect
                 correlated: cfg.realistic,
                 arrival_order: cfg.realistic.then_some(cfg.count),
                 // Realistic timestamps span the time the run takes at its rate.
-                span: match (cfg.realistic, cfg.rate) {
-                    (true, Some(rate)) if rate > 0.0 => {
+                span: match (cfg.span, cfg.realistic, cfg.rate) {
+                    (Some(span), _, _) => span,
+                    (None, true, Some(rate)) if rate > 0.0 => {
                         Duration::from_secs_f64((cfg.count as f64 / rate).max(1.0))
                     }
                     _ => SynthConfig::default().span,

@@ -88,6 +88,17 @@ pub(super) fn rules(n: usize, apis: &[String]) -> Result<Vec<RuleSpec>, BenchErr
         .collect()
 }
 
+/// Alerts a probe on `api` raises: one per tokens rule scoped to that api.
+pub(super) fn alerts_per_probe(rules: &[RuleSpec], api: &str) -> usize {
+    rules
+        .iter()
+        .filter(|r| r.measure == tally::alert::rule::Measure::Tokens)
+        .filter(|r| {
+            matches!(r.scope.get("api"), Some(tally::alert::rule::ScopeValue::One(a)) if a == api)
+        })
+        .count()
+}
+
 /// Runs the benchmark and prints figures and ratios.
 pub async fn alerts(params: &AlertsBench) -> Result<AlertsResult, BenchError> {
     let specs = super::load_specs(&params.projections_dir)?;
@@ -238,13 +249,7 @@ pub async fn alerts(params: &AlertsBench) -> Result<AlertsResult, BenchError> {
             tokio::spawn(async move { crate::dev::emit::emit(&js, &cfg).await })
         };
         // Rules a probe on apis[0] crosses: tokens rules on that api.
-        let per_probe = installed
-            .iter()
-            .filter(|r| r.measure == tally::alert::rule::Measure::Tokens)
-            .filter(|r| {
-                matches!(r.scope.get("api"), Some(tally::alert::rule::ScopeValue::One(a)) if *a == apis[0])
-            })
-            .count();
+        let per_probe = alerts_per_probe(&installed, &apis[0]);
         let mut latencies = Vec::new();
         let mut folded = Vec::new();
         let probe = super::project::Probe::connect(&with_db).await?;
@@ -267,7 +272,9 @@ pub async fn alerts(params: &AlertsBench) -> Result<AlertsResult, BenchError> {
                         return Ok::<_, BenchError>(started.elapsed());
                     }
                     if started.elapsed() > Duration::from_secs(30) {
-                        return Err(BenchError::Check(format!("probe {key} not folded after 30s")));
+                        return Err(BenchError::Check(format!(
+                            "probe {key} not folded after 30s"
+                        )));
                     }
                     tokio::time::sleep(Duration::from_millis(5)).await;
                 }
@@ -280,7 +287,10 @@ pub async fn alerts(params: &AlertsBench) -> Result<AlertsResult, BenchError> {
                         .ok_or_else(|| BenchError::Check("alert subscription closed".into()))?;
                     let body: serde_json::Value = serde_json::from_slice(&next.payload)
                         .map_err(|e| BenchError::Check(format!("alert body: {e}")))?;
-                    let k = body["group"]["key"].as_str().unwrap_or_default().to_string();
+                    let k = body["group"]["key"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_string();
                     *received.entry(k.clone()).or_default() += 1;
                     if k == key {
                         return Ok::<_, BenchError>(started.elapsed());
@@ -304,7 +314,10 @@ pub async fn alerts(params: &AlertsBench) -> Result<AlertsResult, BenchError> {
         .await
         {
             if let Ok(body) = serde_json::from_slice::<serde_json::Value>(&m.payload) {
-                let k = body["group"]["key"].as_str().unwrap_or_default().to_string();
+                let k = body["group"]["key"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string();
                 *received.entry(k).or_default() += 1;
             }
         }

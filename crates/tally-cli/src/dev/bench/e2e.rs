@@ -9,10 +9,13 @@
 //!     message) and every projection's checkpoint reaches the end of the log:
 //!     end-to-end events/s as a ratio of (a), and the serve process's peak RSS.
 //!
+//! (c) on the same process, the highest live rate at which freshness and
+//!     alert latency both meet their goals (see [`super::sustained`]);
+//! (d) the five canonical queries of `bench query`, timed during (c).
+//!
 //! Both data shapes run by default: events within the last hour, and events
-//! spread over 30 days arriving in time order with 1% up to an hour late.
-//! The sustained-rate search and queries under load (issue 19, (c) and (d))
-//! are not built yet.
+//! spread over 30 days arriving in time order with 1% up to an hour late
+//! (the live load of (c) has the same shape).
 
 use std::time::{Duration, Instant};
 
@@ -48,6 +51,15 @@ pub struct E2eBench {
     /// Projection specs.
     #[arg(long, env = "TALLY_PROJECTIONS_DIR", default_value = "projections")]
     pub projections_dir: std::path::PathBuf,
+    /// (c) steps of the sustained-rate search (0: skip (c) and (d)).
+    #[arg(long, default_value_t = 5)]
+    pub steps: usize,
+    /// (c) seconds of live load per step.
+    #[arg(long, default_value_t = 60)]
+    pub step_seconds: u64,
+    /// (c) the first step's rate, as a share of (a)'s append rate.
+    #[arg(long, default_value_t = 0.3)]
+    pub start_share: f64,
 }
 
 /// How the events' timestamps are spread.
@@ -64,6 +76,13 @@ impl Shape {
         match self {
             Shape::Recent => Duration::from_secs(3600),
             Shape::Spread => Duration::from_secs(30 * 86_400),
+        }
+    }
+
+    fn label(self) -> &'static str {
+        match self {
+            Shape::Recent => "recent",
+            Shape::Spread => "30d",
         }
     }
 
@@ -88,6 +107,8 @@ pub struct E2eResult {
     pub drain_rate: f64,
     /// (b) peak RSS of `tally serve`, MiB.
     pub drain_rss_mib: f64,
+    /// (c) and (d): the sustained-rate search, when run.
+    pub sustained: Option<super::sustained::Search>,
 }
 
 /// Runs every shape and prints the figures with their goals.
@@ -95,7 +116,7 @@ pub async fn e2e(params: &E2eBench) -> Result<Vec<E2eResult>, BenchError> {
     let specs = super::load_specs(&params.projections_dir)?;
     let tmp = tempfile_dir()?;
     let dbs = Databases::start(params.backend, &tmp)?;
-    let (drain_goal, _sustained_goal) = match params.backend {
+    let (drain_goal, sustained_goal) = match params.backend {
         Backend::Postgres => (0.7, 0.5),
         Backend::Sqlite => (0.5, 0.3),
     };
@@ -157,6 +178,8 @@ pub async fn e2e(params: &E2eBench) -> Result<Vec<E2eResult>, BenchError> {
             published, params.per_message
         );
         let started = Instant::now();
+        let port = crate::dev::devserver::free_port()?;
+        let http = format!("http://127.0.0.1:{port}");
         let env = vec![
             (
                 "TALLY_PROJECTIONS_DIR",
@@ -166,64 +189,157 @@ pub async fn e2e(params: &E2eBench) -> Result<Vec<E2eResult>, BenchError> {
                 "TALLY_LOG",
                 std::env::var("TALLY_BENCH_CHILD_LOG").unwrap_or_else(|_| "warn".into()),
             ),
+            ("TALLY_HTTP_ADDR", format!("127.0.0.1:{port}")),
         ];
         let mut tally =
             spawn_tally_with(&url, &nats.url(), &tmp.join(format!("serve{i}.log")), &env)?;
-        wait_drained(&js, &mut tally, Duration::from_secs(3600)).await?;
-        let drained = started.elapsed();
-        let store = tally::store::connect(&url, &StoreOptions::default()).await?;
-        wait_folded(&store, &mut tally, events.len(), Duration::from_secs(3600)).await?;
-        let folded = started.elapsed();
-        let drain_rss_mib = peak_rss_mib(&tally);
+        // The child is stopped whatever happens below.
+        let measured = async {
+            wait_drained(&js, &mut tally, Duration::from_secs(3600)).await?;
+            let drained = started.elapsed();
+            let store = tally::store::connect(&url, &StoreOptions::default()).await?;
+            wait_folded(&store, &mut tally, events.len(), Duration::from_secs(3600)).await?;
+            let folded = started.elapsed();
+            let drain_rss_mib = peak_rss_mib(&tally);
+            super::project::check_totals(&store, specs.iter().map(|s| &**s), events.len())
+                .await?;
+            store.close().await;
+            let drain_rate = rate(folded);
+            println!(
+                "(b) serve: drained in {:.1}s, every projection folded in {:.1}s: {drain_rate:>9.0} ev/s   ratio to append {:.2} (goal ≥ {drain_goal})   to bulk load {:.2}   peak RSS {drain_rss_mib:.0} MiB (goal ≤ 150)",
+                drained.as_secs_f64(),
+                folded.as_secs_f64(),
+                drain_rate / append_rate,
+                drain_rate / bulk_rate,
+            );
+            // (c) and (d) on the same process, now holding the 1M events.
+            let sustained = if params.steps == 0 {
+                None
+            } else {
+                println!(
+                    "(c) sustained-rate search: {} s per step, probes for freshness (goal p99 ≤ {} ms) and alerts (goal p99 ≤ {} ms); (d) the five canonical queries timed meanwhile",
+                    params.step_seconds,
+                    super::sustained::FRESHNESS_P99_MS,
+                    super::sustained::ALERT_P99_MS
+                );
+                let mut target = super::sustained::Target {
+                    js: &js,
+                    client: &client,
+                    db_url: &url,
+                    http: &http,
+                    probe_api: &apis[0],
+                    per_probe: super::alerts::alerts_per_probe(
+                        &super::alerts::rules(params.rules, &apis)?,
+                        &apis[0],
+                    ),
+                    serve: &mut tally,
+                };
+                let load = super::sustained::Load {
+                    seconds: params.step_seconds,
+                    per_message: params.per_message,
+                    span: (shape == Shape::Spread).then(|| shape.span()),
+                    seed: 100 + 10 * i as u64,
+                };
+                let search = super::sustained::search(
+                    &mut target,
+                    load,
+                    append_rate * params.start_share,
+                    params.steps,
+                )
+                .await?;
+                match search.best() {
+                    Some(best) => println!(
+                        "(c) highest sustained rate with both goals: {:.0} ev/s   ratio to append {:.2} (goal ≥ {sustained_goal})",
+                        best.published,
+                        best.published / append_rate
+                    ),
+                    None => println!(
+                        "(c) no step met both latency goals (lowest rate tried {:.0} ev/s)",
+                        search.steps.iter().map(|s| s.asked).fold(f64::MAX, f64::min)
+                    ),
+                }
+                Some(search)
+            };
+            Ok::<_, BenchError>((drain_rate, drain_rss_mib, sustained))
+        }
+        .await;
         stop(tally);
-        super::project::check_totals(&store, specs.iter().map(|s| &**s), events.len()).await?;
-        store.close().await;
+        let (drain_rate, drain_rss_mib, sustained) = measured?;
         drop(js);
         let _ = client.drain().await;
         drop(nats);
-        let drain_rate = rate(folded);
-        println!(
-            "(b) serve: drained in {:.1}s, every projection folded in {:.1}s: {drain_rate:>9.0} ev/s   ratio to append {:.2} (goal ≥ {drain_goal})   to bulk load {:.2}   peak RSS {drain_rss_mib:.0} MiB (goal ≤ 150)",
-            drained.as_secs_f64(),
-            folded.as_secs_f64(),
-            drain_rate / append_rate,
-            drain_rate / bulk_rate,
-        );
         out.push(E2eResult {
             shape,
             append_rate,
             bulk_rate,
             drain_rate,
             drain_rss_mib,
+            sustained,
         });
     }
-    println!("\nshape                      append ev/s  bulk ev/s  e2e drain ev/s  drain/append  goal   peak RSS MiB  goal");
-    for r in &out {
-        println!(
-            "{:<26} {:>11.0} {:>10.0} {:>15.0} {:>13.2}  {:<5} {:>13.0}  {}",
-            r.shape.name(),
-            r.append_rate,
-            r.bulk_rate,
-            r.drain_rate,
-            r.drain_rate / r.append_rate,
-            if r.drain_rate / r.append_rate >= drain_goal {
-                "met"
-            } else {
-                "MISS"
-            },
-            r.drain_rss_mib,
-            if r.drain_rss_mib <= 150.0 {
-                "met"
-            } else {
-                "MISS"
-            },
-        );
-    }
+    println!();
+    super::print_goals(&goals(params.backend, &out));
     if std::env::var_os("TALLY_BENCH_KEEP").is_none() {
         drop(dbs);
         let _ = std::fs::remove_dir_all(&tmp);
     }
     Ok(out)
+}
+
+/// Every figure of the run beside its goal (issue 19).
+pub fn goals(backend: Backend, results: &[E2eResult]) -> Vec<super::Goal> {
+    let (drain_goal, sustained_goal) = match backend {
+        Backend::Postgres => (0.7, 0.5),
+        Backend::Sqlite => (0.5, 0.3),
+    };
+    let mut out = Vec::new();
+    for r in results {
+        let what = |s: &str| format!("e2e {} {}: {s}", backend.name(), r.shape.label());
+        out.push(super::Goal::at_least(
+            what("backlog drain / store append"),
+            r.drain_rate / r.append_rate,
+            drain_goal,
+            format!("{:.0} / {:.0} ev/s", r.drain_rate, r.append_rate),
+        ));
+        let mut rss = r.drain_rss_mib;
+        if let Some(search) = &r.sustained {
+            rss = rss.max(search.peak_rss());
+            match search.best() {
+                Some(best) => {
+                    out.push(super::Goal::at_least(
+                        what("sustained rate / store append"),
+                        best.published / r.append_rate,
+                        sustained_goal,
+                        format!(
+                            "{:.0} ev/s; freshness p99 {:.0} ms, alert p99 {:.0} ms",
+                            best.published, best.fresh_ms.1, best.alert_ms.1
+                        ),
+                    ));
+                    for (name, _, p99) in &best.queries {
+                        out.push(super::Goal::at_most(
+                            what(&format!("query under load, p99 ms: {name}")),
+                            *p99,
+                            5.0,
+                            String::new(),
+                        ));
+                    }
+                }
+                None => out.push(super::Goal::at_least(
+                    what("sustained rate / store append"),
+                    0.0,
+                    sustained_goal,
+                    "no step met the latency goals".into(),
+                )),
+            }
+        }
+        out.push(super::Goal::at_most(
+            what("serve peak RSS, MiB (every phase)"),
+            rss,
+            150.0,
+            String::new(),
+        ));
+    }
+    out
 }
 
 /// Appends every event through the store, 1,000 per transaction.

@@ -5,10 +5,12 @@
 //! database, measured on the same rows right before.
 
 pub mod alerts;
+pub mod all;
 pub mod baseline;
 pub mod e2e;
 pub mod project;
 pub mod query;
+pub mod sustained;
 
 pub use project::{project, ProjectBench, ProjectResult};
 pub use query::{query, QueryBench, QueryFigures};
@@ -497,6 +499,68 @@ pub async fn ingest(params: &IngestBench) -> Result<IngestResult, BenchError> {
 }
 
 /// Nearest-rank quantile `q` of `sorted` (ascending, not empty).
+/// One benchmark figure beside its goal, for the summary tables.
+#[derive(Debug, Clone)]
+pub struct Goal {
+    /// What was measured.
+    pub what: String,
+    /// The figure.
+    pub value: f64,
+    /// The goal, as text (`≥ 0.7`).
+    pub goal: String,
+    /// Whether the figure meets it.
+    pub met: bool,
+    /// Context (absolute rates).
+    pub note: String,
+}
+
+impl Goal {
+    /// A figure that must be at least `goal`.
+    pub fn at_least(what: String, value: f64, goal: f64, note: String) -> Self {
+        Goal {
+            what,
+            value,
+            goal: format!("≥ {goal}"),
+            met: value >= goal,
+            note,
+        }
+    }
+
+    /// A figure that must be at most `goal`.
+    pub fn at_most(what: String, value: f64, goal: f64, note: String) -> Self {
+        Goal {
+            what,
+            value,
+            goal: format!("≤ {goal}"),
+            met: value <= goal,
+            note,
+        }
+    }
+}
+
+/// Prints figures and goals as one table.
+pub fn print_goals(goals: &[Goal]) {
+    let width = goals
+        .iter()
+        .map(|g| g.what.chars().count())
+        .max()
+        .unwrap_or(10);
+    println!(
+        "{:<width$}  {:>10}  {:<8}  {:<4}  note",
+        "figure", "value", "goal", ""
+    );
+    for g in goals {
+        println!(
+            "{:<width$}  {:>10.2}  {:<8}  {:<4}  {}",
+            g.what,
+            g.value,
+            g.goal,
+            if g.met { "met" } else { "MISS" },
+            g.note
+        );
+    }
+}
+
 pub(super) fn nearest_rank(sorted: &[f64], q: f64) -> f64 {
     let i = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len()) - 1;
     sorted[i]
@@ -626,7 +690,20 @@ fn spawn_tally_with(
     let out = std::fs::File::create(log)?;
     let err = out.try_clone()?;
     let port = crate::dev::devserver::free_port()?;
-    Ok(std::process::Command::new(std::env::current_exe()?)
+    // `TALLY_BENCH_WRAP="heaptrack -o /tmp/serve"` (or `perf record …`) runs
+    // serve under a profiler; VmHWM is then the profiler's, not serve's.
+    let exe = std::env::current_exe()?;
+    let wrap = std::env::var("TALLY_BENCH_WRAP").unwrap_or_default();
+    let mut words = wrap.split_whitespace();
+    let mut command = match words.next() {
+        Some(program) => {
+            let mut c = std::process::Command::new(program);
+            c.args(words).arg(exe);
+            c
+        }
+        None => std::process::Command::new(exe),
+    };
+    Ok(command
         .arg("serve")
         .env("TALLY_DATABASE_URL", db_url)
         .env("TALLY_NATS_URL", nats_url)

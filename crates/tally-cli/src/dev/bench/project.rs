@@ -337,7 +337,10 @@ async fn freshness(
 }
 
 /// Waits until every projection's checkpoint is at the end of the log; how long that took.
-async fn wait_projections_caught_up(url: &str, timeout: Duration) -> Result<Duration, BenchError> {
+pub(super) async fn wait_projections_caught_up(
+    url: &str,
+    timeout: Duration,
+) -> Result<Duration, BenchError> {
     let started = Instant::now();
     let store = tally::store::connect(url, &StoreOptions::default()).await?;
     loop {

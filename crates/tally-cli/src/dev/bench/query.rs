@@ -628,3 +628,12 @@ async fn run_queries(
     println!("check: every answer equals the GROUP BY's (counts, errors, cost, tokens exactly; p50/p95/p99 within {:.1}%)", RELATIVE_ERROR * 100.0);
     Ok(figures)
 }
+
+/// The five canonical questions as Tally request paths, for timing them
+/// while events arrive (`bench e2e`).
+pub(super) fn canonical_paths(end: DateTime<Utc>, key: &str) -> Vec<(&'static str, String)> {
+    canonical(end, key)
+        .into_iter()
+        .map(|q| (q.name, q.path))
+        .collect()
+}
