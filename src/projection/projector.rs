@@ -174,10 +174,10 @@ impl FoldSignal {
 }
 
 /// Events per log read.
-pub const READ_CHUNK: i64 = 10_000;
+pub const READ_CHUNK: i64 = 2_500;
 
 /// Most aggregate rows one transaction writes (bounds memory and transaction size).
-pub const MAX_DELTA_ROWS: usize = 60_000;
+pub const MAX_DELTA_ROWS: usize = 40_000;
 
 /// What one [`FoldGroup::step`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

@@ -567,10 +567,10 @@ impl<'a> Upserts<'a> {
 }
 
 /// Most rows one upsert statement (and its sketch read) carries. Bounds the
-/// bound-argument buffers (one 60,000-row statement encoded ~50 MiB of
-/// arguments) and keeps the sketch read a few thousand primary-key probes,
-/// which PostgreSQL plans as index lookups, not a hash of the whole table.
-pub const UPSERT_CHUNK: usize = 4_096;
+/// bound-argument buffers (60,000-row statements held ~54 MiB of encoded
+/// arguments) and keeps each sketch read to a few thousand keys (for 60,000
+/// PostgreSQL hashed the whole aggregate table).
+pub const UPSERT_CHUNK: usize = 2_048;
 
 /// Adds `rows` to `table`, [`UPSERT_CHUNK`] rows per statement. A latency
 /// sketch cannot be added in SQL, so the stored sketches of the keys that

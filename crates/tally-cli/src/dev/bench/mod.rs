@@ -777,8 +777,16 @@ fn peak_rss_mib(child: &std::process::Child) -> f64 {
 }
 
 fn stop(mut child: std::process::Child) {
+    let pid = child.id().to_string();
+    if std::env::var_os("TALLY_BENCH_WRAP").is_some() {
+        // Under a profiler the child is the wrapper: stop serve, its child,
+        // first (a wrapper need not pass the signal on).
+        let _ = std::process::Command::new("pkill")
+            .args(["-TERM", "-P", &pid])
+            .status();
+    }
     let _ = std::process::Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
+        .args(["-TERM", &pid])
         .status();
     let _ = child.wait();
 }
