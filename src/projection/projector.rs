@@ -176,7 +176,10 @@ impl FoldSignal {
 /// Events per log read.
 pub const READ_CHUNK: i64 = 2_500;
 
-/// Most aggregate rows one transaction writes (bounds memory and transaction size).
+/// Aggregate rows after which a transaction's delta stops growing (bounds
+/// memory and transaction size). Checked after each [`READ_CHUNK`], so a
+/// delta may pass it by one chunk's rows (~9 per event when every event
+/// opens rows of its own).
 pub const MAX_DELTA_ROWS: usize = 40_000;
 
 /// What one [`FoldGroup::step`] did.

@@ -535,9 +535,9 @@ pub(crate) struct Upsert<'a> {
     pub(crate) sketch: Option<Vec<u8>>,
 }
 
-/// The rows of one upsert and the stored sketches they merge with. Each
-/// row's values are computed as the dialect binds them, so a batch of 60,000
-/// rows is never held twice (once as values, once as bound columns).
+/// The rows of one upsert statement and the stored sketches they merge
+/// with. Each row's values are computed as the dialect binds them, so a
+/// chunk is never held twice (once as values, once as bound columns).
 pub(crate) struct Upserts<'a> {
     rows: Vec<(&'a RowKey, &'a Measures)>,
     existing: HashMap<RowKey, Sketch>,
