@@ -116,6 +116,15 @@ pub struct ServerConfig {
     #[arg(long, env = "TALLY_INSECURE_NO_AUTH")]
     pub insecure_no_auth: bool,
 
+    /// The dashboard at `/` and `/dashboard/…` (`on` or `off`).
+    #[arg(long, env = "TALLY_DASHBOARD", value_enum, default_value = "on")]
+    pub dashboard: Switch,
+
+    /// How often the dashboard refreshes by default (the page can change or
+    /// pause it); at least 1s.
+    #[arg(long, env = "TALLY_DASHBOARD_REFRESH", default_value = "10s", value_parser = crate::duration::parse)]
+    pub dashboard_refresh: Duration,
+
     /// NATS JetStream ingest (off unless `TALLY_NATS_URL` is set).
     #[command(flatten)]
     pub nats: NatsConfig,
@@ -147,6 +156,15 @@ impl ServerConfig {
             max_events: self.max_batch_events,
         }
     }
+}
+
+/// A feature turned `on` or `off`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Switch {
+    /// Enabled.
+    On,
+    /// Disabled.
+    Off,
 }
 
 /// Projection specs and projector tasks (`serve`, `projections …`).

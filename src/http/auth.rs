@@ -11,10 +11,15 @@ use axum::response::{IntoResponse, Response};
 use super::error::ApiError;
 use crate::auth::{Auth, Refusal, Scope};
 
-/// The scope a request needs; `None` for the probes and the API description.
+/// The scope a request needs; `None` for the probes, the API description and
+/// the dashboard's static files.
 pub fn required_scope(method: &Method, path: &str) -> Option<Scope> {
     match path {
         "/healthz" | "/readyz" | "/openapi.json" => None,
+        // The dashboard's static page and assets: the page asks for a token
+        // and sends it with every API call it makes.
+        "/" | "/dashboard" => None,
+        _ if path.starts_with("/dashboard/") => None,
         "/v1/events" if method == Method::POST => Some(Scope::Ingest),
         _ if method == Method::GET || method == Method::HEAD => Some(Scope::Read),
         _ => Some(Scope::Admin),

@@ -9,6 +9,7 @@
 pub mod alerts;
 pub mod auth;
 pub mod body;
+pub mod dashboard;
 pub mod error;
 pub mod ingest;
 pub mod openapi;
@@ -57,7 +58,10 @@ pub(crate) fn routes() -> OpenApiRouter<AppState> {
 
 /// All routes. Tests call this with `tower::ServiceExt::oneshot` or serve it on port 0.
 pub fn router(state: AppState) -> Router {
-    let (routes, _) = routes().split_for_parts();
+    let (mut routes, _) = routes().split_for_parts();
+    if let Some(refresh) = state.dashboard {
+        routes = routes.merge(dashboard::routes(refresh));
+    }
     routes
         // The ingest handler enforces its own limit with a message that names it.
         .layer(DefaultBodyLimit::disable())

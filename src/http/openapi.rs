@@ -386,7 +386,7 @@ impl IntoParams for StatsParams {
                 string().enum_values(Some(Granularity::ALL.map(Granularity::as_str))),
             ),
             group_by,
-            tz("IANA timezone of hour/day/month buckets; a loaded projection must use it. Default UTC."),
+            tz("IANA timezone of hour/day/month buckets. Default UTC. A projection kept in another zone answers when its buckets tile these exactly (a UTC hour table serves every whole-hour zone; a minute table, within its retention, serves the others); otherwise 400 `no_projection`."),
             order_by("Rank groups by this total (descending; ties by group values). With `limit`: top-N groups."),
             query(
                 "limit",
@@ -397,6 +397,11 @@ impl IntoParams for StatsParams {
                 "fill",
                 "`zero`: include empty buckets as zeros for every group.",
                 string().enum_values(Some(["zero", "none"])),
+            ),
+            query(
+                "series",
+                "`false`: answer the totals only (`series` is then empty and the point limit applies to the groups). Default `true`.",
+                string().enum_values(Some(["true", "false"])),
             ),
         ];
         out.extend(filters(None));

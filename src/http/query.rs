@@ -38,7 +38,7 @@ fn pairs(q: Pairs) -> Result<Vec<(String, String)>, ApiError> {
 #[utoipa::path(
     get, path = "/v1/stats", tag = "query",
     summary = "Aggregated time series per group, with totals",
-    description = "Answered from the narrowest projection that covers group_by and the filters at the granularity and timezone. Buckets are atomic: every bucket overlapping [from, to) is counted in full; `covered` says which range that is. At most 10,000 buckets per answer.",
+    description = "Answered from the narrowest projection that covers group_by and the filters at the granularity and timezone (or from a finer table whose buckets tile them, re-bucketed). Buckets are atomic: every bucket overlapping [from, to) is counted in full; `covered` says which range that is. At most 10,000 buckets per answer.",
     params(StatsParams),
     responses(
         (status = 200, description = "Series and totals", body = StatsResponse),

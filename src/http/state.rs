@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::auth::Auth;
-use crate::config::ServerConfig;
+use crate::config::{ServerConfig, Switch};
 use crate::health::Health;
 use crate::ingest::Intake;
 use crate::projection::projector::FoldSignal;
@@ -31,6 +31,8 @@ pub struct AppState {
     pub signal: Arc<FoldSignal>,
     /// The API token check.
     pub auth: Arc<Auth>,
+    /// The dashboard's default refresh; `None`: the dashboard is off.
+    pub dashboard: Option<Duration>,
 }
 
 impl AppState {
@@ -49,6 +51,7 @@ impl AppState {
                 config.http_addr,
                 config.insecure_no_auth,
             )),
+            dashboard: (config.dashboard == Switch::On).then_some(config.dashboard_refresh),
         }
     }
 }

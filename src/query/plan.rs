@@ -94,6 +94,49 @@ pub fn ceil(t: DateTime<Utc>, g: Granularity, tz: Tz) -> DateTime<Utc> {
     }
 }
 
+/// When no projection keeps `g` in the asked timezone: the coarsest finer
+/// table whose buckets tile the asked buckets exactly (every one of `edges`,
+/// the bucket starts and the end, is also a bucket start there), for example
+/// a UTC hour table for Berlin hours, days and months. The caller re-buckets
+/// its rows; sums and latency sketches merge exactly, so the answer equals
+/// one from a table kept in that timezone. A minute table serves only when
+/// its retention at `now` still holds the first edge.
+pub fn finer_source(
+    catalog: &Catalog,
+    stats: &TableStats,
+    g: Granularity,
+    needed: &[Dimension],
+    edges: &[DateTime<Utc>],
+    now: DateTime<Utc>,
+) -> Option<(Arc<Spec>, Granularity)> {
+    let mut zones: Vec<Tz> = Vec::new();
+    for s in catalog.specs.iter() {
+        if !zones.contains(&s.timezone) {
+            zones.push(s.timezone);
+        }
+    }
+    let first = *edges.first()?;
+    for fine in Granularity::ALL.into_iter().rev().filter(|f| *f < g) {
+        for &zone in &zones {
+            if !edges.iter().all(|&b| bucket_start(b, fine, zone) == b) {
+                continue;
+            }
+            let Some(spec) = find(catalog, stats, fine, zone, needed) else {
+                continue;
+            };
+            let kept = spec
+                .retention
+                .get(&fine)
+                .and_then(|r| chrono::Duration::from_std(*r).ok())
+                .is_none_or(|r| now - r <= first);
+            if kept {
+                return Some((spec, fine));
+            }
+        }
+    }
+    None
+}
+
 /// Every bucket start in `[from, to)`, from the bucket that holds `from`; an
 /// error when there are more than `max`.
 pub fn buckets(

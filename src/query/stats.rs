@@ -8,15 +8,15 @@ use serde::Serialize;
 
 use super::output::{rfc3339, rfc3339_opt, Covered, Group, MeasuresOut, Point, Total};
 use super::params::{parse_granularity, range, OrderBy, Params};
-use super::plan::{buckets, choose};
+use super::plan::{buckets, choose, finer_source};
 use super::{Catalog, QueryError, MAX_POINTS, MAX_ROWS};
-use crate::aggregate::bucket::next_bucket;
+use crate::aggregate::bucket::{bucket_start, next_bucket};
 use crate::aggregate::spec::{Dimension, Granularity};
 use crate::aggregate::Measures;
 use crate::store::{AggQuery, AggRow, Store, Top};
 
 /// The parameters `/v1/stats` accepts (for messages).
-pub const PARAMETERS: &str = "from, to, granularity, group_by, tz, order_by, limit, fill, and the filters api, endpoint, method, key, user, model, status, error_type, cached";
+pub const PARAMETERS: &str = "from, to, granularity, group_by, tz, order_by, limit, fill, series, and the filters api, endpoint, method, key, user, model, status, error_type, cached";
 
 /// A parsed `/v1/stats` request.
 #[derive(Debug, Clone)]
@@ -39,6 +39,8 @@ pub struct StatsRequest {
     pub limit: Option<usize>,
     /// Include empty buckets as zeros.
     pub fill_zero: bool,
+    /// Answer the series (`false`: totals only, which a page of tables needs).
+    pub series: bool,
 }
 
 impl StatsRequest {
@@ -80,6 +82,18 @@ impl StatsRequest {
                 ))
             }
         };
+        let series = match p.take_one("series")?.as_deref() {
+            None | Some("true") => true,
+            Some("false") => false,
+            Some(v) => {
+                return Err(QueryError::bad(
+                    "invalid_parameter",
+                    format!(
+                        "`series` must be `true` (default) or `false` (totals only), got `{v}`"
+                    ),
+                ))
+            }
+        };
         let filters = p.filters()?;
         p.finish(PARAMETERS)?;
         Ok(Self {
@@ -92,6 +106,7 @@ impl StatsRequest {
             order_by,
             limit,
             fill_zero,
+            series,
         })
     }
 }
@@ -149,11 +164,26 @@ pub async fn run(
     let mut needed = req.group_by.clone();
     needed.extend(req.filters.iter().map(|(d, _)| *d));
     let sizes = catalog.sizes(store).await;
-    let spec = choose(catalog, &sizes, req.granularity, req.tz, &needed)?;
-    let tz = if req.granularity == Granularity::Minute {
-        req.tz
-    } else {
-        spec.timezone
+    // `source`: the granularity of the table read; finer than asked when the
+    // asked timezone is answered by re-bucketing (see `finer_source`).
+    let (spec, source, tz) = match choose(catalog, &sizes, req.granularity, req.tz, &needed) {
+        Ok(spec) if req.granularity == Granularity::Minute => (spec, req.granularity, req.tz),
+        Ok(spec) => {
+            let tz = spec.timezone;
+            (spec, req.granularity, tz)
+        }
+        Err(none) => {
+            let starts = buckets(req.from, req.to, req.granularity, req.tz, MAX_POINTS)?;
+            let mut edges = starts.clone();
+            if let Some(l) = starts.last() {
+                edges.push(next_bucket(*l, req.granularity, req.tz));
+            }
+            let now = Utc::now();
+            match finer_source(catalog, &sizes, req.granularity, &needed, &edges, now) {
+                Some((spec, source)) => (spec, source, req.tz),
+                None => return Err(none),
+            }
+        }
     };
     let starts = buckets(req.from, req.to, req.granularity, tz, MAX_POINTS)?;
     let (first, last) = match (starts.first(), starts.last()) {
@@ -167,7 +197,7 @@ pub async fn run(
     };
     let base = AggQuery {
         spec: &spec,
-        granularity: req.granularity,
+        granularity: source,
         from: first,
         to: last,
         filters: &req.filters,
@@ -254,6 +284,10 @@ pub async fn run(
     let mut cells: BTreeMap<(DateTime<Utc>, Group), Measures> = BTreeMap::new();
     for row in rows {
         let (bucket, group, m) = group_of(&req.group_by, row);
+        let bucket = match source == req.granularity {
+            true => bucket,
+            false => bucket_start(bucket, req.granularity, tz),
+        };
         if chosen.as_ref().is_some_and(|c| !c.contains(&group)) {
             continue;
         }
@@ -278,7 +312,9 @@ pub async fn run(
         (None, Some(order)) => rank(&mut totals, order),
         (None, None) => totals.sort_by(|a, b| a.0.cmp(&b.0)),
     }
-    let points = if req.fill_zero {
+    let points = if !req.series {
+        totals.len()
+    } else if req.fill_zero {
         starts.len().saturating_mul(totals.len())
     } else {
         cells.len()
@@ -298,7 +334,7 @@ pub async fn run(
         .collect();
     let mut series = Vec::with_capacity(points);
     let empty = Measures::default();
-    for &b in &starts {
+    for &b in starts.iter().filter(|_| req.series) {
         let mut at: Vec<(usize, &Group, &Measures)> = if req.fill_zero {
             totals
                 .iter()

@@ -790,6 +790,7 @@ async fn the_openapi_document_lists_every_route() {
         "order_by",
         "limit",
         "fill",
+        "series",
         "api",
         "key",
         "model",

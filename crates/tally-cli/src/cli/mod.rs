@@ -417,6 +417,9 @@ async fn demo(db: &DatabaseConfig, mut args: DemoArgs) -> anyhow::Result<()> {
         shutdown.cancel();
     } else {
         println!("\nTally keeps running at {base} — try:");
+        if args.server.dashboard == tally::config::Switch::On {
+            println!("  Dashboard: {base}/ (open it in a browser)");
+        }
         println!("  curl -s {base}/readyz");
         println!("  curl -s -X POST {base}/v1/events -H 'content-type: application/json' \\");
         println!("       -d '{{\"id\":\"my-first\",\"ts\":\"{}\",\"api\":\"openai\",\"tokens_in\":10,\"cost\":\"0.0001\"}}'", chrono::Utc::now().format("%Y-%m-%dT%H:%M:%SZ"));
