@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs Tally's whole test suite on a fresh machine: installs what the tests need
-# (PostgreSQL server binaries, nats-server), then `cargo test`.
+# (PostgreSQL server binaries, nats-server, schemathesis, Chromium and
+# playwright-core), then `cargo test`, the contract test and the browser tests.
 # The tests start their own servers (temp dirs, free ports) and stop them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -49,6 +50,24 @@ if ! command -v schemathesis >/dev/null 2>&1; then
   echo "error: schemathesis could not be installed (python3 -m pip install schemathesis==4.32.5); the contract test needs it" >&2
   exit 1
 fi
+# Chromium (Debian's) and playwright-core: the dashboard's browser tests.
+if [ ! -x /usr/bin/chromium ]; then
+  echo "==> installing Chromium (Debian package chromium)"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium >/dev/null
+fi
+if [ ! -x /usr/bin/chromium ]; then
+  echo "error: /usr/bin/chromium is missing and could not be installed (apt-get install chromium); the dashboard tests need it" >&2
+  exit 1
+fi
+if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
+  echo "==> installing Node.js (Debian packages nodejs npm)"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq nodejs npm >/dev/null
+fi
+echo "==> playwright-core for the dashboard tests (npm ci in tests/dashboard)"
+npm ci --prefix tests/dashboard --no-audit --no-fund --loglevel=error
+echo "==> $(/usr/bin/chromium --version 2>/dev/null || echo chromium)"
 echo "==> $(nats-server --version)"
 echo "==> $(ls /usr/lib/postgresql/*/bin/postgres 2>/dev/null | tail -1 || command -v postgres)"
 
@@ -57,3 +76,6 @@ export RUST_BACKTRACE="${RUST_BACKTRACE:-1}"
 cargo test --locked "$@"
 # The contract test drives the binary the integration tests built.
 ./scripts/contract.sh target/debug/tally
+# The dashboard in headless Chromium against a real `tally serve`.
+echo "==> dashboard browser tests (tests/dashboard)"
+TALLY_BIN="$PWD/target/debug/tally" node --test --test-concurrency=1 tests/dashboard/dashboard.test.mjs

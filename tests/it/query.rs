@@ -475,6 +475,49 @@ async fn stats_match_the_oracle(backend: Backend) {
         "ny",
     )
     .await;
+    // A zone no projection is kept in, answered from a finer table whose
+    // buckets tile its buckets: Paris days and months from UTC hours,
+    // Kolkata hours (+5:30) from minutes. Same numbers as the oracle's.
+    let paris: Tz = "Europe/Paris".parse().expect("tz");
+    let kolkata: Tz = "Asia/Kolkata".parse().expect("tz");
+    check_stats(
+        &f,
+        Granularity::Day,
+        paris,
+        ("2026-11-22T23:00:00Z", "2026-11-25T23:00:00Z"),
+        &["api", "endpoint"],
+        &[],
+        "by_api",
+    )
+    .await;
+    check_stats(
+        &f,
+        Granularity::Month,
+        paris,
+        ("2026-09-30T22:00:00Z", "2026-12-31T23:00:00Z"),
+        &["endpoint"],
+        &[],
+        "by_api",
+    )
+    .await;
+    let body = check_stats(
+        &f,
+        Granularity::Hour,
+        kolkata,
+        ("2026-11-24T06:30:00Z", "2026-11-24T12:30:00Z"),
+        &["key"],
+        &[("api", &["openai"])],
+        "keys_minute",
+    )
+    .await;
+    assert_eq!(body["covered"]["from"], "2026-11-24T06:30:00Z");
+    // series=false: the same totals, no series.
+    let both = get_ok(&f.server, "/v1/stats?from=2026-11-24T06:00:00Z&to=2026-11-24T14:00:00Z&granularity=hour&group_by=model").await;
+    let totals_only = get_ok(&f.server, "/v1/stats?from=2026-11-24T06:00:00Z&to=2026-11-24T14:00:00Z&granularity=hour&group_by=model&series=false").await;
+    assert!(!both["series"].as_array().expect("series").is_empty());
+    assert_eq!(totals_only["series"], serde_json::json!([]));
+    assert_eq!(totals_only["totals"], both["totals"]);
+
     // Empty: no events in 2025.
     let body = check_stats(
         &f,
@@ -656,7 +699,10 @@ async fn bad_query_parameters_get_a_400_that_says_what_to_fix() {
         ("/v1/stats?from=2000-01-01T00:00:00Z&to=2026-01-01T00:00:00Z&granularity=month", "range_too_long", "10 years"),
         ("/v1/stats?from=2026-11-01T00:00:00Z&to=2026-11-30T00:00:00Z&granularity=hour&group_by=api,key,model&fill=zero", "too_many_points", "10000"),
         ("/v1/stats?group_by=user", "no_projection", "add a file to projections/"),
-        ("/v1/stats?granularity=day&tz=Europe/Paris", "no_projection", "Europe/Paris"),
+        // Kolkata hours start at :30 UTC: no hour table tiles them, and the
+        // minute table lacks `endpoint`.
+        ("/v1/stats?granularity=day&tz=Asia/Kolkata&group_by=endpoint", "no_projection", "Asia/Kolkata"),
+        ("/v1/stats?series=maybe", "invalid_parameter", "totals only"),
         ("/v1/stats?tz=Mars/Olympus", "invalid_tz", "IANA"),
         ("/v1/stats?order_by=vibes&limit=3&group_by=api", "invalid_order_by", "cost"),
         ("/v1/stats?limit=0&group_by=api", "invalid_parameter", "limit"),
