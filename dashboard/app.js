@@ -31,6 +31,8 @@ function readState() {
     q: q.get('q') || '',
     sortApi: q.get('sort_api') || '',
     sortModel: q.get('sort_model') || '',
+    // Overview filters (repeatable: "any of"), passed to every query as is.
+    filters: { api: q.getAll('api'), model: q.getAll('model') },
   };
 }
 
@@ -49,6 +51,9 @@ function writeUrl(state, push) {
     if (state.q) q.set('q', state.q);
     if (state.sortApi) q.set('sort_api', state.sortApi);
     if (state.sortModel) q.set('sort_model', state.sortModel);
+  }
+  for (const [dim, values] of Object.entries(state.filters)) {
+    for (const v of values) q.append(dim, v);
   }
   const url = `${path}${q.toString() ? `?${q}` : ''}`;
   if (url === location.pathname + location.search) return;

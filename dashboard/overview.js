@@ -10,10 +10,13 @@ const KEYS_SHOWN = 25;
 /** Exact cost as an integer of nano-units, for sorting. */
 const nanos = (m) => BigInt(m.cost.replace('.', ''));
 
-/** Columns shared by the api and model tables. */
-function measureColumns(name, label) {
+/** Columns shared by the api and model tables; the name filters the overview by it. */
+function measureColumns(name, label, onFilter) {
   return [
-    { id: name, label, header: true, value: (r) => r[name], text: (r) => (r[name] === '' ? '(none)' : r[name]) },
+    {
+      id: name, label, header: true, value: (r) => r[name], text: (r) => (r[name] === '' ? '(none)' : r[name]),
+      cell: (r) => h('button', { type: 'button', class: 'linkish', title: `Show only ${name} ${r[name] || '(none)'}`, onclick: () => onFilter(name, r[name]) }, r[name] === '' ? '(none)' : r[name]),
+    },
     { id: 'requests', label: 'Requests', num: true, value: (r) => r.requests, text: (r) => int(r.requests) },
     { id: 'errors', label: 'Errors', num: true, value: (r) => r.errors, text: (r) => int(r.errors) },
     { id: 'error_rate', label: 'Error rate', num: true, value: (r) => ratio(r.errors, r.requests), text: (r) => pct(ratio(r.errors, r.requests)) },
@@ -64,7 +67,21 @@ export function mount(main, state, ctx) {
   const range = h('p', { class: 'covered', id: 'covered' });
   totals.head.append(range);
   const figures = h('div', { class: 'figures' });
-  totals.body.append(figures);
+  const filterBar = h('p', { class: 'filters', id: 'filters' });
+  totals.body.append(filterBar, figures);
+  const toggleFilter = (dim, value) => {
+    const cur = state.filters[dim] || [];
+    const next = cur.includes(value) ? cur.filter((v) => v !== value) : [...cur, value];
+    ctx.setState({ filters: { ...state.filters, [dim]: next } });
+  };
+  const renderFilters = (filters) => {
+    const chips = Object.entries(filters).flatMap(([dim, values]) => values.map((v) => h('button', {
+      type: 'button', class: 'chip', 'data-filter': `${dim}=${v}`, title: 'Remove this filter', onclick: () => toggleFilter(dim, v),
+    }, `${dim} = ${v === '' ? '(none)' : v} ✕`)));
+    filterBar.hidden = !chips.length;
+    filterBar.replaceChildren(...(chips.length ? ['Only ', ...chips] : []));
+  };
+  renderFilters(state.filters);
 
   const charts = new Section(main, 'Over time', 'charts');
   const grid = h('div', { class: 'charts' });
@@ -90,7 +107,7 @@ export function mount(main, state, ctx) {
   const apis = new Section(main, 'By API', 'by-api');
   const apiTable = new SortTable(apis.body, {
     caption: 'Measures by API',
-    columns: measureColumns('api', 'API'),
+    columns: measureColumns('api', 'API', toggleFilter),
     sort: parseSort(state.sortApi, { id: 'requests', desc: true }),
     onSort: (s) => ctx.setState({ sortApi: sortText(s) }, { reload: false }),
     rowKey: (r) => r.api,
@@ -98,7 +115,7 @@ export function mount(main, state, ctx) {
   const models = new Section(main, 'By model', 'by-model');
   const modelTable = new SortTable(models.body, {
     caption: 'Measures by model',
-    columns: measureColumns('model', 'Model'),
+    columns: measureColumns('model', 'Model', toggleFilter),
     sort: parseSort(state.sortModel, { id: 'cost', desc: true }),
     onSort: (s) => ctx.setState({ sortModel: sortText(s) }, { reload: false }),
     rowKey: (r) => r.model,
@@ -179,7 +196,8 @@ export function mount(main, state, ctx) {
       for (const s of sections) s.error({ message: r.error });
       return;
     }
-    const common = { from: r.from.toISOString(), to: r.to.toISOString(), tz: st.tz };
+    renderFilters(st.filters);
+    const common = { from: r.from.toISOString(), to: r.to.toISOString(), tz: st.tz, ...st.filters };
     const g = r.granularity;
     const q = search.value.trim();
     await Promise.all([

@@ -45,6 +45,20 @@ const metric = (page, name) => page.locator(`#totals [data-metric="${name}"]`).g
 /** The number of completed refreshes. */
 const refreshes = async (page) => Number(await page.locator('body').getAttribute('data-refreshed'));
 
+/** Waits until the page's first refresh completed (every section loaded). */
+async function loaded(page) {
+  await page.waitForFunction(() => Number(document.body.dataset.refreshed) >= 1, null, { timeout: 30e3 });
+}
+
+/** Waits until `rows(page)` (a selector's `data-row`s) equals `want`. */
+async function rowsAre(page, selector, want) {
+  await page.waitForFunction(([sel, w]) => JSON.stringify([...document.querySelectorAll(sel)].map((tr) => tr.dataset.row)) === JSON.stringify(w), [selector, want], { timeout: 20e3 })
+    .catch(async () => {
+      const got = await page.locator(selector).evaluateAll((trs) => trs.map((tr) => tr.dataset.row));
+      assert.deepEqual(got, want, selector);
+    });
+}
+
 /** Waits until `n` more refreshes completed than `since`. */
 async function afterRefreshes(page, since, n = 2) {
   await page.waitForFunction(([s, k]) => Number(document.body.dataset.refreshed) >= s + k, [since, n], { timeout: 30e3 });
@@ -96,7 +110,7 @@ describe('dashboard (open API)', () => {
 
   test('the overview shows the known totals, a series point, the by-api table and the top keys', async () => {
     await page.goto(`${tally.base}/?tz=UTC`);
-    await page.locator('#totals [data-metric="requests"]').waitFor();
+    await loaded(page);
     // 24 h: all 11 events.
     assert.equal(await metric(page, 'requests'), '11');
     assert.equal(await metric(page, 'error_rate'), '2');
@@ -120,14 +134,21 @@ describe('dashboard (open API)', () => {
     assert.deepEqual(keys, ['k_beta', 'k_alpha', 'k_old', 'k_gamma']);
     // Sorting a table by a header is kept in the URL.
     await page.locator('#by-api th[data-col="cost"] button').click();
-    const sorted = await page.locator('#by-api tbody tr').evaluateAll((trs) => trs.map((tr) => tr.dataset.row));
-    assert.deepEqual(sorted, ['anthropic', 'openai', 'serp']);
+    await rowsAre(page, '#by-api tbody tr', ['anthropic', 'openai', 'serp']);
     assert.match(page.url(), /sort_api=cost%3Adesc|sort_api=cost:desc/);
+    // A click on an API filters the whole overview by it; its chip removes it.
+    await page.locator('#by-api tbody button', { hasText: 'openai' }).click();
+    await page.waitForFunction(() => document.querySelector('#totals [data-metric="requests"]')?.dataset.value === '6');
+    assert.match(page.url(), /api=openai/);
+    await rowsAre(page, '#top-keys tbody tr', ['k_alpha']);
+    await page.locator('#filters [data-filter="api=openai"]').click();
+    await page.waitForFunction(() => document.querySelector('#totals [data-metric="requests"]')?.dataset.value === '11');
+    assert.doesNotMatch(page.url(), /api=openai/);
   });
 
   test('changing the range and the time zone changes the request and the numbers', async () => {
     await page.goto(`${tally.base}/?tz=UTC`);
-    await page.locator('#totals [data-metric="requests"]').waitFor();
+    await loaded(page);
     requests.length = 0;
     const before = await refreshes(page);
     await page.locator('.ranges label', { hasText: '1 h' }).click();
@@ -157,6 +178,8 @@ describe('dashboard (open API)', () => {
     await page.locator('#top-keys a', { hasText: 'k_alpha' }).click();
     await page.waitForURL(/\/dashboard\/keys\/k_alpha/);
     await page.locator('[data-period="today"] [data-metric="requests"]').waitFor();
+    await page.locator('#quota').waitFor();
+    await rowsAre(page, '#key-models tbody tr', ['gpt-4o']);
     for (const period of ['today', 'this_month', 'last_24h']) {
       assert.equal(await page.locator(`[data-period="${period}"] [data-metric="requests"]`).getAttribute('data-value'), '6');
       assert.equal(await page.locator(`[data-period="${period}"] [data-metric="cost"]`).getAttribute('data-value'), '0.750000000');
@@ -179,7 +202,7 @@ describe('dashboard (open API)', () => {
 
   test('a rule that fires appears in active alerts within one refresh; new events arrive without a reload', async () => {
     await page.goto(`${tally.base}/?tz=UTC`);
-    await page.locator('#totals [data-metric="requests"]').waitFor();
+    await loaded(page);
     await page.evaluate(() => {
       window.__notReloaded = true;
     });
