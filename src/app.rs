@@ -243,12 +243,24 @@ impl App {
                 None
             }
         };
-        let mut background = vec![tokio::spawn(evaluator.run(
-            settings.clone(),
-            self.instance.clone(),
-            wake_relay.clone(),
-            shutdown.clone(),
-        ))];
+        let mut background = vec![
+            tokio::spawn(evaluator.run(
+                settings.clone(),
+                self.instance.clone(),
+                wake_relay.clone(),
+                shutdown.clone(),
+            )),
+            tokio::spawn(crate::projection::restate::run(
+                store.clone(),
+                self.state.catalog.specs.clone(),
+                self.projector_config
+                    .poll_interval
+                    .max(Duration::from_millis(500)),
+                self.state.restate_wake.clone(),
+                Some(self.state.signal.clone()),
+                shutdown.clone(),
+            )),
+        ];
         if self.nats_connection.nats_url.is_some() {
             let cfg = RelayConfig {
                 connection: self.nats_connection.clone(),

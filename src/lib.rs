@@ -25,7 +25,10 @@
 //! 7. [`alert`] — rules and per-key quotas evaluated over the projections
 //!    after each projector commit and on a tick; each transition is written
 //!    to an outbox with the state change and relayed to NATS exactly once.
-//! 8. [`http`] — the HTTP API: the only layer that knows axum, status codes
+//! 8. [`correction`] — corrections: voiding events by id or by range
+//!    without touching the log; the affected buckets are restated by
+//!    [`projection::restate`].
+//! 9. [`http`] — the HTTP API: the only layer that knows axum, status codes
 //!    and JSON response shapes.
 //!
 //! Around the data flow: [`config`] (flags and `TALLY_*` variables),
@@ -47,6 +50,7 @@ pub mod app;
 pub mod auth;
 pub mod backoff;
 pub mod config;
+pub mod correction;
 pub mod duration;
 pub mod event;
 pub mod health;

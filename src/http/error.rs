@@ -6,6 +6,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 
 use crate::alert::AlertError;
+use crate::correction::CorrectionError;
 use crate::query::QueryError;
 
 /// An error answer: `{"code": "...", "error": "..."}` with a status.
@@ -73,6 +74,29 @@ impl From<AlertError> for ApiError {
                 ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
             }
         }
+    }
+}
+
+impl From<CorrectionError> for ApiError {
+    fn from(e: CorrectionError) -> Self {
+        let (status, code) = match &e {
+            CorrectionError::Invalid(_) => (StatusCode::BAD_REQUEST, "invalid_correction"),
+            CorrectionError::Conflict(_) => (StatusCode::CONFLICT, "correction_conflict"),
+            CorrectionError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+            CorrectionError::AlreadyReverted(_) => (StatusCode::CONFLICT, "already_reverted"),
+            CorrectionError::Store(s) if !s.is_data_error() => {
+                return ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "unavailable",
+                    format!("database unavailable: {s}"),
+                )
+            }
+            CorrectionError::Store(_) => {
+                tracing::error!(error = %e, "correction failed");
+                (StatusCode::INTERNAL_SERVER_ERROR, "internal")
+            }
+        };
+        ApiError::new(status, code, e.to_string())
     }
 }
 

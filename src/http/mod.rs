@@ -9,6 +9,7 @@
 pub mod alerts;
 pub mod auth;
 pub mod body;
+pub mod corrections;
 pub mod dashboard;
 pub mod error;
 pub mod ingest;
@@ -49,6 +50,12 @@ pub(crate) fn routes() -> OpenApiRouter<AppState> {
         ))
         .routes(routes!(alerts::rule_audit))
         .routes(routes!(alerts::list_alerts))
+        .routes(routes!(
+            corrections::post_correction,
+            corrections::list_corrections
+        ))
+        .routes(routes!(corrections::get_correction))
+        .routes(routes!(corrections::revert_correction))
         .routes(routes!(query::get_projections))
         .routes(routes!(query::get_openapi))
         .routes(routes!(ops::metrics))

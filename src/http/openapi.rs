@@ -85,6 +85,7 @@ pub struct ErrorBody {
         (name = "ingest", description = "Usage events in"),
         (name = "query", description = "Aggregates out"),
         (name = "alerts", description = "Alert rules, alerts and key quotas"),
+        (name = "corrections", description = "Voiding events and undoing that; the aggregates are restated"),
         (name = "operations", description = "Probes, metrics and this document"),
     )
 )]

@@ -22,9 +22,9 @@ use crate::query::output::rfc3339_opt;
 use crate::query::stats::{self, StatsRequest, StatsResponse};
 use crate::query::QueryError;
 
-type Pairs = Result<Query<Vec<(String, String)>>, QueryRejection>;
+pub(super) type Pairs = Result<Query<Vec<(String, String)>>, QueryRejection>;
 
-fn pairs(q: Pairs) -> Result<Vec<(String, String)>, ApiError> {
+pub(super) fn pairs(q: Pairs) -> Result<Vec<(String, String)>, ApiError> {
     q.map(|Query(p)| p).map_err(|e| {
         ApiError::new(
             StatusCode::BAD_REQUEST,
@@ -138,6 +138,9 @@ pub struct ProjectionView {
     pub checkpoint: Option<String>,
     /// A rebuild is in progress.
     pub rebuilding: bool,
+    /// Restatements queued for this projection (corrections being applied to
+    /// its buckets); 0 when none.
+    pub restating: i64,
     /// How long each granularity's buckets are kept (`8days`); absent granularities are kept forever.
     pub retention: BTreeMap<String, String>,
 }
@@ -172,10 +175,20 @@ pub async fn get_projections(
     let infos = status::list(&state.store, &specs, false)
         .await
         .map_err(|e| ApiError::from(QueryError::Unavailable(e.to_string())))?;
+    let restating = state
+        .store
+        .corrections()
+        .pending_counts()
+        .await
+        .map_err(|e| ApiError::from(QueryError::Unavailable(e.to_string())))?;
     let projections = infos
         .into_iter()
         .filter(|p| p.status != "orphaned")
         .map(|p| ProjectionView {
+            restating: restating
+                .iter()
+                .find(|(n, _)| *n == p.name)
+                .map_or(0, |(_, n)| *n),
             retention: specs
                 .iter()
                 .find(|s| s.name == p.name)

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use crate::auth::Auth;
 use crate::config::{ServerConfig, Switch};
+use crate::correction::Corrector;
 use crate::health::Health;
 use crate::ingest::Intake;
 use crate::projection::projector::FoldSignal;
@@ -33,11 +34,22 @@ pub struct AppState {
     pub auth: Arc<Auth>,
     /// The dashboard's default refresh; `None`: the dashboard is off.
     pub dashboard: Option<Duration>,
+    /// Records corrections and wakes the restater.
+    pub corrector: Arc<Corrector>,
+    /// Wakes the restater (queued restatements).
+    pub restate_wake: Arc<tokio::sync::Notify>,
 }
 
 impl AppState {
     /// State for a server with this config over this store.
     pub fn new(store: Store, config: &ServerConfig, health: Arc<Health>, catalog: Catalog) -> Self {
+        let restate_wake = Arc::new(tokio::sync::Notify::new());
+        let corrector = Arc::new(Corrector::new(
+            store.clone(),
+            catalog.specs.iter().map(|s| s.name.clone()).collect(),
+            config.late_arrival_horizon,
+            restate_wake.clone(),
+        ));
         Self {
             intake: Intake::new(store.clone(), config.intake_limits()),
             store: store.clone(),
@@ -52,6 +64,8 @@ impl AppState {
                 config.insecure_no_auth,
             )),
             dashboard: (config.dashboard == Switch::On).then_some(config.dashboard_refresh),
+            corrector,
+            restate_wake,
         }
     }
 }

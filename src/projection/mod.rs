@@ -14,6 +14,7 @@
 pub mod fold;
 pub mod projector;
 pub mod rebuild;
+pub mod restate;
 pub mod status;
 
 pub use projector::{Failpoints, Projector, ProjectorConfig};

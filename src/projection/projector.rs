@@ -213,6 +213,8 @@ struct Member {
     state: String,
     suffix: String,
     cursor: Cursor,
+    /// The checkpoint's restatement generation this member's reads assume.
+    generation: i64,
     as_of: Option<DateTime<Utc>>,
     leading: bool,
     /// Held while [`FoldGroup::run`] runs; `None` outside it (tests, rebuilds),
@@ -264,6 +266,7 @@ async fn open_member(
         state: state.to_string(),
         suffix: suffix.to_string(),
         cursor: row.cursor,
+        generation: row.generation,
         as_of: row.as_of,
         leading: true,
         lease: None,
@@ -318,6 +321,7 @@ impl FoldGroup {
                 });
             }
             m.cursor = row.cursor;
+            m.generation = row.generation;
             m.as_of = row.as_of;
         }
         self.marks.clear();
@@ -394,6 +398,7 @@ impl FoldGroup {
                 spec: &self.members[i].spec,
                 suffix: &self.members[i].suffix,
                 from: prepared.from[k],
+                generation: self.members[i].generation,
                 to: prepared.to[k],
                 as_of: member_as_of,
                 delta: &prepared.deltas[k],
@@ -660,7 +665,17 @@ async fn prepare(
             marks.push_back(batch.watermark);
             last_mark = Some(batch.watermark);
         }
-        for (cursor, e) in &batch.events {
+        let mut voided = batch.voided.iter().copied().peekable();
+        for (at, (cursor, e)) in batch.events.iter().enumerate() {
+            // A voided event counts nowhere; the cursor still moves past it.
+            if voided.next_if_eq(&at).is_some() {
+                for (k, t) in to.iter_mut().enumerate() {
+                    if *cursor > base[k] {
+                        *t = *cursor;
+                    }
+                }
+                continue;
+            }
             oldest = Some(oldest.map_or(e.ts, |o: DateTime<Utc>| o.min(e.ts)));
             let bin = e.latency_ms.map(Bin::of);
             for (k, fold) in folds.iter_mut().enumerate() {

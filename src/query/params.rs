@@ -203,7 +203,15 @@ impl Params {
     pub fn dimensions(&mut self, name: &str) -> Result<Vec<Dimension>, QueryError> {
         let mut out = Vec::new();
         for v in self.take_all(name) {
-            for part in v.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            for part in v.split(',').map(str::trim) {
+                if part.is_empty() {
+                    return Err(QueryError::bad(
+                        "unknown_dimension",
+                        format!(
+                            "{name} holds an empty name (`{name}={v}`); list dimensions separated by commas, or leave `{name}` out"
+                        ),
+                    ));
+                }
                 let d = Dimension::parse(part).ok_or_else(|| {
                     QueryError::bad(
                         "unknown_dimension",

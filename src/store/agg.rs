@@ -46,6 +46,10 @@ pub struct LogBatch {
     /// Each event with its cursor. `id`, `error_message` and `metadata` are
     /// not loaded (`id` is empty): no projection aggregates them.
     pub events: Vec<(Cursor, Event)>,
+    /// Indices into `events` of the voided ones (a correction lists them in
+    /// `voided_events`): the projector moves its cursor past them without
+    /// folding them. Usually empty.
+    pub voided: Vec<usize>,
     /// The read's snapshot.
     pub watermark: Watermark,
     /// Set when the read returned fewer events than asked although committed
@@ -77,6 +81,9 @@ pub struct ProjectionState {
     pub lease_until_ms: i64,
     /// Last checkpoint write.
     pub updated_at: DateTime<Utc>,
+    /// Bumped by every restatement of these tables: a batch read before it
+    /// is refused by [`Apply`]'s compare-and-set.
+    pub generation: i64,
 }
 
 /// One projector commit: add `delta` to the tables and move the checkpoint
@@ -91,6 +98,8 @@ pub struct Apply<'a> {
     pub suffix: &'a str,
     /// Expected current cursor.
     pub from: Cursor,
+    /// Expected [`ProjectionState::generation`] (no restatement since the read).
+    pub generation: i64,
     /// New cursor.
     pub to: Cursor,
     /// New `as_of`, when it advances.

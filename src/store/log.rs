@@ -440,6 +440,34 @@ pub(crate) const FOLD_COLUMNS: &str = "ts, api, endpoint, method, key, \"user\",
      success, error_type, latency_ms, request_bytes, response_bytes, tokens_in, tokens_out, \
      cost_nanos, cached";
 
+/// Joined to a read of `usage_events` so that [`VOIDED`] can say which rows a
+/// correction voided (`voided_events`, keyed by event id).
+pub(crate) const VOIDED_JOIN: &str =
+    "LEFT JOIN voided_events ON voided_events.event_id = usage_events.id";
+
+/// The select-list entry naming a voided row (with [`VOIDED_JOIN`]).
+pub(crate) const VOIDED: &str = "voided_events.event_id IS NOT NULL AS voided";
+
+/// The condition "not voided" on `usage_events` (no join needed).
+pub(crate) const NOT_VOIDED: &str =
+    "NOT EXISTS (SELECT 1 FROM voided_events WHERE voided_events.event_id = usage_events.id)";
+
+/// Positions of the rows whose [`VOIDED`] column is true.
+pub(crate) fn voided_rows<R>(rows: &[R]) -> Result<Vec<usize>, StoreError>
+where
+    R: sqlx::Row,
+    for<'n> &'n str: sqlx::ColumnIndex<R>,
+    bool: sqlx::Type<R::Database> + for<'r> sqlx::Decode<'r, R::Database>,
+{
+    let mut out = Vec::new();
+    for (i, r) in rows.iter().enumerate() {
+        if r.try_get::<bool, _>("voided")? {
+            out.push(i);
+        }
+    }
+    Ok(out)
+}
+
 /// Each row of `rows` (one result set) decoded with the columns resolved
 /// from the first.
 pub(crate) fn each_event<R, T>(

@@ -13,6 +13,7 @@
 
 pub mod agg;
 pub mod alerts;
+pub mod corrections;
 mod db;
 pub mod jobs;
 pub mod leases;
@@ -28,10 +29,11 @@ pub use agg::{
     Watermark,
 };
 pub use alerts::Alerts;
+pub use corrections::Corrections;
 pub use jobs::Jobs;
 pub use leases::Leases;
 pub use log::EventLog;
-pub use projections::{Projections, UPSERT_CHUNK};
+pub use projections::{Projections, Restating, UPSERT_CHUNK};
 pub use snapshot::AlertSnapshot;
 pub use tokens::Tokens;
 
@@ -304,6 +306,7 @@ pub struct Store {
     alerts: Alerts,
     tokens: Tokens,
     jobs: Jobs,
+    corrections: Corrections,
 }
 
 impl Store {
@@ -315,6 +318,7 @@ impl Store {
             alerts: Alerts::new(db.clone()),
             tokens: Tokens::new(db.clone()),
             jobs: Jobs::new(db.clone()),
+            corrections: Corrections::new(db.clone()),
             db,
         }
     }
@@ -352,6 +356,11 @@ impl Store {
     /// Job runs and history retention.
     pub fn jobs(&self) -> &Jobs {
         &self.jobs
+    }
+
+    /// Corrections (voided events) and the restatement queue.
+    pub fn corrections(&self) -> &Corrections {
+        &self.corrections
     }
 
     /// Applies pending migrations from `schema/<backend>/` (idempotent).

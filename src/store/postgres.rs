@@ -14,7 +14,7 @@ use sqlx::{Postgres, Row, Transaction};
 
 use super::agg::{all_columns, index_name, upsert_clause, FLOAT_COLUMNS, INT_COLUMNS};
 use super::db::{timed_out, Row as DbRow, Sql};
-use super::log::{each_event, EventColumns, FOLD_COLUMNS};
+use super::log::{each_event, voided_rows, EventColumns, FOLD_COLUMNS, VOIDED, VOIDED_JOIN};
 use super::log::{metadata_json, EVENT_COLUMNS};
 use super::projections::{Target, Upserts};
 use super::{Backend, Cursor, LogBatch, Origin, Rejected, StoreError, StoreOptions, Watermark};
@@ -269,7 +269,7 @@ pub(crate) async fn read_log(p: &Pools, after: Cursor, limit: i64) -> Result<Log
     .fetch_one(&mut *tx)
     .await?;
     let sql = format!(
-        "SELECT {} FROM usage_events \
+        "SELECT {}, {VOIDED} FROM usage_events {VOIDED_JOIN} \
          WHERE (tx, seq) > ($1::text::xid8, $2) AND tx < $4::text::xid8 \
          ORDER BY tx, seq LIMIT $3",
         log_columns()
@@ -284,6 +284,7 @@ pub(crate) async fn read_log(p: &Pools, after: Cursor, limit: i64) -> Result<Log
         .fetch_all(&mut *tx)
         .await?;
     let events = each_event(&rows, log_event)?;
+    let voided = voided_rows(&rows)?;
     let mut held_back = false;
     if (rows.len() as i64) < limit {
         // Caught up below xmin: do committed events wait above it?
@@ -301,6 +302,7 @@ pub(crate) async fn read_log(p: &Pools, after: Cursor, limit: i64) -> Result<Log
     tx.commit().await?;
     Ok(LogBatch {
         events,
+        voided,
         watermark: Watermark { at, xmin, xmax },
         held_back,
     })

@@ -11,7 +11,7 @@ use super::agg::{
     merged_sketch, query_select, table, FLOAT_COLUMNS, INT_COLUMNS,
 };
 use super::db::{Arg, Db, Row, Sql, Tx};
-use super::log::EventColumns;
+use super::log::{EventColumns, NOT_VOIDED};
 use super::{
     postgres, sqlite, AggAnswer, AggQuery, AggRow, Apply, ApplyOutcome, Cursor, LogBatch,
     ProjectionState, ReconcileRead, StoreError,
@@ -27,7 +27,7 @@ pub struct Projections {
 }
 
 const CHECKPOINT_COLUMNS: &str = "name, spec_hash, spec, cursor_tx, cursor_seq, as_of, \
-     events_folded, leader, lease_until_ms, updated_at";
+     events_folded, leader, lease_until_ms, updated_at, generation";
 
 fn state_from_row(r: &Row) -> Result<ProjectionState, StoreError> {
     Ok(ProjectionState {
@@ -43,6 +43,7 @@ fn state_from_row(r: &Row) -> Result<ProjectionState, StoreError> {
         leader: r.get("leader")?,
         lease_until_ms: r.get("lease_until_ms")?,
         updated_at: r.time("updated_at")?,
+        generation: r.get("generation")?,
     })
 }
 
@@ -469,7 +470,8 @@ impl Projections {
         let rows = tx
             .fetch_all(
                 Sql::new(format!(
-                    "SELECT {columns} FROM usage_events WHERE ts >= $1 AND ts < $2 AND {folded}"
+                    "SELECT {columns} FROM usage_events WHERE ts >= $1 AND ts < $2 AND {folded} \
+                     AND {NOT_VOIDED}"
                 ))
                 .bind(from)
                 .bind(to)
@@ -497,7 +499,8 @@ async fn apply_in(tx: &mut Tx, apply: &Apply<'_>) -> Result<ApplyOutcome, StoreE
             Sql::new(
                 "UPDATE projection_checkpoints SET cursor_tx = $4, cursor_seq = $5, \
                  as_of = COALESCE($6, as_of), events_folded = events_folded + $7, updated_at = $9 \
-                 WHERE name = $1 AND spec_hash = $2 AND cursor_tx = $3 AND cursor_seq = $8",
+                 WHERE name = $1 AND spec_hash = $2 AND cursor_tx = $3 AND cursor_seq = $8 \
+                 AND generation = $10",
             )
             .bind(apply.state)
             .bind(apply.spec.hash())
@@ -507,7 +510,8 @@ async fn apply_in(tx: &mut Tx, apply: &Apply<'_>) -> Result<ApplyOutcome, StoreE
             .bind(apply.as_of)
             .bind(i64::try_from(apply.delta.events).unwrap_or(i64::MAX))
             .bind(apply.from.seq)
-            .bind(Utc::now()),
+            .bind(Utc::now())
+            .bind(apply.generation),
         )
         .await?;
     if moved != 1 {
@@ -651,4 +655,133 @@ fn log_events(rows: &[Row]) -> Result<Vec<(Cursor, crate::event::Event)>, StoreE
             Row::Sqlite(r) => sqlite::log_event(&cols, r),
         })
         .collect()
+}
+
+/// A restatement in progress: one write transaction that holds a
+/// projection's checkpoint row (so no fold commits beside it) and has bumped
+/// its generation (so a batch read before it is refused and read again).
+/// The caller recomputes buckets from [`Restating::events`] and swaps them in
+/// with [`Restating::replace`]; nothing is visible until [`Restating::finish`].
+pub struct Restating {
+    tx: Tx,
+    db: Db,
+    cursor: Cursor,
+}
+
+impl Projections {
+    /// Starts restating the tables of checkpoint `state` (which must have
+    /// been built with `spec_hash`); `None` when there is no such checkpoint.
+    pub async fn begin_restatement(
+        &self,
+        state: &str,
+        spec_hash: &str,
+    ) -> Result<Option<Restating>, StoreError> {
+        let mut tx = self.db.begin_derived().await?;
+        // The row lock comes first: a fold committing now finishes before
+        // this reads the cursor, and the next one waits for this commit.
+        let moved = tx
+            .execute(
+                Sql::new(
+                    "UPDATE projection_checkpoints SET generation = generation + 1, updated_at = $3 \
+                     WHERE name = $1 AND spec_hash = $2",
+                )
+                .bind(state)
+                .bind(spec_hash)
+                .bind(Utc::now()),
+            )
+            .await?;
+        if moved != 1 {
+            tx.rollback().await?;
+            return Ok(None);
+        }
+        let row = tx
+            .fetch_one(
+                Sql::new(
+                    "SELECT cursor_tx, cursor_seq FROM projection_checkpoints WHERE name = $1",
+                )
+                .bind(state),
+            )
+            .await?;
+        let cursor = Cursor {
+            tx: row.get("cursor_tx")?,
+            seq: row.get("cursor_seq")?,
+        };
+        Ok(Some(Restating {
+            tx,
+            db: self.db.clone(),
+            cursor,
+        }))
+    }
+}
+
+impl Restating {
+    /// The checkpoint the restated buckets are computed at.
+    pub fn cursor(&self) -> Cursor {
+        self.cursor
+    }
+
+    /// The events with `ts` in `[from, to)` that the checkpoint has folded
+    /// (events after it are the projector's to fold), without voided ones.
+    pub async fn events(
+        &mut self,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+    ) -> Result<Vec<crate::event::Event>, StoreError> {
+        let (columns, folded) = match &self.db {
+            Db::Postgres(_) => (postgres::log_columns(), postgres::FOLDED_UP_TO),
+            Db::Sqlite(_) => (sqlite::log_columns(), sqlite::FOLDED_UP_TO),
+        };
+        let rows = self
+            .tx
+            .fetch_all(
+                Sql::new(format!(
+                    "SELECT {columns} FROM usage_events WHERE ts >= $1 AND ts < $2 AND {folded} \
+                     AND {NOT_VOIDED}"
+                ))
+                .bind(from)
+                .bind(to)
+                .bind(self.cursor.tx.to_string())
+                .bind(self.cursor.seq),
+            )
+            .await?;
+        Ok(log_events(&rows)?.into_iter().map(|(_, e)| e).collect())
+    }
+
+    /// Replaces the rows of one table with buckets in `[from, to)` by `rows`.
+    pub async fn replace(
+        &mut self,
+        spec: &Spec,
+        suffix: &str,
+        g: Granularity,
+        (from, to): (DateTime<Utc>, DateTime<Utc>),
+        rows: &Rows,
+    ) -> Result<(), StoreError> {
+        let t = table(spec, g, suffix);
+        self.tx
+            .execute(
+                Sql::new(format!(
+                    "DELETE FROM {t} WHERE bucket >= $1 AND bucket < $2"
+                ))
+                .bind(from)
+                .bind(to),
+            )
+            .await?;
+        upsert_rows(&mut self.tx, spec, &t, rows).await
+    }
+
+    /// Commits, deleting the queue row `done` in the same transaction (so a
+    /// crash before it redoes the whole restatement, never half of it).
+    pub async fn finish(mut self, done: Option<i64>) -> Result<(), StoreError> {
+        if let Some(id) = done {
+            self.tx
+                .execute(Sql::new("DELETE FROM restatements WHERE id = $1").bind(id))
+                .await?;
+        }
+        self.tx.commit().await
+    }
+
+    /// Gives up; nothing changes.
+    pub async fn abandon(self) -> Result<(), StoreError> {
+        self.tx.rollback().await
+    }
 }

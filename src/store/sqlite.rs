@@ -21,7 +21,7 @@ use sqlx::{QueryBuilder, Row, Sqlite, Transaction};
 
 use super::agg::{all_columns, index_name, index_sql, key_columns, upsert_clause};
 use super::db::{timed_out, Row as DbRow, Sql};
-use super::log::{each_event, EventColumns, FOLD_COLUMNS};
+use super::log::{each_event, voided_rows, EventColumns, FOLD_COLUMNS, VOIDED, VOIDED_JOIN};
 use super::log::{metadata_json, EVENT_COLUMNS};
 use super::projections::{Target, Upserts};
 use super::{Backend, Cursor, LogBatch, Origin, Rejected, StoreError, StoreOptions, Watermark};
@@ -234,7 +234,7 @@ pub(crate) async fn read_log(p: &Pools, after: Cursor, limit: i64) -> Result<Log
     // the read, which starts its WAL snapshot afterwards.
     let at = Utc::now();
     let sql = format!(
-        "SELECT {} FROM usage_events WHERE seq > ? ORDER BY seq LIMIT ?",
+        "SELECT {}, {VOIDED} FROM usage_events {VOIDED_JOIN} WHERE seq > ? ORDER BY seq LIMIT ?",
         log_columns()
     );
     let rows = sqlx::query(&sql)
@@ -243,8 +243,10 @@ pub(crate) async fn read_log(p: &Pools, after: Cursor, limit: i64) -> Result<Log
         .fetch_all(&p.reader)
         .await?;
     let events = each_event(&rows, log_event)?;
+    let voided = voided_rows(&rows)?;
     Ok(LogBatch {
         events,
+        voided,
         watermark: Watermark {
             at,
             xmin: 0,

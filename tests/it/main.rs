@@ -3,6 +3,7 @@
 mod alert;
 mod architecture;
 mod cli;
+mod correction;
 mod event;
 mod hardening;
 mod ingest_http;

@@ -691,6 +691,8 @@ async fn bad_query_parameters_get_a_400_that_says_what_to_fix() {
     let cases: &[(&str, &str, &str)] = &[
         ("/v1/stats?bogus=1", "unknown_parameter", "`bogus`"),
         ("/v1/stats?group_by=api,colour", "unknown_dimension", "`colour` is not a dimension"),
+        ("/v1/stats?group_by=", "unknown_dimension", "empty name"),
+        ("/v1/stats?group_by=api,,key", "unknown_dimension", "empty name"),
         ("/v1/stats?from=2026-11-24T10:00:00Z&to=2026-11-24T10:00:00Z", "invalid_range", "must be before"),
         ("/v1/stats?from=2026-11-25T10:00:00Z&to=2026-11-24T10:00:00Z", "invalid_range", "must be before"),
         ("/v1/stats?from=yesterday", "invalid_time", "RFC 3339"),
@@ -799,6 +801,9 @@ async fn the_openapi_document_lists_every_route() {
         "/v1/alert-rules/{name}",
         "/v1/alert-rules/{name}/audit",
         "/v1/alerts",
+        "/v1/corrections",
+        "/v1/corrections/{id}",
+        "/v1/corrections/{id}/revert",
         "/v1/projections",
         "/metrics",
         "/healthz",
@@ -808,7 +813,10 @@ async fn the_openapi_document_lists_every_route() {
     assert_eq!(paths, routes.into_iter().collect::<HashSet<_>>());
     // Each documented GET route exists (answers something other than 404).
     for p in routes.iter().filter(|p| **p != "/v1/events") {
-        let path = p.replace("{key}", "k1").replace("{name}", "r1");
+        let path = p
+            .replace("{key}", "k1")
+            .replace("{name}", "r1")
+            .replace("{id}", "c1");
         let resp = f
             .server
             .client

@@ -1,0 +1,198 @@
+//! Restatement: recompute a projection's buckets over an event-time range
+//! from the log and swap them in, while ingest and the projectors go on.
+//!
+//! Why a concurrent fold is neither lost nor counted twice: the restatement
+//! runs in one transaction that first locks the projection's checkpoint row
+//! and bumps its `generation`, then reads the cursor `C`. A fold commits
+//! under the same row lock, so it either committed before (and `C` includes
+//! it) or waits until the restatement commits. The restated buckets count
+//! exactly the non-voided events at or before `C` (the log read filters on
+//! the cursor and on `voided_events`); events after `C` are the projector's,
+//! which adds them on top afterwards. A batch the projector read before the
+//! restatement (perhaps before a void, so it may hold a voided event) carries
+//! the old generation, so its compare-and-set fails and it is read again,
+//! now without the voided events. A crash before the commit changes nothing
+//! and leaves the queue row, so the restatement runs again; its result does
+//! not depend on how often it ran.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use tokio_util::sync::CancellationToken;
+
+use super::fold::Fold;
+use super::projector::FoldSignal;
+use super::rebuild::{shadow_state, SHADOW_SUFFIX};
+use super::ProjectionError;
+use crate::aggregate::bucket::{bucket_start, next_bucket};
+use crate::aggregate::spec::{Granularity, Spec};
+use crate::backoff::Backoff;
+use crate::store::corrections::Restatement;
+use crate::store::{Restating, Store};
+
+/// Events read from the log per statement: one hour of event time.
+const READ_SPAN: chrono::Duration = chrono::Duration::hours(1);
+
+/// What one restatement did (live tables; a rebuild's shadow tables too).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Restated {
+    /// Events folded into the restated buckets (per table set).
+    pub events: usize,
+    /// Rows written.
+    pub rows: usize,
+}
+
+/// The first bucket start at or after `t`.
+fn ceil(t: DateTime<Utc>, g: Granularity, tz: chrono_tz::Tz) -> DateTime<Utc> {
+    let start = bucket_start(t, g, tz);
+    if start == t {
+        t
+    } else {
+        next_bucket(start, g, tz)
+    }
+}
+
+/// Restates `spec`'s buckets overlapping `[from, to)`: the shadow tables of
+/// a rebuild in progress first, then the live ones, deleting the queue row
+/// `done` with the live commit. A projection without a checkpoint (never
+/// started) has nothing to restate.
+pub async fn restate(
+    store: &Store,
+    spec: &Spec,
+    range: (DateTime<Utc>, DateTime<Utc>),
+    done: Option<i64>,
+) -> Result<Restated, ProjectionError> {
+    let projections = store.projections();
+    let hash = spec.hash();
+    let shadow = shadow_state(&spec.name);
+    if let Some(r) = projections.begin_restatement(&shadow, &hash).await? {
+        let (r, _) = restate_in(r, spec, SHADOW_SUFFIX, range).await?;
+        r.finish(None).await?;
+    }
+    match projections.begin_restatement(&spec.name, &hash).await? {
+        Some(r) => {
+            let (r, report) = restate_in(r, spec, "", range).await?;
+            r.finish(done).await?;
+            Ok(report)
+        }
+        None => {
+            if let Some(id) = done {
+                store.corrections().done(id).await?;
+            }
+            Ok(Restated::default())
+        }
+    }
+}
+
+async fn restate_in(
+    mut r: Restating,
+    spec: &Spec,
+    suffix: &str,
+    (from, to): (DateTime<Utc>, DateTime<Utc>),
+) -> Result<(Restating, Restated), ProjectionError> {
+    let tz = spec.timezone;
+    let mut report = Restated::default();
+    for &g in &spec.granularities {
+        // Buckets past a granularity's retention are restated too: queries
+        // never read them, and the next retention run deletes them again.
+        let start = bucket_start(from, g, tz);
+        let end = ceil(to, g, tz);
+        let one = Spec {
+            granularities: vec![g],
+            ..spec.clone()
+        };
+        let mut fold = Fold::new(&one);
+        let mut at = start;
+        while at < end {
+            let until = (at + READ_SPAN).min(end);
+            let events = r.events(at, until).await?;
+            report.events += events.len();
+            for e in &events {
+                fold.add(e);
+            }
+            at = until;
+        }
+        let delta = fold.finish();
+        for (tg, rows) in &delta.tables {
+            if *tg == g {
+                report.rows += rows.len();
+                r.replace(spec, suffix, g, (start, end), rows).await?;
+            }
+        }
+        if delta.tables.is_empty() {
+            r.replace(spec, suffix, g, (start, end), &Default::default())
+                .await?;
+        }
+    }
+    Ok((r, report))
+}
+
+/// Runs queued restatements until `shutdown`: looks every `poll` (and at
+/// once when `wake` is notified). A restatement whose projection is not
+/// loaded here waits for an instance that loads it. Each one is told to
+/// `signal` as a fold of events as old as its range, so the alert evaluator
+/// drops the window parts it cached and reads the new numbers.
+pub async fn run(
+    store: Store,
+    specs: Vec<Arc<Spec>>,
+    poll: Duration,
+    wake: Arc<tokio::sync::Notify>,
+    signal: Option<Arc<FoldSignal>>,
+    shutdown: CancellationToken,
+) {
+    let mut backoff = Backoff::new();
+    while !shutdown.is_cancelled() {
+        match step(&store, &specs, signal.as_deref()).await {
+            Ok(true) => {
+                backoff.reset();
+                continue;
+            }
+            Ok(false) => backoff.reset(),
+            Err(e) => {
+                tracing::warn!(error = %e, "restatement failed; retrying");
+                backoff.sleep(&shutdown).await;
+                continue;
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(poll) => {}
+            _ = wake.notified() => {}
+            _ = shutdown.cancelled() => {}
+        }
+    }
+}
+
+/// Does the oldest queued restatement of a loaded projection; false when
+/// there is none.
+pub async fn step(
+    store: &Store,
+    specs: &[Arc<Spec>],
+    signal: Option<&FoldSignal>,
+) -> Result<bool, ProjectionError> {
+    let pending: Vec<Restatement> = store.corrections().pending(100).await?;
+    let Some((job, spec)) = pending.into_iter().find_map(|j| {
+        specs
+            .iter()
+            .find(|s| s.name == j.projection)
+            .map(|s| (j, s.clone()))
+    }) else {
+        return Ok(false);
+    };
+    let started = std::time::Instant::now();
+    let report = restate(store, &spec, (job.from, job.to), Some(job.id)).await?;
+    if let Some(signal) = signal {
+        signal.committed(Some(job.from));
+    }
+    tracing::info!(
+        projection = %spec.name,
+        from = %job.from,
+        to = %job.to,
+        cause = %job.cause,
+        events = report.events,
+        rows = report.rows,
+        ms = started.elapsed().as_millis() as u64,
+        "restated"
+    );
+    Ok(true)
+}

@@ -1,0 +1,359 @@
+//! Corrections (issue 21): voided events count nowhere, on both backends,
+//! while events keep arriving; reverts bring them back; the HTTP contract.
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use tally::aggregate::spec::load_dir;
+use tally::event::Event;
+use tally::store::Backend;
+
+use crate::projection::oracle::{append_all, assert_matches_oracle, seeded_events};
+use crate::support::{self, TestServer};
+
+async fn send(server: &TestServer, method: &str, path: &str, body: Value) -> (u16, Value) {
+    let url = format!("{}{path}", server.base);
+    let req = match method {
+        "POST" => server.client.post(url),
+        "PUT" => server.client.put(url),
+        _ => server.client.get(url),
+    };
+    let resp = req
+        .header("content-type", "application/json")
+        .header("x-tally-actor", "tester")
+        .body(body.to_string())
+        .send()
+        .await
+        .expect("request");
+    let status = resp.status().as_u16();
+    let text = resp.text().await.expect("body");
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
+}
+
+/// Waits until every projection has folded the log and no restatement is queued.
+async fn settled(server: &TestServer) {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let (status, body) = server.get("/v1/projections").await;
+        assert_eq!(status, 200, "{body}");
+        let list = body["projections"].as_array().expect("projections");
+        if !list.is_empty()
+            && list
+                .iter()
+                .all(|p| p["lag_events"] == 0 && p["restating"] == 0 && !p["as_of"].is_null())
+        {
+            return;
+        }
+        assert!(Instant::now() < deadline, "not settled: {body}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn specs() -> Vec<tally::aggregate::spec::Spec> {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../../projections");
+    load_dir(std::path::Path::new(dir)).expect("shipped specs")
+}
+
+async fn assert_tables(store: &tally::store::Store, events: &[Event], voided: &HashSet<String>) {
+    let counted: Vec<Event> = events
+        .iter()
+        .filter(|e| !voided.contains(&e.id))
+        .cloned()
+        .collect();
+    for spec in specs() {
+        assert_matches_oracle(store, &spec, &counted).await;
+    }
+}
+
+async fn voids_match_the_oracle(backend: Backend) {
+    let st = support::store(backend).await;
+    let mut events = seeded_events("c", 3000, 21);
+    append_all(&st.store, &events, 500).await;
+    let mut config = support::server_config();
+    // The seeded events lie on fixed dates; the horizon must not depend on today.
+    config.late_arrival_horizon = Duration::from_secs(3650 * 86_400);
+    config.jobs.retention_rejected = tally::duration::Keep(None);
+    let server = TestServer::start(st.store.clone(), config).await;
+    settled(&server).await;
+
+    // By ids: two stored events, one unknown id.
+    let ids = [events[0].id.clone(), events[1].id.clone()];
+    let body = json!({"id": "corr-1", "reason": "double-sent by release 4.2",
+                      "void": {"ids": [ids[0], ids[1], "no-such-event"]}});
+    let (status, answer) = send(&server, "POST", "/v1/corrections", body.clone()).await;
+    assert_eq!(status, 201, "{answer}");
+    assert_eq!(answer["voided"], 2);
+    assert_eq!(answer["already_voided"], 0);
+    assert_eq!(answer["not_found"], json!(["no-such-event"]));
+    assert_eq!(answer["actor"], "tester");
+    // The same request again: the same answer; another body under the id: 409.
+    let (status, again) = send(&server, "POST", "/v1/corrections", body).await;
+    assert_eq!(status, 200, "{again}");
+    assert_eq!(again, answer);
+    let (status, conflict) = send(
+        &server,
+        "POST",
+        "/v1/corrections",
+        json!({"id": "corr-1", "reason": "other", "void": {"ids": [ids[0]]}}),
+    )
+    .await;
+    assert_eq!(status, 409, "{conflict}");
+    assert_eq!(conflict["code"], "correction_conflict");
+
+    // By range: key k1 on 24 November 09:00–10:30, while more events arrive
+    // for the same buckets (appended beside the restatement).
+    let (from, to) = ("2026-11-24T09:00:00Z", "2026-11-24T10:30:00Z");
+    let (status, ranged) = send(
+        &server,
+        "POST",
+        "/v1/corrections",
+        json!({"id": "corr-2", "reason": "test traffic",
+               "void": {"key": "k1", "from": from, "to": to}}),
+    )
+    .await;
+    assert_eq!(status, 201, "{ranged}");
+    let in_range = |e: &Event| {
+        e.key.as_deref() == Some("k1") && e.ts >= support_time(from) && e.ts < support_time(to)
+    };
+    let mut voided: HashSet<String> = ids.iter().cloned().collect();
+    let range_ids: Vec<String> = events
+        .iter()
+        .filter(|e| in_range(e))
+        .map(|e| e.id.clone())
+        .collect();
+    assert!(!range_ids.is_empty(), "the seed has events in the range");
+    assert_eq!(ranged["voided"].as_i64(), Some(range_ids.len() as i64));
+    voided.extend(range_ids.iter().cloned());
+    // New events in the same hours, and a re-send of a voided id (a duplicate: still voided).
+    let later = seeded_events("c2", 600, 22);
+    append_all(&st.store, &later, 100).await;
+    let resent = vec![events[0].clone()];
+    append_all(&st.store, &resent, 1).await;
+    events.extend(later);
+    settled(&server).await;
+    assert_tables(&st.store, &events, &voided).await;
+
+    // A range overlapping an already voided event counts it as already voided.
+    let (status, overlap) = send(
+        &server,
+        "POST",
+        "/v1/corrections",
+        json!({"id": "corr-3", "reason": "overlap",
+               "void": {"ids": [range_ids[0]]}}),
+    )
+    .await;
+    assert_eq!(status, 201, "{overlap}");
+    assert_eq!(overlap["voided"], 0);
+    assert_eq!(overlap["already_voided"], 1);
+
+    // Revert corr-1: its two events count again.
+    let (status, reverted) = send(
+        &server,
+        "POST",
+        "/v1/corrections/corr-1/revert",
+        json!({"reason": "they were real"}),
+    )
+    .await;
+    assert_eq!(status, 200, "{reverted}");
+    assert_eq!(reverted["reverted_by"], "tester");
+    let (status, twice) = send(
+        &server,
+        "POST",
+        "/v1/corrections/corr-1/revert",
+        json!({"reason": "again"}),
+    )
+    .await;
+    assert_eq!(status, 409, "{twice}");
+    for id in &ids {
+        voided.remove(id);
+    }
+    settled(&server).await;
+    assert_tables(&st.store, &events, &voided).await;
+
+    // The record: listed newest first, with the ids each voided.
+    let (status, list) = server.get("/v1/corrections").await;
+    assert_eq!(status, 200, "{list}");
+    let names: Vec<&str> = list["corrections"]
+        .as_array()
+        .expect("list")
+        .iter()
+        .filter_map(|c| c["id"].as_str())
+        .collect();
+    assert_eq!(names.len(), 3);
+    let (status, one) = server.get("/v1/corrections/corr-2").await;
+    assert_eq!(status, 200, "{one}");
+    let mut want = range_ids.clone();
+    want.sort();
+    assert_eq!(one["event_ids"], json!(want));
+    assert_eq!(one["void"]["key"], "k1");
+    let (status, _) = server.get("/v1/corrections/nope").await;
+    assert_eq!(status, 404);
+}
+
+fn support_time(s: &str) -> chrono::DateTime<chrono::Utc> {
+    chrono::DateTime::parse_from_rfc3339(s)
+        .expect("time")
+        .with_timezone(&chrono::Utc)
+}
+
+#[tokio::test]
+async fn voided_events_count_nowhere_sqlite() {
+    voids_match_the_oracle(Backend::Sqlite).await;
+}
+
+#[tokio::test]
+async fn voided_events_count_nowhere_postgres() {
+    voids_match_the_oracle(Backend::Postgres).await;
+}
+
+/// Bad corrections get a 400 that names what to fix.
+#[tokio::test]
+async fn bad_corrections_get_a_400_that_says_what_to_fix() {
+    let st = support::store(Backend::Sqlite).await;
+    let server = TestServer::start(st.store.clone(), support::server_config()).await;
+    let old = (chrono::Utc::now() - chrono::Duration::days(400)).to_rfc3339();
+    let now = chrono::Utc::now().to_rfc3339();
+    let cases = [
+        (
+            json!({"id": "a", "void": {"ids": ["e1"]}}),
+            "`reason` is required",
+        ),
+        (json!({"id": "a", "reason": "x"}), "`void` is required"),
+        (
+            json!({"id": "a", "reason": "x", "void": {}}),
+            "`void` is empty",
+        ),
+        (
+            json!({"id": "a", "reason": "x", "void": {"ids": []}}),
+            "`void.ids` is empty",
+        ),
+        (
+            json!({"id": "a", "reason": " ", "void": {"ids": ["e1"]}}),
+            "`reason` must not be empty",
+        ),
+        (
+            json!({"id": "a", "reason": "x", "void": {"ids": ["e1"], "key": "k"}}),
+            "not both",
+        ),
+        (
+            json!({"id": "a", "reason": "x", "void": {"key": "k", "from": now, "to": old}}),
+            "before `void.to`",
+        ),
+        (
+            json!({"id": "a", "reason": "x", "void": {"key": "k", "from": old, "to": now}}),
+            "late-arrival horizon",
+        ),
+        (
+            json!({"id": "a", "reason": "x", "void": {"key": "k", "from": "yesterday", "to": now}}),
+            "RFC 3339",
+        ),
+        (
+            json!({"id": "a", "reason": "x", "void": {"key": "k", "to": now}}),
+            "`void.from` is required",
+        ),
+        (
+            json!({"id": "a", "reason": "x", "void": {"ids": ["e1"]}, "colour": 1}),
+            "unknown field",
+        ),
+        (
+            json!({"id": "", "reason": "x", "void": {"ids": ["e1"]}}),
+            "`id` must not be empty",
+        ),
+    ];
+    for (body, want) in cases {
+        let (status, answer) = send(&server, "POST", "/v1/corrections", body.clone()).await;
+        assert_eq!(status, 400, "{body}: {answer}");
+        assert_eq!(answer["code"], "invalid_correction", "{body}");
+        let msg = answer["error"].as_str().unwrap_or_default();
+        assert!(msg.contains(want), "{body}: `{msg}` lacks `{want}`");
+    }
+    let (status, answer) = send(&server, "POST", "/v1/corrections/x/revert", json!({})).await;
+    assert_eq!(status, 400, "{answer}");
+    let (status, _) = send(
+        &server,
+        "POST",
+        "/v1/corrections/x/revert",
+        json!({"reason": "r"}),
+    )
+    .await;
+    assert_eq!(status, 404);
+}
+
+/// A quota exceeded because of test traffic stops being exceeded once the
+/// traffic is voided, and its alert resolves exactly once.
+#[tokio::test]
+async fn voiding_test_traffic_clears_an_exceeded_quota() {
+    let st = support::store(Backend::Sqlite).await;
+    let mut config = support::server_config();
+    config.alerts.alerts_tick = Duration::from_millis(300);
+    let server = TestServer::start(st.store.clone(), config).await;
+    let (status, q) = send(
+        &server,
+        "PUT",
+        "/v1/keys/k_test/quota",
+        json!({"measure": "requests", "limit": 5, "window": "1h"}),
+    )
+    .await;
+    assert!(status == 200 || status == 201, "{q}");
+    let ts = (chrono::Utc::now() - chrono::Duration::minutes(2)).to_rfc3339();
+    let events: Vec<Value> = (0..8)
+        .map(|i| json!({"id": format!("t{i}"), "ts": ts, "api": "openai", "key": "k_test"}))
+        .collect();
+    let (status, r) = server.post_json(&Value::Array(events)).await;
+    assert_eq!(status, 200, "{r}");
+    let fired = wait_for(&server, "firing").await;
+    assert_eq!(fired, 1);
+    let (_, quota) = server.get("/v1/keys/k_test/quota").await;
+    assert_eq!(quota["exceeded"], true, "{quota}");
+    let from = (chrono::Utc::now() - chrono::Duration::minutes(10)).to_rfc3339();
+    let to = (chrono::Utc::now() + chrono::Duration::minutes(1)).to_rfc3339();
+    let (status, c) = send(
+        &server,
+        "POST",
+        "/v1/corrections",
+        json!({"id": "test-traffic", "reason": "test traffic",
+               "void": {"key": "k_test", "from": from, "to": to}}),
+    )
+    .await;
+    assert_eq!(status, 201, "{c}");
+    assert_eq!(c["voided"], 8);
+    settled(&server).await;
+    let (_, quota) = server.get("/v1/keys/k_test/quota").await;
+    assert_eq!(quota["exceeded"], false, "{quota}");
+    assert_eq!(quota["used"], 0, "{quota}");
+    assert_eq!(wait_for(&server, "resolved").await, 1);
+    // Later rounds do not resolve it again.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (_, alerts) = server.get("/v1/alerts?rule=quota_exceeded&limit=100").await;
+    let resolved = alerts["history"]
+        .as_array()
+        .expect("history")
+        .iter()
+        .filter(|n| n["state"] == "resolved")
+        .count();
+    assert_eq!(resolved, 1, "{alerts}");
+}
+
+/// Waits until the quota rule has a notification in `state`; how many.
+async fn wait_for(server: &TestServer, state: &str) -> usize {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, alerts) = server.get("/v1/alerts?rule=quota_exceeded&limit=100").await;
+        let n = alerts["history"]
+            .as_array()
+            .map(|h| h.iter().filter(|n| n["state"] == state).count())
+            .unwrap_or(0);
+        if n > 0 {
+            return n;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no `{state}` notification: {alerts}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
