@@ -26,13 +26,19 @@ CREATE TABLE correction_events (
     PRIMARY KEY (correction_id, event_id)
 );
 
--- The events voided now: every projection read of the log skips these ids.
+-- The events voided now: every projection read of the log skips these.
+-- `event_tx`, `event_seq` are the event's log position (PostgreSQL: its
+-- transaction id as a number; SQLite: 0 and its seq), so a read of the log
+-- finds the voided events among the ones it read with one range lookup.
 -- A revert deletes its correction's rows.
 CREATE TABLE voided_events (
     event_id       TEXT PRIMARY KEY,
     correction_id  TEXT NOT NULL REFERENCES corrections (id),
+    event_tx       INTEGER NOT NULL,
+    event_seq      INTEGER NOT NULL,
     voided_at_ms   INTEGER NOT NULL
 );
+CREATE INDEX voided_events_position_idx ON voided_events (event_tx, event_seq);
 
 -- Restatements still to do: recompute `projection`'s buckets that overlap
 -- [from_ms, to_ms) of event time. Inserted with the change that needs them,

@@ -260,11 +260,17 @@ impl Corrections {
                     .await?;
             }
         }
+        let event_tx = match self.db {
+            Db::Postgres(_) => super::postgres::EVENT_TX,
+            Db::Sqlite(_) => super::sqlite::EVENT_TX,
+        };
         tx.execute(
-            Sql::new(
-                "INSERT INTO voided_events (event_id, correction_id, voided_at_ms) \
-                 SELECT event_id, correction_id, $2 FROM correction_events WHERE correction_id = $1",
-            )
+            Sql::new(format!(
+                "INSERT INTO voided_events (event_id, correction_id, event_tx, event_seq, voided_at_ms) \
+                 SELECT c.event_id, c.correction_id, {event_tx}, e.seq, $2 \
+                 FROM correction_events c JOIN usage_events e ON e.id = c.event_id \
+                 WHERE c.correction_id = $1"
+            ))
             .bind(c.id)
             .bind(ms(now)),
         )

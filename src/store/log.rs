@@ -11,8 +11,8 @@ use chrono::{DateTime, Utc};
 
 use super::db::{Db, Row, Sql, Tx};
 use super::{
-    postgres, sqlite, LogCounts, LogTotals, Origin, Outcome, RejectKind, Rejected, RejectedRow,
-    StoreError,
+    postgres, sqlite, Cursor, LogCounts, LogTotals, Origin, Outcome, RejectKind, Rejected,
+    RejectedRow, StoreError,
 };
 use crate::event::codec::to_wire_json;
 use crate::event::{ErrorType, Event};
@@ -440,32 +440,19 @@ pub(crate) const FOLD_COLUMNS: &str = "ts, api, endpoint, method, key, \"user\",
      success, error_type, latency_ms, request_bytes, response_bytes, tokens_in, tokens_out, \
      cost_nanos, cached";
 
-/// Joined to a read of `usage_events` so that [`VOIDED`] can say which rows a
-/// correction voided (`voided_events`, keyed by event id).
-pub(crate) const VOIDED_JOIN: &str =
-    "LEFT JOIN voided_events ON voided_events.event_id = usage_events.id";
-
-/// The select-list entry naming a voided row (with [`VOIDED_JOIN`]).
-pub(crate) const VOIDED: &str = "voided_events.event_id IS NOT NULL AS voided";
-
 /// The condition "not voided" on `usage_events` (no join needed).
 pub(crate) const NOT_VOIDED: &str =
     "NOT EXISTS (SELECT 1 FROM voided_events WHERE voided_events.event_id = usage_events.id)";
 
-/// Positions of the rows whose [`VOIDED`] column is true.
-pub(crate) fn voided_rows<R>(rows: &[R]) -> Result<Vec<usize>, StoreError>
-where
-    R: sqlx::Row,
-    for<'n> &'n str: sqlx::ColumnIndex<R>,
-    bool: sqlx::Type<R::Database> + for<'r> sqlx::Decode<'r, R::Database>,
-{
-    let mut out = Vec::new();
-    for (i, r) in rows.iter().enumerate() {
-        if r.try_get::<bool, _>("voided")? {
-            out.push(i);
-        }
-    }
-    Ok(out)
+/// Indices into `events` (in cursor order) of those at the `voided` positions.
+pub(crate) fn voided_indices<T>(events: &[(Cursor, T)], voided: &[Cursor]) -> Vec<usize> {
+    let mut out: Vec<usize> = voided
+        .iter()
+        .filter_map(|c| events.binary_search_by_key(c, |(at, _)| *at).ok())
+        .collect();
+    out.sort_unstable();
+    out.dedup();
+    out
 }
 
 /// Each row of `rows` (one result set) decoded with the columns resolved
