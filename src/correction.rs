@@ -224,27 +224,15 @@ fn list(field: &str, v: &Option<OneOrMany>) -> Result<Vec<String>, CorrectionErr
 struct Valid {
     id: String,
     reason: String,
-    target: Target,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-enum Target {
-    Ids(Vec<String>),
-    Range {
-        key: String,
-        from: DateTime<Utc>,
-        to: DateTime<Utc>,
-        apis: Vec<String>,
-        models: Vec<String>,
-    },
+    target: VoidTarget,
 }
 
 impl Valid {
     /// The canonical request: what idempotency compares.
     fn canonical(&self) -> String {
         let void = match &self.target {
-            Target::Ids(ids) => serde_json::json!({ "ids": ids }),
-            Target::Range {
+            VoidTarget::Ids(ids) => serde_json::json!({ "ids": ids }),
+            VoidTarget::Range {
                 key,
                 from,
                 to,
@@ -334,7 +322,7 @@ impl Corrector {
                     text("void.ids[]", id, MAX_EVENT_ID_CHARS)?;
                 }
                 let set: BTreeSet<String> = ids.iter().cloned().collect();
-                Target::Ids(set.into_iter().collect())
+                VoidTarget::Ids(set.into_iter().collect())
             }
             (None, true) => {
                 let key = void
@@ -356,7 +344,7 @@ impl Corrector {
                         humantime::format_duration(self.horizon)
                     )));
                 }
-                Target::Range {
+                VoidTarget::Range {
                     key: key.to_string(),
                     from,
                     to,
@@ -381,22 +369,6 @@ impl Corrector {
     ) -> Result<(CorrectionAnswer, bool), CorrectionError> {
         let valid = self.validate(req, Utc::now())?;
         let request = valid.canonical();
-        let target = match &valid.target {
-            Target::Ids(ids) => VoidTarget::Ids(ids),
-            Target::Range {
-                key,
-                from,
-                to,
-                apis,
-                models,
-            } => VoidTarget::Range {
-                key,
-                from: *from,
-                to: *to,
-                apis,
-                models,
-            },
-        };
         let recorded = self
             .store
             .corrections()
@@ -405,7 +377,7 @@ impl Corrector {
                 reason: &valid.reason,
                 request: &request,
                 actor,
-                target,
+                target: &valid.target,
                 projections: &self.projections,
             })
             .await?;

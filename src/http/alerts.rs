@@ -11,6 +11,7 @@ use serde::Serialize;
 use serde_json::{json, Map, Value};
 use utoipa::ToSchema;
 
+use super::auth::actor;
 use super::body::read_admin_body;
 use super::error::ApiError;
 use super::openapi::{ActorParam, ErrorBody, KeyParam, RuleNameParam};
@@ -24,18 +25,6 @@ use crate::query::QueryError;
 use crate::store::alerts::{
     AlertState, AuditRow, HistoryFilter, RuleFailure, RuleRow, RuleWritten, WriteMode,
 };
-
-/// Who made a change: `X-Tally-Actor`, which the token middleware sets to
-/// `token:<name>` (replacing what a client sent) when authentication is on;
-/// else `anonymous`.
-fn actor(headers: &HeaderMap) -> String {
-    headers
-        .get("x-tally-actor")
-        .and_then(|v| v.to_str().ok())
-        .map(|s| s.chars().take(200).collect::<String>())
-        .filter(|s| !s.trim().is_empty())
-        .unwrap_or_else(|| "anonymous".to_string())
-}
 
 fn time(t: DateTime<Utc>) -> String {
     t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)

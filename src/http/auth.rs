@@ -26,6 +26,18 @@ pub fn required_scope(method: &Method, path: &str) -> Option<Scope> {
     }
 }
 
+/// Who made a change: `X-Tally-Actor`, which [`require`] sets to
+/// `token:<name>` (replacing what a client sent) when authentication is on;
+/// else `anonymous`.
+pub(super) fn actor(headers: &axum::http::HeaderMap) -> String {
+    headers
+        .get("x-tally-actor")
+        .and_then(|v| v.to_str().ok())
+        .map(|s| s.chars().take(200).collect::<String>())
+        .filter(|s| !s.trim().is_empty())
+        .unwrap_or_else(|| "anonymous".to_string())
+}
+
 /// The bearer token of a request, if it has one.
 fn bearer(req: &Request) -> Option<&str> {
     let value = req.headers().get(header::AUTHORIZATION)?.to_str().ok()?;

@@ -8,6 +8,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::{Deserialize, Serialize};
 
+use super::auth::actor;
 use super::body::read_admin_body;
 use super::error::ApiError;
 use super::openapi::{ActorParam, ErrorBody};
@@ -17,15 +18,6 @@ use crate::correction::{CorrectionAnswer, CorrectionRequest, RevertRequest};
 
 /// Most voided ids shown by `GET /v1/corrections/{id}`.
 const SHOWN_IDS: i64 = 10_000;
-
-fn actor(headers: &HeaderMap) -> String {
-    headers
-        .get("x-tally-actor")
-        .and_then(|v| v.to_str().ok())
-        .map(|s| s.chars().take(200).collect::<String>())
-        .filter(|s| !s.trim().is_empty())
-        .unwrap_or_else(|| "anonymous".to_string())
-}
 
 fn parse<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, ApiError> {
     serde_json::from_slice(body).map_err(|e| {

@@ -26,21 +26,21 @@ const MERGE_GAP_HOURS: i64 = 6;
 
 /// What a correction voids.
 #[derive(Debug, Clone, PartialEq)]
-pub enum VoidTarget<'a> {
+pub enum VoidTarget {
     /// These event ids (distinct).
-    Ids(&'a [String]),
+    Ids(Vec<String>),
     /// One key's events with `ts` in `[from, to)`, optionally narrowed.
     Range {
         /// The key.
-        key: &'a str,
+        key: String,
         /// Start of event time (inclusive).
         from: DateTime<Utc>,
         /// End of event time (exclusive).
         to: DateTime<Utc>,
         /// Only these apis (empty: any).
-        apis: &'a [String],
+        apis: Vec<String>,
         /// Only these models (empty: any).
-        models: &'a [String],
+        models: Vec<String>,
     },
 }
 
@@ -56,7 +56,7 @@ pub struct NewCorrection<'a> {
     /// Who.
     pub actor: &'a str,
     /// What it voids.
-    pub target: VoidTarget<'a>,
+    pub target: &'a VoidTarget,
     /// Projections whose buckets it changes (every loaded one).
     pub projections: &'a [String],
 }
@@ -170,20 +170,35 @@ impl Corrections {
             });
         }
         let now = Utc::now();
-        tx.execute(
-            Sql::new(
-                "INSERT INTO corrections (id, reason, request, actor, created_at_ms) \
-                 VALUES ($1, $2, $3, $4, $5)",
+        let inserted = tx
+            .execute(
+                Sql::new(
+                    "INSERT INTO corrections (id, reason, request, actor, created_at_ms) \
+                     VALUES ($1, $2, $3, $4, $5)",
+                )
+                .bind(c.id)
+                .bind(c.reason)
+                .bind(c.request)
+                .bind(c.actor)
+                .bind(ms(now)),
             )
-            .bind(c.id)
-            .bind(c.reason)
-            .bind(c.request)
-            .bind(c.actor)
-            .bind(ms(now)),
-        )
-        .await?;
+            .await;
+        match inserted {
+            Ok(_) => {}
+            // The same id recorded by a concurrent request (PostgreSQL; SQLite's
+            // write lock serialises the two): answer as for a repeat.
+            Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
+                tx.rollback().await?;
+                let row = self.get(c.id).await?.ok_or_else(|| vanished(c.id))?;
+                return Ok(match row.request == c.request {
+                    true => Recorded::Same(row),
+                    false => Recorded::Conflict(row),
+                });
+            }
+            Err(e) => return Err(e.into()),
+        }
         let (mut voided, mut already, mut not_found) = (0u64, 0i64, Vec::new());
-        match &c.target {
+        match c.target {
             VoidTarget::Ids(ids) => {
                 for chunk in ids.chunks(ID_CHUNK) {
                     let list: Vec<&str> = chunk.iter().map(String::as_str).collect();
@@ -226,6 +241,7 @@ impl Corrections {
                 // Placeholders: $1 key, $2 from, $3 to, then the lists
                 // given, then (for the insert) the correction id.
                 let mut cond = "key = $1 AND ts >= $2 AND ts < $3".to_string();
+                let (key, from, to) = (key.as_str(), *from, *to);
                 let mut next = 4;
                 let mut lists: Vec<Vec<&str>> = Vec::new();
                 for (column, values) in [("api", apis), ("model", models)] {
@@ -239,7 +255,7 @@ impl Corrections {
                     }
                 }
                 let bind = |sql: String| {
-                    let mut q = Sql::new(sql).bind(*key).bind(*from).bind(*to);
+                    let mut q = Sql::new(sql).bind(key).bind(from).bind(to);
                     for l in &lists {
                         q = q.bind(Arg::List(l.clone()));
                     }

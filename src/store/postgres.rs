@@ -397,6 +397,13 @@ pub(crate) async fn repair_log_positions(p: &Pools) -> Result<String, StoreError
     .execute(&mut *tx)
     .await?
     .rows_affected();
+    // Voided events are found by log position: move theirs too.
+    sqlx::query(
+        "UPDATE voided_events v SET event_tx = u.tx::text::bigint FROM usage_events u \
+         WHERE u.id = v.event_id",
+    )
+    .execute(&mut *tx)
+    .await?;
     tx.commit().await?;
     let mut burned = 0u64;
     loop {

@@ -463,23 +463,7 @@ impl Projections {
                 .collect::<Result<Vec<_>, _>>()?;
             stored.push((g, rows));
         }
-        let (columns, folded) = match &self.db {
-            Db::Postgres(_) => (postgres::log_columns(), postgres::FOLDED_UP_TO),
-            Db::Sqlite(_) => (sqlite::log_columns(), sqlite::FOLDED_UP_TO),
-        };
-        let rows = tx
-            .fetch_all(
-                Sql::new(format!(
-                    "SELECT {columns} FROM usage_events WHERE ts >= $1 AND ts < $2 AND {folded} \
-                     AND {NOT_VOIDED}"
-                ))
-                .bind(from)
-                .bind(to)
-                .bind(cursor.tx.to_string())
-                .bind(cursor.seq),
-            )
-            .await?;
-        let events = log_events(&rows)?.into_iter().map(|(_, e)| e).collect();
+        let events = folded_events(&mut tx, &self.db, (from, to), cursor).await?;
         tx.commit().await?;
         Ok(ReconcileRead {
             cursor: Some(cursor),
@@ -642,6 +626,33 @@ async fn upsert_chunk<'a>(
     }
 }
 
+/// The events with `ts` in `[from, to)` folded as of `cursor`, without the
+/// voided ones (what the aggregates of those buckets count).
+async fn folded_events(
+    tx: &mut Tx,
+    db: &Db,
+    (from, to): (DateTime<Utc>, DateTime<Utc>),
+    cursor: Cursor,
+) -> Result<Vec<crate::event::Event>, StoreError> {
+    let (columns, folded) = match db {
+        Db::Postgres(_) => (postgres::log_columns(), postgres::FOLDED_UP_TO),
+        Db::Sqlite(_) => (sqlite::log_columns(), sqlite::FOLDED_UP_TO),
+    };
+    let rows = tx
+        .fetch_all(
+            Sql::new(format!(
+                "SELECT {columns} FROM usage_events WHERE ts >= $1 AND ts < $2 AND {folded} \
+                 AND {NOT_VOIDED}"
+            ))
+            .bind(from)
+            .bind(to)
+            .bind(cursor.tx.to_string())
+            .bind(cursor.seq),
+        )
+        .await?;
+    Ok(log_events(&rows)?.into_iter().map(|(_, e)| e).collect())
+}
+
 /// Events read with a dialect's log columns, with their cursors.
 fn log_events(rows: &[Row]) -> Result<Vec<(Cursor, crate::event::Event)>, StoreError> {
     let cols = match rows.first() {
@@ -727,24 +738,7 @@ impl Restating {
         from: DateTime<Utc>,
         to: DateTime<Utc>,
     ) -> Result<Vec<crate::event::Event>, StoreError> {
-        let (columns, folded) = match &self.db {
-            Db::Postgres(_) => (postgres::log_columns(), postgres::FOLDED_UP_TO),
-            Db::Sqlite(_) => (sqlite::log_columns(), sqlite::FOLDED_UP_TO),
-        };
-        let rows = self
-            .tx
-            .fetch_all(
-                Sql::new(format!(
-                    "SELECT {columns} FROM usage_events WHERE ts >= $1 AND ts < $2 AND {folded} \
-                     AND {NOT_VOIDED}"
-                ))
-                .bind(from)
-                .bind(to)
-                .bind(self.cursor.tx.to_string())
-                .bind(self.cursor.seq),
-            )
-            .await?;
-        Ok(log_events(&rows)?.into_iter().map(|(_, e)| e).collect())
+        folded_events(&mut self.tx, &self.db, (from, to), self.cursor).await
     }
 
     /// Replaces the rows of one table with buckets in `[from, to)` by `rows`.

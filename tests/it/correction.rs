@@ -357,3 +357,27 @@ async fn wait_for(server: &TestServer, state: &str) -> usize {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// The same correction sent by several clients at once is recorded once;
+/// every answer is the same.
+#[tokio::test]
+async fn concurrent_submissions_of_one_correction_record_it_once() {
+    let st = support::store(Backend::Postgres).await;
+    let events = seeded_events("cc", 50, 5);
+    append_all(&st.store, &events, 50).await;
+    let server = TestServer::start(st.store.clone(), support::server_config()).await;
+    settled(&server).await;
+    let body =
+        json!({"id": "same", "reason": "race", "void": {"ids": [events[3].id, events[4].id]}});
+    let answers = futures::future::join_all(
+        (0..8).map(|_| send(&server, "POST", "/v1/corrections", body.clone())),
+    )
+    .await;
+    let created = answers.iter().filter(|(s, _)| *s == 201).count();
+    assert_eq!(created, 1, "{answers:?}");
+    for (status, answer) in &answers {
+        assert!(*status == 200 || *status == 201, "{answer}");
+        assert_eq!(answer, &answers[0].1);
+    }
+    assert_eq!(answers[0].1["voided"], 2);
+}

@@ -1091,7 +1091,9 @@ async fn nats_users_limited_to_their_subjects() {
     alerts.flush().await.expect("flush");
     let resp = reqwest::Client::new()
         .post(format!("{}/v1/alert-rules", server.base))
-        .json(&json!({"name": "burst", "severity": "critical", "measure": "requests", "window": "1m", "threshold": 5}))
+        // 5m, not 1m: a 1m window is the current minute only, so events sent
+        // at :59 and evaluated at :00 would not count (seen once in CI).
+        .json(&json!({"name": "burst", "severity": "critical", "measure": "requests", "window": "5m", "threshold": 5}))
         .send()
         .await
         .expect("rule");
