@@ -258,6 +258,7 @@ impl App {
                     .max(Duration::from_millis(500)),
                 self.state.restate_wake.clone(),
                 Some(self.state.signal.clone()),
+                self.projector_config.failpoints,
                 shutdown.clone(),
             )),
         ];

@@ -71,8 +71,9 @@ impl Default for ProjectorConfig {
     }
 }
 
-/// Probabilities of aborting the process at the projector's two crash points,
-/// set by `TALLY_FAILPOINTS=projector.before_commit=0.2,projector.after_commit=0.2`.
+/// Probabilities of aborting the process at the projector's crash points,
+/// set by `TALLY_FAILPOINTS=projector.before_commit=0.2,projector.after_commit=0.2`
+/// (and `restate.before_commit`).
 /// Only the crash tests set them.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Failpoints {
@@ -80,6 +81,8 @@ pub struct Failpoints {
     pub before_commit: f64,
     /// Right after the commit.
     pub after_commit: f64,
+    /// A restatement, between writing its rows and committing.
+    pub restate_before_commit: f64,
 }
 
 impl Failpoints {
@@ -96,13 +99,14 @@ impl Failpoints {
             match name {
                 "projector.before_commit" => f.before_commit = p,
                 "projector.after_commit" => f.after_commit = p,
-                _ => return Err(format!("unknown failpoint `{name}`; known: projector.before_commit, projector.after_commit")),
+                "restate.before_commit" => f.restate_before_commit = p,
+                _ => return Err(format!("unknown failpoint `{name}`; known: projector.before_commit, projector.after_commit, restate.before_commit")),
             }
         }
         Ok(f)
     }
 
-    fn fires(p: f64) -> bool {
+    pub(super) fn fires(p: f64) -> bool {
         p > 0.0 && rand::random::<f64>() < p
     }
 }
@@ -924,7 +928,7 @@ async fn run_one(
 }
 
 /// Test hook: stops the process the way `kill -9` would, at a named point.
-fn failpoint_abort(point: &str) -> ! {
+pub(super) fn failpoint_abort(point: &str) -> ! {
     eprintln!("failpoint {point}: aborting");
     std::process::abort()
 }

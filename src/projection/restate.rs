@@ -22,7 +22,7 @@ use chrono::{DateTime, Utc};
 use tokio_util::sync::CancellationToken;
 
 use super::fold::Fold;
-use super::projector::FoldSignal;
+use super::projector::{failpoint_abort, Failpoints, FoldSignal};
 use super::rebuild::{shadow_state, SHADOW_SUFFIX};
 use super::ProjectionError;
 use crate::aggregate::bucket::{bucket_start, next_bucket};
@@ -62,6 +62,7 @@ pub async fn restate(
     spec: &Spec,
     range: (DateTime<Utc>, DateTime<Utc>),
     done: Option<i64>,
+    failpoints: Failpoints,
 ) -> Result<Restated, ProjectionError> {
     let projections = store.projections();
     let hash = spec.hash();
@@ -73,6 +74,9 @@ pub async fn restate(
     match projections.begin_restatement(&spec.name, &hash).await? {
         Some(r) => {
             let (r, report) = restate_in(r, spec, "", range).await?;
+            if Failpoints::fires(failpoints.restate_before_commit) {
+                failpoint_abort("restate.before_commit");
+            }
             r.finish(done).await?;
             Ok(report)
         }
@@ -139,11 +143,12 @@ pub async fn run(
     poll: Duration,
     wake: Arc<tokio::sync::Notify>,
     signal: Option<Arc<FoldSignal>>,
+    failpoints: Failpoints,
     shutdown: CancellationToken,
 ) {
     let mut backoff = Backoff::new();
     while !shutdown.is_cancelled() {
-        match step(&store, &specs, signal.as_deref()).await {
+        match step(&store, &specs, signal.as_deref(), failpoints).await {
             Ok(true) => {
                 backoff.reset();
                 continue;
@@ -169,6 +174,7 @@ pub async fn step(
     store: &Store,
     specs: &[Arc<Spec>],
     signal: Option<&FoldSignal>,
+    failpoints: Failpoints,
 ) -> Result<bool, ProjectionError> {
     let pending: Vec<Restatement> = store.corrections().pending(100).await?;
     let Some((job, spec)) = pending.into_iter().find_map(|j| {
@@ -180,7 +186,7 @@ pub async fn step(
         return Ok(false);
     };
     let started = std::time::Instant::now();
-    let report = restate(store, &spec, (job.from, job.to), Some(job.id)).await?;
+    let report = restate(store, &spec, (job.from, job.to), Some(job.id), failpoints).await?;
     if let Some(signal) = signal {
         signal.committed(Some(job.from));
     }

@@ -10,6 +10,7 @@ use tally::event::Event;
 use tally::store::Backend;
 
 use crate::projection::oracle::{append_all, assert_matches_oracle, seeded_events};
+use crate::support::proc::TallyProc;
 use crate::support::{self, TestServer};
 
 async fn send(server: &TestServer, method: &str, path: &str, body: Value) -> (u16, Value) {
@@ -380,4 +381,123 @@ async fn concurrent_submissions_of_one_correction_record_it_once() {
         assert_eq!(answer, &answers[0].1);
     }
     assert_eq!(answers[0].1["voided"], 2);
+}
+
+/// `kill -9` in the middle of a restatement (a failpoint aborts `tally serve`
+/// between writing the restated rows and committing them): nothing of it is
+/// visible, the queue still holds it, and the restarted process redoes it
+/// while events keep arriving; afterwards every table equals the oracle.
+async fn a_crash_mid_restatement_redoes_it(backend: Backend) {
+    let (url, _dir) = support::database(backend, "restate_crash");
+    let store = support::open(&url).await;
+    let env = [
+        ("TALLY_FAILPOINTS", "restate.before_commit=1"),
+        ("TALLY_LATE_ARRIVAL_HORIZON", "3650d"),
+        ("TALLY_RETENTION_REJECTED", "forever"),
+        ("TALLY_PROJECTOR_POLL", "20ms"),
+    ];
+    let mut tally = TallyProc::start_http(&url, &env).await;
+    let mut events = seeded_events("rc", 3000, 31);
+    append_all(&store, &events, 500).await;
+    wait_caught_up(&store).await;
+    let before = snapshot(&store).await;
+    let (from, to) = ("2026-11-24T08:00:00Z", "2026-11-24T11:00:00Z");
+    let resp = reqwest::Client::new()
+        .post(format!("{}/v1/corrections", tally.base))
+        .json(&json!({"id": "crash", "reason": "test traffic", "void": {"key": "k2", "from": from, "to": to}}))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(resp.status().as_u16(), 201);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while tally.running() {
+        assert!(Instant::now() < deadline, "the failpoint did not fire");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(tally.log_text().contains("failpoint restate.before_commit"));
+    // The crash left the tables as they were and the restatements queued.
+    assert_eq!(
+        snapshot(&store).await,
+        before,
+        "a half restatement is visible"
+    );
+    assert!(!store
+        .corrections()
+        .pending(10)
+        .await
+        .expect("queue")
+        .is_empty());
+    // Events for the same hours arrive while it is down, then it restarts.
+    let later = seeded_events("rc2", 400, 32);
+    append_all(&store, &later, 100).await;
+    events.extend(later);
+    tally.set_env("TALLY_FAILPOINTS", "");
+    tally.spawn().await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let queued = store.corrections().pending(10).await.expect("queue");
+        if queued.is_empty() && lag(&store).await == Some(0) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not restated after the restart");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tally.kill9();
+    let voided: HashSet<String> = events
+        .iter()
+        .filter(|e| {
+            e.id.starts_with("rc-")
+                && e.key.as_deref() == Some("k2")
+                && e.ts >= support_time(from)
+                && e.ts < support_time(to)
+        })
+        .map(|e| e.id.clone())
+        .collect();
+    assert!(!voided.is_empty());
+    assert_tables(&store, &events, &voided).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_mid_restatement_redoes_it_sqlite() {
+    a_crash_mid_restatement_redoes_it(Backend::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_mid_restatement_redoes_it_postgres() {
+    a_crash_mid_restatement_redoes_it(Backend::Postgres).await;
+}
+
+/// Every row of every shipped table, to compare before and after.
+async fn snapshot(store: &tally::store::Store) -> Vec<String> {
+    let mut out = Vec::new();
+    for spec in specs() {
+        for &g in &spec.granularities {
+            let rows = store
+                .projections()
+                .read_agg(&spec, g, "")
+                .await
+                .expect("read table");
+            out.extend(rows.iter().map(|r| format!("{} {g:?} {r:?}", spec.name)));
+        }
+    }
+    out
+}
+
+/// Lag of every shipped projection (None: a checkpoint is missing).
+async fn lag(store: &tally::store::Store) -> Option<i64> {
+    let states = store.projections().projection_states().await.ok()?;
+    let mut total = 0;
+    for spec in specs() {
+        let s = states.iter().find(|s| s.name == spec.name)?;
+        total += store.projections().events_after(s.cursor).await.ok()?;
+    }
+    Some(total)
+}
+
+async fn wait_caught_up(store: &tally::store::Store) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while lag(store).await != Some(0) {
+        assert!(Instant::now() < deadline, "projections did not catch up");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }

@@ -59,6 +59,12 @@ impl TallyProc {
         p
     }
 
+    /// Sets (or replaces) an environment variable for the next launch.
+    pub fn set_env(&mut self, key: &str, value: &str) {
+        self.extra.retain(|(k, _)| k != key);
+        self.extra.push((key.to_string(), value.to_string()));
+    }
+
     /// (Re)starts the process with the same settings, without waiting for it.
     pub fn launch(&mut self) {
         let log = std::fs::OpenOptions::new()
