@@ -383,7 +383,21 @@ impl TempNats {
             child: None,
             config,
         };
-        nats.start_server()?;
+        // A free port can be taken by another process before nats-server
+        // binds it (parallel tests): then try another one.
+        let mut tries = 0;
+        loop {
+            match nats.start_server() {
+                Ok(()) => break,
+                Err(DevServerError::Failed { detail, .. })
+                    if tries < 5 && detail.contains("address already in use") =>
+                {
+                    tries += 1;
+                    nats.port = free_port()?;
+                }
+                Err(e) => return Err(e),
+            }
+        }
         spawn_nats_watchdog(&nats.dir);
         Ok(nats)
     }
