@@ -487,7 +487,7 @@ pub async fn reconcile_day(
     }
     let mut fold = Fold::new(spec);
     for e in &read.events {
-        fold.add(e);
+        fold.add(e, read.catalog.charge(e));
     }
     let delta = fold.finish();
     let mut differing = 0usize;

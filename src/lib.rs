@@ -28,8 +28,11 @@
 //! 8. [`correction`] — corrections: voiding events by id or by range
 //!    without touching the log; the affected buckets are restated by
 //!    [`projection::restate`].
-//! 9. [`http`] — the HTTP API: the only layer that knows axum, status codes
-//!    and JSON response shapes.
+//! 9. [`price`] — the price catalog: versioned prices per model (and api),
+//!    audited; a change reprices the folded events through the same
+//!    restatement. The cost rule itself is [`aggregate::price`].
+//! 10. [`http`] — the HTTP API: the only layer that knows axum, status codes
+//!     and JSON response shapes.
 //!
 //! Around the data flow: [`config`] (flags and `TALLY_*` variables),
 //! [`app`] (wiring and shutdown), [`auth`] (API tokens), [`jobs`] (retention,
@@ -60,6 +63,7 @@ pub mod jobs;
 pub mod lease;
 pub mod metrics;
 pub mod nats;
+pub mod price;
 pub mod projection;
 pub mod query;
 pub mod store;

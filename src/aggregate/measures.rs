@@ -8,6 +8,7 @@ use std::hash::Hasher;
 
 use chrono::{DateTime, Utc};
 
+use super::price::Charge;
 use super::sketch::{Bin, Sketch};
 use super::spec::{Dimension, Granularity};
 use crate::event::{ErrorType, Event};
@@ -74,19 +75,23 @@ pub struct Measures {
     pub tokens_in: i64,
     /// Sum of output tokens.
     pub tokens_out: i64,
-    /// Sum of cost in nano-units.
+    /// Sum of cost in nano-units (sent by the emitter or from the catalog).
     pub cost_nanos: i64,
+    /// The part of `cost_nanos` computed from the price catalog.
+    pub cost_from_catalog_nanos: i64,
+    /// Events with neither a `cost` nor a price in effect (counted at cost 0).
+    pub unpriced: i64,
 }
 
 impl Measures {
-    /// Counts one event.
-    pub fn add_event(&mut self, e: &Event) {
-        self.add_event_binned(e, e.latency_ms.map(Bin::of));
+    /// Counts one event, whose cost the catalog's rule found to be `charge`.
+    pub fn add_event(&mut self, e: &Event, charge: Charge) {
+        self.add_event_binned(e, e.latency_ms.map(Bin::of), charge);
     }
 
     /// Counts one event whose latency bin was computed already (`None`: the
     /// caller sketches the latency itself, as [`Fold`] does).
-    pub fn add_event_binned(&mut self, e: &Event, bin: Option<Bin>) {
+    pub fn add_event_binned(&mut self, e: &Event, bin: Option<Bin>, charge: Charge) {
         let add = |a: &mut i64, b: i64| *a = a.saturating_add(b);
         add(&mut self.requests, 1);
         if e.success {
@@ -114,7 +119,14 @@ impl Measures {
         add(&mut self.response_bytes, e.response_bytes.unwrap_or(0));
         add(&mut self.tokens_in, e.tokens_in.unwrap_or(0));
         add(&mut self.tokens_out, e.tokens_out.unwrap_or(0));
-        add(&mut self.cost_nanos, e.cost_nanos.unwrap_or(0));
+        match charge {
+            Charge::Sent(n) => add(&mut self.cost_nanos, n),
+            Charge::Catalog(n) => {
+                add(&mut self.cost_nanos, n);
+                add(&mut self.cost_from_catalog_nanos, n);
+            }
+            Charge::Unpriced => add(&mut self.unpriced, 1),
+        }
     }
 
     /// Adds another row's measures (what an upsert does in SQL).
@@ -137,6 +149,8 @@ impl Measures {
         add(&mut self.tokens_in, o.tokens_in);
         add(&mut self.tokens_out, o.tokens_out);
         add(&mut self.cost_nanos, o.cost_nanos);
+        add(&mut self.cost_from_catalog_nanos, o.cost_from_catalog_nanos);
+        add(&mut self.unpriced, o.unpriced);
     }
 
     /// Estimated latency quantile in ms (see [`super::sketch`] for the error

@@ -115,7 +115,7 @@ pub struct AuditEntry {
     pub after: Value,
 }
 
-fn audit_view(a: &AuditRow) -> AuditEntry {
+pub(super) fn audit_view(a: &AuditRow) -> AuditEntry {
     let parse = |s: &Option<String>| {
         s.as_deref()
             .and_then(|s| serde_json::from_str::<Value>(s).ok())

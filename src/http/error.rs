@@ -7,6 +7,7 @@ use axum::Json;
 
 use crate::alert::AlertError;
 use crate::correction::CorrectionError;
+use crate::price::PriceError;
 use crate::query::QueryError;
 
 /// An error answer: `{"code": "...", "error": "..."}` with a status.
@@ -93,6 +94,27 @@ impl From<CorrectionError> for ApiError {
             }
             CorrectionError::Store(_) => {
                 tracing::error!(error = %e, "correction failed");
+                (StatusCode::INTERNAL_SERVER_ERROR, "internal")
+            }
+        };
+        ApiError::new(status, code, e.to_string())
+    }
+}
+
+impl From<PriceError> for ApiError {
+    fn from(e: PriceError) -> Self {
+        let (status, code) = match &e {
+            PriceError::Invalid(_) => (StatusCode::BAD_REQUEST, "invalid_price"),
+            PriceError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+            PriceError::Store(s) if !s.is_data_error() => {
+                return ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "unavailable",
+                    format!("database unavailable: {s}"),
+                )
+            }
+            PriceError::Store(_) => {
+                tracing::error!(error = %e, "price change failed");
                 (StatusCode::INTERNAL_SERVER_ERROR, "internal")
             }
         };

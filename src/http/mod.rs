@@ -15,6 +15,7 @@ pub mod error;
 pub mod ingest;
 pub mod openapi;
 pub mod ops;
+pub mod prices;
 pub mod query;
 pub mod serve;
 pub mod state;
@@ -56,6 +57,10 @@ pub(crate) fn routes() -> OpenApiRouter<AppState> {
         ))
         .routes(routes!(corrections::get_correction))
         .routes(routes!(corrections::revert_correction))
+        .routes(routes!(prices::list_prices, prices::put_prices))
+        .routes(routes!(prices::delete_price))
+        .routes(routes!(prices::price_audit))
+        .routes(routes!(prices::reprice))
         .routes(routes!(query::get_projections))
         .routes(routes!(query::get_openapi))
         .routes(routes!(ops::metrics))

@@ -86,6 +86,7 @@ pub struct ErrorBody {
         (name = "query", description = "Aggregates out"),
         (name = "alerts", description = "Alert rules, alerts and key quotas"),
         (name = "corrections", description = "Voiding events and undoing that; the aggregates are restated"),
+        (name = "prices", description = "The price catalog: cost for events sent without one; changes reprice the aggregates"),
         (name = "operations", description = "Probes, metrics and this document"),
     )
 )]

@@ -8,6 +8,7 @@ use crate::config::{ServerConfig, Switch};
 use crate::correction::Corrector;
 use crate::health::Health;
 use crate::ingest::Intake;
+use crate::price::Pricer;
 use crate::projection::projector::FoldSignal;
 use crate::query::Catalog;
 use crate::store::Store;
@@ -36,6 +37,8 @@ pub struct AppState {
     pub dashboard: Option<Duration>,
     /// Records corrections and wakes the restater.
     pub corrector: Arc<Corrector>,
+    /// Records price changes and wakes the restater.
+    pub pricer: Arc<Pricer>,
     /// Wakes the restater (queued restatements).
     pub restate_wake: Arc<tokio::sync::Notify>,
 }
@@ -65,6 +68,7 @@ impl AppState {
             )),
             dashboard: (config.dashboard == Switch::On).then_some(config.dashboard_refresh),
             corrector,
+            pricer: Arc::new(Pricer::new(store.clone(), Some(restate_wake.clone()))),
             restate_wake,
         }
     }

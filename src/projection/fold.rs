@@ -15,6 +15,7 @@ use crate::aggregate::bucket::bucket_start;
 use crate::aggregate::measures::{
     dimension_str, Delta, Measures, RowKey, RowKeyRef, Rows, SeededFx,
 };
+use crate::aggregate::price::Charge;
 use crate::aggregate::sketch::{Bin, Sketch};
 use crate::aggregate::spec::{Dimension, Granularity, Spec};
 use crate::event::Event;
@@ -136,14 +137,16 @@ impl Fold {
         }
     }
 
-    /// Folds one event.
-    pub fn add(&mut self, e: &Event) {
-        self.add_binned(e, e.latency_ms.map(Bin::of));
+    /// Folds one event, costed `charge` (see [`Catalog::charge`]).
+    ///
+    /// [`Catalog::charge`]: crate::aggregate::price::Catalog::charge
+    pub fn add(&mut self, e: &Event, charge: Charge) {
+        self.add_binned(e, e.latency_ms.map(Bin::of), charge);
     }
 
     /// [`Fold::add`] with the event's latency bin computed by the caller
     /// (once per event for all projections of a group).
-    pub fn add_binned(&mut self, e: &Event, bin: Option<Bin>) {
+    pub fn add_binned(&mut self, e: &Event, bin: Option<Bin>, charge: Charge) {
         let mut buckets = [0i64; MAX_GRANULARITIES];
         for (slot, &g) in buckets.iter_mut().zip(&self.granularities) {
             *slot = bucket_us(e.ts, g, self.timezone, &mut self.month_of_day);
@@ -190,7 +193,7 @@ impl Fold {
             }
         };
         let row = &mut rows[i];
-        row.measures.add_event_binned(e, None);
+        row.measures.add_event_binned(e, None, charge);
         if e.latency_ms.is_some() {
             match bin {
                 Some(Bin::Index(b)) => row.bins.push(b),
@@ -288,7 +291,7 @@ mod tests {
     fn percentiles_stay_within_the_observed_min_and_max() {
         let high = latency_binned_high();
         let mut m = Measures::default();
-        m.add_event(&event(0, 1, 1, Some(high), false));
+        m.add_event(&event(0, 1, 1, Some(high), false), Charge::Unpriced);
         let [p50, p99] = m.latency_quantiles([0.5, 0.99]);
         assert!(
             m.sketch.quantile(0.99).is_some_and(|q| q > high),
@@ -300,7 +303,7 @@ mod tests {
         // Several values: every percentile within [min, max].
         let mut m = Measures::default();
         for (i, v) in [high, 12.5, 300.0, 47.25].into_iter().enumerate() {
-            m.add_event(&event(i as i64, 1, 1, Some(v), false));
+            m.add_event(&event(i as i64, 1, 1, Some(v), false), Charge::Unpriced);
         }
         for q in [0.0, 0.01, 0.5, 0.95, 0.99, 1.0] {
             let v = m.latency_quantile(q).expect("latencies");
@@ -335,6 +338,16 @@ mod tests {
         }
     }
 
+    /// Sent costs for some events, and catalog costs or none for the rest,
+    /// so every measure of the cost rule is exercised.
+    fn charge(e: &Event) -> Charge {
+        match e.ts.timestamp() % 3 {
+            0 => Charge::Sent(e.cost_nanos.unwrap_or(0)),
+            1 => Charge::Catalog(e.tokens_in.unwrap_or(0) * 7),
+            _ => Charge::Unpriced,
+        }
+    }
+
     /// The fold as first written: every event into every granularity table.
     fn naive(
         spec: &Spec,
@@ -353,7 +366,7 @@ mod tests {
                             .map(|&d| dimension_value(e, d))
                             .collect(),
                     };
-                    rows.entry(key).or_default().add_event(e);
+                    rows.entry(key).or_default().add_event(e, charge(e));
                 }
                 (g, rows)
             })
@@ -384,7 +397,7 @@ mod tests {
             ][shape];
             let spec = spec(dims, grans, tz);
             let mut fold = Fold::new(&spec);
-            events.iter().for_each(|e| fold.add(e));
+            events.iter().for_each(|e| fold.add(e, charge(e)));
             prop_assert_eq!(fold.events(), events.len());
             let delta = fold.finish();
             let expected = naive(&spec, &events);

@@ -30,6 +30,7 @@ use tokio_util::sync::CancellationToken;
 use super::fold::Fold;
 use super::ProjectionError;
 use crate::aggregate::measures::Delta;
+use crate::aggregate::price::Catalog;
 use crate::aggregate::sketch::Bin;
 use crate::aggregate::spec::Spec;
 use crate::backoff::Backoff;
@@ -235,6 +236,11 @@ pub struct FoldGroup {
     prefetched: Option<Prepared>,
     last_write: Instant,
     failpoints: Failpoints,
+    /// The price catalog events are costed with; `None`: load it before the
+    /// next read. Loaded only after the members' generations were read, so
+    /// a catalog change (which bumps every generation) committed before that
+    /// read is in it, and one committed after makes the apply stale.
+    catalog: Option<Arc<Catalog>>,
 }
 
 /// How soon a group first reads again when committed events were held back
@@ -291,6 +297,7 @@ impl FoldGroup {
             prefetched: None,
             last_write: Instant::now(),
             failpoints: Failpoints::default(),
+            catalog: None,
         }
     }
 
@@ -330,6 +337,7 @@ impl FoldGroup {
         }
         self.marks.clear();
         self.prefetched = None;
+        self.catalog = None;
         Ok(())
     }
 
@@ -359,6 +367,14 @@ impl FoldGroup {
         }
         let limit = limit.max(1);
         let started = Instant::now();
+        let catalog = match &self.catalog {
+            Some(c) => c.clone(),
+            None => {
+                let c = Arc::new(self.store.prices().catalog().await?);
+                self.catalog = Some(c.clone());
+                c
+            }
+        };
         let prepared = match self.prefetched.take() {
             Some(p) if p.leading == leading => p,
             _ => {
@@ -366,6 +382,7 @@ impl FoldGroup {
                 prepare(
                     &self.store,
                     &self.members,
+                    &catalog,
                     &mut self.marks,
                     leading.clone(),
                     base,
@@ -418,6 +435,7 @@ impl FoldGroup {
             let next = prepare(
                 &store,
                 &self.members,
+                &catalog,
                 &mut self.marks,
                 prepared.leading.clone(),
                 prepared.to.clone(),
@@ -637,6 +655,7 @@ struct Prepared {
 async fn prepare(
     store: &Store,
     members: &[Member],
+    catalog: &Catalog,
     marks: &mut VecDeque<Watermark>,
     leading: Vec<usize>,
     base: Vec<Cursor>,
@@ -682,9 +701,10 @@ async fn prepare(
             }
             oldest = Some(oldest.map_or(e.ts, |o: DateTime<Utc>| o.min(e.ts)));
             let bin = e.latency_ms.map(Bin::of);
+            let charge = catalog.charge(e);
             for (k, fold) in folds.iter_mut().enumerate() {
                 if *cursor > base[k] {
-                    fold.add_binned(e, bin);
+                    fold.add_binned(e, bin, charge);
                     to[k] = *cursor;
                 }
             }
@@ -788,6 +808,7 @@ impl Projector {
                 prefetched: None,
                 last_write: Instant::now(),
                 failpoints: Failpoints::default(),
+                catalog: None,
             },
         })
     }

@@ -26,10 +26,11 @@ use super::projector::{failpoint_abort, Failpoints, FoldSignal};
 use super::rebuild::{shadow_state, SHADOW_SUFFIX};
 use super::ProjectionError;
 use crate::aggregate::bucket::{bucket_start, next_bucket};
+use crate::aggregate::measures::{RowKey, Rows};
 use crate::aggregate::spec::{Granularity, Spec};
 use crate::backoff::Backoff;
 use crate::store::corrections::Restatement;
-use crate::store::{Restating, Store};
+use crate::store::{AggRow, Restating, Store};
 
 /// Events read from the log per statement: one hour of event time.
 const READ_SPAN: chrono::Duration = chrono::Duration::hours(1);
@@ -97,39 +98,80 @@ async fn restate_in(
 ) -> Result<(Restating, Restated), ProjectionError> {
     let tz = spec.timezone;
     let mut report = Restated::default();
-    for &g in &spec.granularities {
+    let mut grans = spec.granularities.clone();
+    grans.sort();
+    let mut finer: Option<Granularity> = None;
+    for g in grans {
         // Buckets past a granularity's retention are restated too: queries
         // never read them, and the next retention run deletes them again.
         let start = bucket_start(from, g, tz);
         let end = ceil(to, g, tz);
-        let one = Spec {
-            granularities: vec![g],
-            ..spec.clone()
+        let rows = match finer.filter(|&f| sums_up(spec, f, start)) {
+            // A coarse bucket is the sum of the finer rows just restated and
+            // the untouched ones beside them: no event is read twice, and a
+            // month costs its day rows instead of its events.
+            Some(f) => roll_up(r.rows(spec, suffix, f, (start, end)).await?, g, tz),
+            None => {
+                let one = Spec {
+                    granularities: vec![g],
+                    ..spec.clone()
+                };
+                let mut fold = Fold::new(&one);
+                let mut at = start;
+                while at < end {
+                    let until = (at + READ_SPAN).min(end);
+                    let events = r.events(at, until).await?;
+                    report.events += events.len();
+                    for e in &events {
+                        fold.add(e, r.catalog().charge(e));
+                    }
+                    at = until;
+                }
+                fold.finish()
+                    .tables
+                    .into_iter()
+                    .find(|(tg, _)| *tg == g)
+                    .map(|(_, rows)| rows)
+                    .unwrap_or_default()
+            }
         };
-        let mut fold = Fold::new(&one);
-        let mut at = start;
-        while at < end {
-            let until = (at + READ_SPAN).min(end);
-            let events = r.events(at, until).await?;
-            report.events += events.len();
-            for e in &events {
-                fold.add(e);
-            }
-            at = until;
-        }
-        let delta = fold.finish();
-        for (tg, rows) in &delta.tables {
-            if *tg == g {
-                report.rows += rows.len();
-                r.replace(spec, suffix, g, (start, end), rows).await?;
-            }
-        }
-        if delta.tables.is_empty() {
-            r.replace(spec, suffix, g, (start, end), &Default::default())
-                .await?;
-        }
+        report.rows += rows.len();
+        r.replace(spec, suffix, g, (start, end), &rows).await?;
+        finer = Some(g);
     }
     Ok((r, report))
+}
+
+/// Whether `spec`'s `finer` table, from `start` on, sums exactly to every
+/// coarser one: in UTC every coarser bucket is a whole number of finer ones
+/// (elsewhere a half-hour DST shift can split an hour across two days), and
+/// retention must not have deleted finer rows there yet (a day of margin).
+fn sums_up(spec: &Spec, finer: Granularity, start: DateTime<Utc>) -> bool {
+    spec.timezone == chrono_tz::Tz::UTC
+        && spec.retention.get(&finer).is_none_or(|keep| {
+            chrono::Duration::from_std(*keep)
+                .ok()
+                .and_then(|keep| Utc::now().checked_sub_signed(keep + chrono::Duration::days(1)))
+                .is_some_and(|oldest| start >= oldest)
+        })
+}
+
+/// Finer rows summed into `g` buckets (measures merge exactly, sketches included).
+fn roll_up(rows: Vec<AggRow>, g: Granularity, tz: chrono_tz::Tz) -> Rows {
+    let mut out = Rows::default();
+    for row in rows {
+        let key = RowKey {
+            bucket: bucket_start(row.bucket, g, tz),
+            dims: row.dims,
+        };
+        match out.get_mut(&key) {
+            Some(m) => m.merge(&row.measures),
+            None => {
+                out.insert(key, row.measures);
+            }
+        }
+    }
+    out
 }
 
 /// Runs queued restatements until `shutdown`: looks every `poll` (and at

@@ -106,6 +106,14 @@ pub struct MeasuresOut {
     pub cost: String,
     /// The same cost as an integer number of nano-units.
     pub cost_nanos: i64,
+    /// The part of `cost` computed from the price catalog (events sent
+    /// without a `cost`), exact decimal.
+    #[schema(pattern = r"^-?[0-9]+\.[0-9]{9}$", example = "0.000250000")]
+    pub cost_from_catalog: String,
+    /// The same as an integer number of nano-units.
+    pub cost_from_catalog_nanos: i64,
+    /// Events with neither a `cost` nor a price in effect (counted at cost 0).
+    pub unpriced: i64,
 }
 
 impl From<&Measures> for MeasuresOut {
@@ -140,6 +148,9 @@ impl From<&Measures> for MeasuresOut {
             tokens_out: m.tokens_out,
             cost: format_nanos(m.cost_nanos),
             cost_nanos: m.cost_nanos,
+            cost_from_catalog: format_nanos(m.cost_from_catalog_nanos),
+            cost_from_catalog_nanos: m.cost_from_catalog_nanos,
+            unpriced: m.unpriced,
         }
     }
 }

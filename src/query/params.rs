@@ -31,10 +31,12 @@ pub enum OrderBy {
     ResponseBytes,
     /// Cache hits.
     Cached,
+    /// Events without a cost or a price.
+    Unpriced,
 }
 
 impl OrderBy {
-    const NAMES: [(&'static str, OrderBy); 10] = [
+    const NAMES: [(&'static str, OrderBy); 11] = [
         ("requests", OrderBy::Requests),
         ("successes", OrderBy::Successes),
         ("errors", OrderBy::Errors),
@@ -45,10 +47,11 @@ impl OrderBy {
         ("request_bytes", OrderBy::RequestBytes),
         ("response_bytes", OrderBy::ResponseBytes),
         ("cached", OrderBy::Cached),
+        ("unpriced", OrderBy::Unpriced),
     ];
 
     /// Every wire name, in documentation order.
-    pub fn names() -> [&'static str; 10] {
+    pub fn names() -> [&'static str; 11] {
         Self::NAMES.map(|(n, _)| n)
     }
 
@@ -90,6 +93,7 @@ impl OrderBy {
             OrderBy::RequestBytes => "sum(request_bytes)",
             OrderBy::ResponseBytes => "sum(response_bytes)",
             OrderBy::Cached => "sum(cache_hits)",
+            OrderBy::Unpriced => "sum(unpriced)",
         }
     }
 
@@ -106,6 +110,7 @@ impl OrderBy {
             OrderBy::RequestBytes => m.request_bytes,
             OrderBy::ResponseBytes => m.response_bytes,
             OrderBy::Cached => m.cache_hits,
+            OrderBy::Unpriced => m.unpriced,
         };
         i128::from(v)
     }

@@ -16,7 +16,7 @@ pub enum OutputFormat {
 }
 
 /// Measure columns: (header, JSON pointer, shown in the table).
-const MEASURES: [(&str, &str, bool); 22] = [
+const MEASURES: [(&str, &str, bool); 25] = [
     ("requests", "/requests", true),
     ("successes", "/successes", false),
     ("errors", "/errors", true),
@@ -39,6 +39,9 @@ const MEASURES: [(&str, &str, bool); 22] = [
     ("tokens_out", "/tokens_out", true),
     ("cost", "/cost", true),
     ("cost_nanos", "/cost_nanos", false),
+    ("cost_from_catalog", "/cost_from_catalog", false),
+    ("cost_from_catalog_nanos", "/cost_from_catalog_nanos", false),
+    ("unpriced", "/unpriced", false),
 ];
 
 fn cell(v: Option<&Value>) -> String {

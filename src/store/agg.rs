@@ -132,7 +132,7 @@ pub struct AggRow {
 }
 
 /// Integer measure columns, in [`int_values`] order.
-pub const INT_COLUMNS: [&str; 16] = [
+pub const INT_COLUMNS: [&str; 18] = [
     "requests",
     "successes",
     "errors",
@@ -149,7 +149,13 @@ pub const INT_COLUMNS: [&str; 16] = [
     "tokens_in",
     "tokens_out",
     "cost_nanos",
+    "cost_from_catalog_nanos",
+    "unpriced",
 ];
+
+/// Columns added after tables were first created (issue 21): an existing
+/// table gets them with `ALTER TABLE`, and its buckets are restated.
+pub const ADDED_COLUMNS: [&str; 2] = ["cost_from_catalog_nanos", "unpriced"];
 
 /// Nullable float columns, in [`float_values`] order.
 pub const FLOAT_COLUMNS: [&str; 5] = [
@@ -161,7 +167,7 @@ pub const FLOAT_COLUMNS: [&str; 5] = [
 ];
 
 /// The integer measures of a row, in [`INT_COLUMNS`] order.
-pub fn int_values(m: &Measures) -> [i64; 16] {
+pub fn int_values(m: &Measures) -> [i64; INT_COLUMNS.len()] {
     let [rl, to, se, ce, ot] = m.errors_by_type;
     [
         m.requests,
@@ -180,6 +186,8 @@ pub fn int_values(m: &Measures) -> [i64; 16] {
         m.tokens_in,
         m.tokens_out,
         m.cost_nanos,
+        m.cost_from_catalog_nanos,
+        m.unpriced,
     ]
 }
 
@@ -198,12 +206,12 @@ pub fn float_values(delta: &Measures, merged: &Sketch) -> [Option<f64>; 5] {
 
 /// Rebuilds [`Measures`] from stored columns.
 pub fn measures_from(
-    ints: [i64; 16],
+    ints: [i64; INT_COLUMNS.len()],
     min: Option<f64>,
     max: Option<f64>,
     sketch: Sketch,
 ) -> Measures {
-    let [requests, successes, errors, rl, to, se, ce, ot, cache_hits, latency_count, latency_sum_us, request_bytes, response_bytes, tokens_in, tokens_out, cost_nanos] =
+    let [requests, successes, errors, rl, to, se, ce, ot, cache_hits, latency_count, latency_sum_us, request_bytes, response_bytes, tokens_in, tokens_out, cost_nanos, cost_from_catalog_nanos, unpriced] =
         ints;
     Measures {
         requests,
@@ -221,6 +229,8 @@ pub fn measures_from(
         tokens_in,
         tokens_out,
         cost_nanos,
+        cost_from_catalog_nanos,
+        unpriced,
     }
 }
 
@@ -368,7 +378,7 @@ where
         .map(|i| row.try_get::<String, _>(1 + i))
         .collect::<Result<Vec<_>, _>>()?;
     let base = 1 + dims;
-    let mut ints = [0i64; 16];
+    let mut ints = [0i64; INT_COLUMNS.len()];
     for (i, v) in ints.iter_mut().enumerate() {
         *v = row.try_get(base + i)?;
     }

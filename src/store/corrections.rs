@@ -499,7 +499,18 @@ async fn queue(
             })?;
         hours.insert(hour);
     }
-    for (from, to) in merge_hours(&hours) {
+    queue_ranges(tx, projections, &merge_hours(&hours), cause, now).await
+}
+
+/// Queues the restatement of each of `projections` over each range.
+pub(crate) async fn queue_ranges(
+    tx: &mut Tx,
+    projections: &[String],
+    ranges: &[(DateTime<Utc>, DateTime<Utc>)],
+    cause: &str,
+    now: DateTime<Utc>,
+) -> Result<(), StoreError> {
+    for &(from, to) in ranges {
         for p in projections {
             tx.execute(
                 Sql::new(

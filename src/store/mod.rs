@@ -19,6 +19,7 @@ pub mod jobs;
 pub mod leases;
 pub mod log;
 mod postgres;
+pub mod prices;
 pub mod projections;
 mod snapshot;
 pub mod sqlite;
@@ -33,6 +34,7 @@ pub use corrections::Corrections;
 pub use jobs::Jobs;
 pub use leases::Leases;
 pub use log::EventLog;
+pub use prices::Prices;
 pub use projections::{Projections, Restating, UPSERT_CHUNK};
 pub use snapshot::AlertSnapshot;
 pub use tokens::Tokens;
@@ -233,6 +235,8 @@ pub struct ReconcileRead {
     pub stored: Vec<(Granularity, Vec<AggRow>)>,
     /// The events those rows should have been folded from.
     pub events: Vec<Event>,
+    /// The price catalog at the snapshot, to cost them with.
+    pub catalog: crate::aggregate::price::Catalog,
 }
 
 /// One connection pool's usage.
@@ -307,6 +311,7 @@ pub struct Store {
     tokens: Tokens,
     jobs: Jobs,
     corrections: Corrections,
+    prices: Prices,
 }
 
 impl Store {
@@ -319,6 +324,7 @@ impl Store {
             tokens: Tokens::new(db.clone()),
             jobs: Jobs::new(db.clone()),
             corrections: Corrections::new(db.clone()),
+            prices: Prices::new(db.clone()),
             db,
         }
     }
@@ -361,6 +367,11 @@ impl Store {
     /// Corrections (voided events) and the restatement queue.
     pub fn corrections(&self) -> &Corrections {
         &self.corrections
+    }
+
+    /// The price catalog and its audit trail.
+    pub fn prices(&self) -> &Prices {
+        &self.prices
     }
 
     /// Applies pending migrations from `schema/<backend>/` (idempotent).

@@ -235,6 +235,11 @@ pub(crate) async fn maintenance(p: &Pools) -> Result<Vec<String>, StoreError> {
 }
 
 /// An event's log transaction as a number (`usage_events` as `e`).
+/// The column names of table `$1` (in the current schema).
+pub(crate) const TABLE_COLUMNS: &str =
+    "SELECT column_name AS name FROM information_schema.columns \
+     WHERE table_schema = current_schema() AND table_name = $1";
+
 pub(crate) const EVENT_TX: &str = "e.tx::text::bigint";
 
 /// The condition "folded as of the cursor `($3, $4)`": `tx` is an `xid8`,

@@ -8,7 +8,7 @@ use chrono::{DateTime, Utc};
 
 use super::agg::{
     agg_row_from, all_columns, create_table_sql, float_values, index_sql, int_values, key_columns,
-    merged_sketch, query_select, table, FLOAT_COLUMNS, INT_COLUMNS,
+    merged_sketch, query_select, table, ADDED_COLUMNS, FLOAT_COLUMNS, INT_COLUMNS,
 };
 use super::db::{Arg, Db, Row, Sql, Tx};
 use super::log::{EventColumns, NOT_VOIDED};
@@ -113,10 +113,25 @@ impl Projections {
         if let Tx::Postgres(tx) = &mut tx {
             postgres::ddl_lock(tx).await?;
         }
+        let mut upgraded = false;
         for &g in &spec.granularities {
             let t = table(spec, g, suffix);
             tx.execute(Sql::new(create_table_sql(self.db.backend(), spec, &t)))
                 .await?;
+            upgraded |= add_missing_columns(&mut tx, &self.db, &t).await?;
+        }
+        if upgraded {
+            // Tables from before the price catalog: their rows lack the new
+            // measures, so every bucket is restated (in month pieces).
+            let live = state.split('~').next().unwrap_or(state).to_string();
+            super::prices::queue_over_log(
+                &mut tx,
+                &[live],
+                vec![(DateTime::<Utc>::MIN_UTC, DateTime::<Utc>::MAX_UTC)],
+                "upgrade: new measure columns",
+                Utc::now(),
+            )
+            .await?;
         }
         let now = Utc::now();
         tx.execute(
@@ -436,6 +451,7 @@ impl Projections {
                 cursor: None,
                 stored: Vec::new(),
                 events: Vec::new(),
+                catalog: Default::default(),
             });
         };
         let cursor = Cursor {
@@ -464,13 +480,45 @@ impl Projections {
             stored.push((g, rows));
         }
         let events = folded_events(&mut tx, &self.db, (from, to), cursor).await?;
+        let catalog = super::prices::Prices::catalog_in(&mut tx).await?;
         tx.commit().await?;
         Ok(ReconcileRead {
             cursor: Some(cursor),
             stored,
             events,
+            catalog,
         })
     }
+}
+
+/// Adds the [`ADDED_COLUMNS`] a table lacks (it was created by an older
+/// Tally); true when it lacked any.
+async fn add_missing_columns(tx: &mut Tx, db: &Db, table: &str) -> Result<bool, StoreError> {
+    let sql = match db.backend() {
+        super::Backend::Postgres => postgres::TABLE_COLUMNS,
+        super::Backend::Sqlite => sqlite::TABLE_COLUMNS,
+    };
+    let have: Vec<String> = tx
+        .fetch_all(Sql::new(sql).bind(table))
+        .await?
+        .iter()
+        .map(|r| r.get::<String, _>("name"))
+        .collect::<Result<_, _>>()?;
+    let int = match db.backend() {
+        super::Backend::Postgres => "BIGINT",
+        super::Backend::Sqlite => "INTEGER",
+    };
+    let mut added = false;
+    for c in ADDED_COLUMNS {
+        if !have.iter().any(|h| h == c) {
+            tx.execute(Sql::new(format!(
+                "ALTER TABLE {table} ADD COLUMN {c} {int} NOT NULL DEFAULT 0"
+            )))
+            .await?;
+            added = true;
+        }
+    }
+    Ok(added)
 }
 
 /// One projection's share of [`Projections::apply_fold`] inside `tx`: the
@@ -677,6 +725,7 @@ pub struct Restating {
     tx: Tx,
     db: Db,
     cursor: Cursor,
+    catalog: crate::aggregate::price::Catalog,
 }
 
 impl Projections {
@@ -717,10 +766,15 @@ impl Projections {
             tx: row.get("cursor_tx")?,
             seq: row.get("cursor_seq")?,
         };
+        // Read under the row lock: a price change committed before it is
+        // here; one committing later bumps the generation again and queues
+        // its own restatement.
+        let catalog = super::prices::Prices::catalog_in(&mut tx).await?;
         Ok(Some(Restating {
             tx,
             db: self.db.clone(),
             cursor,
+            catalog,
         }))
     }
 }
@@ -731,6 +785,11 @@ impl Restating {
         self.cursor
     }
 
+    /// The price catalog the restated buckets are costed with.
+    pub fn catalog(&self) -> &crate::aggregate::price::Catalog {
+        &self.catalog
+    }
+
     /// The events with `ts` in `[from, to)` that the checkpoint has folded
     /// (events after it are the projector's to fold), without voided ones.
     pub async fn events(
@@ -739,6 +798,32 @@ impl Restating {
         to: DateTime<Utc>,
     ) -> Result<Vec<crate::event::Event>, StoreError> {
         folded_events(&mut self.tx, &self.db, (from, to), self.cursor).await
+    }
+
+    /// The rows of one table with buckets in `[from, to)`, as this
+    /// transaction sees them (a finer table just restated, for a coarser one
+    /// to be summed from).
+    pub async fn rows(
+        &mut self,
+        spec: &Spec,
+        suffix: &str,
+        g: Granularity,
+        (from, to): (DateTime<Utc>, DateTime<Utc>),
+    ) -> Result<Vec<AggRow>, StoreError> {
+        let t = table(spec, g, suffix);
+        let rows = self
+            .tx
+            .fetch_all(
+                Sql::new(format!(
+                    "SELECT {} FROM {t} WHERE bucket >= $1 AND bucket < $2",
+                    all_columns(spec)
+                ))
+                .bind(from)
+                .bind(to),
+            )
+            .await?;
+        let n = spec.dimensions.len();
+        rows.iter().map(|r| agg_row(r, n, &t)).collect()
     }
 
     /// Replaces the rows of one table with buckets in `[from, to)` by `rows`.

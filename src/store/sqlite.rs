@@ -206,6 +206,9 @@ pub(crate) async fn maintenance(p: &Pools) -> Result<Vec<String>, StoreError> {
 }
 
 /// An event's log transaction as a number (`usage_events` as `e`): none on SQLite.
+/// The column names of table `$1`.
+pub(crate) const TABLE_COLUMNS: &str = "SELECT name FROM pragma_table_info($1)";
+
 pub(crate) const EVENT_TX: &str = "0";
 
 /// The condition "folded as of the cursor `($3, $4)`": `tx` is always 0 on

@@ -9,6 +9,7 @@ mod hardening;
 mod ingest_http;
 mod ingest_nats;
 mod ops;
+mod price;
 mod projection;
 mod prop;
 mod query;

@@ -53,6 +53,57 @@ pub struct OracleRow {
     pub tokens_in: i64,
     pub tokens_out: i64,
     pub cost_nanos: i64,
+    pub cost_from_catalog_nanos: i64,
+    pub unpriced: i64,
+}
+
+/// A price as the oracle applies it: amounts in nano-units (per million
+/// tokens for token prices); `api: None` is any api.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OraclePrice {
+    pub api: Option<String>,
+    pub model: String,
+    pub from: DateTime<Utc>,
+    pub input: i64,
+    pub output: i64,
+    pub cached_input: Option<i64>,
+    pub per_request: Option<i64>,
+}
+
+/// The documented cost rule, written again: the sent cost; else the price of
+/// (api, model), else of the model alone, latest `from` at or before `ts`,
+/// rounded half to even once; else unpriced. Returns (cost, from catalog, unpriced).
+pub fn oracle_charge(e: &Event, prices: &[OraclePrice]) -> (i64, i64, i64) {
+    if let Some(c) = e.cost_nanos {
+        return (c, 0, 0);
+    }
+    let Some(model) = e.model.as_deref() else {
+        return (0, 0, 1);
+    };
+    let latest = |api: Option<&str>| {
+        prices
+            .iter()
+            .filter(|p| p.model == model && p.api.as_deref() == api && p.from <= e.ts)
+            .max_by_key(|p| p.from)
+    };
+    let Some(p) = latest(Some(e.api.as_str())).or_else(|| latest(None)) else {
+        return (0, 0, 1);
+    };
+    let input = if e.cached {
+        p.cached_input.unwrap_or(p.input)
+    } else {
+        p.input
+    };
+    let total = i128::from(e.tokens_in.unwrap_or(0)) * i128::from(input)
+        + i128::from(e.tokens_out.unwrap_or(0)) * i128::from(p.output);
+    let (q, r) = (total / 1_000_000, total % 1_000_000);
+    let rounded = if r * 2 > 1_000_000 || (r * 2 == 1_000_000 && q % 2 == 1) {
+        q + 1
+    } else {
+        q
+    };
+    let cost = i64::try_from(rounded).expect("fits") + p.per_request.unwrap_or(0);
+    (cost, cost, 0)
 }
 
 type OracleTable = BTreeMap<(DateTime<Utc>, Vec<String>), OracleRow>;
@@ -121,8 +172,13 @@ pub fn oracle_bucket(ts: DateTime<Utc>, g: Granularity, tz: Tz) -> DateTime<Utc>
     }
 }
 
-/// The distinct events (first delivery of each id wins) folded per granularity.
-pub fn oracle(spec: &Spec, events: &[Event]) -> BTreeMap<Granularity, OracleTable> {
+/// The distinct events (first delivery of each id wins) folded per granularity,
+/// costed with the price catalog `prices`.
+pub fn oracle_priced(
+    spec: &Spec,
+    events: &[Event],
+    prices: &[OraclePrice],
+) -> BTreeMap<Granularity, OracleTable> {
     let mut seen = HashSet::new();
     let mut out: BTreeMap<Granularity, OracleTable> = BTreeMap::new();
     for e in events.iter().filter(|e| seen.insert(e.id.clone())) {
@@ -155,7 +211,10 @@ pub fn oracle(spec: &Spec, events: &[Event]) -> BTreeMap<Granularity, OracleTabl
             r.response_bytes += e.response_bytes.unwrap_or(0);
             r.tokens_in += e.tokens_in.unwrap_or(0);
             r.tokens_out += e.tokens_out.unwrap_or(0);
-            r.cost_nanos += e.cost_nanos.unwrap_or(0);
+            let (cost, catalog, unpriced) = oracle_charge(e, prices);
+            r.cost_nanos += cost;
+            r.cost_from_catalog_nanos += catalog;
+            r.unpriced += unpriced;
         }
     }
     out
@@ -169,7 +228,17 @@ pub fn nearest_rank(sorted: &[f64], q: f64) -> f64 {
 
 /// Asserts every table of `spec` (with `suffix`) equals the oracle, row for row.
 pub async fn assert_matches_oracle(store: &Store, spec: &Spec, events: &[Event]) {
-    let expected = oracle(spec, events);
+    assert_matches_priced_oracle(store, spec, events, &[]).await;
+}
+
+/// [`assert_matches_oracle`] with a price catalog.
+pub async fn assert_matches_priced_oracle(
+    store: &Store,
+    spec: &Spec,
+    events: &[Event],
+    prices: &[OraclePrice],
+) {
+    let expected = oracle_priced(spec, events, prices);
     for &g in &spec.granularities {
         let rows = store
             .projections()
@@ -208,14 +277,18 @@ pub async fn assert_matches_oracle(store: &Store, spec: &Spec, events: &[Event])
                     m.response_bytes,
                     m.tokens_in,
                     m.tokens_out,
-                    m.cost_nanos
+                    m.cost_nanos,
+                    m.cost_from_catalog_nanos,
+                    m.unpriced
                 ),
                 (
                     w.request_bytes,
                     w.response_bytes,
                     w.tokens_in,
                     w.tokens_out,
-                    w.cost_nanos
+                    w.cost_nanos,
+                    w.cost_from_catalog_nanos,
+                    w.unpriced
                 ),
                 "sums of {ctx}"
             );

@@ -16,6 +16,7 @@ use tally::nats::NatsConnection;
 use tally::store::{self, redact_url};
 
 mod ops;
+mod prices;
 
 /// Tally: event-sourced usage metering.
 ///
@@ -62,6 +63,11 @@ enum Command {
     /// Keys ranked over a range (`GET /v1/keys`), or one key's page with `KEY`
     /// (`GET /v1/keys/{key}/stats`).
     Keys(KeysArgs),
+    /// The price catalog: import (Tally's format or LiteLLM's), list, delete, reprice.
+    Prices {
+        #[command(subcommand)]
+        which: prices::PricesCommand,
+    },
     /// API tokens: create (printed once), list, revoke.
     Tokens {
         #[command(subcommand)]
@@ -339,6 +345,7 @@ pub async fn run() -> anyhow::Result<()> {
         Command::Demo(args) => demo(&cli.db, args).await?,
         Command::Emit(args) => emit(args).await?,
         Command::Tokens { which } => ops::tokens(&cli.db, which).await?,
+        Command::Prices { which } => prices::prices(&cli.db, which).await?,
         Command::Jobs { which } => ops::jobs(&cli.db, which).await?,
         Command::Export(args) => ops::export(&cli.db, args).await?,
         Command::Import(args) => ops::import(&cli.db, args).await?,

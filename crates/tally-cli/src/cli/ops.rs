@@ -124,14 +124,14 @@ pub(super) struct CopyArgs {
 }
 
 /// `$USER` of the operator, for audit fields.
-fn cli_actor() -> String {
+pub(super) fn cli_actor() -> String {
     format!(
         "cli:{}",
         std::env::var("USER").unwrap_or_else(|_| "unknown".into())
     )
 }
 
-async fn open(db: &DatabaseConfig) -> anyhow::Result<Store> {
+pub(super) async fn open(db: &DatabaseConfig) -> anyhow::Result<Store> {
     let store = store::connect(&db.database_url, &db.store_options()).await?;
     store
         .migrate()

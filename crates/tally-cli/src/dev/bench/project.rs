@@ -175,6 +175,7 @@ async fn read_log_through(
     let started = Instant::now();
     let specs = specs.unwrap_or_default();
     let mut folds: Vec<Fold> = specs.iter().map(Fold::new).collect();
+    let catalog = store.prices().catalog().await?;
     let mut cursor = tally::store::Cursor::default();
     loop {
         let batch = store
@@ -182,8 +183,9 @@ async fn read_log_through(
             .read_log(cursor, tally::projection::projector::READ_CHUNK)
             .await?;
         for (_, e) in &batch.events {
+            let charge = catalog.charge(e);
             for f in folds.iter_mut() {
-                f.add(e);
+                f.add(e, charge);
             }
         }
         let full = folds.iter().map(Fold::rows).sum::<usize>() >= MAX_DELTA_ROWS;
