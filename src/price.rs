@@ -76,18 +76,18 @@ pub struct PriceInput {
     /// RFC 3339: the price applies from then until the next one of the same (api, model).
     pub effective_from: String,
     /// Per million input tokens, currency units, at most 9 fractional digits.
-    #[schema(value_type = String, example = "0.15")]
+    #[schema(example = "0.15")]
     pub input_per_mtok: Amount,
     /// Per million output tokens.
-    #[schema(value_type = String, example = "0.60")]
+    #[schema(example = "0.60")]
     pub output_per_mtok: Amount,
     /// Per million input tokens of calls with `cached: true` (left out: `input_per_mtok`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schema(value_type = Option<String>, example = "0.075")]
+    #[schema(example = "0.075")]
     pub cached_input_per_mtok: Option<Amount>,
     /// Per request, on top of the token prices.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schema(value_type = Option<String>, example = "0.001")]
+    #[schema(example = "0.001")]
     pub per_request: Option<Amount>,
 }
 

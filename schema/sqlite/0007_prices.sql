@@ -28,3 +28,8 @@ CREATE TABLE price_audit (
     after   TEXT
 );
 CREATE INDEX price_audit_target ON price_audit (target, id);
+
+-- What a restatement may narrow itself to (JSON; NULL: whole buckets):
+-- `{"correction": "<id>"}` (the groups of that correction's events) or
+-- `{"models": [...]}` (the groups of those models' events).
+ALTER TABLE restatements ADD COLUMN scope TEXT;

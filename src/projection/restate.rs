@@ -27,10 +27,13 @@ use super::rebuild::{shadow_state, SHADOW_SUFFIX};
 use super::ProjectionError;
 use crate::aggregate::bucket::{bucket_start, next_bucket};
 use crate::aggregate::measures::{RowKey, Rows};
-use crate::aggregate::spec::{Granularity, Spec};
+use crate::aggregate::spec::{Dimension, Granularity, Spec};
 use crate::backoff::Backoff;
-use crate::store::corrections::Restatement;
+use crate::store::corrections::{Restatement, Scope};
 use crate::store::{AggRow, Restating, Store};
+
+/// Most values of one dimension a restatement narrows itself to.
+const MAX_SCOPE_VALUES: usize = 1_000;
 
 /// Events read from the log per statement: one hour of event time.
 const READ_SPAN: chrono::Duration = chrono::Duration::hours(1);
@@ -62,6 +65,7 @@ pub async fn restate(
     store: &Store,
     spec: &Spec,
     range: (DateTime<Utc>, DateTime<Utc>),
+    scope: &Scope,
     done: Option<i64>,
     failpoints: Failpoints,
 ) -> Result<Restated, ProjectionError> {
@@ -69,12 +73,12 @@ pub async fn restate(
     let hash = spec.hash();
     let shadow = shadow_state(&spec.name);
     if let Some(r) = projections.begin_restatement(&shadow, &hash).await? {
-        let (r, _) = restate_in(r, spec, SHADOW_SUFFIX, range).await?;
+        let (r, _) = restate_in(r, spec, SHADOW_SUFFIX, range, scope).await?;
         r.finish(None).await?;
     }
     match projections.begin_restatement(&spec.name, &hash).await? {
         Some(r) => {
-            let (r, report) = restate_in(r, spec, "", range).await?;
+            let (r, report) = restate_in(r, spec, "", range, scope).await?;
             if Failpoints::fires(failpoints.restate_before_commit) {
                 failpoint_abort("restate.before_commit");
             }
@@ -95,9 +99,19 @@ async fn restate_in(
     spec: &Spec,
     suffix: &str,
     (from, to): (DateTime<Utc>, DateTime<Utc>),
+    scope: &Scope,
 ) -> Result<(Restating, Restated), ProjectionError> {
     let tz = spec.timezone;
     let mut report = Restated::default();
+    // Only the groups a changed event can be in: rows of other groups keep
+    // what they hold, since none of their events changed. The same filter
+    // selects the events, the finer rows and the rows replaced.
+    let filter: Vec<(Dimension, Vec<String>)> = r
+        .scope_groups(scope, MAX_SCOPE_VALUES)
+        .await?
+        .into_iter()
+        .filter(|(d, _)| spec.dimensions.contains(d))
+        .collect();
     let mut grans = spec.granularities.clone();
     grans.sort();
     let mut finer: Option<Granularity> = None;
@@ -110,7 +124,7 @@ async fn restate_in(
             // A coarse bucket is the sum of the finer rows just restated and
             // the untouched ones beside them: no event is read twice, and a
             // month costs its day rows instead of its events.
-            Some(f) => roll_up(r.rows(spec, suffix, f, (start, end)).await?, g, tz),
+            Some(f) => roll_up(r.rows(spec, suffix, f, (start, end), &filter).await?, g, tz),
             None => {
                 let one = Spec {
                     granularities: vec![g],
@@ -120,7 +134,7 @@ async fn restate_in(
                 let mut at = start;
                 while at < end {
                     let until = (at + READ_SPAN).min(end);
-                    let events = r.events(at, until).await?;
+                    let events = r.events(at, until, &filter).await?;
                     report.events += events.len();
                     for e in &events {
                         fold.add(e, r.catalog().charge(e));
@@ -136,7 +150,8 @@ async fn restate_in(
             }
         };
         report.rows += rows.len();
-        r.replace(spec, suffix, g, (start, end), &rows).await?;
+        r.replace(spec, suffix, g, (start, end), &filter, &rows)
+            .await?;
         finer = Some(g);
     }
     Ok((r, report))
@@ -228,7 +243,15 @@ pub async fn step(
         return Ok(false);
     };
     let started = std::time::Instant::now();
-    let report = restate(store, &spec, (job.from, job.to), Some(job.id), failpoints).await?;
+    let report = restate(
+        store,
+        &spec,
+        (job.from, job.to),
+        &job.scope,
+        Some(job.id),
+        failpoints,
+    )
+    .await?;
     if let Some(signal) = signal {
         signal.committed(Some(job.from));
     }

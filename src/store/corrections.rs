@@ -124,6 +124,50 @@ pub struct Restatement {
     pub to: DateTime<Utc>,
     /// What asked for it (`correction:<id>`, `revert:<id>`).
     pub cause: String,
+    /// Which groups it may narrow itself to.
+    pub scope: Scope,
+}
+
+/// The aggregate rows a restatement must recompute within its range: only
+/// those whose groups can hold a changed event.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Scope {
+    /// Every row of the range.
+    #[default]
+    All,
+    /// The groups of this correction's events (voided or brought back).
+    Correction(String),
+    /// The groups of these models' events (a price change).
+    Models(Vec<String>),
+}
+
+impl Scope {
+    /// The `restatements.scope` text.
+    pub(crate) fn to_column(&self) -> Option<String> {
+        match self {
+            Scope::All => None,
+            Scope::Correction(id) => Some(serde_json::json!({ "correction": id }).to_string()),
+            Scope::Models(m) => Some(serde_json::json!({ "models": m }).to_string()),
+        }
+    }
+
+    /// Reads `restatements.scope`; anything unreadable restates whole buckets.
+    pub(crate) fn from_column(text: Option<&str>) -> Self {
+        let Some(v) = text.and_then(|t| serde_json::from_str::<serde_json::Value>(t).ok()) else {
+            return Scope::All;
+        };
+        if let Some(id) = v["correction"].as_str() {
+            return Scope::Correction(id.to_string());
+        }
+        match v["models"].as_array() {
+            Some(m) => Scope::Models(
+                m.iter()
+                    .filter_map(|x| x.as_str().map(str::to_string))
+                    .collect(),
+            ),
+            None => Scope::All,
+        }
+    }
 }
 
 const COLUMNS: &str = "id, reason, request, voided, already_voided, not_found, actor, \
@@ -410,7 +454,7 @@ impl Corrections {
             .reader()
             .fetch_all(
                 Sql::new(
-                    "SELECT id, projection, from_ms, to_ms, cause FROM restatements ORDER BY id LIMIT $1",
+                    "SELECT id, projection, from_ms, to_ms, cause, scope FROM restatements ORDER BY id LIMIT $1",
                 )
                 .bind(limit),
             )
@@ -423,6 +467,7 @@ impl Corrections {
                     from: from_ms(r.get("from_ms")?),
                     to: from_ms(r.get("to_ms")?),
                     cause: r.get("cause")?,
+                    scope: Scope::from_column(r.get::<Option<String>, _>("scope")?.as_deref()),
                 })
             })
             .collect()
@@ -499,7 +544,8 @@ async fn queue(
             })?;
         hours.insert(hour);
     }
-    queue_ranges(tx, projections, &merge_hours(&hours), cause, now).await
+    let scope = Scope::Correction(correction.to_string());
+    queue_ranges(tx, projections, &merge_hours(&hours), cause, &scope, now).await
 }
 
 /// Queues the restatement of each of `projections` over each range.
@@ -508,20 +554,23 @@ pub(crate) async fn queue_ranges(
     projections: &[String],
     ranges: &[(DateTime<Utc>, DateTime<Utc>)],
     cause: &str,
+    scope: &Scope,
     now: DateTime<Utc>,
 ) -> Result<(), StoreError> {
+    let scope = scope.to_column();
     for &(from, to) in ranges {
         for p in projections {
             tx.execute(
                 Sql::new(
-                    "INSERT INTO restatements (projection, from_ms, to_ms, cause, created_at_ms) \
-                     VALUES ($1, $2, $3, $4, $5)",
+                    "INSERT INTO restatements (projection, from_ms, to_ms, cause, created_at_ms, scope) \
+                     VALUES ($1, $2, $3, $4, $5, $6)",
                 )
                 .bind(p.as_str())
                 .bind(ms(from))
                 .bind(ms(to))
                 .bind(cause)
-                .bind(ms(now)),
+                .bind(ms(now))
+                .bind(scope.clone()),
             )
             .await?;
         }

@@ -13,6 +13,7 @@ use std::collections::BTreeSet;
 use chrono::{DateTime, Datelike, TimeZone, Utc};
 
 use super::alerts::{audit_from_row, from_ms, ms, AuditRow};
+use super::corrections::Scope;
 use super::db::{Db, Row, Sql, Tx};
 use super::StoreError;
 use crate::aggregate::price::{Catalog, Price};
@@ -379,7 +380,12 @@ impl Prices {
             }
             ranges.push(effective_range(&rows, new));
         }
-        done.restatements = queue_repricing(&mut tx, ranges, "price change", now).await?;
+        let models: BTreeSet<String> = changed
+            .iter()
+            .flat_map(|(o, n)| o.iter().chain([n]).map(|p| p.model.clone()))
+            .collect();
+        let scope = scoped(models);
+        done.restatements = queue_repricing(&mut tx, ranges, "price change", &scope, now).await?;
         tx.commit().await?;
         Ok(PutOutcome::Done(done))
     }
@@ -404,7 +410,15 @@ impl Prices {
         ))
         .await?;
         let range = effective_range(&before, &old.price);
-        let n = queue_repricing(&mut tx, vec![range], &format!("price delete:{id}"), now).await?;
+        let scope = scoped([old.price.model.clone()].into());
+        let n = queue_repricing(
+            &mut tx,
+            vec![range],
+            &format!("price delete:{id}"),
+            &scope,
+            now,
+        )
+        .await?;
         tx.commit().await?;
         Ok(Some(n))
     }
@@ -433,8 +447,18 @@ impl Prices {
             Some(m) => format!("reprice model {m}"),
             None => "reprice".to_string(),
         };
-        let n =
-            queue_repricing(&mut tx, vec![(from, DateTime::<Utc>::MAX_UTC)], &cause, now).await?;
+        let scope = match model {
+            Some(m) => scoped([m.to_string()].into()),
+            None => Scope::All,
+        };
+        let n = queue_repricing(
+            &mut tx,
+            vec![(from, DateTime::<Utc>::MAX_UTC)],
+            &cause,
+            &scope,
+            now,
+        )
+        .await?;
         tx.commit().await?;
         Ok(n)
     }
@@ -476,6 +500,7 @@ async fn queue_repricing(
     tx: &mut Tx,
     ranges: Vec<(DateTime<Utc>, DateTime<Utc>)>,
     cause: &str,
+    scope: &Scope,
     now: DateTime<Utc>,
 ) -> Result<usize, StoreError> {
     let names: BTreeSet<String> = tx
@@ -486,7 +511,18 @@ async fn queue_repricing(
         .collect::<Result<_, _>>()?;
     // A rebuild's shadow tables are restated with their live projection.
     let names: Vec<String> = names.into_iter().filter(|n| !n.contains('~')).collect();
-    queue_over_log(tx, &names, ranges, cause, now).await
+    queue_over_log(tx, &names, ranges, cause, scope, now).await
+}
+
+/// Most models a repricing narrows itself to; more restate whole buckets.
+const MAX_SCOPED_MODELS: usize = 100;
+
+fn scoped(models: BTreeSet<String>) -> Scope {
+    if models.len() > MAX_SCOPED_MODELS {
+        Scope::All
+    } else {
+        Scope::Models(models.into_iter().collect())
+    }
 }
 
 /// Queues the restatement of `projections` over `ranges` clamped to the
@@ -497,6 +533,7 @@ pub(crate) async fn queue_over_log(
     projections: &[String],
     ranges: Vec<(DateTime<Utc>, DateTime<Utc>)>,
     cause: &str,
+    scope: &Scope,
     now: DateTime<Utc>,
 ) -> Result<usize, StoreError> {
     let span = tx
@@ -515,7 +552,7 @@ pub(crate) async fn queue_over_log(
         .map(|(a, b)| (a.max(lo), b.min(hi)))
         .collect();
     let pieces = month_pieces(clamped);
-    super::corrections::queue_ranges(tx, projections, &pieces, cause, now).await?;
+    super::corrections::queue_ranges(tx, projections, &pieces, cause, scope, now).await?;
     Ok(pieces.len() * projections.len())
 }
 

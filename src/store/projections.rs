@@ -10,6 +10,7 @@ use super::agg::{
     agg_row_from, all_columns, create_table_sql, float_values, index_sql, int_values, key_columns,
     merged_sketch, query_select, table, ADDED_COLUMNS, FLOAT_COLUMNS, INT_COLUMNS,
 };
+use super::corrections::Scope;
 use super::db::{Arg, Db, Row, Sql, Tx};
 use super::log::{EventColumns, NOT_VOIDED};
 use super::{
@@ -18,7 +19,7 @@ use super::{
 };
 use crate::aggregate::measures::{Measures, RowKey, Rows};
 use crate::aggregate::sketch::Sketch;
-use crate::aggregate::spec::{Granularity, Spec};
+use crate::aggregate::spec::{Dimension, Granularity, Spec};
 
 /// Checkpoints and aggregate tables.
 #[derive(Debug, Clone)]
@@ -129,6 +130,7 @@ impl Projections {
                 &[live],
                 vec![(DateTime::<Utc>::MIN_UTC, DateTime::<Utc>::MAX_UTC)],
                 "upgrade: new measure columns",
+                &super::corrections::Scope::All,
                 Utc::now(),
             )
             .await?;
@@ -479,7 +481,7 @@ impl Projections {
                 .collect::<Result<Vec<_>, _>>()?;
             stored.push((g, rows));
         }
-        let events = folded_events(&mut tx, &self.db, (from, to), cursor).await?;
+        let events = folded_events(&mut tx, &self.db, (from, to), cursor, &[]).await?;
         let catalog = super::prices::Prices::catalog_in(&mut tx).await?;
         tx.commit().await?;
         Ok(ReconcileRead {
@@ -681,24 +683,47 @@ async fn folded_events(
     db: &Db,
     (from, to): (DateTime<Utc>, DateTime<Utc>),
     cursor: Cursor,
+    filter: &[(Dimension, Vec<String>)],
 ) -> Result<Vec<crate::event::Event>, StoreError> {
     let (columns, folded) = match db {
         Db::Postgres(_) => (postgres::log_columns(), postgres::FOLDED_UP_TO),
         Db::Sqlite(_) => (sqlite::log_columns(), sqlite::FOLDED_UP_TO),
     };
-    let rows = tx
-        .fetch_all(
-            Sql::new(format!(
-                "SELECT {columns} FROM usage_events WHERE ts >= $1 AND ts < $2 AND {folded} \
-                 AND {NOT_VOIDED}"
-            ))
-            .bind(from)
-            .bind(to)
-            .bind(cursor.tx.to_string())
-            .bind(cursor.seq),
-        )
-        .await?;
+    // Absent values are '' in the aggregates: the same test on both sides.
+    let narrow = group_condition(db, filter, 5, |d| format!("COALESCE({}, '')", d.column()));
+    let mut sql = Sql::new(format!(
+        "SELECT {columns} FROM usage_events WHERE ts >= $1 AND ts < $2 AND {folded} \
+         AND {NOT_VOIDED}{narrow}"
+    ))
+    .bind(from)
+    .bind(to)
+    .bind(cursor.tx.to_string())
+    .bind(cursor.seq);
+    for (_, values) in filter {
+        sql = sql.bind(Arg::List(values.iter().map(String::as_str).collect()));
+    }
+    let rows = tx.fetch_all(sql).await?;
     Ok(log_events(&rows)?.into_iter().map(|(_, e)| e).collect())
+}
+
+/// ` AND <column> IN <list>` per filtered dimension, lists bound from
+/// placeholder `$first` on.
+fn group_condition(
+    db: &Db,
+    filter: &[(Dimension, Vec<String>)],
+    first: usize,
+    column: impl Fn(Dimension) -> String,
+) -> String {
+    filter
+        .iter()
+        .enumerate()
+        .map(|(i, (d, _))| {
+            format!(
+                " AND {}",
+                db.one_of(&column(*d), &format!("${}", first + i))
+            )
+        })
+        .collect()
 }
 
 /// Events read with a dialect's log columns, with their cursors.
@@ -791,13 +816,66 @@ impl Restating {
     }
 
     /// The events with `ts` in `[from, to)` that the checkpoint has folded
-    /// (events after it are the projector's to fold), without voided ones.
+    /// (events after it are the projector's to fold), without voided ones,
+    /// and only those of the groups `filter` allows.
     pub async fn events(
         &mut self,
         from: DateTime<Utc>,
         to: DateTime<Utc>,
+        filter: &[(Dimension, Vec<String>)],
     ) -> Result<Vec<crate::event::Event>, StoreError> {
-        folded_events(&mut self.tx, &self.db, (from, to), self.cursor).await
+        folded_events(&mut self.tx, &self.db, (from, to), self.cursor, filter).await
+    }
+
+    /// The values of each text dimension among the events a restatement's
+    /// `scope` can change (a dimension with more than `max` values is left
+    /// out: it then does not narrow anything). Empty: whole buckets.
+    pub async fn scope_groups(
+        &mut self,
+        scope: &Scope,
+        max: usize,
+    ) -> Result<Vec<(Dimension, Vec<String>)>, StoreError> {
+        let id = match scope {
+            Scope::All => return Ok(Vec::new()),
+            Scope::Models(m) => return Ok(vec![(Dimension::Model, m.clone())]),
+            Scope::Correction(id) => id,
+        };
+        const TEXT: [Dimension; 6] = [
+            Dimension::Api,
+            Dimension::Endpoint,
+            Dimension::Method,
+            Dimension::Key,
+            Dimension::User,
+            Dimension::Model,
+        ];
+        let cols: Vec<String> = TEXT
+            .iter()
+            .map(|d| format!("COALESCE(e.{}, '') AS {}", d.column(), d.column()))
+            .collect();
+        let rows = self
+            .tx
+            .fetch_all(
+                Sql::new(format!(
+                    "SELECT DISTINCT {} FROM correction_events c JOIN usage_events e ON e.id = c.event_id \
+                     WHERE c.correction_id = $1",
+                    cols.join(", ")
+                ))
+                .bind(id.as_str()),
+            )
+            .await?;
+        let mut sets: Vec<std::collections::BTreeSet<String>> =
+            vec![Default::default(); TEXT.len()];
+        for r in &rows {
+            for (i, d) in TEXT.iter().enumerate() {
+                sets[i].insert(r.get::<String, _>(d.as_str())?);
+            }
+        }
+        Ok(TEXT
+            .iter()
+            .zip(sets)
+            .filter(|(_, v)| v.len() <= max)
+            .map(|(d, v)| (*d, v.into_iter().collect()))
+            .collect())
     }
 
     /// The rows of one table with buckets in `[from, to)`, as this
@@ -809,42 +887,46 @@ impl Restating {
         suffix: &str,
         g: Granularity,
         (from, to): (DateTime<Utc>, DateTime<Utc>),
+        filter: &[(Dimension, Vec<String>)],
     ) -> Result<Vec<AggRow>, StoreError> {
         let t = table(spec, g, suffix);
-        let rows = self
-            .tx
-            .fetch_all(
-                Sql::new(format!(
-                    "SELECT {} FROM {t} WHERE bucket >= $1 AND bucket < $2",
-                    all_columns(spec)
-                ))
-                .bind(from)
-                .bind(to),
-            )
-            .await?;
+        let narrow = group_condition(&self.db, filter, 3, Dimension::column);
+        let mut sql = Sql::new(format!(
+            "SELECT {} FROM {t} WHERE bucket >= $1 AND bucket < $2{narrow}",
+            all_columns(spec)
+        ))
+        .bind(from)
+        .bind(to);
+        for (_, values) in filter {
+            sql = sql.bind(Arg::List(values.iter().map(String::as_str).collect()));
+        }
+        let rows = self.tx.fetch_all(sql).await?;
         let n = spec.dimensions.len();
         rows.iter().map(|r| agg_row(r, n, &t)).collect()
     }
 
-    /// Replaces the rows of one table with buckets in `[from, to)` by `rows`.
+    /// Replaces the rows of one table with buckets in `[from, to)` (and
+    /// groups `filter` allows) by `rows`.
     pub async fn replace(
         &mut self,
         spec: &Spec,
         suffix: &str,
         g: Granularity,
         (from, to): (DateTime<Utc>, DateTime<Utc>),
+        filter: &[(Dimension, Vec<String>)],
         rows: &Rows,
     ) -> Result<(), StoreError> {
         let t = table(spec, g, suffix);
-        self.tx
-            .execute(
-                Sql::new(format!(
-                    "DELETE FROM {t} WHERE bucket >= $1 AND bucket < $2"
-                ))
-                .bind(from)
-                .bind(to),
-            )
-            .await?;
+        let narrow = group_condition(&self.db, filter, 3, Dimension::column);
+        let mut sql = Sql::new(format!(
+            "DELETE FROM {t} WHERE bucket >= $1 AND bucket < $2{narrow}"
+        ))
+        .bind(from)
+        .bind(to);
+        for (_, values) in filter {
+            sql = sql.bind(Arg::List(values.iter().map(String::as_str).collect()));
+        }
+        self.tx.execute(sql).await?;
         upsert_rows(&mut self.tx, spec, &t, rows).await
     }
 

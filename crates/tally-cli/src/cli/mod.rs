@@ -315,6 +315,9 @@ enum BenchCommand {
     E2e(bench::e2e::E2eBench),
     /// Append path vs. the database's physical limit (COPY / bare multi-row INSERT).
     Append(AppendBench),
+    /// Corrections and a price change restated by a running `tally serve`
+    /// under live load, vs. a full rebuild of the same projection.
+    Restate(bench::restate::RestateBench),
     /// Every benchmark, then one table of each figure beside its goal
     /// (`--quick`: about 10 minutes on 2 cores).
     All(bench::all::AllBench),
@@ -356,6 +359,9 @@ pub async fn run() -> anyhow::Result<()> {
             }
             BenchCommand::Alerts(params) => {
                 bench::alerts::alerts(&params).await?;
+            }
+            BenchCommand::Restate(params) => {
+                bench::restate::restate(&params).await?;
             }
             BenchCommand::Query(params) => {
                 bench::query(&params).await?;

@@ -10,6 +10,7 @@ pub mod baseline;
 pub mod e2e;
 pub mod project;
 pub mod query;
+pub mod restate;
 pub mod sustained;
 
 pub use project::{project, ProjectBench, ProjectResult};

@@ -1,0 +1,426 @@
+//! `tally bench restate`: how long a correction or a price change takes to
+//! be restated by a running `tally serve`, against a full rebuild of the
+//! same projection in the same run, and what it does to freshness, while
+//! events keep arriving at half the measured append rate.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, DurationRound, Utc};
+use serde_json::{json, Value};
+use tally::aggregate::spec::load_dir;
+use tally::store::{Backend, Origin, Store, StoreOptions};
+
+use super::{append_synthetic, fold_backlog, num_cpus, tempfile_dir, BenchError};
+use crate::dev::devserver::TempPostgres;
+use crate::dev::synth::{self, SynthConfig};
+
+/// `tally bench restate`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct RestateBench {
+    /// Database to measure: postgres or sqlite.
+    #[arg(long, value_parser = super::parse_backend, default_value = "postgres")]
+    pub backend: Backend,
+    /// Events in the log.
+    #[arg(long, default_value_t = 10_000_000)]
+    pub events: usize,
+    /// Their timestamps spread over this span before now.
+    #[arg(long, default_value = "30d", value_parser = tally::duration::parse)]
+    pub span: Duration,
+    /// Projection specs (the shipped ones by default).
+    #[arg(long, env = "TALLY_PROJECTIONS_DIR", default_value = "projections")]
+    pub projections_dir: PathBuf,
+}
+
+/// One measured case.
+#[derive(Debug, Clone)]
+pub struct Case {
+    /// What was changed.
+    pub name: &'static str,
+    /// From the request to an empty restatement queue.
+    pub took: Duration,
+    /// Worst `as_of` age of any projection while it ran.
+    pub worst_age: Duration,
+}
+
+/// Measured figures.
+#[derive(Debug, Clone)]
+pub struct RestateResult {
+    /// Full rebuild of `by_key` from the log.
+    pub rebuild: Duration,
+    /// Worst `as_of` age during the quiet period before the cases.
+    pub quiet_age: Duration,
+    /// The cases, in order.
+    pub cases: Vec<Case>,
+}
+
+fn rfc(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+}
+
+fn check(e: impl std::fmt::Display) -> BenchError {
+    BenchError::Check(e.to_string())
+}
+
+/// Runs the benchmark and prints figures and ratios.
+pub async fn restate(params: &RestateBench) -> Result<RestateResult, BenchError> {
+    let specs = load_dir(&params.projections_dir).map_err(check)?;
+    let by_key = specs
+        .iter()
+        .find(|s| s.name == "by_key")
+        .cloned()
+        .ok_or_else(|| check("the specs need `by_key` (the projection rebuilt as the baseline)"))?;
+    let tmp = tempfile_dir()?;
+    let cluster = match params.backend {
+        Backend::Postgres => Some(TempPostgres::start(true)?),
+        Backend::Sqlite => None,
+    };
+    let url = match &cluster {
+        Some(pg) => pg.create_database("restate")?,
+        None => format!("sqlite://{}", tmp.join("restate.db").display()),
+    };
+    println!(
+        "backend {}: {} events over {}, {} projections, {} cores",
+        params.backend.name(),
+        params.events,
+        humantime::format_duration(params.span),
+        specs.len(),
+        num_cpus()
+    );
+    let store = tally::store::connect(&url, &StoreOptions::default()).await?;
+    store.migrate().await?;
+    let now = Utc::now();
+    let cfg = SynthConfig {
+        seed: 21,
+        apis: 10,
+        keys: 1000,
+        models: 20,
+        id_prefix: "log".into(),
+        correlated: true,
+        arrival_order: Some(params.events),
+        span: params.span,
+        now,
+    };
+    let append = append_synthetic(&store, &cfg, params.events).await?;
+    let rate = params.events as f64 / append.as_secs_f64();
+    println!("append through the store: {rate:.0} ev/s");
+
+    // Baseline: `by_key` folded from scratch under another name, then dropped.
+    let mut copy = by_key.clone();
+    copy.name = "by_key_rebuild_baseline".into();
+    let started = Instant::now();
+    fold_backlog(&store, std::slice::from_ref(&copy)).await?;
+    let rebuild = started.elapsed();
+    store
+        .projections()
+        .drop_projection(&copy, &copy.name, "")
+        .await?;
+    println!(
+        "full rebuild of by_key ({} events): {:.1}s",
+        params.events,
+        rebuild.as_secs_f64()
+    );
+    fold_backlog(&store, &specs).await?;
+    store.close().await;
+
+    let (mut child, base) = spawn(&url, &params.projections_dir, &tmp)?;
+    let result = run_cases(params, &url, &base, rate, now, rebuild, &mut child).await;
+    let _ = child.kill();
+    let _ = child.wait();
+    drop(cluster);
+    if std::env::var_os("TALLY_BENCH_KEEP").is_none() {
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    let result = result?;
+    println!();
+    println!(
+        "| change | restated in | full rebuild / restatement | worst as_of age while it ran |"
+    );
+    println!("|---|---|---|---|");
+    for c in &result.cases {
+        println!(
+            "| {} | {:.2}s | {:.0}x | {:.1}s |",
+            c.name,
+            c.took.as_secs_f64(),
+            rebuild.as_secs_f64() / c.took.as_secs_f64().max(1e-6),
+            c.worst_age.as_secs_f64()
+        );
+    }
+    println!(
+        "worst as_of age with no restatement (same live load): {:.1}s",
+        result.quiet_age.as_secs_f64()
+    );
+    if let Some(hour) = result.cases.first() {
+        let ratio = rebuild.as_secs_f64() / hour.took.as_secs_f64().max(1e-6);
+        println!(
+            "goal: one key's hour at least 100x faster than a full rebuild: {ratio:.0}x ({})",
+            if ratio >= 100.0 { "met" } else { "NOT met" }
+        );
+    }
+    Ok(result)
+}
+
+fn spawn(
+    url: &str,
+    projections: &std::path::Path,
+    tmp: &std::path::Path,
+) -> Result<(std::process::Child, String), BenchError> {
+    let log = std::fs::File::create(tmp.join("tally.log"))?;
+    let port = crate::dev::devserver::free_port()?;
+    let child = std::process::Command::new(std::env::current_exe()?)
+        .arg("serve")
+        .env("TALLY_DATABASE_URL", url)
+        .env("TALLY_HTTP_ADDR", format!("127.0.0.1:{port}"))
+        .env("TALLY_PROJECTIONS_DIR", projections)
+        // The month case reaches 30 days back.
+        .env("TALLY_LATE_ARRIVAL_HORIZON", "40d")
+        .env("TALLY_RETENTION_REJECTED", "forever")
+        // `TALLY_BENCH_SERVE_LOG=info` shows each restatement's rows and time.
+        .env(
+            "TALLY_LOG",
+            std::env::var("TALLY_BENCH_SERVE_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        .env_remove("TALLY_NATS_URL")
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()?;
+    Ok((child, format!("http://127.0.0.1:{port}")))
+}
+
+async fn call(
+    http: &reqwest::Client,
+    method: reqwest::Method,
+    url: String,
+    body: Option<Value>,
+) -> Result<Value, BenchError> {
+    let mut req = http.request(method, &url);
+    if let Some(b) = body {
+        req = req.json(&b);
+    }
+    let resp = req.send().await.map_err(check)?;
+    let status = resp.status();
+    let text = resp.text().await.map_err(check)?;
+    if !status.is_success() {
+        return Err(check(format!("{url}: {status} {text}")));
+    }
+    serde_json::from_str(&text).map_err(check)
+}
+
+/// Worst `as_of` age over the projections, sampled every 100 ms into `worst` (ms).
+async fn watch_ages(store: Store, worst: Arc<AtomicU64>, stop: Arc<AtomicBool>) {
+    while !stop.load(Ordering::Relaxed) {
+        if let Ok(states) = store.projections().projection_states().await {
+            let now = Utc::now();
+            let age = states
+                .iter()
+                .filter(|s| !s.name.contains('~'))
+                .filter_map(|s| s.as_of.map(|a| (now - a).num_milliseconds().max(0) as u64))
+                .max()
+                .unwrap_or(0);
+            worst.fetch_max(age, Ordering::Relaxed);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Appends fresh events at `rate` per second until `stop`.
+async fn live_load(store: Store, rate: f64, stop: Arc<AtomicBool>) -> Result<u64, BenchError> {
+    let origin = Origin {
+        source: "bench",
+        subject: None,
+    };
+    let per_tick = ((rate / 10.0).round() as usize).max(1);
+    let mut sent = 0u64;
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    while !stop.load(Ordering::Relaxed) {
+        tick.tick().await;
+        let cfg = SynthConfig {
+            seed: 22,
+            apis: 10,
+            keys: 1000,
+            models: 20,
+            id_prefix: "live".into(),
+            correlated: true,
+            arrival_order: None,
+            span: Duration::from_secs(1),
+            now: Utc::now(),
+        };
+        let events = synth::events(&cfg, sent, per_tick);
+        for chunk in events.chunks(1000) {
+            store.log().append(chunk, &[], &origin).await?;
+        }
+        sent += per_tick as u64;
+    }
+    Ok(sent)
+}
+
+async fn pending(store: &Store) -> Result<i64, BenchError> {
+    Ok(store
+        .corrections()
+        .pending_counts()
+        .await?
+        .iter()
+        .map(|(_, n)| n)
+        .sum())
+}
+
+async fn run_cases(
+    params: &RestateBench,
+    url: &str,
+    base: &str,
+    rate: f64,
+    now: DateTime<Utc>,
+    rebuild: Duration,
+    child: &mut std::process::Child,
+) -> Result<RestateResult, BenchError> {
+    let http = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while http
+        .get(format!("{base}/readyz"))
+        .send()
+        .await
+        .map(|r| !r.status().is_success())
+        .unwrap_or(true)
+    {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(check(format!(
+                "tally serve exited with {status} (TALLY_BENCH_KEEP=1 keeps its log)"
+            )));
+        }
+        if Instant::now() > deadline {
+            return Err(check("tally serve did not become ready"));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let store = tally::store::connect(url, &StoreOptions::default()).await?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let live = tokio::spawn(live_load(store.clone(), rate / 2.0, stop.clone()));
+    println!("live load: {:.0} ev/s (half the append rate)", rate / 2.0);
+
+    let worst = Arc::new(AtomicU64::new(0));
+    let watcher_stop = Arc::new(AtomicBool::new(false));
+    let watcher = tokio::spawn(watch_ages(
+        store.clone(),
+        worst.clone(),
+        watcher_stop.clone(),
+    ));
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let quiet_age = Duration::from_millis(worst.swap(0, Ordering::Relaxed));
+
+    let hour = (now - chrono::Duration::days(3))
+        .duration_trunc(chrono::Duration::hours(1))
+        .map_err(check)?;
+    let month_from = (now - params.span + chrono::Duration::hours(2))
+        .duration_trunc(chrono::Duration::hours(1))
+        .map_err(check)?;
+    let top = call(
+        &http,
+        reqwest::Method::GET,
+        format!(
+            "{base}/v1/keys?from={}&to={}&order_by=requests&limit=1",
+            rfc(hour),
+            rfc(hour + chrono::Duration::hours(1))
+        ),
+        None,
+    )
+    .await?;
+    let key = top["keys"][0]["key"]
+        .as_str()
+        .ok_or_else(|| check(format!("no key in {top}")))?
+        .to_string();
+    let models = call(
+        &http,
+        reqwest::Method::GET,
+        format!(
+            "{base}/v1/stats?from={}&to={}&group_by=model&series=false",
+            rfc(hour),
+            rfc(hour + chrono::Duration::hours(1))
+        ),
+        None,
+    )
+    .await?;
+    let model = models["totals"][0]["group"]["model"]
+        .as_str()
+        .ok_or_else(|| check(format!("no model in {models}")))?
+        .to_string();
+
+    let cases: Vec<(&'static str, reqwest::Method, String, Value)> = vec![
+        (
+            "void one key's hour",
+            reqwest::Method::POST,
+            format!("{base}/v1/corrections"),
+            json!({"id": "bench-hour", "reason": "bench restate",
+                   "void": {"key": key, "from": rfc(hour), "to": rfc(hour + chrono::Duration::hours(1))}}),
+        ),
+        (
+            "void one key's month",
+            reqwest::Method::POST,
+            format!("{base}/v1/corrections"),
+            json!({"id": "bench-month", "reason": "bench restate",
+                   "void": {"key": key, "from": rfc(month_from), "to": rfc(now)}}),
+        ),
+        (
+            "one model's price for a month",
+            reqwest::Method::PUT,
+            format!("{base}/v1/prices"),
+            json!({"model": model, "effective_from": rfc(month_from),
+                   "input_per_mtok": "1.25", "output_per_mtok": "5"}),
+        ),
+    ];
+    let mut out = Vec::new();
+    for (name, method, url, body) in cases {
+        worst.store(0, Ordering::Relaxed);
+        let started = Instant::now();
+        let answer = call(&http, method, url, Some(body)).await?;
+        while pending(&store).await? > 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let took = started.elapsed();
+        // Let one more sample land after the queue emptied.
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        let worst_age = Duration::from_millis(worst.load(Ordering::Relaxed));
+        println!(
+            "{name}: restated in {:.2}s (answer: voided {}, restatements {}), worst as_of age {:.1}s",
+            took.as_secs_f64(),
+            answer["voided"],
+            answer["restatements"],
+            worst_age.as_secs_f64()
+        );
+        out.push(Case {
+            name,
+            took,
+            worst_age,
+        });
+    }
+    // The hour is gone from the key's numbers.
+    let after = call(
+        &http,
+        reqwest::Method::GET,
+        format!(
+            "{base}/v1/stats?key={key}&from={}&to={}&series=false",
+            rfc(hour),
+            rfc(hour + chrono::Duration::hours(1))
+        ),
+        None,
+    )
+    .await?;
+    let left = after["totals"][0]["requests"].as_i64().unwrap_or(0);
+    if left != 0 {
+        return Err(check(format!(
+            "{key} still has {left} requests in the voided hour"
+        )));
+    }
+    stop.store(true, Ordering::Relaxed);
+    watcher_stop.store(true, Ordering::Relaxed);
+    let sent = live.await.map_err(check)??;
+    let _ = watcher.await;
+    println!("live events appended meanwhile: {sent}");
+    store.close().await;
+    Ok(RestateResult {
+        rebuild,
+        quiet_age,
+        cases: out,
+    })
+}
