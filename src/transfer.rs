@@ -6,6 +6,10 @@
 //! same validation and the same append as live ingest, except that the
 //! late-arrival horizon does not apply (history is restored on purpose), and
 //! ids deduplicate, so importing a file twice changes nothing.
+//!
+//! Prices and corrections (with their audit and history) travel beside the
+//! events as a [`LedgerSnapshot`] JSON file (`<backup>.ledger.json`): a
+//! voided event stays in the backup, and the ledger voids it again.
 
 use std::io::{BufRead, Read, Write};
 use std::path::Path;
@@ -19,7 +23,7 @@ use crate::event::codec::{to_msgpack, to_wire_json};
 use crate::event::ValidationRules;
 use crate::ingest::{Intake, IntakeLimits};
 use crate::projection::ProjectionError;
-use crate::store::{LogTotals, Origin, Store, StoreError};
+use crate::store::{LedgerRestored, LedgerSnapshot, LogTotals, Origin, Store, StoreError};
 
 /// Events per read, append or body.
 const CHUNK: usize = 5_000;
@@ -129,6 +133,37 @@ impl ImportReport {
             }
         }
     }
+}
+
+/// The ledger file that travels with a backup at `path`.
+pub fn ledger_path(path: &Path) -> std::path::PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(".ledger.json");
+    std::path::PathBuf::from(name)
+}
+
+/// Writes the store's prices and corrections to `path` (JSON).
+pub async fn export_ledger(store: &Store, path: &Path) -> Result<LedgerSnapshot, TransferError> {
+    let ledger = store.ledger().await?;
+    let text = serde_json::to_string_pretty(&ledger)
+        .map_err(|e| TransferError::Io(format!("cannot encode the ledger: {e}")))?;
+    std::fs::write(path, text)
+        .map_err(|e| TransferError::Io(format!("cannot write {}: {e}", path.display())))?;
+    Ok(ledger)
+}
+
+/// Restores prices and corrections from a ledger file written by
+/// [`export_ledger`] (rows already there are kept), after the events.
+pub async fn import_ledger(store: &Store, path: &Path) -> Result<LedgerRestored, TransferError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| TransferError::Io(format!("cannot read {}: {e}", path.display())))?;
+    let ledger: LedgerSnapshot = serde_json::from_str(&text).map_err(|e| {
+        TransferError::Io(format!(
+            "{} is not a ledger written by `tally export`: {e}",
+            path.display()
+        ))
+    })?;
+    Ok(store.restore_ledger(&ledger).await?)
 }
 
 /// Imports a backup file: NDJSON, MessagePack maps one after another, or one
@@ -270,6 +305,8 @@ pub struct CopyReport {
     pub events: u64,
     /// Rows of rules, quotas, alert instances, notifications, audit and tokens copied.
     pub state_rows: usize,
+    /// Prices, corrections and voided events copied.
+    pub ledger: crate::store::LedgerRestored,
     /// Totals of the source log.
     pub source: LogTotals,
     /// Totals of the target log.
@@ -278,7 +315,7 @@ pub struct CopyReport {
     pub projections: Vec<(String, u64)>,
 }
 
-/// Copies a deployment's log and alert state into an empty database, folds
+/// Copies a deployment's log, alert state, prices and corrections into an empty database, folds
 /// every projection there, and verifies counts and totals.
 pub async fn copy(
     source: &Store,
@@ -313,6 +350,9 @@ pub async fn copy(
     }
     let state = source.alert_state().await?;
     target.restore_alert_state(&state).await?;
+    // Prices and corrections before the first fold, so it voids and prices
+    // exactly as the source did.
+    let ledger = target.restore_ledger(&source.ledger().await?).await?;
     let mut projections = Vec::new();
     for task in crate::app::open_projectors(&target, projections_dir).await? {
         let Some(mut p) = task.projector else {
@@ -331,17 +371,26 @@ pub async fn copy(
             "source totals {s:?} differ from target totals {t:?}"
         )));
     }
-    verify_projections(&target, projections_dir, &t).await?;
+    verify_projections(
+        &target,
+        projections_dir,
+        &target.log().counted_totals().await?,
+    )
+    .await?;
     Ok(CopyReport {
         events: copied,
         state_rows: state.rows(),
+        ledger,
         source: s,
         target: t,
         projections,
     })
 }
 
-/// Checks that every unpruned aggregate table sums to the log's totals.
+/// Checks that every unpruned aggregate table sums to the log's totals of
+/// the events that count (`totals`: [`crate::store::EventLog::counted_totals`]):
+/// requests, input tokens, and the cost the emitters sent (the aggregates'
+/// cost less its catalog part).
 pub async fn verify_projections(
     store: &Store,
     projections_dir: Option<&Path>,
@@ -356,7 +405,10 @@ pub async fn verify_projections(
             }
             let rows = store.projections().read_agg(&spec, g, "").await?;
             let requests: i64 = rows.iter().map(|r| r.measures.requests).sum();
-            let cost: i64 = rows.iter().map(|r| r.measures.cost_nanos).sum();
+            let cost: i64 = rows
+                .iter()
+                .map(|r| r.measures.cost_nanos - r.measures.cost_from_catalog_nanos)
+                .sum();
             let tokens_in: i64 = rows.iter().map(|r| r.measures.tokens_in).sum();
             if (requests, cost, tokens_in) != (totals.events, totals.cost_nanos, totals.tokens_in) {
                 return Err(TransferError::Verify(format!(

@@ -232,18 +232,28 @@ impl EventLog {
 
     /// The whole log summed, compared by `tally copy`.
     pub async fn log_totals(&self) -> Result<LogTotals, StoreError> {
+        self.totals_where("TRUE").await
+    }
+
+    /// [`EventLog::log_totals`] of the events that count: not voided. Their
+    /// `cost_nanos` is what emitters sent (catalog costs are the projections').
+    pub async fn counted_totals(&self) -> Result<LogTotals, StoreError> {
+        self.totals_where(NOT_VOIDED).await
+    }
+
+    async fn totals_where(&self, condition: &str) -> Result<LogTotals, StoreError> {
         let r = self
             .db
             .reader()
-            .fetch_one(Sql::new(
+            .fetch_one(Sql::new(format!(
                 "SELECT count(*) AS events, \
                  CAST(COALESCE(SUM(CASE WHEN success THEN 0 ELSE 1 END), 0) AS BIGINT) AS errors, \
                  CAST(COALESCE(SUM(cost_nanos), 0) AS BIGINT) AS cost_nanos, \
                  CAST(COALESCE(SUM(tokens_in), 0) AS BIGINT) AS tokens_in, \
                  CAST(COALESCE(SUM(tokens_out), 0) AS BIGINT) AS tokens_out, \
                  CAST(COALESCE(SUM(COALESCE(request_bytes, 0) + COALESCE(response_bytes, 0)), 0) AS BIGINT) AS bytes \
-                 FROM usage_events",
-            ))
+                 FROM usage_events WHERE {condition}"
+            )))
             .await?;
         Ok(LogTotals {
             events: r.get("events")?,

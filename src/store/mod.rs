@@ -36,7 +36,7 @@ pub use leases::Leases;
 pub use log::EventLog;
 pub use prices::Prices;
 pub use projections::{Projections, Restating, UPSERT_CHUNK};
-pub use snapshot::AlertSnapshot;
+pub use snapshot::{AlertSnapshot, LedgerRestored, LedgerSnapshot};
 pub use tokens::Tokens;
 
 use std::time::Duration;

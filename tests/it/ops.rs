@@ -911,6 +911,10 @@ async fn export_import_and_copy_to_postgres_keep_aggregates_identical() {
     let mut events = synth::events(&cfg, 0, 3_000);
     events[0].metadata.insert("team".into(), "search".into());
     events[1].error_message = Some("upstream said no".into());
+    // Some events without a cost, for the price catalog to price.
+    for e in events.iter_mut().skip(4).step_by(3) {
+        e.cost_nanos = None;
+    }
     src.log()
         .append(&events, &[], &import_origin())
         .await
@@ -934,12 +938,61 @@ async fn export_import_and_copy_to_postgres_keep_aggregates_identical() {
         .await
         .expect("quota");
     assert!(resp.status().is_success());
+    // Prices and a correction, which must travel with the events.
+    let model = events
+        .iter()
+        .find(|e| e.cost_nanos.is_none())
+        .and_then(|e| e.model.clone())
+        .expect("an unpriced event with a model");
+    let resp = server
+        .client
+        .put(format!("{}/v1/prices", server.base))
+        .json(
+            &json!([{"model": model, "effective_from": "2020-01-01T00:00:00Z",
+                        "input_per_mtok": "1.5", "output_per_mtok": "2.25"}]),
+        )
+        .send()
+        .await
+        .expect("prices");
+    assert_eq!(resp.status().as_u16(), 200);
+    let resp = server
+        .client
+        .post(format!("{}/v1/corrections", server.base))
+        .json(&json!({"id": "dup", "reason": "double-sent",
+                      "void": {"ids": [events[2].id, events[3].id]}}))
+        .send()
+        .await
+        .expect("correction");
+    assert_eq!(resp.status().as_u16(), 201);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let (_, p) = server.get("/v1/projections").await;
+        let list = p["projections"].as_array().cloned().unwrap_or_default();
+        if !list.is_empty()
+            && list
+                .iter()
+                .all(|x| x["restating"] == 0 && x["lag_events"] == 0)
+        {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "not restated: {p}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     drop(server);
     // The server closes its store when it stops: open the file again.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let src = open(&src_url).await;
     let src_aggs = all_aggregates(&src).await;
     let src_totals = src.log().log_totals().await.expect("totals");
+    assert_eq!(
+        src.log().counted_totals().await.expect("counted").events,
+        2_998
+    );
+    let catalog_cost: i64 = src_aggs["agg_by_key_day"]
+        .iter()
+        .map(|r| r.measures.cost_from_catalog_nanos)
+        .sum();
+    assert!(catalog_cost > 0, "the price priced events");
 
     let dir = tempfile::tempdir().expect("dir");
     for format in ["ndjson", "msgpack"] {
@@ -966,6 +1019,10 @@ async fn export_import_and_copy_to_postgres_keep_aggregates_identical() {
             (again["accepted"].as_i64(), again["duplicates"].as_i64()),
             (Some(0), Some(3_000)),
             "idempotent"
+        );
+        assert!(
+            std::path::Path::new(&format!("{file}.ledger.json")).exists(),
+            "the ledger travels beside the backup"
         );
         let dst = open(&dst_url).await;
         assert_eq!(

@@ -92,15 +92,24 @@ pub(super) struct ExportArgs {
     /// Output format.
     #[arg(long, value_enum, default_value = "ndjson")]
     format: ExportFormat,
-    /// File to write (default: standard output).
+    /// File to write (default: standard output). Prices and corrections go
+    /// beside it, to `<out>.ledger.json`.
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Where to write the prices and corrections (default: `<out>.ledger.json`;
+    /// needed to keep them when the events go to standard output).
+    #[arg(long)]
+    ledger: Option<PathBuf>,
 }
 
 #[derive(Debug, clap::Args)]
 pub(super) struct ImportArgs {
     /// A file written by `tally export` (NDJSON or MessagePack, detected).
+    /// Its `<file>.ledger.json`, when present, restores prices and corrections.
     file: PathBuf,
+    /// The ledger file to restore (default: `<file>.ledger.json` if it exists).
+    #[arg(long)]
+    ledger: Option<PathBuf>,
     /// How far in the future an event timestamp may be.
     #[arg(long, env = "TALLY_MAX_FUTURE_SKEW", default_value = "5m", value_parser = tally::duration::parse)]
     max_future_skew: Duration,
@@ -378,6 +387,31 @@ pub(super) async fn export(db: &DatabaseConfig, a: ExportArgs) -> anyhow::Result
         report.events,
         started.elapsed().as_secs_f64()
     );
+    match a
+        .ledger
+        .clone()
+        .or_else(|| a.out.as_deref().map(transfer::ledger_path))
+    {
+        Some(path) => {
+            let l = transfer::export_ledger(&store, &path).await?;
+            eprintln!(
+                "exported {} prices and {} corrections to {}",
+                l.prices.len(),
+                l.corrections.len(),
+                path.display()
+            );
+        }
+        None => {
+            let l = store.ledger().await?;
+            if !(l.prices.is_empty() && l.corrections.is_empty()) {
+                eprintln!(
+                    "warning: {} prices and {} corrections were not exported (events went to standard output): pass --ledger FILE",
+                    l.prices.len(),
+                    l.corrections.len()
+                );
+            }
+        }
+    }
     store.close().await;
     Ok(())
 }
@@ -394,6 +428,18 @@ pub(super) async fn import(db: &DatabaseConfig, a: ImportArgs) -> anyhow::Result
     .await?;
     eprintln!();
     println!("{}", serde_json::to_string_pretty(&report)?);
+    let ledger = a.ledger.clone().or_else(|| {
+        let beside = transfer::ledger_path(&a.file);
+        beside.exists().then_some(beside)
+    });
+    if let Some(path) = ledger {
+        let restored = transfer::import_ledger(&store, &path).await?;
+        eprintln!(
+            "ledger {}: restored {}",
+            path.display(),
+            serde_json::to_string(&restored)?
+        );
+    }
     if !a.no_project {
         for task in
             tally::app::open_projectors(&store, a.projections.projections_dir.as_deref()).await?
