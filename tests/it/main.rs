@@ -8,6 +8,7 @@ mod event;
 mod hardening;
 mod ingest_http;
 mod ingest_nats;
+mod ledger_prop;
 mod ops;
 mod price;
 mod projection;
