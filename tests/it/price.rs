@@ -438,3 +438,36 @@ async fn tables_from_before_the_catalog_are_upgraded_sqlite() {
 async fn tables_from_before_the_catalog_are_upgraded_postgres() {
     old_tables_are_upgraded(Backend::Postgres).await;
 }
+
+#[tokio::test]
+async fn corrections_from_the_cli() {
+    let st = support::store(Backend::Sqlite).await;
+    let events = seeded_events("cli", 200, 51);
+    append_all(&st.store, &events, 100).await;
+    let db = st.url.clone();
+    let body = json!({"id": "cli-1", "reason": "double-sent",
+                      "void": {"ids": [events[0].id, events[1].id, "nope"]}})
+    .to_string();
+    let (ok, out, err) = tally(&db, &["corrections", "submit", "--json", &body]);
+    assert!(ok, "{err}");
+    let answer: Value = serde_json::from_str(&out).expect("json");
+    assert_eq!(
+        (&answer["voided"], &answer["not_found"]),
+        (&json!(2), &json!(["nope"])),
+        "{out}"
+    );
+    assert!(answer["actor"]
+        .as_str()
+        .unwrap_or_default()
+        .starts_with("cli:"));
+    let (ok, out, _) = tally(&db, &["corrections", "list"]);
+    assert!(ok && out.contains("\"cli-1\""), "{out}");
+    let (ok, out, err) = tally(
+        &db,
+        &["corrections", "revert", "cli-1", "--reason", "wrong ids"],
+    );
+    assert!(ok, "{err}");
+    assert!(out.contains("\"revert_reason\": \"wrong ids\""), "{out}");
+    let (ok, _, err) = tally(&db, &["corrections", "submit", "--json", "{\"id\": \"x\"}"]);
+    assert!(!ok && err.contains("reason"), "{err}");
+}

@@ -15,6 +15,7 @@ use tally::nats;
 use tally::nats::NatsConnection;
 use tally::store::{self, redact_url};
 
+mod corrections;
 mod ops;
 mod prices;
 
@@ -63,6 +64,11 @@ enum Command {
     /// Keys ranked over a range (`GET /v1/keys`), or one key's page with `KEY`
     /// (`GET /v1/keys/{key}/stats`).
     Keys(KeysArgs),
+    /// Corrections: void events (by ids or a key's range), list, revert.
+    Corrections {
+        #[command(subcommand)]
+        which: corrections::CorrectionsCommand,
+    },
     /// The price catalog: import (Tally's format or LiteLLM's), list, delete, reprice.
     Prices {
         #[command(subcommand)]
@@ -349,6 +355,7 @@ pub async fn run() -> anyhow::Result<()> {
         Command::Emit(args) => emit(args).await?,
         Command::Tokens { which } => ops::tokens(&cli.db, which).await?,
         Command::Prices { which } => prices::prices(&cli.db, which).await?,
+        Command::Corrections { which } => corrections::corrections(&cli.db, which).await?,
         Command::Jobs { which } => ops::jobs(&cli.db, which).await?,
         Command::Export(args) => ops::export(&cli.db, args).await?,
         Command::Import(args) => ops::import(&cli.db, args).await?,

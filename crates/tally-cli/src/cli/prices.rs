@@ -231,7 +231,7 @@ fn table(prices: &[PriceOut]) -> String {
 
 /// Shows the restatement queue draining, as a progress bar on stderr, until
 /// it is empty.
-async fn follow(store: &Store) -> anyhow::Result<()> {
+pub(super) async fn follow(store: &Store) -> anyhow::Result<()> {
     let total = pending(store).await?;
     if total == 0 {
         return Ok(());
