@@ -225,8 +225,10 @@ pub async fn run(
     }
 }
 
-/// Does the oldest queued restatement of a loaded projection; false when
-/// there is none.
+/// Does the oldest queued restatement of a loaded projection, together with
+/// the same change's restatements of the other loaded projections (each in
+/// its own transaction, concurrently: they lock different checkpoint rows,
+/// so each waits only for its own projector); false when there is none.
 pub async fn step(
     store: &Store,
     specs: &[Arc<Spec>],
@@ -234,36 +236,46 @@ pub async fn step(
     failpoints: Failpoints,
 ) -> Result<bool, ProjectionError> {
     let pending: Vec<Restatement> = store.corrections().pending(100).await?;
-    let Some((job, spec)) = pending.into_iter().find_map(|j| {
-        specs
-            .iter()
-            .find(|s| s.name == j.projection)
-            .map(|s| (j, s.clone()))
-    }) else {
+    let loaded = |j: &Restatement| specs.iter().find(|s| s.name == j.projection).cloned();
+    let Some(first) = pending.iter().find(|j| loaded(j).is_some()).cloned() else {
         return Ok(false);
     };
-    let started = std::time::Instant::now();
-    let report = restate(
-        store,
-        &spec,
-        (job.from, job.to),
-        &job.scope,
-        Some(job.id),
-        failpoints,
-    )
-    .await?;
+    let mut seen = std::collections::HashSet::new();
+    let batch: Vec<(Restatement, Arc<Spec>)> = pending
+        .into_iter()
+        .filter(|j| {
+            (j.from, j.to, &j.cause, &j.scope) == (first.from, first.to, &first.cause, &first.scope)
+        })
+        .filter_map(|j| loaded(&j).map(|s| (j, s)))
+        .filter(|(j, _)| seen.insert(j.projection.clone()))
+        .collect();
+    let runs = batch.iter().map(|(job, spec)| async move {
+        let started = std::time::Instant::now();
+        let report = restate(
+            store,
+            spec,
+            (job.from, job.to),
+            &job.scope,
+            Some(job.id),
+            failpoints,
+        )
+        .await?;
+        tracing::info!(
+            projection = %spec.name,
+            from = %job.from,
+            to = %job.to,
+            cause = %job.cause,
+            events = report.events,
+            rows = report.rows,
+            ms = started.elapsed().as_millis() as u64,
+            "restated"
+        );
+        Ok::<_, ProjectionError>(())
+    });
+    let results = futures::future::join_all(runs).await;
     if let Some(signal) = signal {
-        signal.committed(Some(job.from));
+        signal.committed(Some(first.from));
     }
-    tracing::info!(
-        projection = %spec.name,
-        from = %job.from,
-        to = %job.to,
-        cause = %job.cause,
-        events = report.events,
-        rows = report.rows,
-        ms = started.elapsed().as_millis() as u64,
-        "restated"
-    );
+    results.into_iter().collect::<Result<Vec<_>, _>>()?;
     Ok(true)
 }
