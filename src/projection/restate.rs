@@ -1,19 +1,35 @@
 //! Restatement: recompute a projection's buckets over an event-time range
 //! from the log and swap them in, while ingest and the projectors go on.
 //!
-//! Why a concurrent fold is neither lost nor counted twice: the restatement
-//! runs in one transaction that first locks the projection's checkpoint row
-//! and bumps its `generation`, then reads the cursor `C`. A fold commits
-//! under the same row lock, so it either committed before (and `C` includes
-//! it) or waits until the restatement commits. The restated buckets count
-//! exactly the non-voided events at or before `C` (the log read filters on
-//! the cursor and on `voided_events`); events after `C` are the projector's,
-//! which adds them on top afterwards. A batch the projector read before the
-//! restatement (perhaps before a void, so it may hold a voided event) carries
-//! the old generation, so its compare-and-set fails and it is read again,
-//! now without the voided events. A crash before the commit changes nothing
-//! and leaves the queue row, so the restatement runs again; its result does
-//! not depend on how often it ran.
+//! It runs in two steps, so the projector is held up only for the second.
+//!
+//! 1. **Prepare**, without any lock: in one read-only snapshot, read the
+//!    projection's checkpoint (generation `G`, cursor `C0`) and the prices,
+//!    and fold the non-voided events at or before `C0` of the changed groups
+//!    and range. The projector goes on folding meanwhile.
+//! 2. **Apply**, in one transaction that first locks the checkpoint row and
+//!    bumps its generation, then reads the cursor `C1`. If the generation it
+//!    found is not `G`, a price change or another restatement came in
+//!    between and the snapshot may be stale: step 1 runs again (after three
+//!    tries, it runs under the lock). Otherwise it adds the non-voided events
+//!    in `(C0, C1]` (what the projector folded since), sums the coarse
+//!    tables from the finer rows, and replaces the buckets.
+//!
+//! Why a concurrent fold is neither lost nor counted twice: a fold commits
+//! under the same row lock, so it either committed before step 2 (and `C1`
+//! includes it) or waits until the restatement commits. The restated buckets
+//! count exactly the non-voided events at or before `C1`, each once: those
+//! up to `C0` from step 1, the others from step 2. Events after `C1` are the
+//! projector's, which adds them on top afterwards. A batch the projector read
+//! before step 2 (perhaps before a void, so it may hold a voided event)
+//! carries the old generation, so its compare-and-set fails and it is read
+//! again, now without the voided events. A void or revert committed during
+//! step 1 (which step 1 may or may not have seen) queued its own
+//! restatement of its groups and range in the same transaction: if that one
+//! committed first, it moved the generation and step 1 is redone; if not,
+//! it runs after this one and restates those buckets again. A crash before
+//! the commit changes nothing and leaves the queue row, so the restatement
+//! runs again; its result does not depend on how often it ran.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -30,7 +46,7 @@ use crate::aggregate::measures::{RowKey, Rows};
 use crate::aggregate::spec::{Dimension, Granularity, Spec};
 use crate::backoff::Backoff;
 use crate::store::corrections::{Restatement, Scope};
-use crate::store::{AggRow, Restating, Store};
+use crate::store::{AggRow, Cursor, Folded, Restating, Store};
 
 /// Most values of one dimension a restatement narrows itself to.
 const MAX_SCOPE_VALUES: usize = 1_000;
@@ -69,16 +85,12 @@ pub async fn restate(
     done: Option<i64>,
     failpoints: Failpoints,
 ) -> Result<Restated, ProjectionError> {
-    let projections = store.projections();
-    let hash = spec.hash();
     let shadow = shadow_state(&spec.name);
-    if let Some(r) = projections.begin_restatement(&shadow, &hash).await? {
-        let (r, _) = restate_in(r, spec, SHADOW_SUFFIX, range, scope).await?;
+    if let Some((r, _)) = restate_state(store, spec, &shadow, SHADOW_SUFFIX, range, scope).await? {
         r.finish(None).await?;
     }
-    match projections.begin_restatement(&spec.name, &hash).await? {
-        Some(r) => {
-            let (r, report) = restate_in(r, spec, "", range, scope).await?;
+    match restate_state(store, spec, &spec.name, "", range, scope).await? {
+        Some((r, report)) => {
             if Failpoints::fires(failpoints.restate_before_commit) {
                 failpoint_abort("restate.before_commit");
             }
@@ -94,19 +106,89 @@ pub async fn restate(
     }
 }
 
-async fn restate_in(
-    mut r: Restating,
+/// Snapshots tried before a restatement is computed under the row lock.
+const SNAPSHOT_TRIES: usize = 3;
+
+/// Restates the tables of checkpoint `state`, uncommitted: computed from a
+/// snapshot without the lock (so the projector keeps folding meanwhile),
+/// then swapped in under it with what was folded since. When a price change
+/// or another restatement moved the generation in between, the snapshot is
+/// stale (its prices or voids may be older) and is taken again; after
+/// [`SNAPSHOT_TRIES`] the work is done under the lock, as a busy price
+/// catalog would otherwise keep it from ever finishing.
+async fn restate_state(
+    store: &Store,
     spec: &Spec,
+    state: &str,
     suffix: &str,
+    range: (DateTime<Utc>, DateTime<Utc>),
+    scope: &Scope,
+) -> Result<Option<(Restating, Restated)>, ProjectionError> {
+    let projections = store.projections();
+    let hash = spec.hash();
+    for _ in 0..SNAPSHOT_TRIES {
+        let Some(mut folded) = projections.read_folded(state, &hash).await? else {
+            return Ok(None);
+        };
+        let prepared = prepare(&mut folded, spec, range, scope).await?;
+        folded.close().await?;
+        let Some(mut r) = projections.begin_restatement(state, &hash).await? else {
+            return Ok(None);
+        };
+        match apply(&mut r, spec, suffix, prepared).await? {
+            Some(report) => return Ok(Some((r, report))),
+            None => {
+                tracing::debug!(projection = %state, "restatement snapshot went stale; taking another");
+                r.abandon().await?;
+            }
+        }
+    }
+    let Some(mut r) = projections.begin_restatement(state, &hash).await? else {
+        return Ok(None);
+    };
+    let prepared = prepare(r.folded(), spec, range, scope).await?;
+    // Prepared under the same lock: it cannot be stale.
+    let report = swap_in(&mut r, spec, suffix, prepared).await?;
+    Ok(Some((r, report)))
+}
+
+/// How one granularity's buckets are restated.
+enum Source {
+    /// Folded from the events (the finest table; every table where finer
+    /// rows do not sum up exactly).
+    Events(Fold),
+    /// Summed from the finer table's rows once those are swapped in.
+    Finer(Granularity),
+}
+
+/// A restatement computed from a [`Folded`] snapshot, to be swapped in.
+pub struct Prepared {
+    /// The checkpoint generation the snapshot was read at.
+    generation: i64,
+    /// The checkpoint cursor the snapshot's events were folded up to.
+    cursor: Cursor,
+    /// The groups restated (empty: whole buckets).
+    filter: Vec<(Dimension, Vec<String>)>,
+    /// Per granularity, finest first: the bucket range and its source.
+    tables: Vec<(Granularity, (DateTime<Utc>, DateTime<Utc>), Source)>,
+    /// Events folded so far.
+    events: usize,
+}
+
+/// Computes `spec`'s restated buckets overlapping `[from, to)` from the
+/// events `folded` has: everything but what only the locked step can know
+/// (events folded later, and coarse rows summed from finer ones).
+pub async fn prepare(
+    folded: &mut Folded,
+    spec: &Spec,
     (from, to): (DateTime<Utc>, DateTime<Utc>),
     scope: &Scope,
-) -> Result<(Restating, Restated), ProjectionError> {
+) -> Result<Prepared, ProjectionError> {
     let tz = spec.timezone;
-    let mut report = Restated::default();
     // Only the groups a changed event can be in: rows of other groups keep
     // what they hold, since none of their events changed. The same filter
     // selects the events, the finer rows and the rows replaced.
-    let filter: Vec<(Dimension, Vec<String>)> = r
+    let filter: Vec<(Dimension, Vec<String>)> = folded
         .scope_groups(scope, MAX_SCOPE_VALUES)
         .await?
         .into_iter()
@@ -114,17 +196,19 @@ async fn restate_in(
         .collect();
     let mut grans = spec.granularities.clone();
     grans.sort();
+    let mut tables = Vec::new();
+    let mut events = 0;
     let mut finer: Option<Granularity> = None;
     for g in grans {
         // Buckets past a granularity's retention are restated too: queries
         // never read them, and the next retention run deletes them again.
         let start = bucket_start(from, g, tz);
         let end = ceil(to, g, tz);
-        let rows = match finer.filter(|&f| sums_up(spec, f, start)) {
+        let source = match finer.filter(|&f| sums_up(spec, f, start)) {
             // A coarse bucket is the sum of the finer rows just restated and
             // the untouched ones beside them: no event is read twice, and a
             // month costs its day rows instead of its events.
-            Some(f) => roll_up(r.rows(spec, suffix, f, (start, end), &filter).await?, g, tz),
+            Some(f) => Source::Finer(f),
             None => {
                 let one = Spec {
                     granularities: vec![g],
@@ -134,12 +218,68 @@ async fn restate_in(
                 let mut at = start;
                 while at < end {
                     let until = (at + READ_SPAN).min(end);
-                    let events = r.events(at, until, &filter).await?;
-                    report.events += events.len();
-                    for e in &events {
-                        fold.add(e, r.catalog().charge(e));
+                    let read = folded.events(at, until, &filter).await?;
+                    events += read.len();
+                    for e in &read {
+                        fold.add(e, folded.catalog().charge(e));
                     }
                     at = until;
+                }
+                Source::Events(fold)
+            }
+        };
+        tables.push((g, (start, end), source));
+        finer = Some(g);
+    }
+    Ok(Prepared {
+        generation: folded.generation(),
+        cursor: folded.cursor(),
+        filter,
+        tables,
+        events,
+    })
+}
+
+/// Swaps `prepared` in under the row lock `r` holds: adds the events folded
+/// since its snapshot, sums the coarse tables from the finer rows, and
+/// replaces the buckets (in `spec`'s tables with `suffix`). `None`, writing
+/// nothing, when the generation moved since the snapshot: its prices or
+/// voids may be stale, and it must be prepared again.
+pub async fn apply(
+    r: &mut Restating,
+    spec: &Spec,
+    suffix: &str,
+    prepared: Prepared,
+) -> Result<Option<Restated>, ProjectionError> {
+    if r.folded().generation() != prepared.generation {
+        return Ok(None);
+    }
+    swap_in(r, spec, suffix, prepared).await.map(Some)
+}
+
+async fn swap_in(
+    r: &mut Restating,
+    spec: &Spec,
+    suffix: &str,
+    prepared: Prepared,
+) -> Result<Restated, ProjectionError> {
+    let tz = spec.timezone;
+    let filter = prepared.filter;
+    let mut report = Restated {
+        events: prepared.events,
+        rows: 0,
+    };
+    for (g, range, source) in prepared.tables {
+        let rows = match source {
+            Source::Finer(f) => roll_up(r.rows(spec, suffix, f, range, &filter).await?, g, tz),
+            Source::Events(mut fold) => {
+                if r.folded().cursor() != prepared.cursor {
+                    let later = r.events_after(prepared.cursor, range, &filter).await?;
+                    report.events += later.len();
+                    let catalog = r.folded().catalog();
+                    for e in &later {
+                        fold.add(e, catalog.charge(e));
+                    }
                 }
                 fold.finish()
                     .tables
@@ -150,11 +290,9 @@ async fn restate_in(
             }
         };
         report.rows += rows.len();
-        r.replace(spec, suffix, g, (start, end), &filter, &rows)
-            .await?;
-        finer = Some(g);
+        r.replace(spec, suffix, g, range, &filter, &rows).await?;
     }
-    Ok((r, report))
+    Ok(report)
 }
 
 /// Whether `spec`'s `finer` table, from `start` on, sums exactly to every

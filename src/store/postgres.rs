@@ -246,6 +246,9 @@ pub(crate) const EVENT_TX: &str = "e.tx::text::bigint";
 /// bound as text.
 pub(crate) const FOLDED_UP_TO: &str = "(tx, seq) <= ($3::text::xid8, $4)";
 
+/// The condition "not folded as of the cursor `($5, $6)`".
+pub(crate) const FOLDED_AFTER: &str = "(tx, seq) > ($5::text::xid8, $6)";
+
 /// [`FOLD_COLUMNS`], then the cursor: `tx` as a number, `seq`.
 pub(crate) fn log_columns() -> String {
     format!("{FOLD_COLUMNS}, tx::text::bigint AS cursor_tx, seq")

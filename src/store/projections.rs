@@ -481,7 +481,7 @@ impl Projections {
                 .collect::<Result<Vec<_>, _>>()?;
             stored.push((g, rows));
         }
-        let events = folded_events(&mut tx, &self.db, (from, to), cursor, &[]).await?;
+        let events = folded_events(&mut tx, &self.db, (from, to), None, cursor, &[]).await?;
         let catalog = super::prices::Prices::catalog_in(&mut tx).await?;
         tx.commit().await?;
         Ok(ReconcileRead {
@@ -676,29 +676,48 @@ async fn upsert_chunk<'a>(
     }
 }
 
-/// The events with `ts` in `[from, to)` folded as of `cursor`, without the
-/// voided ones (what the aggregates of those buckets count).
+/// The events with `ts` in `[from, to)` folded as of `cursor` (and, with
+/// `after`, not yet as of `after`), without the voided ones (what the
+/// aggregates of those buckets count).
 async fn folded_events(
     tx: &mut Tx,
     db: &Db,
     (from, to): (DateTime<Utc>, DateTime<Utc>),
+    after: Option<Cursor>,
     cursor: Cursor,
     filter: &[(Dimension, Vec<String>)],
 ) -> Result<Vec<crate::event::Event>, StoreError> {
-    let (columns, folded) = match db {
-        Db::Postgres(_) => (postgres::log_columns(), postgres::FOLDED_UP_TO),
-        Db::Sqlite(_) => (sqlite::log_columns(), sqlite::FOLDED_UP_TO),
+    let (columns, folded, later) = match db {
+        Db::Postgres(_) => (
+            postgres::log_columns(),
+            postgres::FOLDED_UP_TO,
+            postgres::FOLDED_AFTER,
+        ),
+        Db::Sqlite(_) => (
+            sqlite::log_columns(),
+            sqlite::FOLDED_UP_TO,
+            sqlite::FOLDED_AFTER,
+        ),
+    };
+    let (later, first) = match after {
+        Some(_) => (format!(" AND {later}"), 7),
+        None => (String::new(), 5),
     };
     // Absent values are '' in the aggregates: the same test on both sides.
-    let narrow = group_condition(db, filter, 5, |d| format!("COALESCE({}, '')", d.column()));
+    let narrow = group_condition(db, filter, first, |d| {
+        format!("COALESCE({}, '')", d.column())
+    });
     let mut sql = Sql::new(format!(
-        "SELECT {columns} FROM usage_events WHERE ts >= $1 AND ts < $2 AND {folded} \
+        "SELECT {columns} FROM usage_events WHERE ts >= $1 AND ts < $2 AND {folded}{later} \
          AND {NOT_VOIDED}{narrow}"
     ))
     .bind(from)
     .bind(to)
     .bind(cursor.tx.to_string())
     .bind(cursor.seq);
+    if let Some(after) = after {
+        sql = sql.bind(after.tx.to_string()).bind(after.seq);
+    }
     for (_, values) in filter {
         sql = sql.bind(Arg::List(values.iter().map(String::as_str).collect()));
     }
@@ -741,19 +760,82 @@ fn log_events(rows: &[Row]) -> Result<Vec<(Cursor, crate::event::Event)>, StoreE
         .collect()
 }
 
-/// A restatement in progress: one write transaction that holds a
-/// projection's checkpoint row (so no fold commits beside it) and has bumped
-/// its generation (so a batch read before it is refused and read again).
-/// The caller recomputes buckets from [`Restating::events`] and swaps them in
-/// with [`Restating::replace`]; nothing is visible until [`Restating::finish`].
-pub struct Restating {
+/// The log as one checkpoint has folded it, in one read-only snapshot that
+/// takes no lock: what a restatement recomputes its buckets from before it
+/// takes the checkpoint row to swap them in (see [`Restating`]).
+pub struct Folded {
     tx: Tx,
     db: Db,
     cursor: Cursor,
+    generation: i64,
     catalog: crate::aggregate::price::Catalog,
 }
 
+/// A restatement being swapped in: one write transaction that holds a
+/// projection's checkpoint row (so no fold commits beside it) and has bumped
+/// its generation (so a batch read before it is refused and read again).
+/// The caller recomputes buckets from the events of [`Restating::folded`]
+/// (or, having done most of that beforehand from a [`Folded`] snapshot, adds
+/// [`Restating::events_after`] its cursor) and swaps them in with
+/// [`Restating::replace`]; nothing is visible until [`Restating::finish`].
+pub struct Restating {
+    folded: Folded,
+}
+
+/// The checkpoint row of `state` built with `spec_hash`: generation and cursor.
+async fn checkpoint_at(
+    tx: &mut Tx,
+    state: &str,
+    spec_hash: &str,
+) -> Result<Option<(i64, Cursor)>, StoreError> {
+    let row = tx
+        .fetch_optional(
+            Sql::new(
+                "SELECT generation, cursor_tx, cursor_seq FROM projection_checkpoints \
+                 WHERE name = $1 AND spec_hash = $2",
+            )
+            .bind(state)
+            .bind(spec_hash),
+        )
+        .await?;
+    row.map(|row| {
+        Ok((
+            row.get("generation")?,
+            Cursor {
+                tx: row.get("cursor_tx")?,
+                seq: row.get("cursor_seq")?,
+            },
+        ))
+    })
+    .transpose()
+}
+
 impl Projections {
+    /// Opens a read-only snapshot of the log as checkpoint `state` (built
+    /// with `spec_hash`) has folded it; `None` when there is no such
+    /// checkpoint. Folds go on meanwhile: [`Restating::events_after`] has
+    /// what they add.
+    pub async fn read_folded(
+        &self,
+        state: &str,
+        spec_hash: &str,
+    ) -> Result<Option<Folded>, StoreError> {
+        let mut tx = self.db.snapshot().await?;
+        let Some((generation, cursor)) = checkpoint_at(&mut tx, state, spec_hash).await? else {
+            tx.rollback().await?;
+            return Ok(None);
+        };
+        // The same snapshot: these prices are the ones of this generation.
+        let catalog = super::prices::Prices::catalog_in(&mut tx).await?;
+        Ok(Some(Folded {
+            tx,
+            db: self.db.clone(),
+            cursor,
+            generation,
+            catalog,
+        }))
+    }
+
     /// Starts restating the tables of checkpoint `state` (which must have
     /// been built with `spec_hash`); `None` when there is no such checkpoint.
     pub async fn begin_restatement(
@@ -775,39 +857,39 @@ impl Projections {
                 .bind(Utc::now()),
             )
             .await?;
-        if moved != 1 {
+        let Some((generation, cursor)) = (match moved {
+            1 => checkpoint_at(&mut tx, state, spec_hash).await?,
+            _ => None,
+        }) else {
             tx.rollback().await?;
             return Ok(None);
-        }
-        let row = tx
-            .fetch_one(
-                Sql::new(
-                    "SELECT cursor_tx, cursor_seq FROM projection_checkpoints WHERE name = $1",
-                )
-                .bind(state),
-            )
-            .await?;
-        let cursor = Cursor {
-            tx: row.get("cursor_tx")?,
-            seq: row.get("cursor_seq")?,
         };
         // Read under the row lock: a price change committed before it is
         // here; one committing later bumps the generation again and queues
         // its own restatement.
         let catalog = super::prices::Prices::catalog_in(&mut tx).await?;
         Ok(Some(Restating {
-            tx,
-            db: self.db.clone(),
-            cursor,
-            catalog,
+            folded: Folded {
+                tx,
+                db: self.db.clone(),
+                cursor,
+                generation: generation - 1,
+                catalog,
+            },
         }))
     }
 }
 
-impl Restating {
-    /// The checkpoint the restated buckets are computed at.
+impl Folded {
+    /// The checkpoint the events are read as of.
     pub fn cursor(&self) -> Cursor {
         self.cursor
+    }
+
+    /// The checkpoint's generation (before a restatement's own bump): a
+    /// price change or another restatement since then moves it.
+    pub fn generation(&self) -> i64 {
+        self.generation
     }
 
     /// The price catalog the restated buckets are costed with.
@@ -824,7 +906,20 @@ impl Restating {
         to: DateTime<Utc>,
         filter: &[(Dimension, Vec<String>)],
     ) -> Result<Vec<crate::event::Event>, StoreError> {
-        folded_events(&mut self.tx, &self.db, (from, to), self.cursor, filter).await
+        folded_events(
+            &mut self.tx,
+            &self.db,
+            (from, to),
+            None,
+            self.cursor,
+            filter,
+        )
+        .await
+    }
+
+    /// Ends the snapshot.
+    pub async fn close(self) -> Result<(), StoreError> {
+        self.tx.rollback().await
     }
 
     /// The values of each text dimension among the events a restatement's
@@ -877,6 +972,27 @@ impl Restating {
             .map(|(d, v)| (*d, v.into_iter().collect()))
             .collect())
     }
+}
+
+impl Restating {
+    /// The log as of the locked checkpoint (its cursor includes every fold
+    /// committed so far; none commits until this one does).
+    pub fn folded(&mut self) -> &mut Folded {
+        &mut self.folded
+    }
+
+    /// The events a fold committed after `after` (up to this checkpoint's
+    /// cursor) with `ts` in `[from, to)`, without voided ones, of the groups
+    /// `filter` allows: what the projector added since a [`Folded`] snapshot.
+    pub async fn events_after(
+        &mut self,
+        after: Cursor,
+        (from, to): (DateTime<Utc>, DateTime<Utc>),
+        filter: &[(Dimension, Vec<String>)],
+    ) -> Result<Vec<crate::event::Event>, StoreError> {
+        let f = &mut self.folded;
+        folded_events(&mut f.tx, &f.db, (from, to), Some(after), f.cursor, filter).await
+    }
 
     /// The rows of one table with buckets in `[from, to)`, as this
     /// transaction sees them (a finer table just restated, for a coarser one
@@ -890,7 +1006,7 @@ impl Restating {
         filter: &[(Dimension, Vec<String>)],
     ) -> Result<Vec<AggRow>, StoreError> {
         let t = table(spec, g, suffix);
-        let narrow = group_condition(&self.db, filter, 3, Dimension::column);
+        let narrow = group_condition(&self.folded.db, filter, 3, Dimension::column);
         let mut sql = Sql::new(format!(
             "SELECT {} FROM {t} WHERE bucket >= $1 AND bucket < $2{narrow}",
             all_columns(spec)
@@ -900,7 +1016,7 @@ impl Restating {
         for (_, values) in filter {
             sql = sql.bind(Arg::List(values.iter().map(String::as_str).collect()));
         }
-        let rows = self.tx.fetch_all(sql).await?;
+        let rows = self.folded.tx.fetch_all(sql).await?;
         let n = spec.dimensions.len();
         rows.iter().map(|r| agg_row(r, n, &t)).collect()
     }
@@ -917,7 +1033,7 @@ impl Restating {
         rows: &Rows,
     ) -> Result<(), StoreError> {
         let t = table(spec, g, suffix);
-        let narrow = group_condition(&self.db, filter, 3, Dimension::column);
+        let narrow = group_condition(&self.folded.db, filter, 3, Dimension::column);
         let mut sql = Sql::new(format!(
             "DELETE FROM {t} WHERE bucket >= $1 AND bucket < $2{narrow}"
         ))
@@ -926,23 +1042,24 @@ impl Restating {
         for (_, values) in filter {
             sql = sql.bind(Arg::List(values.iter().map(String::as_str).collect()));
         }
-        self.tx.execute(sql).await?;
-        upsert_rows(&mut self.tx, spec, &t, rows).await
+        self.folded.tx.execute(sql).await?;
+        upsert_rows(&mut self.folded.tx, spec, &t, rows).await
     }
 
     /// Commits, deleting the queue row `done` in the same transaction (so a
     /// crash before it redoes the whole restatement, never half of it).
     pub async fn finish(mut self, done: Option<i64>) -> Result<(), StoreError> {
         if let Some(id) = done {
-            self.tx
+            self.folded
+                .tx
                 .execute(Sql::new("DELETE FROM restatements WHERE id = $1").bind(id))
                 .await?;
         }
-        self.tx.commit().await
+        self.folded.tx.commit().await
     }
 
     /// Gives up; nothing changes.
     pub async fn abandon(self) -> Result<(), StoreError> {
-        self.tx.rollback().await
+        self.folded.tx.rollback().await
     }
 }

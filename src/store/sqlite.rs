@@ -215,6 +215,9 @@ pub(crate) const EVENT_TX: &str = "0";
 /// SQLite (`seq` order is commit order), bound as text like PostgreSQL's.
 pub(crate) const FOLDED_UP_TO: &str = "(0, seq) <= (CAST($3 AS INTEGER), $4)";
 
+/// The condition "not folded as of the cursor `($5, $6)`".
+pub(crate) const FOLDED_AFTER: &str = "(0, seq) > (CAST($5 AS INTEGER), $6)";
+
 /// [`FOLD_COLUMNS`], then the cursor's `seq` (17).
 pub(crate) fn log_columns() -> String {
     format!("{FOLD_COLUMNS}, seq")
