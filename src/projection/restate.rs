@@ -161,6 +161,14 @@ enum Source {
     Finer(Granularity),
 }
 
+/// One granularity's restated buckets.
+struct Table {
+    granularity: Granularity,
+    /// Bucket starts in `[from, to)`.
+    range: (DateTime<Utc>, DateTime<Utc>),
+    source: Source,
+}
+
 /// A restatement computed from a [`Folded`] snapshot, to be swapped in.
 pub struct Prepared {
     /// The checkpoint generation the snapshot was read at.
@@ -169,8 +177,8 @@ pub struct Prepared {
     cursor: Cursor,
     /// The groups restated (empty: whole buckets).
     filter: Vec<(Dimension, Vec<String>)>,
-    /// Per granularity, finest first: the bucket range and its source.
-    tables: Vec<(Granularity, (DateTime<Utc>, DateTime<Utc>), Source)>,
+    /// Per granularity, finest first.
+    tables: Vec<Table>,
     /// Events folded so far.
     events: usize,
 }
@@ -228,7 +236,11 @@ pub async fn prepare(
                 Source::Events(fold)
             }
         };
-        tables.push((g, (start, end), source));
+        tables.push(Table {
+            granularity: g,
+            range: (start, end),
+            source,
+        });
         finer = Some(g);
     }
     Ok(Prepared {
@@ -269,7 +281,12 @@ async fn swap_in(
         events: prepared.events,
         rows: 0,
     };
-    for (g, range, source) in prepared.tables {
+    for Table {
+        granularity: g,
+        range,
+        source,
+    } in prepared.tables
+    {
         let rows = match source {
             Source::Finer(f) => roll_up(r.rows(spec, suffix, f, range, &filter).await?, g, tz),
             Source::Events(mut fold) => {
