@@ -61,6 +61,11 @@ pub struct Restated {
     pub events: usize,
     /// Rows written.
     pub rows: usize,
+    /// Of `events`, those read under the checkpoint lock.
+    pub under_lock: usize,
+    /// Snapshots taken (more than one: a price change or another
+    /// restatement made one stale).
+    pub snapshots: usize,
 }
 
 /// The first bucket start at or after `t`.
@@ -109,6 +114,12 @@ pub async fn restate(
 /// Snapshots tried before a restatement is computed under the row lock.
 const SNAPSHOT_TRIES: usize = 3;
 
+/// Most catch-up reads without the lock after a restatement's snapshot.
+const CATCH_UP_PASSES: usize = 4;
+
+/// A catch-up read this short leaves little for the locked step.
+const CATCH_UP_SHORT: Duration = Duration::from_millis(200);
+
 /// Restates the tables of checkpoint `state`, uncommitted: computed from a
 /// snapshot without the lock (so the projector keeps folding meanwhile),
 /// then swapped in under it with what was folded since. When a price change
@@ -126,17 +137,39 @@ async fn restate_state(
 ) -> Result<Option<(Restating, Restated)>, ProjectionError> {
     let projections = store.projections();
     let hash = spec.hash();
-    for _ in 0..SNAPSHOT_TRIES {
+    for snapshots in 1..=SNAPSHOT_TRIES {
         let Some(mut folded) = projections.read_folded(state, &hash).await? else {
             return Ok(None);
         };
-        let prepared = prepare(&mut folded, spec, range, scope).await?;
-        folded.close().await?;
+        let mut prepared = prepare(&mut folded, spec, range, scope).await?;
+        // What the projector folded meanwhile, still without the lock, until
+        // a pass is short: the locked step then has little left to add.
+        for _ in 0..CATCH_UP_PASSES {
+            let Some(mut folded) = projections.read_folded(state, &hash).await? else {
+                return Ok(None);
+            };
+            let started = std::time::Instant::now();
+            let current = folded.generation() == prepared.generation;
+            if current {
+                catch_up(&mut folded, &mut prepared).await?;
+            }
+            if !current || started.elapsed() < CATCH_UP_SHORT {
+                break;
+            }
+        }
         let Some(mut r) = projections.begin_restatement(state, &hash).await? else {
             return Ok(None);
         };
         match apply(&mut r, spec, suffix, prepared).await? {
-            Some(report) => return Ok(Some((r, report))),
+            Some(report) => {
+                return Ok(Some((
+                    r,
+                    Restated {
+                        snapshots,
+                        ..report
+                    },
+                )))
+            }
             None => {
                 tracing::debug!(projection = %state, "restatement snapshot went stale; taking another");
                 r.abandon().await?;
@@ -149,7 +182,15 @@ async fn restate_state(
     let prepared = prepare(r.folded(), spec, range, scope).await?;
     // Prepared under the same lock: it cannot be stale.
     let report = swap_in(&mut r, spec, suffix, prepared).await?;
-    Ok(Some((r, report)))
+    let under_lock = report.events;
+    Ok(Some((
+        r,
+        Restated {
+            under_lock,
+            snapshots: SNAPSHOT_TRIES,
+            ..report
+        },
+    )))
 }
 
 /// How one granularity's buckets are restated.
@@ -273,13 +314,16 @@ async fn swap_in(
     r: &mut Restating,
     spec: &Spec,
     suffix: &str,
-    prepared: Prepared,
+    mut prepared: Prepared,
 ) -> Result<Restated, ProjectionError> {
     let tz = spec.timezone;
-    let filter = prepared.filter;
+    let before = prepared.events;
+    catch_up(r.folded(), &mut prepared).await?;
+    let filter = std::mem::take(&mut prepared.filter);
     let mut report = Restated {
         events: prepared.events,
-        rows: 0,
+        under_lock: prepared.events - before,
+        ..Restated::default()
     };
     for Table {
         granularity: g,
@@ -289,27 +333,40 @@ async fn swap_in(
     {
         let rows = match source {
             Source::Finer(f) => roll_up(r.rows(spec, suffix, f, range, &filter).await?, g, tz),
-            Source::Events(mut fold) => {
-                if r.folded().cursor() != prepared.cursor {
-                    let later = r.events_after(prepared.cursor, range, &filter).await?;
-                    report.events += later.len();
-                    let catalog = r.folded().catalog();
-                    for e in &later {
-                        fold.add(e, catalog.charge(e));
-                    }
-                }
-                fold.finish()
-                    .tables
-                    .into_iter()
-                    .find(|(tg, _)| *tg == g)
-                    .map(|(_, rows)| rows)
-                    .unwrap_or_default()
-            }
+            Source::Events(fold) => fold
+                .finish()
+                .tables
+                .into_iter()
+                .find(|(tg, _)| *tg == g)
+                .map(|(_, rows)| rows)
+                .unwrap_or_default(),
         };
         report.rows += rows.len();
         r.replace(spec, suffix, g, range, &filter, &rows).await?;
     }
     Ok(report)
+}
+
+/// Adds to `prepared`'s folds the events `folded` has beyond its cursor (at
+/// the same generation: same prices, and voids it either saw or has queued
+/// restatements for), and moves its cursor there.
+async fn catch_up(folded: &mut Folded, prepared: &mut Prepared) -> Result<(), ProjectionError> {
+    if folded.cursor() == prepared.cursor {
+        return Ok(());
+    }
+    for table in &mut prepared.tables {
+        if let Source::Events(fold) = &mut table.source {
+            let later = folded
+                .events_after(prepared.cursor, table.range, &prepared.filter)
+                .await?;
+            prepared.events += later.len();
+            for e in &later {
+                fold.add(e, folded.catalog().charge(e));
+            }
+        }
+    }
+    prepared.cursor = folded.cursor();
+    Ok(())
 }
 
 /// Whether `spec`'s `finer` table, from `start` on, sums exactly to every
@@ -421,6 +478,8 @@ pub async fn step(
             to = %job.to,
             cause = %job.cause,
             events = report.events,
+            under_lock = report.under_lock,
+            snapshots = report.snapshots,
             rows = report.rows,
             ms = started.elapsed().as_millis() as u64,
             "restated"

@@ -191,6 +191,7 @@ pub(crate) fn timed_out(e: sqlx::Error, code: &str, after: std::time::Duration) 
 pub(crate) struct Sql<'a> {
     text: Cow<'a, str>,
     args: Vec<Arg<'a>>,
+    custom_plan: bool,
 }
 
 impl<'a> Sql<'a> {
@@ -199,7 +200,16 @@ impl<'a> Sql<'a> {
         Self {
             text: text.into(),
             args: Vec::new(),
+            custom_plan: false,
         }
+    }
+
+    /// Plans the statement for its arguments each time (PostgreSQL: not a
+    /// cached prepared statement), for one whose best plan depends on them:
+    /// a generic plan cannot tell a thin cursor slice from a wide one.
+    pub(crate) fn custom_plan(mut self) -> Self {
+        self.custom_plan = true;
+        self
     }
 
     /// Binds the next placeholder.
@@ -217,6 +227,9 @@ impl<'a> Sql<'a> {
                 Arg::List(v) => q.bind(v),
                 other => bind_plain(q, other),
             };
+        }
+        if self.custom_plan {
+            q = q.persistent(false);
         }
         q
     }

@@ -481,7 +481,7 @@ impl Projections {
                 .collect::<Result<Vec<_>, _>>()?;
             stored.push((g, rows));
         }
-        let events = folded_events(&mut tx, &self.db, (from, to), None, cursor, &[]).await?;
+        let events = folded_events(Some(&mut tx), &self.db, (from, to), None, cursor, &[]).await?;
         let catalog = super::prices::Prices::catalog_in(&mut tx).await?;
         tx.commit().await?;
         Ok(ReconcileRead {
@@ -676,53 +676,92 @@ async fn upsert_chunk<'a>(
     }
 }
 
+/// Events a catch-up read returns per statement.
+const CATCH_UP_CHUNK: i64 = 10_000;
+
 /// The events with `ts` in `[from, to)` folded as of `cursor` (and, with
 /// `after`, not yet as of `after`), without the voided ones (what the
-/// aggregates of those buckets count).
+/// aggregates of those buckets count). Read in `tx`, or else statement by
+/// statement: the events up to a cursor never change, and a long snapshot
+/// would keep PostgreSQL from pruning the row versions the projector's
+/// upserts leave.
+///
+/// With `after` the read walks the cursor index in chunks: the events a
+/// projector folded over a few seconds are a thin slice of the cursor order
+/// but may span the whole time range (live events of a range reaching now),
+/// where the `ts` index would scan every event of the range.
 async fn folded_events(
-    tx: &mut Tx,
+    mut tx: Option<&mut Tx>,
     db: &Db,
     (from, to): (DateTime<Utc>, DateTime<Utc>),
     after: Option<Cursor>,
     cursor: Cursor,
     filter: &[(Dimension, Vec<String>)],
 ) -> Result<Vec<crate::event::Event>, StoreError> {
-    let (columns, folded, later) = match db {
+    let (columns, folded, later, order) = match db {
         Db::Postgres(_) => (
             postgres::log_columns(),
             postgres::FOLDED_UP_TO,
             postgres::FOLDED_AFTER,
+            "tx, seq",
         ),
         Db::Sqlite(_) => (
             sqlite::log_columns(),
             sqlite::FOLDED_UP_TO,
             sqlite::FOLDED_AFTER,
+            "seq",
         ),
     };
     let (later, first) = match after {
-        Some(_) => (format!(" AND {later}"), 7),
+        Some(_) => (
+            format!(" AND {later}"),
+            // $7: the chunk size.
+            8,
+        ),
         None => (String::new(), 5),
     };
     // Absent values are '' in the aggregates: the same test on both sides.
     let narrow = group_condition(db, filter, first, |d| {
         format!("COALESCE({}, '')", d.column())
     });
-    let mut sql = Sql::new(format!(
+    let tail = match after {
+        Some(_) => format!(" ORDER BY {order} LIMIT $7"),
+        None => String::new(),
+    };
+    let text = format!(
         "SELECT {columns} FROM usage_events WHERE ts >= $1 AND ts < $2 AND {folded}{later} \
-         AND {NOT_VOIDED}{narrow}"
-    ))
-    .bind(from)
-    .bind(to)
-    .bind(cursor.tx.to_string())
-    .bind(cursor.seq);
-    if let Some(after) = after {
-        sql = sql.bind(after.tx.to_string()).bind(after.seq);
+         AND {NOT_VOIDED}{narrow}{tail}"
+    );
+    let mut out = Vec::new();
+    let mut after = after;
+    loop {
+        let mut sql = Sql::new(text.as_str())
+            .bind(from)
+            .bind(to)
+            .bind(cursor.tx.to_string())
+            .bind(cursor.seq);
+        if let Some(after) = after {
+            sql = sql
+                .bind(after.tx.to_string())
+                .bind(after.seq)
+                .bind(CATCH_UP_CHUNK)
+                .custom_plan();
+        }
+        for (_, values) in filter {
+            sql = sql.bind(Arg::List(values.iter().map(String::as_str).collect()));
+        }
+        let rows = match tx.as_deref_mut() {
+            Some(tx) => tx.fetch_all(sql).await?,
+            None => db.reader().fetch_all(sql).await?,
+        };
+        let read = log_events(&rows)?;
+        let full = read.len() as i64 == CATCH_UP_CHUNK;
+        after = after.and(read.last().map(|(c, _)| *c));
+        out.extend(read.into_iter().map(|(_, e)| e));
+        if after.is_none() || !full {
+            return Ok(out);
+        }
     }
-    for (_, values) in filter {
-        sql = sql.bind(Arg::List(values.iter().map(String::as_str).collect()));
-    }
-    let rows = tx.fetch_all(sql).await?;
-    Ok(log_events(&rows)?.into_iter().map(|(_, e)| e).collect())
 }
 
 /// ` AND <column> IN <list>` per filtered dimension, lists bound from
@@ -760,11 +799,11 @@ fn log_events(rows: &[Row]) -> Result<Vec<(Cursor, crate::event::Event)>, StoreE
         .collect()
 }
 
-/// The log as one checkpoint has folded it, in one read-only snapshot that
-/// takes no lock: what a restatement recomputes its buckets from before it
-/// takes the checkpoint row to swap them in (see [`Restating`]).
+/// The log as one checkpoint has folded it, read without any lock: what a
+/// restatement recomputes its buckets from before it takes the checkpoint
+/// row to swap them in (see [`Restating`]). The checkpoint and the prices
+/// are read in one snapshot; the events up to its cursor never change.
 pub struct Folded {
-    tx: Tx,
     db: Db,
     cursor: Cursor,
     generation: i64,
@@ -776,9 +815,10 @@ pub struct Folded {
 /// its generation (so a batch read before it is refused and read again).
 /// The caller recomputes buckets from the events of [`Restating::folded`]
 /// (or, having done most of that beforehand from a [`Folded`] snapshot, adds
-/// [`Restating::events_after`] its cursor) and swaps them in with
+/// the events after its cursor, [`Folded::events_after`]) and swaps them in with
 /// [`Restating::replace`]; nothing is visible until [`Restating::finish`].
 pub struct Restating {
+    tx: Tx,
     folded: Folded,
 }
 
@@ -813,7 +853,7 @@ async fn checkpoint_at(
 impl Projections {
     /// Opens a read-only snapshot of the log as checkpoint `state` (built
     /// with `spec_hash`) has folded it; `None` when there is no such
-    /// checkpoint. Folds go on meanwhile: [`Restating::events_after`] has
+    /// checkpoint. Folds go on meanwhile: [`Folded::events_after`] has
     /// what they add.
     pub async fn read_folded(
         &self,
@@ -827,8 +867,8 @@ impl Projections {
         };
         // The same snapshot: these prices are the ones of this generation.
         let catalog = super::prices::Prices::catalog_in(&mut tx).await?;
+        tx.rollback().await?;
         Ok(Some(Folded {
-            tx,
             db: self.db.clone(),
             cursor,
             generation,
@@ -869,8 +909,8 @@ impl Projections {
         // its own restatement.
         let catalog = super::prices::Prices::catalog_in(&mut tx).await?;
         Ok(Some(Restating {
+            tx,
             folded: Folded {
-                tx,
                 db: self.db.clone(),
                 cursor,
                 generation: generation - 1,
@@ -906,20 +946,19 @@ impl Folded {
         to: DateTime<Utc>,
         filter: &[(Dimension, Vec<String>)],
     ) -> Result<Vec<crate::event::Event>, StoreError> {
-        folded_events(
-            &mut self.tx,
-            &self.db,
-            (from, to),
-            None,
-            self.cursor,
-            filter,
-        )
-        .await
+        folded_events(None, &self.db, (from, to), None, self.cursor, filter).await
     }
 
-    /// Ends the snapshot.
-    pub async fn close(self) -> Result<(), StoreError> {
-        self.tx.rollback().await
+    /// The events a fold committed after `after` (up to this checkpoint's
+    /// cursor) with `ts` in `[from, to)`, without voided ones, of the groups
+    /// `filter` allows: what the projector added since an earlier snapshot.
+    pub async fn events_after(
+        &mut self,
+        after: Cursor,
+        (from, to): (DateTime<Utc>, DateTime<Utc>),
+        filter: &[(Dimension, Vec<String>)],
+    ) -> Result<Vec<crate::event::Event>, StoreError> {
+        folded_events(None, &self.db, (from, to), Some(after), self.cursor, filter).await
     }
 
     /// The values of each text dimension among the events a restatement's
@@ -948,7 +987,8 @@ impl Folded {
             .map(|d| format!("COALESCE(e.{}, '') AS {}", d.column(), d.column()))
             .collect();
         let rows = self
-            .tx
+            .db
+            .reader()
             .fetch_all(
                 Sql::new(format!(
                     "SELECT DISTINCT {} FROM correction_events c JOIN usage_events e ON e.id = c.event_id \
@@ -981,19 +1021,6 @@ impl Restating {
         &mut self.folded
     }
 
-    /// The events a fold committed after `after` (up to this checkpoint's
-    /// cursor) with `ts` in `[from, to)`, without voided ones, of the groups
-    /// `filter` allows: what the projector added since a [`Folded`] snapshot.
-    pub async fn events_after(
-        &mut self,
-        after: Cursor,
-        (from, to): (DateTime<Utc>, DateTime<Utc>),
-        filter: &[(Dimension, Vec<String>)],
-    ) -> Result<Vec<crate::event::Event>, StoreError> {
-        let f = &mut self.folded;
-        folded_events(&mut f.tx, &f.db, (from, to), Some(after), f.cursor, filter).await
-    }
-
     /// The rows of one table with buckets in `[from, to)`, as this
     /// transaction sees them (a finer table just restated, for a coarser one
     /// to be summed from).
@@ -1016,7 +1043,7 @@ impl Restating {
         for (_, values) in filter {
             sql = sql.bind(Arg::List(values.iter().map(String::as_str).collect()));
         }
-        let rows = self.folded.tx.fetch_all(sql).await?;
+        let rows = self.tx.fetch_all(sql).await?;
         let n = spec.dimensions.len();
         rows.iter().map(|r| agg_row(r, n, &t)).collect()
     }
@@ -1042,24 +1069,23 @@ impl Restating {
         for (_, values) in filter {
             sql = sql.bind(Arg::List(values.iter().map(String::as_str).collect()));
         }
-        self.folded.tx.execute(sql).await?;
-        upsert_rows(&mut self.folded.tx, spec, &t, rows).await
+        self.tx.execute(sql).await?;
+        upsert_rows(&mut self.tx, spec, &t, rows).await
     }
 
     /// Commits, deleting the queue row `done` in the same transaction (so a
     /// crash before it redoes the whole restatement, never half of it).
     pub async fn finish(mut self, done: Option<i64>) -> Result<(), StoreError> {
         if let Some(id) = done {
-            self.folded
-                .tx
+            self.tx
                 .execute(Sql::new("DELETE FROM restatements WHERE id = $1").bind(id))
                 .await?;
         }
-        self.folded.tx.commit().await
+        self.tx.commit().await
     }
 
     /// Gives up; nothing changes.
     pub async fn abandon(self) -> Result<(), StoreError> {
-        self.folded.tx.rollback().await
+        self.tx.rollback().await
     }
 }

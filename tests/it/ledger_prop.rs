@@ -146,7 +146,6 @@ async fn prepare_queued(store: &Store) -> Vec<(i64, Arc<Spec>, Prepared)> {
         let prepared = restate::prepare(&mut folded, spec, (job.from, job.to), &job.scope)
             .await
             .expect("prepare");
-        folded.close().await.expect("close");
         held.push((job.id, Arc::new(spec.clone()), prepared));
     }
     held

@@ -4,7 +4,7 @@
 //! events keep arriving at half the measured append rate.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -167,7 +167,12 @@ fn spawn(
     projections: &std::path::Path,
     tmp: &std::path::Path,
 ) -> Result<(std::process::Child, String), BenchError> {
-    let log = std::fs::File::create(tmp.join("tally.log"))?;
+    // `TALLY_BENCH_SERVE_LOG_FILE` keeps the server's log after the run.
+    let log = std::fs::File::create(
+        std::env::var_os("TALLY_BENCH_SERVE_LOG_FILE")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|| tmp.join("tally.log")),
+    )?;
     let port = crate::dev::devserver::free_port()?;
     let child = std::process::Command::new(std::env::current_exe()?)
         .arg("serve")
@@ -208,21 +213,39 @@ async fn call(
     serde_json::from_str(&text).map_err(check)
 }
 
-/// Worst `as_of` age over the projections, sampled every 100 ms into `worst` (ms).
-async fn watch_ages(store: Store, worst: Arc<AtomicU64>, stop: Arc<AtomicBool>) {
+/// The worst `as_of` age seen (ms) and the projection it was seen on.
+type Worst = Arc<std::sync::Mutex<(u64, String)>>;
+
+/// Worst `as_of` age over the projections, sampled every 100 ms into `worst`.
+async fn watch_ages(store: Store, worst: Worst, stop: Arc<AtomicBool>) {
     while !stop.load(Ordering::Relaxed) {
         if let Ok(states) = store.projections().projection_states().await {
             let now = Utc::now();
-            let age = states
+            let oldest = states
                 .iter()
                 .filter(|s| !s.name.contains('~'))
-                .filter_map(|s| s.as_of.map(|a| (now - a).num_milliseconds().max(0) as u64))
-                .max()
-                .unwrap_or(0);
-            worst.fetch_max(age, Ordering::Relaxed);
+                .filter_map(|s| {
+                    s.as_of
+                        .map(|a| ((now - a).num_milliseconds().max(0) as u64, s.name.clone()))
+                })
+                .max();
+            if let (Some(oldest), Ok(mut w)) = (oldest, worst.lock()) {
+                if oldest.0 > w.0 {
+                    *w = oldest;
+                }
+            }
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// Takes the worst age seen so far and starts over.
+fn take(worst: &Worst) -> (Duration, String) {
+    let (ms, name) = worst
+        .lock()
+        .map(|mut w| std::mem::take(&mut *w))
+        .unwrap_or_default();
+    (Duration::from_millis(ms), name)
 }
 
 /// Appends fresh events at `rate` per second until `stop`.
@@ -299,7 +322,7 @@ async fn run_cases(
     let live = tokio::spawn(live_load(store.clone(), rate / 2.0, stop.clone()));
     println!("live load: {:.0} ev/s (half the append rate)", rate / 2.0);
 
-    let worst = Arc::new(AtomicU64::new(0));
+    let worst: Worst = Arc::default();
     let watcher_stop = Arc::new(AtomicBool::new(false));
     let watcher = tokio::spawn(watch_ages(
         store.clone(),
@@ -307,7 +330,7 @@ async fn run_cases(
         watcher_stop.clone(),
     ));
     tokio::time::sleep(Duration::from_secs(10)).await;
-    let quiet_age = Duration::from_millis(worst.swap(0, Ordering::Relaxed));
+    let (quiet_age, _) = take(&worst);
 
     let hour = (now - chrono::Duration::days(3))
         .duration_trunc(chrono::Duration::hours(1))
@@ -371,7 +394,7 @@ async fn run_cases(
     ];
     let mut out = Vec::new();
     for (name, method, url, body) in cases {
-        worst.store(0, Ordering::Relaxed);
+        take(&worst);
         let started = Instant::now();
         let answer = call(&http, method, url, Some(body)).await?;
         while pending(&store).await? > 0 {
@@ -380,9 +403,9 @@ async fn run_cases(
         let took = started.elapsed();
         // Let one more sample land after the queue emptied.
         tokio::time::sleep(Duration::from_millis(150)).await;
-        let worst_age = Duration::from_millis(worst.load(Ordering::Relaxed));
+        let (worst_age, on) = take(&worst);
         println!(
-            "{name}: restated in {:.2}s (answer: voided {}, restatements {}), worst as_of age {:.1}s",
+            "{name}: restated in {:.2}s (answer: voided {}, restatements {}), worst as_of age {:.1}s ({on})",
             took.as_secs_f64(),
             answer["voided"],
             answer["restatements"],
