@@ -3,23 +3,25 @@
 //!
 //! It runs in two steps, so the projector is held up only for the second.
 //!
-//! 1. **Prepare**, without any lock: in one read-only snapshot, read the
-//!    projection's checkpoint (generation `G`, cursor `C0`) and the prices,
-//!    and fold the non-voided events at or before `C0` of the changed groups
-//!    and range. The projector goes on folding meanwhile.
+//! 1. **Prepare**, without any lock: read the projection's checkpoint
+//!    (generation `G`, cursor `C0`) and the prices in one snapshot, and fold
+//!    the non-voided events at or before `C0` of the changed groups and
+//!    range (statement by statement: those events never change). The
+//!    projector goes on folding meanwhile; catch-up passes, still without the
+//!    lock, add what it folded since, until a pass is short.
 //! 2. **Apply**, in one transaction that first locks the checkpoint row and
 //!    bumps its generation, then reads the cursor `C1`. If the generation it
 //!    found is not `G`, a price change or another restatement came in
 //!    between and the snapshot may be stale: step 1 runs again (after three
 //!    tries, it runs under the lock). Otherwise it adds the non-voided events
-//!    in `(C0, C1]` (what the projector folded since), sums the coarse
-//!    tables from the finer rows, and replaces the buckets.
+//!    folded after the last catch-up, up to `C1`, sums the coarse tables from
+//!    the finer rows, and replaces the buckets.
 //!
 //! Why a concurrent fold is neither lost nor counted twice: a fold commits
 //! under the same row lock, so it either committed before step 2 (and `C1`
 //! includes it) or waits until the restatement commits. The restated buckets
-//! count exactly the non-voided events at or before `C1`, each once: those
-//! up to `C0` from step 1, the others from step 2. Events after `C1` are the
+//! count exactly the non-voided events at or before `C1`, each once: each
+//! read covers the cursor slice after the previous one. Events after `C1` are the
 //! projector's, which adds them on top afterwards. A batch the projector read
 //! before step 2 (perhaps before a void, so it may hold a voided event)
 //! carries the old generation, so its compare-and-set fails and it is read

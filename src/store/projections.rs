@@ -728,8 +728,15 @@ async fn folded_events(
         Some(_) => format!(" ORDER BY {order} LIMIT $7"),
         None => String::new(),
     };
+    // A catch-up leaves `ts` out of the statement (kept in Rust below): given
+    // a condition on it, the planner scans the whole range by `ts` for each
+    // chunk, as it cannot tell how thin the cursor slice is.
+    let in_range = match after {
+        Some(_) => "$1 < $2",
+        None => "ts >= $1 AND ts < $2",
+    };
     let text = format!(
-        "SELECT {columns} FROM usage_events WHERE ts >= $1 AND ts < $2 AND {folded}{later} \
+        "SELECT {columns} FROM usage_events WHERE {in_range} AND {folded}{later} \
          AND {NOT_VOIDED}{narrow}{tail}"
     );
     let mut out = Vec::new();
@@ -757,7 +764,11 @@ async fn folded_events(
         let read = log_events(&rows)?;
         let full = read.len() as i64 == CATCH_UP_CHUNK;
         after = after.and(read.last().map(|(c, _)| *c));
-        out.extend(read.into_iter().map(|(_, e)| e));
+        out.extend(
+            read.into_iter()
+                .map(|(_, e)| e)
+                .filter(|e| e.ts >= from && e.ts < to),
+        );
         if after.is_none() || !full {
             return Ok(out);
         }
