@@ -712,33 +712,40 @@ async fn folded_events(
             "seq",
         ),
     };
-    let (later, first) = match after {
+    let (text, narrow) = match after {
+        // A catch-up reads the cursor slice alone and keeps the range and
+        // groups in Rust: given conditions on them, the planner misjudges
+        // how many rows of a thin slice match (correlated dimensions, a
+        // range that holds the whole slice) and has been seen to scan the
+        // log, or probe `voided_events` by a scan per row, for each chunk.
         Some(_) => (
-            format!(" AND {later}"),
-            // $7: the chunk size.
-            8,
+            format!(
+                "SELECT {columns} FROM usage_events WHERE $1 < $2 AND {folded} AND {later} \
+                 AND {NOT_VOIDED} ORDER BY {order} LIMIT $7"
+            ),
+            false,
         ),
-        None => (String::new(), 5),
+        None => {
+            // Absent values are '' in the aggregates: the same test on both sides.
+            let narrow =
+                group_condition(db, filter, 5, |d| format!("COALESCE({}, '')", d.column()));
+            (
+                format!(
+                    "SELECT {columns} FROM usage_events WHERE ts >= $1 AND ts < $2 AND {folded} \
+                     AND {NOT_VOIDED}{narrow}"
+                ),
+                true,
+            )
+        }
     };
-    // Absent values are '' in the aggregates: the same test on both sides.
-    let narrow = group_condition(db, filter, first, |d| {
-        format!("COALESCE({}, '')", d.column())
-    });
-    let tail = match after {
-        Some(_) => format!(" ORDER BY {order} LIMIT $7"),
-        None => String::new(),
+    let keep = |e: &crate::event::Event| {
+        e.ts >= from
+            && e.ts < to
+            && filter.iter().all(|(d, values)| {
+                let v = crate::aggregate::measures::dimension_str(e, *d);
+                values.iter().any(|x| *x == v)
+            })
     };
-    // A catch-up leaves `ts` out of the statement (kept in Rust below): given
-    // a condition on it, the planner scans the whole range by `ts` for each
-    // chunk, as it cannot tell how thin the cursor slice is.
-    let in_range = match after {
-        Some(_) => "$1 < $2",
-        None => "ts >= $1 AND ts < $2",
-    };
-    let text = format!(
-        "SELECT {columns} FROM usage_events WHERE {in_range} AND {folded}{later} \
-         AND {NOT_VOIDED}{narrow}{tail}"
-    );
     let mut out = Vec::new();
     let mut after = after;
     loop {
@@ -754,8 +761,10 @@ async fn folded_events(
                 .bind(CATCH_UP_CHUNK)
                 .custom_plan();
         }
-        for (_, values) in filter {
-            sql = sql.bind(Arg::List(values.iter().map(String::as_str).collect()));
+        if narrow {
+            for (_, values) in filter {
+                sql = sql.bind(Arg::List(values.iter().map(String::as_str).collect()));
+            }
         }
         let rows = match tx.as_deref_mut() {
             Some(tx) => tx.fetch_all(sql).await?,
@@ -764,11 +773,7 @@ async fn folded_events(
         let read = log_events(&rows)?;
         let full = read.len() as i64 == CATCH_UP_CHUNK;
         after = after.and(read.last().map(|(c, _)| *c));
-        out.extend(
-            read.into_iter()
-                .map(|(_, e)| e)
-                .filter(|e| e.ts >= from && e.ts < to),
-        );
+        out.extend(read.into_iter().map(|(_, e)| e).filter(|e| keep(e)));
         if after.is_none() || !full {
             return Ok(out);
         }

@@ -14,44 +14,11 @@ use crate::support::proc::TallyProc;
 use crate::support::{self, TestServer};
 
 async fn send(server: &TestServer, method: &str, path: &str, body: Value) -> (u16, Value) {
-    let url = format!("{}{path}", server.base);
-    let req = match method {
-        "POST" => server.client.post(url),
-        "PUT" => server.client.put(url),
-        _ => server.client.get(url),
-    };
-    let resp = req
-        .header("content-type", "application/json")
-        .header("x-tally-actor", "tester")
-        .body(body.to_string())
-        .send()
-        .await
-        .expect("request");
-    let status = resp.status().as_u16();
-    let text = resp.text().await.expect("body");
-    (
-        status,
-        serde_json::from_str(&text).unwrap_or(Value::String(text)),
-    )
+    server.send_as("tester", method, path, body).await
 }
 
-/// Waits until every projection has folded the log and no restatement is queued.
 async fn settled(server: &TestServer) {
-    let deadline = Instant::now() + Duration::from_secs(90);
-    loop {
-        let (status, body) = server.get("/v1/projections").await;
-        assert_eq!(status, 200, "{body}");
-        let list = body["projections"].as_array().expect("projections");
-        if !list.is_empty()
-            && list
-                .iter()
-                .all(|p| p["lag_events"] == 0 && p["restating"] == 0 && !p["as_of"].is_null())
-        {
-            return;
-        }
-        assert!(Instant::now() < deadline, "not settled: {body}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    server.settled().await
 }
 
 fn specs() -> Vec<tally::aggregate::spec::Spec> {

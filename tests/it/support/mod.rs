@@ -132,6 +132,57 @@ impl TestServer {
         self.post(Some("application/json"), body.to_string()).await
     }
 
+    /// `method path` with a JSON `body`, as `actor`; a body that is not JSON
+    /// comes back as a string.
+    pub async fn send_as(
+        &self,
+        actor: &str,
+        method: &str,
+        path: &str,
+        body: impl std::fmt::Display,
+    ) -> (u16, serde_json::Value) {
+        let url = format!("{}{path}", self.base);
+        let req = match method {
+            "PUT" => self.client.put(url),
+            "POST" => self.client.post(url),
+            "DELETE" => self.client.delete(url),
+            _ => self.client.get(url),
+        };
+        let resp = req
+            .header("content-type", "application/json")
+            .header("x-tally-actor", actor)
+            .body(body.to_string())
+            .send()
+            .await
+            .expect("request");
+        let status = resp.status().as_u16();
+        let text = resp.text().await.expect("body");
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text)),
+        )
+    }
+
+    /// Waits until every projection has folded the log and no restatement
+    /// is queued.
+    pub async fn settled(&self) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(90);
+        loop {
+            let (status, body) = self.get("/v1/projections").await;
+            assert_eq!(status, 200, "{body}");
+            let list = body["projections"].as_array().expect("projections");
+            if !list.is_empty()
+                && list
+                    .iter()
+                    .all(|p| p["lag_events"] == 0 && p["restating"] == 0 && !p["as_of"].is_null())
+            {
+                return;
+            }
+            assert!(std::time::Instant::now() < deadline, "not settled: {body}");
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+
     pub async fn get(&self, path: &str) -> (u16, serde_json::Value) {
         let resp = self
             .client
