@@ -318,15 +318,21 @@ pub(crate) async fn read_log(p: &Pools, after: Cursor, limit: i64) -> Result<Log
     if (rows.len() as i64) < limit {
         // Caught up below xmin: do committed events wait above it?
         let last = events.last().map_or(after, |(c, _)| *c);
-        held_back = sqlx::query_scalar(
-            "SELECT EXISTS (SELECT 1 FROM usage_events \
-             WHERE (tx, seq) > ($1::text::xid8, $2) AND tx >= $3::text::xid8)",
+        // `ORDER BY … LIMIT 1`, not `EXISTS`: the cached generic plan of an
+        // `EXISTS` expects a third of the log to match and scans it all when
+        // nothing does (0.66 s at 5M events, on every idle poll); the order
+        // keeps it on the cursor index.
+        held_back = sqlx::query_scalar::<_, i32>(
+            "SELECT 1 FROM usage_events \
+             WHERE (tx, seq) > ($1::text::xid8, $2) AND tx >= $3::text::xid8 \
+             ORDER BY tx, seq LIMIT 1",
         )
         .bind(last.tx.to_string())
         .bind(last.seq)
         .bind(xmin.to_string())
-        .fetch_one(&mut *tx)
-        .await?;
+        .fetch_optional(&mut *tx)
+        .await?
+        .is_some();
     }
     tx.commit().await?;
     Ok(LogBatch {
