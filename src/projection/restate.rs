@@ -37,6 +37,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use futures::StreamExt;
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use super::fold::Fold;
@@ -55,6 +57,13 @@ const MAX_SCOPE_VALUES: usize = 1_000;
 
 /// Events read from the log per statement: one hour of event time.
 const READ_SPAN: chrono::Duration = chrono::Duration::hours(1);
+
+/// Log reads one change's restatements run at once, over all projections:
+/// a projection that reads a whole day per changed group (a daily finest
+/// table) gets the permits the others are done with, and the pool keeps
+/// connections for ingest and the projectors. It also bounds memory: at
+/// most this many hours of the changed groups' events are held at once.
+pub const READS_IN_FLIGHT: usize = 4;
 
 /// What one restatement did (live tables; a rebuild's shadow tables too).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -90,13 +99,16 @@ pub async fn restate(
     range: (DateTime<Utc>, DateTime<Utc>),
     scope: &Scope,
     done: Option<i64>,
+    reads: &Semaphore,
     failpoints: Failpoints,
 ) -> Result<Restated, ProjectionError> {
     let shadow = shadow_state(&spec.name);
-    if let Some((r, _)) = restate_state(store, spec, &shadow, SHADOW_SUFFIX, range, scope).await? {
+    if let Some((r, _)) =
+        restate_state(store, spec, &shadow, SHADOW_SUFFIX, range, scope, reads).await?
+    {
         r.finish(None).await?;
     }
-    match restate_state(store, spec, &spec.name, "", range, scope).await? {
+    match restate_state(store, spec, &spec.name, "", range, scope, reads).await? {
         Some((r, report)) => {
             if Failpoints::fires(failpoints.restate_before_commit) {
                 failpoint_abort("restate.before_commit");
@@ -136,6 +148,7 @@ async fn restate_state(
     suffix: &str,
     range: (DateTime<Utc>, DateTime<Utc>),
     scope: &Scope,
+    reads: &Semaphore,
 ) -> Result<Option<(Restating, Restated)>, ProjectionError> {
     let projections = store.projections();
     let hash = spec.hash();
@@ -143,7 +156,7 @@ async fn restate_state(
         let Some(mut folded) = projections.read_folded(state, &hash).await? else {
             return Ok(None);
         };
-        let mut prepared = prepare(&mut folded, spec, range, scope).await?;
+        let mut prepared = prepare(&mut folded, spec, range, scope, reads).await?;
         // What the projector folded meanwhile, still without the lock, until
         // a pass is short: the locked step then has little left to add.
         for _ in 0..CATCH_UP_PASSES {
@@ -181,7 +194,7 @@ async fn restate_state(
     let Some(mut r) = projections.begin_restatement(state, &hash).await? else {
         return Ok(None);
     };
-    let prepared = prepare(r.folded(), spec, range, scope).await?;
+    let prepared = prepare(r.folded(), spec, range, scope, reads).await?;
     // Prepared under the same lock: it cannot be stale.
     let report = swap_in(&mut r, spec, suffix, prepared).await?;
     let under_lock = report.events;
@@ -228,12 +241,14 @@ pub struct Prepared {
 
 /// Computes `spec`'s restated buckets overlapping `[from, to)` from the
 /// events `folded` has: everything but what only the locked step can know
-/// (events folded later, and coarse rows summed from finer ones).
+/// (events folded later, and coarse rows summed from finer ones). Reads
+/// run concurrently, as many as `reads` has permits for.
 pub async fn prepare(
     folded: &mut Folded,
     spec: &Spec,
     (from, to): (DateTime<Utc>, DateTime<Utc>),
     scope: &Scope,
+    reads: &Semaphore,
 ) -> Result<Prepared, ProjectionError> {
     let tz = spec.timezone;
     // Only the groups a changed event can be in: rows of other groups keep
@@ -266,15 +281,30 @@ pub async fn prepare(
                     ..spec.clone()
                 };
                 let mut fold = Fold::new(&one);
+                let mut spans = Vec::new();
                 let mut at = start;
                 while at < end {
                     let until = (at + READ_SPAN).min(end);
-                    let read = folded.events(at, until, &filter).await?;
-                    events += read.len();
-                    for e in &read {
-                        fold.add(e, folded.catalog().charge(e));
-                    }
+                    spans.push((at, until));
                     at = until;
+                }
+                let snapshot: &Folded = folded;
+                let filter = &filter;
+                let mut read = futures::stream::iter(spans)
+                    .map(|(at, until)| async move {
+                        let _permit = reads.acquire().await.map_err(|_| {
+                            ProjectionError::ReadTask("restatement read permits closed".into())
+                        })?;
+                        Ok::<_, ProjectionError>(snapshot.events(at, until, filter).await?)
+                    })
+                    .buffer_unordered(READS_IN_FLIGHT);
+                // The fold's measures merge in any order.
+                while let Some(batch) = read.next().await {
+                    let batch = batch?;
+                    events += batch.len();
+                    for e in &batch {
+                        fold.add(e, snapshot.catalog().charge(e));
+                    }
                 }
                 Source::Events(fold)
             }
@@ -463,6 +493,7 @@ pub async fn step(
         .filter_map(|j| loaded(&j).map(|s| (j, s)))
         .filter(|(j, _)| seen.insert(j.projection.clone()))
         .collect();
+    let reads = &Semaphore::new(READS_IN_FLIGHT);
     let runs = batch.iter().map(|(job, spec)| async move {
         let started = std::time::Instant::now();
         let report = restate(
@@ -471,6 +502,7 @@ pub async fn step(
             (job.from, job.to),
             &job.scope,
             Some(job.id),
+            reads,
             failpoints,
         )
         .await?;

@@ -957,7 +957,7 @@ impl Folded {
     /// (events after it are the projector's to fold), without voided ones,
     /// and only those of the groups `filter` allows.
     pub async fn events(
-        &mut self,
+        &self,
         from: DateTime<Utc>,
         to: DateTime<Utc>,
         filter: &[(Dimension, Vec<String>)],

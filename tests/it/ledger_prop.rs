@@ -143,9 +143,15 @@ async fn prepare_queued(store: &Store) -> Vec<(i64, Arc<Spec>, Prepared)> {
         else {
             continue;
         };
-        let prepared = restate::prepare(&mut folded, spec, (job.from, job.to), &job.scope)
-            .await
-            .expect("prepare");
+        let prepared = restate::prepare(
+            &mut folded,
+            spec,
+            (job.from, job.to),
+            &job.scope,
+            &tokio::sync::Semaphore::new(restate::READS_IN_FLIGHT),
+        )
+        .await
+        .expect("prepare");
         held.push((job.id, Arc::new(spec.clone()), prepared));
     }
     held
