@@ -33,10 +33,12 @@
 //! the commit changes nothing and leaves the queue row, so the restatement
 //! runs again; its result does not depend on how often it ran.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use futures::stream::FuturesUnordered;
 use futures::StreamExt;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -58,11 +60,13 @@ const MAX_SCOPE_VALUES: usize = 1_000;
 /// Events read from the log per statement: one hour of event time.
 const READ_SPAN: chrono::Duration = chrono::Duration::hours(1);
 
-/// Log reads one change's restatements run at once, over all projections:
-/// a projection that reads a whole day per changed group (a daily finest
-/// table) gets the permits the others are done with, and the pool keeps
-/// connections for ingest and the projectors. It also bounds memory: at
-/// most this many hours of the changed groups' events are held at once.
+/// Log reads one change's restatements run at once, over all projections
+/// (each holds one permit while it prepares and reads on it; spare permits
+/// add reads): a projection that reads much (a daily finest table, or no
+/// dimension to narrow by) gets the permits the others are done with, and
+/// the pool keeps connections for ingest and the projectors. With
+/// [`crate::store::READ_CHUNK`] it bounds memory: a projection holds at most this many
+/// chunks of events at once.
 pub const READS_IN_FLIGHT: usize = 4;
 
 /// What one restatement did (live tables; a rebuild's shadow tables too).
@@ -290,22 +294,53 @@ pub async fn prepare(
                 }
                 let snapshot: &Folded = folded;
                 let filter = &filter;
-                let mut read = futures::stream::iter(spans)
-                    .map(|(at, until)| async move {
-                        let _permit = reads.acquire().await.map_err(|_| {
-                            ProjectionError::ReadTask("restatement read permits closed".into())
-                        })?;
-                        Ok::<_, ProjectionError>(snapshot.events(at, until, filter).await?)
-                    })
-                    .buffer_unordered(READS_IN_FLIGHT);
-                // The fold's measures merge in any order.
-                while let Some(batch) = read.next().await {
-                    let batch = batch?;
-                    events += batch.len();
-                    for e in &batch {
+                // One read at a time on the projection's own permit, more on
+                // spare ones: a projection with little to read is never
+                // queued behind one with much.
+                let own = reads.acquire().await.map_err(|_| {
+                    ProjectionError::ReadTask("restatement read permits closed".into())
+                })?;
+                // An hour's read goes on where its last chunk ended.
+                let mut spans: VecDeque<_> = spans.into_iter().map(|s| (s, None)).collect();
+                let mut running = FuturesUnordered::new();
+                let mut own_busy = false;
+                loop {
+                    while running.len() < READS_IN_FLIGHT {
+                        let permit = if own_busy {
+                            match reads.try_acquire() {
+                                Ok(p) => Some(p),
+                                Err(_) => break,
+                            }
+                        } else {
+                            None
+                        };
+                        let Some((span, resume)) = spans.pop_front() else {
+                            break;
+                        };
+                        own_busy |= permit.is_none();
+                        let mine = permit.is_none();
+                        running.push(async move {
+                            let (at, until) = span;
+                            let chunk = snapshot.events(at, until, filter, resume).await;
+                            drop(permit);
+                            (mine, span, chunk)
+                        });
+                    }
+                    let Some((mine, span, chunk)) = running.next().await else {
+                        break;
+                    };
+                    own_busy &= !mine;
+                    let chunk = chunk?;
+                    if let Some(next) = chunk.next {
+                        spans.push_front((span, Some(next)));
+                    }
+                    events += chunk.events.len();
+                    // The fold's measures merge in any order.
+                    for e in &chunk.events {
                         fold.add(e, snapshot.catalog().charge(e));
                     }
                 }
+                drop(own);
                 Source::Events(fold)
             }
         };
@@ -388,12 +423,19 @@ async fn catch_up(folded: &mut Folded, prepared: &mut Prepared) -> Result<(), Pr
     }
     for table in &mut prepared.tables {
         if let Source::Events(fold) = &mut table.source {
-            let later = folded
-                .events_after(prepared.cursor, table.range, &prepared.filter)
-                .await?;
-            prepared.events += later.len();
-            for e in &later {
-                fold.add(e, folded.catalog().charge(e));
+            let mut resume = None;
+            loop {
+                let chunk = folded
+                    .events_after(prepared.cursor, table.range, &prepared.filter, resume)
+                    .await?;
+                prepared.events += chunk.events.len();
+                for e in &chunk.events {
+                    fold.add(e, folded.catalog().charge(e));
+                }
+                resume = chunk.next;
+                if resume.is_none() {
+                    break;
+                }
             }
         }
     }

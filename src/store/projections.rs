@@ -481,7 +481,26 @@ impl Projections {
                 .collect::<Result<Vec<_>, _>>()?;
             stored.push((g, rows));
         }
-        let events = folded_events(Some(&mut tx), &self.db, (from, to), None, cursor, &[]).await?;
+        // Reconciliation compares the window whole: every chunk.
+        let mut events = Vec::new();
+        let mut resume = None;
+        loop {
+            let chunk = folded_chunk(
+                Some(&mut tx),
+                &self.db,
+                (from, to),
+                None,
+                cursor,
+                &[],
+                resume,
+            )
+            .await?;
+            events.extend(chunk.events);
+            resume = chunk.next;
+            if resume.is_none() {
+                break;
+            }
+        }
         let catalog = super::prices::Prices::catalog_in(&mut tx).await?;
         tx.commit().await?;
         Ok(ReconcileRead {
@@ -676,28 +695,50 @@ async fn upsert_chunk<'a>(
     }
 }
 
-/// Events a catch-up read returns per statement.
-const CATCH_UP_CHUNK: i64 = 10_000;
+/// Events one restatement read returns per statement: what bounds its
+/// memory (an hour of a busy log, or everything a projector folded during a
+/// long restatement, can be millions of events).
+pub const READ_CHUNK: i64 = 20_000;
 
-/// The events with `ts` in `[from, to)` folded as of `cursor` (and, with
-/// `after`, not yet as of `after`), without the voided ones (what the
-/// aggregates of those buckets count). Read in `tx`, or else statement by
-/// statement: the events up to a cursor never change, and a long snapshot
-/// would keep PostgreSQL from pruning the row versions the projector's
-/// upserts leave.
+/// Where a chunked read of the log goes on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadFrom {
+    /// A time-range read, in `(ts, seq)` order: after this event.
+    Time(DateTime<Utc>, i64),
+    /// A catch-up read, in cursor order: after this position.
+    Cursor(Cursor),
+}
+
+/// One chunk of a restatement's read of the log.
+#[derive(Debug, Clone, Default)]
+pub struct EventChunk {
+    /// The events of the chunk that the read's range and groups keep.
+    pub events: Vec<crate::event::Event>,
+    /// Where the next chunk starts; `None`: the read is done.
+    pub next: Option<ReadFrom>,
+}
+
+/// One chunk of the events with `ts` in `[from, to)` folded as of `cursor`
+/// (and, with `after`, not yet as of `after`), without the voided ones
+/// (what the aggregates of those buckets count), from `resume` on. Read in
+/// `tx`, or else statement by statement: the events up to a cursor never
+/// change, and a long snapshot would keep PostgreSQL from pruning the row
+/// versions the projector's upserts leave.
 ///
-/// With `after` the read walks the cursor index in chunks: the events a
-/// projector folded over a few seconds are a thin slice of the cursor order
-/// but may span the whole time range (live events of a range reaching now),
-/// where the `ts` index would scan every event of the range.
-async fn folded_events(
-    mut tx: Option<&mut Tx>,
+/// With `after` the read walks the cursor index: the events a projector
+/// folded over a few seconds are a thin slice of the cursor order but may
+/// span the whole time range (live events of a range reaching now), where
+/// the `ts` index would scan every event of the range. Without, it walks the
+/// `ts` index in `(ts, seq)` order (`seq` is unique on both backends).
+async fn folded_chunk(
+    tx: Option<&mut Tx>,
     db: &Db,
     (from, to): (DateTime<Utc>, DateTime<Utc>),
     after: Option<Cursor>,
     cursor: Cursor,
     filter: &[(Dimension, Vec<String>)],
-) -> Result<Vec<crate::event::Event>, StoreError> {
+    resume: Option<ReadFrom>,
+) -> Result<EventChunk, StoreError> {
     let (columns, folded, later, order) = match db {
         Db::Postgres(_) => (
             postgres::log_columns(),
@@ -712,32 +753,6 @@ async fn folded_events(
             "seq",
         ),
     };
-    let (text, narrow) = match after {
-        // A catch-up reads the cursor slice alone and keeps the range and
-        // groups in Rust: given conditions on them, the planner misjudges
-        // how many rows of a thin slice match (correlated dimensions, a
-        // range that holds the whole slice) and has been seen to scan the
-        // log, or probe `voided_events` by a scan per row, for each chunk.
-        Some(_) => (
-            format!(
-                "SELECT {columns} FROM usage_events WHERE $1 < $2 AND {folded} AND {later} \
-                 AND {NOT_VOIDED} ORDER BY {order} LIMIT $7"
-            ),
-            false,
-        ),
-        None => {
-            // Absent values are '' in the aggregates: the same test on both sides.
-            let narrow =
-                group_condition(db, filter, 5, |d| format!("COALESCE({}, '')", d.column()));
-            (
-                format!(
-                    "SELECT {columns} FROM usage_events WHERE ts >= $1 AND ts < $2 AND {folded} \
-                     AND {NOT_VOIDED}{narrow}"
-                ),
-                true,
-            )
-        }
-    };
     let keep = |e: &crate::event::Event| {
         e.ts >= from
             && e.ts < to
@@ -746,38 +761,74 @@ async fn folded_events(
                 values.iter().any(|x| *x == v)
             })
     };
-    let mut out = Vec::new();
-    let mut after = after;
-    loop {
-        let mut sql = Sql::new(text.as_str())
+    let mut sql;
+    match after {
+        // A catch-up reads the cursor slice alone and keeps the range and
+        // groups in Rust: given conditions on them, the planner misjudges
+        // how many rows of a thin slice match (correlated dimensions, a
+        // range that holds the whole slice) and has been seen to scan the
+        // log, or probe `voided_events` by a scan per row, for each chunk.
+        Some(after) => {
+            let after = match resume {
+                Some(ReadFrom::Cursor(c)) => c,
+                _ => after,
+            };
+            sql = Sql::new(format!(
+                "SELECT {columns} FROM usage_events WHERE $1 < $2 AND {folded} AND {later} \
+                 AND {NOT_VOIDED} ORDER BY {order} LIMIT $7"
+            ))
             .bind(from)
             .bind(to)
             .bind(cursor.tx.to_string())
-            .bind(cursor.seq);
-        if let Some(after) = after {
-            sql = sql
-                .bind(after.tx.to_string())
-                .bind(after.seq)
-                .bind(CATCH_UP_CHUNK)
-                .custom_plan();
+            .bind(cursor.seq)
+            .bind(after.tx.to_string())
+            .bind(after.seq)
+            .bind(READ_CHUNK)
+            .custom_plan();
         }
-        if narrow {
+        None => {
+            // Absent values are '' in the aggregates: the same test on both sides.
+            let narrow =
+                group_condition(db, filter, 7, |d| format!("COALESCE({}, '')", d.column()));
+            let (at, seq) = match resume {
+                Some(ReadFrom::Time(at, seq)) => (at, seq),
+                _ => (from, -1),
+            };
+            sql = Sql::new(format!(
+                "SELECT {columns} FROM usage_events WHERE ts >= $1 AND ts < $2 AND {folded} \
+                 AND {NOT_VOIDED}{narrow} AND (ts > $1 OR seq > $5) ORDER BY ts, seq LIMIT $6"
+            ))
+            .bind(at)
+            .bind(to)
+            .bind(cursor.tx.to_string())
+            .bind(cursor.seq)
+            .bind(seq)
+            .bind(READ_CHUNK);
             for (_, values) in filter {
                 sql = sql.bind(Arg::List(values.iter().map(String::as_str).collect()));
             }
         }
-        let rows = match tx.as_deref_mut() {
-            Some(tx) => tx.fetch_all(sql).await?,
-            None => db.reader().fetch_all(sql).await?,
-        };
-        let read = log_events(&rows)?;
-        let full = read.len() as i64 == CATCH_UP_CHUNK;
-        after = after.and(read.last().map(|(c, _)| *c));
-        out.extend(read.into_iter().map(|(_, e)| e).filter(|e| keep(e)));
-        if after.is_none() || !full {
-            return Ok(out);
-        }
     }
+    let rows = match tx {
+        Some(tx) => tx.fetch_all(sql).await?,
+        None => db.reader().fetch_all(sql).await?,
+    };
+    let read = log_events(&rows)?;
+    let next = match read.last() {
+        Some((c, e)) if read.len() as i64 == READ_CHUNK => Some(match after {
+            Some(_) => ReadFrom::Cursor(*c),
+            None => ReadFrom::Time(e.ts, c.seq),
+        }),
+        _ => None,
+    };
+    Ok(EventChunk {
+        events: read
+            .into_iter()
+            .map(|(_, e)| e)
+            .filter(|e| keep(e))
+            .collect(),
+        next,
+    })
 }
 
 /// ` AND <column> IN <list>` per filtered dimension, lists bound from
@@ -953,28 +1004,50 @@ impl Folded {
         &self.catalog
     }
 
-    /// The events with `ts` in `[from, to)` that the checkpoint has folded
-    /// (events after it are the projector's to fold), without voided ones,
-    /// and only those of the groups `filter` allows.
+    /// A chunk of the events with `ts` in `[from, to)` that the checkpoint
+    /// has folded (events after it are the projector's to fold), without
+    /// voided ones, and only those of the groups `filter` allows; from
+    /// `resume` on (the previous chunk's `next`).
     pub async fn events(
         &self,
         from: DateTime<Utc>,
         to: DateTime<Utc>,
         filter: &[(Dimension, Vec<String>)],
-    ) -> Result<Vec<crate::event::Event>, StoreError> {
-        folded_events(None, &self.db, (from, to), None, self.cursor, filter).await
+        resume: Option<ReadFrom>,
+    ) -> Result<EventChunk, StoreError> {
+        folded_chunk(
+            None,
+            &self.db,
+            (from, to),
+            None,
+            self.cursor,
+            filter,
+            resume,
+        )
+        .await
     }
 
-    /// The events a fold committed after `after` (up to this checkpoint's
-    /// cursor) with `ts` in `[from, to)`, without voided ones, of the groups
-    /// `filter` allows: what the projector added since an earlier snapshot.
+    /// A chunk of the events a fold committed after `after` (up to this
+    /// checkpoint's cursor) with `ts` in `[from, to)`, without voided ones,
+    /// of the groups `filter` allows: what the projector added since an
+    /// earlier snapshot. From `resume` on (the previous chunk's `next`).
     pub async fn events_after(
-        &mut self,
+        &self,
         after: Cursor,
-        (from, to): (DateTime<Utc>, DateTime<Utc>),
+        range: (DateTime<Utc>, DateTime<Utc>),
         filter: &[(Dimension, Vec<String>)],
-    ) -> Result<Vec<crate::event::Event>, StoreError> {
-        folded_events(None, &self.db, (from, to), Some(after), self.cursor, filter).await
+        resume: Option<ReadFrom>,
+    ) -> Result<EventChunk, StoreError> {
+        folded_chunk(
+            None,
+            &self.db,
+            range,
+            Some(after),
+            self.cursor,
+            filter,
+            resume,
+        )
+        .await
     }
 
     /// The values of each text dimension among the events a restatement's

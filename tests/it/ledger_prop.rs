@@ -112,10 +112,12 @@ fn nanos(s: &str) -> i64 {
     int.parse::<i64>().expect("int") * 1_000_000_000 + frac[..9].parse::<i64>().expect("frac")
 }
 
-async fn fold_everything(store: &Store) {
+/// Folds in small batches (several commits per fold) unless the log is large.
+async fn fold_everything(store: &Store, logged: usize) {
+    let batch = if logged > 5_000 { 10_000 } else { 500 };
     for spec in shipped() {
         let mut p = projector(store, &spec).await;
-        fold_all(&mut p, store, 500).await;
+        fold_all(&mut p, store, batch).await;
     }
 }
 
@@ -211,14 +213,16 @@ async fn run(backend: Backend, ops: &[Op]) {
                         batch.push(e.clone());
                     }
                 }
-                append_all(&store, &batch, 7).await;
+                // Small batches (several transactions per op) unless the
+                // op is large.
+                append_all(&store, &batch, 7.max(batch.len() / 4)).await;
                 for e in batch {
                     if ids.insert(e.id.clone()) {
                         stored.push(e);
                     }
                 }
             }
-            Op::Fold => fold_everything(&store).await,
+            Op::Fold => fold_everything(&store, stored.len()).await,
             Op::Restate => restate_everything(&store).await,
             Op::Price(m, api, hour, input, output, cached) => {
                 let mut p = json!({
@@ -304,9 +308,9 @@ async fn run(backend: Backend, ops: &[Op]) {
         }
     }
     apply_held(&store, held).await;
-    fold_everything(&store).await;
+    fold_everything(&store, stored.len()).await;
     restate_everything(&store).await;
-    fold_everything(&store).await;
+    fold_everything(&store, stored.len()).await;
     let prices: Vec<OraclePrice> = pricer
         .list(None, None, None)
         .await
@@ -360,6 +364,28 @@ fn a_restatement_counts_what_was_folded_between_its_steps() {
                 Op::Prepare,
                 // Same seeds, new ids: the same groups and hours.
                 Op::Append(seeds(), false),
+                Op::Fold,
+                Op::Apply,
+            ],
+        );
+    }
+}
+
+/// More events than one read returns (`READ_CHUNK`), all at one instant and
+/// in one group, before step 1 and again between the steps: both reads go
+/// on chunk after chunk, across ties on `ts`, and count each event once.
+#[test]
+fn a_restatement_reads_chunk_after_chunk() {
+    let many = vec![7u16; tally::store::READ_CHUNK as usize + 5_000];
+    for backend in [Backend::Sqlite, Backend::Postgres] {
+        check(
+            backend,
+            vec![
+                Op::Append(many.clone(), false),
+                Op::Fold,
+                Op::VoidIds(vec![1]),
+                Op::Prepare,
+                Op::Append(many.clone(), false),
                 Op::Fold,
                 Op::Apply,
             ],

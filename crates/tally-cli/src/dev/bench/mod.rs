@@ -11,6 +11,7 @@ pub mod e2e;
 pub mod project;
 pub mod query;
 pub mod restate;
+mod serve;
 pub mod sustained;
 
 pub use project::{project, ProjectBench, ProjectResult};

@@ -14,6 +14,7 @@ use sqlx::postgres::PgPoolCopyExt;
 use sqlx::{PgPool, Row};
 
 use super::baseline::copy_text;
+use super::serve::get_json;
 use super::{fold_backlog, num_cpus, tempfile_dir, BenchError};
 use crate::dev::devserver::TempPostgres;
 use crate::dev::synth::{self, SynthConfig};
@@ -165,7 +166,8 @@ pub async fn query(params: &QueryBench) -> Result<Vec<QueryFigures>, BenchError>
     );
 
     // Tally itself, as a separate process, answering over HTTP.
-    let (mut child, base) = spawn_server(&url, &params.projections_dir, &tmp)?;
+    let (mut child, base) =
+        super::serve::spawn(&url, &params.projections_dir, &tmp.join("tally.log"), &[])?;
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(1)
         .build()
@@ -191,26 +193,6 @@ pub async fn query(params: &QueryBench) -> Result<Vec<QueryFigures>, BenchError>
         let _ = std::fs::remove_dir_all(&tmp);
     }
     result
-}
-
-fn spawn_server(
-    url: &str,
-    projections: &std::path::Path,
-    tmp: &std::path::Path,
-) -> Result<(std::process::Child, String), BenchError> {
-    let log = std::fs::File::create(tmp.join("tally.log"))?;
-    let port = crate::dev::devserver::free_port()?;
-    let child = std::process::Command::new(std::env::current_exe()?)
-        .arg("serve")
-        .env("TALLY_DATABASE_URL", url)
-        .env("TALLY_HTTP_ADDR", format!("127.0.0.1:{port}"))
-        .env("TALLY_PROJECTIONS_DIR", projections)
-        .env("TALLY_LOG", "warn")
-        .env_remove("TALLY_NATS_URL")
-        .stdout(log.try_clone()?)
-        .stderr(log)
-        .spawn()?;
-    Ok((child, format!("http://127.0.0.1:{port}")))
 }
 
 async fn wait_ready(
@@ -517,23 +499,6 @@ fn percentile(sorted: &[f64], q: f64) -> f64 {
 fn p50_p99(mut ms: Vec<f64>) -> (f64, f64) {
     ms.sort_by(f64::total_cmp);
     (percentile(&ms, 0.5), percentile(&ms, 0.99))
-}
-
-async fn get_json(client: &reqwest::Client, url: &str) -> Result<Value, BenchError> {
-    let r = client
-        .get(url)
-        .send()
-        .await
-        .map_err(|e| BenchError::Check(format!("{url}: {e}")))?;
-    let status = r.status();
-    let v: Value = r
-        .json()
-        .await
-        .map_err(|e| BenchError::Check(format!("{url}: {e}")))?;
-    if !status.is_success() {
-        return Err(BenchError::Check(format!("{url}: {status} {v}")));
-    }
-    Ok(v)
 }
 
 async fn get_bytes(client: &reqwest::Client, url: &str) -> Result<usize, BenchError> {

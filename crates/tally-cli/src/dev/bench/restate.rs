@@ -13,6 +13,7 @@ use serde_json::{json, Value};
 use tally::aggregate::spec::load_dir;
 use tally::store::{Backend, Origin, Store, StoreOptions};
 
+use super::serve::{call, get_json};
 use super::{append_synthetic, fold_backlog, num_cpus, tempfile_dir, BenchError};
 use crate::dev::devserver::TempPostgres;
 use crate::dev::synth::{self, SynthConfig};
@@ -135,7 +136,25 @@ pub async fn restate(params: &RestateBench) -> Result<RestateResult, BenchError>
     );
     store.close().await;
 
-    let (mut child, base) = spawn(&url, &params.projections_dir, &tmp)?;
+    // `TALLY_BENCH_SERVE_LOG_FILE` keeps the server's log after the run;
+    // `TALLY_BENCH_SERVE_LOG=info` shows each restatement's rows and time.
+    let log = std::env::var_os("TALLY_BENCH_SERVE_LOG_FILE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| tmp.join("tally.log"));
+    let (mut child, base) = super::serve::spawn(
+        &url,
+        &params.projections_dir,
+        &log,
+        &[
+            // The month case reaches 30 days back.
+            ("TALLY_LATE_ARRIVAL_HORIZON", "40d".into()),
+            ("TALLY_RETENTION_REJECTED", "forever".into()),
+            (
+                "TALLY_LOG",
+                std::env::var("TALLY_BENCH_SERVE_LOG").unwrap_or_else(|_| "warn".into()),
+            ),
+        ],
+    )?;
     let result = run_cases(params, &url, &base, rate, now, &mut child)
         .await
         .map(|(quiet_age, cases)| RestateResult {
@@ -179,57 +198,6 @@ pub async fn restate(params: &RestateBench) -> Result<RestateResult, BenchError>
         );
     }
     Ok(result)
-}
-
-fn spawn(
-    url: &str,
-    projections: &std::path::Path,
-    tmp: &std::path::Path,
-) -> Result<(std::process::Child, String), BenchError> {
-    // `TALLY_BENCH_SERVE_LOG_FILE` keeps the server's log after the run.
-    let log = std::fs::File::create(
-        std::env::var_os("TALLY_BENCH_SERVE_LOG_FILE")
-            .map(std::path::PathBuf::from)
-            .unwrap_or_else(|| tmp.join("tally.log")),
-    )?;
-    let port = crate::dev::devserver::free_port()?;
-    let child = std::process::Command::new(std::env::current_exe()?)
-        .arg("serve")
-        .env("TALLY_DATABASE_URL", url)
-        .env("TALLY_HTTP_ADDR", format!("127.0.0.1:{port}"))
-        .env("TALLY_PROJECTIONS_DIR", projections)
-        // The month case reaches 30 days back.
-        .env("TALLY_LATE_ARRIVAL_HORIZON", "40d")
-        .env("TALLY_RETENTION_REJECTED", "forever")
-        // `TALLY_BENCH_SERVE_LOG=info` shows each restatement's rows and time.
-        .env(
-            "TALLY_LOG",
-            std::env::var("TALLY_BENCH_SERVE_LOG").unwrap_or_else(|_| "warn".into()),
-        )
-        .env_remove("TALLY_NATS_URL")
-        .stdout(log.try_clone()?)
-        .stderr(log)
-        .spawn()?;
-    Ok((child, format!("http://127.0.0.1:{port}")))
-}
-
-async fn call(
-    http: &reqwest::Client,
-    method: reqwest::Method,
-    url: String,
-    body: Option<Value>,
-) -> Result<Value, BenchError> {
-    let mut req = http.request(method, &url);
-    if let Some(b) = body {
-        req = req.json(&b);
-    }
-    let resp = req.send().await.map_err(check)?;
-    let status = resp.status();
-    let text = resp.text().await.map_err(check)?;
-    if !status.is_success() {
-        return Err(check(format!("{url}: {status} {text}")));
-    }
-    serde_json::from_str(&text).map_err(check)
 }
 
 /// The worst `as_of` age seen (ms) and the projection it was seen on.
@@ -356,30 +324,26 @@ async fn run_cases(
     let month_from = (now - params.span + chrono::Duration::hours(2))
         .duration_trunc(chrono::Duration::hours(1))
         .map_err(check)?;
-    let top = call(
+    let top = get_json(
         &http,
-        reqwest::Method::GET,
-        format!(
+        &format!(
             "{base}/v1/keys?from={}&to={}&order_by=requests&limit=1",
             rfc(hour),
             rfc(hour + chrono::Duration::hours(1))
         ),
-        None,
     )
     .await?;
     let key = top["keys"][0]["key"]
         .as_str()
         .ok_or_else(|| check(format!("no key in {top}")))?
         .to_string();
-    let models = call(
+    let models = get_json(
         &http,
-        reqwest::Method::GET,
-        format!(
+        &format!(
             "{base}/v1/stats?from={}&to={}&group_by=model&series=false",
             rfc(hour),
             rfc(hour + chrono::Duration::hours(1))
         ),
-        None,
     )
     .await?;
     let model = models["totals"][0]["group"]["model"]
@@ -414,7 +378,7 @@ async fn run_cases(
     for (name, method, url, body) in cases {
         take(&worst);
         let started = Instant::now();
-        let answer = call(&http, method, url, Some(body)).await?;
+        let answer = call(&http, method, &url, Some(&body)).await?;
         while pending(&store).await? > 0 {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -436,15 +400,13 @@ async fn run_cases(
         });
     }
     // The hour is gone from the key's numbers.
-    let after = call(
+    let after = get_json(
         &http,
-        reqwest::Method::GET,
-        format!(
+        &format!(
             "{base}/v1/stats?key={key}&from={}&to={}&series=false",
             rfc(hour),
             rfc(hour + chrono::Duration::hours(1))
         ),
-        None,
     )
     .await?;
     let left = after["totals"][0]["requests"].as_i64().unwrap_or(0);

@@ -385,14 +385,7 @@ async fn busiest_key(http: &reqwest::Client, base: &str) -> Result<String, Bench
         (now - chrono::Duration::days(31)).to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
     let to = (now + chrono::Duration::hours(1)).to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
     let url = format!("{base}/v1/keys?from={from}&to={to}&order_by=requests&limit=1");
-    let v: serde_json::Value = http
-        .get(&url)
-        .send()
-        .await
-        .map_err(|e| BenchError::Check(format!("{url}: {e}")))?
-        .json()
-        .await
-        .map_err(|e| BenchError::Check(format!("{url}: {e}")))?;
+    let v = super::serve::get_json(http, &url).await?;
     v["keys"][0]["key"]
         .as_str()
         .map(str::to_string)
