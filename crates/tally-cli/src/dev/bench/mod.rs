@@ -766,7 +766,7 @@ pub(super) async fn wait_drained(
     }
 }
 
-fn peak_rss_mib(child: &std::process::Child) -> f64 {
+pub(super) fn peak_rss_mib(child: &std::process::Child) -> f64 {
     std::fs::read_to_string(format!("/proc/{}/status", child.id()))
         .ok()
         .and_then(|s| {

@@ -58,6 +58,8 @@ pub struct RestateResult {
     pub quiet_age: Duration,
     /// The cases, in order.
     pub cases: Vec<Case>,
+    /// Peak RSS of `tally serve` over the run.
+    pub serve_peak_mib: f64,
 }
 
 fn rfc(t: DateTime<Utc>) -> String {
@@ -162,6 +164,7 @@ pub async fn restate(params: &RestateBench) -> Result<RestateResult, BenchError>
             rebuild_all,
             quiet_age,
             cases,
+            serve_peak_mib: super::peak_rss_mib(&child),
         });
     let _ = child.kill();
     let _ = child.wait();
@@ -190,6 +193,7 @@ pub async fn restate(params: &RestateBench) -> Result<RestateResult, BenchError>
         "worst as_of age with no restatement (same live load): {:.1}s",
         result.quiet_age.as_secs_f64()
     );
+    println!("serve peak RSS: {:.0} MiB", result.serve_peak_mib);
     if let Some(hour) = result.cases.first() {
         let ratio = rebuild.as_secs_f64() / hour.took.as_secs_f64().max(1e-6);
         println!(
