@@ -69,6 +69,94 @@ const READ_SPAN: chrono::Duration = chrono::Duration::hours(1);
 /// chunks of events at once.
 pub const READS_IN_FLIGHT: usize = 4;
 
+/// A projection whose `as_of` is older than this lags: restatement reads
+/// then make way for its projector.
+const YIELD_LAG: chrono::Duration = chrono::Duration::seconds(3);
+
+/// How often the restater looks at the projections' `as_of`.
+const PACE_CHECK: Duration = Duration::from_millis(500);
+
+/// One pause before a read while a projection lags.
+const PAUSE: Duration = Duration::from_millis(100);
+
+/// The log reads of one change's restatements: [`READS_IN_FLIGHT`] permits,
+/// and a pace. While a projection lags (its projector shares the cores and
+/// connections with the restatement, and a restatement of a busy range can
+/// otherwise take them all), reads pause, but for at most half of the time
+/// since the change's restatements began, so they always finish.
+pub struct Reads {
+    permits: Semaphore,
+    /// Where to look up the projections' `as_of`; `None`: never pause.
+    lag: Option<Store>,
+    pace: std::sync::Mutex<Pace>,
+}
+
+#[derive(Debug, Default)]
+struct Pace {
+    checked: Option<std::time::Instant>,
+    lagging: bool,
+    since: Option<std::time::Instant>,
+    paused: Duration,
+}
+
+impl Reads {
+    /// Permits for one change; paced against the projections of `lag`.
+    pub fn new(lag: Option<Store>) -> Self {
+        Self {
+            permits: Semaphore::new(READS_IN_FLIGHT),
+            lag,
+            pace: std::sync::Mutex::new(Pace::default()),
+        }
+    }
+
+    /// Waits before a read while a projection lags (see [`Reads`]).
+    async fn pace(&self) {
+        let Some(store) = &self.lag else {
+            return;
+        };
+        let due = self
+            .pace
+            .lock()
+            .map(|p| p.checked.is_none_or(|t| t.elapsed() >= PACE_CHECK))
+            .unwrap_or(false);
+        if due {
+            // A failed look is no reason to hold a restatement up.
+            let lagging = store
+                .projections()
+                .projection_states()
+                .await
+                .map(|states| {
+                    let now = Utc::now();
+                    states
+                        .iter()
+                        .filter(|s| !s.name.contains('~'))
+                        .any(|s| s.as_of.is_some_and(|a| now - a > YIELD_LAG))
+                })
+                .unwrap_or(false);
+            if let Ok(mut p) = self.pace.lock() {
+                p.checked = Some(std::time::Instant::now());
+                p.lagging = lagging;
+            }
+        }
+        let wait = self.pace.lock().ok().and_then(|mut p| {
+            let since = *p.since.get_or_insert_with(std::time::Instant::now);
+            (p.lagging && p.paused < since.elapsed() / 2).then(|| {
+                p.paused += PAUSE;
+                PAUSE
+            })
+        });
+        if let Some(wait) = wait {
+            tokio::time::sleep(wait).await;
+        }
+    }
+
+    /// Permits of their own and no pace: for a restatement prepared under
+    /// its checkpoint lock, which must not pause holding it.
+    fn unpaced() -> Self {
+        Self::new(None)
+    }
+}
+
 /// What one restatement did (live tables; a rebuild's shadow tables too).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Restated {
@@ -103,7 +191,7 @@ pub async fn restate(
     range: (DateTime<Utc>, DateTime<Utc>),
     scope: &Scope,
     done: Option<i64>,
-    reads: &Semaphore,
+    reads: &Reads,
     failpoints: Failpoints,
 ) -> Result<Restated, ProjectionError> {
     let shadow = shadow_state(&spec.name);
@@ -152,7 +240,7 @@ async fn restate_state(
     suffix: &str,
     range: (DateTime<Utc>, DateTime<Utc>),
     scope: &Scope,
-    reads: &Semaphore,
+    reads: &Reads,
 ) -> Result<Option<(Restating, Restated)>, ProjectionError> {
     let projections = store.projections();
     let hash = spec.hash();
@@ -198,7 +286,7 @@ async fn restate_state(
     let Some(mut r) = projections.begin_restatement(state, &hash).await? else {
         return Ok(None);
     };
-    let prepared = prepare(r.folded(), spec, range, scope, reads).await?;
+    let prepared = prepare(r.folded(), spec, range, scope, &Reads::unpaced()).await?;
     // Prepared under the same lock: it cannot be stale.
     let report = swap_in(&mut r, spec, suffix, prepared).await?;
     let under_lock = report.events;
@@ -252,7 +340,7 @@ pub async fn prepare(
     spec: &Spec,
     (from, to): (DateTime<Utc>, DateTime<Utc>),
     scope: &Scope,
-    reads: &Semaphore,
+    reads: &Reads,
 ) -> Result<Prepared, ProjectionError> {
     let tz = spec.timezone;
     // Only the groups a changed event can be in: rows of other groups keep
@@ -297,7 +385,7 @@ pub async fn prepare(
                 // One read at a time on the projection's own permit, more on
                 // spare ones: a projection with little to read is never
                 // queued behind one with much.
-                let own = reads.acquire().await.map_err(|_| {
+                let own = reads.permits.acquire().await.map_err(|_| {
                     ProjectionError::ReadTask("restatement read permits closed".into())
                 })?;
                 // An hour's read goes on where its last chunk ended.
@@ -307,7 +395,7 @@ pub async fn prepare(
                 loop {
                     while running.len() < READS_IN_FLIGHT {
                         let permit = if own_busy {
-                            match reads.try_acquire() {
+                            match reads.permits.try_acquire() {
                                 Ok(p) => Some(p),
                                 Err(_) => break,
                             }
@@ -321,6 +409,7 @@ pub async fn prepare(
                         let mine = permit.is_none();
                         running.push(async move {
                             let (at, until) = span;
+                            reads.pace().await;
                             let chunk = snapshot.events(at, until, filter, resume).await;
                             drop(permit);
                             (mine, span, chunk)
@@ -535,7 +624,7 @@ pub async fn step(
         .filter_map(|j| loaded(&j).map(|s| (j, s)))
         .filter(|(j, _)| seen.insert(j.projection.clone()))
         .collect();
-    let reads = &Semaphore::new(READS_IN_FLIGHT);
+    let reads = &Reads::new(Some(store.clone()));
     let runs = batch.iter().map(|(job, spec)| async move {
         let started = std::time::Instant::now();
         let report = restate(

@@ -150,7 +150,7 @@ async fn prepare_queued(store: &Store) -> Vec<(i64, Arc<Spec>, Prepared)> {
             spec,
             (job.from, job.to),
             &job.scope,
-            &tokio::sync::Semaphore::new(restate::READS_IN_FLIGHT),
+            &restate::Reads::new(None),
         )
         .await
         .expect("prepare");
