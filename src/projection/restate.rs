@@ -33,7 +33,6 @@
 //! the commit changes nothing and leaves the queue row, so the restatement
 //! runs again; its result does not depend on how often it ran.
 
-use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -69,91 +68,24 @@ const READ_SPAN: chrono::Duration = chrono::Duration::hours(1);
 /// chunks of events at once.
 pub const READS_IN_FLIGHT: usize = 4;
 
-/// A projection whose `as_of` is older than this lags: restatement reads
-/// then make way for its projector.
-const YIELD_LAG: chrono::Duration = chrono::Duration::seconds(3);
-
-/// How often the restater looks at the projections' `as_of`.
-const PACE_CHECK: Duration = Duration::from_millis(500);
-
-/// One pause before a read while a projection lags.
-const PAUSE: Duration = Duration::from_millis(100);
-
-/// The log reads of one change's restatements: [`READS_IN_FLIGHT`] permits,
-/// and a pace. While a projection lags (its projector shares the cores and
-/// connections with the restatement, and a restatement of a busy range can
-/// otherwise take them all), reads pause, but for at most half of the time
-/// since the change's restatements began, so they always finish.
+/// The log reads of one change's restatements: [`READS_IN_FLIGHT`] permits
+/// shared by its projections.
 pub struct Reads {
     permits: Semaphore,
-    /// Where to look up the projections' `as_of`; `None`: never pause.
-    lag: Option<Store>,
-    pace: std::sync::Mutex<Pace>,
-}
-
-#[derive(Debug, Default)]
-struct Pace {
-    checked: Option<std::time::Instant>,
-    lagging: bool,
-    since: Option<std::time::Instant>,
-    paused: Duration,
 }
 
 impl Reads {
-    /// Permits for one change; paced against the projections of `lag`.
-    pub fn new(lag: Option<Store>) -> Self {
+    /// Permits for one change.
+    pub fn new() -> Self {
         Self {
             permits: Semaphore::new(READS_IN_FLIGHT),
-            lag,
-            pace: std::sync::Mutex::new(Pace::default()),
         }
     }
+}
 
-    /// Waits before a read while a projection lags (see [`Reads`]).
-    async fn pace(&self) {
-        let Some(store) = &self.lag else {
-            return;
-        };
-        let due = self
-            .pace
-            .lock()
-            .map(|p| p.checked.is_none_or(|t| t.elapsed() >= PACE_CHECK))
-            .unwrap_or(false);
-        if due {
-            // A failed look is no reason to hold a restatement up.
-            let lagging = store
-                .projections()
-                .projection_states()
-                .await
-                .map(|states| {
-                    let now = Utc::now();
-                    states
-                        .iter()
-                        .filter(|s| !s.name.contains('~'))
-                        .any(|s| s.as_of.is_some_and(|a| now - a > YIELD_LAG))
-                })
-                .unwrap_or(false);
-            if let Ok(mut p) = self.pace.lock() {
-                p.checked = Some(std::time::Instant::now());
-                p.lagging = lagging;
-            }
-        }
-        let wait = self.pace.lock().ok().and_then(|mut p| {
-            let since = *p.since.get_or_insert_with(std::time::Instant::now);
-            (p.lagging && p.paused < since.elapsed() / 2).then(|| {
-                p.paused += PAUSE;
-                PAUSE
-            })
-        });
-        if let Some(wait) = wait {
-            tokio::time::sleep(wait).await;
-        }
-    }
-
-    /// Permits of their own and no pace: for a restatement prepared under
-    /// its checkpoint lock, which must not pause holding it.
-    fn unpaced() -> Self {
-        Self::new(None)
+impl Default for Reads {
+    fn default() -> Self {
+        Self::new()
     }
 }
 
@@ -286,7 +218,9 @@ async fn restate_state(
     let Some(mut r) = projections.begin_restatement(state, &hash).await? else {
         return Ok(None);
     };
-    let prepared = prepare(r.folded(), spec, range, scope, &Reads::unpaced()).await?;
+    // Permits of its own: holding the lock, it must not queue behind the
+    // change's other projections.
+    let prepared = prepare(r.folded(), spec, range, scope, &Reads::new()).await?;
     // Prepared under the same lock: it cannot be stale.
     let report = swap_in(&mut r, spec, suffix, prepared).await?;
     let under_lock = report.events;
@@ -372,7 +306,6 @@ pub async fn prepare(
                     granularities: vec![g],
                     ..spec.clone()
                 };
-                let mut fold = Fold::new(&one);
                 let mut spans = Vec::new();
                 let mut at = start;
                 while at < end {
@@ -382,14 +315,17 @@ pub async fn prepare(
                 }
                 let snapshot: &Folded = folded;
                 let filter = &filter;
+                // The reads run side by side and fold as their rows arrive;
+                // the lock is never held across an await.
+                let cell = std::sync::Mutex::new((Fold::new(&one), 0usize));
+                let shared = &cell;
                 // One read at a time on the projection's own permit, more on
                 // spare ones: a projection with little to read is never
                 // queued behind one with much.
                 let own = reads.permits.acquire().await.map_err(|_| {
                     ProjectionError::ReadTask("restatement read permits closed".into())
                 })?;
-                // An hour's read goes on where its last chunk ended.
-                let mut spans: VecDeque<_> = spans.into_iter().map(|s| (s, None)).collect();
+                let mut spans = spans.into_iter();
                 let mut running = FuturesUnordered::new();
                 let mut own_busy = false;
                 loop {
@@ -402,34 +338,39 @@ pub async fn prepare(
                         } else {
                             None
                         };
-                        let Some((span, resume)) = spans.pop_front() else {
+                        let Some((at, until)) = spans.next() else {
                             break;
                         };
                         own_busy |= permit.is_none();
                         let mine = permit.is_none();
                         running.push(async move {
-                            let (at, until) = span;
-                            reads.pace().await;
-                            let chunk = snapshot.events(at, until, filter, resume).await;
+                            let read = snapshot
+                                .read_events(at, until, filter, |chunk| {
+                                    if let Ok(mut f) = shared.lock() {
+                                        // The fold's measures merge in any order.
+                                        for e in &chunk {
+                                            f.0.add(e, snapshot.catalog().charge(e));
+                                        }
+                                        f.1 += chunk.len();
+                                    }
+                                })
+                                .await;
                             drop(permit);
-                            (mine, span, chunk)
+                            (mine, read)
                         });
                     }
-                    let Some((mine, span, chunk)) = running.next().await else {
+                    let Some((mine, read)) = running.next().await else {
                         break;
                     };
                     own_busy &= !mine;
-                    let chunk = chunk?;
-                    if let Some(next) = chunk.next {
-                        spans.push_front((span, Some(next)));
-                    }
-                    events += chunk.events.len();
-                    // The fold's measures merge in any order.
-                    for e in &chunk.events {
-                        fold.add(e, snapshot.catalog().charge(e));
-                    }
+                    read?;
                 }
                 drop(own);
+                drop(running);
+                let (fold, read) = cell
+                    .into_inner()
+                    .map_err(|_| ProjectionError::ReadTask("a restatement read panicked".into()))?;
+                events += read;
                 Source::Events(fold)
             }
         };
@@ -624,7 +565,7 @@ pub async fn step(
         .filter_map(|j| loaded(&j).map(|s| (j, s)))
         .filter(|(j, _)| seen.insert(j.projection.clone()))
         .collect();
-    let reads = &Reads::new(Some(store.clone()));
+    let reads = &Reads::new();
     let runs = batch.iter().map(|(job, spec)| async move {
         let started = std::time::Instant::now();
         let report = restate(

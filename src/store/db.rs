@@ -446,6 +446,45 @@ impl Pool<'_> {
         })
     }
 
+    /// Every row, handed to `each` in chunks of at most `chunk` as they
+    /// arrive: memory stays bounded however many rows the statement returns.
+    pub(crate) async fn fetch_chunked(
+        self,
+        q: Sql<'_>,
+        chunk: usize,
+        mut each: impl FnMut(Vec<Row>) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
+        use futures::TryStreamExt;
+        let chunk = chunk.max(1);
+        let mut buf = Vec::with_capacity(chunk);
+        match self {
+            Pool::Postgres(_, p) => {
+                let q = q.postgres();
+                let mut rows = q.fetch(p);
+                while let Some(r) = rows.try_next().await? {
+                    buf.push(Row::Postgres(r));
+                    if buf.len() >= chunk {
+                        each(std::mem::replace(&mut buf, Vec::with_capacity(chunk)))?;
+                    }
+                }
+            }
+            Pool::Sqlite(_, p) => {
+                let q = q.sqlite();
+                let mut rows = q.fetch(p);
+                while let Some(r) = rows.try_next().await? {
+                    buf.push(Row::Sqlite(r));
+                    if buf.len() >= chunk {
+                        each(std::mem::replace(&mut buf, Vec::with_capacity(chunk)))?;
+                    }
+                }
+            }
+        }
+        if !buf.is_empty() {
+            each(buf)?;
+        }
+        Ok(())
+    }
+
     /// The first row, if any.
     pub(crate) async fn fetch_optional(self, q: Sql<'_>) -> Result<Option<Row>, StoreError> {
         Ok(match self {

@@ -35,9 +35,7 @@ pub use jobs::Jobs;
 pub use leases::Leases;
 pub use log::EventLog;
 pub use prices::Prices;
-pub use projections::{
-    EventChunk, Folded, Projections, ReadFrom, Restating, READ_CHUNK, UPSERT_CHUNK,
-};
+pub use projections::{EventChunk, Folded, Projections, Restating, READ_CHUNK, UPSERT_CHUNK};
 pub use snapshot::{AlertSnapshot, LedgerRestored, LedgerSnapshot};
 pub use tokens::Tokens;
 

@@ -481,26 +481,10 @@ impl Projections {
                 .collect::<Result<Vec<_>, _>>()?;
             stored.push((g, rows));
         }
-        // Reconciliation compares the window whole: every chunk.
-        let mut events = Vec::new();
-        let mut resume = None;
-        loop {
-            let chunk = folded_chunk(
-                Some(&mut tx),
-                &self.db,
-                (from, to),
-                None,
-                cursor,
-                &[],
-                resume,
-            )
+        let rows = tx
+            .fetch_all(range_read(&self.db, (from, to), cursor, &[]))
             .await?;
-            events.extend(chunk.events);
-            resume = chunk.next;
-            if resume.is_none() {
-                break;
-            }
-        }
+        let events = log_events(&rows)?.into_iter().map(|(_, e)| e).collect();
         let catalog = super::prices::Prices::catalog_in(&mut tx).await?;
         tx.commit().await?;
         Ok(ReconcileRead {
@@ -695,51 +679,25 @@ async fn upsert_chunk<'a>(
     }
 }
 
-/// Events one restatement read returns per statement: what bounds its
-/// memory (an hour of a busy log, or everything a projector folded during a
-/// long restatement, can be millions of events).
+/// Events a restatement holds per read: a catch-up statement returns at
+/// most this many, and a range read's streamed rows are handed on in chunks
+/// of this size (an hour of a busy log, or everything a projector folded
+/// during a long restatement, can be millions of events).
 pub const READ_CHUNK: i64 = 20_000;
 
-/// Where a chunked read of the log goes on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ReadFrom {
-    /// A time-range read, in `(ts, seq)` order: after this event.
-    Time(DateTime<Utc>, i64),
-    /// A catch-up read, in cursor order: after this position.
-    Cursor(Cursor),
-}
-
-/// One chunk of a restatement's read of the log.
+/// One chunk of a restatement's catch-up read of the log.
 #[derive(Debug, Clone, Default)]
 pub struct EventChunk {
     /// The events of the chunk that the read's range and groups keep.
     pub events: Vec<crate::event::Event>,
     /// Where the next chunk starts; `None`: the read is done.
-    pub next: Option<ReadFrom>,
+    pub next: Option<Cursor>,
 }
 
-/// One chunk of the events with `ts` in `[from, to)` folded as of `cursor`
-/// (and, with `after`, not yet as of `after`), without the voided ones
-/// (what the aggregates of those buckets count), from `resume` on. Read in
-/// `tx`, or else statement by statement: the events up to a cursor never
-/// change, and a long snapshot would keep PostgreSQL from pruning the row
-/// versions the projector's upserts leave.
-///
-/// With `after` the read walks the cursor index: the events a projector
-/// folded over a few seconds are a thin slice of the cursor order but may
-/// span the whole time range (live events of a range reaching now), where
-/// the `ts` index would scan every event of the range. Without, it walks the
-/// `ts` index in `(ts, seq)` order (`seq` is unique on both backends).
-async fn folded_chunk(
-    tx: Option<&mut Tx>,
-    db: &Db,
-    (from, to): (DateTime<Utc>, DateTime<Utc>),
-    after: Option<Cursor>,
-    cursor: Cursor,
-    filter: &[(Dimension, Vec<String>)],
-    resume: Option<ReadFrom>,
-) -> Result<EventChunk, StoreError> {
-    let (columns, folded, later, order) = match db {
+/// The log columns, the "folded as of `($3, $4)`" and "after `($5, $6)`"
+/// conditions and the cursor order of `db`'s dialect.
+fn log_dialect(db: &Db) -> (String, &'static str, &'static str, &'static str) {
+    match db {
         Db::Postgres(_) => (
             postgres::log_columns(),
             postgres::FOLDED_UP_TO,
@@ -752,6 +710,75 @@ async fn folded_chunk(
             sqlite::FOLDED_AFTER,
             "seq",
         ),
+    }
+}
+
+/// The events with `ts` in `[from, to)` folded as of `cursor`, without the
+/// voided ones (what the aggregates of those buckets count), of the groups
+/// `filter` allows: one statement, on the `ts` index.
+fn range_read<'a>(
+    db: &Db,
+    (from, to): (DateTime<Utc>, DateTime<Utc>),
+    cursor: Cursor,
+    filter: &'a [(Dimension, Vec<String>)],
+) -> Sql<'a> {
+    let (columns, folded, _, _) = log_dialect(db);
+    // Absent values are '' in the aggregates: the same test on both sides.
+    let narrow = group_condition(db, filter, 5, |d| format!("COALESCE({}, '')", d.column()));
+    let mut sql = Sql::new(format!(
+        "SELECT {columns} FROM usage_events WHERE ts >= $1 AND ts < $2 AND {folded} \
+         AND {NOT_VOIDED}{narrow}"
+    ))
+    .bind(from)
+    .bind(to)
+    .bind(cursor.tx.to_string())
+    .bind(cursor.seq);
+    for (_, values) in filter {
+        sql = sql.bind(Arg::List(values.iter().map(String::as_str).collect()));
+    }
+    sql
+}
+
+/// One chunk of the events a fold committed after `after` and up to
+/// `cursor`, without the voided ones, with `ts` in `[from, to)` and of the
+/// groups `filter` allows, from `resume` on. Statement by statement: the
+/// events up to a cursor never change, and a long snapshot would keep
+/// PostgreSQL from pruning the row versions the projector's upserts leave.
+///
+/// The read walks the cursor index and keeps the range and groups in Rust:
+/// the events a projector folded over a few seconds are a thin slice of the
+/// cursor order but may span the whole time range (live events of a range
+/// reaching now), where the `ts` index would scan every event of the range;
+/// and given conditions on the range and groups, the planner misjudges how
+/// many rows of a thin slice match (correlated dimensions, a range that
+/// holds the whole slice) and has been seen to scan the log, or probe
+/// `voided_events` by a scan per row, for each chunk.
+async fn catch_up_chunk(
+    db: &Db,
+    (from, to): (DateTime<Utc>, DateTime<Utc>),
+    after: Cursor,
+    cursor: Cursor,
+    filter: &[(Dimension, Vec<String>)],
+    resume: Option<Cursor>,
+) -> Result<EventChunk, StoreError> {
+    let (columns, folded, later, order) = log_dialect(db);
+    let after = resume.unwrap_or(after);
+    let sql = Sql::new(format!(
+        "SELECT {columns} FROM usage_events WHERE $1 < $2 AND {folded} AND {later} \
+         AND {NOT_VOIDED} ORDER BY {order} LIMIT $7"
+    ))
+    .bind(from)
+    .bind(to)
+    .bind(cursor.tx.to_string())
+    .bind(cursor.seq)
+    .bind(after.tx.to_string())
+    .bind(after.seq)
+    .bind(READ_CHUNK)
+    .custom_plan();
+    let read = log_events(&db.reader().fetch_all(sql).await?)?;
+    let next = match read.last() {
+        Some((c, _)) if read.len() as i64 == READ_CHUNK => Some(*c),
+        _ => None,
     };
     let keep = |e: &crate::event::Event| {
         e.ts >= from
@@ -760,66 +787,6 @@ async fn folded_chunk(
                 let v = crate::aggregate::measures::dimension_str(e, *d);
                 values.iter().any(|x| *x == v)
             })
-    };
-    let mut sql;
-    match after {
-        // A catch-up reads the cursor slice alone and keeps the range and
-        // groups in Rust: given conditions on them, the planner misjudges
-        // how many rows of a thin slice match (correlated dimensions, a
-        // range that holds the whole slice) and has been seen to scan the
-        // log, or probe `voided_events` by a scan per row, for each chunk.
-        Some(after) => {
-            let after = match resume {
-                Some(ReadFrom::Cursor(c)) => c,
-                _ => after,
-            };
-            sql = Sql::new(format!(
-                "SELECT {columns} FROM usage_events WHERE $1 < $2 AND {folded} AND {later} \
-                 AND {NOT_VOIDED} ORDER BY {order} LIMIT $7"
-            ))
-            .bind(from)
-            .bind(to)
-            .bind(cursor.tx.to_string())
-            .bind(cursor.seq)
-            .bind(after.tx.to_string())
-            .bind(after.seq)
-            .bind(READ_CHUNK)
-            .custom_plan();
-        }
-        None => {
-            // Absent values are '' in the aggregates: the same test on both sides.
-            let narrow =
-                group_condition(db, filter, 7, |d| format!("COALESCE({}, '')", d.column()));
-            let (at, seq) = match resume {
-                Some(ReadFrom::Time(at, seq)) => (at, seq),
-                _ => (from, -1),
-            };
-            sql = Sql::new(format!(
-                "SELECT {columns} FROM usage_events WHERE ts >= $1 AND ts < $2 AND {folded} \
-                 AND {NOT_VOIDED}{narrow} AND (ts > $1 OR seq > $5) ORDER BY ts, seq LIMIT $6"
-            ))
-            .bind(at)
-            .bind(to)
-            .bind(cursor.tx.to_string())
-            .bind(cursor.seq)
-            .bind(seq)
-            .bind(READ_CHUNK);
-            for (_, values) in filter {
-                sql = sql.bind(Arg::List(values.iter().map(String::as_str).collect()));
-            }
-        }
-    }
-    let rows = match tx {
-        Some(tx) => tx.fetch_all(sql).await?,
-        None => db.reader().fetch_all(sql).await?,
-    };
-    let read = log_events(&rows)?;
-    let next = match read.last() {
-        Some((c, e)) if read.len() as i64 == READ_CHUNK => Some(match after {
-            Some(_) => ReadFrom::Cursor(*c),
-            None => ReadFrom::Time(e.ts, c.seq),
-        }),
-        _ => None,
     };
     Ok(EventChunk {
         events: read
@@ -1004,27 +971,26 @@ impl Folded {
         &self.catalog
     }
 
-    /// A chunk of the events with `ts` in `[from, to)` that the checkpoint
-    /// has folded (events after it are the projector's to fold), without
-    /// voided ones, and only those of the groups `filter` allows; from
-    /// `resume` on (the previous chunk's `next`).
-    pub async fn events(
+    /// The events with `ts` in `[from, to)` that the checkpoint has folded
+    /// (events after it are the projector's to fold), without voided ones,
+    /// and only those of the groups `filter` allows, handed to `each` in
+    /// chunks of at most [`READ_CHUNK`] as they arrive: one statement, whose
+    /// rows are streamed, so memory stays bounded however busy the range.
+    pub async fn read_events(
         &self,
         from: DateTime<Utc>,
         to: DateTime<Utc>,
         filter: &[(Dimension, Vec<String>)],
-        resume: Option<ReadFrom>,
-    ) -> Result<EventChunk, StoreError> {
-        folded_chunk(
-            None,
-            &self.db,
-            (from, to),
-            None,
-            self.cursor,
-            filter,
-            resume,
-        )
-        .await
+        mut each: impl FnMut(Vec<crate::event::Event>),
+    ) -> Result<(), StoreError> {
+        let sql = range_read(&self.db, (from, to), self.cursor, filter);
+        self.db
+            .reader()
+            .fetch_chunked(sql, READ_CHUNK as usize, |rows| {
+                each(log_events(&rows)?.into_iter().map(|(_, e)| e).collect());
+                Ok(())
+            })
+            .await
     }
 
     /// A chunk of the events a fold committed after `after` (up to this
@@ -1036,18 +1002,9 @@ impl Folded {
         after: Cursor,
         range: (DateTime<Utc>, DateTime<Utc>),
         filter: &[(Dimension, Vec<String>)],
-        resume: Option<ReadFrom>,
+        resume: Option<Cursor>,
     ) -> Result<EventChunk, StoreError> {
-        folded_chunk(
-            None,
-            &self.db,
-            range,
-            Some(after),
-            self.cursor,
-            filter,
-            resume,
-        )
-        .await
+        catch_up_chunk(&self.db, range, after, self.cursor, filter, resume).await
     }
 
     /// The values of each text dimension among the events a restatement's

@@ -150,7 +150,7 @@ async fn prepare_queued(store: &Store) -> Vec<(i64, Arc<Spec>, Prepared)> {
             spec,
             (job.from, job.to),
             &job.scope,
-            &restate::Reads::new(None),
+            &restate::Reads::new(),
         )
         .await
         .expect("prepare");
@@ -371,9 +371,9 @@ fn a_restatement_counts_what_was_folded_between_its_steps() {
     }
 }
 
-/// More events than one read returns (`READ_CHUNK`), all at one instant and
-/// in one group, before step 1 and again between the steps: both reads go
-/// on chunk after chunk, across ties on `ts`, and count each event once.
+/// More events than one chunk (`READ_CHUNK`), all at one instant and in one
+/// group, before step 1 and again between the steps: the streamed range read
+/// and the catch-up read go on chunk after chunk and count each event once.
 #[test]
 fn a_restatement_reads_chunk_after_chunk() {
     let many = vec![7u16; tally::store::READ_CHUNK as usize + 5_000];
