@@ -454,29 +454,17 @@ impl Pool<'_> {
         chunk: usize,
         mut each: impl FnMut(Vec<Row>) -> Result<(), StoreError>,
     ) -> Result<(), StoreError> {
-        use futures::TryStreamExt;
+        use futures::{StreamExt, TryStreamExt};
         let chunk = chunk.max(1);
         let mut buf = Vec::with_capacity(chunk);
-        match self {
-            Pool::Postgres(_, p) => {
-                let q = q.postgres();
-                let mut rows = q.fetch(p);
-                while let Some(r) = rows.try_next().await? {
-                    buf.push(Row::Postgres(r));
-                    if buf.len() >= chunk {
-                        each(std::mem::replace(&mut buf, Vec::with_capacity(chunk)))?;
-                    }
-                }
-            }
-            Pool::Sqlite(_, p) => {
-                let q = q.sqlite();
-                let mut rows = q.fetch(p);
-                while let Some(r) = rows.try_next().await? {
-                    buf.push(Row::Sqlite(r));
-                    if buf.len() >= chunk {
-                        each(std::mem::replace(&mut buf, Vec::with_capacity(chunk)))?;
-                    }
-                }
+        let mut rows = match self {
+            Pool::Postgres(_, p) => q.postgres().fetch(p).map_ok(Row::Postgres).boxed(),
+            Pool::Sqlite(_, p) => q.sqlite().fetch(p).map_ok(Row::Sqlite).boxed(),
+        };
+        while let Some(r) = rows.try_next().await? {
+            buf.push(r);
+            if buf.len() >= chunk {
+                each(std::mem::replace(&mut buf, Vec::with_capacity(chunk)))?;
             }
         }
         if !buf.is_empty() {
