@@ -284,7 +284,11 @@ impl Corrections {
             } => {
                 // Placeholders: $1 key, $2 from, $3 to, then the lists
                 // given, then (for the insert) the correction id.
-                let mut cond = "key = $1 AND ts >= $2 AND ts < $3".to_string();
+                // The key's rows are found in the `ts` index alone, which
+                // carries `key` (schema 0008), and only they are fetched.
+                let mut cond = "seq IN (SELECT seq FROM usage_events \
+                     WHERE ts >= $2 AND ts < $3 AND key = $1)"
+                    .to_string();
                 let (key, from, to) = (key.as_str(), *from, *to);
                 let mut next = 4;
                 let mut lists: Vec<Vec<&str>> = Vec::new();

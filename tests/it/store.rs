@@ -334,3 +334,147 @@ async fn a_caught_up_log_read_never_scans_the_log() {
     );
     assert_eq!(seq, seq_before, "a log read scanned usage_events whole");
 }
+
+/// A restatement's read of a few users over a day finds their events in
+/// the `ts` index, which carries `user` and `key`, and fetches only those
+/// rows: `by_user`'s finest table is daily, and restating one key's hour
+/// used to read every event of the day to find the ten users it touched.
+/// The read also keeps the events without a user when '' is asked for.
+#[tokio::test]
+async fn a_restatement_reads_its_groups_not_the_whole_day() {
+    use sqlx::Row;
+    use tally::aggregate::Dimension;
+    let (url, _dir) = crate::support::database(tally::store::Backend::Postgres, "group_read");
+    let admin = sqlx::PgPool::connect(&url).await.expect("connect");
+    let store = crate::support::open(&url).await;
+    let day = chrono::DateTime::parse_from_rfc3339("2026-11-20T00:00:00Z")
+        .expect("day")
+        .with_timezone(&Utc);
+    let users = 200;
+    let per_user = 50;
+    let events: Vec<_> = (0..users * per_user)
+        .map(|i| {
+            let mut e = full_event(
+                &format!("day-{i}"),
+                day + chrono::Duration::seconds((i * 86_399 / (users * per_user)) as i64),
+            );
+            e.user = (i % users != 0).then(|| format!("u{}", i % users));
+            e
+        })
+        .collect();
+    for chunk in events.chunks(1_000) {
+        store
+            .log()
+            .append(chunk, &[], &origin())
+            .await
+            .expect("append");
+    }
+    let spec = crate::projection::oracle::shipped()
+        .into_iter()
+        .find(|s| s.name == "by_user")
+        .expect("by_user is shipped");
+    let mut p = crate::projection::oracle::projector(&store, &spec).await;
+    crate::projection::oracle::fold_all(&mut p, &store, 5_000).await;
+    // A backend reports its statistics when it exits: closing the pools
+    // settles the counts of the fold before the baseline and of the reads
+    // after them, with no wait on the ten-second idle flush.
+    drop(p);
+    store.close().await;
+    // What autovacuum does after 1% of the table is inserted (schema 0008):
+    // it marks the pages all-visible, so an index-only scan skips the rows.
+    // A page is marked only once no session can see it otherwise and the
+    // commits of its rows are flushed (the closed pool's backends exit, and
+    // the harness's cluster commits asynchronously, a moment later).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        sqlx::query("VACUUM (ANALYZE) usage_events")
+            .execute(&admin)
+            .await
+            .expect("vacuum");
+        let (pages, visible): (i32, i32) = sqlx::query_as(
+            "SELECT relpages, relallvisible FROM pg_class WHERE relname = 'usage_events'",
+        )
+        .fetch_one(&admin)
+        .await
+        .expect("pages");
+        if pages > 0 && visible == pages {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "VACUUM left {visible} of {pages} pages all-visible"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    // Rows fetched through an index; an index-only scan fetches none.
+    let fetched = || async {
+        sqlx::query("SELECT pg_stat_clear_snapshot()")
+            .execute(&admin)
+            .await
+            .expect("clear");
+        sqlx::query(
+            "SELECT coalesce(idx_tup_fetch, 0) AS n, coalesce(idx_scan, 0) AS scans \
+             FROM pg_stat_user_tables WHERE relname = 'usage_events'",
+        )
+        .fetch_one(&admin)
+        .await
+        .map(|r| (r.get::<i64, _>("n"), r.get::<i64, _>("scans")))
+        .expect("stats")
+    };
+    let settled = || async {
+        let mut last = fetched().await;
+        loop {
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            let now = fetched().await;
+            if now == last {
+                return now;
+            }
+            last = now;
+        }
+    };
+    let (before, scans_before) = settled().await;
+    let store = crate::support::open(&url).await;
+    let folded = store
+        .projections()
+        .read_folded(&spec.name, &spec.hash())
+        .await
+        .expect("snapshot")
+        .expect("by_user has a checkpoint");
+    let mut read = 0usize;
+    let mut absent = 0usize;
+    for hour in 0..24 {
+        let from = day + chrono::Duration::hours(hour);
+        let filter = [(Dimension::User, vec!["u7".to_string(), String::new()])];
+        folded
+            .read_events(from, from + chrono::Duration::hours(1), &filter, |chunk| {
+                read += chunk.len();
+                absent += chunk.iter().filter(|e| e.user.is_none()).count();
+            })
+            .await
+            .expect("read");
+    }
+    assert_eq!(
+        (read, absent),
+        (2 * per_user, per_user),
+        "u7's and the user-less events"
+    );
+    drop(folded);
+    store.close().await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let (after, scans) = loop {
+        let (n, scans) = settled().await;
+        if scans >= scans_before + 24 || std::time::Instant::now() > deadline {
+            break (n, scans);
+        }
+    };
+    assert!(
+        scans >= scans_before + 24,
+        "the reads never showed: {scans_before} -> {scans} index scans"
+    );
+    assert!(
+        after - before <= 2 * read as i64,
+        "the reads fetched {} rows of the log for {read} events of a {}-event day",
+        after - before,
+        users * per_user
+    );
+}
