@@ -56,9 +56,6 @@ use crate::store::{AggRow, Cursor, Folded, Restating, Store};
 /// Most values of one dimension a restatement narrows itself to.
 const MAX_SCOPE_VALUES: usize = 1_000;
 
-/// Events read from the log per statement: one hour of event time.
-const READ_SPAN: chrono::Duration = chrono::Duration::hours(1);
-
 /// Log reads one change's restatements run at once, over all projections
 /// (each holds one permit while it prepares and reads on it; spare permits
 /// add reads): a projection that reads much (a daily finest table, or no
@@ -306,10 +303,11 @@ pub async fn prepare(
                     granularities: vec![g],
                     ..spec.clone()
                 };
+                let span = Folded::read_span(&filter);
                 let mut spans = Vec::new();
                 let mut at = start;
                 while at < end {
-                    let until = (at + READ_SPAN).min(end);
+                    let until = (at + span).min(end);
                     spans.push((at, until));
                     at = until;
                 }

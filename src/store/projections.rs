@@ -1009,6 +1009,18 @@ impl Projections {
 }
 
 impl Folded {
+    /// How much event time one read of [`Folded::read_events`] should span:
+    /// a day when `filter` names users or keys (the `ts` index finds their
+    /// rows, a few per group and day; fewer statements, fewer plans), an
+    /// hour otherwise (each statement reads every row of its span).
+    pub fn read_span(filter: &[(Dimension, Vec<String>)]) -> chrono::Duration {
+        if filter.iter().any(|(d, _)| IN_TS_INDEX.contains(d)) {
+            chrono::Duration::days(1)
+        } else {
+            chrono::Duration::hours(1)
+        }
+    }
+
     /// The checkpoint the events are read as of.
     pub fn cursor(&self) -> Cursor {
         self.cursor

@@ -321,6 +321,25 @@ async fn run_cases(
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let store = tally::store::connect(url, &StoreOptions::default()).await?;
+    // The projections were rebuilt one after the other: the first one's
+    // `as_of` is minutes old until serve's projector polls once. The quiet
+    // figure starts when every projection has caught up under serve.
+    let ready = Utc::now();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let states = store.projections().projection_states().await?;
+        let caught_up = states
+            .iter()
+            .filter(|s| !s.name.contains('~'))
+            .all(|s| s.as_of.is_some_and(|a| a >= ready));
+        if caught_up && !states.is_empty() {
+            break;
+        }
+        if Instant::now() > deadline {
+            return Err(check("serve's projectors did not catch up within 120 s"));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let stop = Arc::new(AtomicBool::new(false));
     let live = tokio::spawn(live_load(store.clone(), rate / 2.0, stop.clone()));
     println!("live load: {:.0} ev/s (half the append rate)", rate / 2.0);
