@@ -98,6 +98,18 @@ pub struct Restated {
     /// Snapshots taken (more than one: a price change or another
     /// restatement made one stale).
     pub snapshots: usize,
+    /// Milliseconds computing from snapshots, without the lock.
+    pub unlocked_ms: u64,
+    /// Milliseconds waiting for the checkpoint row (a fold in flight
+    /// commits first).
+    pub lock_wait_ms: u64,
+    /// Milliseconds holding it before the commit: catching up, swapping in.
+    pub locked_ms: u64,
+}
+
+/// Milliseconds since `t`.
+fn ms_since(t: std::time::Instant) -> u64 {
+    u64::try_from(t.elapsed().as_millis()).unwrap_or(u64::MAX)
 }
 
 /// The first bucket start at or after `t`.
@@ -173,7 +185,9 @@ async fn restate_state(
 ) -> Result<Option<(Restating, Restated)>, ProjectionError> {
     let projections = store.projections();
     let hash = spec.hash();
+    let mut spent = Restated::default();
     for snapshots in 1..=SNAPSHOT_TRIES {
+        let unlocked = std::time::Instant::now();
         let Some(mut folded) = projections.read_folded(state, &hash).await? else {
             return Ok(None);
         };
@@ -193,15 +207,24 @@ async fn restate_state(
                 break;
             }
         }
+        spent.unlocked_ms += ms_since(unlocked);
+        let waiting = std::time::Instant::now();
         let Some(mut r) = projections.begin_restatement(state, &hash).await? else {
             return Ok(None);
         };
-        match apply(&mut r, spec, suffix, prepared).await? {
+        spent.lock_wait_ms += ms_since(waiting);
+        let locked = std::time::Instant::now();
+        let applied = apply(&mut r, spec, suffix, prepared).await?;
+        spent.locked_ms += ms_since(locked);
+        match applied {
             Some(report) => {
                 return Ok(Some((
                     r,
                     Restated {
                         snapshots,
+                        unlocked_ms: spent.unlocked_ms,
+                        lock_wait_ms: spent.lock_wait_ms,
+                        locked_ms: spent.locked_ms,
                         ..report
                     },
                 )))
@@ -212,9 +235,12 @@ async fn restate_state(
             }
         }
     }
+    let waiting = std::time::Instant::now();
     let Some(mut r) = projections.begin_restatement(state, &hash).await? else {
         return Ok(None);
     };
+    spent.lock_wait_ms += ms_since(waiting);
+    let locked = std::time::Instant::now();
     // Permits of its own: holding the lock, it must not queue behind the
     // change's other projections.
     let prepared = prepare(r.folded(), spec, range, scope, &Reads::new()).await?;
@@ -226,6 +252,9 @@ async fn restate_state(
         Restated {
             under_lock,
             snapshots: SNAPSHOT_TRIES,
+            unlocked_ms: spent.unlocked_ms,
+            lock_wait_ms: spent.lock_wait_ms,
+            locked_ms: spent.locked_ms + ms_since(locked),
             ..report
         },
     )))
@@ -585,6 +614,9 @@ pub async fn step(
             under_lock = report.under_lock,
             snapshots = report.snapshots,
             rows = report.rows,
+            unlocked_ms = report.unlocked_ms,
+            lock_wait_ms = report.lock_wait_ms,
+            locked_ms = report.locked_ms,
             ms = started.elapsed().as_millis() as u64,
             "restated"
         );
