@@ -267,13 +267,7 @@ async fn a_caught_up_log_read_never_scans_the_log() {
     let events: Vec<_> = (0..20_000)
         .map(|i| full_event(&format!("idle-{i}"), Utc::now()))
         .collect();
-    for chunk in events.chunks(1_000) {
-        store
-            .log()
-            .append(chunk, &[], &origin())
-            .await
-            .expect("append");
-    }
+    crate::projection::oracle::append_all(&store, &events, 1_000).await;
     sqlx::query("ANALYZE usage_events")
         .execute(&admin)
         .await
@@ -362,13 +356,7 @@ async fn a_restatement_reads_its_groups_not_the_whole_day() {
             e
         })
         .collect();
-    for chunk in events.chunks(1_000) {
-        store
-            .log()
-            .append(chunk, &[], &origin())
-            .await
-            .expect("append");
-    }
+    crate::projection::oracle::append_all(&store, &events, 1_000).await;
     let spec = crate::projection::oracle::shipped()
         .into_iter()
         .find(|s| s.name == "by_user")
