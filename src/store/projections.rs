@@ -774,18 +774,14 @@ fn range_read<'a>(
 /// events up to a cursor never change, and a long snapshot would keep
 /// PostgreSQL from pruning the row versions the projector's upserts leave.
 ///
-/// The read walks the cursor index and keeps the range in Rust: the events
-/// a projector folded over a few seconds are a thin slice of the cursor
-/// order but may span the whole time range (live events of a range reaching
-/// now), where the `ts` index would scan every event of the range; and given
-/// conditions on the range and groups, the planner misjudges how many rows
-/// of a thin slice match (correlated dimensions, a range that holds the
-/// whole slice) and has been seen to scan the log, or probe `voided_events`
-/// by a scan per row, for each chunk. The groups are tested in the statement
-/// too, on the row the cursor index leads to (no index can serve them): a
-/// restatement's last catch-up runs under the checkpoint lock right after a
-/// fold committed a whole batch, and sending and decoding 20,000 rows to keep
-/// a few cost it about 100 ms.
+/// The read walks the cursor index and keeps the range and groups in Rust:
+/// the events a projector folded over a few seconds are a thin slice of the
+/// cursor order but may span the whole time range (live events of a range
+/// reaching now), where the `ts` index would scan every event of the range;
+/// and given conditions on the range and groups, the planner misjudges how
+/// many rows of a thin slice match (correlated dimensions, a range that
+/// holds the whole slice) and has been seen to scan the log, or probe
+/// `voided_events` by a scan per row, for each chunk.
 async fn catch_up_chunk(
     db: &Db,
     (from, to): (DateTime<Utc>, DateTime<Utc>),
@@ -796,9 +792,8 @@ async fn catch_up_chunk(
 ) -> Result<EventChunk, StoreError> {
     let (columns, folded, later, order) = log_dialect(db);
     let after = resume.unwrap_or(after);
-    let narrow = group_condition(db, filter, 8, Side::Log);
-    let mut sql = Sql::new(format!(
-        "SELECT {columns} FROM usage_events WHERE $1 < $2 AND {folded} AND {later}{narrow} \
+    let sql = Sql::new(format!(
+        "SELECT {columns} FROM usage_events WHERE $1 < $2 AND {folded} AND {later} \
          AND {NOT_VOIDED} ORDER BY {order} LIMIT $7"
     ))
     .bind(from)
@@ -809,9 +804,6 @@ async fn catch_up_chunk(
     .bind(after.seq)
     .bind(READ_CHUNK)
     .custom_plan();
-    for (_, values) in filter {
-        sql = sql.bind(Arg::List(values.iter().map(String::as_str).collect()));
-    }
     let read = log_events(&db.reader().fetch_all(sql).await?)?;
     let next = match read.last() {
         Some((c, _)) if read.len() as i64 == READ_CHUNK => Some(*c),
