@@ -15,6 +15,13 @@
 //! comes back [`ApplyOutcome::Stale`] (another instance or a rebuild moved a
 //! checkpoint) re-reads the checkpoints and goes on from there.
 //!
+//! Giving way: a restatement queued on a member's checkpoint lock (same
+//! process, announced through [`FoldSignal::restating`]) would otherwise wait
+//! for every upsert of the fold holding it. The fold rolls back at its next
+//! statement instead ([`ApplyOutcome::GaveWay`]), waits for the restatement,
+//! and reads its batch again. A member gives way at most once between two
+//! of its commits, so restatements in a row cannot starve it.
+//!
 //! `as_of`: each read records a [`Watermark`] (when, and which transaction ids
 //! were assigned by then). Once a read returns everything below its snapshot's
 //! `xmin`, every older mark with `xmax <= xmin` is fully folded, so its time
@@ -122,6 +129,8 @@ pub struct FoldSignal {
     notify: tokio::sync::Notify,
     oldest_ms: std::sync::atomic::AtomicI64,
     leading: std::sync::Mutex<std::collections::HashMap<String, bool>>,
+    /// Restatements waiting for (or holding) each checkpoint row's lock.
+    restating: std::sync::Mutex<std::collections::HashMap<String, Arc<Waiting>>>,
 }
 
 impl Default for FoldSignal {
@@ -130,11 +139,72 @@ impl Default for FoldSignal {
             notify: tokio::sync::Notify::new(),
             oldest_ms: std::sync::atomic::AtomicI64::new(i64::MAX),
             leading: std::sync::Mutex::new(std::collections::HashMap::new()),
+            restating: std::sync::Mutex::new(std::collections::HashMap::new()),
         }
     }
 }
 
+/// How many restatements of one checkpoint are queued on (or hold) its lock.
+#[derive(Debug, Default)]
+pub struct Waiting {
+    count: std::sync::atomic::AtomicUsize,
+    done: tokio::sync::Notify,
+}
+
+impl Waiting {
+    /// Whether a restatement is queued on (or holds) the lock now.
+    pub fn asked(&self) -> bool {
+        self.count.load(std::sync::atomic::Ordering::SeqCst) > 0
+    }
+
+    /// Waits until no restatement is queued or running, at most `limit`.
+    pub async fn settled(&self, limit: Duration) {
+        let _ = tokio::time::timeout(limit, async {
+            loop {
+                let done = self.done.notified();
+                if !self.asked() {
+                    return;
+                }
+                done.await;
+            }
+        })
+        .await;
+    }
+}
+
+/// Held by a restatement from its lock request to its commit or abandon.
+#[derive(Debug)]
+pub struct Restating(Arc<Waiting>);
+
+impl Drop for Restating {
+    fn drop(&mut self) {
+        self.0
+            .count
+            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+        self.0.done.notify_waiters();
+    }
+}
+
 impl FoldSignal {
+    /// The waiting count of checkpoint `state`.
+    pub fn waiting(&self, state: &str) -> Arc<Waiting> {
+        match self.restating.lock() {
+            Ok(mut r) => r.entry(state.to_string()).or_default().clone(),
+            // A poisoned map only loses the hint: nobody gives way.
+            Err(_) => Arc::new(Waiting::default()),
+        }
+    }
+
+    /// Announces a restatement about to queue on `state`'s checkpoint lock:
+    /// until the guard drops, a fold holding that lock rolls back at its
+    /// next statement (once between two of its commits) instead of making
+    /// the restatement wait for all its upserts.
+    pub fn restating(&self, state: &str) -> Restating {
+        let w = self.waiting(state);
+        w.count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Restating(w)
+    }
+
     /// A commit folded events, the oldest with timestamp `oldest`.
     pub fn committed(&self, oldest: Option<DateTime<Utc>>) {
         if let Some(t) = oldest {
@@ -225,6 +295,8 @@ struct Member {
     /// Held while [`FoldGroup::run`] runs; `None` outside it (tests, rebuilds),
     /// where the member always leads.
     lease: Option<Lease>,
+    /// Gave way to a restatement since its last commit: it may not again.
+    gave_way: bool,
 }
 
 /// Projections folded together from one read of the log.
@@ -241,7 +313,13 @@ pub struct FoldGroup {
     /// a catalog change (which bumps every generation) committed before that
     /// read is in it, and one committed after makes the apply stale.
     catalog: Option<Arc<Catalog>>,
+    /// Where restatements of this process announce themselves (set by [`FoldGroup::run`]).
+    signal: Option<Arc<FoldSignal>>,
 }
+
+/// Longest a member that gave way waits for the restatement before it reads
+/// again (its compare-and-set then simply queues on the lock).
+const GIVE_WAY_WAIT: Duration = Duration::from_secs(2);
 
 /// How soon a group first reads again when committed events were held back
 /// by a transaction still running (instead of waiting for a poll or an
@@ -280,6 +358,7 @@ async fn open_member(
         as_of: row.as_of,
         leading: true,
         lease: None,
+        gave_way: false,
     })
 }
 
@@ -298,6 +377,7 @@ impl FoldGroup {
             last_write: Instant::now(),
             failpoints: Failpoints::default(),
             catalog: None,
+            signal: None,
         }
     }
 
@@ -412,9 +492,18 @@ impl FoldGroup {
             });
         }
         let crash = Failpoints::fires(self.failpoints.before_commit);
+        let waits: Vec<Option<Arc<Waiting>>> = chosen
+            .iter()
+            .map(|&(_, i, _)| {
+                let m = &self.members[i];
+                let signal = self.signal.as_ref().filter(|_| !m.gave_way)?;
+                Some(signal.waiting(&m.state))
+            })
+            .collect();
         let applies: Vec<Apply<'_>> = chosen
             .iter()
-            .map(|&(k, i, member_as_of)| Apply {
+            .zip(&waits)
+            .map(|(&(k, i, member_as_of), wait)| Apply {
                 state: &self.members[i].state,
                 spec: &self.members[i].spec,
                 suffix: &self.members[i].suffix,
@@ -424,6 +513,7 @@ impl FoldGroup {
                 as_of: member_as_of,
                 delta: &prepared.deltas[k],
                 before_commit: crash.then_some(crash_before_commit as fn()),
+                give_way: wait.as_deref().map(|w| &w.count),
             })
             .collect();
         let store = self.store.clone();
@@ -446,7 +536,20 @@ impl FoldGroup {
         };
         drop(applies);
         let apply_took = applying.elapsed();
-        match outcome? {
+        let outcome = outcome?;
+        // Members asked to give way when the outcome came: those that did not
+        // commit (on PostgreSQL the others may have) may not give way again
+        // until they commit.
+        let mut gave_way = Vec::new();
+        for (&(_, i, _), wait) in chosen.iter().zip(&waits) {
+            let asked = wait.as_ref().is_some_and(|w| w.asked());
+            let m = &mut self.members[i];
+            m.gave_way = asked && outcome != ApplyOutcome::Applied;
+            if m.gave_way {
+                gave_way.extend(wait.clone());
+            }
+        }
+        match outcome {
             ApplyOutcome::Applied => {
                 if Failpoints::fires(self.failpoints.after_commit) {
                     failpoint_abort("projector.after_commit");
@@ -476,8 +579,17 @@ impl FoldGroup {
                     apply: apply_took,
                 })
             }
-            ApplyOutcome::Stale => {
-                tracing::info!(projections = ?self.names(), "a checkpoint moved under this projector; re-reading them");
+            ApplyOutcome::Stale | ApplyOutcome::GaveWay => {
+                if outcome == ApplyOutcome::Stale {
+                    tracing::info!(projections = ?self.names(), "a checkpoint moved under this projector; re-reading them");
+                } else {
+                    tracing::debug!(projections = ?self.names(), "gave way to a restatement; reading the batch again after it");
+                }
+                // Reading before the restatement commits would find the old
+                // generation, and the next compare-and-set would fail again.
+                for w in gave_way {
+                    w.settled(GIVE_WAY_WAIT).await;
+                }
                 self.reload().await?;
                 Ok(Step {
                     stale: true,
@@ -500,6 +612,7 @@ impl FoldGroup {
         let mut backoff = Backoff::new();
         let mut held_back_wait = Duration::ZERO;
         self.failpoints = config.failpoints;
+        self.signal = config.on_commit.clone();
         let store = self.store.clone();
         for m in &mut self.members {
             m.leading = false;
@@ -809,6 +922,7 @@ impl Projector {
                 last_write: Instant::now(),
                 failpoints: Failpoints::default(),
                 catalog: None,
+                signal: None,
             },
         })
     }
@@ -816,6 +930,13 @@ impl Projector {
     /// Arms crash hooks (tests).
     pub fn with_failpoints(mut self, failpoints: Failpoints) -> Self {
         self.group.failpoints = failpoints;
+        self
+    }
+
+    /// Lets this projector give way to restatements announced on `signal`
+    /// (as [`FoldGroup::run`] does with [`ProjectorConfig::on_commit`]).
+    pub fn with_signal(mut self, signal: Arc<FoldSignal>) -> Self {
+        self.group.signal = Some(signal);
         self
     }
 

@@ -22,7 +22,10 @@
 //! includes it) or waits until the restatement commits. The restated buckets
 //! count exactly the non-voided events at or before `C1`, each once: each
 //! read covers the cursor slice after the previous one. Events after `C1` are the
-//! projector's, which adds them on top afterwards. A batch the projector read
+//! projector's, which adds them on top afterwards. So the restatement need
+//! not wait for all of a fold's upserts, a projector of this process gives
+//! way (rolls back, writing nothing, and reads its batch again afterwards;
+//! see [`FoldSignal::restating`]): the argument is unchanged. A batch the projector read
 //! before step 2 (perhaps before a void, so it may hold a voided event)
 //! carries the old generation, so its compare-and-set fails and it is read
 //! again, now without the voided events. A void or revert committed during
@@ -133,16 +136,18 @@ pub async fn restate(
     scope: &Scope,
     done: Option<i64>,
     reads: &Reads,
-    failpoints: Failpoints,
+    process: Process<'_>,
 ) -> Result<Restated, ProjectionError> {
+    let Process { signal, failpoints } = process;
     let shadow = shadow_state(&spec.name);
-    if let Some((r, _)) =
-        restate_state(store, spec, &shadow, SHADOW_SUFFIX, range, scope, reads).await?
+    let at = |state| At { state, signal };
+    if let Some((r, _, _guard)) =
+        restate_state(store, spec, at(&shadow), SHADOW_SUFFIX, range, scope, reads).await?
     {
         r.finish(None).await?;
     }
-    match restate_state(store, spec, &spec.name, "", range, scope, reads).await? {
-        Some((r, report)) => {
+    match restate_state(store, spec, at(&spec.name), "", range, scope, reads).await? {
+        Some((r, report, _guard)) => {
             if Failpoints::fires(failpoints.restate_before_commit) {
                 failpoint_abort("restate.before_commit");
             }
@@ -177,12 +182,13 @@ const CATCH_UP_SHORT: Duration = Duration::from_millis(200);
 async fn restate_state(
     store: &Store,
     spec: &Spec,
-    state: &str,
+    at: At<'_>,
     suffix: &str,
     range: (DateTime<Utc>, DateTime<Utc>),
     scope: &Scope,
     reads: &Reads,
-) -> Result<Option<(Restating, Restated)>, ProjectionError> {
+) -> Result<Option<(Restating, Restated, Option<Announced>)>, ProjectionError> {
+    let state = at.state;
     let projections = store.projections();
     let hash = spec.hash();
     let mut spent = Restated::default();
@@ -209,6 +215,7 @@ async fn restate_state(
         }
         spent.unlocked_ms += ms_since(unlocked);
         let waiting = std::time::Instant::now();
+        let announced = at.announce();
         let Some(mut r) = projections.begin_restatement(state, &hash).await? else {
             return Ok(None);
         };
@@ -227,6 +234,7 @@ async fn restate_state(
                         locked_ms: spent.locked_ms,
                         ..report
                     },
+                    announced,
                 )))
             }
             None => {
@@ -236,6 +244,7 @@ async fn restate_state(
         }
     }
     let waiting = std::time::Instant::now();
+    let announced = at.announce();
     let Some(mut r) = projections.begin_restatement(state, &hash).await? else {
         return Ok(None);
     };
@@ -257,7 +266,36 @@ async fn restate_state(
             locked_ms: spent.locked_ms + ms_since(locked),
             ..report
         },
+        announced,
     )))
+}
+
+/// What a restatement shares with the rest of its process.
+#[derive(Clone, Copy, Default)]
+pub struct Process<'a> {
+    /// Where it announces that it waits for a checkpoint lock, so this
+    /// process's projector gives way.
+    pub signal: Option<&'a FoldSignal>,
+    /// Crash hooks (tests).
+    pub failpoints: Failpoints,
+}
+
+/// The checkpoint a restatement locks, and where it announces that it waits
+/// for the lock (so this process's projector gives way; see
+/// [`FoldSignal::restating`]).
+#[derive(Clone, Copy)]
+struct At<'a> {
+    state: &'a str,
+    signal: Option<&'a FoldSignal>,
+}
+
+/// Held from the lock request until the commit or abandon.
+type Announced = super::projector::Restating;
+
+impl At<'_> {
+    fn announce(&self) -> Option<Announced> {
+        self.signal.map(|s| s.restating(self.state))
+    }
 }
 
 /// How one granularity's buckets are restated.
@@ -602,7 +640,7 @@ pub async fn step(
             &job.scope,
             Some(job.id),
             reads,
-            failpoints,
+            Process { signal, failpoints },
         )
         .await?;
         tracing::info!(

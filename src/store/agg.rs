@@ -109,6 +109,12 @@ pub struct Apply<'a> {
     /// Called after the rows are written, before the commit (the projector's
     /// crash test hook); the store knows nothing of what it does.
     pub before_commit: Option<fn()>,
+    /// Read before each statement after the checkpoint's row lock is taken:
+    /// when non-zero, the transaction rolls back and reports
+    /// [`ApplyOutcome::GaveWay`], so a writer queued on that lock (a
+    /// restatement) need not wait for every upsert. The caller decides when
+    /// giving way is allowed; the store knows nothing of who is waiting.
+    pub give_way: Option<&'a std::sync::atomic::AtomicUsize>,
 }
 
 /// Whether an [`Apply`] landed.
@@ -118,6 +124,8 @@ pub enum ApplyOutcome {
     Applied,
     /// The checkpoint had moved (another projector or a rebuild): nothing written.
     Stale,
+    /// Rolled back part-way because [`Apply::give_way`] asked: nothing written.
+    GaveWay,
 }
 
 /// One aggregate row, as read back.

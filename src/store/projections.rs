@@ -198,9 +198,10 @@ impl Projections {
         if let Db::Sqlite(_) = self.db {
             let mut tx = self.db.begin().await?;
             for apply in applies {
-                if apply_in(&mut tx, apply).await? == ApplyOutcome::Stale {
+                let outcome = apply_in(&mut tx, apply).await?;
+                if outcome != ApplyOutcome::Applied {
                     tx.rollback().await?;
-                    return Ok(ApplyOutcome::Stale);
+                    return Ok(outcome);
                 }
             }
             for hook in applies.iter().filter_map(|a| a.before_commit) {
@@ -212,8 +213,13 @@ impl Projections {
         let outcomes = futures::future::join_all(applies.iter().map(|a| self.apply_one(a))).await;
         let mut all = ApplyOutcome::Applied;
         for outcome in outcomes {
-            if outcome? == ApplyOutcome::Stale {
-                all = ApplyOutcome::Stale;
+            match outcome? {
+                ApplyOutcome::Applied => {}
+                ApplyOutcome::Stale => all = ApplyOutcome::Stale,
+                ApplyOutcome::GaveWay if all == ApplyOutcome::Applied => {
+                    all = ApplyOutcome::GaveWay
+                }
+                ApplyOutcome::GaveWay => {}
             }
         }
         Ok(all)
@@ -221,9 +227,10 @@ impl Projections {
 
     async fn apply_one(&self, apply: &Apply<'_>) -> Result<ApplyOutcome, StoreError> {
         let mut tx = self.db.begin_derived().await?;
-        if apply_in(&mut tx, apply).await? == ApplyOutcome::Stale {
+        let outcome = apply_in(&mut tx, apply).await?;
+        if outcome != ApplyOutcome::Applied {
             tx.rollback().await?;
-            return Ok(ApplyOutcome::Stale);
+            return Ok(outcome);
         }
         if let Some(hook) = apply.before_commit {
             hook();
@@ -554,9 +561,20 @@ async fn apply_in(tx: &mut Tx, apply: &Apply<'_>) -> Result<ApplyOutcome, StoreE
     if moved != 1 {
         return Ok(ApplyOutcome::Stale);
     }
+    let asked = || {
+        apply
+            .give_way
+            .is_some_and(|w| w.load(std::sync::atomic::Ordering::SeqCst) > 0)
+    };
     for (g, rows) in &apply.delta.tables {
         let t = table(apply.spec, *g, apply.suffix);
-        upsert_rows(tx, apply.spec, &t, rows).await?;
+        let all: Vec<(&RowKey, &Measures)> = rows.iter().collect();
+        for chunk in all.chunks(UPSERT_CHUNK) {
+            if asked() {
+                return Ok(ApplyOutcome::GaveWay);
+            }
+            upsert_chunk(tx, apply.spec, &t, chunk).await?;
+        }
     }
     Ok(ApplyOutcome::Applied)
 }

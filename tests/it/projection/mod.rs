@@ -452,6 +452,76 @@ async fn an_apply_larger_than_one_statement_writes_every_chunk(s: &TestStore) {
     assert_matches_oracle(&s.store, &spec, &all).await;
 }
 
+// ---------------------------------------------------------- giving way ----
+
+/// A fold holding a checkpoint lock a restatement of this process waits for
+/// rolls back instead of finishing its upserts, but only once between two
+/// of its commits: restatements one after another cannot starve it.
+async fn a_fold_gives_way_to_a_waiting_restatement_once_between_commits(s: &TestStore) {
+    let spec = spec("by_key");
+    let signal = Arc::new(tally::projection::projector::FoldSignal::default());
+    let mut all = seeded_events("gw-a", 500, 31);
+    append_all(&s.store, &all, 500).await;
+    let mut p = projector(&s.store, &spec).await.with_signal(signal.clone());
+    let before = p.cursor();
+
+    // Each step below waits for the restatement (at most 2 s) after giving way.
+    let waiting = signal.restating("by_key");
+    let gave_way = step_with_work(&mut p).await;
+    assert!(gave_way.stale && gave_way.folded == 0, "{gave_way:?}");
+    assert_eq!(
+        checkpoint(&s.store, "by_key").await,
+        before,
+        "nothing committed"
+    );
+
+    // Still asked, but it has not committed since it gave way: it commits.
+    let committed = step_with_work(&mut p).await;
+    assert!(!committed.stale && committed.folded > 0, "{committed:?}");
+    assert!(checkpoint(&s.store, "by_key").await > before);
+
+    // Having committed, it gives way again.
+    let more = seeded_events("gw-b", 200, 32);
+    append_all(&s.store, &more, 200).await;
+    all.extend(more);
+    let gave_way = step_with_work(&mut p).await;
+    assert!(gave_way.stale && gave_way.folded == 0, "{gave_way:?}");
+    drop(waiting);
+    fold_all(&mut p, &s.store, 1_000_000).await;
+    assert_matches_oracle(&s.store, &spec, &all).await;
+}
+
+/// Steps until a step had something to apply (on PostgreSQL a transaction
+/// open elsewhere in the cluster may hold the events back for a while).
+async fn step_with_work(
+    p: &mut tally::projection::Projector,
+) -> tally::projection::projector::Step {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let step = p.step(1_000_000).await.expect("step");
+        if step.stale || step.folded > 0 {
+            return step;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "nothing to fold in 60 s"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+async fn checkpoint(store: &Store, name: &str) -> Cursor {
+    store
+        .projections()
+        .projection_states()
+        .await
+        .expect("states")
+        .into_iter()
+        .find(|st| st.name == name)
+        .map(|st| st.cursor)
+        .expect("checkpoint")
+}
+
 // ------------------------------------------------------------ backfill ----
 
 async fn new_projection_backfills_a_100k_log_while_ingest_continues(s: &TestStore) {
@@ -481,6 +551,7 @@ async fn new_projection_backfills_a_100k_log_while_ingest_continues(s: &TestStor
 }
 
 both_backends!(
+    a_fold_gives_way_to_a_waiting_restatement_once_between_commits,
     an_apply_larger_than_one_statement_writes_every_chunk,
     an_ingested_event_wakes_a_sleeping_projector,
     as_of_covers_every_committed_event,
