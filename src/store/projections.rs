@@ -573,7 +573,7 @@ async fn apply_in(tx: &mut Tx, apply: &Apply<'_>) -> Result<ApplyOutcome, StoreE
             if asked() {
                 return Ok(ApplyOutcome::GaveWay);
             }
-            upsert_chunk(tx, apply.spec, &t, chunk).await?;
+            upsert_chunk(tx, apply.spec, &t, chunk, Stored::Maybe).await?;
         }
     }
     Ok(ApplyOutcome::Applied)
@@ -635,12 +635,28 @@ pub const UPSERT_CHUNK: usize = 2_048;
 /// sketch cannot be added in SQL, so the stored sketches of the keys that
 /// carry latencies are read first (under the checkpoint's lock, which
 /// serialises this projection's writers) and merged here.
-async fn upsert_rows(tx: &mut Tx, spec: &Spec, table: &str, rows: &Rows) -> Result<(), StoreError> {
+async fn upsert_rows(
+    tx: &mut Tx,
+    spec: &Spec,
+    table: &str,
+    rows: &Rows,
+    stored: Stored,
+) -> Result<(), StoreError> {
     let all: Vec<(&RowKey, &Measures)> = rows.iter().collect();
     for chunk in all.chunks(UPSERT_CHUNK) {
-        upsert_chunk(tx, spec, table, chunk).await?;
+        upsert_chunk(tx, spec, table, chunk, stored).await?;
     }
     Ok(())
+}
+
+/// Whether an upsert's keys may already have rows (whose sketches it must
+/// read to merge with).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Stored {
+    Maybe,
+    /// This transaction deleted every row the keys could match: a
+    /// restatement's swap skips reading sketches that cannot be there.
+    None,
 }
 
 /// One statement's share of [`upsert_rows`]; the keys are distinct.
@@ -649,10 +665,11 @@ async fn upsert_chunk<'a>(
     spec: &Spec,
     table: &str,
     rows: &[(&'a RowKey, &'a Measures)],
+    stored: Stored,
 ) -> Result<(), StoreError> {
     let keys: Vec<&RowKey> = rows
         .iter()
-        .filter(|(_, m)| m.latency_count > 0)
+        .filter(|(_, m)| stored == Stored::Maybe && m.latency_count > 0)
         .map(|(k, _)| *k)
         .collect();
     let target = Target { spec, table };
@@ -1200,7 +1217,25 @@ impl Restating {
             sql = sql.bind(Arg::List(values.iter().map(String::as_str).collect()));
         }
         self.tx.execute(sql).await?;
-        upsert_rows(&mut self.tx, spec, &t, rows).await
+        // Every row lies in what was just deleted (checked, as a row outside
+        // it would have its stored sketch replaced instead of merged).
+        let inside = |k: &RowKey| {
+            k.bucket >= from
+                && k.bucket < to
+                && filter.iter().all(|(d, values)| {
+                    spec.dimensions
+                        .iter()
+                        .position(|sd| sd == d)
+                        .and_then(|i| k.dims.get(i))
+                        .is_some_and(|v| values.contains(v))
+                })
+        };
+        let stored = if rows.keys().all(inside) {
+            Stored::None
+        } else {
+            Stored::Maybe
+        };
+        upsert_rows(&mut self.tx, spec, &t, rows, stored).await
     }
 
     /// Commits, deleting the queue row `done` in the same transaction (so a
