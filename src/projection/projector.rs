@@ -174,9 +174,9 @@ impl Waiting {
 
 /// Held by a restatement from its lock request to its commit or abandon.
 #[derive(Debug)]
-pub struct Restating(Arc<Waiting>);
+pub struct Announced(Arc<Waiting>);
 
-impl Drop for Restating {
+impl Drop for Announced {
     fn drop(&mut self) {
         self.0
             .count
@@ -199,10 +199,10 @@ impl FoldSignal {
     /// until the guard drops, a fold holding that lock rolls back at its
     /// next statement (once between two of its commits) instead of making
     /// the restatement wait for all its upserts.
-    pub fn restating(&self, state: &str) -> Restating {
+    pub fn restating(&self, state: &str) -> Announced {
         let w = self.waiting(state);
         w.count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        Restating(w)
+        Announced(w)
     }
 
     /// A commit folded events, the oldest with timestamp `oldest`.
@@ -537,16 +537,17 @@ impl FoldGroup {
         drop(applies);
         let apply_took = applying.elapsed();
         let outcome = outcome?;
-        // Members asked to give way when the outcome came: those that did not
-        // commit (on PostgreSQL the others may have) may not give way again
-        // until they commit.
+        // A member asked to give way when the outcome came may have given
+        // way (on PostgreSQL the others may have committed): it may not give
+        // way again until it commits.
         let mut gave_way = Vec::new();
         for (&(_, i, _), wait) in chosen.iter().zip(&waits) {
-            let asked = wait.as_ref().is_some_and(|w| w.asked());
             let m = &mut self.members[i];
-            m.gave_way = asked && outcome != ApplyOutcome::Applied;
-            if m.gave_way {
-                gave_way.extend(wait.clone());
+            if outcome == ApplyOutcome::Applied {
+                m.gave_way = false;
+            } else if let Some(w) = wait.as_ref().filter(|w| w.asked()) {
+                m.gave_way = true;
+                gave_way.push(w.clone());
             }
         }
         match outcome {

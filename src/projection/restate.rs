@@ -46,7 +46,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use super::fold::Fold;
-use super::projector::{failpoint_abort, Failpoints, FoldSignal};
+use super::projector::{failpoint_abort, Announced, Failpoints, FoldSignal};
 use super::rebuild::{shadow_state, SHADOW_SUFFIX};
 use super::ProjectionError;
 use crate::aggregate::bucket::{bucket_start, next_bucket};
@@ -288,9 +288,6 @@ struct At<'a> {
     state: &'a str,
     signal: Option<&'a FoldSignal>,
 }
-
-/// Held from the lock request until the commit or abandon.
-type Announced = super::projector::Restating;
 
 impl At<'_> {
     fn announce(&self) -> Option<Announced> {
