@@ -1219,15 +1219,21 @@ impl Restating {
         self.tx.execute(sql).await?;
         // Every row lies in what was just deleted (checked, as a row outside
         // it would have its stored sketch replaced instead of merged).
+        // Sets built once: a filter may hold a thousand values per dimension
+        // and this runs per row, under the lock.
+        let sets: Option<Vec<(usize, std::collections::HashSet<&str>)>> = filter
+            .iter()
+            .map(|(d, values)| {
+                let at = spec.dimensions.iter().position(|sd| sd == d)?;
+                Some((at, values.iter().map(String::as_str).collect()))
+            })
+            .collect();
         let inside = |k: &RowKey| {
             k.bucket >= from
                 && k.bucket < to
-                && filter.iter().all(|(d, values)| {
-                    spec.dimensions
-                        .iter()
-                        .position(|sd| sd == d)
-                        .and_then(|i| k.dims.get(i))
-                        .is_some_and(|v| values.contains(v))
+                && sets.as_ref().is_some_and(|sets| {
+                    sets.iter()
+                        .all(|(at, set)| k.dims.get(*at).is_some_and(|v| set.contains(v.as_str())))
                 })
         };
         let stored = if rows.keys().all(inside) {
