@@ -367,14 +367,7 @@ pub async fn prepare(
                     granularities: vec![g],
                     ..spec.clone()
                 };
-                let span = Folded::read_span(&filter);
-                let mut spans = Vec::new();
-                let mut at = start;
-                while at < end {
-                    let until = (at + span).min(end);
-                    spans.push((at, until));
-                    at = until;
-                }
+                let mut spans = Spans::new(start, end, Folded::read_span(&filter));
                 let snapshot: &Folded = folded;
                 let filter = &filter;
                 // The reads run side by side and fold as their rows arrive;
@@ -387,7 +380,6 @@ pub async fn prepare(
                 let own = reads.permits.acquire().await.map_err(|_| {
                     ProjectionError::ReadTask("restatement read permits closed".into())
                 })?;
-                let mut spans = spans.into_iter();
                 let mut running = FuturesUnordered::new();
                 let mut own_busy = false;
                 loop {
@@ -406,8 +398,10 @@ pub async fn prepare(
                         own_busy |= permit.is_none();
                         let mine = permit.is_none();
                         running.push(async move {
+                            let mut n = 0;
                             let read = snapshot
                                 .read_events(at, until, filter, |chunk| {
+                                    n += chunk.len();
                                     if let Ok(mut f) = shared.lock() {
                                         // The fold's measures merge in any order.
                                         for e in &chunk {
@@ -418,14 +412,15 @@ pub async fn prepare(
                                 })
                                 .await;
                             drop(permit);
-                            (mine, read)
+                            (mine, until - at, n, read)
                         });
                     }
-                    let Some((mine, read)) = running.next().await else {
+                    let Some((mine, span, n, read)) = running.next().await else {
                         break;
                     };
                     own_busy &= !mine;
                     read?;
+                    spans.observed(span, n);
                 }
                 drop(own);
                 drop(running);
@@ -504,6 +499,65 @@ async fn swap_in(
         r.replace(spec, suffix, g, range, &filter, &rows).await?;
     }
     Ok(report)
+}
+
+/// Events one read of a restatement aims at: sparse stretches of the log
+/// are read in longer spans, so a month with few events costs a few
+/// statements rather than one per hour (each statement has a fixed cost).
+const READ_TARGET: usize = 20_000;
+
+/// Most a span grows from one read to the next: a sparse stretch followed
+/// by a busy one must not yield one huge read that leaves nothing to run
+/// beside it.
+const SPAN_GROWTH: i32 = 8;
+
+/// The time spans a restatement reads `[start, end)` in, handed out one at a
+/// time: each starts at the base span (one read's worth of events on a busy
+/// log) and grows while reads return far fewer than [`READ_TARGET`] events.
+struct Spans {
+    at: DateTime<Utc>,
+    end: DateTime<Utc>,
+    base: chrono::Duration,
+    span: chrono::Duration,
+}
+
+impl Spans {
+    fn new(start: DateTime<Utc>, end: DateTime<Utc>, base: chrono::Duration) -> Self {
+        Self {
+            at: start,
+            end,
+            base,
+            span: base,
+        }
+    }
+
+    fn next(&mut self) -> Option<(DateTime<Utc>, DateTime<Utc>)> {
+        if self.at >= self.end {
+            return None;
+        }
+        let until = self
+            .at
+            .checked_add_signed(self.span)
+            .map_or(self.end, |u| u.min(self.end));
+        let at = std::mem::replace(&mut self.at, until);
+        Some((at, until))
+    }
+
+    /// Sizes the next spans from a read of `span` that found `events`: as
+    /// long as this density needs for [`READ_TARGET`] events, within
+    /// [`SPAN_GROWTH`] times the current span and never below the base.
+    fn observed(&mut self, span: chrono::Duration, events: usize) {
+        // Never longer than what is left to read, so it cannot overflow.
+        let left = self.end - self.at;
+        let grown = self.span.checked_mul(SPAN_GROWTH).unwrap_or(left).min(left);
+        let wanted = if events == 0 {
+            grown
+        } else {
+            let ratio = READ_TARGET as f64 / events as f64;
+            chrono::Duration::milliseconds((span.num_milliseconds() as f64 * ratio) as i64)
+        };
+        self.span = wanted.clamp(self.base, grown.max(self.base));
+    }
 }
 
 /// Adds to `prepared`'s folds the events `folded` has beyond its cursor (at
@@ -663,4 +717,81 @@ pub async fn step(
     }
     results.into_iter().collect::<Result<Vec<_>, _>>()?;
     Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+
+    fn spans_read(mut spans: Spans, events_per_hour: usize) -> Vec<(DateTime<Utc>, DateTime<Utc>)> {
+        let mut out = Vec::new();
+        while let Some((at, until)) = spans.next() {
+            let hours = (until - at).num_seconds() as f64 / 3600.0;
+            spans.observed(until - at, (events_per_hour as f64 * hours) as usize);
+            out.push((at, until));
+        }
+        out
+    }
+
+    fn month() -> (DateTime<Utc>, DateTime<Utc>) {
+        let start = Utc
+            .with_ymd_and_hms(2026, 3, 1, 0, 0, 0)
+            .single()
+            .expect("valid");
+        let end = Utc
+            .with_ymd_and_hms(2026, 4, 1, 0, 0, 0)
+            .single()
+            .expect("valid");
+        (start, end)
+    }
+
+    /// The spans cover the range exactly, in order, without gaps.
+    fn assert_covers(
+        spans: &[(DateTime<Utc>, DateTime<Utc>)],
+        (start, end): (DateTime<Utc>, DateTime<Utc>),
+    ) {
+        assert_eq!(spans.first().map(|s| s.0), Some(start));
+        assert_eq!(spans.last().map(|s| s.1), Some(end));
+        assert!(spans
+            .windows(2)
+            .all(|w| w[0].1 == w[1].0 && w[0].0 < w[0].1));
+    }
+
+    #[test]
+    fn an_empty_month_is_read_in_a_few_growing_spans() {
+        let range = month();
+        let spans = spans_read(Spans::new(range.0, range.1, chrono::Duration::hours(1)), 0);
+        assert_covers(&spans, range);
+        // 1 h, 8 h, 64 h, 512 h, then the rest: not one read per hour (744).
+        assert_eq!(spans.len(), 5, "{spans:?}");
+    }
+
+    #[test]
+    fn a_busy_month_keeps_the_base_span() {
+        let range = month();
+        let spans = spans_read(
+            Spans::new(range.0, range.1, chrono::Duration::hours(1)),
+            50_000,
+        );
+        assert_covers(&spans, range);
+        assert_eq!(spans.len(), 744);
+    }
+
+    #[test]
+    fn a_sparse_month_grows_to_the_target_density() {
+        let range = month();
+        // 500 events an hour: 40 hours make the read target.
+        let spans = spans_read(
+            Spans::new(range.0, range.1, chrono::Duration::hours(1)),
+            500,
+        );
+        assert_covers(&spans, range);
+        assert!(
+            spans[2..spans.len() - 1]
+                .iter()
+                .all(|(a, b)| (*b - *a) == chrono::Duration::hours(40)),
+            "{spans:?}"
+        );
+    }
 }

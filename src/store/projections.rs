@@ -1044,8 +1044,9 @@ impl Projections {
 }
 
 impl Folded {
-    /// How much event time one read of [`Folded::read_events`] should span:
-    /// a day when `filter` names users or keys (the `ts` index finds their
+    /// How much event time one read of [`Folded::read_events`] spans on a
+    /// busy log (a restatement reads sparse stretches in longer spans): a
+    /// day when `filter` names users or keys (the `ts` index finds their
     /// rows, a few per group and day; fewer statements, fewer plans), an
     /// hour otherwise (each statement reads every row of its span).
     pub fn read_span(filter: &[(Dimension, Vec<String>)]) -> chrono::Duration {
