@@ -809,14 +809,21 @@ fn range_read<'a>(
 /// events up to a cursor never change, and a long snapshot would keep
 /// PostgreSQL from pruning the row versions the projector's upserts leave.
 ///
-/// The read walks the cursor index and keeps the range and groups in Rust:
-/// the events a projector folded over a few seconds are a thin slice of the
+/// The read walks the cursor index, one slice of at most [`READ_CHUNK`]
+/// events at a time, and tests the range and groups on that slice only: the
+/// events a projector folded over a few seconds are a thin slice of the
 /// cursor order but may span the whole time range (live events of a range
 /// reaching now), where the `ts` index would scan every event of the range;
-/// and given conditions on the range and groups, the planner misjudges how
-/// many rows of a thin slice match (correlated dimensions, a range that
-/// holds the whole slice) and has been seen to scan the log, or probe
-/// `voided_events` by a scan per row, for each chunk.
+/// and given conditions on the range and groups beside the cursor's, the
+/// planner misjudges how many rows of a thin slice match (correlated
+/// dimensions, a range that holds the whole slice) and has been seen to
+/// scan the log, or probe `voided_events` by a scan per row, for each
+/// chunk. The slice is a `LIMIT`ed subquery the conditions cannot be pushed
+/// into, so its plan is the cursor walk alone; testing them in the
+/// statement keeps it from sending and decoding every event of the slice
+/// (a catch-up under the checkpoint lock right after a fold committed a
+/// batch kept a few of 20,000). The slice's last event is always sent, so
+/// the next chunk knows where to go on; Rust tests every event again.
 async fn catch_up_chunk(
     db: &Db,
     (from, to): (DateTime<Utc>, DateTime<Utc>),
@@ -827,9 +834,19 @@ async fn catch_up_chunk(
 ) -> Result<EventChunk, StoreError> {
     let (columns, folded, later, order) = log_dialect(db);
     let after = resume.unwrap_or(after);
-    let sql = Sql::new(format!(
-        "SELECT {columns} FROM usage_events WHERE $1 < $2 AND {folded} AND {later} \
-         AND {NOT_VOIDED} ORDER BY {order} LIMIT $7"
+    let narrow = group_condition(db, filter, 8, Side::Log);
+    let (position, last) = match db {
+        Db::Postgres(_) => (
+            "cursor_tx, seq",
+            "(cursor_tx, seq) = (SELECT cursor_tx, seq FROM slice ORDER BY cursor_tx DESC, seq DESC LIMIT 1)",
+        ),
+        Db::Sqlite(_) => ("seq", "seq = (SELECT max(seq) FROM slice)"),
+    };
+    let mut sql = Sql::new(format!(
+        "WITH slice AS MATERIALIZED (SELECT {columns} FROM usage_events WHERE {folded} AND {later} \
+         AND {NOT_VOIDED} ORDER BY {order} LIMIT $7) \
+         SELECT *, (SELECT count(*) FROM slice) AS slice_len FROM slice \
+         WHERE (ts >= $1 AND ts < $2{narrow}) OR {last} ORDER BY {position}"
     ))
     .bind(from)
     .bind(to)
@@ -839,9 +856,17 @@ async fn catch_up_chunk(
     .bind(after.seq)
     .bind(READ_CHUNK)
     .custom_plan();
-    let read = log_events(&db.reader().fetch_all(sql).await?)?;
+    for (_, values) in filter {
+        sql = sql.bind(Arg::List(values.iter().map(String::as_str).collect()));
+    }
+    let rows = db.reader().fetch_all(sql).await?;
+    let full = match rows.first() {
+        Some(r) => r.get::<i64, _>("slice_len")? == READ_CHUNK,
+        None => false,
+    };
+    let read = log_events(&rows)?;
     let next = match read.last() {
-        Some((c, _)) if read.len() as i64 == READ_CHUNK => Some(*c),
+        Some((c, _)) if full => Some(*c),
         _ => None,
     };
     let keep = |e: &crate::event::Event| {

@@ -393,6 +393,32 @@ fn a_restatement_reads_chunk_after_chunk() {
     }
 }
 
+/// Between the steps, more than a chunk of events of other groups and
+/// hours, then one of the restated group and hour: the catch-up read finds
+/// nothing to keep in its first cursor slice and must still go on to the
+/// next (the statement sends the slice's last event to say where it ended).
+#[test]
+fn a_catch_up_goes_past_a_slice_with_nothing_to_keep() {
+    // Seed 1001: api a2, key k1, no model, ten hours after seed 7 (api a1,
+    // key k2, model m1), the voided event e1.
+    let elsewhere = vec![1001u16; tally::store::READ_CHUNK as usize + 5_000];
+    for backend in [Backend::Sqlite, Backend::Postgres] {
+        check(
+            backend,
+            vec![
+                Op::Append(seeds(), false),
+                Op::Fold,
+                Op::VoidIds(vec![1]),
+                Op::Prepare,
+                Op::Append(elsewhere.clone(), false),
+                Op::Append(vec![7], false),
+                Op::Fold,
+                Op::Apply,
+            ],
+        );
+    }
+}
+
 /// A price change, restated, between the two steps of a restatement makes
 /// its snapshot stale: step 2 must not write the old prices back.
 #[test]
