@@ -326,6 +326,10 @@ const GIVE_WAY_WAIT: Duration = Duration::from_secs(2);
 /// append); the wait doubles up to the poll interval (at most 1 s) while it lasts.
 const HELD_BACK_RETRY: Duration = Duration::from_millis(10);
 
+/// How long [`Projector::catch_up`] waits for held-back events before it
+/// says so in the log.
+const HELD_BACK_NOTICE: Duration = Duration::from_secs(5);
+
 /// Most watermarks remembered while waiting for old transactions to finish.
 const MAX_MARKS: usize = 1024;
 
@@ -961,15 +965,38 @@ impl Projector {
         self.group.step(limit).await
     }
 
-    /// Steps until caught up; returns the events folded. For tests, rebuilds and benchmarks.
+    /// Steps until every event committed so far is folded; returns the
+    /// events folded. For `tally copy`/`import`, tests and benchmarks.
+    ///
+    /// Committed events that wait behind a transaction still running
+    /// ([`Step::held_back`]: any transaction of the PostgreSQL cluster, in
+    /// any database) are waited for, not left out: a copy verified against
+    /// its log right after would otherwise find them missing.
     pub async fn catch_up(&mut self, limit: i64) -> Result<u64, ProjectionError> {
         let mut total = 0u64;
+        let mut wait = HELD_BACK_RETRY;
+        let mut waited = Duration::ZERO;
+        let mut told = false;
         loop {
             let step = self.step(limit).await?;
             total += step.folded as u64;
-            if step.caught_up {
+            if !step.caught_up {
+                continue;
+            }
+            if !step.held_back {
                 return Ok(total);
             }
+            if waited >= HELD_BACK_NOTICE && !told {
+                told = true;
+                tracing::warn!(
+                    projections = ?self.group.names(),
+                    waited_s = waited.as_secs(),
+                    "committed events wait behind a transaction still running on the database server; folding them once it ends"
+                );
+            }
+            tokio::time::sleep(wait).await;
+            waited += wait;
+            wait = (wait * 2).min(Duration::from_millis(500));
         }
     }
 

@@ -197,7 +197,8 @@ async fn slow_committer_is_folded_exactly_once() {
     }
     let before_b = Utc::now();
     append_all(&store, &b, 100).await;
-    p.catch_up(100).await.expect("fold while A is open");
+    // What is foldable while A is open (`catch_up` would wait for A).
+    while !p.step(100).await.expect("fold while A is open").caught_up {}
 
     // A's rows sort first by seq yet are not committed; B's are. Nothing may be
     // folded past A: not B (it would move the cursor beyond A's tx), not A.
@@ -255,6 +256,41 @@ async fn slow_committer_is_folded_exactly_once() {
         v
     };
     assert_matches_oracle(&store, &spec, &stored).await;
+}
+
+/// `tally copy` folds and then verifies: a transaction left open anywhere on
+/// the cluster (another database here) holds back committed events, and
+/// `catch_up` must wait for them rather than return with them unfolded
+/// (the verification then failed in CI under the suite's load).
+#[tokio::test]
+async fn catch_up_waits_for_events_held_back_by_another_transaction() {
+    // A cluster of its own, as above: the open transaction holds back xmin
+    // cluster-wide.
+    let pg = tally_cli::dev::devserver::TempPostgres::start(false).expect("own PostgreSQL");
+    let url = pg.create_database("held").expect("database");
+    let other = pg.create_database("other").expect("other database");
+    let store = tally::store::connect(&url, &Default::default())
+        .await
+        .expect("connect");
+    store.migrate().await.expect("migrate");
+    let spec = spec("by_key");
+    let mut p = projector(&store, &spec).await;
+    let raw = sqlx::PgPool::connect(&other).await.expect("raw pool");
+    let mut open = raw.begin().await.expect("begin");
+    sqlx::query("SELECT pg_current_xact_id()")
+        .execute(&mut *open)
+        .await
+        .expect("take a transaction id");
+    let events = seeded_events("held", 50, 3);
+    append_all(&store, &events, 10).await;
+    let ends = tokio::spawn(async move {
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        open.commit().await.expect("commit");
+    });
+    let folded = p.catch_up(100).await.expect("catch up");
+    ends.await.expect("commit task");
+    assert_eq!(folded, events.len() as u64, "events left unfolded");
+    assert_matches_oracle(&store, &spec, &events).await;
 }
 
 // ------------------------------------------------------------- as_of ------
