@@ -157,19 +157,31 @@ proptest! {
 
 // ------------------------------------------------------- slow committer ---
 
+/// A PostgreSQL cluster of the test's own with a migrated store on database
+/// `db`: a transaction the test leaves open holds back xmin cluster-wide,
+/// which would stall (never corrupt) the other tests' projectors.
+async fn own_cluster(
+    db: &str,
+) -> (
+    tally_cli::dev::devserver::TempPostgres,
+    String,
+    tally::store::Store,
+) {
+    let pg = tally_cli::dev::devserver::TempPostgres::start(false).expect("own PostgreSQL");
+    let url = pg.create_database(db).expect("database");
+    let store = tally::store::connect(&url, &Default::default())
+        .await
+        .expect("connect");
+    store.migrate().await.expect("migrate");
+    (pg, url, store)
+}
+
 /// Transaction A inserts first (smaller seq) and stays open while B inserts and
 /// commits and the projector runs; then A commits. A `seq > last` cursor would
 /// skip A forever; the (tx, seq) cursor below xmin folds it exactly once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_committer_is_folded_exactly_once() {
-    // A cluster of its own: the open transaction holds back xmin cluster-wide,
-    // which would stall (never corrupt) the other tests' projectors.
-    let pg = tally_cli::dev::devserver::TempPostgres::start(false).expect("own PostgreSQL");
-    let url = pg.create_database("slow").expect("database");
-    let store = tally::store::connect(&url, &Default::default())
-        .await
-        .expect("connect");
-    store.migrate().await.expect("migrate");
+    let (_pg, url, store) = own_cluster("slow").await;
     let spec = spec("by_key");
     let mut p = projector(&store, &spec).await;
     let raw = sqlx::PgPool::connect(&url).await.expect("raw pool");
@@ -264,15 +276,8 @@ async fn slow_committer_is_folded_exactly_once() {
 /// (the verification then failed in CI under the suite's load).
 #[tokio::test]
 async fn catch_up_waits_for_events_held_back_by_another_transaction() {
-    // A cluster of its own, as above: the open transaction holds back xmin
-    // cluster-wide.
-    let pg = tally_cli::dev::devserver::TempPostgres::start(false).expect("own PostgreSQL");
-    let url = pg.create_database("held").expect("database");
+    let (pg, _url, store) = own_cluster("held").await;
     let other = pg.create_database("other").expect("other database");
-    let store = tally::store::connect(&url, &Default::default())
-        .await
-        .expect("connect");
-    store.migrate().await.expect("migrate");
     let spec = spec("by_key");
     let mut p = projector(&store, &spec).await;
     let raw = sqlx::PgPool::connect(&other).await.expect("raw pool");
