@@ -7,6 +7,8 @@ import { h, Section, SortTable } from './ui.js';
 
 const ERROR_TYPES = ['rate_limit', 'timeout', 'server_error', 'client_error', 'other'];
 const KEYS_SHOWN = 25;
+/** Rows of the ranked "by API" and "by model" sections (the most requests first). */
+const RANKED_SHOWN = 100;
 /** Exact cost as an integer of nano-units, for sorting. */
 const nanos = (m) => BigInt(m.cost.replace('.', ''));
 
@@ -219,12 +221,12 @@ export function mount(main, state, ctx) {
             h('td', { class: 'num', 'data-col': 'p95' }, ms(p.latency_ms.p95)))));
         });
       }),
-      load(apis, get('/v1/stats', { ...common, granularity: g, group_by: 'api', series: 'false' }), (s) => {
+      load(apis, get('/v1/stats', { ...common, granularity: g, group_by: 'api', series: 'false', order_by: 'requests', limit: RANKED_SHOWN }), (s) => {
         const rows = s.totals.map((t) => ({ ...t, api: t.group.api }));
         if (!rows.length) apis.empty('No events in this range.');
         else apis.show(rows, () => apiTable.update(rows));
       }),
-      load(models, get('/v1/stats', { ...common, granularity: g, group_by: 'model', series: 'false' }), (s) => {
+      load(models, get('/v1/stats', { ...common, granularity: g, group_by: 'model', series: 'false', order_by: 'requests', limit: RANKED_SHOWN }), (s) => {
         const rows = s.totals.map((t) => ({ ...t, model: t.group.model }));
         if (!rows.length) models.empty('No events in this range.');
         else models.show(rows, () => modelTable.update(rows));

@@ -78,4 +78,4 @@ cargo test --locked "$@"
 ./scripts/contract.sh target/debug/tally
 # The dashboard in headless Chromium against a real `tally serve`.
 echo "==> dashboard browser tests (tests/dashboard)"
-TALLY_BIN="$PWD/target/debug/tally" node --test --test-concurrency=1 tests/dashboard/dashboard.test.mjs
+TALLY_BIN="$PWD/target/debug/tally" node --test --test-concurrency=1 tests/dashboard/dashboard.test.mjs tests/dashboard/security.test.mjs

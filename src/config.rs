@@ -12,12 +12,13 @@ use crate::store::StoreOptions;
 use crate::telemetry::LogFormat;
 
 /// Where the event log lives.
-#[derive(Debug, Clone, clap::Args)]
+#[derive(Clone, clap::Args)]
 pub struct DatabaseConfig {
     /// Database URL: `sqlite://PATH` (embedded default) or `postgres://USER:PASS@HOST:PORT/DB`.
     #[arg(
         long,
         env = "TALLY_DATABASE_URL",
+        hide_env_values = true,
         default_value = "sqlite://tally.db",
         global = true
     )]
@@ -36,6 +37,20 @@ pub struct DatabaseConfig {
     /// cancelled and answered with 503.
     #[arg(long, env = "TALLY_QUERY_TIMEOUT", default_value = "5s", value_parser = crate::duration::parse, global = true)]
     pub query_timeout: Duration,
+}
+
+/// The URL is redacted ([`crate::store::redact_url`]) so the config can be logged.
+impl std::fmt::Debug for DatabaseConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DatabaseConfig")
+            .field(
+                "database_url",
+                &crate::store::redact_url(&self.database_url),
+            )
+            .field("db_max_connections", &self.db_max_connections)
+            .field("query_timeout", &self.query_timeout)
+            .finish()
+    }
 }
 
 impl DatabaseConfig {
@@ -115,6 +130,14 @@ pub struct ServerConfig {
     /// start is refused.
     #[arg(long, env = "TALLY_INSECURE_NO_AUTH")]
     pub insecure_no_auth: bool,
+
+    /// Host names (comma-separated, without ports; `*.example.com` for every
+    /// subdomain) the API answers to while authentication is off, beside IP
+    /// addresses, `localhost` and `*.localhost`: a request naming another
+    /// host gets `403 host_not_allowed` (DNS rebinding), and a browser's
+    /// change from another origin `403 cross_origin` unless its host is listed.
+    #[arg(long, env = "TALLY_ALLOWED_HOSTS", value_delimiter = ',')]
+    pub allowed_hosts: Vec<String>,
 
     /// The dashboard at `/` and `/dashboard/…` (`on` or `off`).
     #[arg(long, env = "TALLY_DASHBOARD", value_enum, default_value = "on")]
@@ -237,6 +260,23 @@ pub struct AlertConfig {
     /// evaluation under heavy load (alerts follow the data within about this).
     #[arg(long, env = "TALLY_ALERTS_MIN_INTERVAL", default_value = "250ms", value_parser = crate::duration::parse)]
     pub alerts_min_interval: Duration,
+
+    /// How many rules and quotas may be created.
+    #[command(flatten)]
+    pub limits: RuleLimits,
+}
+
+/// Caps on the number of alert rules and key quotas. Only a new rule or
+/// quota is refused (`400 too_many_rules`); stored ones always evaluate.
+#[derive(Debug, Clone, Copy, clap::Args)]
+pub struct RuleLimits {
+    /// Most alert rules (`POST`/`PUT /v1/alert-rules`, `tally alerts apply`).
+    #[arg(long, env = "TALLY_MAX_RULES", default_value_t = 10_000)]
+    pub max_rules: u64,
+
+    /// Most key quotas (`PUT /v1/keys/{key}/quota`); unset: no cap.
+    #[arg(long, env = "TALLY_MAX_QUOTAS")]
+    pub max_quotas: Option<u64>,
 }
 
 impl AlertConfig {

@@ -136,6 +136,20 @@ impl ImportReport {
 }
 
 /// The ledger file that travels with a backup at `path`.
+/// Opens `path` for writing, truncated; a file it creates is readable by its
+/// owner only (`0600`: exports hold every event, ledgers every price and
+/// correction). A file that exists keeps its mode (`chmod 600` it).
+pub fn create_private(path: &Path) -> std::io::Result<std::fs::File> {
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    opts.open(path)
+}
+
 pub fn ledger_path(path: &Path) -> std::path::PathBuf {
     let mut name = path.as_os_str().to_owned();
     name.push(".ledger.json");
@@ -147,7 +161,8 @@ pub async fn export_ledger(store: &Store, path: &Path) -> Result<LedgerSnapshot,
     let ledger = store.ledger().await?;
     let text = serde_json::to_string_pretty(&ledger)
         .map_err(|e| TransferError::Io(format!("cannot encode the ledger: {e}")))?;
-    std::fs::write(path, text)
+    create_private(path)
+        .and_then(|mut f| f.write_all(text.as_bytes()))
         .map_err(|e| TransferError::Io(format!("cannot write {}: {e}", path.display())))?;
     Ok(ledger)
 }

@@ -403,23 +403,39 @@ pub fn load_specs(set: Option<&Path>) -> Result<Vec<Spec>, SpecError> {
 }
 
 /// Writes the built-in specs into `dir` (created when missing) for editing;
-/// refuses to overwrite a file that exists. Returns the files written.
+/// refuses to overwrite or follow anything at a file's path (each file is
+/// created new: a dangling symlink counts as there). When it stops partway,
+/// the files it wrote are removed again, so "nothing was written" is true.
 pub fn write_builtin(dir: &Path) -> Result<Vec<PathBuf>, SpecError> {
+    use std::io::Write as _;
     let failed = |reason: String| SpecError::SpecDir {
         dir: dir.display().to_string(),
         reason,
     };
     std::fs::create_dir_all(dir).map_err(|e| failed(e.to_string()))?;
-    if let Some((file, _)) = BUILTIN.iter().find(|(file, _)| dir.join(file).exists()) {
-        return Err(failed(format!(
-            "{file} exists already; nothing was written (move it away or pick another directory)"
-        )));
-    }
     let mut written = Vec::new();
     for (file, text) in BUILTIN {
         let path = dir.join(file);
-        std::fs::write(&path, text).map_err(|e| failed(format!("{file}: {e}")))?;
-        written.push(path);
+        let result = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .and_then(|mut f| {
+                written.push(path.clone());
+                f.write_all(text.as_bytes())
+            });
+        if let Err(e) = result {
+            for done in &written {
+                let _ = std::fs::remove_file(done);
+            }
+            let reason = match e.kind() {
+                std::io::ErrorKind::AlreadyExists => format!(
+                    "{file} exists already; nothing was written (move it away or pick another directory)"
+                ),
+                _ => format!("{file}: {e}; nothing was written"),
+            };
+            return Err(failed(reason));
+        }
     }
     Ok(written)
 }

@@ -24,7 +24,7 @@ use super::lifecycle::{advance, AlertState, Life, Timing};
 use super::notice::{rfc3339, Notice};
 use super::quota::{self, number, QuotaSpec};
 use super::rule::{window_range, Level, Rule, RuleSpec, Window};
-use super::{fingerprint, AlertError};
+use super::{failing, fingerprint, AlertError};
 use crate::aggregate::bucket::bucket_start;
 use crate::aggregate::spec::{Dimension, Granularity};
 use crate::aggregate::Measures;
@@ -359,9 +359,11 @@ impl Evaluator {
         // their group still has data in the window.
         let mut active: HashMap<String, Vec<String>> = HashMap::new();
         for (fp, t) in self.instances.iter().flatten() {
-            // Reconciliation alerts are raised and resolved by that job, not by rules.
+            // Reconciliation alerts are raised and resolved by that job, and
+            // failing-rule alerts below, not by rules.
             if t.row.life.state.is_active()
                 && t.row.rule_uid != super::reconcile::RECONCILIATION_UID
+                && t.row.rule_uid != failing::RULE_FAILING_UID
             {
                 active
                     .entry(t.row.rule_uid.clone())
@@ -494,6 +496,7 @@ impl Evaluator {
         for fp in active.into_values().flatten() {
             changes.extend(self.retire(&fp, now));
         }
+        changes.extend(self.failing_alerts(&failing, now).await?);
         let mut round = Round {
             rules: rules.len(),
             read_ms: read_time.as_millis() as u64,
@@ -618,6 +621,104 @@ impl Evaluator {
         let note = change
             .notify
             .map(|state| self.notification(&row, &input, state, now));
+        Some((Tracked { row, version }, note))
+    }
+
+    /// Raises the alert of each rule in `failing` (uid, name, error) and
+    /// resolves those of rules that evaluate again or are gone.
+    async fn failing_alerts(
+        &mut self,
+        failing: &[(String, String, String)],
+        now: DateTime<Utc>,
+    ) -> Result<Vec<(Tracked, Option<NewNotification>)>, AlertError> {
+        let known = |s: &Self, fp: &str| s.instances.as_ref().is_some_and(|i| i.contains_key(fp));
+        let unknown: Vec<String> = failing
+            .iter()
+            .map(|(uid, _, _)| failing::fingerprint(uid))
+            .filter(|fp| !known(self, fp))
+            .collect();
+        if !unknown.is_empty() {
+            let rows = self
+                .store
+                .alerts()
+                .instances_by_fingerprint(&unknown)
+                .await?;
+            if let Some(map) = self.instances.as_mut() {
+                map.extend(rows.into_iter().map(tracked));
+            }
+        }
+        let mut out = Vec::new();
+        let mut raised = HashSet::new();
+        for (uid, name, error) in failing {
+            let fp = failing::fingerprint(uid);
+            raised.insert(fp.clone());
+            out.extend(self.failing_alert(&fp, uid, name, Some(error), now));
+        }
+        let recovered: Vec<(String, String)> = self
+            .instances
+            .iter()
+            .flatten()
+            .filter(|(fp, t)| {
+                t.row.rule_uid == failing::RULE_FAILING_UID
+                    && t.row.life.state.is_active()
+                    && !raised.contains(*fp)
+            })
+            .map(|(fp, t)| (fp.clone(), t.row.group.clone()))
+            .collect();
+        for (fp, group) in recovered {
+            let name = serde_json::from_str::<serde_json::Value>(&group)
+                .ok()
+                .and_then(|g| g["rule"].as_str().map(str::to_string))
+                .unwrap_or_default();
+            out.extend(self.failing_alert(&fp, "", &name, None, now));
+        }
+        Ok(out)
+    }
+
+    /// Advances the failing-rule alert `fp` of rule `name` (`error`: it fails now).
+    fn failing_alert(
+        &self,
+        fp: &str,
+        uid: &str,
+        name: &str,
+        error: Option<&str>,
+        now: DateTime<Utc>,
+    ) -> Option<(Tracked, Option<NewNotification>)> {
+        let known = self.instances.as_ref().and_then(|i| i.get(fp));
+        let (mut life, version) = match known {
+            Some(t) => (t.row.life.clone(), t.version),
+            None if error.is_none() => return None,
+            None => (Life::default(), None),
+        };
+        let change = advance(&mut life, &Timing::default(), error.is_some(), now);
+        if !change.dirty {
+            return None;
+        }
+        let group = json!({ "rule": name });
+        let row = InstanceRow {
+            fingerprint: fp.to_string(),
+            rule: failing::RULE_FAILING_RULE.to_string(),
+            rule_uid: failing::RULE_FAILING_UID.to_string(),
+            level: String::new(),
+            group: group.to_string(),
+            severity: failing::SEVERITY.to_string(),
+            value: None,
+            threshold: None,
+            life,
+            version: version.unwrap_or(0),
+            updated_at: now,
+        };
+        let note = change.notify.map(|state| {
+            let mut notice = Notice::of(&row, state);
+            notice.started_at = row.life.firing_since;
+            let mut notice = notice
+                .with("error", json!(error))
+                .with("evaluated_at", json!(rfc3339(now)));
+            if !uid.is_empty() {
+                notice = notice.with("rule_uid", json!(uid));
+            }
+            notice.into_outbox(&self.prefix, now)
+        });
         Some((Tracked { row, version }, note))
     }
 

@@ -17,6 +17,7 @@
 //! duplicate window, which is longer than any relay retry loop).
 
 pub mod eval;
+pub mod failing;
 pub mod lifecycle;
 pub mod notice;
 pub mod quota;
@@ -47,6 +48,20 @@ pub enum AlertError {
         /// Why.
         reason: String,
     },
+}
+
+/// Why `name` cannot be a stored rule's name: Tally raises alerts under it.
+pub fn reserved(name: &str) -> Option<&'static str> {
+    match name {
+        quota::QUOTA_RULE => {
+            Some("is reserved for key quotas; set one with PUT /v1/keys/{key}/quota")
+        }
+        reconcile::RECONCILIATION_RULE => Some("is reserved for the reconciliation job"),
+        failing::RULE_FAILING_RULE => {
+            Some("is reserved for the alert of a rule that cannot be evaluated")
+        }
+        _ => None,
+    }
 }
 
 /// FNV-1a (64 bits) of the parts, separated so that `("ab","c")` ≠ `("a","bc")`.
@@ -83,12 +98,15 @@ pub struct ApplyReport {
 /// is validated first (nothing is written if any is invalid), then created or
 /// replaced; with `prune`, stored rules missing from the file are deleted.
 /// Applying the same file twice changes nothing and adds no audit entries.
+/// Nothing is written either when the rules would outnumber `max_rules`
+/// (counting the stored rules the file keeps, or all of them without `prune`).
 pub async fn apply_file(
     store: &crate::store::Store,
     specs: &[std::sync::Arc<crate::aggregate::spec::Spec>],
     text: &str,
     actor: &str,
     prune: bool,
+    max_rules: u64,
 ) -> Result<ApplyReport, AlertError> {
     use crate::store::alerts::{RuleWritten, WriteMode};
     let file: rule::RuleFile =
@@ -101,14 +119,31 @@ pub async fn apply_file(
                 r.name
             )));
         }
-        if r.name == quota::QUOTA_RULE || r.name == reconcile::RECONCILIATION_RULE {
+        if let Some(why) = reserved(&r.name) {
             return Err(AlertError::Invalid(format!(
-                "rules file: `{}` is reserved for Tally's own alerts",
+                "rules file: `{}` {why}",
                 r.name
             )));
         }
         r.validate("", specs)
             .map_err(|e| AlertError::Invalid(format!("rule `{}`: {e}", r.name)))?;
+    }
+    let stored: std::collections::HashSet<String> = store
+        .alerts()
+        .alert_rules()
+        .await?
+        .into_iter()
+        .map(|r| r.name)
+        .collect();
+    let new = names.iter().filter(|n| !stored.contains(*n)).count() as u64;
+    let kept = match prune {
+        true => stored.iter().filter(|n| names.contains(*n)).count(),
+        false => stored.len(),
+    } as u64;
+    if new > 0 && kept + new > max_rules {
+        return Err(AlertError::Invalid(format!(
+            "rules file: it creates {new} rules and {kept} would be kept, more than the {max_rules} this server allows (TALLY_MAX_RULES, --max-rules); nothing was written"
+        )));
     }
     let mut report = ApplyReport::default();
     for r in &file.rule {
@@ -123,6 +158,12 @@ pub async fn apply_file(
             RuleWritten::Exists => {
                 return Err(AlertError::Invalid(format!(
                     "rule `{}` was created concurrently; apply again",
+                    r.name
+                )))
+            }
+            RuleWritten::TooMany(max) => {
+                return Err(AlertError::Invalid(format!(
+                    "rule `{}`: {max} rules exist, the most this server allows (TALLY_MAX_RULES)",
                     r.name
                 )))
             }

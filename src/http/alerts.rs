@@ -17,7 +17,7 @@ use super::error::ApiError;
 use super::openapi::{ActorParam, ErrorBody, KeyParam, RuleNameParam};
 use super::state::AppState;
 use crate::alert::notice::Notice;
-use crate::alert::quota::{self, QuotaSpec, QuotaStatus, QUOTA_RULE};
+use crate::alert::quota::{self, QuotaSpec, QuotaStatus};
 use crate::alert::rule::RuleSpec;
 use crate::alert::AlertError;
 use crate::query::params::parse_time;
@@ -206,18 +206,8 @@ pub struct AlertList {
 /// Parses and validates a rule body.
 fn parse_rule(state: &AppState, body: &[u8]) -> Result<RuleSpec, ApiError> {
     let spec = RuleSpec::from_json(body)?;
-    if spec.name == QUOTA_RULE {
-        return Err(AlertError::Invalid(format!(
-            "`{QUOTA_RULE}` is reserved for key quotas; set one with PUT /v1/keys/{{key}}/quota"
-        ))
-        .into());
-    }
-    if spec.name == crate::alert::reconcile::RECONCILIATION_RULE {
-        return Err(AlertError::Invalid(format!(
-            "`{}` is reserved for the reconciliation job",
-            crate::alert::reconcile::RECONCILIATION_RULE
-        ))
-        .into());
+    if let Some(why) = crate::alert::reserved(&spec.name) {
+        return Err(AlertError::Invalid(format!("`{}` {why}", spec.name)).into());
     }
     spec.validate("", &state.catalog.specs)?;
     Ok(spec)
@@ -250,11 +240,12 @@ pub async fn create_rule(
     let written = state
         .store
         .alerts()
-        .write_rule(
+        .write_rule_capped(
             &spec.name,
             &spec.to_json(),
             &actor(&headers),
             WriteMode::Create,
+            Some(state.rule_limits.max_rules),
         )
         .await
         .map_err(AlertError::from)?;
@@ -263,6 +254,7 @@ pub async fn create_rule(
         RuleWritten::Created(row) => {
             Ok((StatusCode::CREATED, Json(rule_view(&row))).into_response())
         }
+        RuleWritten::TooMany(max) => Err(too_many_rules(max)),
         _ => Err(ApiError::new(
             StatusCode::BAD_REQUEST,
             "name_taken",
@@ -272,6 +264,15 @@ pub async fn create_rule(
             ),
         )),
     }
+}
+
+/// The answer to a new rule past `TALLY_MAX_RULES`.
+fn too_many_rules(max: u64) -> ApiError {
+    ApiError::new(
+        StatusCode::BAD_REQUEST,
+        "too_many_rules",
+        format!("{max} alert rules exist, the most this server allows (TALLY_MAX_RULES): delete one, or raise the cap; existing rules can still be replaced"),
+    )
 }
 
 /// `PUT /v1/alert-rules/{name}`: creates (201) or replaces (200).
@@ -319,7 +320,13 @@ pub async fn put_rule(
     let written = state
         .store
         .alerts()
-        .write_rule(&name, &spec.to_json(), &actor(&headers), WriteMode::Upsert)
+        .write_rule_capped(
+            &name,
+            &spec.to_json(),
+            &actor(&headers),
+            WriteMode::Upsert,
+            Some(state.rule_limits.max_rules),
+        )
         .await
         .map_err(AlertError::from)?;
     state.signal.wake();
@@ -328,6 +335,7 @@ pub async fn put_rule(
         RuleWritten::Updated(row) | RuleWritten::Unchanged(row) => {
             Json(rule_view(&row)).into_response()
         }
+        RuleWritten::TooMany(max) => return Err(too_many_rules(max)),
         RuleWritten::Exists => {
             return Err(ApiError::new(
                 StatusCode::CONFLICT,
@@ -602,12 +610,23 @@ pub async fn put_quota(
     let spec = QuotaSpec::from_json(&body)?;
     let quota = spec.validate(&key, &state.catalog.specs)?;
     let text = serde_json::to_string(&spec).unwrap_or_default();
+    let max = state.rule_limits.max_quotas;
     let (_, created) = state
         .store
         .alerts()
-        .put_quota(&key, &text, &actor(&headers))
+        .put_quota(&key, &text, &actor(&headers), max)
         .await
-        .map_err(AlertError::from)?;
+        .map_err(AlertError::from)?
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "too_many_rules",
+                format!(
+                    "{} key quotas exist, the most this server allows (TALLY_MAX_QUOTAS): delete one, or raise the cap; existing quotas can still be changed",
+                    max.unwrap_or_default()
+                ),
+            )
+        })?;
     state.signal.wake();
     let status = quota::status(&state.store, &state.catalog, &quota, Utc::now()).await?;
     let code = if created {

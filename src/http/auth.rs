@@ -1,15 +1,14 @@
 //! The token middleware: which scope each route needs, and the answers
 //! (401/403/503) when [`Auth::check`] refuses.
 
-use std::sync::Arc;
-
 use axum::extract::{Request, State};
 use axum::http::{header, HeaderValue, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
 use super::error::ApiError;
-use crate::auth::{Auth, Refusal, Scope};
+use super::guard::Gate;
+use crate::auth::{Refusal, Scope};
 
 /// The scope a request needs; `None` for the probes, the API description and
 /// the dashboard's static files.
@@ -50,12 +49,17 @@ fn bearer(req: &Request) -> Option<&str> {
 
 /// Middleware: answers 401 without a valid token and 403 without the scope;
 /// otherwise records the token's name as the request's actor.
-pub async fn require(State(auth): State<Arc<Auth>>, mut req: Request, next: Next) -> Response {
+/// While authentication is off, the request must also pass the checks of an
+/// open API ([`super::guard`]).
+pub async fn require(State(gate): State<Gate>, mut req: Request, next: Next) -> Response {
     let Some(need) = required_scope(req.method(), req.uri().path()) else {
         return next.run(req).await;
     };
-    match auth.check(bearer(&req), need).await {
-        Ok(None) => next.run(req).await,
+    match gate.auth.check(bearer(&req), need).await {
+        Ok(None) => match gate.open.check(&req) {
+            Ok(()) => next.run(req).await,
+            Err(refused) => refused.into_response(),
+        },
         Ok(Some(name)) => {
             // The audit trail names the token, never what the client claims.
             if let Ok(v) = HeaderValue::from_str(&format!("token:{name}")) {
@@ -93,11 +97,15 @@ pub async fn require(State(auth): State<Arc<Auth>>, mut req: Request, next: Next
                         need.as_str()
                     ),
                 ),
-                Refusal::Unavailable(e) => (
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "store_unavailable",
-                    format!("cannot check the token: the database is unreachable ({e})"),
-                ),
+                Refusal::Unavailable(e) => {
+                    // Said to clients without a token: the dependency, never its error text.
+                    tracing::warn!(error = %e, "cannot check an API token: database unavailable");
+                    (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "store_unavailable",
+                        "cannot check the token: the database is unavailable; try again (the server's log has the error)".to_string(),
+                    )
+                }
             };
             let mut resp = ApiError::new(status, code, message).into_response();
             if status == StatusCode::UNAUTHORIZED {

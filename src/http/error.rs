@@ -53,8 +53,13 @@ impl From<QueryError> for ApiError {
             QueryError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             QueryError::Store(_) => (StatusCode::SERVICE_UNAVAILABLE, "database_error"),
         };
-        if status.is_server_error() {
-            tracing::warn!(error = %e, "query failed");
+        if let QueryError::Store(s) = &e {
+            tracing::warn!(error = %s, "query failed");
+            return ApiError::new(
+                status,
+                code,
+                "the database failed to answer this query (the server's log has the error)",
+            );
         }
         ApiError::new(status, code, e.to_string())
     }
@@ -65,11 +70,7 @@ impl From<AlertError> for ApiError {
         match e {
             AlertError::Invalid(m) => ApiError::new(StatusCode::BAD_REQUEST, "invalid_rule", m),
             AlertError::Query(q) => q.into(),
-            AlertError::Store(s) if !s.is_data_error() => ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "unavailable",
-                format!("database unavailable: {s}"),
-            ),
+            AlertError::Store(s) if !s.is_data_error() => database_down(&s),
             e => {
                 tracing::error!(error = %e, "alert request failed");
                 ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
@@ -85,13 +86,7 @@ impl From<CorrectionError> for ApiError {
             CorrectionError::Conflict(_) => (StatusCode::CONFLICT, "correction_conflict"),
             CorrectionError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             CorrectionError::AlreadyReverted(_) => (StatusCode::CONFLICT, "already_reverted"),
-            CorrectionError::Store(s) if !s.is_data_error() => {
-                return ApiError::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "unavailable",
-                    format!("database unavailable: {s}"),
-                )
-            }
+            CorrectionError::Store(s) if !s.is_data_error() => return database_down(s),
             CorrectionError::Store(_) => {
                 tracing::error!(error = %e, "correction failed");
                 (StatusCode::INTERNAL_SERVER_ERROR, "internal")
@@ -106,13 +101,7 @@ impl From<PriceError> for ApiError {
         let (status, code) = match &e {
             PriceError::Invalid(_) => (StatusCode::BAD_REQUEST, "invalid_price"),
             PriceError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
-            PriceError::Store(s) if !s.is_data_error() => {
-                return ApiError::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "unavailable",
-                    format!("database unavailable: {s}"),
-                )
-            }
+            PriceError::Store(s) if !s.is_data_error() => return database_down(s),
             PriceError::Store(_) => {
                 tracing::error!(error = %e, "price change failed");
                 (StatusCode::INTERNAL_SERVER_ERROR, "internal")
@@ -120,6 +109,16 @@ impl From<PriceError> for ApiError {
         };
         ApiError::new(status, code, e.to_string())
     }
+}
+
+/// `503 unavailable` naming the database; its error text goes to the log only.
+fn database_down(e: &crate::store::StoreError) -> ApiError {
+    tracing::warn!(error = %e, "request failed: database unavailable");
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "unavailable",
+        crate::query::DATABASE_DOWN,
+    )
 }
 
 /// The answer to a path no route serves.

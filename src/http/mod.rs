@@ -12,6 +12,7 @@ pub mod body;
 pub mod corrections;
 pub mod dashboard;
 pub mod error;
+pub mod guard;
 pub mod ingest;
 pub mod openapi;
 pub mod ops;
@@ -70,7 +71,14 @@ pub(crate) fn routes() -> OpenApiRouter<AppState> {
 
 /// All routes. Tests call this with `tower::ServiceExt::oneshot` or serve it on port 0.
 pub fn router(state: AppState) -> Router {
-    let (mut routes, _) = routes().split_for_parts();
+    let (mut routes, doc) = routes().split_for_parts();
+    let gate = guard::Gate {
+        auth: state.auth.clone(),
+        open: std::sync::Arc::new(guard::OpenGuard::new(
+            &state.allowed_hosts,
+            &guard::openapi_json(&doc),
+        )),
+    };
     if let Some(refresh) = state.dashboard {
         routes = routes.merge(dashboard::routes(refresh));
     }
@@ -78,9 +86,7 @@ pub fn router(state: AppState) -> Router {
         // The ingest handler enforces its own limit with a message that names it.
         .layer(DefaultBodyLimit::disable())
         .fallback(error::not_found)
-        .layer(axum::middleware::from_fn_with_state(
-            state.auth.clone(),
-            auth::require,
-        ))
+        .layer(axum::middleware::from_fn_with_state(gate, auth::require))
+        .layer(axum::middleware::from_fn(guard::headers))
         .with_state(state)
 }

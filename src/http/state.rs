@@ -41,6 +41,11 @@ pub struct AppState {
     pub pricer: Arc<Pricer>,
     /// Wakes the restater (queued restatements).
     pub restate_wake: Arc<tokio::sync::Notify>,
+    /// Host names an open API answers to beside IP addresses and localhost
+    /// (`TALLY_ALLOWED_HOSTS`, see [`super::guard`]).
+    pub allowed_hosts: Vec<String>,
+    /// Caps on new rules and quotas.
+    pub rule_limits: crate::config::RuleLimits,
 }
 
 impl AppState {
@@ -70,6 +75,8 @@ impl AppState {
             corrector,
             pricer: Arc::new(Pricer::new(store.clone(), Some(restate_wake.clone()))),
             restate_wake,
+            allowed_hosts: config.allowed_hosts.clone(),
+            rule_limits: config.alerts.limits,
         }
     }
 }

@@ -66,6 +66,10 @@ impl QueryError {
     }
 }
 
+/// The message of a `503` while the database cannot be reached.
+pub const DATABASE_DOWN: &str =
+    "the database is unavailable: try again (the server's log has the error)";
+
 impl From<StoreError> for QueryError {
     fn from(e: StoreError) -> Self {
         match e {
@@ -77,7 +81,12 @@ impl From<StoreError> for QueryError {
                 "too_many_rows",
                 format!("the query would read more than {n} aggregate rows: narrow the range, use a coarser granularity, add filters or group by fewer dimensions"),
             ),
-            e if !e.is_data_error() => QueryError::Unavailable(format!("database unavailable: {e}")),
+            e if !e.is_data_error() => {
+                // The answer names the dependency; its error text (hosts,
+                // users) goes to the log only.
+                tracing::warn!(error = %e, "query failed: database unavailable");
+                QueryError::Unavailable(DATABASE_DOWN.to_string())
+            }
             e => QueryError::Store(e),
         }
     }

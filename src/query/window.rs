@@ -63,7 +63,7 @@ pub(crate) fn segment_query<'a>(
     }
 }
 
-/// Reads every segment (concurrently) and sums per group; `rows` reads the
+/// Reads every segment (concurrently, with no cap on the groups) and sums per group; `rows` reads the
 /// stored rows with sketches, otherwise the database sums integers only.
 pub async fn read(
     store: &Store,
@@ -73,7 +73,13 @@ pub async fn read(
     rows: bool,
 ) -> Result<Vec<(Group, Measures)>, QueryError> {
     let reads = plan.segments.iter().map(|seg| {
-        let q = segment_query(seg, filters, group_by, rows, None);
+        // Rules and quotas are evaluated however many groups they have (a
+        // rule grouped by key watches every key): no row cap, unlike the
+        // routes, whose answers a person reads.
+        let q = AggQuery {
+            max_rows: usize::MAX,
+            ..segment_query(seg, filters, group_by, rows, None)
+        };
         async move { store.projections().query_agg(&q).await.map(|a| a.rows) }
     });
     let mut merged: HashMap<Group, Measures> = HashMap::new();

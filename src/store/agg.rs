@@ -430,6 +430,7 @@ pub struct AggQuery<'a> {
     /// Keep buckets apart when summing (`rows = false`).
     pub by_bucket: bool,
     /// Answer [`super::StoreError::TooManyRows`] past this many rows.
+    /// `usize::MAX`: no cap (no `LIMIT`).
     pub max_rows: usize,
     /// With `rows = false, by_bucket = false`: rank the groups in the
     /// database and return one page of them (and how many groups there are).
@@ -504,10 +505,7 @@ pub fn query_select(q: &AggQuery<'_>, backend: Backend) -> (String, String) {
         select
             .extend(["latency_min_ms", "latency_max_ms", "NULL", "NULL", "NULL"].map(String::from));
         select.push("latency_sketch".into());
-        return (
-            select.join(", "),
-            format!(" LIMIT {}", q.max_rows.saturating_add(1)),
-        );
+        return (select.join(", "), row_limit(q.max_rows));
     }
     select.push("min(bucket)".to_string());
     select.extend(groups.iter().cloned());
@@ -550,7 +548,16 @@ pub fn query_select(q: &AggQuery<'_>, backend: Backend) -> (String, String) {
                 top.offset
             ));
         }
-        None => tail.push_str(&format!(" LIMIT {}", q.max_rows.saturating_add(1))),
+        None => tail.push_str(&row_limit(q.max_rows)),
     }
     (select.join(", "), tail)
+}
+
+/// The `LIMIT` that tells a query past `max_rows` rows (one row more); none
+/// when uncapped (`usize::MAX`; a database limit is a signed 64-bit integer).
+fn row_limit(max_rows: usize) -> String {
+    match max_rows {
+        usize::MAX => String::new(),
+        n => format!(" LIMIT {}", n.saturating_add(1)),
+    }
 }

@@ -48,6 +48,8 @@ pub enum RuleWritten {
     Unchanged(RuleRow),
     /// `Create` found the name taken.
     Exists,
+    /// The rule is new and this many rules exist already (the cap).
+    TooMany(u64),
 }
 
 /// One audit entry.
@@ -466,6 +468,19 @@ impl Alerts {
         actor: &str,
         mode: WriteMode,
     ) -> Result<RuleWritten, StoreError> {
+        self.write_rule_capped(name, spec, actor, mode, None).await
+    }
+
+    /// [`Self::write_rule`], refusing to create a rule when `max` rules
+    /// exist (a replaced rule is never refused).
+    pub async fn write_rule_capped(
+        &self,
+        name: &str,
+        spec: &str,
+        actor: &str,
+        mode: WriteMode,
+        max: Option<u64>,
+    ) -> Result<RuleWritten, StoreError> {
         let now = ms(Utc::now());
         let mut tx = self.db.begin().await?;
         let old = tx
@@ -485,6 +500,15 @@ impl Alerts {
             Some(old) => ("rule.update", Some(old.spec.clone())),
             None => ("rule.create", None),
         };
+        if let (None, Some(max)) = (&old, max) {
+            let n: i64 = tx
+                .fetch_one(Sql::new("SELECT count(*) AS n FROM alert_rules"))
+                .await?
+                .get("n")?;
+            if u64::try_from(n).unwrap_or(0) >= max {
+                return Ok(RuleWritten::TooMany(max));
+            }
+        }
         let row = match &old {
             Some(old) => {
                 tx.fetch_one(
@@ -605,13 +629,15 @@ impl Alerts {
             .await
     }
 
-    /// Sets a key's quota (true: it had none).
+    /// Sets a key's quota (true: it had none); `None` when the key has none
+    /// and `max` quotas exist (a replaced quota is never refused).
     pub async fn put_quota(
         &self,
         key: &str,
         spec: &str,
         actor: &str,
-    ) -> Result<(QuotaRow, bool), StoreError> {
+        max: Option<u64>,
+    ) -> Result<Option<(QuotaRow, bool)>, StoreError> {
         let now = ms(Utc::now());
         let mut tx = self.db.begin().await?;
         let old = tx
@@ -627,6 +653,15 @@ impl Alerts {
             Some(r) => Some((r.get("uid")?, r.get("spec")?)),
             None => None,
         };
+        if let (None, Some(max)) = (&old, max) {
+            let n: i64 = tx
+                .fetch_one(Sql::new("SELECT count(*) AS n FROM key_quotas"))
+                .await?
+                .get("n")?;
+            if u64::try_from(n).unwrap_or(0) >= max {
+                return Ok(None);
+            }
+        }
         let uid = match &old {
             Some((uid, _)) => uid.clone(),
             None => new_uid(),
@@ -658,7 +693,7 @@ impl Alerts {
             .await?;
         }
         tx.commit().await?;
-        Ok((
+        Ok(Some((
             QuotaRow {
                 key: key.to_string(),
                 uid,
@@ -667,7 +702,7 @@ impl Alerts {
                 updated_by: actor.to_string(),
             },
             old.is_none(),
-        ))
+        )))
     }
 
     /// Removes a key's quota (false: it had none).

@@ -414,16 +414,99 @@ impl Store {
     }
 }
 
-/// A URL with its password replaced, safe to log.
+/// A URL safe to log: its whole userinfo (`user:password@`, `token@`,
+/// `user@`) is shown as `***@`, and `password`/`sslpassword` query
+/// parameters are dropped. A URL the parser refuses (PostgreSQL's
+/// multi-host form) is masked by hand the same way.
 pub fn redact_url(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            let creds = &url[scheme + 3..at];
-            match creds.split_once(':') {
-                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
-                None => url.to_string(),
+    const SECRET_PARAMS: [&str; 2] = ["password", "sslpassword"];
+    let secret = |k: &str| SECRET_PARAMS.iter().any(|p| p.eq_ignore_ascii_case(k));
+    if let Ok(mut parsed) = url::Url::parse(url) {
+        if !parsed.cannot_be_a_base() {
+            let had_userinfo = !parsed.username().is_empty() || parsed.password().is_some();
+            if had_userinfo {
+                let _ = parsed.set_password(None);
+                let _ = parsed.set_username("***");
+            }
+            if parsed.query().is_some() {
+                let kept: Vec<(String, String)> = parsed
+                    .query_pairs()
+                    .filter(|(k, _)| !secret(k))
+                    .map(|(k, v)| (k.into_owned(), v.into_owned()))
+                    .collect();
+                match kept.is_empty() {
+                    true => parsed.set_query(None),
+                    false => {
+                        parsed.query_pairs_mut().clear().extend_pairs(kept);
+                    }
+                }
+            }
+            return parsed.to_string();
+        }
+    }
+    // By hand: the authority ends at the first `/`, `?` or `#` after `://`.
+    let (head, rest) = match url.find("://") {
+        Some(i) => url.split_at(i + 3),
+        None => ("", url),
+    };
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(end);
+    let authority = match authority.rfind('@') {
+        Some(at) => format!("***{}", &authority[at..]),
+        None => authority.to_string(),
+    };
+    let tail = match tail.split_once('?') {
+        Some((path, query)) => {
+            let (query, fragment) = match query.split_once('#') {
+                Some((q, f)) => (q, format!("#{f}")),
+                None => (query, String::new()),
+            };
+            let kept: Vec<&str> = query
+                .split('&')
+                .filter(|pair| !secret(pair.split('=').next().unwrap_or("")))
+                .collect();
+            match kept.is_empty() {
+                true => format!("{path}{fragment}"),
+                false => format!("{path}?{}{fragment}", kept.join("&")),
             }
         }
-        _ => url.to_string(),
+        None => tail.to_string(),
+    };
+    format!("{head}{authority}{tail}")
+}
+
+#[cfg(test)]
+mod redact_tests {
+    use super::redact_url;
+
+    #[test]
+    fn every_credential_form_is_masked() {
+        for (url, shown) in [
+            (
+                "postgres://alice:S3cret@db:5432/tally",
+                "postgres://***@db:5432/tally",
+            ),
+            ("postgres://alice@db/tally", "postgres://***@db/tally"),
+            ("nats://TOKEN@127.0.0.1:4222", "nats://***@127.0.0.1:4222"),
+            ("nats://u:p%40ss@h:4222", "nats://***@h:4222"),
+            (
+                "postgres://db/tally?sslmode=require&password=S3cret&PASSWORD=x&sslpassword=k",
+                "postgres://db/tally?sslmode=require",
+            ),
+            ("postgres://db/tally?password=S3cret", "postgres://db/tally"),
+            (
+                "postgres://al:S3cret@h1:5432,h2:5433/tally?password=S3cret&x=1",
+                "postgres://***@h1:5432,h2:5433/tally?x=1",
+            ),
+            ("sqlite://tally.db", "sqlite://tally.db"),
+            ("sqlite::memory:", "sqlite::memory:"),
+            ("postgres://h/db", "postgres://h/db"),
+        ] {
+            let got = redact_url(url);
+            assert_eq!(got, shown, "{url}");
+            for secret in ["S3cret", "TOKEN", "alice", "p%40ss"] {
+                assert!(!got.contains(secret), "{got}");
+            }
+        }
     }
 }

@@ -52,7 +52,9 @@ pub(crate) struct Pools {
 /// Opens (creating if missing) the database file with durable settings:
 /// WAL and `synchronous = FULL`, because an acknowledged event must survive a power cut.
 pub(crate) async fn connect(url: &str, options: &StoreOptions) -> Result<Pools, StoreError> {
-    let base = SqliteConnectOptions::from_str(url)?
+    let opts = SqliteConnectOptions::from_str(url)?;
+    create_private(opts.get_filename());
+    let base = opts
         .create_if_missing(true)
         .journal_mode(SqliteJournalMode::Wal)
         .synchronous(SqliteSynchronous::Full)
@@ -73,6 +75,24 @@ pub(crate) async fn connect(url: &str, options: &StoreOptions) -> Result<Pools, 
         reader,
         statement_timeout: options.statement_timeout,
     })
+}
+
+/// Creates a missing database file empty and readable by its owner only
+/// (`0600`) before SQLite opens it: SQLite gives its `-wal` and `-shm`
+/// files the database file's mode. A file that exists keeps its mode. Any
+/// failure is left to SQLite's own open, which reports it.
+fn create_private(path: &std::path::Path) {
+    if path.as_os_str() == ":memory:" || path.as_os_str().is_empty() {
+        return;
+    }
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    let _ = opts.open(path);
 }
 
 /// `metadata` is JSON text already.

@@ -21,7 +21,7 @@ export function tallyBin() {
 }
 
 /** Launches headless Chromium; fails with the install hint when it is missing. */
-export async function launchBrowser() {
+export async function launchBrowser(extraArgs = []) {
   if (!existsSync(CHROMIUM)) {
     throw new Error(`Chromium not found at ${CHROMIUM}: install it with \`apt-get install chromium\` (scripts/test.sh does), or set TALLY_CHROMIUM`);
   }
@@ -35,11 +35,11 @@ export async function launchBrowser() {
     executablePath: CHROMIUM,
     // The machine's network is closed: background services would only fail.
     args: ['--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
-      '--disable-background-networking', '--disable-component-update', '--disable-sync'],
+      '--disable-background-networking', '--disable-component-update', '--disable-sync', ...extraArgs],
   });
 }
 
-async function freePort() {
+export async function freePort() {
   return new Promise((ok, fail) => {
     const s = createServer();
     s.once('error', fail);

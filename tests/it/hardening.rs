@@ -787,6 +787,11 @@ async fn one_failing_rule_does_not_stop_the_others_on_sqlite() {
     );
     let (_, ok) = srv.get("/v1/alert-rules/burst").await;
     assert_eq!(ok["status"], "ok", "{ok}");
+    // The failing rule raises an alert of its own, under the reserved name.
+    let raised = wait_active(&srv, "tally_rule_failing").await;
+    let active = &raised["active"][0];
+    assert_eq!(active["group"], json!({"rule": "huge-scope"}), "{raised}");
+    assert_eq!(active["severity"], "critical", "{raised}");
     let metrics = srv
         .client
         .get(format!("{}/metrics", srv.base))
@@ -827,6 +832,23 @@ async fn one_failing_rule_does_not_stop_the_others_on_sqlite() {
         assert!(
             std::time::Instant::now() < deadline,
             "failure never cleared: {r}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // … and so does its alert, with a `resolved` notification.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, a) = srv.get("/v1/alerts?rule=tally_rule_failing").await;
+        let states: Vec<&str> = a["history"]
+            .as_array()
+            .map(|h| h.iter().filter_map(|n| n["state"].as_str()).collect())
+            .unwrap_or_default();
+        if a["active"] == json!([]) && states.contains(&"resolved") && states.contains(&"firing") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the failing-rule alert never resolved: {a}"
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }

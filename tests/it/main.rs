@@ -14,5 +14,6 @@ mod price;
 mod projection;
 mod prop;
 mod query;
+mod security;
 mod store;
 mod support;

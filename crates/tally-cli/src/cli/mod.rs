@@ -175,7 +175,7 @@ struct EmitArgs {
 struct QueryTarget {
     /// Ask this running server (e.g. `http://127.0.0.1:8080`); default: read the
     /// database (`--database-url`) directly with the specs of `--projections-dir`.
-    #[arg(long, env = "TALLY_SERVER")]
+    #[arg(long, env = "TALLY_SERVER", hide_env_values = true)]
     server: Option<String>,
     /// Directory of projection specs (direct database reads only).
     #[arg(long, env = "TALLY_PROJECTIONS_DIR")]
@@ -296,6 +296,8 @@ enum AlertsCommand {
         actor: Option<String>,
         #[command(flatten)]
         config: ProjectionConfig,
+        #[command(flatten)]
+        limits: tally::config::RuleLimits,
     },
     /// The stored rules, as JSON.
     List,
@@ -524,6 +526,7 @@ async fn alerts(db: &DatabaseConfig, which: AlertsCommand) -> anyhow::Result<()>
             prune,
             actor,
             config,
+            limits,
         } => {
             let text = std::fs::read_to_string(&file)
                 .with_context(|| format!("reading {}", file.display()))?;
@@ -538,9 +541,10 @@ async fn alerts(db: &DatabaseConfig, which: AlertsCommand) -> anyhow::Result<()>
                     std::env::var("USER").unwrap_or_else(|_| "unknown".into())
                 )
             });
-            let report = tally::alert::apply_file(&store, &specs, &text, &actor, prune)
-                .await
-                .with_context(|| format!("applying {}", file.display()))?;
+            let report =
+                tally::alert::apply_file(&store, &specs, &text, &actor, prune, limits.max_rules)
+                    .await
+                    .with_context(|| format!("applying {}", file.display()))?;
             for (what, names) in [
                 ("created", &report.created),
                 ("updated", &report.updated),

@@ -105,11 +105,16 @@ pub(super) struct ExportArgs {
 #[derive(Debug, clap::Args)]
 pub(super) struct ImportArgs {
     /// A file written by `tally export` (NDJSON or MessagePack, detected).
-    /// Its `<file>.ledger.json`, when present, restores prices and corrections.
+    /// When `<file>.ledger.json` exists, say what to do with it: `--ledger`
+    /// to restore it, `--no-ledger` to leave it.
     file: PathBuf,
-    /// The ledger file to restore (default: `<file>.ledger.json` if it exists).
-    #[arg(long)]
+    /// The ledger file (prices and corrections) to restore after the events.
+    #[arg(long, conflicts_with = "no_ledger")]
     ledger: Option<PathBuf>,
+    /// Restore no ledger, even when `<file>.ledger.json` exists (its voided
+    /// events then count again, and its prices are not restored).
+    #[arg(long)]
+    no_ledger: bool,
     /// How far in the future an event timestamp may be.
     #[arg(long, env = "TALLY_MAX_FUTURE_SKEW", default_value = "5m", value_parser = tally::duration::parse)]
     max_future_skew: Duration,
@@ -375,7 +380,7 @@ pub(super) async fn export(db: &DatabaseConfig, a: ExportArgs) -> anyhow::Result
     let started = Instant::now();
     let mut out: Box<dyn Write> = match &a.out {
         Some(p) => Box::new(std::io::BufWriter::new(
-            std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?,
+            transfer::create_private(p).with_context(|| format!("creating {}", p.display()))?,
         )),
         None => Box::new(std::io::BufWriter::new(std::io::stdout().lock())),
     };
@@ -417,6 +422,16 @@ pub(super) async fn export(db: &DatabaseConfig, a: ExportArgs) -> anyhow::Result
 }
 
 pub(super) async fn import(db: &DatabaseConfig, a: ImportArgs) -> anyhow::Result<()> {
+    // A ledger voids events and changes prices: applying one because a file
+    // lies beside the backup would let whoever can write there do both.
+    let beside = transfer::ledger_path(&a.file);
+    if a.ledger.is_none() && !a.no_ledger && std::fs::symlink_metadata(&beside).is_ok() {
+        anyhow::bail!(
+            "{} lies beside the backup: pass `--ledger {}` to restore its prices and corrections, or `--no-ledger` to import the events without them (voided events then count again); nothing was imported",
+            beside.display(),
+            beside.display()
+        );
+    }
     let store = open(db).await?;
     let started = Instant::now();
     let report = transfer::import(
@@ -428,12 +443,8 @@ pub(super) async fn import(db: &DatabaseConfig, a: ImportArgs) -> anyhow::Result
     .await?;
     eprintln!();
     println!("{}", serde_json::to_string_pretty(&report)?);
-    let ledger = a.ledger.clone().or_else(|| {
-        let beside = transfer::ledger_path(&a.file);
-        beside.exists().then_some(beside)
-    });
-    if let Some(path) = ledger {
-        let restored = transfer::import_ledger(&store, &path).await?;
+    if let Some(path) = &a.ledger {
+        let restored = transfer::import_ledger(&store, path).await?;
         eprintln!(
             "ledger {}: restored {}",
             path.display(),
