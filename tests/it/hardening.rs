@@ -1228,7 +1228,7 @@ async fn slow_clients_are_timed_out_and_connections_are_bounded() {
             // Headers begun, never finished.
             let mut slow = std::net::TcpStream::connect(&addr).expect("connect");
             slow.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
-            slow.write_all(b"GET /v1/projections HTTP/1.1\r\nHost: x\r\n").expect("write");
+            slow.write_all(b"GET /v1/projections HTTP/1.1\r\nHost: 127.0.0.1\r\n").expect("write");
             let t = std::time::Instant::now();
             let mut buf = Vec::new();
             let _ = slow.read_to_end(&mut buf);
@@ -1237,7 +1237,7 @@ async fn slow_clients_are_timed_out_and_connections_are_bounded() {
             let mut trickle = std::net::TcpStream::connect(&addr).expect("connect");
             trickle.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
             trickle
-                .write_all(b"POST /v1/events HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n[")
+                .write_all(b"POST /v1/events HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n[")
                 .expect("write");
             let mut answer = Vec::new();
             let _ = trickle.read_to_end(&mut answer);

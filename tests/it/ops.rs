@@ -1008,13 +1008,27 @@ async fn export_import_and_copy_to_postgres_keep_aggregates_identical() {
             file,
         ]);
         let (dst_url, _dst_dir) = fresh_db(Backend::Sqlite);
-        let out = run_ok(&["--database-url", &dst_url, "import", file]);
+        let ledger = format!("{file}.ledger.json");
+        let out = run_ok(&[
+            "--database-url",
+            &dst_url,
+            "import",
+            file,
+            "--ledger",
+            &ledger,
+        ]);
         let report: Value = serde_json::from_str(&out).expect("report");
         assert_eq!(report["accepted"], 3_000, "{out}");
         assert_eq!(report["rejected"], 0, "{out}");
-        let again: Value =
-            serde_json::from_str(&run_ok(&["--database-url", &dst_url, "import", file]))
-                .expect("report");
+        let again: Value = serde_json::from_str(&run_ok(&[
+            "--database-url",
+            &dst_url,
+            "import",
+            file,
+            "--ledger",
+            &ledger,
+        ]))
+        .expect("report");
         assert_eq!(
             (again["accepted"].as_i64(), again["duplicates"].as_i64()),
             (Some(0), Some(3_000)),

@@ -171,7 +171,7 @@ struct EmitArgs {
 }
 
 /// Where a query command gets its answer, and how it prints it.
-#[derive(Debug, clap::Args)]
+#[derive(clap::Args)]
 struct QueryTarget {
     /// Ask this running server (e.g. `http://127.0.0.1:8080`); default: read the
     /// database (`--database-url`) directly with the specs of `--projections-dir`.
@@ -183,6 +183,17 @@ struct QueryTarget {
     /// Output format.
     #[arg(long, value_enum, default_value = "table")]
     format: tally::query::render::OutputFormat,
+}
+
+/// The server URL is redacted so the arguments can be printed.
+impl std::fmt::Debug for QueryTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("QueryTarget")
+            .field("server", &self.server.as_deref().map(redact_url))
+            .field("projections_dir", &self.projections_dir)
+            .field("format", &self.format)
+            .finish()
+    }
 }
 
 #[derive(Debug, clap::Args)]

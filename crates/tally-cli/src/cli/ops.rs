@@ -125,7 +125,7 @@ pub(super) struct ImportArgs {
     projections: ProjectionConfig,
 }
 
-#[derive(Debug, clap::Args)]
+#[derive(clap::Args)]
 pub(super) struct CopyArgs {
     /// Source database URL.
     #[arg(long)]
@@ -135,6 +135,17 @@ pub(super) struct CopyArgs {
     to: String,
     #[command(flatten)]
     projections: ProjectionConfig,
+}
+
+/// The URLs are redacted so the arguments can be printed.
+impl std::fmt::Debug for CopyArgs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CopyArgs")
+            .field("from", &redact_url(&self.from))
+            .field("to", &redact_url(&self.to))
+            .field("projections", &self.projections)
+            .finish()
+    }
 }
 
 /// `$USER` of the operator, for audit fields.
