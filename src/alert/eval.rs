@@ -171,6 +171,122 @@ const STABLE_TTL: Duration = Duration::from_secs(30);
 
 type Values = Arc<HashMap<Group, Measures>>;
 
+/// What one window read selects. Rules whose scopes differ only in the one
+/// value of one dimension (`api = a`, `api = b`, … each grouped by `key`)
+/// share one shape: the read filters that dimension by all their values and
+/// groups by it too ([`Shape::split`] hands each rule its part), so 1,000
+/// rules over 10 APIs and 3 windows make 3 reads, not 30.
+#[derive(Debug, Clone)]
+struct Shape {
+    /// Filters; `split`'s dimension lists every member's value.
+    scope: Vec<(Dimension, Vec<String>)>,
+    /// The members' grouping, then `split`'s dimension when there is one.
+    group_by: Vec<Dimension>,
+    /// The dimension whose value tells the members apart.
+    split: Option<Dimension>,
+    tz: Tz,
+    /// Read stored rows with their latency sketches.
+    sketch: bool,
+    /// A rolling window of minutes (its settled part is reused between rounds).
+    minute: bool,
+}
+
+impl Shape {
+    /// The shape's identity (also the key of its reads).
+    fn key(&self) -> String {
+        format!(
+            "{:?}|{:?}|{:?}|{}|{}|{}",
+            self.scope, self.group_by, self.split, self.tz, self.sketch, self.minute
+        )
+    }
+
+    /// The read's values by the split dimension's value, each with the
+    /// members' grouping (the split dimension taken off the group); one
+    /// entry (`""`) when the shape has no split dimension.
+    fn split(&self, values: &HashMap<Group, Measures>) -> HashMap<String, Values> {
+        if self.split.is_none() {
+            return HashMap::from([(String::new(), Arc::new(values.clone()))]);
+        }
+        let mut out: HashMap<String, HashMap<Group, Measures>> = HashMap::new();
+        for (g, m) in values {
+            let mut dims = g.0.clone();
+            let Some((_, value)) = dims.pop() else {
+                continue;
+            };
+            out.entry(value).or_default().insert(Group(dims), m.clone());
+        }
+        out.into_iter().map(|(v, g)| (v, Arc::new(g))).collect()
+    }
+}
+
+/// Every rule's shape for one round: shapes by key, and each rule's shape
+/// key and split value.
+#[derive(Debug, Default)]
+struct ReadPlan {
+    shapes: HashMap<String, Shape>,
+    of_rule: HashMap<String, (String, String)>,
+}
+
+impl ReadPlan {
+    fn of(rules: &[Rule]) -> Self {
+        let mut plan = ReadPlan::default();
+        let mut values: HashMap<String, std::collections::BTreeSet<String>> = HashMap::new();
+        for rule in rules {
+            let minute = matches!(
+                rule.window,
+                Window::Rolling {
+                    granularity: Granularity::Minute,
+                    ..
+                }
+            );
+            // The first scope dimension with one value the rule does not group by.
+            let at = rule
+                .scope
+                .iter()
+                .position(|(d, v)| v.len() == 1 && !rule.group_by.contains(d));
+            let mut shape = Shape {
+                scope: rule.scope.clone(),
+                group_by: rule.group_by.clone(),
+                split: None,
+                tz: rule.tz,
+                sketch: rule.measure.needs_sketch(),
+                minute,
+            };
+            let mut value = String::new();
+            if let Some(i) = at {
+                let dim = shape.scope[i].0;
+                value = shape.scope[i].1[0].clone();
+                shape.scope[i].1.clear();
+                shape.group_by.push(dim);
+                shape.split = Some(dim);
+            }
+            let key = shape.key();
+            if at.is_some() {
+                values.entry(key.clone()).or_default().insert(value.clone());
+            }
+            plan.of_rule.insert(rule.uid.clone(), (key.clone(), value));
+            plan.shapes.entry(key).or_insert(shape);
+        }
+        for (key, shape) in plan.shapes.iter_mut() {
+            if let (Some(dim), Some(all)) = (shape.split, values.remove(key)) {
+                if let Some((_, list)) = shape.scope.iter_mut().find(|(d, _)| *d == dim) {
+                    *list = all.into_iter().collect();
+                }
+            }
+        }
+        plan
+    }
+}
+
+/// One round's reads: by shape and range, split per value, and those that
+/// failed (each read at most once a round).
+#[derive(Default)]
+struct RoundCache {
+    reads: HashMap<String, Values>,
+    split: HashMap<String, Arc<HashMap<String, Values>>>,
+    failed: HashMap<String, String>,
+}
+
 impl Evaluator {
     /// An evaluator publishing under `prefix`; `signal` (from this process's
     /// projectors) lets it reuse the settled parts of windows between rounds.
@@ -193,16 +309,52 @@ impl Evaluator {
         }
     }
 
-    /// Reads a rule's window per group (shared by rules with the same read).
-    async fn read(
+    /// The values of `rule`'s window `range` per group, from the read of its
+    /// [`Shape`] (shared by the rules of that shape, and split by the value
+    /// of each rule's own scope once per read).
+    async fn rule_values(
         &self,
         rule: &Rule,
+        plan: &ReadPlan,
+        range: Range,
+        now: DateTime<Utc>,
+        cache: &mut RoundCache,
+    ) -> Result<Values, AlertError> {
+        let Some((key, value)) = plan.of_rule.get(&rule.uid) else {
+            return Ok(Values::default());
+        };
+        let shape = &plan.shapes[key];
+        let split_key = format!("{key}|{}|{}", range.0, range.1);
+        if let Some(failed) = cache.failed.get(&split_key) {
+            // One failed read per shape and round: its rules fail alike.
+            return Err(AlertError::Invalid(failed.clone()));
+        }
+        let split = match cache.split.get(&split_key) {
+            Some(split) => split.clone(),
+            None => match self.read(shape, range, now, &mut cache.reads).await {
+                Ok(values) => {
+                    let split = Arc::new(shape.split(&values));
+                    cache.split.insert(split_key, split.clone());
+                    split
+                }
+                Err(e) => {
+                    cache.failed.insert(split_key, e.to_string());
+                    return Err(e);
+                }
+            },
+        };
+        Ok(split.get(value).cloned().unwrap_or_default())
+    }
+
+    /// Reads a shape's window per group (once per round and range).
+    async fn read(
+        &self,
+        shape: &Shape,
         (from, to): Range,
         now: DateTime<Utc>,
         cache: &mut HashMap<String, Values>,
     ) -> Result<Values, AlertError> {
-        let sketch = rule.measure.needs_sketch();
-        let what = format!("{:?}|{:?}|{}|{sketch}", rule.scope, rule.group_by, rule.tz);
+        let what = shape.key();
         let key = format!("{what}|{from}|{to}");
         if let Some(v) = cache.get(&key) {
             return Ok(v.clone());
@@ -214,26 +366,17 @@ impl Evaluator {
         // minute can be before it counts).
         let minute = chrono::Duration::minutes(1);
         let head_from = bucket_start(now, Granularity::Minute, Tz::UTC) - minute;
-        let split = self.cache_stable
-            && matches!(
-                rule.window,
-                Window::Rolling {
-                    granularity: Granularity::Minute,
-                    ..
-                }
-            )
-            && from < head_from
-            && head_from < to;
+        let split = self.cache_stable && shape.minute && from < head_from && head_from < to;
         let values = match split {
             true => {
-                self.read_split(rule, (from, head_from, to), now, sketch, &what, cache)
+                self.read_split(shape, (from, head_from, to), now, &what, cache)
                     .await?
             }
             false => None,
         };
         let values = match values {
             Some(v) => v,
-            None => self.read_range(rule, (from, to), now, sketch).await?.0,
+            None => self.read_range(shape, (from, to), now).await?.0,
         };
         cache.insert(key, values.clone());
         Ok(values)
@@ -245,10 +388,9 @@ impl Evaluator {
     /// would then overlap, and the caller reads the window whole.
     async fn read_split(
         &self,
-        rule: &Rule,
+        shape: &Shape,
         (from, head_from, to): (DateTime<Utc>, DateTime<Utc>, DateTime<Utc>),
         now: DateTime<Utc>,
-        sketch: bool,
         what: &str,
         cache: &mut HashMap<String, Values>,
     ) -> Result<Option<Values>, AlertError> {
@@ -261,9 +403,7 @@ impl Evaluator {
         let stable = match cached {
             Some(v) => v,
             None => {
-                let (v, covered) = self
-                    .read_range(rule, (from, head_from), now, sketch)
-                    .await?;
+                let (v, covered) = self.read_range(shape, (from, head_from), now).await?;
                 if covered != (from, head_from) {
                     return Ok(None);
                 }
@@ -274,12 +414,12 @@ impl Evaluator {
                 v
             }
         };
-        // Every minute window of this scope ends at the same `to`: one head read.
+        // Every minute window of this shape ends at the same `to`: one head read.
         let head_key = format!("{what}|{head_from}|{to}");
         let head = match cache.get(&head_key) {
             Some(v) => v.clone(),
             None => {
-                let (v, covered) = self.read_range(rule, (head_from, to), now, sketch).await?;
+                let (v, covered) = self.read_range(shape, (head_from, to), now).await?;
                 if covered != (head_from, to) {
                     return Ok(None);
                 }
@@ -294,24 +434,23 @@ impl Evaluator {
         Ok(Some(Arc::new(merged)))
     }
 
-    /// Reads `[from, to)` of a rule's scope per group, from the tables that
-    /// fit; also returns the range those tables' buckets cover.
+    /// Reads `[from, to)` of a shape per group, from the tables that fit;
+    /// also returns the range those tables' buckets cover.
     async fn read_range(
         &self,
-        rule: &Rule,
+        shape: &Shape,
         range: Range,
         now: DateTime<Utc>,
-        sketch: bool,
     ) -> Result<(Values, Range), AlertError> {
         let (rows, covered) = window::read_range(
             &self.store,
             &self.catalog,
-            rule.tz,
-            &rule.scope,
-            &rule.group_by,
+            shape.tz,
+            &shape.scope,
+            &shape.group_by,
             range,
             now,
-            sketch,
+            shape.sketch,
         )
         .await?;
         Ok((Arc::new(rows.into_iter().collect()), covered))
@@ -353,7 +492,8 @@ impl Evaluator {
             }
             None => false,
         };
-        let mut cache = HashMap::new();
+        let plan = ReadPlan::of(&rules);
+        let mut cache = RoundCache::default();
         let mut changes: Vec<(Tracked, Option<NewNotification>)> = Vec::new();
         // Instances pending or firing, by rule uid: evaluated whether or not
         // their group still has data in the window.
@@ -380,9 +520,14 @@ impl Evaluator {
             // marked failing and its instances keep their state. Only a
             // database that cannot be reached ends the round.
             let read = async {
-                let current = self.read(rule, window, now, &mut cache).await?;
+                let current = self
+                    .rule_values(rule, &plan, window, now, &mut cache)
+                    .await?;
                 let baseline = match rule.baseline {
-                    true => Some(self.read(rule, previous, now, &mut cache).await?),
+                    true => Some(
+                        self.rule_values(rule, &plan, previous, now, &mut cache)
+                            .await?,
+                    ),
                     false => None,
                 };
                 Ok::<_, AlertError>((current, baseline))
@@ -913,6 +1058,88 @@ mod tests {
         RuleSpec::from_json(json.as_bytes())
             .and_then(|r| r.validate("u", &[Arc::new(spec)]))
             .expect("rule")
+    }
+
+    fn rule_as(uid: &str, json: &str) -> Rule {
+        let mut r = rule(json);
+        r.uid = uid.to_string();
+        r
+    }
+
+    #[test]
+    fn rules_that_differ_in_one_scope_value_share_one_read() {
+        let rules = vec![
+            rule_as(
+                "1",
+                r#"{"name":"a","measure":"requests","window":"1h","scope":{"api":"x"},"group_by":["key"],"threshold":1}"#,
+            ),
+            rule_as(
+                "2",
+                r#"{"name":"b","measure":"tokens","window":"1h","scope":{"api":"y"},"group_by":["key"],"threshold":1}"#,
+            ),
+            rule_as(
+                "3",
+                r#"{"name":"c","measure":"cost","window":"15m","scope":{"api":"z"},"group_by":["key"],"threshold":1}"#,
+            ),
+            // Another grouping, or a scope of several values: a shape of its own.
+            rule_as(
+                "4",
+                r#"{"name":"d","measure":"requests","window":"1h","scope":{"api":"x"},"threshold":1}"#,
+            ),
+            rule_as(
+                "5",
+                r#"{"name":"e","measure":"requests","window":"1h","scope":{"api":["x","y"]},"group_by":["key"],"threshold":1}"#,
+            ),
+            // Grouped by the dimension it scopes: nothing to split on.
+            rule_as(
+                "6",
+                r#"{"name":"f","measure":"requests","window":"1h","scope":{"api":"x"},"group_by":["api"],"threshold":1}"#,
+            ),
+        ];
+        let plan = ReadPlan::of(&rules);
+        let shape_of = |uid: &str| plan.of_rule[uid].0.clone();
+        assert_eq!(shape_of("1"), shape_of("2"));
+        assert_eq!(
+            shape_of("1"),
+            shape_of("3"),
+            "windows differ by range, not shape"
+        );
+        let shared = &plan.shapes[&shape_of("1")];
+        assert_eq!(
+            shared.scope,
+            vec![(Dimension::Api, vec!["x".into(), "y".into(), "z".into()])]
+        );
+        assert_eq!(shared.group_by, vec![Dimension::Key, Dimension::Api]);
+        assert_eq!(plan.of_rule["2"].1, "y");
+        for own in ["4", "5", "6"] {
+            assert_ne!(shape_of(own), shape_of("1"), "rule {own}");
+        }
+        assert_eq!(plan.shapes.len(), 4);
+        assert_eq!(plan.shapes[&shape_of("5")].split, None);
+        assert_eq!(plan.shapes[&shape_of("6")].split, None);
+        // The shared read, split: each rule gets its api's keys, grouped by key.
+        let g = |key: &str, api: &str| {
+            Group(vec![
+                (Dimension::Key, key.into()),
+                (Dimension::Api, api.into()),
+            ])
+        };
+        let m = |n: i64| Measures {
+            requests: n,
+            ..Measures::default()
+        };
+        let read: HashMap<Group, Measures> = HashMap::from([
+            (g("k1", "x"), m(1)),
+            (g("k1", "y"), m(2)),
+            (g("k2", "y"), m(3)),
+        ]);
+        let split = shared.split(&read);
+        let key = |k: &str| Group(vec![(Dimension::Key, k.into())]);
+        assert_eq!(split["x"].len(), 1);
+        assert_eq!(split["x"][&key("k1")].requests, 1);
+        assert_eq!(split["y"][&key("k1")].requests, 2);
+        assert_eq!(split["y"][&key("k2")].requests, 3);
+        assert!(!split.contains_key("z"));
     }
 
     fn t(s: &str) -> DateTime<Utc> {

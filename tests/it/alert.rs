@@ -843,3 +843,115 @@ min_requests = 50
     .await;
     assert_eq!(status, 400, "{body}");
 }
+
+/// Rules that differ only in one scope value share one read (grouped by
+/// that dimension too) and each sees only its own part: the alerts equal an
+/// oracle over the events, on both backends, with a baseline rule, a minute
+/// window and a quota in the same shapes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rules_sharing_a_read_each_see_their_own_scope() {
+    for backend in [
+        tally::store::Backend::Sqlite,
+        tally::store::Backend::Postgres,
+    ] {
+        let s = crate::support::store(backend).await;
+        let mut config = crate::support::server_config();
+        config.alerts.alerts_tick = Duration::from_millis(300);
+        config.alerts.alerts_min_interval = Duration::from_millis(50);
+        let srv = crate::support::TestServer::start(s.store.clone(), config).await;
+        let now = Utc::now();
+        // (api, key, count)
+        let load = [
+            ("a", "k1", 5),
+            ("b", "k2", 5),
+            ("a", "k3", 1),
+            ("b", "k3", 4),
+            ("c", "k1", 9),
+        ];
+        let mut events = Vec::new();
+        for (api, key, n) in load {
+            for i in 0..n {
+                let mut e = event(&format!("{api}-{key}-{i}"), key, now, true);
+                e["api"] = json!(api);
+                events.push(e);
+            }
+        }
+        post_events(&srv.base, &events).await;
+        for (name, api, window) in [
+            ("hot-a", "a", "1h"),
+            ("hot-b", "b", "1h"),
+            ("hot-b-5m", "b", "5m"),
+            ("hot-d", "d", "1h"),
+        ] {
+            create_rule(
+                &srv.base,
+                json!({"name": name, "measure": "requests", "window": window, "scope": {"api": api}, "group_by": ["key"], "threshold": 3}),
+            )
+            .await;
+        }
+        let (status, body) = srv
+            .send_as(
+                "t",
+                "PUT",
+                "/v1/keys/k3/quota",
+                json!({"measure": "requests", "limit": 4, "window": "1h"}),
+            )
+            .await;
+        assert_eq!(status, 201, "{body}");
+        let (status, body) = srv
+            .send_as(
+                "t",
+                "PUT",
+                "/v1/keys/k2/quota",
+                json!({"measure": "requests", "limit": 100, "window": "1h"}),
+            )
+            .await;
+        assert_eq!(status, 201, "{body}");
+        // The oracle: per rule, the keys whose count in its api reaches 3.
+        let want: [(&str, Vec<&str>); 4] = [
+            ("hot-a", vec!["k1"]),
+            ("hot-b", vec!["k2", "k3"]),
+            ("hot-b-5m", vec!["k2", "k3"]),
+            ("hot-d", vec![]),
+        ];
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let mut got = Vec::new();
+            for (rule, _) in &want {
+                let (_, a) = srv.get(&format!("/v1/alerts?rule={rule}")).await;
+                let mut keys: Vec<String> = a["active"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|x| x["group"]["key"].as_str().map(str::to_string))
+                    .collect();
+                keys.sort();
+                got.push(keys);
+            }
+            let (_, q) = srv.get("/v1/alerts?rule=quota_exceeded").await;
+            let quota_keys: Vec<String> = q["active"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|x| x["rule"].as_str().map(str::to_string))
+                .collect();
+            let matches = want
+                .iter()
+                .zip(&got)
+                .all(|((_, w), g)| w.iter().map(|s| s.to_string()).collect::<Vec<_>>() == *g);
+            // k3 used 5 of 4; k2 5 of 100.
+            if matches && quota_keys.len() == 1 {
+                let (_, failing) = srv.get("/v1/alert-rules").await;
+                assert!(!failing.to_string().contains("\"failing\""), "{failing}");
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{backend:?}: alerts {got:?} (want {want:?}), quota alerts {q}"
+            );
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        let (_, q) = srv.get("/v1/keys/k3/quota").await;
+        assert_eq!(q["used"], 5, "{q}");
+    }
+}
