@@ -601,16 +601,7 @@ impl Evaluator {
                     }
                 }
             }
-            if !unknown.is_empty() {
-                let rows = self
-                    .store
-                    .alerts()
-                    .instances_by_fingerprint(&unknown)
-                    .await?;
-                if let Some(map) = self.instances.as_mut() {
-                    map.extend(rows.into_iter().map(tracked));
-                }
-            }
+            self.track(&unknown).await?;
             // Only groups whose condition holds can start an instance: the
             // rest cost one comparison each.
             for (group, m) in current.iter() {
@@ -769,6 +760,24 @@ impl Evaluator {
         Some((Tracked { row, version }, note))
     }
 
+    /// Loads the stored instances of `fingerprints` this evaluator does not
+    /// track (resolved, or forgotten an hour after), so a new transition is
+    /// written over their version.
+    async fn track(&mut self, fingerprints: &[String]) -> Result<(), AlertError> {
+        if fingerprints.is_empty() {
+            return Ok(());
+        }
+        let rows = self
+            .store
+            .alerts()
+            .instances_by_fingerprint(fingerprints)
+            .await?;
+        if let Some(map) = self.instances.as_mut() {
+            map.extend(rows.into_iter().map(tracked));
+        }
+        Ok(())
+    }
+
     /// Raises the alert of each rule in `failing` (uid, name, error) and
     /// resolves those of rules that evaluate again or are gone.
     async fn failing_alerts(
@@ -782,16 +791,7 @@ impl Evaluator {
             .map(|(uid, _, _)| failing::fingerprint(uid))
             .filter(|fp| !known(self, fp))
             .collect();
-        if !unknown.is_empty() {
-            let rows = self
-                .store
-                .alerts()
-                .instances_by_fingerprint(&unknown)
-                .await?;
-            if let Some(map) = self.instances.as_mut() {
-                map.extend(rows.into_iter().map(tracked));
-            }
-        }
+        self.track(&unknown).await?;
         let mut out = Vec::new();
         let mut raised = HashSet::new();
         for (uid, name, error) in failing {

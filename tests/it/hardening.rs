@@ -1267,16 +1267,7 @@ async fn slow_clients_are_timed_out_and_connections_are_bounded() {
 /// the database's error text.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readyz_names_what_is_down_without_the_error_text() {
-    let port = tally_cli::dev::devserver::free_port().expect("port");
-    let dead = tally::store::connect(
-        &format!("postgres://secretuser@127.0.0.1:{port}/none"),
-        &tally::store::StoreOptions {
-            acquire_timeout: Duration::from_millis(500),
-            ..Default::default()
-        },
-    )
-    .await
-    .expect("lazy connect");
+    let dead = support::dead_store("secretuser", Duration::from_millis(500)).await;
     let srv = TestServer::start(dead, support::server_config()).await;
     let (status, body) = srv.get("/readyz").await;
     assert_eq!(status, 503);

@@ -471,16 +471,7 @@ async fn alerts_apply_checks_the_rule_cap_before_writing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unavailable_answers_name_the_dependency_not_its_error() {
     // No database at all: the token check itself cannot run.
-    let port = tally_cli::dev::devserver::free_port().expect("port");
-    let dead = tally::store::connect(
-        &format!("postgres://secretuser:S3cretPW@127.0.0.1:{port}/none"),
-        &tally::store::StoreOptions {
-            acquire_timeout: Duration::from_millis(300),
-            ..Default::default()
-        },
-    )
-    .await
-    .expect("lazy connect");
+    let dead = support::dead_store("secretuser:S3cretPW", Duration::from_millis(300)).await;
     let srv = TestServer::start(dead, support::server_config()).await;
     let leaks = |text: &str| {
         [

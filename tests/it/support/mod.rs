@@ -66,6 +66,21 @@ pub async fn open(url: &str) -> Store {
     s
 }
 
+/// A store whose PostgreSQL is not there (a free port, nothing listening):
+/// every statement fails after `acquire_timeout`. `userinfo` goes into the URL.
+pub async fn dead_store(userinfo: &str, acquire_timeout: std::time::Duration) -> Store {
+    let port = tally_cli::dev::devserver::free_port().expect("port");
+    store::connect(
+        &format!("postgres://{userinfo}@127.0.0.1:{port}/none"),
+        &StoreOptions {
+            acquire_timeout,
+            ..Default::default()
+        },
+    )
+    .await
+    .expect("lazy connect")
+}
+
 /// Server config with defaults and port 0.
 pub fn server_config() -> ServerConfig {
     use clap::Parser;
