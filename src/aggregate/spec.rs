@@ -168,7 +168,34 @@ fn utc() -> String {
     "UTC".to_string()
 }
 
+/// How far behind a minute table's retention the fold still writes its
+/// rows: a restatement sums a coarser bucket from finer rows only that far
+/// inside the retention (see `projection::restate`), so they must be there.
+pub const FOLD_MARGIN: chrono::Duration = chrono::Duration::days(1);
+
 impl Spec {
+    /// The oldest bucket of `g` the fold writes at `now`, if any bound: a
+    /// minute table with a retention gets no row older than its retention and
+    /// [`FOLD_MARGIN`] (no query or alert reads it there, and the retention job
+    /// would delete it), so a late or backfilled event costs no minute row.
+    /// The bound follows `now`, so it only moves forward.
+    pub fn fold_horizon(
+        &self,
+        g: Granularity,
+        now: chrono::DateTime<chrono::Utc>,
+    ) -> Option<chrono::DateTime<chrono::Utc>> {
+        if g != Granularity::Minute {
+            return None;
+        }
+        let keep = chrono::Duration::from_std(*self.retention.get(&g)?).ok()?;
+        let oldest = now.checked_sub_signed(keep.checked_add(&FOLD_MARGIN)?)?;
+        Some(crate::aggregate::bucket::bucket_start(
+            oldest,
+            Granularity::Minute,
+            self.timezone,
+        ))
+    }
+
     /// Parses and validates one spec file's text.
     pub fn parse(text: &str, source: Option<&Path>) -> Result<Self, SpecError> {
         let invalid = |reason: String| SpecError::InvalidSpec {

@@ -48,6 +48,12 @@ pub struct Fold {
     month_of_day: Option<(i64, i64)>,
     hasher: SeededFx,
     events: usize,
+    /// Per granularity: buckets older than this (microseconds) get no row
+    /// ([`Spec::fold_horizon`]); `i64::MIN` when unbounded.
+    horizon: [i64; MAX_GRANULARITIES],
+    /// Every granularity is bounded: an event older than all of them is
+    /// counted and costs nothing more.
+    all_bounded: bool,
 }
 
 /// One (buckets, dimension values) row of a [`Fold`].
@@ -116,16 +122,34 @@ fn bucket_us(
 }
 
 impl Fold {
-    /// An empty fold for `spec`.
+    /// An empty fold for `spec`, bounded by its horizons at this instant.
     pub fn new(spec: &Spec) -> Self {
+        Self::at(spec, Utc::now())
+    }
+
+    /// An empty fold for `spec` whose horizons ([`Spec::fold_horizon`]) are those at `now`.
+    pub fn at(spec: &Spec, now: DateTime<Utc>) -> Self {
+        let granularities: Vec<Granularity> = spec
+            .granularities
+            .iter()
+            .copied()
+            .take(MAX_GRANULARITIES)
+            .collect();
+        let mut horizon = [i64::MIN; MAX_GRANULARITIES];
+        for (slot, &g) in horizon.iter_mut().zip(&granularities) {
+            if let Some(h) = spec.fold_horizon(g, now) {
+                *slot = h.timestamp_micros();
+            }
+        }
+        let all_bounded = horizon
+            .iter()
+            .take(granularities.len())
+            .all(|&h| h != i64::MIN);
         Fold {
+            horizon,
+            all_bounded,
             dimensions: spec.dimensions.clone(),
-            granularities: spec
-                .granularities
-                .iter()
-                .copied()
-                .take(MAX_GRANULARITIES)
-                .collect(),
+            granularities,
             timezone: spec.timezone,
             index: hashbrown::HashTable::new(),
             rows: Vec::new(),
@@ -150,6 +174,17 @@ impl Fold {
         let mut buckets = [0i64; MAX_GRANULARITIES];
         for (slot, &g) in buckets.iter_mut().zip(&self.granularities) {
             *slot = bucket_us(e.ts, g, self.timezone, &mut self.month_of_day);
+        }
+        let n = self.granularities.len();
+        if self.all_bounded
+            && buckets[..n]
+                .iter()
+                .zip(&self.horizon[..n])
+                .all(|(b, h)| b < h)
+        {
+            // Past every table's horizon (a minute-only spec): counted, no row.
+            self.events += 1;
+            return;
         }
         self.key.clear();
         for &d in &self.dimensions {
@@ -228,6 +263,9 @@ impl Fold {
             drop(std::mem::take(&mut row.bins));
             let mut measures = Some(row.measures);
             for (j, (_, table)) in tables.iter_mut().enumerate() {
+                if row.buckets[j] < self.horizon[j] {
+                    continue;
+                }
                 let bucket = DateTime::from_timestamp_micros(row.buckets[j]).unwrap_or_default();
                 let m = if j == last {
                     measures.take().unwrap_or_default()
@@ -285,6 +323,52 @@ mod tests {
                 s.quantile(0.99).is_some_and(|q| q > v)
             })
             .expect("some latency is binned above itself")
+    }
+
+    #[test]
+    fn minute_rows_past_the_retention_and_its_margin_are_not_folded() {
+        let now = DateTime::parse_from_rfc3339("2026-12-07T12:00:30Z")
+            .expect("t")
+            .with_timezone(&Utc);
+        let at = |days_ago: i64| (now - chrono::Duration::days(days_ago)).timestamp();
+        let both = Spec::parse(
+            "name = \"t\"\ndimensions = [\"key\"]\ngranularities = [\"minute\", \"hour\"]\ntimezone = \"UTC\"\nretention = { minute = \"8d\" }\n",
+            None,
+        )
+        .expect("spec");
+        let only = Spec::parse(
+            "name = \"m\"\ndimensions = [\"key\"]\ngranularities = [\"minute\"]\ntimezone = \"UTC\"\nretention = { minute = \"8d\" }\n",
+            None,
+        )
+        .expect("spec");
+        // 8 days of retention and a day of margin: 9 days back is the horizon.
+        let events: Vec<Event> = [1, 8, 9, 10, 30]
+            .iter()
+            .map(|&d| event(at(d) - 60, 1, 1, Some(5.0), false))
+            .collect();
+        for (spec, minute_rows, hour_rows) in [(&both, 2, 5), (&only, 2, 0)] {
+            let mut fold = Fold::at(spec, now);
+            for e in &events {
+                fold.add(e, charge(e));
+            }
+            assert_eq!(fold.events(), 5, "every event is counted");
+            let delta = fold.finish();
+            let rows = |g: Granularity| {
+                delta
+                    .tables
+                    .iter()
+                    .find(|(t, _)| *t == g)
+                    .map_or(0, |(_, r)| r.len())
+            };
+            assert_eq!(rows(Granularity::Minute), minute_rows, "{}", spec.name);
+            assert_eq!(rows(Granularity::Hour), hour_rows, "{}", spec.name);
+        }
+        // Without a retention every minute row is kept.
+        let mut fold = Fold::at(&spec("\"key\"", "\"minute\"", "UTC"), now);
+        for e in &events {
+            fold.add(e, charge(e));
+        }
+        assert_eq!(fold.finish().tables[0].1.len(), 5);
     }
 
     #[test]
