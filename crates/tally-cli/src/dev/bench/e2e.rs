@@ -201,8 +201,8 @@ pub async fn e2e(params: &E2eBench) -> Result<Vec<E2eResult>, BenchError> {
             wait_folded(&store, &mut tally, events.len(), Duration::from_secs(3600)).await?;
             let folded = started.elapsed();
             let drain_rss_mib = peak_rss_mib(&tally);
-            super::project::check_totals(&store, specs.iter().map(|s| &**s), events.len())
-                .await?;
+            let ts: Vec<_> = events.iter().map(|e| e.ts).collect();
+            super::project::check_totals(&store, specs.iter().map(|s| &**s), &ts).await?;
             store.close().await;
             let drain_rate = rate(folded);
             println!(
