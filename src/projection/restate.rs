@@ -299,7 +299,7 @@ impl At<'_> {
 enum Source {
     /// Folded from the events (the finest table; every table where finer
     /// rows do not sum up exactly).
-    Events(Fold),
+    Events(Box<Fold>),
     /// Summed from the finer table's rows once those are swapped in.
     Finer(Granularity),
 }
@@ -428,7 +428,7 @@ pub async fn prepare(
                     .into_inner()
                     .map_err(|_| ProjectionError::ReadTask("a restatement read panicked".into()))?;
                 events += read;
-                Source::Events(fold)
+                Source::Events(Box::new(fold))
             }
         };
         tables.push(Table {
