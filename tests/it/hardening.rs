@@ -1547,18 +1547,7 @@ async fn nats_batches_are_bounded_by_bytes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn token_checks_do_not_queue_during_a_database_outage() {
     use tally::auth::{create_token, Scope};
-    let mut pg = tally_cli::dev::devserver::TempPostgres::start(false).expect("private postgres");
-    let url = pg.create_database("authout").expect("db");
-    let store = tally::store::connect(
-        &url,
-        &tally::store::StoreOptions {
-            acquire_timeout: Duration::from_secs(1),
-            ..Default::default()
-        },
-    )
-    .await
-    .expect("connect");
-    store.migrate().await.expect("migrate");
+    let (mut pg, store) = support::private_postgres("authout", Duration::from_secs(1)).await;
     let (token, _) = create_token(&store, "reader", &[Scope::Read], "test")
         .await
         .expect("token");

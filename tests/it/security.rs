@@ -494,18 +494,7 @@ async fn unavailable_answers_name_the_dependency_not_its_error() {
 
     // A database that goes away after the token list was read: the routes'
     // own answers.
-    let mut pg = tally_cli::dev::devserver::TempPostgres::start(false).expect("private postgres");
-    let url = pg.create_database("down503").expect("db");
-    let store = tally::store::connect(
-        &url,
-        &tally::store::StoreOptions {
-            acquire_timeout: Duration::from_millis(500),
-            ..Default::default()
-        },
-    )
-    .await
-    .expect("connect");
-    store.migrate().await.expect("migrate");
+    let (mut pg, store) = support::private_postgres("down503", Duration::from_millis(500)).await;
     let srv = TestServer::start(store, support::server_config()).await;
     assert_eq!(srv.get("/v1/alert-rules").await.0, 200);
     pg.kill_server().expect("stop postgres");

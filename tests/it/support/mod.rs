@@ -81,6 +81,28 @@ pub async fn dead_store(userinfo: &str, acquire_timeout: std::time::Duration) ->
     .expect("lazy connect")
 }
 
+/// A PostgreSQL cluster of the test's own (so it can be stopped) with a
+/// migrated database `name`, and a store on it whose pool gives up after
+/// `acquire_timeout`.
+pub async fn private_postgres(
+    name: &str,
+    acquire_timeout: std::time::Duration,
+) -> (TempPostgres, Store) {
+    let pg = TempPostgres::start(false).expect("private postgres");
+    let url = pg.create_database(name).expect("db");
+    let store = store::connect(
+        &url,
+        &StoreOptions {
+            acquire_timeout,
+            ..Default::default()
+        },
+    )
+    .await
+    .expect("connect");
+    store.migrate().await.expect("migrate");
+    (pg, store)
+}
+
 /// Server config with defaults and port 0.
 pub fn server_config() -> ServerConfig {
     use clap::Parser;
