@@ -203,12 +203,12 @@ impl Shape {
     /// The read's values by the split dimension's value, each with the
     /// members' grouping (the split dimension taken off the group); one
     /// entry (`""`) when the shape has no split dimension.
-    fn split(&self, values: &HashMap<Group, Measures>) -> HashMap<String, Values> {
+    fn split(&self, values: &Values) -> HashMap<String, Values> {
         if self.split.is_none() {
-            return HashMap::from([(String::new(), Arc::new(values.clone()))]);
+            return HashMap::from([(String::new(), values.clone())]);
         }
         let mut out: HashMap<String, HashMap<Group, Measures>> = HashMap::new();
-        for (g, m) in values {
+        for (g, m) in values.iter() {
             let mut dims = g.0.clone();
             let Some((_, value)) = dims.pop() else {
                 continue;
@@ -1128,11 +1128,11 @@ mod tests {
             requests: n,
             ..Measures::default()
         };
-        let read: HashMap<Group, Measures> = HashMap::from([
+        let read: Values = Arc::new(HashMap::from([
             (g("k1", "x"), m(1)),
             (g("k1", "y"), m(2)),
             (g("k2", "y"), m(3)),
-        ]);
+        ]));
         let split = shared.split(&read);
         let key = |k: &str| Group(vec![(Dimension::Key, k.into())]);
         assert_eq!(split["x"].len(), 1);
