@@ -51,7 +51,7 @@ use super::rebuild::{shadow_state, SHADOW_SUFFIX};
 use super::ProjectionError;
 use crate::aggregate::bucket::{bucket_start, next_bucket};
 use crate::aggregate::measures::{RowKey, Rows};
-use crate::aggregate::spec::{Dimension, Granularity, Spec};
+use crate::aggregate::spec::{Dimension, Granularity, Spec, FOLD_MARGIN};
 use crate::backoff::Backoff;
 use crate::store::corrections::{Restatement, Scope};
 use crate::store::{AggRow, Cursor, Folded, Restating, Store};
@@ -592,13 +592,14 @@ async fn catch_up(folded: &mut Folded, prepared: &mut Prepared) -> Result<(), Pr
 /// Whether `spec`'s `finer` table, from `start` on, sums exactly to every
 /// coarser one: in UTC every coarser bucket is a whole number of finer ones
 /// (elsewhere a half-hour DST shift can split an hour across two days), and
-/// retention must not have deleted finer rows there yet (a day of margin).
+/// retention must not have deleted finer rows there yet, and the fold must
+/// have written them ([`FOLD_MARGIN`] inside the retention, the same margin).
 fn sums_up(spec: &Spec, finer: Granularity, start: DateTime<Utc>) -> bool {
     spec.timezone == chrono_tz::Tz::UTC
         && spec.retention.get(&finer).is_none_or(|keep| {
             chrono::Duration::from_std(*keep)
                 .ok()
-                .and_then(|keep| Utc::now().checked_sub_signed(keep + chrono::Duration::days(1)))
+                .and_then(|keep| Utc::now().checked_sub_signed(keep + FOLD_MARGIN))
                 .is_some_and(|oldest| start >= oldest)
         })
 }

@@ -726,10 +726,7 @@ async fn new_databases_exports_and_ledgers_are_private() {
         .append(
             &[support::full_event("f1", chrono::Utc::now())],
             &[],
-            &tally::store::Origin {
-                source: "test",
-                subject: None,
-            },
+            &crate::projection::oracle::origin(),
         )
         .await
         .expect("append");
@@ -901,10 +898,7 @@ async fn a_rule_over_250_000_keys_is_evaluated() {
     let url = pg.create_database("wide").expect("db");
     let store = support::open(&url).await;
     let now = chrono::Utc::now();
-    let origin = tally::store::Origin {
-        source: "test",
-        subject: None,
-    };
+    let origin = crate::projection::oracle::origin();
     let mut events: Vec<tally::event::Event> = (0..250_000)
         .map(|i| {
             let mut e = support::full_event(&format!("wide-{i}"), now);
