@@ -212,6 +212,13 @@ pub struct ProjectionConfig {
     #[arg(long, env = "TALLY_PROJECTOR_LEASE", default_value = "10s", value_parser = crate::duration::parse)]
     pub projector_lease: Duration,
 
+    /// Longest the day and month tables' new rows wait before they commit
+    /// while events keep coming (minute and hour tables commit with every
+    /// batch). Longer: fewer rewrites of each busy day and month row, and a
+    /// staler `as_of` on those tables under load; `0s`: with every batch.
+    #[arg(long, env = "TALLY_COARSE_COMMIT_INTERVAL", default_value = "10s", value_parser = crate::duration::parse)]
+    pub coarse_commit_interval: Duration,
+
     /// Crash-test hooks (`projector.before_commit=0.1,projector.after_commit=0.1`).
     /// Never set this in production: the process aborts at random commits.
     #[arg(long, env = "TALLY_FAILPOINTS", hide = true, default_value = "")]
@@ -228,6 +235,7 @@ impl ProjectionConfig {
             failpoints: Failpoints::parse(&self.failpoints)?,
             on_commit: None,
             wake: None,
+            coarse_every: self.coarse_commit_interval,
         })
     }
 }

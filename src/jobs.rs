@@ -478,28 +478,64 @@ pub async fn reconcile_day(
 ) -> Result<(usize, Option<Mismatch>), JobError> {
     let from = day_start(day, spec.timezone);
     let to = next_bucket(from, Granularity::Day, spec.timezone);
-    let read = store
-        .projections()
-        .reconcile_read(spec, grans, from, to)
-        .await?;
-    if read.cursor.is_none() {
-        return Ok((0, None));
-    }
-    let mut fold = Fold::new(spec);
-    for e in &read.events {
-        fold.add(e, read.catalog.charge(e));
-    }
-    let delta = fold.finish();
     let mut differing = 0usize;
     let mut first: Option<String> = None;
     let mut compared = 0usize;
-    for (g, stored) in &read.stored {
+    // Each tier's tables against the events at or before its own checkpoint.
+    for tier in spec.tiers() {
+        let tier_grans: Vec<Granularity> = grans
+            .iter()
+            .copied()
+            .filter(|g| tier.spec.granularities.contains(g))
+            .collect();
+        if tier_grans.is_empty() {
+            continue;
+        }
+        let read = store
+            .projections()
+            .reconcile_read(spec, &tier.state, &tier_grans, from, to)
+            .await?;
+        if read.cursor.is_none() {
+            continue;
+        }
+        let mut fold = Fold::new(&tier.spec);
+        for e in &read.events {
+            fold.add(e, read.catalog.charge(e));
+        }
+        let delta = fold.finish();
+        compare_tables(
+            &read.stored,
+            &delta,
+            &mut compared,
+            &mut differing,
+            &mut first,
+        );
+    }
+    let mismatch = (differing > 0).then(|| Mismatch {
+        projection: spec.name.clone(),
+        day,
+        rows: differing,
+        first: first.unwrap_or_default(),
+    });
+    Ok((compared, mismatch))
+}
+
+/// Compares one tier's stored tables with the rows its events recompute to,
+/// counting rows compared and differing and keeping the first difference.
+fn compare_tables(
+    stored_tables: &[(Granularity, Vec<crate::store::AggRow>)],
+    delta: &crate::aggregate::Delta,
+    compared: &mut usize,
+    differing: &mut usize,
+    first: &mut Option<String>,
+) {
+    for (g, stored) in stored_tables {
         let Some((_, expected)) = delta.tables.iter().find(|(dg, _)| dg == g) else {
             continue;
         };
         let mut seen = 0usize;
         for row in stored {
-            compared += 1;
+            *compared += 1;
             let key = crate::aggregate::measures::RowKey {
                 bucket: row.bucket,
                 dims: row.dims.clone(),
@@ -508,7 +544,7 @@ pub async fn reconcile_day(
                 Some(m) => {
                     seen += 1;
                     if *m != row.measures {
-                        differing += 1;
+                        *differing += 1;
                         first.get_or_insert_with(|| {
                             format!(
                                 "{} bucket {} {:?}: stored requests={} cost_nanos={} tokens_in={} errors={}, recomputed requests={} cost_nanos={} tokens_in={} errors={}",
@@ -520,7 +556,7 @@ pub async fn reconcile_day(
                     }
                 }
                 None => {
-                    differing += 1;
+                    *differing += 1;
                     first.get_or_insert_with(|| {
                         format!(
                             "{} bucket {} {:?}: stored row has no events in the raw log (requests={})",
@@ -535,7 +571,7 @@ pub async fn reconcile_day(
         }
         if seen < expected.len() {
             let missing = expected.len() - seen;
-            differing += missing;
+            *differing += missing;
             if first.is_none() {
                 let stored_keys: BTreeSet<(DateTime<Utc>, &Vec<String>)> =
                     stored.iter().map(|r| (r.bucket, &r.dims)).collect();
@@ -543,7 +579,7 @@ pub async fn reconcile_day(
                     .iter()
                     .find(|(k, _)| !stored_keys.contains(&(k.bucket, &k.dims)))
                 {
-                    first = Some(format!(
+                    *first = Some(format!(
                         "{} bucket {} {:?}: missing from the table (recomputed requests={})",
                         g.as_str(),
                         k.bucket.to_rfc3339(),
@@ -554,13 +590,6 @@ pub async fn reconcile_day(
             }
         }
     }
-    let mismatch = (differing > 0).then(|| Mismatch {
-        projection: spec.name.clone(),
-        day,
-        rows: differing,
-        first: first.unwrap_or_default(),
-    });
-    Ok((compared, mismatch))
 }
 
 /// Raises (once) or resolves the reconciliation alert of one projection-day.

@@ -315,13 +315,27 @@ pub async fn render(store: &Store) -> String {
         Ok(states) => {
             let mut lag_events = Vec::new();
             let mut lag_seconds = Vec::new();
-            for s in states.iter().filter(|s| !s.name.contains('~')) {
-                let l = labels(&["projection"], std::slice::from_ref(&s.name));
+            // A projection's lag is its most behind tier's (`<name>~coarse`
+            // beside `<name>`); a rebuild's shadow is not a projection.
+            let mut by_projection: std::collections::BTreeMap<&str, (Option<i64>, Option<f64>)> =
+                std::collections::BTreeMap::new();
+            for s in states.iter().filter(|s| !s.name.ends_with("~rebuild")) {
+                let name = s.name.split('~').next().unwrap_or(&s.name);
+                let entry = by_projection.entry(name).or_default();
                 if let Ok(n) = store.projections().events_after(s.cursor).await {
-                    lag_events.push((l.clone(), n as f64));
+                    entry.0 = Some(entry.0.map_or(n, |m| m.max(n)));
                 }
                 if let Some(as_of) = s.as_of {
                     let secs = (Utc::now() - as_of).num_milliseconds().max(0) as f64 / 1000.0;
+                    entry.1 = Some(entry.1.map_or(secs, |m| m.max(secs)));
+                }
+            }
+            for (name, (events, secs)) in by_projection {
+                let l = labels(&["projection"], &[name.to_string()]);
+                if let Some(n) = events {
+                    lag_events.push((l.clone(), n as f64));
+                }
+                if let Some(secs) = secs {
                     lag_seconds.push((l, secs));
                 }
             }

@@ -290,4 +290,29 @@ impl Delta {
     pub fn rows(&self) -> usize {
         self.tables.iter().map(|(_, r)| r.len()).sum()
     }
+
+    /// Adds `other`'s rows to these (the rows of two cursor slices, one after
+    /// the other, as one delta): what applying both would add.
+    pub fn merge(&mut self, other: Delta) {
+        self.events += other.events;
+        for (g, rows) in other.tables {
+            let Some(i) = self.tables.iter().position(|(t, _)| *t == g) else {
+                self.tables.push((g, rows));
+                continue;
+            };
+            let mine = &mut self.tables[i].1;
+            if mine.is_empty() {
+                *mine = rows;
+                continue;
+            }
+            for (key, m) in rows {
+                match mine.get_mut(&key) {
+                    Some(row) => row.merge(&m),
+                    None => {
+                        mine.insert(key, m);
+                    }
+                }
+            }
+        }
+    }
 }

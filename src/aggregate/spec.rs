@@ -135,6 +135,51 @@ impl Granularity {
     }
 }
 
+/// A set of a projection's tables folded and committed together, under a
+/// checkpoint of their own: the minute and hour tables (`fine`, committed
+/// within a second of the events) and the day and month tables (`coarse`,
+/// committed every few seconds, so a busy group's day and month rows are
+/// rewritten once per interval rather than once per commit).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Tier {
+    /// Minute and hour tables.
+    Fine,
+    /// Day and month tables.
+    Coarse,
+}
+
+impl Tier {
+    /// The tier whose tables hold `g`.
+    pub fn of(g: Granularity) -> Tier {
+        match g {
+            Granularity::Minute | Granularity::Hour => Tier::Fine,
+            Granularity::Day | Granularity::Month => Tier::Coarse,
+        }
+    }
+
+    /// `fine` or `coarse`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Tier::Fine => "fine",
+            Tier::Coarse => "coarse",
+        }
+    }
+}
+
+/// One tier of a projection: its checkpoint row and the spec of its tables
+/// (the projection's spec with only the tier's granularities, whose hash
+/// that checkpoint row stores).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TierSpec {
+    /// Which tier.
+    pub tier: Tier,
+    /// The checkpoint row's name: the projection's name for its finest tier,
+    /// `<name>~coarse` for a coarse tier beside a fine one.
+    pub state: String,
+    /// The tier's tables.
+    pub spec: Spec,
+}
+
 /// A validated projection spec.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Spec {
@@ -305,6 +350,57 @@ impl Spec {
     /// The table holding one granularity.
     pub fn table(&self, granularity: Granularity) -> String {
         table_name(&self.name, granularity)
+    }
+
+    /// The projection's tiers, finest first (one or two): see [`Tier`].
+    pub fn tiers(&self) -> Vec<TierSpec> {
+        let mut out: Vec<TierSpec> = Vec::new();
+        for &g in &self.granularities {
+            let tier = Tier::of(g);
+            match out.iter_mut().find(|t| t.tier == tier) {
+                Some(t) => t.spec.granularities.push(g),
+                None => out.push(TierSpec {
+                    tier,
+                    state: tier_state(&self.name, tier, out.is_empty()),
+                    spec: Spec {
+                        granularities: vec![g],
+                        retention: BTreeMap::new(),
+                        ..self.clone()
+                    },
+                }),
+            }
+        }
+        for t in &mut out {
+            t.spec.retention = self
+                .retention
+                .iter()
+                .filter(|(g, _)| Tier::of(**g) == t.tier)
+                .map(|(g, d)| (*g, *d))
+                .collect();
+        }
+        out
+    }
+
+    /// The checkpoint row whose `as_of` and cursor the table of `g` is at.
+    pub fn checkpoint_of(&self, g: Granularity) -> String {
+        let first = self.granularities.first().copied().map(Tier::of);
+        let tier = Tier::of(g);
+        tier_state(&self.name, tier, first.is_none_or(|f| f == tier))
+    }
+
+    /// The checkpoint rows of every tier.
+    pub fn checkpoints(&self) -> Vec<String> {
+        self.tiers().into_iter().map(|t| t.state).collect()
+    }
+}
+
+/// The checkpoint row of `projection`'s `tier`: the projection's own name
+/// for its finest tier, `<projection>~<tier>` for the other.
+pub fn tier_state(projection: &str, tier: Tier, finest: bool) -> String {
+    if finest {
+        projection.to_string()
+    } else {
+        format!("{projection}~{}", tier.as_str())
     }
 }
 
@@ -484,6 +580,41 @@ mod tests {
         for (a, b) in shipped.iter().zip(&built_in) {
             assert_eq!(a.hash(), b.hash(), "{}", a.name);
         }
+    }
+
+    #[test]
+    fn tiers_split_the_tables_by_cadence_and_name_their_checkpoints() {
+        let specs = SpecSource::Builtin.load().expect("built-in specs");
+        let by = |n: &str| specs.iter().find(|s| s.name == n).expect("spec").clone();
+        let tiers = |s: &Spec| {
+            s.tiers()
+                .into_iter()
+                .map(|t| (t.tier, t.state, t.spec.granularities))
+                .collect::<Vec<_>>()
+        };
+        use Granularity::*;
+        assert_eq!(
+            tiers(&by("by_api")),
+            vec![
+                (Tier::Fine, "by_api".to_string(), vec![Hour]),
+                (Tier::Coarse, "by_api~coarse".to_string(), vec![Day, Month]),
+            ]
+        );
+        // Only day and month tables: the one tier keeps the projection's name
+        // (and the whole spec's hash, so its checkpoint needs no upgrade).
+        let by_user = by("by_user");
+        assert_eq!(
+            tiers(&by_user),
+            vec![(Tier::Coarse, "by_user".to_string(), vec![Day, Month])]
+        );
+        assert_eq!(by_user.tiers()[0].spec.hash(), by_user.hash());
+        let minute = by("alerts_minute");
+        assert_eq!(minute.tiers()[0].spec.retention, minute.retention);
+        let by_key = by("by_key");
+        assert_eq!(by_key.checkpoint_of(Hour), "by_key");
+        assert_eq!(by_key.checkpoint_of(Month), "by_key~coarse");
+        assert_eq!(by_user.checkpoint_of(Day), "by_user");
+        assert_eq!(by_key.checkpoints(), vec!["by_key", "by_key~coarse"]);
     }
 
     #[test]

@@ -482,7 +482,15 @@ impl Evaluator {
         self.cache_stable = match &self.signal {
             Some(signal) => {
                 let late = signal.take_oldest().is_some_and(|t| t < head_from);
-                let leads = signal.leads_all(self.catalog.specs.iter().map(|s| s.name.as_str()));
+                let leads = signal.leads_all(
+                    self.catalog
+                        .specs
+                        .iter()
+                        .flat_map(|s| s.checkpoints())
+                        .collect::<Vec<_>>()
+                        .iter()
+                        .map(String::as_str),
+                );
                 if late || !leads {
                     if let Ok(mut s) = self.stable.lock() {
                         s.clear();

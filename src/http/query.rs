@@ -143,6 +143,30 @@ pub struct ProjectionView {
     pub restating: i64,
     /// How long each granularity's buckets are kept (`8days`); absent granularities are kept forever.
     pub retention: BTreeMap<String, String>,
+    /// Each tier's checkpoint: the minute and hour tables (`fine`) commit
+    /// with every batch, the day and month tables (`coarse`) at most every
+    /// `TALLY_COARSE_COMMIT_INTERVAL` while events keep coming. `as_of` and
+    /// `lag_events` above are the lowest `as_of` and the largest lag of
+    /// these; `checkpoint` is the finest tier's.
+    pub tiers: Vec<TierView>,
+}
+
+/// One tier of a projection in `GET /v1/projections`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct TierView {
+    /// `fine` (minute and hour tables) or `coarse` (day and month tables).
+    #[schema(value_type = String)]
+    pub tier: &'static str,
+    /// The tier's granularities.
+    #[schema(value_type = Vec<String>)]
+    pub granularities: Vec<&'static str>,
+    /// Every event committed before this instant is in the tier's tables.
+    #[serde(serialize_with = "rfc3339_opt")]
+    pub as_of: Option<DateTime<Utc>>,
+    /// Events in the log after the tier's checkpoint.
+    pub lag_events: Option<i64>,
+    /// Checkpoint cursor as `tx:seq`.
+    pub checkpoint: Option<String>,
 }
 
 /// The `GET /v1/projections` answer.
@@ -215,6 +239,17 @@ pub async fn get_projections(
             events_folded: p.events_folded,
             checkpoint: p.checkpoint,
             rebuilding: p.rebuilding,
+            tiers: p
+                .tiers
+                .into_iter()
+                .map(|t| TierView {
+                    tier: t.tier,
+                    granularities: t.granularities,
+                    as_of: t.as_of,
+                    lag_events: t.lag_events,
+                    checkpoint: t.checkpoint,
+                })
+                .collect(),
         })
         .collect();
     Ok(Json(Projections { projections }))

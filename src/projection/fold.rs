@@ -325,6 +325,50 @@ mod tests {
             .expect("some latency is binned above itself")
     }
 
+    /// Two batches' deltas merged equal one fold of both batches (what a
+    /// coarse tier commits after holding its rows over several steps).
+    #[test]
+    fn merged_deltas_equal_one_fold_of_both_batches() {
+        let spec = spec(
+            "\"api\", \"key\", \"model\"",
+            "\"day\", \"month\"",
+            "Europe/Berlin",
+        );
+        let events: Vec<Event> = (0..400)
+            .map(|i| {
+                event(
+                    1_700_000_000 + i * 977,
+                    (i % 7) as u8,
+                    (i % 3) as u8,
+                    (i % 4 != 0).then_some(i as f64 * 1.5),
+                    i % 5 == 0,
+                )
+            })
+            .collect();
+        let fold_of = |events: &[Event]| {
+            let mut f = Fold::new(&spec);
+            for e in events {
+                f.add(e, charge(e));
+            }
+            f.finish()
+        };
+        let whole = fold_of(&events);
+        let mut merged = fold_of(&events[..150]);
+        merged.merge(fold_of(&events[150..]));
+        assert_eq!(merged.events, whole.events);
+        assert_eq!(merged.tables.len(), whole.tables.len());
+        for ((g, rows), (wg, wrows)) in merged.tables.iter().zip(&whole.tables) {
+            assert_eq!(g, wg);
+            let sorted = |r: &Rows| {
+                let mut v: Vec<(RowKey, Measures)> =
+                    r.iter().map(|(k, m)| (k.clone(), m.clone())).collect();
+                v.sort_by(|a, b| a.0.cmp(&b.0));
+                v
+            };
+            assert_eq!(sorted(rows), sorted(wrows), "{g:?}");
+        }
+    }
+
     #[test]
     fn minute_rows_past_the_retention_and_its_margin_are_not_folded() {
         let now = DateTime::parse_from_rfc3339("2026-12-07T12:00:30Z")

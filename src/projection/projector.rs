@@ -39,7 +39,7 @@ use super::ProjectionError;
 use crate::aggregate::measures::Delta;
 use crate::aggregate::price::Catalog;
 use crate::aggregate::sketch::Bin;
-use crate::aggregate::spec::Spec;
+use crate::aggregate::spec::{Spec, Tier};
 use crate::backoff::Backoff;
 use crate::lease::{Holding, Lease, LeaseKind};
 use crate::store::{Apply, ApplyOutcome, Cursor, LogBatch, Store, Watermark};
@@ -64,6 +64,11 @@ pub struct ProjectorConfig {
     /// them at once rather than after `poll_interval` (which still bounds the
     /// wait for events other instances append).
     pub wake: Option<Arc<tokio::sync::Notify>>,
+    /// Longest the coarse tier's rows (day and month tables) wait in memory
+    /// before they commit while events keep coming; they commit sooner once
+    /// the projector finds nothing new or they reach [`PENDING_MAX_ROWS`].
+    /// Zero: with every batch, like the fine tier.
+    pub coarse_every: Duration,
 }
 
 impl Default for ProjectorConfig {
@@ -75,13 +80,14 @@ impl Default for ProjectorConfig {
             failpoints: Failpoints::default(),
             on_commit: None,
             wake: None,
+            coarse_every: COARSE_EVERY,
         }
     }
 }
 
 /// Probabilities of aborting the process at the projector's crash points,
 /// set by `TALLY_FAILPOINTS=projector.before_commit=0.2,projector.after_commit=0.2`
-/// (and `restate.before_commit`).
+/// (and `restate.before_commit`, `restate.between_tiers`).
 /// Only the crash tests set them.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Failpoints {
@@ -91,6 +97,8 @@ pub struct Failpoints {
     pub after_commit: f64,
     /// A restatement, between writing its rows and committing.
     pub restate_before_commit: f64,
+    /// A restatement, after one tier's commit and before the next tier's.
+    pub restate_between_tiers: f64,
 }
 
 impl Failpoints {
@@ -108,7 +116,8 @@ impl Failpoints {
                 "projector.before_commit" => f.before_commit = p,
                 "projector.after_commit" => f.after_commit = p,
                 "restate.before_commit" => f.restate_before_commit = p,
-                _ => return Err(format!("unknown failpoint `{name}`; known: projector.before_commit, projector.after_commit, restate.before_commit")),
+                "restate.between_tiers" => f.restate_between_tiers = p,
+                _ => return Err(format!("unknown failpoint `{name}`; known: projector.before_commit, projector.after_commit, restate.before_commit, restate.between_tiers")),
             }
         }
         Ok(f)
@@ -251,6 +260,15 @@ impl FoldSignal {
 /// Events per log read.
 pub const READ_CHUNK: i64 = 2_500;
 
+/// [`ProjectorConfig::coarse_every`] by default.
+pub const COARSE_EVERY: Duration = Duration::from_secs(10);
+
+/// Rows the uncommitted deltas of a group's members may hold together before
+/// they commit whatever their cadence. They count against the batch's
+/// [`MAX_DELTA_ROWS`] too, so what a group holds in memory stays within that
+/// budget (a row is a few hundred bytes).
+pub const PENDING_MAX_ROWS: usize = 20_000;
+
 /// Aggregate rows after which a transaction's delta stops growing (bounds
 /// memory and transaction size). Checked after each [`READ_CHUNK`], so a
 /// delta may pass it by one chunk's rows (~9 per event when every event
@@ -260,8 +278,11 @@ pub const MAX_DELTA_ROWS: usize = 40_000;
 /// What one [`FoldGroup::step`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Step {
-    /// Events folded and committed (counted once per event, not per member).
+    /// Events read and folded (counted once per event, not per member): in
+    /// every member's committed rows, or in a coarse member's pending ones.
     pub folded: usize,
+    /// Members whose rows committed.
+    pub commits: usize,
     /// The last read returned fewer events than asked: nothing more is foldable now.
     pub caught_up: bool,
     /// Caught up, but committed events wait behind a transaction still
@@ -269,7 +290,8 @@ pub struct Step {
     pub held_back: bool,
     /// A checkpoint had moved under us; the cursors were reloaded.
     pub stale: bool,
-    /// The oldest event timestamp committed by this step.
+    /// The oldest event timestamp committed by this step (over the members
+    /// that committed).
     pub oldest: Option<DateTime<Utc>>,
     /// Aggregate rows upserted (across members and granularities).
     pub rows: usize,
@@ -281,7 +303,8 @@ pub struct Step {
     pub apply: Duration,
 }
 
-/// One projection inside a [`FoldGroup`]: its spec and where its checkpoint is.
+/// One checkpoint inside a [`FoldGroup`] (a projection's tier, or a rebuild's
+/// shadow): the spec of its tables and where its checkpoint is.
 #[derive(Debug)]
 struct Member {
     spec: Arc<Spec>,
@@ -297,6 +320,85 @@ struct Member {
     lease: Option<Lease>,
     /// Gave way to a restatement since its last commit: it may not again.
     gave_way: bool,
+    /// A coarse tier: commits at [`ProjectorConfig::coarse_every`] under
+    /// [`FoldGroup::run`] (every batch elsewhere).
+    coarse: bool,
+    /// How long its folded rows may wait before they commit (zero: every step).
+    every: Duration,
+    /// Folded after `cursor`, not committed yet.
+    pending: Option<Pending>,
+}
+
+/// What a member folded after its checkpoint and has not committed: it lives
+/// only in memory and is dropped on any doubt (a stale compare-and-set,
+/// giving way to a restatement, a lost lease, a crash); the member then reads
+/// again from its committed cursor. Its commit is an ordinary
+/// compare-and-set from the committed cursor to `to`, the rows of exactly
+/// that cursor slice.
+#[derive(Debug)]
+struct Pending {
+    /// The cursor its rows reach.
+    to: Cursor,
+    delta: Delta,
+    /// The latest `as_of` read with it (true for `to`).
+    as_of: Option<DateTime<Utc>>,
+    oldest: Option<DateTime<Utc>>,
+    /// When its first rows were folded.
+    since: Instant,
+}
+
+impl Member {
+    /// Where the member's next read starts: after its pending rows.
+    fn read_at(&self) -> Cursor {
+        self.pending.as_ref().map_or(self.cursor, |p| p.to)
+    }
+
+    /// Takes a batch folded after [`Member::read_at`] into the pending rows.
+    fn absorb(
+        &mut self,
+        to: Cursor,
+        delta: Delta,
+        as_of: Option<DateTime<Utc>>,
+        oldest: Option<DateTime<Utc>>,
+    ) {
+        match &mut self.pending {
+            Some(p) => {
+                if to != p.to {
+                    p.delta.merge(delta);
+                    p.to = to;
+                    p.oldest = match (p.oldest, oldest) {
+                        (Some(a), Some(b)) => Some(a.min(b)),
+                        (a, b) => a.or(b),
+                    };
+                }
+                p.as_of = as_of.or(p.as_of);
+            }
+            None if to != self.cursor => {
+                self.pending = Some(Pending {
+                    to,
+                    delta,
+                    as_of,
+                    oldest,
+                    since: Instant::now(),
+                })
+            }
+            None => {}
+        }
+    }
+
+    /// Whether the pending rows commit now: their interval passed, or `now`
+    /// (the projector found nothing new, or the group's pending rows reached
+    /// [`PENDING_MAX_ROWS`]).
+    fn due(&self, now: bool) -> bool {
+        self.pending
+            .as_ref()
+            .is_some_and(|p| now || p.since.elapsed() >= self.every)
+    }
+
+    /// Rows waiting to commit.
+    fn pending_rows(&self) -> usize {
+        self.pending.as_ref().map_or(0, |p| p.delta.rows())
+    }
 }
 
 /// Projections folded together from one read of the log.
@@ -363,7 +465,41 @@ async fn open_member(
         leading: true,
         lease: None,
         gave_way: false,
+        coarse: false,
+        every: Duration::ZERO,
+        pending: None,
     })
+}
+
+/// Opens every tier of the live projection `spec` (see [`Tier`]), creating
+/// their tables and checkpoints if missing.
+async fn open_tiers(store: &Store, spec: &Spec) -> Result<Vec<Member>, ProjectionError> {
+    let rows = store.projections().ensure_tiers(spec).await?;
+    let mut members = Vec::with_capacity(rows.len());
+    for (t, row) in spec.tiers().into_iter().zip(rows) {
+        if row.spec_hash != t.spec.hash() {
+            return Err(ProjectionError::SpecChanged {
+                name: spec.name.clone(),
+                stored: row.spec,
+                now: t.spec.canonical(),
+            });
+        }
+        members.push(Member {
+            spec: Arc::new(t.spec),
+            state: t.state,
+            suffix: String::new(),
+            cursor: row.cursor,
+            generation: row.generation,
+            as_of: row.as_of,
+            leading: true,
+            lease: None,
+            gave_way: false,
+            coarse: t.tier == Tier::Coarse,
+            every: Duration::ZERO,
+            pending: None,
+        });
+    }
+    Ok(members)
 }
 
 impl FoldGroup {
@@ -418,11 +554,23 @@ impl FoldGroup {
             m.cursor = row.cursor;
             m.generation = row.generation;
             m.as_of = row.as_of;
+            m.pending = None;
         }
         self.marks.clear();
         self.prefetched = None;
         self.catalog = None;
         Ok(())
+    }
+
+    /// Rows held between steps: the pending rows of members with a cadence,
+    /// but those in `committing`.
+    fn held(&self, committing: &[usize]) -> usize {
+        self.members
+            .iter()
+            .enumerate()
+            .filter(|(i, m)| !m.every.is_zero() && !committing.contains(i))
+            .map(|(_, m)| m.pending_rows())
+            .sum()
     }
 
     /// Drops the member whose spec changed (named in the error), keeping the rest.
@@ -462,7 +610,9 @@ impl FoldGroup {
         let prepared = match self.prefetched.take() {
             Some(p) if p.leading == leading => p,
             _ => {
-                let base: Vec<Cursor> = leading.iter().map(|&i| self.members[i].cursor).collect();
+                let base: Vec<Cursor> =
+                    leading.iter().map(|&i| self.members[i].read_at()).collect();
+                let budget = MAX_DELTA_ROWS.saturating_sub(self.held(&[]));
                 prepare(
                     &self.store,
                     &self.members,
@@ -470,70 +620,117 @@ impl FoldGroup {
                     &mut self.marks,
                     leading.clone(),
                     base,
-                    limit,
+                    (limit, budget),
                 )
                 .await?
             }
         };
         let prepare_took = started.elapsed();
+        let Prepared {
+            leading,
+            to,
+            deltas,
+            as_of,
+            read,
+            caught_up,
+            held_back,
+            oldest,
+            ..
+        } = prepared;
+        // Each member takes its share into its pending rows; those whose
+        // rows are due commit them (the fine tier every step).
+        let idle = caught_up && read == 0;
         let idle_write_due = self.last_write.elapsed() >= IDLE_AS_OF_EVERY;
+        for ((&i, &to), delta) in leading.iter().zip(&to).zip(deltas) {
+            self.members[i].absorb(to, delta, as_of, oldest);
+        }
+        let full = self.held(&[]) >= PENDING_MAX_ROWS;
         let mut chosen = Vec::new();
-        for (k, &i) in prepared.leading.iter().enumerate() {
+        for &i in &leading {
             let m = &self.members[i];
-            let member_as_of = prepared
-                .as_of
-                .filter(|t| m.as_of.is_none_or(|old| *t > old));
-            let moved = prepared.to[k] != prepared.from[k];
-            if moved || (member_as_of.is_some() && idle_write_due) {
-                chosen.push((k, i, member_as_of));
+            if m.due(idle || full) {
+                chosen.push(i);
+            } else if m.pending.is_none()
+                && idle_write_due
+                && as_of.is_some_and(|t| m.as_of.is_none_or(|old| t > old))
+            {
+                // Nothing new: only a newer `as_of` to record.
+                chosen.push(i);
             }
         }
         if chosen.is_empty() {
             return Ok(Step {
-                caught_up: prepared.caught_up,
-                held_back: prepared.held_back,
+                folded: read as usize,
+                caught_up,
+                held_back,
+                prepare: prepare_took,
                 ..Step::default()
             });
         }
         let crash = Failpoints::fires(self.failpoints.before_commit);
         let waits: Vec<Option<Arc<Waiting>>> = chosen
             .iter()
-            .map(|&(_, i, _)| {
+            .map(|&i| {
                 let m = &self.members[i];
                 let signal = self.signal.as_ref().filter(|_| !m.gave_way)?;
                 Some(signal.waiting(&m.state))
             })
             .collect();
-        let applies: Vec<Apply<'_>> = chosen
+        let nothing = Delta::default();
+        // What each chosen member commits: its pending rows, or only a newer `as_of`.
+        let commits: Vec<(Cursor, Option<DateTime<Utc>>)> = chosen
             .iter()
-            .zip(&waits)
-            .map(|(&(k, i, member_as_of), wait)| Apply {
-                state: &self.members[i].state,
-                spec: &self.members[i].spec,
-                suffix: &self.members[i].suffix,
-                from: prepared.from[k],
-                generation: self.members[i].generation,
-                to: prepared.to[k],
-                as_of: member_as_of,
-                delta: &prepared.deltas[k],
-                before_commit: crash.then_some(crash_before_commit as fn()),
-                give_way: wait.as_deref().map(|w| &w.count),
+            .map(|&i| {
+                let m = &self.members[i];
+                let newer =
+                    |t: Option<DateTime<Utc>>| t.filter(|t| m.as_of.is_none_or(|old| *t > old));
+                match &m.pending {
+                    Some(p) => (p.to, newer(p.as_of)),
+                    None => (m.cursor, newer(as_of)),
+                }
             })
             .collect();
+        let applies: Vec<Apply<'_>> = chosen
+            .iter()
+            .zip(&commits)
+            .zip(&waits)
+            .map(|((&i, &(to, member_as_of)), wait)| {
+                let m = &self.members[i];
+                Apply {
+                    state: &m.state,
+                    spec: &m.spec,
+                    suffix: &m.suffix,
+                    from: m.cursor,
+                    generation: m.generation,
+                    to,
+                    as_of: member_as_of,
+                    delta: m.pending.as_ref().map_or(&nothing, |p| &p.delta),
+                    before_commit: crash.then_some(crash_before_commit as fn()),
+                    give_way: wait.as_deref().map(|w| &w.count),
+                }
+            })
+            .collect();
+        let rows: usize = applies.iter().map(|a| a.delta.rows()).sum();
+        let committed_oldest = chosen
+            .iter()
+            .filter_map(|&i| self.members[i].pending.as_ref().and_then(|p| p.oldest))
+            .min();
         let store = self.store.clone();
         let applying = Instant::now();
-        let (outcome, next) = if prepared.caught_up {
+        let budget = MAX_DELTA_ROWS.saturating_sub(self.held(&chosen));
+        let (outcome, next) = if caught_up {
             (store.projections().apply_fold(&applies).await, None)
         } else {
-            // The next batch starts where this one ends, as if it committed.
+            // The next batch starts where this one ends (after the pending
+            // rows), as if the commit went through.
             let next = prepare(
                 &store,
                 &self.members,
                 &catalog,
                 &mut self.marks,
-                prepared.leading.clone(),
-                prepared.to.clone(),
-                limit,
+                leading.clone(),
+                to.clone(),
+                (limit, budget),
             );
             let (outcome, next) = tokio::join!(store.projections().apply_fold(&applies), next);
             (outcome, Some(next))
@@ -545,7 +742,7 @@ impl FoldGroup {
         // way (on PostgreSQL the others may have committed): it may not give
         // way again until it commits.
         let mut gave_way = Vec::new();
-        for (&(_, i, _), wait) in chosen.iter().zip(&waits) {
+        for (&i, wait) in chosen.iter().zip(&waits) {
             let m = &mut self.members[i];
             if outcome == ApplyOutcome::Applied {
                 m.gave_way = false;
@@ -559,27 +756,25 @@ impl FoldGroup {
                 if Failpoints::fires(self.failpoints.after_commit) {
                     failpoint_abort("projector.after_commit");
                 }
-                for (k, &i) in prepared.leading.iter().enumerate() {
-                    self.members[i].cursor = prepared.to[k];
-                }
-                for &(_, i, member_as_of) in &chosen {
+                for (&i, &(to, member_as_of)) in chosen.iter().zip(&commits) {
+                    let m = &mut self.members[i];
+                    m.cursor = to;
+                    m.pending = None;
                     if member_as_of.is_some() {
-                        self.members[i].as_of = member_as_of;
+                        m.as_of = member_as_of;
                     }
                 }
                 self.last_write = Instant::now();
                 // A failed prefetch is not this step's failure: the next step reads again.
                 self.prefetched = next.and_then(Result::ok);
                 Ok(Step {
-                    folded: prepared.read as usize,
-                    caught_up: prepared.caught_up,
-                    held_back: prepared.held_back,
+                    folded: read as usize,
+                    commits: chosen.len(),
+                    caught_up,
+                    held_back,
                     stale: false,
-                    oldest: prepared.oldest,
-                    rows: chosen
-                        .iter()
-                        .map(|&(k, _, _)| prepared.deltas[k].rows())
-                        .sum(),
+                    oldest: committed_oldest,
+                    rows,
                     prepare: prepare_took,
                     apply: apply_took,
                 })
@@ -621,6 +816,11 @@ impl FoldGroup {
         let store = self.store.clone();
         for m in &mut self.members {
             m.leading = false;
+            m.every = if m.coarse {
+                config.coarse_every
+            } else {
+                Duration::ZERO
+            };
             m.lease = Some(Lease::new(
                 LeaseKind::Projection,
                 &m.state,
@@ -639,6 +839,10 @@ impl FoldGroup {
                 };
                 let holding = lease.keep(store.leases()).await;
                 m.leading = holding.held();
+                if !m.leading {
+                    // Another instance may fold (and commit) this slice now.
+                    m.pending = None;
+                }
                 if matches!(holding, Holding::Taken | Holding::Lost) {
                     taken |= holding == Holding::Taken;
                     if let Some(signal) = &config.on_commit {
@@ -665,10 +869,11 @@ impl FoldGroup {
             match self.step(config.batch_size).await {
                 Ok(step) => {
                     backoff.reset();
-                    if step.folded > 0 {
+                    if step.commits > 0 {
                         tracing::debug!(
                             projections = ?self.names(),
                             events = step.folded,
+                            commits = step.commits,
                             rows = step.rows,
                             prepare_ms = step.prepare.as_millis() as u64,
                             apply_ms = step.apply.as_millis() as u64,
@@ -748,8 +953,6 @@ impl FoldGroup {
 struct Prepared {
     /// Indices of the members it was folded for.
     leading: Vec<usize>,
-    /// Each member's cursor the batch was read after (the compare-and-set's `from`).
-    from: Vec<Cursor>,
     /// Each member's cursor after the batch.
     to: Vec<Cursor>,
     deltas: Vec<Delta>,
@@ -764,7 +967,8 @@ struct Prepared {
 }
 
 /// Reads up to `limit` events after the lowest of `base` and folds each into
-/// the members (`leading`, with cursors `base`) it lies after.
+/// the members (`leading`, with cursors `base`) it lies after, stopping once
+/// the delta holds `budget` rows.
 ///
 /// The log is read by a spawned task ([`read_ahead`]) that stays a chunk or
 /// two ahead: the database's scan and the decoding of rows run on the other
@@ -777,8 +981,10 @@ async fn prepare(
     marks: &mut VecDeque<Watermark>,
     leading: Vec<usize>,
     base: Vec<Cursor>,
-    limit: i64,
+    (limit, budget): (i64, usize),
 ) -> Result<Prepared, ProjectionError> {
+    // At least one chunk's worth, however much is held.
+    let budget = budget.max(MAX_DELTA_ROWS / 4);
     let from = base.iter().copied().min().unwrap_or_default();
     let mut folds: Vec<Fold> = leading
         .iter()
@@ -827,7 +1033,7 @@ async fn prepare(
                 }
             }
         }
-        if folds.iter().map(Fold::rows).sum::<usize>() >= MAX_DELTA_ROWS {
+        if folds.iter().map(Fold::rows).sum::<usize>() >= budget {
             capped = true;
             break;
         }
@@ -857,7 +1063,6 @@ async fn prepare(
     }
     Ok(Prepared {
         leading,
-        from: base,
         to,
         deltas: folds.into_iter().map(Fold::finish).collect(),
         as_of,
@@ -905,23 +1110,31 @@ async fn read_ahead(
 /// Folds one projection's tables (live, or shadow during a rebuild): a
 /// [`FoldGroup`] of one.
 pub struct Projector {
+    spec: Arc<Spec>,
     group: FoldGroup,
 }
 
 impl Projector {
-    /// Creates the tables and checkpoint if missing and checks that the stored
-    /// spec hash is this spec's.
+    /// Creates the tables and checkpoints if missing and checks that the
+    /// stored spec hashes are this spec's. The live projection (`state` is
+    /// the spec's name, no `suffix`) is folded by tier, each tier under its
+    /// own checkpoint ([`Tier`]); a rebuild's shadow under one.
     pub async fn open(
         store: Store,
         spec: Arc<Spec>,
         state: &str,
         suffix: &str,
     ) -> Result<Self, ProjectionError> {
-        let member = open_member(&store, spec, state, suffix).await?;
+        let members = if suffix.is_empty() && state == spec.name {
+            open_tiers(&store, &spec).await?
+        } else {
+            vec![open_member(&store, spec.clone(), state, suffix).await?]
+        };
         Ok(Self {
+            spec,
             group: FoldGroup {
                 store,
-                members: vec![member],
+                members,
                 marks: VecDeque::new(),
                 prefetched: None,
                 last_write: Instant::now(),
@@ -938,6 +1151,16 @@ impl Projector {
         self
     }
 
+    /// Lets the coarse tier's rows wait up to `every` before they commit, as
+    /// [`FoldGroup::run`] does with [`ProjectorConfig::coarse_every`] (tests;
+    /// elsewhere every step commits every tier).
+    pub fn with_coarse_every(mut self, every: Duration) -> Self {
+        for m in self.group.members.iter_mut().filter(|m| m.coarse) {
+            m.every = every;
+        }
+        self
+    }
+
     /// Lets this projector give way to restatements announced on `signal`
     /// (as [`FoldGroup::run`] does with [`ProjectorConfig::on_commit`]).
     pub fn with_signal(mut self, signal: Arc<FoldSignal>) -> Self {
@@ -947,12 +1170,12 @@ impl Projector {
 
     /// The spec being folded.
     pub fn spec(&self) -> &Spec {
-        &self.group.members[0].spec
+        &self.spec
     }
 
-    /// The last committed cursor as this projector knows it.
+    /// The lowest committed cursor of its checkpoints as this projector knows it.
     pub fn cursor(&self) -> Cursor {
-        self.group.members[0].cursor
+        self.group.min_cursor()
     }
 
     /// Re-reads the checkpoint.

@@ -79,7 +79,7 @@ pub async fn rebuild(
         if step.caught_up
             && store
                 .projections()
-                .swap_rebuilt(&spec, &spec.name, &shadow, SHADOW_SUFFIX)
+                .swap_rebuilt(&spec, &shadow, SHADOW_SUFFIX)
                 .await?
         {
             return Ok(RebuildReport { events: folded });

@@ -110,6 +110,21 @@ pub struct Restated {
     pub locked_ms: u64,
 }
 
+impl Restated {
+    /// Both restatements' figures (of two tiers).
+    fn plus(self, o: Restated) -> Restated {
+        Restated {
+            events: self.events + o.events,
+            rows: self.rows + o.rows,
+            under_lock: self.under_lock + o.under_lock,
+            snapshots: self.snapshots + o.snapshots,
+            unlocked_ms: self.unlocked_ms + o.unlocked_ms,
+            lock_wait_ms: self.lock_wait_ms + o.lock_wait_ms,
+            locked_ms: self.locked_ms + o.locked_ms,
+        }
+    }
+}
+
 /// Milliseconds since `t`.
 fn ms_since(t: std::time::Instant) -> u64 {
     u64::try_from(t.elapsed().as_millis()).unwrap_or(u64::MAX)
@@ -146,21 +161,33 @@ pub async fn restate(
     {
         r.finish(None).await?;
     }
-    match restate_state(store, spec, at(&spec.name), "", range, scope, reads).await? {
-        Some((r, report, _guard)) => {
-            if Failpoints::fires(failpoints.restate_before_commit) {
-                failpoint_abort("restate.before_commit");
+    // Each tier under its own checkpoint, one after the other; the queue row
+    // goes with the last commit, so a crash in between restates them all
+    // again (the result does not depend on how often it ran).
+    let tiers = spec.tiers();
+    let mut total = Restated::default();
+    for (n, t) in tiers.iter().enumerate() {
+        let last = n + 1 == tiers.len();
+        match restate_state(store, &t.spec, at(&t.state), "", range, scope, reads).await? {
+            Some((r, report, _guard)) => {
+                if Failpoints::fires(failpoints.restate_before_commit) {
+                    failpoint_abort("restate.before_commit");
+                }
+                r.finish(done.filter(|_| last)).await?;
+                total = total.plus(report);
+                if !last && Failpoints::fires(failpoints.restate_between_tiers) {
+                    failpoint_abort("restate.between_tiers");
+                }
             }
-            r.finish(done).await?;
-            Ok(report)
-        }
-        None => {
-            if let Some(id) = done {
-                store.corrections().done(id).await?;
+            None if last => {
+                if let Some(id) = done {
+                    store.corrections().done(id).await?;
+                }
             }
-            Ok(Restated::default())
+            None => {}
         }
     }
+    Ok(total)
 }
 
 /// Snapshots tried before a restatement is computed under the row lock.

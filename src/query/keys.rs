@@ -18,7 +18,7 @@ use super::{Catalog, QueryError};
 use crate::aggregate::bucket::{day_start, month_start};
 use crate::aggregate::spec::Dimension;
 use crate::aggregate::Measures;
-use crate::store::{Store, Top};
+use crate::store::{ProjectionState, Store, Top};
 
 /// The parameters `/v1/keys` accepts.
 pub const KEYS_PARAMETERS: &str = "from, to, tz, order_by (cost|requests|tokens|errors|…), limit, offset, and the filters api, endpoint, method, user, model, status, error_type, cached";
@@ -75,10 +75,7 @@ pub async fn range_totals(
         let states = catalog.checkpoints(store).await?;
         let mut as_of: Option<Option<DateTime<Utc>>> = None;
         for seg in &plan.segments {
-            let a = states
-                .iter()
-                .find(|s| s.name == seg.spec.name)
-                .and_then(|s| s.as_of);
+            let a = ProjectionState::as_of_for(&states, &seg.spec, seg.granularity);
             as_of = Some(match as_of {
                 None => a,
                 Some(prev) => prev.min(a),
@@ -461,12 +458,7 @@ pub async fn page(
         let as_of = plan
             .segments
             .iter()
-            .map(|seg| {
-                states
-                    .iter()
-                    .find(|s| s.name == seg.spec.name)
-                    .and_then(|s| s.as_of)
-            })
+            .map(|seg| ProjectionState::as_of_for(&states, &seg.spec, seg.granularity))
             .min()
             .flatten();
         RangeTotals {

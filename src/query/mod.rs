@@ -99,7 +99,7 @@ impl From<StoreError> for QueryError {
 pub struct TableStats {
     /// Size estimate per existing table.
     pub sizes: HashMap<String, i64>,
-    /// Projections with an `as_of`.
+    /// Checkpoints (projection tiers) with an `as_of`.
     pub ready: HashSet<String>,
 }
 

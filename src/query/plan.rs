@@ -35,7 +35,7 @@ pub fn find(
     let rank = |s: &Spec| {
         (
             // A projection still backfilling answers only if nothing else can.
-            !stats.ready.contains(&s.name),
+            !stats.ready.contains(&s.checkpoint_of(g)),
             // A table not (yet) created ranks last.
             stats.sizes.get(&s.table(g)).copied().unwrap_or(i64::MAX),
             s.dimensions.len(),
@@ -220,8 +220,9 @@ pub fn decompose(
     }
     // A level whose table is still backfilling would undercount its part of
     // the range: leave it to the others (if any level is caught up).
-    if levels.iter().any(|l| stats.ready.contains(&l.spec.name)) {
-        levels.retain(|l| stats.ready.contains(&l.spec.name));
+    let ready = |l: &Level| stats.ready.contains(&l.spec.checkpoint_of(l.granularity));
+    if levels.iter().any(ready) {
+        levels.retain(ready);
     }
     let mut segments = Vec::new();
     let covered = split(&levels, from, to, &mut segments);

@@ -13,7 +13,7 @@ use super::{Catalog, QueryError, MAX_POINTS, MAX_ROWS};
 use crate::aggregate::bucket::{bucket_start, next_bucket};
 use crate::aggregate::spec::{Dimension, Granularity};
 use crate::aggregate::Measures;
-use crate::store::{AggQuery, AggRow, Store, Top};
+use crate::store::{AggQuery, AggRow, ProjectionState, Store, Top};
 
 /// The parameters `/v1/stats` accepts (for messages).
 pub const PARAMETERS: &str = "from, to, granularity, group_by, tz, order_by, limit, fill, series, and the filters api, endpoint, method, key, user, model, status, error_type, cached";
@@ -209,12 +209,7 @@ pub async fn run(
     };
     let as_of = async {
         let states = catalog.checkpoints(store).await?;
-        Ok::<_, QueryError>(
-            states
-                .iter()
-                .find(|s| s.name == spec.name)
-                .and_then(|s| s.as_of),
-        )
+        Ok::<_, QueryError>(ProjectionState::as_of_for(&states, &spec, source))
     };
     // Top-N: rank the groups on summed integers first (no sketches), then read
     // full rows for the chosen groups only.

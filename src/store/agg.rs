@@ -86,6 +86,32 @@ pub struct ProjectionState {
     pub generation: i64,
 }
 
+impl ProjectionState {
+    /// The `as_of` of `spec`'s table at `g` among `states`: that of its
+    /// tier's checkpoint ([`Spec::checkpoint_of`]).
+    pub fn as_of_for(
+        states: &[ProjectionState],
+        spec: &Spec,
+        g: Granularity,
+    ) -> Option<DateTime<Utc>> {
+        let name = spec.checkpoint_of(g);
+        states.iter().find(|s| s.name == name).and_then(|s| s.as_of)
+    }
+
+    /// The lowest `as_of` over every table of `spec` (`None` when one has none).
+    pub fn as_of_all(states: &[ProjectionState], spec: &Spec) -> Option<DateTime<Utc>> {
+        let mut lowest: Option<Option<DateTime<Utc>>> = None;
+        for name in spec.checkpoints() {
+            let a = states.iter().find(|s| s.name == name).and_then(|s| s.as_of);
+            lowest = Some(match lowest {
+                None => a,
+                Some(prev) => prev.min(a),
+            });
+        }
+        lowest.flatten()
+    }
+}
+
 /// One projector commit: add `delta` to the tables and move the checkpoint
 /// from `from` to `to`, only if the checkpoint is still at `from` with `spec_hash`.
 #[derive(Debug)]

@@ -169,6 +169,65 @@ impl Projections {
         Ok(found)
     }
 
+    /// Creates every tier's tables and checkpoint row of the live projection
+    /// `spec` if missing (see [`crate::aggregate::spec::Tier`]), and returns
+    /// the rows, finest tier first.
+    ///
+    /// A checkpoint from before tiers (one row under the projection's name,
+    /// with the whole spec's hash, covering every table) is split in one
+    /// transaction: the coarse tier's row starts as its copy (same cursor,
+    /// `as_of` and generation: its tables are exactly there), and the finest
+    /// tier's row takes its tier's hash. An older instance still folding
+    /// the projection with the whole spec then finds another hash: its
+    /// compare-and-set fails and it stops with "spec changed" instead of
+    /// writing day rows a second time.
+    pub async fn ensure_tiers(&self, spec: &Spec) -> Result<Vec<ProjectionState>, StoreError> {
+        let tiers = spec.tiers();
+        if tiers.len() > 1 {
+            let mut tx = self.db.begin().await?;
+            if let Tx::Postgres(tx) = &mut tx {
+                postgres::ddl_lock(tx).await?;
+            }
+            let now = Utc::now();
+            for t in &tiers[1..] {
+                tx.execute(
+                    Sql::new(
+                        "INSERT INTO projection_checkpoints (name, spec_hash, spec, cursor_tx, cursor_seq, \
+                         as_of, events_folded, generation, created_at, updated_at) \
+                         SELECT $1, $2, $3, cursor_tx, cursor_seq, as_of, events_folded, generation, $4, $4 \
+                         FROM projection_checkpoints WHERE name = $5 AND spec_hash = $6 \
+                         ON CONFLICT (name) DO NOTHING",
+                    )
+                    .bind(&t.state)
+                    .bind(t.spec.hash())
+                    .bind(t.spec.canonical())
+                    .bind(now)
+                    .bind(&tiers[0].state)
+                    .bind(spec.hash()),
+                )
+                .await?;
+            }
+            tx.execute(
+                Sql::new(
+                    "UPDATE projection_checkpoints SET spec_hash = $2, spec = $3, \
+                     generation = generation + 1, updated_at = $4 WHERE name = $1 AND spec_hash = $5",
+                )
+                .bind(&tiers[0].state)
+                .bind(tiers[0].spec.hash())
+                .bind(tiers[0].spec.canonical())
+                .bind(now)
+                .bind(spec.hash()),
+            )
+            .await?;
+            tx.commit().await?;
+        }
+        let mut rows = Vec::with_capacity(tiers.len());
+        for t in &tiers {
+            rows.push(self.ensure_projection(&t.spec, &t.state, "").await?);
+        }
+        Ok(rows)
+    }
+
     /// Every checkpoint row, by name.
     pub async fn projection_states(&self) -> Result<Vec<ProjectionState>, StoreError> {
         self.db
@@ -260,51 +319,68 @@ impl Projections {
         Ok(())
     }
 
-    /// Atomically replaces the live tables and checkpoint of `spec` with the
-    /// rebuilt ones (`suffix`, `shadow_state`). Returns false, changing nothing,
-    /// when the live checkpoint is ahead of the shadow's (readers would see
-    /// totals step back): fold further and try again.
+    /// Atomically replaces the live tables and checkpoints of `spec` with the
+    /// rebuilt ones (`suffix`, `shadow_state`): every tier's checkpoint row
+    /// takes the shadow's cursor (and its tier's hash), and a tier row the
+    /// spec no longer has is removed. Returns false, changing nothing, when
+    /// a live checkpoint is ahead of the shadow's (readers would see totals
+    /// step back): fold further and try again.
     pub async fn swap_rebuilt(
         &self,
         spec: &Spec,
-        state: &str,
         shadow_state: &str,
         suffix: &str,
     ) -> Result<bool, StoreError> {
-        // Lock the live checkpoint first (SQLite: BEGIN IMMEDIATE holds the
+        // Lock the live checkpoints first (SQLite: BEGIN IMMEDIATE holds the
         // write lock already): a live projector's commit finishes before the
         // swap, and its next compare-and-set fails and re-reads.
         let mut tx = self.db.begin().await?;
         let now = Utc::now();
-        tx.execute(
-            Sql::new(
-                "INSERT INTO projection_checkpoints (name, spec_hash, spec, created_at, updated_at) \
-                 VALUES ($1, '', '', $2, $2) ON CONFLICT (name) DO UPDATE SET updated_at = excluded.updated_at",
-            )
-            .bind(state)
-            .bind(now),
-        )
-        .await?;
-        let moved = tx
-            .execute(
+        let tiers = spec.tiers();
+        for t in &tiers {
+            tx.execute(
                 Sql::new(
-                    "UPDATE projection_checkpoints SET \
-                     (spec_hash, spec, cursor_tx, cursor_seq, as_of, events_folded) = \
-                     (SELECT spec_hash, spec, cursor_tx, cursor_seq, as_of, events_folded \
-                      FROM projection_checkpoints WHERE name = $2), updated_at = $3 \
-                     WHERE name = $1 AND EXISTS (SELECT 1 FROM projection_checkpoints s \
-                     WHERE s.name = $2 AND (s.cursor_tx, s.cursor_seq) >= \
-                     (projection_checkpoints.cursor_tx, projection_checkpoints.cursor_seq))",
+                    "INSERT INTO projection_checkpoints (name, spec_hash, spec, created_at, updated_at) \
+                     VALUES ($1, '', '', $2, $2) ON CONFLICT (name) DO UPDATE SET updated_at = excluded.updated_at",
                 )
-                .bind(state)
-                .bind(shadow_state)
+                .bind(&t.state)
                 .bind(now),
             )
             .await?;
-        if moved != 1 {
-            // The live tables are ahead of the shadow: swapping now would step back.
-            tx.rollback().await?;
-            return Ok(false);
+            let moved = tx
+                .execute(
+                    Sql::new(
+                        "UPDATE projection_checkpoints SET \
+                         (cursor_tx, cursor_seq, as_of, events_folded) = \
+                         (SELECT cursor_tx, cursor_seq, as_of, events_folded \
+                          FROM projection_checkpoints WHERE name = $2), \
+                         spec_hash = $4, spec = $5, updated_at = $3 \
+                         WHERE name = $1 AND EXISTS (SELECT 1 FROM projection_checkpoints s \
+                         WHERE s.name = $2 AND (s.cursor_tx, s.cursor_seq) >= \
+                         (projection_checkpoints.cursor_tx, projection_checkpoints.cursor_seq))",
+                    )
+                    .bind(&t.state)
+                    .bind(shadow_state)
+                    .bind(now)
+                    .bind(t.spec.hash())
+                    .bind(t.spec.canonical()),
+                )
+                .await?;
+            if moved != 1 {
+                // The live tables are ahead of the shadow: swapping now would step back.
+                tx.rollback().await?;
+                return Ok(false);
+            }
+        }
+        {
+            use crate::aggregate::spec::{tier_state, Tier};
+            let name = tier_state(&spec.name, Tier::Coarse, false);
+            if !tiers.iter().any(|t| t.state == name) {
+                tx.execute(
+                    Sql::new("DELETE FROM projection_checkpoints WHERE name = $1").bind(name),
+                )
+                .await?;
+            }
         }
         for g in Granularity::ALL {
             tx.execute(Sql::new(format!(
@@ -437,11 +513,13 @@ impl Projections {
     }
 
     /// From one snapshot: the projection's checkpoint, the stored rows of
-    /// `granularities` with buckets in `[from, to)`, and every event folded
-    /// as of that checkpoint with `ts` in `[from, to)`.
+    /// `granularities` (tables of checkpoint `state`) with buckets in
+    /// `[from, to)`, and every event folded as of that checkpoint with `ts`
+    /// in `[from, to)`.
     pub async fn reconcile_read(
         &self,
         spec: &Spec,
+        state: &str,
         granularities: &[Granularity],
         from: DateTime<Utc>,
         to: DateTime<Utc>,
@@ -452,7 +530,7 @@ impl Projections {
                 Sql::new(
                     "SELECT cursor_tx, cursor_seq FROM projection_checkpoints WHERE name = $1",
                 )
-                .bind(&spec.name),
+                .bind(state),
             )
             .await?;
         let Some(cursor) = cursor else {

@@ -30,25 +30,29 @@ fn spec(name: &str) -> Spec {
         .unwrap_or_else(|| panic!("shipped spec {name}"))
 }
 
-/// Waits until the checkpoint of `name` has nothing after it.
+/// Waits until every tier checkpoint of `name` (`name`, `name~coarse`) has
+/// nothing after it.
 async fn wait_caught_up(store: &Store, name: &str) {
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let coarse = format!("{name}~coarse");
     loop {
         let states = store
             .projections()
             .projection_states()
             .await
             .expect("states");
-        if let Some(s) = states.iter().find(|s| s.name == name) {
-            if store
+        let mut behind = 0;
+        let mut found = false;
+        for s in states.iter().filter(|s| s.name == name || s.name == coarse) {
+            found = true;
+            behind += store
                 .projections()
                 .events_after(s.cursor)
                 .await
-                .expect("lag")
-                == 0
-            {
-                return;
-            }
+                .expect("lag");
+        }
+        if found && behind == 0 {
+            return;
         }
         assert!(
             std::time::Instant::now() < deadline,
@@ -79,13 +83,28 @@ fn raw_events() -> impl Strategy<Value = Vec<Raw>> {
     )
 }
 
+/// How a property case folds: batch limits, and per projector whether its
+/// coarse tier keeps its rows pending between steps (committed only on an
+/// idle step or at its row budget), and after which rounds a projector is
+/// dropped and opened again (a crash: its pending rows are lost).
+struct Cadence<'a> {
+    limits: &'a [i64],
+    pending: &'a [bool],
+    crashes: &'a [bool],
+}
+
 fn run_case(
     backend: Backend,
     raw: &[Raw],
     chunks: &[usize],
-    limits: &[i64],
     dups: &[usize],
+    cadence: Cadence<'_>,
 ) -> Result<(), TestCaseError> {
+    let Cadence {
+        limits,
+        pending,
+        crashes,
+    } = cadence;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -94,9 +113,19 @@ fn run_case(
         let s = support::store(backend).await;
         let store = s.store.clone();
         let specs: Vec<Spec> = shipped().into_iter().chain(tz_specs()).collect();
+        let open = |i: usize| {
+            let store = store.clone();
+            let spec = specs[i].clone();
+            let every = if pending[i % pending.len()] {
+                Duration::from_secs(3600)
+            } else {
+                Duration::ZERO
+            };
+            async move { projector(&store, &spec).await.with_coarse_every(every) }
+        };
         let mut projectors = Vec::new();
-        for spec in &specs {
-            projectors.push(projector(&store, spec).await);
+        for i in 0..specs.len() {
+            projectors.push(open(i).await);
         }
         let events: Vec<Event> = raw
             .iter()
@@ -117,6 +146,10 @@ fn run_case(
             oracle::append_all(&store, &delivery, delivery.len()).await;
             for p in &mut projectors {
                 p.step(limits[round % limits.len()]).await.expect("step");
+            }
+            if crashes[round % crashes.len()] {
+                let i = round % projectors.len();
+                projectors[i] = open(i).await;
             }
             start += size;
             round += 1;
@@ -140,8 +173,10 @@ proptest! {
         chunks in prop::collection::vec(1usize..40, 1..6),
         limits in prop::collection::vec(1i64..60, 1..6),
         dups in prop::collection::vec(any::<usize>(), 1..6),
+        pending in prop::collection::vec(any::<bool>(), 1..5),
+        crashes in prop::collection::vec(any::<bool>(), 1..6),
     ) {
-        run_case(Backend::Postgres, &raw, &chunks, &limits, &dups)?;
+        run_case(Backend::Postgres, &raw, &chunks, &dups, Cadence { limits: &limits, pending: &pending, crashes: &crashes })?;
     }
 
     #[test]
@@ -150,8 +185,10 @@ proptest! {
         chunks in prop::collection::vec(1usize..40, 1..6),
         limits in prop::collection::vec(1i64..60, 1..6),
         dups in prop::collection::vec(any::<usize>(), 1..6),
+        pending in prop::collection::vec(any::<bool>(), 1..5),
+        crashes in prop::collection::vec(any::<bool>(), 1..6),
     ) {
-        run_case(Backend::Sqlite, &raw, &chunks, &limits, &dups)?;
+        run_case(Backend::Sqlite, &raw, &chunks, &dups, Cadence { limits: &limits, pending: &pending, crashes: &crashes })?;
     }
 }
 
@@ -449,7 +486,7 @@ async fn rebuild_during_live_ingest_never_shows_an_empty_table(s: &TestStore) {
         .await
         .expect("states");
     assert!(
-        states.iter().all(|s| !s.name.contains('~')),
+        states.iter().all(|s| !s.name.ends_with("~rebuild")),
         "the shadow checkpoint was left behind"
     );
 }
@@ -591,8 +628,155 @@ async fn new_projection_backfills_a_100k_log_while_ingest_continues(s: &TestStor
     drop(server);
 }
 
+// ---------------------------------------------------------------- tiers ---
+
+/// Sum of `requests` over one table.
+async fn requests_in(store: &Store, spec: &Spec, g: Granularity) -> i64 {
+    store
+        .projections()
+        .read_agg(spec, g, "")
+        .await
+        .expect("read")
+        .iter()
+        .map(|r| r.measures.requests)
+        .sum()
+}
+
+/// The hour table commits with every batch under its own checkpoint while
+/// the day and month tables' rows wait in memory (their checkpoint does not
+/// move); a process that dies with rows waiting loses nothing and counts
+/// nothing twice: the next one reads them again from the coarse checkpoint.
+async fn the_coarse_tier_waits_under_its_own_checkpoint_and_a_crash_loses_nothing(s: &TestStore) {
+    let store = &s.store;
+    let spec = spec("by_key");
+    let events = seeded_events("tier", 300, 5);
+    append_all(store, &events, 100).await;
+    let mut p = projector(store, &spec)
+        .await
+        .with_coarse_every(Duration::from_secs(3600));
+    for n in 1..=2 {
+        // Batches smaller than the log: never idle, so the coarse rows wait.
+        let step = p.step(100).await.expect("step");
+        assert_eq!(step.folded, 100);
+        assert_eq!(requests_in(store, &spec, Granularity::Hour).await, 100 * n);
+        assert_eq!(requests_in(store, &spec, Granularity::Day).await, 0);
+        assert_eq!(requests_in(store, &spec, Granularity::Month).await, 0);
+    }
+    let states = store
+        .projections()
+        .projection_states()
+        .await
+        .expect("states");
+    let cursor = |name: &str| states.iter().find(|s| s.name == name).map(|s| s.cursor);
+    assert!(cursor("by_key").expect("fine checkpoint") > Cursor::default());
+    assert_eq!(
+        cursor("by_key~coarse"),
+        Some(Cursor::default()),
+        "the coarse checkpoint moved without its rows"
+    );
+    // The process dies with 200 events' day and month rows in memory.
+    drop(p);
+    let mut p = projector(store, &spec).await;
+    fold_all(&mut p, store, 1000).await;
+    assert_matches_oracle(store, &spec, &events).await;
+}
+
+/// A checkpoint written before tiers (one row with the whole spec's hash,
+/// every table committed with it) is split when a tiered projector opens it:
+/// both tiers start at its cursor, nothing is folded again, and a fold by an
+/// older binary still running is refused from then on.
+async fn a_checkpoint_from_before_tiers_is_split_without_folding_again(s: &TestStore) {
+    use tally::projection::fold::Fold;
+    use tally::store::{Apply, ApplyOutcome};
+    let store = &s.store;
+    let spec = spec("by_api");
+    let events = seeded_events("legacy", 200, 9);
+    append_all(store, &events[..120], 60).await;
+    let catalog = store.prices().catalog().await.expect("catalog");
+    let row = store
+        .projections()
+        .ensure_projection(&spec, &spec.name, "")
+        .await
+        .expect("checkpoint of the whole spec");
+    // What an older binary commits: every table under one checkpoint.
+    let old_fold = |after: Cursor| {
+        let store = store.clone();
+        let spec = spec.clone();
+        let catalog = catalog.clone();
+        async move {
+            let batch = store
+                .projections()
+                .read_log(after, 1000)
+                .await
+                .expect("read");
+            let mut fold = Fold::new(&spec);
+            for (_, e) in &batch.events {
+                fold.add(e, catalog.charge(e));
+            }
+            let to = batch.events.last().map(|(c, _)| *c).unwrap_or(after);
+            (fold.finish(), to)
+        }
+    };
+    let (delta, legacy_cursor) = old_fold(Cursor::default()).await;
+    let legacy = |from: Cursor, to: Cursor, generation: i64, delta| Apply {
+        state: "by_api",
+        spec: &spec,
+        suffix: "",
+        from,
+        generation,
+        to,
+        as_of: None,
+        delta,
+        before_commit: None,
+        give_way: None,
+    };
+    let applied = store
+        .projections()
+        .apply_fold(&[legacy(
+            Cursor::default(),
+            legacy_cursor,
+            row.generation,
+            &delta,
+        )])
+        .await
+        .expect("old commit");
+    assert_eq!(applied, ApplyOutcome::Applied);
+
+    let mut p = projector(store, &spec).await;
+    let states = store
+        .projections()
+        .projection_states()
+        .await
+        .expect("states");
+    for t in spec.tiers() {
+        let s = states.iter().find(|s| s.name == t.state).expect("tier row");
+        assert_eq!(s.cursor, legacy_cursor, "{}", t.state);
+        assert_eq!(s.spec_hash, t.spec.hash(), "{}", t.state);
+    }
+    append_all(store, &events[120..], 40).await;
+    // The older binary's next fold: refused, writing nothing.
+    let (delta, to) = old_fold(legacy_cursor).await;
+    let generation = states
+        .iter()
+        .find(|s| s.name == "by_api")
+        .map(|s| s.generation)
+        .expect("row");
+    for g in [row.generation, generation] {
+        let outcome = store
+            .projections()
+            .apply_fold(&[legacy(legacy_cursor, to, g, &delta)])
+            .await
+            .expect("old commit");
+        assert_eq!(outcome, ApplyOutcome::Stale);
+    }
+    fold_all(&mut p, store, 1000).await;
+    assert_matches_oracle(store, &spec, &events).await;
+}
+
 both_backends!(
     a_fold_gives_way_to_a_waiting_restatement_once_between_commits,
+    the_coarse_tier_waits_under_its_own_checkpoint_and_a_crash_loses_nothing,
+    a_checkpoint_from_before_tiers_is_split_without_folding_again,
     an_apply_larger_than_one_statement_writes_every_chunk,
     an_ingested_event_wakes_a_sleeping_projector,
     as_of_covers_every_committed_event,

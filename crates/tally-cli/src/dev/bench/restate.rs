@@ -330,7 +330,7 @@ async fn run_cases(
         let states = store.projections().projection_states().await?;
         let caught_up = states
             .iter()
-            .filter(|s| !s.name.contains('~'))
+            .filter(|s| !s.name.ends_with("~rebuild"))
             .all(|s| s.as_of.is_some_and(|a| a >= ready));
         if caught_up && !states.is_empty() {
             break;
