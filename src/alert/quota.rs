@@ -268,13 +268,27 @@ pub async fn status(
         max_rows: crate::query::MAX_ROWS,
         top: None,
     };
-    // `as_of` before the rows (see `query::Catalog::checkpoints`).
-    let as_of = catalog
-        .checkpoints(store)
-        .await
-        .ok()
-        .and_then(|s| s.iter().find(|s| s.name == quota.minute.name).cloned())
-        .and_then(|s| s.as_of);
+    // `as_of` before the rows (see `query::Catalog::checkpoints`): the
+    // lowest of the minute table's and the window's tables' tiers.
+    let minute_as_of = catalog.checkpoints(store).await.ok().and_then(|s| {
+        crate::store::ProjectionState::as_of_for(&s, &quota.minute, Granularity::Minute)
+    });
+    let window_as_of = crate::query::window::range_as_of(
+        store,
+        catalog,
+        rule.tz,
+        &rule.scope,
+        &rule.group_by,
+        (start, end),
+        now,
+    )
+    .await
+    .ok()
+    .flatten();
+    let as_of = match (minute_as_of, window_as_of) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        _ => None,
+    };
     let (read, buckets) = tokio::join!(
         crate::query::window::read_range(
             store,

@@ -42,7 +42,7 @@ use crate::aggregate::sketch::Bin;
 use crate::aggregate::spec::{Spec, Tier};
 use crate::backoff::Backoff;
 use crate::lease::{Holding, Lease, LeaseKind};
-use crate::store::{Apply, ApplyOutcome, Cursor, LogBatch, Store, Watermark};
+use crate::store::{Apply, ApplyOutcome, Cursor, LogBatch, ProjectionState, Store, Watermark};
 
 /// How projectors run (`tally serve` flags).
 #[derive(Debug, Clone)]
@@ -348,6 +348,30 @@ struct Pending {
 }
 
 impl Member {
+    /// A member at checkpoint `row`, leading until a lease says otherwise.
+    fn at(
+        spec: Arc<Spec>,
+        state: String,
+        suffix: String,
+        row: &ProjectionState,
+        coarse: bool,
+    ) -> Self {
+        Member {
+            spec,
+            state,
+            suffix,
+            cursor: row.cursor,
+            generation: row.generation,
+            as_of: row.as_of,
+            leading: true,
+            lease: None,
+            gave_way: false,
+            coarse,
+            every: Duration::ZERO,
+            pending: None,
+        }
+    }
+
     /// Where the member's next read starts: after its pending rows.
     fn read_at(&self) -> Cursor {
         self.pending.as_ref().map_or(self.cursor, |p| p.to)
@@ -455,20 +479,13 @@ async fn open_member(
             now: spec.canonical(),
         });
     }
-    Ok(Member {
+    Ok(Member::at(
         spec,
-        state: state.to_string(),
-        suffix: suffix.to_string(),
-        cursor: row.cursor,
-        generation: row.generation,
-        as_of: row.as_of,
-        leading: true,
-        lease: None,
-        gave_way: false,
-        coarse: false,
-        every: Duration::ZERO,
-        pending: None,
-    })
+        state.to_string(),
+        suffix.to_string(),
+        &row,
+        false,
+    ))
 }
 
 /// Opens every tier of the live projection `spec` (see [`Tier`]), creating
@@ -484,20 +501,14 @@ async fn open_tiers(store: &Store, spec: &Spec) -> Result<Vec<Member>, Projectio
                 now: t.spec.canonical(),
             });
         }
-        members.push(Member {
-            spec: Arc::new(t.spec),
-            state: t.state,
-            suffix: String::new(),
-            cursor: row.cursor,
-            generation: row.generation,
-            as_of: row.as_of,
-            leading: true,
-            lease: None,
-            gave_way: false,
-            coarse: t.tier == Tier::Coarse,
-            every: Duration::ZERO,
-            pending: None,
-        });
+        let coarse = t.tier == Tier::Coarse;
+        members.push(Member::at(
+            Arc::new(t.spec),
+            t.state,
+            String::new(),
+            &row,
+            coarse,
+        ));
     }
     Ok(members)
 }

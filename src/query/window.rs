@@ -13,7 +13,7 @@ use super::plan::{decompose, Decomposition, Segment};
 use super::{Catalog, QueryError, MAX_ROWS};
 use crate::aggregate::spec::Dimension;
 use crate::aggregate::Measures;
-use crate::store::{AggQuery, Store, Top};
+use crate::store::{AggQuery, ProjectionState, Store, Top};
 
 /// A half-open time range `[from, to)`.
 pub type Range = (DateTime<Utc>, DateTime<Utc>);
@@ -39,6 +39,31 @@ pub async fn read_range(
     let plan = decompose(catalog, &stats, tz, &needed, from, to, now)?;
     let rows = read(store, &plan, filters, group_by, sketch).await?;
     Ok((rows, plan.covered))
+}
+
+/// The lowest `as_of` of the tables [`read_range`] reads for the same
+/// arguments (each table's tier checkpoint): read it before the rows, so a
+/// fold committing in between cannot pair a new `as_of` with old rows.
+pub async fn range_as_of(
+    store: &Store,
+    catalog: &Catalog,
+    tz: Tz,
+    filters: &[(Dimension, Vec<String>)],
+    group_by: &[Dimension],
+    (from, to): Range,
+    now: DateTime<Utc>,
+) -> Result<Option<DateTime<Utc>>, QueryError> {
+    let mut needed: Vec<Dimension> = group_by.to_vec();
+    needed.extend(filters.iter().map(|(d, _)| *d));
+    let stats = catalog.sizes(store).await;
+    let plan = decompose(catalog, &stats, tz, &needed, from, to, now)?;
+    let states = catalog.checkpoints(store).await?;
+    let mut lowest: Option<Option<DateTime<Utc>>> = None;
+    for seg in &plan.segments {
+        let a = ProjectionState::as_of_for(&states, &seg.spec, seg.granularity);
+        lowest = Some(lowest.map_or(a, |prev| prev.min(a)));
+    }
+    Ok(lowest.flatten())
 }
 
 /// The read of one segment's table range.
