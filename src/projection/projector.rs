@@ -39,7 +39,7 @@ use super::ProjectionError;
 use crate::aggregate::measures::Delta;
 use crate::aggregate::price::Catalog;
 use crate::aggregate::sketch::Bin;
-use crate::aggregate::spec::{Spec, Tier};
+use crate::aggregate::spec::{Granularity, Spec, Tier};
 use crate::backoff::Backoff;
 use crate::lease::{Holding, Lease, LeaseKind};
 use crate::store::{Apply, ApplyOutcome, Cursor, LogBatch, ProjectionState, Store, Watermark};
@@ -327,6 +327,10 @@ struct Member {
     every: Duration,
     /// Folded after `cursor`, not committed yet.
     pending: Option<Pending>,
+    /// The newest bucket each of its tables holds as of `cursor` (read at
+    /// open and reload, raised by its own commits): newer rows are written
+    /// without reading a stored sketch. Empty: unknown, read them all.
+    newest: Vec<(Granularity, Option<DateTime<Utc>>)>,
 }
 
 /// What a member folded after its checkpoint and has not committed: it lives
@@ -369,6 +373,29 @@ impl Member {
             coarse,
             every: Duration::ZERO,
             pending: None,
+            newest: Vec::new(),
+        }
+    }
+
+    /// Reads the newest bucket of each of its tables (after its checkpoint
+    /// was read: a writer committing in between only makes it higher).
+    async fn load_newest(&mut self, store: &Store) -> Result<(), ProjectionError> {
+        self.newest = store
+            .projections()
+            .newest_buckets(&self.spec, &self.suffix)
+            .await?;
+        Ok(())
+    }
+
+    /// Raises the newest buckets by the rows `delta` just committed.
+    fn committed(&mut self, delta: &Delta) {
+        for (g, rows) in &delta.tables {
+            let Some(top) = rows.keys().map(|k| k.bucket).max() else {
+                continue;
+            };
+            if let Some((_, newest)) = self.newest.iter_mut().find(|(ng, _)| ng == g) {
+                *newest = Some(newest.map_or(top, |n| n.max(top)));
+            }
         }
     }
 
@@ -479,13 +506,9 @@ async fn open_member(
             now: spec.canonical(),
         });
     }
-    Ok(Member::at(
-        spec,
-        state.to_string(),
-        suffix.to_string(),
-        &row,
-        false,
-    ))
+    let mut m = Member::at(spec, state.to_string(), suffix.to_string(), &row, false);
+    m.load_newest(store).await?;
+    Ok(m)
 }
 
 /// Opens every tier of the live projection `spec` (see [`Tier`]), creating
@@ -502,13 +525,9 @@ async fn open_tiers(store: &Store, spec: &Spec) -> Result<Vec<Member>, Projectio
             });
         }
         let coarse = t.tier == Tier::Coarse;
-        members.push(Member::at(
-            Arc::new(t.spec),
-            t.state,
-            String::new(),
-            &row,
-            coarse,
-        ));
+        let mut m = Member::at(Arc::new(t.spec), t.state, String::new(), &row, coarse);
+        m.load_newest(store).await?;
+        members.push(m);
     }
     Ok(members)
 }
@@ -566,6 +585,10 @@ impl FoldGroup {
             m.generation = row.generation;
             m.as_of = row.as_of;
             m.pending = None;
+            m.newest.clear();
+        }
+        for m in &mut self.members {
+            m.load_newest(&self.store).await?;
         }
         self.marks.clear();
         self.prefetched = None;
@@ -718,6 +741,7 @@ impl FoldGroup {
                     delta: m.pending.as_ref().map_or(&nothing, |p| &p.delta),
                     before_commit: crash.then_some(crash_before_commit as fn()),
                     give_way: wait.as_deref().map(|w| &w.count),
+                    newest: &m.newest,
                 }
             })
             .collect();
@@ -770,7 +794,9 @@ impl FoldGroup {
                 for (&i, &(to, member_as_of)) in chosen.iter().zip(&commits) {
                     let m = &mut self.members[i];
                     m.cursor = to;
-                    m.pending = None;
+                    if let Some(p) = m.pending.take() {
+                        m.committed(&p.delta);
+                    }
                     if member_as_of.is_some() {
                         m.as_of = member_as_of;
                     }

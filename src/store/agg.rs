@@ -141,6 +141,15 @@ pub struct Apply<'a> {
     /// restatement) need not wait for every upsert. The caller decides when
     /// giving way is allowed; the store knows nothing of who is waiting.
     pub give_way: Option<&'a std::sync::atomic::AtomicUsize>,
+    /// The newest bucket each table held when this checkpoint was last read
+    /// or committed by its writer (`None`: the table was empty), as
+    /// [`super::Projections::newest_buckets`] gives it: rows of newer buckets
+    /// are upserted without reading a stored sketch. Sound because every
+    /// other writer of these tables (another instance, a restatement, a
+    /// rebuild's swap) moves the checkpoint's cursor or generation, so this
+    /// apply's compare-and-set fails before it writes. Empty: read every
+    /// sketch.
+    pub newest: &'a [(Granularity, Option<DateTime<Utc>>)],
 }
 
 /// Whether an [`Apply`] landed.

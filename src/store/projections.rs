@@ -493,6 +493,31 @@ impl Projections {
             .get("n")?)
     }
 
+    /// The newest bucket each of `spec`'s tables (with `suffix`) holds, `None`
+    /// for an empty table: a row of a newer bucket cannot be stored yet, so a
+    /// fold's upsert of it needs no read of a stored sketch (see
+    /// [`Apply::newest`]). Read on the primary (the bucket leads each table's
+    /// primary key, so it is one index probe per table).
+    pub async fn newest_buckets(
+        &self,
+        spec: &Spec,
+        suffix: &str,
+    ) -> Result<Vec<(Granularity, Option<DateTime<Utc>>)>, StoreError> {
+        let mut out = Vec::with_capacity(spec.granularities.len());
+        for &g in &spec.granularities {
+            let row = self
+                .db
+                .writer()
+                .fetch_optional(Sql::new(format!(
+                    "SELECT bucket FROM {} ORDER BY bucket DESC LIMIT 1",
+                    table(spec, g, suffix)
+                )))
+                .await?;
+            out.push((g, row.map(|r| r.time("bucket")).transpose()?));
+        }
+        Ok(out)
+    }
+
     /// Deletes up to `limit` rows of a live aggregate table whose bucket starts before `cutoff`.
     pub async fn delete_agg_before(
         &self,
@@ -647,11 +672,15 @@ async fn apply_in(tx: &mut Tx, apply: &Apply<'_>) -> Result<ApplyOutcome, StoreE
     for (g, rows) in &apply.delta.tables {
         let t = table(apply.spec, *g, apply.suffix);
         let all: Vec<(&RowKey, &Measures)> = rows.iter().collect();
+        let stored = match apply.newest.iter().find(|(ng, _)| ng == g) {
+            Some((_, newest)) => Stored::UpTo(*newest),
+            None => Stored::Maybe,
+        };
         for chunk in all.chunks(UPSERT_CHUNK) {
             if asked() {
                 return Ok(ApplyOutcome::GaveWay);
             }
-            upsert_chunk(tx, apply.spec, &t, chunk, Stored::Maybe).await?;
+            upsert_chunk(tx, apply.spec, &t, chunk, stored).await?;
         }
     }
     Ok(ApplyOutcome::Applied)
@@ -735,6 +764,20 @@ enum Stored {
     /// This transaction deleted every row the keys could match: a
     /// restatement's swap skips reading sketches that cannot be there.
     None,
+    /// The table holds no bucket newer than this (`None`: no row at all):
+    /// only keys of older buckets may be stored.
+    UpTo(Option<DateTime<Utc>>),
+}
+
+impl Stored {
+    /// Whether a row of `key` may be stored already (its sketch must be read).
+    fn may_hold(self, key: &RowKey) -> bool {
+        match self {
+            Stored::Maybe => true,
+            Stored::None => false,
+            Stored::UpTo(newest) => newest.is_some_and(|b| key.bucket <= b),
+        }
+    }
 }
 
 /// One statement's share of [`upsert_rows`]; the keys are distinct.
@@ -747,7 +790,7 @@ async fn upsert_chunk<'a>(
 ) -> Result<(), StoreError> {
     let keys: Vec<&RowKey> = rows
         .iter()
-        .filter(|(_, m)| stored == Stored::Maybe && m.latency_count > 0)
+        .filter(|(k, m)| m.latency_count > 0 && stored.may_hold(k))
         .map(|(k, _)| *k)
         .collect();
     let target = Target { spec, table };

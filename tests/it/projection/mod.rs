@@ -729,6 +729,7 @@ async fn a_checkpoint_from_before_tiers_is_split_without_folding_again(s: &TestS
         delta,
         before_commit: None,
         give_way: None,
+        newest: &[],
     };
     let applied = store
         .projections()
