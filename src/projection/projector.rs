@@ -8,6 +8,13 @@
 //! the same in-memory delta until the delta reaches a row budget, so events
 //! that share a bucket and dimensions cost one upsert, not one each.
 //!
+//! A member is one *tier* of a projection ([`Tier`]: its minute and hour
+//! tables, or its day and month tables) with a checkpoint row of its own. A
+//! coarse member keeps what it folded as [`Pending`] rows across batches and
+//! commits them on its cadence ([`ProjectorConfig::coarse_every`]), so a busy
+//! group's day and month rows are rewritten once per interval, not once per
+//! commit; the group reads from each member's pending position.
+//!
 //! Exactly once: the store applies a batch only if every member's checkpoint
 //! is still at the cursor the batch was read after, in the same transaction
 //! that adds the rows. A crash before commit leaves checkpoints and tables
