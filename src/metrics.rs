@@ -319,15 +319,19 @@ pub async fn render(store: &Store) -> String {
             // beside `<name>`); a rebuild's shadow is not a projection.
             let mut by_projection: std::collections::BTreeMap<&str, (Option<i64>, Option<f64>)> =
                 std::collections::BTreeMap::new();
+            let (mut checkpoint_events, mut checkpoint_seconds) = (Vec::new(), Vec::new());
             for s in states.iter().filter(|s| !s.name.ends_with("~rebuild")) {
                 let name = s.name.split('~').next().unwrap_or(&s.name);
                 let entry = by_projection.entry(name).or_default();
+                let l = labels(&["checkpoint"], std::slice::from_ref(&s.name));
                 if let Ok(n) = store.projections().events_after(s.cursor).await {
                     entry.0 = Some(entry.0.map_or(n, |m| m.max(n)));
+                    checkpoint_events.push((l.clone(), n as f64));
                 }
                 if let Some(as_of) = s.as_of {
                     let secs = (Utc::now() - as_of).num_milliseconds().max(0) as f64 / 1000.0;
                     entry.1 = Some(entry.1.map_or(secs, |m| m.max(secs)));
+                    checkpoint_seconds.push((l, secs));
                 }
             }
             for (name, (events, secs)) in by_projection {
@@ -350,6 +354,18 @@ pub async fn render(store: &Store) -> String {
                 "tally_projection_lag_seconds",
                 "Seconds since the projection's as_of (every event committed before it is folded).",
                 &lag_seconds,
+            );
+            gauge(
+                &mut out,
+                "tally_checkpoint_lag_events",
+                "Events stored but not yet in the tables of one projection tier's checkpoint (`<name>`, `<name>~coarse`).",
+                &checkpoint_events,
+            );
+            gauge(
+                &mut out,
+                "tally_checkpoint_lag_seconds",
+                "Seconds since the as_of of one projection tier's checkpoint (`<name>`, `<name>~coarse`).",
+                &checkpoint_seconds,
             );
         }
         Err(_) => db_up = false,

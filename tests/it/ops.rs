@@ -508,6 +508,14 @@ async fn metrics_parse_and_count_what_the_test_did() {
             .any(|k| k.starts_with("tally_projection_lag_events{projection=\"by_key\"}")),
         "{text}"
     );
+    for checkpoint in ["by_key", "by_key~coarse"] {
+        assert!(
+            m.keys().any(|k| k.starts_with(&format!(
+                "tally_checkpoint_lag_events{{checkpoint=\"{checkpoint}\"}}"
+            ))),
+            "{text}"
+        );
+    }
     assert_eq!(get("tally_alert_outbox_backlog"), 0.0);
     assert_eq!(get("tally_database_up"), 1.0);
     assert!(
