@@ -33,12 +33,25 @@ pub async fn read_range(
     now: DateTime<Utc>,
     sketch: bool,
 ) -> Result<(Vec<(Group, Measures)>, Range), QueryError> {
+    let plan = plan_range(store, catalog, tz, filters, group_by, (from, to), now).await?;
+    let rows = read(store, &plan, filters, group_by, sketch).await?;
+    Ok((rows, plan.covered))
+}
+
+/// The tables and bucket ranges [`read_range`] reads.
+async fn plan_range(
+    store: &Store,
+    catalog: &Catalog,
+    tz: Tz,
+    filters: &[(Dimension, Vec<String>)],
+    group_by: &[Dimension],
+    (from, to): Range,
+    now: DateTime<Utc>,
+) -> Result<Decomposition, QueryError> {
     let mut needed: Vec<Dimension> = group_by.to_vec();
     needed.extend(filters.iter().map(|(d, _)| *d));
     let stats = catalog.sizes(store).await;
-    let plan = decompose(catalog, &stats, tz, &needed, from, to, now)?;
-    let rows = read(store, &plan, filters, group_by, sketch).await?;
-    Ok((rows, plan.covered))
+    decompose(catalog, &stats, tz, &needed, from, to, now)
 }
 
 /// The lowest `as_of` of the tables [`read_range`] reads for the same
@@ -50,13 +63,10 @@ pub async fn range_as_of(
     tz: Tz,
     filters: &[(Dimension, Vec<String>)],
     group_by: &[Dimension],
-    (from, to): Range,
+    range: Range,
     now: DateTime<Utc>,
 ) -> Result<Option<DateTime<Utc>>, QueryError> {
-    let mut needed: Vec<Dimension> = group_by.to_vec();
-    needed.extend(filters.iter().map(|(d, _)| *d));
-    let stats = catalog.sizes(store).await;
-    let plan = decompose(catalog, &stats, tz, &needed, from, to, now)?;
+    let plan = plan_range(store, catalog, tz, filters, group_by, range, now).await?;
     let states = catalog.checkpoints(store).await?;
     let mut lowest: Option<Option<DateTime<Utc>>> = None;
     for seg in &plan.segments {
