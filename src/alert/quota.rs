@@ -273,24 +273,8 @@ pub async fn status(
     let minute_as_of = catalog.checkpoints(store).await.ok().and_then(|s| {
         crate::store::ProjectionState::as_of_for(&s, &quota.minute, Granularity::Minute)
     });
-    let window_as_of = crate::query::window::range_as_of(
-        store,
-        catalog,
-        rule.tz,
-        &rule.scope,
-        &rule.group_by,
-        (start, end),
-        now,
-    )
-    .await
-    .ok()
-    .flatten();
-    let as_of = match (minute_as_of, window_as_of) {
-        (Some(a), Some(b)) => Some(a.min(b)),
-        _ => None,
-    };
     let (read, buckets) = tokio::join!(
-        crate::query::window::read_range(
+        crate::query::window::read_range_as_of(
             store,
             catalog,
             rule.tz,
@@ -302,8 +286,13 @@ pub async fn status(
         ),
         store.projections().query_agg(&buckets),
     );
+    let (read, _, window_as_of) = read?;
+    let as_of = match (minute_as_of, window_as_of) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        _ => None,
+    };
     let mut total = Measures::default();
-    for (_, m) in &read?.0 {
+    for (_, m) in &read {
         total.merge(m);
     }
     let buckets = buckets.map_err(crate::query::QueryError::from)?;

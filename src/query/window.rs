@@ -54,10 +54,12 @@ async fn plan_range(
     decompose(catalog, &stats, tz, &needed, from, to, now)
 }
 
-/// The lowest `as_of` of the tables [`read_range`] reads for the same
-/// arguments (each table's tier checkpoint): read it before the rows, so a
-/// fold committing in between cannot pair a new `as_of` with old rows.
-pub async fn range_as_of(
+/// [`read_range`], with the lowest `as_of` of the tables it read (each
+/// table's tier checkpoint; `None` when one has none or they cannot be read
+/// now), taken before the rows so a fold committing in between cannot pair a
+/// new `as_of` with old rows.
+#[allow(clippy::too_many_arguments)]
+pub async fn read_range_as_of(
     store: &Store,
     catalog: &Catalog,
     tz: Tz,
@@ -65,15 +67,19 @@ pub async fn range_as_of(
     group_by: &[Dimension],
     range: Range,
     now: DateTime<Utc>,
-) -> Result<Option<DateTime<Utc>>, QueryError> {
+    sketch: bool,
+) -> Result<(Vec<(Group, Measures)>, Range, Option<DateTime<Utc>>), QueryError> {
     let plan = plan_range(store, catalog, tz, filters, group_by, range, now).await?;
-    let states = catalog.checkpoints(store).await?;
-    let mut lowest: Option<Option<DateTime<Utc>>> = None;
-    for seg in &plan.segments {
-        let a = ProjectionState::as_of_for(&states, &seg.spec, seg.granularity);
-        lowest = Some(lowest.map_or(a, |prev| prev.min(a)));
-    }
-    Ok(lowest.flatten())
+    let as_of = catalog.checkpoints(store).await.ok().and_then(|states| {
+        let mut lowest: Option<Option<DateTime<Utc>>> = None;
+        for seg in &plan.segments {
+            let a = ProjectionState::as_of_for(&states, &seg.spec, seg.granularity);
+            lowest = Some(lowest.map_or(a, |prev| prev.min(a)));
+        }
+        lowest.flatten()
+    });
+    let rows = read(store, &plan, filters, group_by, sketch).await?;
+    Ok((rows, plan.covered, as_of))
 }
 
 /// The read of one segment's table range.
