@@ -131,6 +131,13 @@ impl Measures {
 
     /// Adds another row's measures (what an upsert does in SQL).
     pub fn merge(&mut self, o: &Measures) {
+        self.merge_sums(o);
+        self.sketch.merge(&o.sketch);
+    }
+
+    /// [`Measures::merge`] without the latency sketch (left as it is): what
+    /// a read that sums integers only returns.
+    pub fn merge_sums(&mut self, o: &Measures) {
         let add = |a: &mut i64, b: i64| *a = a.saturating_add(b);
         add(&mut self.requests, o.requests);
         add(&mut self.successes, o.successes);
@@ -143,7 +150,6 @@ impl Measures {
         add(&mut self.latency_sum_us, o.latency_sum_us);
         self.latency_min_ms = min_opt(self.latency_min_ms, o.latency_min_ms, f64::min);
         self.latency_max_ms = min_opt(self.latency_max_ms, o.latency_max_ms, f64::max);
-        self.sketch.merge(&o.sketch);
         add(&mut self.request_bytes, o.request_bytes);
         add(&mut self.response_bytes, o.response_bytes);
         add(&mut self.tokens_in, o.tokens_in);

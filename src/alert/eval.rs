@@ -23,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 use super::lifecycle::{advance, AlertState, Life, Timing};
 use super::notice::{rfc3339, Notice};
 use super::quota::{self, number, QuotaSpec};
+use super::ring::{Ring, Synced, Want, RING_HORIZON};
 use super::rule::{window_range, Level, Rule, RuleSpec, Window};
 use super::{failing, fingerprint, AlertError};
 use crate::aggregate::bucket::bucket_start;
@@ -32,10 +33,11 @@ use crate::backoff::Backoff;
 use crate::lease::{Holding, Lease, LeaseKind};
 use crate::projection::projector::FoldSignal;
 use crate::query::output::Group;
+use crate::query::plan;
 use crate::query::window::{self, Range};
 use crate::query::Catalog;
 use crate::store::alerts::{InstanceRow, InstanceWrite, NewNotification, RuleFailure};
-use crate::store::{Cursor, Store};
+use crate::store::{Cursor, ProjectionState, Store};
 
 /// Evaluator and relay settings (`tally serve` flags).
 #[derive(Debug, Clone)]
@@ -147,6 +149,16 @@ pub struct Round {
     pub read_ms: u64,
     /// Rules that could not be evaluated this round (the others were).
     pub failing: usize,
+    /// What the ring of minute buckets did before the reads.
+    pub ring: Synced,
+    /// Time spent loading the rules.
+    pub rules_ms: u64,
+    /// Time spent bringing the ring up to date.
+    pub ring_ms: u64,
+    /// Time spent looking up stored instances of newly holding groups.
+    pub track_ms: u64,
+    /// Time spent writing the transitions and notifications.
+    pub write_ms: u64,
 }
 
 /// Evaluates rules against the projections; keeps the instances it knows in memory.
@@ -164,6 +176,9 @@ pub struct Evaluator {
     /// Failing rules by uid as last written to the store (`None`: not yet
     /// written by this evaluator), with the time each started failing.
     failing: Option<HashMap<String, RuleFailure>>,
+    /// Recent minute buckets of the shapes it serves from memory (only with
+    /// a `signal`: it is fed by this process's projector).
+    ring: Ring,
 }
 
 /// How long the settled part of a minute window is reused.
@@ -306,7 +321,78 @@ impl Evaluator {
             cache_stable: false,
             signal,
             failing: None,
+            ring: Ring::new(),
         }
+    }
+
+    /// The shapes whose windows the ring can serve this round, by shape
+    /// key: rolling minute windows within [`RING_HORIZON`], over a minute
+    /// table that is caught up, kept long enough, and folded by this
+    /// process (whose commits feed the ring).
+    async fn ring_wants(
+        &self,
+        signal: &FoldSignal,
+        rules: &[Rule],
+        plan: &ReadPlan,
+        states: &[ProjectionState],
+        now: DateTime<Utc>,
+    ) -> HashMap<String, Want> {
+        let stats = self.catalog.sizes(&self.store).await;
+        let mut wants: HashMap<String, Want> = HashMap::new();
+        for rule in rules {
+            let Some((key, _)) = plan.of_rule.get(&rule.uid) else {
+                continue;
+            };
+            let shape = &plan.shapes[key];
+            if !shape.minute {
+                continue;
+            }
+            // Keyed as `read` looks it up: by the shape with every value.
+            let key = &shape.key();
+            let (window, previous) = window_range(rule, now);
+            let from = if rule.baseline { previous.0 } else { window.0 };
+            if window.1 - from > RING_HORIZON {
+                continue;
+            }
+            if let Some(w) = wants.get_mut(key) {
+                w.from = w.from.min(from);
+                continue;
+            }
+            let mut needed = shape.group_by.clone();
+            needed.extend(shape.scope.iter().map(|(d, _)| *d));
+            let Some(spec) = plan::find(
+                &self.catalog,
+                &stats,
+                Granularity::Minute,
+                shape.tz,
+                &needed,
+            ) else {
+                continue;
+            };
+            let state = spec.checkpoint_of(Granularity::Minute);
+            let kept = spec
+                .retention
+                .get(&Granularity::Minute)
+                .and_then(|r| chrono::Duration::from_std(*r).ok())
+                .is_none_or(|r| r > RING_HORIZON + chrono::Duration::days(1));
+            if !kept
+                || !states.iter().any(|s| s.name == state && s.as_of.is_some())
+                || !signal.leads_all([state.as_str()].into_iter())
+            {
+                continue;
+            }
+            wants.insert(
+                key.clone(),
+                Want {
+                    spec,
+                    scope: shape.scope.clone(),
+                    group_by: shape.group_by.clone(),
+                    sketch: shape.sketch,
+                    from,
+                },
+            );
+        }
+        wants
     }
 
     /// The values of `rule`'s window `range` per group, from the read of its
@@ -358,6 +444,11 @@ impl Evaluator {
         let key = format!("{what}|{from}|{to}");
         if let Some(v) = cache.get(&key) {
             return Ok(v.clone());
+        }
+        if let Some(v) = self.ring.values(&what, (from, to)) {
+            let v = Arc::new(v);
+            cache.insert(key, v.clone());
+            return Ok(v);
         }
         // Minute windows: only the last two minutes change between rounds
         // (new events, and events a few seconds late into the previous
@@ -460,7 +551,9 @@ impl Evaluator {
     pub async fn evaluate(&mut self, now: DateTime<Utc>) -> Result<Round, AlertError> {
         let mut cache = std::mem::take(&mut self.rules);
         let mut failing = Vec::new();
+        let started = Instant::now();
         let loaded = load_rules(&self.store, &self.catalog, &mut cache, &mut failing).await;
+        let rules_ms = started.elapsed().as_millis() as u64;
         self.rules = cache;
         let rules = loaded?;
         // Only active instances are loaded; a resolved one is looked up when
@@ -501,6 +594,27 @@ impl Evaluator {
             None => false,
         };
         let plan = ReadPlan::of(&rules);
+        let mut synced = Synced::default();
+        let started = Instant::now();
+        if let Some(signal) = self.signal.clone() {
+            // The checkpoints are read now: the planner's statistics (which
+            // say whether a table is caught up) may be older.
+            let synced_ring = async {
+                let states = self.store.projections().projection_states().await?;
+                let wants = self.ring_wants(&signal, &rules, &plan, &states, now).await;
+                self.ring.sync(&self.store, &signal, &wants, &states).await
+            };
+            match synced_ring.await {
+                Ok(s) => synced = s,
+                Err(e) => {
+                    // The windows are read from the tables this round.
+                    tracing::warn!(error = %e, "cannot bring the alert ring up to date; reading windows from the tables");
+                    self.ring.stop(&signal);
+                }
+            }
+        }
+        let ring_ms = started.elapsed().as_millis() as u64;
+        let mut track_time = Duration::ZERO;
         let mut cache = RoundCache::default();
         let mut changes: Vec<(Tracked, Option<NewNotification>)> = Vec::new();
         // Instances pending or firing, by rule uid: evaluated whether or not
@@ -609,7 +723,9 @@ impl Evaluator {
                     }
                 }
             }
+            let tracking = Instant::now();
             self.track(&unknown).await?;
+            track_time += tracking.elapsed();
             // Only groups whose condition holds can start an instance: the
             // rest cost one comparison each.
             for (group, m) in current.iter() {
@@ -645,6 +761,10 @@ impl Evaluator {
             rules: rules.len(),
             read_ms: read_time.as_millis() as u64,
             failing: failing.len(),
+            ring: synced,
+            rules_ms,
+            ring_ms,
+            track_ms: track_time.as_millis() as u64,
             ..Round::default()
         };
         self.record_failures(failing, now).await;
@@ -659,12 +779,14 @@ impl Evaluator {
             })
             .collect();
         let notes: Vec<NewNotification> = changes.iter().filter_map(|(_, n)| n.clone()).collect();
-        if !self
+        let writing = Instant::now();
+        let committed = self
             .store
             .alerts()
             .commit_transitions(&writes, &notes)
-            .await?
-        {
+            .await?;
+        round.write_ms = writing.elapsed().as_millis() as u64;
+        if !committed {
             tracing::info!("an alert instance moved under this evaluator; re-reading them");
             self.instances = None;
             round.stale = true;
@@ -949,6 +1071,9 @@ impl Evaluator {
                 Holding::Taken => self.instances = None,
                 Holding::Kept => {}
                 Holding::Lost | Holding::Waiting => {
+                    if let Some(signal) = &self.signal {
+                        self.ring.stop(signal);
+                    }
                     lease.wait(&shutdown).await;
                     continue;
                 }
@@ -993,6 +1118,13 @@ impl Evaluator {
                         notifications = round.notifications,
                         stale = round.stale,
                         read_ms = round.read_ms,
+                        ring_shapes = round.ring.shapes,
+                        ring_loaded = round.ring.loaded,
+                        ring_rows = round.ring.rows,
+                        rules_ms = round.rules_ms,
+                        ring_ms = round.ring_ms,
+                        track_ms = round.track_ms,
+                        write_ms = round.write_ms,
                         ms = started.elapsed().as_millis() as u64,
                         woken,
                         "alert evaluation"

@@ -23,6 +23,7 @@ pub mod notice;
 pub mod quota;
 pub mod reconcile;
 pub mod relay;
+pub mod ring;
 pub mod rule;
 
 use crate::query::QueryError;

@@ -43,13 +43,15 @@ use tokio_util::sync::CancellationToken;
 
 use super::fold::Fold;
 use super::ProjectionError;
-use crate::aggregate::measures::Delta;
+use crate::aggregate::measures::{Delta, Rows};
 use crate::aggregate::price::Catalog;
 use crate::aggregate::sketch::Bin;
 use crate::aggregate::spec::{Granularity, Spec, Tier};
 use crate::backoff::Backoff;
 use crate::lease::{Holding, Lease, LeaseKind};
-use crate::store::{Apply, ApplyOutcome, Cursor, LogBatch, ProjectionState, Store, Watermark};
+use crate::store::{
+    AfterCommit, Apply, ApplyOutcome, Cursor, LogBatch, ProjectionState, Store, Watermark,
+};
 
 /// How projectors run (`tally serve` flags).
 #[derive(Debug, Clone)]
@@ -94,7 +96,7 @@ impl Default for ProjectorConfig {
 
 /// Probabilities of aborting the process at the projector's crash points,
 /// set by `TALLY_FAILPOINTS=projector.before_commit=0.2,projector.after_commit=0.2`
-/// (and `restate.before_commit`, `restate.between_tiers`).
+/// (and `restate.before_commit`, `restate.between_tiers`, `projector.drop_ring_feed`).
 /// Only the crash tests set them.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Failpoints {
@@ -106,6 +108,9 @@ pub struct Failpoints {
     pub restate_before_commit: f64,
     /// A restatement, after one tier's commit and before the next tier's.
     pub restate_between_tiers: f64,
+    /// Not a crash: a committed minute slice is not handed to the alert
+    /// ring, which must notice the gap and reload (`projector.drop_ring_feed`).
+    pub drop_ring_feed: f64,
 }
 
 impl Failpoints {
@@ -124,7 +129,8 @@ impl Failpoints {
                 "projector.after_commit" => f.after_commit = p,
                 "restate.before_commit" => f.restate_before_commit = p,
                 "restate.between_tiers" => f.restate_between_tiers = p,
-                _ => return Err(format!("unknown failpoint `{name}`; known: projector.before_commit, projector.after_commit, restate.before_commit, restate.between_tiers")),
+                "projector.drop_ring_feed" => f.drop_ring_feed = p,
+                _ => return Err(format!("unknown failpoint `{name}`; known: projector.before_commit, projector.after_commit, restate.before_commit, restate.between_tiers, projector.drop_ring_feed")),
             }
         }
         Ok(f)
@@ -147,7 +153,43 @@ pub struct FoldSignal {
     leading: std::sync::Mutex<std::collections::HashMap<String, bool>>,
     /// Restatements waiting for (or holding) each checkpoint row's lock.
     restating: std::sync::Mutex<std::collections::HashMap<String, Arc<Waiting>>>,
+    /// Committed minute rows for the evaluator's [ring](crate::alert::ring).
+    feed: std::sync::Mutex<Feed>,
+    /// Notified when `feed` gets a commit.
+    fed: tokio::sync::Notify,
 }
+
+/// The rows one commit added to a live minute table, and the checkpoint
+/// slice they are exactly the rows of: the table at `(from, generation)`
+/// plus these rows is the table at `(to, generation)`.
+#[derive(Debug, Clone)]
+pub struct MinuteCommit {
+    /// The checkpoint row (the fine tier's).
+    pub state: String,
+    /// Its generation when the commit's compare-and-set passed.
+    pub generation: i64,
+    /// Its cursor before the commit.
+    pub from: Cursor,
+    /// Its cursor after.
+    pub to: Cursor,
+    /// The rows added to its minute table.
+    pub rows: Arc<Rows>,
+}
+
+/// Commits waiting for the evaluator, bounded by [`FEED_MAX_ROWS`].
+#[derive(Debug, Default)]
+struct Feed {
+    listening: bool,
+    queue: VecDeque<MinuteCommit>,
+    rows: usize,
+    /// A commit was dropped (nobody listening, or the queue was full) since
+    /// the last [`FoldSignal::take_commits`].
+    gap: bool,
+}
+
+/// Rows the commits waiting for the evaluator may hold; past it they are
+/// dropped and the evaluator's ring reloads from the tables.
+pub const FEED_MAX_ROWS: usize = 100_000;
 
 impl Default for FoldSignal {
     fn default() -> Self {
@@ -156,6 +198,8 @@ impl Default for FoldSignal {
             oldest_ms: std::sync::atomic::AtomicI64::new(i64::MAX),
             leading: std::sync::Mutex::new(std::collections::HashMap::new()),
             restating: std::sync::Mutex::new(std::collections::HashMap::new()),
+            feed: std::sync::Mutex::new(Feed::default()),
+            fed: tokio::sync::Notify::new(),
         }
     }
 }
@@ -262,7 +306,68 @@ impl FoldSignal {
     pub async fn notified(&self) {
         self.notify.notified().await;
     }
+
+    /// Whether the evaluator takes minute commits now.
+    pub fn listening(&self) -> bool {
+        self.feed.lock().is_ok_and(|f| f.listening)
+    }
+
+    /// Starts (or stops) keeping minute commits for [`FoldSignal::take_commits`].
+    /// Stopping drops what waits and marks a gap.
+    pub fn listen(&self, on: bool) {
+        if let Ok(mut f) = self.feed.lock() {
+            if !on && f.listening {
+                f.queue.clear();
+                f.rows = 0;
+                f.gap = true;
+            }
+            f.listening = on;
+        }
+    }
+
+    /// Hands a committed minute slice to the listener (a gap when nobody
+    /// listens or the queue is full).
+    pub fn publish(&self, commit: MinuteCommit) {
+        let Ok(mut f) = self.feed.lock() else {
+            return;
+        };
+        if !f.listening {
+            return;
+        }
+        if f.rows + commit.rows.len() > FEED_MAX_ROWS {
+            f.queue.clear();
+            f.rows = 0;
+            f.gap = true;
+            return;
+        }
+        f.rows += commit.rows.len();
+        f.queue.push_back(commit);
+        drop(f);
+        self.fed.notify_waiters();
+    }
+
+    /// The commits published since the last call, in commit order, and
+    /// whether any was dropped in between (then the listener must not
+    /// chain the others onto what it holds).
+    pub fn take_commits(&self) -> (Vec<MinuteCommit>, bool) {
+        match self.feed.lock() {
+            Ok(mut f) => {
+                f.rows = 0;
+                let gap = std::mem::take(&mut f.gap);
+                (f.queue.drain(..).collect(), gap)
+            }
+            Err(_) => (Vec::new(), true),
+        }
+    }
+
+    /// Waits at most `limit` for a commit to be published.
+    pub async fn fed(&self, limit: Duration) {
+        let _ = tokio::time::timeout(limit, self.fed.notified()).await;
+    }
 }
+
+/// What a member's commit tells this process (see [`Apply::after_commit`]).
+type CommitHook = Box<dyn Fn() + Send + Sync>;
 
 /// Events per log read.
 pub const READ_CHUNK: i64 = 2_500;
@@ -731,11 +836,50 @@ impl FoldGroup {
                 }
             })
             .collect();
+        // Told when each member's commit lands (on PostgreSQL each commits
+        // on its own): the evaluator wakes, and the alert ring takes the
+        // live minute rows, as soon as that table is committed, not after
+        // the slower members or the next batch's prefetch.
+        let drop_feed = Failpoints::fires(self.failpoints.drop_ring_feed);
+        let feeding = self.signal.as_ref().is_some_and(|s| s.listening()) && !drop_feed;
+        let hooks: Vec<Option<CommitHook>> = chosen
+            .iter()
+            .zip(&commits)
+            .map(|(&i, &(to, _))| {
+                let signal = self.signal.clone()?;
+                let m = &self.members[i];
+                let pending = m.pending.as_ref();
+                let feed = pending
+                    .filter(|_| feeding && m.suffix.is_empty())
+                    .and_then(|p| {
+                        p.delta
+                            .tables
+                            .iter()
+                            .find(|(g, _)| *g == Granularity::Minute)
+                    })
+                    .map(|(_, rows)| MinuteCommit {
+                        state: m.state.clone(),
+                        generation: m.generation,
+                        from: m.cursor,
+                        to,
+                        rows: Arc::new(rows.clone()),
+                    });
+                let oldest = pending.and_then(|p| p.oldest);
+                let feed = std::sync::Mutex::new(feed);
+                Some(Box::new(move || {
+                    if let Some(c) = feed.lock().ok().and_then(|mut f| f.take()) {
+                        signal.publish(c);
+                    }
+                    signal.committed(oldest);
+                }) as CommitHook)
+            })
+            .collect();
         let applies: Vec<Apply<'_>> = chosen
             .iter()
             .zip(&commits)
             .zip(&waits)
-            .map(|((&i, &(to, member_as_of)), wait)| {
+            .zip(&hooks)
+            .map(|(((&i, &(to, member_as_of)), wait), hook)| {
                 let m = &self.members[i];
                 Apply {
                     state: &m.state,
@@ -749,6 +893,7 @@ impl FoldGroup {
                     before_commit: crash.then_some(crash_before_commit as fn()),
                     give_way: wait.as_deref().map(|w| &w.count),
                     newest: &m.newest,
+                    after_commit: hook.as_deref().map(AfterCommit),
                 }
             })
             .collect();
@@ -923,9 +1068,6 @@ impl FoldGroup {
                             apply_ms = step.apply.as_millis() as u64,
                             "folded"
                         );
-                        if let Some(signal) = &config.on_commit {
-                            signal.committed(step.oldest);
-                        }
                     }
                     if step.caught_up {
                         let wait = if step.held_back {

@@ -150,6 +150,20 @@ pub struct Apply<'a> {
     /// apply's compare-and-set fails before it writes. Empty: read every
     /// sketch.
     pub newest: &'a [(Granularity, Option<DateTime<Utc>>)],
+    /// Called once this apply's rows and checkpoint are committed (on
+    /// PostgreSQL each apply commits on its own, possibly long before the
+    /// others of the same call); the store knows nothing of what it does.
+    pub after_commit: Option<AfterCommit<'a>>,
+}
+
+/// The callback of [`Apply::after_commit`].
+#[derive(Clone, Copy)]
+pub struct AfterCommit<'a>(pub &'a (dyn Fn() + Send + Sync));
+
+impl std::fmt::Debug for AfterCommit<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AfterCommit")
+    }
 }
 
 /// Whether an [`Apply`] landed.

@@ -385,6 +385,10 @@ pub(crate) fn bind_instance<'a>(q: Sql<'a>, r: &'a InstanceRow) -> Sql<'a> {
         .bind(r.life.sequence)
 }
 
+/// Rows per statement of [`Alerts::commit_transitions`] (17 parameters a
+/// row: well within both dialects' limits).
+const ROWS_PER_STATEMENT: usize = 200;
+
 /// The alert tables: rules and their audit trail, quotas, instances and the outbox.
 #[derive(Debug, Clone)]
 pub struct Alerts {
@@ -785,50 +789,79 @@ impl Alerts {
         notifications: &[NewNotification],
     ) -> Result<bool, StoreError> {
         let mut tx = self.db.begin().await?;
-        for w in writes {
-            let r = &w.row;
-            let q = match w.expected_version {
-                Some(_) => Sql::new(
-                    "UPDATE alert_instances SET rule = $2, rule_uid = $3, level = $4, grp = $5, \
-                     severity = $6, state = $7, value = $8, threshold = $9, active_since_ms = $10, \
-                     firing_since_ms = $11, last_true_ms = $12, last_sent_ms = $13, resolved_at_ms = $14, \
-                     sequence = $15, version = version + 1, updated_at_ms = $16 \
-                     WHERE fingerprint = $1 AND version = $17",
-                ),
-                None => Sql::new(
-                    "INSERT INTO alert_instances (fingerprint, rule, rule_uid, level, grp, severity, state, \
-                     value, threshold, active_since_ms, firing_since_ms, last_true_ms, last_sent_ms, \
-                     resolved_at_ms, sequence, version, updated_at_ms) \
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, 1, $16) \
-                     ON CONFLICT (fingerprint) DO NOTHING",
-                ),
-            };
-            let mut q = bind_instance(q.bind(&r.fingerprint), r).bind(ms(r.updated_at));
-            if let Some(v) = w.expected_version {
-                q = q.bind(v);
+        // A few statements of many rows each, not one per row: a round
+        // that moves hundreds of instances costs a few round trips.
+        let placeholders = |rows: usize, per_row: usize, tail: &str| -> String {
+            (0..rows)
+                .map(|i| {
+                    let cols: Vec<String> = (1..=per_row)
+                        .map(|c| format!("${}", i * per_row + c))
+                        .collect();
+                    format!("({}{tail})", cols.join(", "))
+                })
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let (inserts, updates): (Vec<&InstanceWrite>, Vec<&InstanceWrite>) =
+            writes.iter().partition(|w| w.expected_version.is_none());
+        for chunk in inserts.chunks(ROWS_PER_STATEMENT) {
+            let mut q = Sql::new(format!(
+                "INSERT INTO alert_instances (fingerprint, rule, rule_uid, level, grp, severity, state, \
+                 value, threshold, active_since_ms, firing_since_ms, last_true_ms, last_sent_ms, \
+                 resolved_at_ms, sequence, updated_at_ms, version) VALUES {} \
+                 ON CONFLICT (fingerprint) DO NOTHING",
+                placeholders(chunk.len(), 16, ", 1")
+            ));
+            for w in chunk {
+                q = bind_instance(q.bind(&w.row.fingerprint), &w.row).bind(ms(w.row.updated_at));
             }
-            if tx.execute(q).await? != 1 {
-                // Another evaluator moved this instance first.
+            if tx.execute(q).await? != chunk.len() as u64 {
+                // Another evaluator created one of these instances first.
                 tx.rollback().await?;
                 return Ok(false);
             }
         }
-        for n in notifications {
-            tx.execute(
-                Sql::new(
-                    "INSERT INTO alert_outbox (fingerprint, sequence, rule, state, severity, subject, payload, created_at_ms) \
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
-                )
-                .bind(&n.fingerprint)
-                .bind(n.sequence)
-                .bind(&n.rule)
-                .bind(n.state.as_str())
-                .bind(&n.severity)
-                .bind(&n.subject)
-                .bind(&n.payload)
-                .bind(ms(n.created_at)),
-            )
-            .await?;
+        for chunk in updates.chunks(ROWS_PER_STATEMENT) {
+            // VALUES columns are `column1`, `column2`, … in both dialects.
+            let mut q = Sql::new(format!(
+                "UPDATE alert_instances SET rule = v.column2, rule_uid = v.column3, level = v.column4, \
+                 grp = v.column5, severity = v.column6, state = v.column7, value = v.column8, \
+                 threshold = v.column9, active_since_ms = v.column10, firing_since_ms = v.column11, \
+                 last_true_ms = v.column12, last_sent_ms = v.column13, resolved_at_ms = v.column14, \
+                 sequence = v.column15, updated_at_ms = v.column16, version = alert_instances.version + 1 \
+                 FROM (VALUES {}) AS v \
+                 WHERE alert_instances.fingerprint = v.column1 AND alert_instances.version = v.column17",
+                placeholders(chunk.len(), 17, "")
+            ));
+            for w in chunk {
+                q = bind_instance(q.bind(&w.row.fingerprint), &w.row)
+                    .bind(ms(w.row.updated_at))
+                    .bind(w.expected_version);
+            }
+            if tx.execute(q).await? != chunk.len() as u64 {
+                // Another evaluator moved one of these instances first.
+                tx.rollback().await?;
+                return Ok(false);
+            }
+        }
+        for chunk in notifications.chunks(ROWS_PER_STATEMENT) {
+            let mut q = Sql::new(format!(
+                "INSERT INTO alert_outbox (fingerprint, sequence, rule, state, severity, subject, payload, created_at_ms) \
+                 VALUES {}",
+                placeholders(chunk.len(), 8, "")
+            ));
+            for n in chunk {
+                q = q
+                    .bind(&n.fingerprint)
+                    .bind(n.sequence)
+                    .bind(&n.rule)
+                    .bind(n.state.as_str())
+                    .bind(&n.severity)
+                    .bind(&n.subject)
+                    .bind(&n.payload)
+                    .bind(ms(n.created_at));
+            }
+            tx.execute(q).await?;
         }
         tx.commit().await?;
         Ok(true)

@@ -26,8 +26,8 @@ pub mod sqlite;
 pub mod tokens;
 
 pub use agg::{
-    AggAnswer, AggQuery, AggRow, Apply, ApplyOutcome, Cursor, LogBatch, ProjectionState, Top,
-    Watermark,
+    AfterCommit, AggAnswer, AggQuery, AggRow, Apply, ApplyOutcome, Cursor, LogBatch,
+    ProjectionState, Top, Watermark,
 };
 pub use alerts::Alerts;
 pub use corrections::Corrections;

@@ -267,6 +267,9 @@ impl Projections {
                 hook();
             }
             tx.commit().await?;
+            for hook in applies.iter().filter_map(|a| a.after_commit) {
+                (hook.0)();
+            }
             return Ok(ApplyOutcome::Applied);
         }
         let outcomes = futures::future::join_all(applies.iter().map(|a| self.apply_one(a))).await;
@@ -295,6 +298,9 @@ impl Projections {
             hook();
         }
         tx.commit().await?;
+        if let Some(hook) = apply.after_commit {
+            (hook.0)();
+        }
         Ok(ApplyOutcome::Applied)
     }
 
@@ -321,7 +327,8 @@ impl Projections {
 
     /// Atomically replaces the live tables and checkpoints of `spec` with the
     /// rebuilt ones (`suffix`, `shadow_state`): every tier's checkpoint row
-    /// takes the shadow's cursor (and its tier's hash), and a tier row the
+    /// takes the shadow's cursor (and its tier's hash, and a new generation:
+    /// what was read of the old tables is not of these), and a tier row the
     /// spec no longer has is removed. Returns false, changing nothing, when
     /// a live checkpoint is ahead of the shadow's (readers would see totals
     /// step back): fold further and try again.
@@ -354,7 +361,7 @@ impl Projections {
                          (cursor_tx, cursor_seq, as_of, events_folded) = \
                          (SELECT cursor_tx, cursor_seq, as_of, events_folded \
                           FROM projection_checkpoints WHERE name = $2), \
-                         spec_hash = $4, spec = $5, updated_at = $3 \
+                         spec_hash = $4, spec = $5, updated_at = $3, generation = generation + 1 \
                          WHERE name = $1 AND EXISTS (SELECT 1 FROM projection_checkpoints s \
                          WHERE s.name = $2 AND (s.cursor_tx, s.cursor_seq) >= \
                          (projection_checkpoints.cursor_tx, projection_checkpoints.cursor_seq))",
@@ -430,8 +437,8 @@ impl Projections {
         rows.iter().map(|r| agg_row(r, n, &t)).collect()
     }
 
-    /// The rows an [`AggQuery`] selects, under the store's statement timeout.
-    pub async fn query_agg(&self, q: &AggQuery<'_>) -> Result<AggAnswer, StoreError> {
+    /// The statement of an [`AggQuery`] and the table it reads.
+    fn agg_sql<'q>(&self, q: &'q AggQuery<'_>) -> (Sql<'q>, String) {
         let t = table(q.spec, q.granularity, "");
         let (select, tail) = query_select(q, self.db.backend());
         let mut text = format!("SELECT {select} FROM {t} WHERE bucket >= $1 AND bucket < $2");
@@ -444,6 +451,46 @@ impl Projections {
         for (_, values) in q.filters {
             sql = sql.bind(Arg::List(values.iter().map(String::as_str).collect()));
         }
+        (sql, t)
+    }
+
+    /// The rows an [`AggQuery`] selects together with checkpoint `state`
+    /// (its cursor, generation and spec hash) from one snapshot: the rows
+    /// are exactly the table's contents at that checkpoint. `None` when
+    /// there is no such checkpoint.
+    pub async fn query_agg_at(
+        &self,
+        state: &str,
+        q: &AggQuery<'_>,
+    ) -> Result<Option<(ProjectionState, Vec<AggRow>)>, StoreError> {
+        let mut tx = self.db.snapshot().await?;
+        let row = tx
+            .fetch_optional(
+                Sql::new(format!(
+                    "SELECT {CHECKPOINT_COLUMNS} FROM projection_checkpoints WHERE name = $1"
+                ))
+                .bind(state),
+            )
+            .await?;
+        let Some(row) = row else {
+            tx.rollback().await?;
+            return Ok(None);
+        };
+        let checkpoint = state_from_row(&row)?;
+        let (sql, t) = self.agg_sql(q);
+        let rows = tx.fetch_all(sql).await?;
+        tx.rollback().await?;
+        let n = q.group_by.len();
+        let rows = rows
+            .iter()
+            .map(|r| agg_row(r, n, &t))
+            .collect::<Result<_, _>>()?;
+        Ok(Some((checkpoint, rows)))
+    }
+
+    /// The rows an [`AggQuery`] selects, under the store's statement timeout.
+    pub async fn query_agg(&self, q: &AggQuery<'_>) -> Result<AggAnswer, StoreError> {
+        let (sql, t) = self.agg_sql(q);
         let rows = self.db.fetch_timed(sql).await?;
         if rows.len() > q.max_rows {
             return Err(StoreError::TooManyRows(q.max_rows));

@@ -1,6 +1,7 @@
 //! Integration tests: one binary, real PostgreSQL (started by `support`) and SQLite files.
 
 mod alert;
+mod alert_ring;
 mod architecture;
 mod cli;
 mod correction;

@@ -24,6 +24,7 @@ both_backends!(
     rejects_commit_with_the_batch,
     empty_append_is_a_no_op,
     concurrent_appends_store_each_id_once,
+    alert_transitions_commit_all_or_nothing,
 );
 
 async fn migrate_is_idempotent(s: &TestStore) {
@@ -464,5 +465,134 @@ async fn a_restatement_reads_its_groups_not_the_whole_day() {
         "the reads fetched {} rows of the log for {read} events of a {}-event day",
         after - before,
         users * per_user
+    );
+}
+
+/// `commit_transitions` writes hundreds of instances in a few statements:
+/// all of them with their notifications, or none when one instance was
+/// created or moved by another evaluator first.
+async fn alert_transitions_commit_all_or_nothing(s: &TestStore) {
+    use tally::alert::lifecycle::AlertState;
+    use tally::store::alerts::{InstanceRow, InstanceWrite, Life, NewNotification};
+    let alerts = s.store.alerts();
+    let now = chrono::DateTime::from_timestamp_millis(Utc::now().timestamp_millis()).expect("now");
+    let row = |i: usize, state: AlertState, sequence: i64| InstanceRow {
+        fingerprint: format!("fp{i:04}"),
+        rule: "r".into(),
+        rule_uid: "u".into(),
+        level: String::new(),
+        group: format!(r#"{{"key":"k{i}"}}"#),
+        severity: "warning".into(),
+        value: (!i.is_multiple_of(3)).then_some(i as f64 + 0.5),
+        threshold: Some(10.0),
+        life: Life {
+            state,
+            active_since: Some(now),
+            firing_since: (sequence > 0).then_some(now),
+            last_true: Some(now),
+            last_sent: (sequence > 0).then_some(now),
+            resolved_at: None,
+            sequence,
+        },
+        version: 0,
+        updated_at: now,
+    };
+    let note = |i: usize, sequence: i64| NewNotification {
+        fingerprint: format!("fp{i:04}"),
+        sequence,
+        rule: "r".into(),
+        state: AlertState::Firing,
+        severity: "warning".into(),
+        subject: "usage.alerts.warning.r".into(),
+        payload: format!(r#"{{"i":{i},"sequence":{sequence}}}"#),
+        created_at: now,
+    };
+    // 450 new instances: more than one statement's rows.
+    let n = 450;
+    let created: Vec<InstanceWrite> = (0..n)
+        .map(|i| InstanceWrite {
+            row: row(i, AlertState::Pending, 0),
+            expected_version: None,
+        })
+        .collect();
+    assert!(alerts
+        .commit_transitions(&created, &[])
+        .await
+        .expect("create"));
+    let fps: Vec<String> = (0..n).map(|i| format!("fp{i:04}")).collect();
+    let stored = alerts.instances_by_fingerprint(&fps).await.expect("read");
+    assert_eq!(stored.len(), n);
+    for r in &stored {
+        let i: usize = r.fingerprint[2..].parse().expect("index");
+        let want = InstanceRow {
+            version: 1,
+            ..row(i, AlertState::Pending, 0)
+        };
+        assert_eq!(r, &want);
+    }
+    // All fire, each with its notification.
+    let fire: Vec<InstanceWrite> = (0..n)
+        .map(|i| InstanceWrite {
+            row: row(i, AlertState::Firing, 1),
+            expected_version: Some(1),
+        })
+        .collect();
+    let notes: Vec<NewNotification> = (0..n).map(|i| note(i, 1)).collect();
+    assert!(alerts
+        .commit_transitions(&fire, &notes)
+        .await
+        .expect("fire"));
+    let unsent = alerts.unsent_notifications(10_000).await.expect("outbox");
+    assert_eq!(unsent.len(), n);
+    let stored = alerts.instances_by_fingerprint(&fps).await.expect("read");
+    assert!(stored
+        .iter()
+        .all(|r| r.version == 2 && r.life.state == AlertState::Firing && r.life.sequence == 1));
+    // One stale version among 300 writes: nothing of the round is written.
+    let mut stale: Vec<InstanceWrite> = (0..300)
+        .map(|i| InstanceWrite {
+            row: row(i, AlertState::Resolved, 2),
+            expected_version: Some(2),
+        })
+        .collect();
+    stale[250].expected_version = Some(1);
+    let notes: Vec<NewNotification> = (0..300).map(|i| note(i, 2)).collect();
+    assert!(!alerts
+        .commit_transitions(&stale, &notes)
+        .await
+        .expect("stale"));
+    // An instance another evaluator created first: nothing written either.
+    let mut again = vec![InstanceWrite {
+        row: row(n, AlertState::Pending, 0),
+        expected_version: None,
+    }];
+    again.push(InstanceWrite {
+        row: row(3, AlertState::Pending, 0),
+        expected_version: None,
+    });
+    assert!(!alerts
+        .commit_transitions(&again, &[])
+        .await
+        .expect("exists"));
+    let stored = alerts.instances_by_fingerprint(&fps).await.expect("read");
+    assert!(
+        stored
+            .iter()
+            .all(|r| r.version == 2 && r.life.state == AlertState::Firing),
+        "a refused round changed an instance"
+    );
+    assert!(alerts
+        .instances_by_fingerprint(&[format!("fp{n:04}")])
+        .await
+        .expect("read")
+        .is_empty());
+    assert_eq!(
+        alerts
+            .unsent_notifications(10_000)
+            .await
+            .expect("outbox")
+            .len(),
+        n,
+        "a refused round added notifications"
     );
 }

@@ -730,6 +730,7 @@ async fn a_checkpoint_from_before_tiers_is_split_without_folding_again(s: &TestS
         before_commit: None,
         give_way: None,
         newest: &[],
+        after_commit: None,
     };
     let applied = store
         .projections()
