@@ -266,7 +266,7 @@ pub struct AlertConfig {
 
     /// Least time between two evaluations: bounds the database share of
     /// evaluation under heavy load (alerts follow the data within about this).
-    #[arg(long, env = "TALLY_ALERTS_MIN_INTERVAL", default_value = "250ms", value_parser = crate::duration::parse)]
+    #[arg(long, env = "TALLY_ALERTS_MIN_INTERVAL", default_value = "100ms", value_parser = crate::duration::parse)]
     pub alerts_min_interval: Duration,
 
     /// How many rules and quotas may be created.

@@ -61,7 +61,7 @@ impl Default for AlertSettings {
             tick: Duration::from_secs(5),
             poll: Duration::from_millis(200),
             lease_ttl: Duration::from_secs(10),
-            min_interval: Duration::from_millis(250),
+            min_interval: Duration::from_millis(100),
         }
     }
 }
@@ -614,7 +614,6 @@ impl Evaluator {
             }
         }
         let ring_ms = started.elapsed().as_millis() as u64;
-        let mut track_time = Duration::ZERO;
         let mut cache = RoundCache::default();
         let mut changes: Vec<(Tracked, Option<NewNotification>)> = Vec::new();
         // Instances pending or firing, by rule uid: evaluated whether or not
@@ -635,6 +634,11 @@ impl Evaluator {
         }
         let empty = Measures::default();
         let mut read_time = Duration::ZERO;
+        // First every rule's window, and the stored instances of holding
+        // groups this evaluator does not track (resolved, forgotten): one
+        // read for all of them. Then every instance's step.
+        let mut evaluated: Vec<(&Rule, Values, Option<Values>)> = Vec::new();
+        let mut unknown = Vec::new();
         for rule in &rules {
             let (window, previous) = window_range(rule, now);
             let read_started = Instant::now();
@@ -665,23 +669,24 @@ impl Evaluator {
                 }
             };
             read_time += read_started.elapsed();
-            let threshold_of = |level: &Level, group: Option<&Group>| match (&baseline, group) {
-                (Some(b), Some(g)) => {
-                    level.threshold
-                        * b.get(g)
-                            .and_then(|bm| rule.measure.value(bm))
-                            .unwrap_or(0.0)
+            for (group, m) in current.iter() {
+                for level in &rule.levels {
+                    let threshold = threshold_of(rule, level, baseline.as_ref(), Some(group));
+                    if holds(rule, level, m, threshold) {
+                        let fp = fingerprint(&[&rule.uid, &level.id, &group_json(group)]);
+                        if !self.instances.as_ref().is_some_and(|i| i.contains_key(&fp)) {
+                            unknown.push(fp);
+                        }
+                    }
                 }
-                (Some(_), None) => f64::INFINITY,
-                (None, _) => level.threshold,
-            };
-            let holds = |level: &Level, m: &Measures, threshold: f64| {
-                u64::try_from(m.requests).unwrap_or(0) >= rule.min_requests
-                    && rule
-                        .measure
-                        .value(m)
-                        .is_some_and(|v| level.op.holds(v, threshold))
-            };
+            }
+            evaluated.push((rule, current, baseline));
+        }
+        let tracking = Instant::now();
+        self.track(&unknown).await?;
+        let track_time = tracking.elapsed();
+        for (rule, current, baseline) in evaluated {
+            let baseline = baseline.as_ref();
             let mut handled = HashSet::new();
             for fp in active.remove(&rule.uid).unwrap_or_default() {
                 let Some(t) = self.instances.as_ref().and_then(|i| i.get(&fp)) else {
@@ -697,12 +702,12 @@ impl Evaluator {
                     .as_ref()
                     .and_then(|g| current.get(g))
                     .unwrap_or(&empty);
-                let threshold = threshold_of(level, group.as_ref());
+                let threshold = threshold_of(rule, level, baseline, group.as_ref());
                 let input = Input {
                     rule,
                     level,
                     group: &t.row.group,
-                    holds: holds(level, m, threshold),
+                    holds: holds(rule, level, m, threshold),
                     value: rule.measure.value(m),
                     threshold,
                     m,
@@ -710,28 +715,12 @@ impl Evaluator {
                 changes.extend(self.step(&fp, input, now));
                 handled.insert(fp);
             }
-            // Instances of holding groups this evaluator does not track may
-            // exist (resolved, forgotten): one read for all of them.
-            let mut unknown = Vec::new();
-            for (group, m) in current.iter() {
-                for level in &rule.levels {
-                    if holds(level, m, threshold_of(level, Some(group))) {
-                        let fp = fingerprint(&[&rule.uid, &level.id, &group_json(group)]);
-                        if !self.instances.as_ref().is_some_and(|i| i.contains_key(&fp)) {
-                            unknown.push(fp);
-                        }
-                    }
-                }
-            }
-            let tracking = Instant::now();
-            self.track(&unknown).await?;
-            track_time += tracking.elapsed();
             // Only groups whose condition holds can start an instance: the
             // rest cost one comparison each.
             for (group, m) in current.iter() {
                 for level in &rule.levels {
-                    let threshold = threshold_of(level, Some(group));
-                    if !holds(level, m, threshold) {
+                    let threshold = threshold_of(rule, level, baseline, Some(group));
+                    if !holds(rule, level, m, threshold) {
                         continue;
                     }
                     let group_json = group_json(group);
@@ -1143,6 +1132,36 @@ impl Evaluator {
         }
         lease.release(self.store.leases()).await;
     }
+}
+
+/// A level's threshold for `group`: the level's own, or its multiple of the
+/// group's value in the baseline window when the rule compares with one (no
+/// group: it cannot hold).
+fn threshold_of(
+    rule: &Rule,
+    level: &Level,
+    baseline: Option<&Values>,
+    group: Option<&Group>,
+) -> f64 {
+    match (baseline, group) {
+        (Some(b), Some(g)) => {
+            level.threshold
+                * b.get(g)
+                    .and_then(|bm| rule.measure.value(bm))
+                    .unwrap_or(0.0)
+        }
+        (Some(_), None) => f64::INFINITY,
+        (None, _) => level.threshold,
+    }
+}
+
+/// Whether a level's condition holds for the measures `m` of one group.
+fn holds(rule: &Rule, level: &Level, m: &Measures, threshold: f64) -> bool {
+    u64::try_from(m.requests).unwrap_or(0) >= rule.min_requests
+        && rule
+            .measure
+            .value(m)
+            .is_some_and(|v| level.op.holds(v, threshold))
 }
 
 /// A stored instance as the evaluator tracks it (at its stored version).
