@@ -195,7 +195,9 @@ impl Held {
         {
             return Ok(false);
         }
-        if c.generation != self.generation || c.from != self.cursor {
+        // A commit that left out rows of buckets the ring holds is not
+        // the whole slice for it either.
+        if c.generation != self.generation || c.from != self.cursor || c.since > self.start {
             return Err(());
         }
         for (key, m) in c.rows.iter() {
@@ -273,6 +275,16 @@ impl Ring {
         wants: &HashMap<String, Want>,
         states: &[ProjectionState],
     ) -> Result<Synced, StoreError> {
+        if wants.is_empty() {
+            // Nothing to serve: the projector need not copy its commits.
+            if self.listening {
+                self.stop(signal);
+            }
+            return Ok(Synced::default());
+        }
+        if let Some(from) = wants.values().map(|w| w.from).min() {
+            signal.listen_from(from);
+        }
         if !self.listening {
             signal.listen(true);
             self.listening = true;
@@ -476,6 +488,48 @@ mod tests {
             requests: n,
             ..Measures::default()
         }
+    }
+
+    #[test]
+    fn a_commit_chains_on_only_at_the_rings_cursor_generation_and_start() {
+        use crate::aggregate::measures::{RowKey, Rows};
+        let t0 = DateTime::from_timestamp(1_800_000_000, 0).expect("time");
+        let at = |seq| Cursor { tx: 0, seq };
+        let commit = |from, to, generation, since| MinuteCommit {
+            state: "m".into(),
+            generation,
+            from: at(from),
+            to: at(to),
+            rows: Arc::new(Rows::from_iter([(
+                RowKey {
+                    bucket: t0,
+                    dims: vec!["a".into(), "k1".into()],
+                },
+                requests(1),
+            )])),
+            since,
+        };
+        let mut h = held(t0);
+        assert_eq!(h.take(&commit(0, 5, 0, t0)), Ok(true));
+        assert_eq!(h.cursor, at(5));
+        assert_eq!(h.take(&commit(0, 5, 0, t0)), Ok(false), "already held");
+        assert_eq!(h.take(&commit(6, 9, 0, t0)), Err(()), "a gap");
+        assert_eq!(h.take(&commit(5, 9, 1, t0)), Err(()), "another generation");
+        let later = t0 + chrono::Duration::minutes(1);
+        assert_eq!(
+            h.take(&commit(5, 9, 0, later)),
+            Err(()),
+            "rows the ring holds were left out"
+        );
+        assert_eq!(
+            h.take(&commit(5, 9, 0, t0 - chrono::Duration::minutes(1))),
+            Ok(true)
+        );
+        let sums = h.window((t0, later));
+        assert_eq!(
+            sums[&Group(vec![(Dimension::Key, "k1".into())])].requests,
+            2
+        );
     }
 
     #[test]

@@ -172,14 +172,18 @@ pub struct MinuteCommit {
     pub from: Cursor,
     /// Its cursor after.
     pub to: Cursor,
-    /// The rows added to its minute table.
+    /// The rows added to its minute table, those of buckets from `since` on.
     pub rows: Arc<Rows>,
+    /// The first bucket whose rows are in `rows` (older ones were left out).
+    pub since: DateTime<Utc>,
 }
 
 /// Commits waiting for the evaluator, bounded by [`FEED_MAX_ROWS`].
 #[derive(Debug, Default)]
 struct Feed {
     listening: bool,
+    /// The first bucket the listener keeps: older rows are not copied.
+    from: Option<DateTime<Utc>>,
     queue: VecDeque<MinuteCommit>,
     rows: usize,
     /// A commit was dropped (nobody listening, or the queue was full) since
@@ -189,7 +193,7 @@ struct Feed {
 
 /// Rows the commits waiting for the evaluator may hold; past it they are
 /// dropped and the evaluator's ring reloads from the tables.
-pub const FEED_MAX_ROWS: usize = 100_000;
+pub const FEED_MAX_ROWS: usize = 25_000;
 
 impl Default for FoldSignal {
     fn default() -> Self {
@@ -307,9 +311,22 @@ impl FoldSignal {
         self.notify.notified().await;
     }
 
-    /// Whether the evaluator takes minute commits now.
-    pub fn listening(&self) -> bool {
-        self.feed.lock().is_ok_and(|f| f.listening)
+    /// Whether the evaluator takes minute commits now, and from which
+    /// bucket on (`None`: not listening).
+    pub fn listening(&self) -> Option<DateTime<Utc>> {
+        self.feed
+            .lock()
+            .ok()
+            .filter(|f| f.listening)
+            .map(|f| f.from.unwrap_or(DateTime::<Utc>::MIN_UTC))
+    }
+
+    /// The first bucket the listener keeps (rows of older buckets are not
+    /// handed over: no window it serves reads them).
+    pub fn listen_from(&self, from: DateTime<Utc>) {
+        if let Ok(mut f) = self.feed.lock() {
+            f.from = Some(from);
+        }
     }
 
     /// Starts (or stops) keeping minute commits for [`FoldSignal::take_commits`].
@@ -841,7 +858,11 @@ impl FoldGroup {
         // live minute rows, as soon as that table is committed, not after
         // the slower members or the next batch's prefetch.
         let drop_feed = Failpoints::fires(self.failpoints.drop_ring_feed);
-        let feeding = self.signal.as_ref().is_some_and(|s| s.listening()) && !drop_feed;
+        let feed_from = self
+            .signal
+            .as_ref()
+            .and_then(|s| s.listening())
+            .filter(|_| !drop_feed);
         let hooks: Vec<Option<CommitHook>> = chosen
             .iter()
             .zip(&commits)
@@ -849,21 +870,27 @@ impl FoldGroup {
                 let signal = self.signal.clone()?;
                 let m = &self.members[i];
                 let pending = m.pending.as_ref();
-                let feed = pending
-                    .filter(|_| feeding && m.suffix.is_empty())
-                    .and_then(|p| {
-                        p.delta
-                            .tables
-                            .iter()
-                            .find(|(g, _)| *g == Granularity::Minute)
-                    })
-                    .map(|(_, rows)| MinuteCommit {
+                let feed = feed_from.filter(|_| m.suffix.is_empty()).and_then(|from| {
+                    let p = pending?;
+                    let (_, rows) = p
+                        .delta
+                        .tables
+                        .iter()
+                        .find(|(g, _)| *g == Granularity::Minute)?;
+                    let rows: Rows = rows
+                        .iter()
+                        .filter(|(k, _)| k.bucket >= from)
+                        .map(|(k, m)| (k.clone(), m.clone()))
+                        .collect();
+                    Some(MinuteCommit {
                         state: m.state.clone(),
                         generation: m.generation,
                         from: m.cursor,
                         to,
-                        rows: Arc::new(rows.clone()),
-                    });
+                        rows: Arc::new(rows),
+                        since: from,
+                    })
+                });
                 let oldest = pending.and_then(|p| p.oldest);
                 let feed = std::sync::Mutex::new(feed);
                 Some(Box::new(move || {
