@@ -153,7 +153,7 @@ pub struct FoldSignal {
     leading: std::sync::Mutex<std::collections::HashMap<String, bool>>,
     /// Restatements waiting for (or holding) each checkpoint row's lock.
     restating: std::sync::Mutex<std::collections::HashMap<String, Arc<Waiting>>>,
-    /// Committed minute rows for the evaluator's [ring](crate::alert::ring).
+    /// Committed minute rows for the alert evaluator's ring.
     feed: std::sync::Mutex<Feed>,
     /// Notified when `feed` gets a commit.
     fed: tokio::sync::Notify,
