@@ -8,9 +8,11 @@
 //!   checkpoint they are exactly the contents of (cursor and generation:
 //!   [`Projections::query_agg_at`](crate::store::Projections::query_agg_at)).
 //! - It takes a committed slice ([`MinuteCommit`]) only when the slice starts
-//!   at the ring's cursor under the ring's generation; the rows of a commit
-//!   are exactly what its compare-and-set added to the table, so the ring is
-//!   then the table at the slice's end.
+//!   at the ring's cursor under the ring's generation and carries every row
+//!   of the buckets the ring holds (the projector copies only buckets from
+//!   the ring's first one on); the rows of a commit are exactly what its
+//!   compare-and-set added to the table, so the ring is then the table at
+//!   the slice's end.
 //! - Anything else is doubt, and doubt reloads it from the table: a slice
 //!   that does not chain (another instance folded, a commit was not handed
 //!   over), a generation moved (a restatement, a price change, a rebuild's
