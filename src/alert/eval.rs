@@ -27,13 +27,12 @@ use super::ring::{Ring, Synced, Want, RING_HORIZON};
 use super::rule::{window_range, Level, Rule, RuleSpec, Window};
 use super::{failing, fingerprint, AlertError};
 use crate::aggregate::bucket::bucket_start;
-use crate::aggregate::spec::{Dimension, Granularity};
+use crate::aggregate::spec::{Dimension, Granularity, Spec};
 use crate::aggregate::Measures;
 use crate::backoff::Backoff;
 use crate::lease::{Holding, Lease, LeaseKind};
 use crate::projection::projector::FoldSignal;
 use crate::query::output::Group;
-use crate::query::plan;
 use crate::query::window::{self, Range};
 use crate::query::Catalog;
 use crate::store::alerts::{InstanceRow, InstanceWrite, NewNotification, RuleFailure};
@@ -329,7 +328,7 @@ impl Evaluator {
     /// key: rolling minute windows within [`RING_HORIZON`], over a minute
     /// table that is caught up, kept long enough, and folded by this
     /// process (whose commits feed the ring).
-    async fn ring_wants(
+    fn ring_wants(
         &self,
         signal: &FoldSignal,
         rules: &[Rule],
@@ -337,7 +336,6 @@ impl Evaluator {
         states: &[ProjectionState],
         now: DateTime<Utc>,
     ) -> HashMap<String, Want> {
-        let stats = self.catalog.sizes(&self.store).await;
         let mut wants: HashMap<String, Want> = HashMap::new();
         for rule in rules {
             let Some((key, _)) = plan.of_rule.get(&rule.uid) else {
@@ -360,13 +358,24 @@ impl Evaluator {
             }
             let mut needed = shape.group_by.clone();
             needed.extend(shape.scope.iter().map(|(d, _)| *d));
-            let Some(spec) = plan::find(
-                &self.catalog,
-                &stats,
-                Granularity::Minute,
-                shape.tz,
-                &needed,
-            ) else {
+            // Any minute table with the shape's dimensions that has caught
+            // up gives the same sums; the fewest dimensions is the smallest.
+            // (Not the planner's statistics: reading them here would fill
+            // their cache before the tables are caught up.)
+            let ready = |s: &Spec| {
+                let state = s.checkpoint_of(Granularity::Minute);
+                states.iter().any(|c| c.name == state && c.as_of.is_some())
+            };
+            let Some(spec) = self
+                .catalog
+                .specs
+                .iter()
+                .filter(|s| s.granularities.contains(&Granularity::Minute))
+                .filter(|s| needed.iter().all(|d| s.dimensions.contains(d)))
+                .filter(|s| ready(s))
+                .min_by_key(|s| (s.dimensions.len(), s.name.clone()))
+                .cloned()
+            else {
                 continue;
             };
             let state = spec.checkpoint_of(Granularity::Minute);
@@ -375,10 +384,7 @@ impl Evaluator {
                 .get(&Granularity::Minute)
                 .and_then(|r| chrono::Duration::from_std(*r).ok())
                 .is_none_or(|r| r > RING_HORIZON + chrono::Duration::days(1));
-            if !kept
-                || !states.iter().any(|s| s.name == state && s.as_of.is_some())
-                || !signal.leads_all([state.as_str()].into_iter())
-            {
+            if !kept || !signal.leads_all([state.as_str()].into_iter()) {
                 continue;
             }
             wants.insert(
@@ -601,7 +607,7 @@ impl Evaluator {
             // say whether a table is caught up) may be older.
             let synced_ring = async {
                 let states = self.store.projections().projection_states().await?;
-                let wants = self.ring_wants(&signal, &rules, &plan, &states, now).await;
+                let wants = self.ring_wants(&signal, &rules, &plan, &states, now);
                 self.ring.sync(&self.store, &signal, &wants, &states).await
             };
             match synced_ring.await {
