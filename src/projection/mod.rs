@@ -56,4 +56,7 @@ pub enum ProjectionError {
     /// A log read task panicked or was cancelled (a bug, or the runtime shutting down).
     #[error("log read task failed: {0}")]
     ReadTask(String),
+    /// A commit running in the background ended without an outcome (it panicked).
+    #[error("commit task failed: {0}")]
+    CommitTask(String),
 }

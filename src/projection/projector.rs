@@ -111,6 +111,11 @@ pub struct Failpoints {
     /// Not a crash: a committed minute slice is not handed to the alert
     /// ring, which must notice the gap and reload (`projector.drop_ring_feed`).
     pub drop_ring_feed: f64,
+    /// Not a crash: a commit running in the background fails without
+    /// writing, a while after it began (as when its connection is lost);
+    /// the rows folded after it meanwhile must be read again
+    /// (`projector.fail_background_commit`).
+    pub fail_background_commit: f64,
 }
 
 impl Failpoints {
@@ -130,7 +135,8 @@ impl Failpoints {
                 "restate.before_commit" => f.restate_before_commit = p,
                 "restate.between_tiers" => f.restate_between_tiers = p,
                 "projector.drop_ring_feed" => f.drop_ring_feed = p,
-                _ => return Err(format!("unknown failpoint `{name}`; known: projector.before_commit, projector.after_commit, restate.before_commit, restate.between_tiers, projector.drop_ring_feed")),
+                "projector.fail_background_commit" => f.fail_background_commit = p,
+                _ => return Err(format!("unknown failpoint `{name}`; known: projector.before_commit, projector.after_commit, restate.before_commit, restate.between_tiers, projector.drop_ring_feed, projector.fail_background_commit")),
             }
         }
         Ok(f)
@@ -389,6 +395,13 @@ type CommitHook = Box<dyn Fn() + Send + Sync>;
 /// Events per log read.
 pub const READ_CHUNK: i64 = 2_500;
 
+/// How long a commit failed by `projector.fail_background_commit` runs first.
+const FAILED_COMMIT_AFTER: Duration = Duration::from_millis(150);
+
+/// How often the read beside a commit looks for new events once it found
+/// nothing more ([`read_ahead`]).
+const FOLLOW_EVERY: Duration = Duration::from_millis(15);
+
 /// [`ProjectorConfig::coarse_every`] by default.
 pub const COARSE_EVERY: Duration = Duration::from_secs(10);
 
@@ -396,13 +409,13 @@ pub const COARSE_EVERY: Duration = Duration::from_secs(10);
 /// they commit whatever their cadence. They count against the batch's
 /// [`MAX_DELTA_ROWS`] too, so what a group holds in memory stays within that
 /// budget (a row is a few hundred bytes).
-pub const PENDING_MAX_ROWS: usize = 20_000;
+pub const PENDING_MAX_ROWS: usize = 50_000;
 
 /// Aggregate rows after which a transaction's delta stops growing (bounds
 /// memory and transaction size). Checked after each [`READ_CHUNK`], so a
 /// delta may pass it by one chunk's rows (~9 per event when every event
 /// opens rows of its own).
-pub const MAX_DELTA_ROWS: usize = 40_000;
+pub const MAX_DELTA_ROWS: usize = 60_000;
 
 /// What one [`FoldGroup::step`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -454,8 +467,13 @@ struct Member {
     coarse: bool,
     /// How long its folded rows may wait before they commit (zero: every step).
     every: Duration,
-    /// Folded after `cursor`, not committed yet.
+    /// Folded after `cursor` (after `committing`'s rows when one runs),
+    /// not committed yet.
     pending: Option<Pending>,
+    /// Its commit running beside the fold (a member with a cadence commits
+    /// in the background, so a large coarse commit does not hold up the
+    /// fine tier's next one); at most one at a time.
+    committing: Option<InFlight>,
     /// The newest bucket each of its tables holds as of `cursor` (read at
     /// open and reload, raised by its own commits): newer rows are written
     /// without reading a stored sketch. Empty: unknown, read them all.
@@ -480,6 +498,32 @@ struct Pending {
     since: Instant,
 }
 
+/// A member's commit running in its own task ([`FoldGroup::step`] spawns it,
+/// [`FoldGroup::reap`] takes its outcome). Its rows are the member's cursor
+/// slice `(cursor, to]`; the member's [`Pending`] rows, if any, start at
+/// `to`, so they are dropped (and read again) unless this commit lands.
+#[derive(Debug)]
+struct InFlight {
+    to: Cursor,
+    as_of: Option<DateTime<Utc>>,
+    rows: usize,
+    /// The newest bucket of each table its rows touch (raises
+    /// [`Member::newest`] once it lands).
+    tops: Vec<(Granularity, DateTime<Utc>)>,
+    /// Restatements waiting for the checkpoint's lock, which it gives way to.
+    wait: Option<Arc<Waiting>>,
+    task: tokio::task::JoinHandle<Result<ApplyOutcome, ProjectionError>>,
+}
+
+/// The newest bucket of each table `delta` has rows in.
+fn tops(delta: &Delta) -> Vec<(Granularity, DateTime<Utc>)> {
+    delta
+        .tables
+        .iter()
+        .filter_map(|(g, rows)| Some((*g, rows.keys().map(|k| k.bucket).max()?)))
+        .collect()
+}
+
 impl Member {
     /// A member at checkpoint `row`, leading until a lease says otherwise.
     fn at(
@@ -502,6 +546,7 @@ impl Member {
             coarse,
             every: Duration::ZERO,
             pending: None,
+            committing: None,
             newest: Vec::new(),
         }
     }
@@ -516,21 +561,23 @@ impl Member {
         Ok(())
     }
 
-    /// Raises the newest buckets by the rows `delta` just committed.
-    fn committed(&mut self, delta: &Delta) {
-        for (g, rows) in &delta.tables {
-            let Some(top) = rows.keys().map(|k| k.bucket).max() else {
-                continue;
-            };
-            if let Some((_, newest)) = self.newest.iter_mut().find(|(ng, _)| ng == g) {
+    /// Raises the newest buckets by the tops of rows that just committed.
+    fn committed(&mut self, tops: &[(Granularity, DateTime<Utc>)]) {
+        for &(g, top) in tops {
+            if let Some((_, newest)) = self.newest.iter_mut().find(|(ng, _)| *ng == g) {
                 *newest = Some(newest.map_or(top, |n| n.max(top)));
             }
         }
     }
 
-    /// Where the member's next read starts: after its pending rows.
+    /// Where the member's next read starts: after its pending rows, or
+    /// after the rows of its commit in flight.
     fn read_at(&self) -> Cursor {
-        self.pending.as_ref().map_or(self.cursor, |p| p.to)
+        match (&self.pending, &self.committing) {
+            (Some(p), _) => p.to,
+            (None, Some(c)) => c.to,
+            (None, None) => self.cursor,
+        }
     }
 
     /// Takes a batch folded after [`Member::read_at`] into the pending rows.
@@ -541,6 +588,7 @@ impl Member {
         as_of: Option<DateTime<Utc>>,
         oldest: Option<DateTime<Utc>>,
     ) {
+        let base = self.read_at();
         match &mut self.pending {
             Some(p) => {
                 if to != p.to {
@@ -553,7 +601,7 @@ impl Member {
                 }
                 p.as_of = as_of.or(p.as_of);
             }
-            None if to != self.cursor => {
+            None if to != base => {
                 self.pending = Some(Pending {
                     to,
                     delta,
@@ -578,6 +626,11 @@ impl Member {
     /// Rows waiting to commit.
     fn pending_rows(&self) -> usize {
         self.pending.as_ref().map_or(0, |p| p.delta.rows())
+    }
+
+    /// Rows of its commit in flight.
+    fn committing_rows(&self) -> usize {
+        self.committing.as_ref().map_or(0, |c| c.rows)
     }
 }
 
@@ -697,6 +750,8 @@ impl FoldGroup {
     /// Re-reads every member's checkpoint. A member whose stored spec no longer
     /// matches is an error (it must stop: its tables have another shape now).
     pub async fn reload(&mut self) -> Result<(), ProjectionError> {
+        // A commit landing after the read would make the next one stale.
+        self.settle().await;
         let states = self.store.projections().projection_states().await?;
         for m in &mut self.members {
             let row = states
@@ -726,14 +781,176 @@ impl FoldGroup {
     }
 
     /// Rows held between steps: the pending rows of members with a cadence,
-    /// but those in `committing`.
+    /// but those in `committing`, and the rows of commits in flight.
     fn held(&self, committing: &[usize]) -> usize {
+        let in_flight: usize = self.members.iter().map(Member::committing_rows).sum();
+        in_flight
+            + self
+                .members
+                .iter()
+                .enumerate()
+                .filter(|(i, m)| !m.every.is_zero() && !committing.contains(i))
+                .map(|(_, m)| m.pending_rows())
+                .sum::<usize>()
+    }
+
+    /// The pending rows of members with a cadence (what [`PENDING_MAX_ROWS`] bounds).
+    fn pending_held(&self) -> usize {
         self.members
             .iter()
-            .enumerate()
-            .filter(|(i, m)| !m.every.is_zero() && !committing.contains(i))
-            .map(|(_, m)| m.pending_rows())
+            .filter(|m| !m.every.is_zero())
+            .map(Member::pending_rows)
             .sum()
+    }
+
+    /// Whether the next batch was read (beside the last commit) and holds events.
+    fn ready(&self) -> bool {
+        self.prefetched.as_ref().is_some_and(|p| p.read > 0)
+    }
+
+    /// Whether a member's commit runs in the background.
+    pub fn committing(&self) -> bool {
+        self.members.iter().any(|m| m.committing.is_some())
+    }
+
+    /// Waits for the commits in flight and forgets their outcome (the caller
+    /// reads the checkpoints next, or stops).
+    async fn settle(&mut self) {
+        for m in &mut self.members {
+            if let Some(c) = m.committing.take() {
+                let _ = c.task.await;
+            }
+        }
+    }
+
+    /// Takes the outcome of the members' commits in flight: those that
+    /// ended, or all of them (`wait`). One that landed moves its member's
+    /// cursor. One that did not (stale, gave way, failed) leaves the member's
+    /// pending rows without their base (they start where its rows end): they
+    /// are dropped, and the member reads again from its checkpoint. `Some`:
+    /// the checkpoints were read again; the step to report.
+    async fn reap(&mut self, wait: bool) -> Result<Option<Step>, ProjectionError> {
+        let mut failed = None;
+        let mut stale = false;
+        let mut gave_way = Vec::new();
+        for m in &mut self.members {
+            if !m
+                .committing
+                .as_ref()
+                .is_some_and(|c| wait || c.task.is_finished())
+            {
+                continue;
+            }
+            let Some(c) = m.committing.take() else {
+                continue;
+            };
+            let outcome = match c.task.await {
+                Ok(outcome) => outcome,
+                Err(e) => Err(ProjectionError::CommitTask(e.to_string())),
+            };
+            if let Ok(ApplyOutcome::Applied) = outcome {
+                if Failpoints::fires(self.failpoints.after_commit) {
+                    failpoint_abort("projector.after_commit");
+                }
+                m.cursor = c.to;
+                m.committed(&c.tops);
+                if c.as_of.is_some() {
+                    m.as_of = c.as_of;
+                }
+                m.gave_way = false;
+                continue;
+            }
+            // Its rows are not in the tables: neither are the rows after them.
+            m.pending = None;
+            match outcome {
+                Ok(ApplyOutcome::GaveWay) => {
+                    if let Some(w) = c.wait.filter(|w| w.asked()) {
+                        m.gave_way = true;
+                        gave_way.push(w);
+                    }
+                    stale = true;
+                }
+                Ok(_) => stale = true,
+                Err(e) => failed = failed.or(Some(e)),
+            }
+        }
+        if failed.is_none() && !stale {
+            return Ok(None);
+        }
+        // What was read ahead assumed those rows committed.
+        self.prefetched = None;
+        self.marks.clear();
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        tracing::debug!(projections = ?self.names(), "a commit in the background did not land; reading again from the checkpoints");
+        for w in gave_way {
+            w.settled(GIVE_WAY_WAIT).await;
+        }
+        self.reload().await?;
+        Ok(Some(Step {
+            stale: true,
+            ..Step::default()
+        }))
+    }
+
+    /// Starts member `i`'s commit of its pending rows (up to `to`) in a task
+    /// of its own; [`FoldGroup::reap`] takes the outcome. Returns its rows.
+    fn spawn_commit(
+        &mut self,
+        i: usize,
+        (to, as_of): (Cursor, Option<DateTime<Utc>>),
+        wait: Option<Arc<Waiting>>,
+        hook: Option<CommitHook>,
+        crash: bool,
+    ) -> usize {
+        let fail = Failpoints::fires(self.failpoints.fail_background_commit);
+        let store = self.store.clone();
+        let m = &mut self.members[i];
+        let Some(p) = m.pending.take() else {
+            return 0;
+        };
+        let rows = p.delta.rows();
+        let tops = tops(&p.delta);
+        let (state, spec, suffix) = (m.state.clone(), m.spec.clone(), m.suffix.clone());
+        let (from, generation, newest) = (m.cursor, m.generation, m.newest.clone());
+        let give_way = wait.clone();
+        let task = tokio::spawn(async move {
+            if fail {
+                // As a connection lost mid-commit would, a while after it began.
+                tokio::time::sleep(FAILED_COMMIT_AFTER).await;
+                return Err(ProjectionError::CommitTask(
+                    "failpoint projector.fail_background_commit".into(),
+                ));
+            }
+            let apply = Apply {
+                state: &state,
+                spec: &spec,
+                suffix: &suffix,
+                from,
+                generation,
+                to,
+                as_of,
+                delta: &p.delta,
+                before_commit: crash.then_some(crash_before_commit as fn()),
+                give_way: give_way.as_deref().map(|w| &w.count),
+                newest: &newest,
+                after_commit: hook.as_deref().map(AfterCommit),
+            };
+            Ok(store
+                .projections()
+                .apply_fold(std::slice::from_ref(&apply))
+                .await?)
+        });
+        m.committing = Some(InFlight {
+            to,
+            as_of,
+            rows,
+            tops,
+            wait,
+            task,
+        });
+        rows
     }
 
     /// Drops the member whose spec changed (named in the error), keeping the rest.
@@ -750,6 +967,12 @@ impl FoldGroup {
     /// fold use different cores); it is kept for the next step if the commit
     /// went through, and thrown away otherwise.
     pub async fn step(&mut self, limit: i64) -> Result<Step, ProjectionError> {
+        // Commits in flight that ended; all of them once the pending rows
+        // reach their bound (those of a member still committing cannot go).
+        let full = self.pending_held() >= PENDING_MAX_ROWS;
+        if let Some(step) = self.reap(full).await? {
+            return Ok(step);
+        }
         let leading: Vec<usize> = (0..self.members.len())
             .filter(|&i| self.members[i].leading)
             .collect();
@@ -784,6 +1007,7 @@ impl FoldGroup {
                     leading.clone(),
                     base,
                     (limit, budget),
+                    None,
                 )
                 .await?
             }
@@ -793,13 +1017,14 @@ impl FoldGroup {
             leading,
             to,
             deltas,
-            as_of,
+            last_mark,
             read,
             caught_up,
             held_back,
             oldest,
             ..
         } = prepared;
+        let as_of = as_of(&mut self.marks, last_mark);
         // Each member takes its share into its pending rows; those whose
         // rows are due commit them (the fine tier every step).
         let idle = caught_up && read == 0;
@@ -807,10 +1032,14 @@ impl FoldGroup {
         for ((&i, &to), delta) in leading.iter().zip(&to).zip(deltas) {
             self.members[i].absorb(to, delta, as_of, oldest);
         }
-        let full = self.held(&[]) >= PENDING_MAX_ROWS;
+        let full = self.pending_held() >= PENDING_MAX_ROWS;
         let mut chosen = Vec::new();
         for &i in &leading {
             let m = &self.members[i];
+            if m.committing.is_some() {
+                // One commit at a time: its next rows wait for it.
+                continue;
+            }
             if m.due(idle || full) {
                 chosen.push(i);
             } else if m.pending.is_none()
@@ -901,6 +1130,42 @@ impl FoldGroup {
                 }) as CommitHook)
             })
             .collect();
+        // A member with a cadence commits its pending rows in the
+        // background: a coarse commit of tens of thousands of rows does not
+        // hold up the next fine commit. The rest commit here, beside the
+        // next batch's read.
+        let mut spawned = (0, 0);
+        let mut inline = Vec::with_capacity(chosen.len());
+        for (((i, commit), wait), hook) in chosen.into_iter().zip(commits).zip(waits).zip(hooks) {
+            let m = &self.members[i];
+            if !m.every.is_zero() && m.pending.is_some() {
+                spawned.0 += 1;
+                spawned.1 += self.spawn_commit(i, commit, wait, hook, crash);
+            } else {
+                inline.push((i, commit, wait, hook));
+            }
+        }
+        if inline.is_empty() {
+            return Ok(Step {
+                folded: read as usize,
+                commits: spawned.0,
+                caught_up,
+                held_back,
+                rows: spawned.1,
+                prepare: prepare_took,
+                ..Step::default()
+            });
+        }
+        let mut chosen = Vec::with_capacity(inline.len());
+        let mut commits = Vec::with_capacity(inline.len());
+        let mut waits = Vec::with_capacity(inline.len());
+        let mut hooks = Vec::with_capacity(inline.len());
+        for (i, commit, wait, hook) in inline {
+            chosen.push(i);
+            commits.push(commit);
+            waits.push(wait);
+            hooks.push(hook);
+        }
         let applies: Vec<Apply<'_>> = chosen
             .iter()
             .zip(&commits)
@@ -924,7 +1189,7 @@ impl FoldGroup {
                 }
             })
             .collect();
-        let rows: usize = applies.iter().map(|a| a.delta.rows()).sum();
+        let rows: usize = spawned.1 + applies.iter().map(|a| a.delta.rows()).sum::<usize>();
         let committed_oldest = chosen
             .iter()
             .filter_map(|&i| self.members[i].pending.as_ref().and_then(|p| p.oldest))
@@ -932,23 +1197,29 @@ impl FoldGroup {
         let store = self.store.clone();
         let applying = Instant::now();
         let budget = MAX_DELTA_ROWS.saturating_sub(self.held(&chosen));
-        let (outcome, next) = if caught_up {
-            (store.projections().apply_fold(&applies).await, None)
-        } else {
-            // The next batch starts where this one ends (after the pending
-            // rows), as if the commit went through.
-            let next = prepare(
-                &store,
-                &self.members,
-                &catalog,
-                &mut self.marks,
-                leading.clone(),
-                to.clone(),
-                (limit, budget),
-            );
-            let (outcome, next) = tokio::join!(store.projections().apply_fold(&applies), next);
-            (outcome, Some(next))
+        // The next batch starts where this one ends (after the pending
+        // rows), as if the commit went through, and is read while the
+        // commit runs: what a backlog holds, or (caught up) what arrives
+        // until the commit ends, so the next commit starts at once with
+        // everything that came meanwhile already folded.
+        let applied = CancellationToken::new();
+        let next = prepare(
+            &store,
+            &self.members,
+            &catalog,
+            &mut self.marks,
+            leading.clone(),
+            to.clone(),
+            (limit, budget),
+            Some(applied.clone()),
+        );
+        let apply = async {
+            let outcome = store.projections().apply_fold(&applies).await;
+            applied.cancel();
+            outcome
         };
+        let (outcome, next) = tokio::join!(apply, next);
+        let next = Some(next);
         drop(applies);
         let apply_took = applying.elapsed();
         let outcome = outcome?;
@@ -974,18 +1245,20 @@ impl FoldGroup {
                     let m = &mut self.members[i];
                     m.cursor = to;
                     if let Some(p) = m.pending.take() {
-                        m.committed(&p.delta);
+                        m.committed(&tops(&p.delta));
                     }
                     if member_as_of.is_some() {
                         m.as_of = member_as_of;
                     }
                 }
                 self.last_write = Instant::now();
-                // A failed prefetch is not this step's failure: the next step reads again.
-                self.prefetched = next.and_then(Result::ok);
+                // A failed prefetch is not this step's failure: the next step
+                // reads again. So does one that found nothing: events that
+                // wake the group later are not in it.
+                self.prefetched = next.and_then(Result::ok).filter(|p| p.read > 0);
                 Ok(Step {
                     folded: read as usize,
-                    commits: chosen.len(),
+                    commits: spawned.0 + chosen.len(),
                     caught_up,
                     held_back,
                     stale: false,
@@ -1096,7 +1369,7 @@ impl FoldGroup {
                             "folded"
                         );
                     }
-                    if step.caught_up {
+                    if step.caught_up && !self.ready() {
                         let wait = if step.held_back {
                             // Committed events wait only for another
                             // transaction to end: look again soon, backing
@@ -1133,6 +1406,7 @@ impl FoldGroup {
                 }
             }
         }
+        self.settle().await;
         for m in &self.members {
             if let Some(signal) = &config.on_commit {
                 signal.set_leading(&m.state, false);
@@ -1162,6 +1436,23 @@ impl FoldGroup {
     }
 }
 
+/// The `as_of` a batch whose last read (watermark `mark`) reached everything
+/// foldable proves: it reached everything below that snapshot's xmin, so
+/// every earlier mark with `xmax <= xmin` is fully folded; those are taken
+/// from `marks`, and the newest one's time is the answer.
+fn as_of(marks: &mut VecDeque<Watermark>, mark: Option<Watermark>) -> Option<DateTime<Utc>> {
+    let mark = mark?;
+    let mut as_of = None;
+    while let Some(m) = marks.front() {
+        if m.xmax > mark.xmin {
+            break;
+        }
+        as_of = Some(m.at);
+        marks.pop_front();
+    }
+    as_of
+}
+
 /// A batch read and folded, not yet applied.
 struct Prepared {
     /// Indices of the members it was folded for.
@@ -1169,8 +1460,10 @@ struct Prepared {
     /// Each member's cursor after the batch.
     to: Vec<Cursor>,
     deltas: Vec<Delta>,
-    /// Set when the last read reached everything foldable (see the module doc).
-    as_of: Option<DateTime<Utc>>,
+    /// The last read's watermark, when it reached everything foldable: the
+    /// batch's `as_of` is computed from it when the batch is applied (see
+    /// [`as_of`]), so a batch read ahead and thrown away costs no mark.
+    last_mark: Option<Watermark>,
     read: i64,
     caught_up: bool,
     /// The last read found committed events it could not fold yet.
@@ -1187,6 +1480,7 @@ struct Prepared {
 /// two ahead: the database's scan and the decoding of rows run on the other
 /// core while this one folds. Once the delta holds [`MAX_DELTA_ROWS`] rows
 /// the rest of the read is abandoned.
+#[allow(clippy::too_many_arguments)]
 async fn prepare(
     store: &Store,
     members: &[Member],
@@ -1195,6 +1489,7 @@ async fn prepare(
     leading: Vec<usize>,
     base: Vec<Cursor>,
     (limit, budget): (i64, usize),
+    follow: Option<CancellationToken>,
 ) -> Result<Prepared, ProjectionError> {
     // At least one chunk's worth, however much is held.
     let budget = budget.max(MAX_DELTA_ROWS / 4);
@@ -1210,7 +1505,7 @@ async fn prepare(
     let (sender, mut batches) = tokio::sync::mpsc::channel(2);
     let reader = {
         let store = store.clone();
-        tokio::spawn(async move { read_ahead(&store, from, limit, sender).await })
+        tokio::spawn(async move { read_ahead(&store, from, limit, sender, follow).await })
     };
     let mut capped = false;
     let mut held_back = false;
@@ -1262,23 +1557,11 @@ async fn prepare(
             .map_err(|e| ProjectionError::ReadTask(e.to_string()))?;
     }
     let caught_up = !capped && read < limit;
-    // `as_of` advances only once the read reached everything below its
-    // snapshot's xmin: then every mark with xmax <= xmin is fully folded.
-    let mut as_of = None;
-    if let (true, Some(mark)) = (caught_up, last_mark) {
-        while let Some(m) = marks.front() {
-            if m.xmax > mark.xmin {
-                break;
-            }
-            as_of = Some(m.at);
-            marks.pop_front();
-        }
-    }
     Ok(Prepared {
         leading,
         to,
         deltas: folds.into_iter().map(Fold::finish).collect(),
-        as_of,
+        last_mark: last_mark.filter(|_| caught_up),
         read,
         caught_up,
         held_back: caught_up && held_back,
@@ -1288,7 +1571,10 @@ async fn prepare(
 
 /// Sends up to `limit` events after `after` to `out` in batches of
 /// [`READ_CHUNK`] (each read its own short snapshot), ending with the error if
-/// one occurs; stops once `out` is closed.
+/// one occurs; stops once `out` is closed. With `follow`, a read that finds
+/// nothing more does not end it: it reads again every [`FOLLOW_EVERY`] until
+/// `follow` is cancelled (the commit running beside it ended), and ends
+/// after a read that found nothing more, so a batch still ends caught up.
 ///
 /// One long snapshot streaming the whole batch was tried and measured slower
 /// on PostgreSQL: while it is open, the upserts' old row versions cannot be
@@ -1298,6 +1584,7 @@ async fn read_ahead(
     after: Cursor,
     limit: i64,
     out: tokio::sync::mpsc::Sender<Result<LogBatch, crate::store::StoreError>>,
+    follow: Option<CancellationToken>,
 ) {
     let (mut after, mut left) = (after, limit);
     while left > 0 {
@@ -1313,10 +1600,19 @@ async fn read_ahead(
         if let Some((c, _)) = batch.events.last() {
             after = *c;
         }
-        if out.send(Ok(batch)).await.is_err() || n < want {
+        if out.send(Ok(batch)).await.is_err() {
             return;
         }
         left -= n;
+        if n < want {
+            let Some(follow) = follow.as_ref() else {
+                return;
+            };
+            tokio::select! {
+                _ = follow.cancelled() => return,
+                _ = tokio::time::sleep(FOLLOW_EVERY) => {}
+            }
+        }
     }
 }
 
@@ -1413,6 +1709,9 @@ impl Projector {
         let mut wait = HELD_BACK_RETRY;
         let mut waited = Duration::ZERO;
         let mut told = false;
+        // A batch read ahead before this call may miss events committed
+        // since: read from the checkpoints' pending positions again.
+        self.group.prefetched = None;
         loop {
             let step = self.step(limit).await?;
             total += step.folded as u64;
@@ -1420,6 +1719,11 @@ impl Projector {
                 continue;
             }
             if !step.held_back {
+                if self.group.committing() {
+                    // Done once the commits in flight landed (or read again).
+                    self.group.reap(true).await?;
+                    continue;
+                }
                 return Ok(total);
             }
             if waited >= HELD_BACK_NOTICE && !told {
