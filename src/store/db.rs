@@ -76,14 +76,22 @@ impl Db {
     /// that commits with them). On PostgreSQL it does not wait for its WAL
     /// flush: a commit lost in a database crash loses rows and checkpoint
     /// together, and they are folded again.
-    pub(crate) async fn begin_derived(&self) -> Result<Tx, StoreError> {
+    ///
+    /// On PostgreSQL its transaction id is registered until the returned
+    /// guard is dropped (after the commit or rollback): it writes no event,
+    /// so the projectors' log reads need not wait for it.
+    pub(crate) async fn begin_derived(
+        &self,
+    ) -> Result<(Tx, Option<postgres::XidGuard>), StoreError> {
         let mut tx = self.begin().await?;
-        if let Tx::Postgres(t) = &mut tx {
+        let mut guard = None;
+        if let (Tx::Postgres(t), Db::Postgres(p)) = (&mut tx, self) {
             sqlx::query("SET LOCAL synchronous_commit = off")
                 .execute(&mut **t)
                 .await?;
+            guard = Some(p.derived.register(t).await?);
         }
-        Ok(tx)
+        Ok((tx, guard))
     }
 
     /// A read-only transaction whose statements all see one snapshot

@@ -35,6 +35,51 @@ pub(crate) struct Pools {
     /// a runaway query is cancelled by the server rather than left running.
     pub(crate) query: PgPool,
     statement_timeout: Duration,
+    /// Transaction ids of this process's open transactions that write
+    /// derived tables only (folds, restatements): see [`read_log`].
+    pub(crate) derived: DerivedXids,
+}
+
+/// The ids of open transactions that never insert events (see [`read_log`]).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct DerivedXids(std::sync::Arc<std::sync::Mutex<HashSet<i64>>>);
+
+impl DerivedXids {
+    /// Records the id of `tx` (assigning one now) until the guard is dropped.
+    /// Only a transaction that writes no event may be registered.
+    pub(crate) async fn register(&self, tx: &mut Tx<'_>) -> Result<XidGuard, StoreError> {
+        let xid: i64 = sqlx::query_scalar("SELECT pg_current_xact_id()::text::bigint")
+            .fetch_one(&mut **tx)
+            .await?;
+        if let Ok(mut ids) = self.0.lock() {
+            ids.insert(xid);
+        }
+        Ok(XidGuard {
+            ids: self.clone(),
+            xid,
+        })
+    }
+
+    fn contains(&self, xid: i64) -> bool {
+        self.0.lock().is_ok_and(|ids| ids.contains(&xid))
+    }
+}
+
+/// Keeps a transaction id in [`DerivedXids`] until its transaction ended
+/// (dropped after the commit or rollback; a guard dropped earlier only makes
+/// the log's readers wait for that transaction, as for any other).
+#[derive(Debug)]
+pub(crate) struct XidGuard {
+    ids: DerivedXids,
+    xid: i64,
+}
+
+impl Drop for XidGuard {
+    fn drop(&mut self) {
+        if let Ok(mut ids) = self.ids.0.lock() {
+            ids.remove(&self.xid);
+        }
+    }
 }
 
 /// Connects lazily: the pool opens connections on first use, so Tally starts
@@ -58,6 +103,7 @@ pub(crate) fn connect(url: &str, options: &StoreOptions) -> Result<Pools, StoreE
         main,
         query,
         statement_timeout: options.statement_timeout,
+        derived: DerivedXids::default(),
     })
 }
 
@@ -265,7 +311,14 @@ pub(crate) fn log_event(cols: &EventColumns, r: &PgRow) -> Result<(Cursor, Event
 }
 
 /// The log after `after` in commit-safe order: only events below the
-/// snapshot's `xmin`, which no transaction still running can sort before.
+/// snapshot's horizon, which no transaction still running can sort before.
+///
+/// The horizon is the oldest transaction still running (the snapshot's
+/// `xmin`), passing over this process's open fold and restatement
+/// transactions ([`DerivedXids`]): those write aggregate tables only and
+/// will never add an event, and a fold's own commit (or a coarse tier's,
+/// or a restatement, seconds long) would otherwise hide every event
+/// appended while it runs.
 pub(crate) async fn read_log(p: &Pools, after: Cursor, limit: i64) -> Result<LogBatch, StoreError> {
     // One REPEATABLE READ snapshot for both statements; now() (transaction
     // start) is no later than the snapshot, as `Watermark::at` requires.
@@ -273,12 +326,22 @@ pub(crate) async fn read_log(p: &Pools, after: Cursor, limit: i64) -> Result<Log
     sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
         .execute(&mut *tx)
         .await?;
-    let (at, xmin, xmax): (DateTime<Utc>, i64, i64) = sqlx::query_as(
-        "SELECT now(), pg_snapshot_xmin(pg_current_snapshot())::text::bigint, \
-                pg_snapshot_xmax(pg_current_snapshot())::text::bigint",
+    let (at, xmin, xmax, running): (DateTime<Utc>, i64, i64, Vec<i64>) = sqlx::query_as(
+        "SELECT now(), pg_snapshot_xmin(s)::text::bigint, pg_snapshot_xmax(s)::text::bigint, \
+                ARRAY(SELECT x::text::bigint FROM pg_snapshot_xip(s) AS x) \
+         FROM pg_current_snapshot() AS s",
     )
     .fetch_one(&mut *tx)
     .await?;
+    // Ids registered after the snapshot was taken, or released before this
+    // look, only count as running: never the other way round.
+    let xmin = running
+        .iter()
+        .copied()
+        .filter(|x| !p.derived.contains(*x))
+        .min()
+        .unwrap_or(xmax)
+        .max(xmin);
     let sql = format!(
         "SELECT {} FROM usage_events \
          WHERE (tx, seq) > ($1::text::xid8, $2) AND tx < $4::text::xid8 \

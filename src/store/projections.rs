@@ -288,7 +288,7 @@ impl Projections {
     }
 
     async fn apply_one(&self, apply: &Apply<'_>) -> Result<ApplyOutcome, StoreError> {
-        let mut tx = self.db.begin_derived().await?;
+        let (mut tx, _registered) = self.db.begin_derived().await?;
         let outcome = apply_in(&mut tx, apply).await?;
         if outcome != ApplyOutcome::Applied {
             tx.rollback().await?;
@@ -1135,6 +1135,8 @@ pub struct Folded {
 /// [`Restating::replace`]; nothing is visible until [`Restating::finish`].
 pub struct Restating {
     tx: Tx,
+    /// Dropped after `tx` (fields drop in order): see [`Db::begin_derived`].
+    _registered: Option<super::postgres::XidGuard>,
     folded: Folded,
 }
 
@@ -1199,7 +1201,7 @@ impl Projections {
         state: &str,
         spec_hash: &str,
     ) -> Result<Option<Restating>, StoreError> {
-        let mut tx = self.db.begin_derived().await?;
+        let (mut tx, registered) = self.db.begin_derived().await?;
         // The row lock comes first: a fold committing now finishes before
         // this reads the cursor, and the next one waits for this commit.
         let moved = tx
@@ -1226,6 +1228,7 @@ impl Projections {
         let catalog = super::prices::Prices::catalog_in(&mut tx).await?;
         Ok(Some(Restating {
             tx,
+            _registered: registered,
             folded: Folded {
                 db: self.db.clone(),
                 cursor,

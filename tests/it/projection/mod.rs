@@ -213,6 +213,44 @@ async fn own_cluster(
     (pg, url, store)
 }
 
+/// PostgreSQL: a transaction of this process that writes aggregates only (a
+/// restatement of `by_api`, held open here) does not hold back the log's
+/// horizon: events appended while it runs are folded into `by_key` at once,
+/// and exactly. Before, the fold waited for it like for any open transaction
+/// (a transaction that may append still holds it back:
+/// `slow_committer_is_folded_exactly_once`). Fails if the fold waits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_restatement_of_this_process_does_not_hold_the_fold_back() {
+    let (_pg, _url, store) = own_cluster("derived").await;
+    let by_api = spec("by_api");
+    let by_key = spec("by_key");
+    let mut p = projector(&store, &by_key).await;
+    let _ = projector(&store, &by_api).await;
+    let before = seeded_events("derived-a", 50, 3);
+    append_all(&store, &before, 50).await;
+    fold_all(&mut p, &store, 100).await;
+    let tier = by_api.tiers().into_iter().next().expect("a tier");
+    let restating = store
+        .projections()
+        .begin_restatement(&tier.state, &tier.spec.hash())
+        .await
+        .expect("begin")
+        .expect("by_api's checkpoint");
+    let during = seeded_events("derived-b", 40, 4);
+    append_all(&store, &during, 40).await;
+    // One step finds them: no transaction but the restatement is open.
+    let step = p.step(100).await.expect("step");
+    assert_eq!(
+        (step.folded, step.held_back),
+        (40, false),
+        "the fold waited for this process's own restatement"
+    );
+    restating.abandon().await.expect("abandon");
+    let all: Vec<Event> = before.iter().chain(&during).cloned().collect();
+    fold_all(&mut p, &store, 100).await;
+    assert_matches_oracle(&store, &by_key, &all).await;
+}
+
 /// Transaction A inserts first (smaller seq) and stays open while B inserts and
 /// commits and the projector runs; then A commits. A `seq > last` cursor would
 /// skip A forever; the (tx, seq) cursor below xmin folds it exactly once.

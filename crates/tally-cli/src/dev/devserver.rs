@@ -173,6 +173,13 @@ impl TempPostgres {
                 "max_connections=300",
             ])
             .args(["-c", "shared_buffers=256MB"]);
+        // Profiling aid: more settings, e.g.
+        // `TALLY_DEV_PG_OPTIONS="shared_preload_libraries=pg_stat_statements"`.
+        if let Ok(extra) = std::env::var("TALLY_DEV_PG_OPTIONS") {
+            for setting in extra.split_whitespace() {
+                cmd.args(["-c", setting]);
+            }
+        }
         if !self.durable {
             cmd.args([
                 "-c",
