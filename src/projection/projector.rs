@@ -405,10 +405,15 @@ const FOLLOW_EVERY: Duration = Duration::from_millis(15);
 /// [`ProjectorConfig::coarse_every`] by default.
 pub const COARSE_EVERY: Duration = Duration::from_secs(10);
 
-/// Rows the uncommitted deltas of a group's members may hold together before
-/// they commit whatever their cadence. They count against the batch's
-/// [`MAX_DELTA_ROWS`] too, so what a group holds in memory stays within that
-/// budget (a row is a few hundred bytes).
+/// Rows the uncommitted deltas of a group's members (pending, and in the
+/// commits running in the background) may hold together before they commit
+/// whatever their cadence; past it, the group waits for the commits in
+/// flight. They count against the batch's [`MAX_DELTA_ROWS`] too, so what a
+/// group holds in memory stays within that budget plus one read chunk's rows
+/// (a row is a few hundred bytes). Sized so that a coarse tier whose day and
+/// month rows number a few tens of thousands (tens of thousands of users)
+/// commits once per interval, not every second: below that, the day and
+/// month rows are rewritten about as often as events arrive.
 pub const PENDING_MAX_ROWS: usize = 50_000;
 
 /// Aggregate rows after which a transaction's delta stops growing (bounds
@@ -794,15 +799,6 @@ impl FoldGroup {
                 .sum::<usize>()
     }
 
-    /// The pending rows of members with a cadence (what [`PENDING_MAX_ROWS`] bounds).
-    fn pending_held(&self) -> usize {
-        self.members
-            .iter()
-            .filter(|m| !m.every.is_zero())
-            .map(Member::pending_rows)
-            .sum()
-    }
-
     /// Whether the next batch was read (beside the last commit) and holds events.
     fn ready(&self) -> bool {
         self.prefetched.as_ref().is_some_and(|p| p.read > 0)
@@ -967,9 +963,10 @@ impl FoldGroup {
     /// fold use different cores); it is kept for the next step if the commit
     /// went through, and thrown away otherwise.
     pub async fn step(&mut self, limit: i64) -> Result<Step, ProjectionError> {
-        // Commits in flight that ended; all of them once the pending rows
-        // reach their bound (those of a member still committing cannot go).
-        let full = self.pending_held() >= PENDING_MAX_ROWS;
+        // Commits in flight that ended; all of them once the rows held
+        // (pending and in flight) reach their bound: a member's next rows
+        // cannot commit while its last commit runs.
+        let full = self.held(&[]) >= PENDING_MAX_ROWS;
         if let Some(step) = self.reap(full).await? {
             return Ok(step);
         }
@@ -1032,7 +1029,7 @@ impl FoldGroup {
         for ((&i, &to), delta) in leading.iter().zip(&to).zip(deltas) {
             self.members[i].absorb(to, delta, as_of, oldest);
         }
-        let full = self.pending_held() >= PENDING_MAX_ROWS;
+        let full = self.held(&[]) >= PENDING_MAX_ROWS;
         let mut chosen = Vec::new();
         for &i in &leading {
             let m = &self.members[i];

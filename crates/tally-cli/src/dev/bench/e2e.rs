@@ -319,7 +319,7 @@ pub fn goals(backend: Backend, results: &[E2eResult]) -> Vec<super::Goal> {
                         out.push(super::Goal::at_most(
                             what(&format!("query under load, p99 ms: {name}")),
                             *p99,
-                            5.0,
+                            super::sustained::QUERY_UNDER_LOAD_P99_MS,
                             String::new(),
                         ));
                     }

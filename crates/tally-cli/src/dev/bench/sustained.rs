@@ -21,6 +21,9 @@ use super::{peak_rss_mib, BenchError};
 pub const FRESHNESS_P99_MS: f64 = 1000.0;
 /// Alert goal: publish → first alert received, p99.
 pub const ALERT_P99_MS: f64 = 2000.0;
+/// Query goal while the sustained load runs: each canonical query's p99
+/// (the quiet goal, 5 ms at 10M events, is `bench query`'s).
+pub const QUERY_UNDER_LOAD_P99_MS: f64 = 20.0;
 /// How often a probe is published (they overlap).
 const PROBE_EVERY: Duration = Duration::from_millis(250);
 /// A publisher at less than this share of the asked rate did not keep it.
