@@ -799,9 +799,10 @@ impl FoldGroup {
                 .sum::<usize>()
     }
 
-    /// Whether the next batch was read (beside the last commit) and holds events.
+    /// Whether the next batch was read beside the last commit (one kept
+    /// only if it holds events).
     fn ready(&self) -> bool {
-        self.prefetched.as_ref().is_some_and(|p| p.read > 0)
+        self.prefetched.is_some()
     }
 
     /// Whether a member's commit runs in the background.
@@ -1153,16 +1154,10 @@ impl FoldGroup {
                 ..Step::default()
             });
         }
-        let mut chosen = Vec::with_capacity(inline.len());
-        let mut commits = Vec::with_capacity(inline.len());
-        let mut waits = Vec::with_capacity(inline.len());
-        let mut hooks = Vec::with_capacity(inline.len());
-        for (i, commit, wait, hook) in inline {
-            chosen.push(i);
-            commits.push(commit);
-            waits.push(wait);
-            hooks.push(hook);
-        }
+        let (chosen, ((commits, waits), hooks)): (Vec<usize>, ((Vec<_>, Vec<_>), Vec<_>)) = inline
+            .into_iter()
+            .map(|(i, commit, wait, hook)| (i, ((commit, wait), hook)))
+            .unzip();
         let applies: Vec<Apply<'_>> = chosen
             .iter()
             .zip(&commits)
