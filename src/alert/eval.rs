@@ -160,6 +160,13 @@ pub struct Round {
     pub write_ms: u64,
 }
 
+/// Rules loaded at one rules version.
+struct Loaded {
+    version: i64,
+    rules: Arc<Vec<Rule>>,
+    failing: Vec<(String, String, String)>,
+}
+
 /// Evaluates rules against the projections; keeps the instances it knows in memory.
 pub struct Evaluator {
     store: Store,
@@ -167,6 +174,10 @@ pub struct Evaluator {
     prefix: String,
     instances: Option<HashMap<String, Tracked>>,
     rules: RuleCache,
+    /// The rules as last loaded, with the rules version read before them
+    /// and the stored rules that failed to load: loaded again only when
+    /// the version moved.
+    loaded: Option<Loaded>,
     /// Window reads up to the last two minutes, by read and range.
     stable: std::sync::Mutex<HashMap<String, (Instant, Values)>>,
     /// Whether this round may use `stable` (see [`FoldSignal`]).
@@ -316,6 +327,7 @@ impl Evaluator {
             prefix: prefix.to_string(),
             instances: None,
             rules: RuleCache::new(),
+            loaded: None,
             stable: std::sync::Mutex::new(HashMap::new()),
             cache_stable: false,
             signal,
@@ -553,15 +565,31 @@ impl Evaluator {
         Ok((Arc::new(rows.into_iter().collect()), covered))
     }
 
+    /// The rules to evaluate and the stored ones that failed to load: those
+    /// loaded last, unless the rules version moved since.
+    async fn current_rules(
+        &mut self,
+    ) -> Result<(Arc<Vec<Rule>>, Vec<(String, String, String)>), AlertError> {
+        let version = self.store.alerts().rules_version().await?;
+        if let Some(l) = self.loaded.as_ref().filter(|l| l.version == version) {
+            return Ok((l.rules.clone(), l.failing.clone()));
+        }
+        let mut failing = Vec::new();
+        let rules =
+            Arc::new(load_rules(&self.store, &self.catalog, &mut self.rules, &mut failing).await?);
+        self.loaded = Some(Loaded {
+            version,
+            rules: rules.clone(),
+            failing: failing.clone(),
+        });
+        Ok((rules, failing))
+    }
+
     /// One evaluation of every rule at `now`.
     pub async fn evaluate(&mut self, now: DateTime<Utc>) -> Result<Round, AlertError> {
-        let mut cache = std::mem::take(&mut self.rules);
-        let mut failing = Vec::new();
         let started = Instant::now();
-        let loaded = load_rules(&self.store, &self.catalog, &mut cache, &mut failing).await;
+        let (rules, mut failing) = self.current_rules().await?;
         let rules_ms = started.elapsed().as_millis() as u64;
-        self.rules = cache;
-        let rules = loaded?;
         // Only active instances are loaded; a resolved one is looked up when
         // its group holds again, and forgotten an hour after it resolved, so
         // memory and each read follow what is active, not the history.
@@ -645,7 +673,7 @@ impl Evaluator {
         // read for all of them. Then every instance's step.
         let mut evaluated: Vec<(&Rule, Values, Option<Values>)> = Vec::new();
         let mut unknown = Vec::new();
-        for rule in &rules {
+        for rule in rules.iter() {
             let (window, previous) = window_range(rule, now);
             let read_started = Instant::now();
             // One rule's read error must not stop the others: the rule is

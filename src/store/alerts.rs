@@ -620,6 +620,18 @@ impl Alerts {
             .await
     }
 
+    /// A number every committed change to the rules or the quotas moves
+    /// (a trigger counts them, whatever made the change). Read it before
+    /// the rules: rules read after it are at least as new.
+    pub async fn rules_version(&self) -> Result<i64, StoreError> {
+        self.db
+            .reader()
+            .fetch_one(Sql::new("SELECT n FROM alert_rules_version WHERE id = 1"))
+            .await?
+            .get::<i64, _>("n")
+            .map_err(StoreError::from)
+    }
+
     /// Every quota, by key.
     pub async fn quotas(&self) -> Result<Vec<QuotaRow>, StoreError> {
         self.db

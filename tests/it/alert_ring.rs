@@ -284,3 +284,80 @@ async fn the_alert_ring_equals_the_tables_through_gaps_takeovers_and_restatement
 async fn the_alert_ring_equals_the_tables_through_gaps_takeovers_and_restatements_postgres() {
     ring_equals_the_tables(Backend::Postgres).await;
 }
+
+async fn rules(evaluator: &mut tally::alert::eval::Evaluator) -> usize {
+    evaluator.evaluate(Utc::now()).await.expect("round").rules
+}
+
+/// Each round reads the rules version before anything else and loads the
+/// rules again only when it moved; a trigger moves it for every change,
+/// through the API or by hand in SQL.
+async fn the_evaluator_loads_rules_again_whenever_they_change(backend: Backend) {
+    let s = support::store(backend).await;
+    let store = s.store.clone();
+    let catalog = Arc::new(Catalog::new(shipped().into_iter().map(Arc::new).collect()));
+    let mut evaluator =
+        tally::alert::eval::Evaluator::new(store.clone(), catalog, "usage.alerts", None);
+    let rule = |name: &str, threshold: u32| {
+        format!(
+            r#"{{"name": "{name}", "measure": "errors", "window": "5m", "group_by": ["key"], "threshold": {threshold}}}"#
+        )
+    };
+    let write = |name: &'static str, threshold: u32| {
+        let (store, spec) = (store.clone(), rule(name, threshold));
+        async move {
+            store
+                .alerts()
+                .write_rule(name, &spec, "test", tally::store::alerts::WriteMode::Upsert)
+                .await
+                .expect("write rule");
+        }
+    };
+    write("a", 10).await;
+    assert_eq!(rules(&mut evaluator).await, 1);
+    assert_eq!(rules(&mut evaluator).await, 1, "nothing changed");
+    write("b", 10).await;
+    assert_eq!(
+        rules(&mut evaluator).await,
+        2,
+        "a rule created through the store"
+    );
+    let by_hand = |sql: &'static str| {
+        let url = s.url.clone();
+        async move {
+            match backend {
+                Backend::Postgres => {
+                    let pool = sqlx::PgPool::connect(&url).await.expect("pg");
+                    sqlx::query(sql).execute(&pool).await.expect(sql);
+                }
+                Backend::Sqlite => {
+                    let pool = sqlx::SqlitePool::connect(&url).await.expect("sqlite");
+                    sqlx::query(sql).execute(&pool).await.expect(sql);
+                }
+            }
+        }
+    };
+    by_hand("DELETE FROM alert_rules WHERE name = 'b'").await;
+    assert_eq!(rules(&mut evaluator).await, 1, "a rule deleted in SQL");
+    by_hand(
+        "UPDATE alert_rules SET spec = replace(spec, '\"measure\": \"errors\"', '\"measure\": \"bogus\"') WHERE name = 'a'",
+    )
+    .await;
+    assert_eq!(
+        rules(&mut evaluator).await,
+        0,
+        "a rule changed in SQL (to one that no longer validates)"
+    );
+    write("a", 20).await;
+    assert_eq!(rules(&mut evaluator).await, 1, "the rule repaired");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_evaluator_loads_rules_again_whenever_they_change_sqlite() {
+    the_evaluator_loads_rules_again_whenever_they_change(Backend::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_evaluator_loads_rules_again_whenever_they_change_postgres() {
+    the_evaluator_loads_rules_again_whenever_they_change(Backend::Postgres).await;
+}

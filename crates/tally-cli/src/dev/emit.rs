@@ -223,6 +223,20 @@ pub async fn emit(js: &Context, cfg: &EmitConfig) -> Result<(EmitSummary, Expect
     let mut rng = StdRng::seed_from_u64(cfg.seed);
     let mut summary = EmitSummary::default();
     let mut expect = Expectation::default();
+    // Realistic timestamps span the time the run takes at its rate (in
+    // messages a second, `batch` events each), ending when it ends: each
+    // event is stamped about when it is published, as live traffic is.
+    let (span, now) = match (cfg.span, cfg.realistic, cfg.rate) {
+        (Some(span), _, _) => (span, chrono::Utc::now()),
+        (None, true, Some(rate)) if rate > 0.0 => {
+            let run = Duration::from_secs_f64(
+                (cfg.count as f64 / (rate * cfg.batch.clamp(1, 1000) as f64)).max(1.0),
+            );
+            let end = chrono::TimeDelta::from_std(run).unwrap_or_default();
+            (run, chrono::Utc::now() + end)
+        }
+        _ => (SynthConfig::default().span, chrono::Utc::now()),
+    };
     let events = match &cfg.input {
         Some(path) => read_ndjson(path, &mut expect)?,
         None => {
@@ -234,14 +248,8 @@ pub async fn emit(js: &Context, cfg: &EmitConfig) -> Result<(EmitSummary, Expect
                 id_prefix: cfg.id_prefix.clone(),
                 correlated: cfg.realistic,
                 arrival_order: cfg.realistic.then_some(cfg.count),
-                // Realistic timestamps span the time the run takes at its rate.
-                span: match (cfg.span, cfg.realistic, cfg.rate) {
-                    (Some(span), _, _) => span,
-                    (None, true, Some(rate)) if rate > 0.0 => {
-                        Duration::from_secs_f64((cfg.count as f64 / rate).max(1.0))
-                    }
-                    _ => SynthConfig::default().span,
-                },
+                span,
+                now,
                 ..SynthConfig::default()
             };
             EventSource::Synthetic(synth_cfg)

@@ -164,6 +164,7 @@ pub async fn all(params: &AllBench) -> Result<Vec<Goal>, BenchError> {
             steps: if q { 2 } else { 5 },
             step_seconds: if q { 20 } else { 60 },
             start_share: 0.3,
+            start_rate: None,
         };
         match super::e2e::e2e(&p).await {
             Ok(r) => goals.extend(super::e2e::goals(backend, &r)),

@@ -60,6 +60,11 @@ pub struct E2eBench {
     /// (c) the first step's rate, as a share of (a)'s append rate.
     #[arg(long, default_value_t = 0.3)]
     pub start_share: f64,
+    /// (c) the first step's rate in events a second, instead of a share of
+    /// the append rate (which varies from run to run): for comparing two
+    /// binaries at the same load.
+    #[arg(long)]
+    pub start_rate: Option<f64>,
 }
 
 /// How the events' timestamps are spread.
@@ -243,7 +248,9 @@ pub async fn e2e(params: &E2eBench) -> Result<Vec<E2eResult>, BenchError> {
                 let search = super::sustained::search(
                     &mut target,
                     load,
-                    append_rate * params.start_share,
+                    params
+                        .start_rate
+                        .unwrap_or(append_rate * params.start_share),
                     params.steps,
                 )
                 .await?;
