@@ -250,7 +250,6 @@ pub async fn emit(js: &Context, cfg: &EmitConfig) -> Result<(EmitSummary, Expect
                 arrival_order: cfg.realistic.then_some(cfg.count),
                 span,
                 now,
-                ..SynthConfig::default()
             };
             EventSource::Synthetic(synth_cfg)
         }
