@@ -50,7 +50,8 @@ use crate::aggregate::spec::{Granularity, Spec, Tier};
 use crate::backoff::Backoff;
 use crate::lease::{Holding, Lease, LeaseKind};
 use crate::store::{
-    AfterCommit, Apply, ApplyOutcome, Cursor, LogBatch, ProjectionState, Store, Watermark,
+    AfterCommit, Apply, ApplyOutcome, Cursor, KnownSketches, LogBatch, ProjectionState, Store,
+    Watermark,
 };
 
 /// How projectors run (`tally serve` flags).
@@ -483,7 +484,30 @@ struct Member {
     /// open and reload, raised by its own commits): newer rows are written
     /// without reading a stored sketch. Empty: unknown, read them all.
     newest: Vec<(Granularity, Option<DateTime<Utc>>)>,
+    /// The stored sketches of the rows of its newest buckets, as its own
+    /// commits wrote them: their upserts need no read. Kept for a fine
+    /// tier (a coarse tier's day rows would hold hundreds of megabytes of
+    /// sketches for what is a small share of the reads). Forgotten with
+    /// `newest`.
+    known: Option<Arc<std::sync::Mutex<KnownSketches>>>,
 }
+
+/// How old a bucket's rows may be, behind the newest bucket of their table,
+/// and still be in [`Member::known`]: live traffic writes the newest few
+/// minutes and the current hour again and again; older rows take late
+/// events only now and then.
+fn known_keep(g: Granularity) -> chrono::TimeDelta {
+    match g {
+        Granularity::Minute => chrono::TimeDelta::minutes(5),
+        Granularity::Hour => chrono::TimeDelta::hours(1),
+        Granularity::Day => chrono::TimeDelta::hours(26),
+        Granularity::Month => chrono::TimeDelta::days(32),
+    }
+}
+
+/// Most bytes one member's [`Member::known`] holds (beyond it, it starts
+/// over): ~2,000 busy keys' hourly and minute sketches are a few MiB.
+const KNOWN_MAX_BYTES: usize = 8 << 20;
 
 /// What a member folded after its checkpoint and has not committed: it lives
 /// only in memory and is dropped on any doubt (a stale compare-and-set,
@@ -553,12 +577,41 @@ impl Member {
             pending: None,
             committing: None,
             newest: Vec::new(),
+            known: (!coarse).then(Default::default),
+        }
+    }
+
+    /// Forgets the stored sketches it knew (its checkpoint is read again).
+    fn forget_known(&self) {
+        if let Some(k) = &self.known {
+            if let Ok(mut k) = k.lock() {
+                k.clear();
+            }
+        }
+    }
+
+    /// Before an apply that passes [`Member::known`].
+    fn begin_known(&self) {
+        if let Some(k) = &self.known {
+            if let Ok(mut k) = k.lock() {
+                k.begin(&self.spec, Utc::now());
+            }
+        }
+    }
+
+    /// Its last apply landed: what it recorded is stored.
+    fn landed_known(&self) {
+        if let Some(k) = &self.known {
+            if let Ok(mut k) = k.lock() {
+                k.landed(known_keep, KNOWN_MAX_BYTES);
+            }
         }
     }
 
     /// Reads the newest bucket of each of its tables (after its checkpoint
     /// was read: a writer committing in between only makes it higher).
     async fn load_newest(&mut self, store: &Store) -> Result<(), ProjectionError> {
+        self.forget_known();
         self.newest = store
             .projections()
             .newest_buckets(&self.spec, &self.suffix)
@@ -775,6 +828,7 @@ impl FoldGroup {
             m.as_of = row.as_of;
             m.pending = None;
             m.newest.clear();
+            m.forget_known();
         }
         for m in &mut self.members {
             m.load_newest(&self.store).await?;
@@ -851,6 +905,7 @@ impl FoldGroup {
                 }
                 m.cursor = c.to;
                 m.committed(&c.tops);
+                m.landed_known();
                 if c.as_of.is_some() {
                     m.as_of = c.as_of;
                 }
@@ -911,6 +966,8 @@ impl FoldGroup {
         let tops = tops(&p.delta);
         let (state, spec, suffix) = (m.state.clone(), m.spec.clone(), m.suffix.clone());
         let (from, generation, newest) = (m.cursor, m.generation, m.newest.clone());
+        m.begin_known();
+        let known = m.known.clone();
         let give_way = wait.clone();
         let task = tokio::spawn(async move {
             if fail {
@@ -933,6 +990,7 @@ impl FoldGroup {
                 give_way: give_way.as_deref().map(|w| &w.count),
                 newest: &newest,
                 after_commit: hook.as_deref().map(AfterCommit),
+                known: known.as_deref(),
             };
             Ok(store
                 .projections()
@@ -1158,6 +1216,9 @@ impl FoldGroup {
             .into_iter()
             .map(|(i, commit, wait, hook)| (i, ((commit, wait), hook)))
             .unzip();
+        for &i in &chosen {
+            self.members[i].begin_known();
+        }
         let applies: Vec<Apply<'_>> = chosen
             .iter()
             .zip(&commits)
@@ -1178,6 +1239,7 @@ impl FoldGroup {
                     give_way: wait.as_deref().map(|w| &w.count),
                     newest: &m.newest,
                     after_commit: hook.as_deref().map(AfterCommit),
+                    known: m.known.as_deref(),
                 }
             })
             .collect();
@@ -1239,6 +1301,7 @@ impl FoldGroup {
                     if let Some(p) = m.pending.take() {
                         m.committed(&tops(&p.delta));
                     }
+                    m.landed_known();
                     if member_as_of.is_some() {
                         m.as_of = member_as_of;
                     }
@@ -1323,6 +1386,7 @@ impl FoldGroup {
                 if !m.leading {
                     // Another instance may fold (and commit) this slice now.
                     m.pending = None;
+                    m.forget_known();
                 }
                 if matches!(holding, Holding::Taken | Holding::Lost) {
                     taken |= holding == Holding::Taken;

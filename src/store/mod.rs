@@ -26,7 +26,7 @@ pub mod sqlite;
 pub mod tokens;
 
 pub use agg::{
-    AfterCommit, AggAnswer, AggQuery, AggRow, Apply, ApplyOutcome, Cursor, LogBatch,
+    AfterCommit, AggAnswer, AggQuery, AggRow, Apply, ApplyOutcome, Cursor, KnownSketches, LogBatch,
     ProjectionState, Top, Watermark,
 };
 pub use alerts::Alerts;

@@ -3,6 +3,7 @@
 //! a rebuild, read by queries and by reconciliation).
 
 use std::collections::HashMap;
+use std::sync::Mutex;
 
 use chrono::{DateTime, Utc};
 
@@ -14,8 +15,8 @@ use super::corrections::Scope;
 use super::db::{Arg, Db, Row, Sql, Tx};
 use super::log::{EventColumns, NOT_VOIDED};
 use super::{
-    postgres, sqlite, AggAnswer, AggQuery, AggRow, Apply, ApplyOutcome, Cursor, LogBatch,
-    ProjectionState, ReconcileRead, StoreError,
+    postgres, sqlite, AggAnswer, AggQuery, AggRow, Apply, ApplyOutcome, Cursor, KnownSketches,
+    LogBatch, ProjectionState, ReconcileRead, StoreError,
 };
 use crate::aggregate::measures::{Measures, RowKey, Rows};
 use crate::aggregate::sketch::Sketch;
@@ -727,7 +728,8 @@ async fn apply_in(tx: &mut Tx, apply: &Apply<'_>) -> Result<ApplyOutcome, StoreE
             if asked() {
                 return Ok(ApplyOutcome::GaveWay);
             }
-            upsert_chunk(tx, apply.spec, &t, chunk, stored).await?;
+            let known = apply.known.map(|k| (k, *g));
+            upsert_chunk(tx, apply.spec, &t, chunk, stored, known).await?;
         }
     }
     Ok(ApplyOutcome::Applied)
@@ -754,6 +756,10 @@ pub(crate) struct Upsert<'a> {
 pub(crate) struct Upserts<'a> {
     rows: Vec<(&'a RowKey, &'a Measures)>,
     existing: HashMap<RowKey, Sketch>,
+    /// The stored sketch of each row its writer knew (by index in `rows`).
+    known: Vec<Option<Sketch>>,
+    /// Where each written sketch is recorded.
+    record: Option<(&'a Mutex<KnownSketches>, Granularity)>,
 }
 
 impl<'a> Upserts<'a> {
@@ -767,15 +773,28 @@ impl<'a> Upserts<'a> {
         &self,
         range: std::ops::Range<usize>,
     ) -> impl Iterator<Item = Upsert<'a>> + '_ {
-        self.rows[range].iter().map(|&(key, m)| {
-            let merged = merged_sketch(m, self.existing.get(key));
-            Upsert {
-                key,
-                ints: int_values(m),
-                floats: float_values(m, &merged),
-                sketch: (m.latency_count > 0).then(|| merged.encode()),
-            }
-        })
+        let known = &self.known[range.clone()];
+        self.rows[range]
+            .iter()
+            .zip(known)
+            .map(|(&(key, m), known)| {
+                let stored = known.as_ref().or_else(|| self.existing.get(key));
+                let merged = merged_sketch(m, stored);
+                let sketch = (m.latency_count > 0).then(|| merged.encode());
+                if let (Some((to, g)), Some(bytes)) = (self.record, &sketch) {
+                    // Poisoned only by a panic elsewhere while recording:
+                    // then this apply's result is not trusted either.
+                    if let Ok(mut to) = to.lock() {
+                        to.record(g, key, bytes);
+                    }
+                }
+                Upsert {
+                    key,
+                    ints: int_values(m),
+                    floats: float_values(m, &merged),
+                    sketch,
+                }
+            })
     }
 }
 
@@ -798,7 +817,7 @@ async fn upsert_rows(
 ) -> Result<(), StoreError> {
     let all: Vec<(&RowKey, &Measures)> = rows.iter().collect();
     for chunk in all.chunks(UPSERT_CHUNK) {
-        upsert_chunk(tx, spec, table, chunk, stored).await?;
+        upsert_chunk(tx, spec, table, chunk, stored, None).await?;
     }
     Ok(())
 }
@@ -827,19 +846,36 @@ impl Stored {
     }
 }
 
-/// One statement's share of [`upsert_rows`]; the keys are distinct.
+/// One statement's share of [`upsert_rows`]; the keys are distinct. With
+/// `known`, the sketches found there are not read, and each written one is
+/// recorded there.
 async fn upsert_chunk<'a>(
     tx: &mut Tx,
     spec: &Spec,
     table: &str,
     rows: &[(&'a RowKey, &'a Measures)],
     stored: Stored,
+    known: Option<(&'a Mutex<KnownSketches>, Granularity)>,
 ) -> Result<(), StoreError> {
-    let keys: Vec<&RowKey> = rows
-        .iter()
-        .filter(|(k, m)| m.latency_count > 0 && stored.may_hold(k))
-        .map(|(k, _)| *k)
-        .collect();
+    let mut from_known: Vec<Option<Sketch>> = vec![None; rows.len()];
+    let mut keys: Vec<&RowKey> = Vec::new();
+    {
+        let guard = known.and_then(|(k, g)| Some((k.lock().ok()?, g)));
+        for ((k, m), slot) in rows.iter().zip(&mut from_known) {
+            if m.latency_count == 0 || !stored.may_hold(k) {
+                continue;
+            }
+            match guard.as_ref().and_then(|(known, g)| known.get(*g, k)) {
+                Some(bytes) => {
+                    *slot = Some(Sketch::decode(bytes).map_err(|e| StoreError::CorruptRow {
+                        id: format!("{table} bucket {} (known sketch)", k.bucket),
+                        reason: e.to_string(),
+                    })?)
+                }
+                None => keys.push(*k),
+            }
+        }
+    }
     let target = Target { spec, table };
     let mut existing = HashMap::new();
     if !keys.is_empty() {
@@ -875,6 +911,8 @@ async fn upsert_chunk<'a>(
     let rows = Upserts {
         rows: rows.to_vec(),
         existing,
+        known: from_known,
+        record: known,
     };
     match tx {
         Tx::Postgres(tx) => postgres::upsert(tx, &target, &rows).await,

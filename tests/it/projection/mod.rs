@@ -769,6 +769,7 @@ async fn a_checkpoint_from_before_tiers_is_split_without_folding_again(s: &TestS
         give_way: None,
         newest: &[],
         after_commit: None,
+        known: None,
     };
     let applied = store
         .projections()
@@ -813,7 +814,143 @@ async fn a_checkpoint_from_before_tiers_is_split_without_folding_again(s: &TestS
     assert_matches_oracle(store, &spec, &events).await;
 }
 
+/// Sets the stored sketch of every row of `table` to one latency of
+/// `ms`, as a writer that does not go through the checkpoint would.
+async fn overwrite_sketches(s: &TestStore, table: &str, ms: f64) {
+    let mut sketch = tally::aggregate::sketch::Sketch::default();
+    sketch.add(ms);
+    let hex: String = sketch.encode().iter().map(|b| format!("{b:02x}")).collect();
+    let literal = match s.store.backend() {
+        Backend::Postgres => format!("decode('{hex}', 'hex')"),
+        Backend::Sqlite => format!("X'{hex}'"),
+    };
+    raw_exec(s, &format!("UPDATE {table} SET latency_sketch = {literal}")).await;
+}
+
+async fn raw_exec(s: &TestStore, sql: &str) {
+    match s.store.backend() {
+        Backend::Postgres => {
+            let pool = sqlx::PgPool::connect(&s.url).await.expect("pg");
+            sqlx::query(sql).execute(&pool).await.expect(sql);
+        }
+        Backend::Sqlite => {
+            let pool = sqlx::SqlitePool::connect(&s.url).await.expect("sqlite");
+            sqlx::query(sql).execute(&pool).await.expect(sql);
+        }
+    }
+}
+
+/// The one row of `spec`'s minute table: its requests and its sketch.
+async fn the_minute_row(s: &TestStore, spec: &Spec) -> (i64, tally::aggregate::sketch::Sketch) {
+    let rows = s
+        .store
+        .projections()
+        .read_agg(spec, Granularity::Minute, "")
+        .await
+        .expect("rows");
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    (rows[0].measures.requests, rows[0].measures.sketch.clone())
+}
+
+fn sketch_of(ms: &[f64]) -> tally::aggregate::sketch::Sketch {
+    let mut s = tally::aggregate::sketch::Sketch::default();
+    for &m in ms {
+        s.add(m);
+    }
+    s
+}
+
+fn latency_event(id: &str, ts: chrono::DateTime<Utc>, ms: f64) -> Event {
+    let mut e = support::full_event(id, ts);
+    e.latency_ms = Some(ms);
+    e
+}
+
+/// A fine tier upserts the rows its own commits wrote without reading their
+/// sketches again (it knows them), and forgets what it knew as soon as
+/// another writer moves the checkpoint's generation, as a restatement does:
+/// the sketch that writer stored is then read and merged.
+async fn known_sketches_are_used_until_another_writer_moves_the_generation(s: &TestStore) {
+    let spec = Spec::parse(
+        "name = \"kn\"\ndimensions = [\"key\"]\ngranularities = [\"minute\"]\ntimezone = \"UTC\"\n",
+        None,
+    )
+    .expect("spec");
+    let minute =
+        tally::aggregate::bucket::bucket_start(Utc::now(), Granularity::Minute, spec.timezone)
+            - chrono::Duration::minutes(1);
+    let at = |s: i64| minute + chrono::Duration::seconds(s);
+    let mut p = projector(&s.store, &spec).await;
+    append_all(&s.store, &[latency_event("k1", at(1), 100.0)], 1).await;
+    fold_all(&mut p, &s.store, 100).await;
+    // A write that bypasses the checkpoint is not seen: the fold knows what
+    // it stored.
+    overwrite_sketches(s, "agg_kn_minute", 7.0).await;
+    append_all(&s.store, &[latency_event("k2", at(2), 200.0)], 1).await;
+    fold_all(&mut p, &s.store, 100).await;
+    assert_eq!(
+        the_minute_row(s, &spec).await,
+        (2, sketch_of(&[100.0, 200.0])),
+        "the second commit merged with the sketch its fold wrote, not the one read"
+    );
+    // The same write under a new generation (what a restatement commits)
+    // makes the fold read the checkpoint again and forget what it knew.
+    overwrite_sketches(s, "agg_kn_minute", 7.0).await;
+    raw_exec(
+        s,
+        "UPDATE projection_checkpoints SET generation = generation + 1 WHERE name = 'kn'",
+    )
+    .await;
+    append_all(&s.store, &[latency_event("k3", at(3), 300.0)], 1).await;
+    fold_all(&mut p, &s.store, 100).await;
+    assert_eq!(
+        the_minute_row(s, &spec).await,
+        (3, sketch_of(&[7.0, 300.0])),
+        "after a new generation the stored sketch is read again"
+    );
+}
+
+/// A row the retention job may delete is never upserted from a known
+/// sketch: after the job deleted it, the next event's row starts anew
+/// rather than carrying the deleted row's latencies.
+async fn known_sketches_skip_rows_retention_may_delete(s: &TestStore) {
+    let spec = Spec::parse(
+        "name = \"kr\"\ndimensions = [\"key\"]\ngranularities = [\"minute\"]\ntimezone = \"UTC\"\nretention = { minute = \"2m\" }\n",
+        None,
+    )
+    .expect("spec");
+    let minute =
+        tally::aggregate::bucket::bucket_start(Utc::now(), Granularity::Minute, spec.timezone)
+            - chrono::Duration::minutes(4);
+    let at = |s: i64| minute + chrono::Duration::seconds(s);
+    let mut p = projector(&s.store, &spec).await;
+    append_all(&s.store, &[latency_event("r1", at(1), 100.0)], 1).await;
+    fold_all(&mut p, &s.store, 100).await;
+    assert_eq!(the_minute_row(s, &spec).await, (1, sketch_of(&[100.0])));
+    let deleted = s
+        .store
+        .projections()
+        .delete_agg_before(
+            &spec,
+            Granularity::Minute,
+            Utc::now() - chrono::Duration::minutes(2),
+            100,
+        )
+        .await
+        .expect("retention");
+    assert_eq!(deleted, 1);
+    append_all(&s.store, &[latency_event("r2", at(2), 200.0)], 1).await;
+    fold_all(&mut p, &s.store, 100).await;
+    assert_eq!(
+        the_minute_row(s, &spec).await,
+        (1, sketch_of(&[200.0])),
+        "the row retention deleted came back with its old latencies"
+    );
+}
+
 both_backends!(
+    known_sketches_are_used_until_another_writer_moves_the_generation,
+    known_sketches_skip_rows_retention_may_delete,
     a_fold_gives_way_to_a_waiting_restatement_once_between_commits,
     the_coarse_tier_waits_under_its_own_checkpoint_and_a_crash_loses_nothing,
     a_checkpoint_from_before_tiers_is_split_without_folding_again,
