@@ -322,24 +322,9 @@ async fn the_evaluator_loads_rules_again_whenever_they_change(backend: Backend) 
         2,
         "a rule created through the store"
     );
-    let by_hand = |sql: &'static str| {
-        let url = s.url.clone();
-        async move {
-            match backend {
-                Backend::Postgres => {
-                    let pool = sqlx::PgPool::connect(&url).await.expect("pg");
-                    sqlx::query(sql).execute(&pool).await.expect(sql);
-                }
-                Backend::Sqlite => {
-                    let pool = sqlx::SqlitePool::connect(&url).await.expect("sqlite");
-                    sqlx::query(sql).execute(&pool).await.expect(sql);
-                }
-            }
-        }
-    };
-    by_hand("DELETE FROM alert_rules WHERE name = 'b'").await;
+    s.exec("DELETE FROM alert_rules WHERE name = 'b'").await;
     assert_eq!(rules(&mut evaluator).await, 1, "a rule deleted in SQL");
-    by_hand(
+    s.exec(
         "UPDATE alert_rules SET spec = replace(spec, '\"measure\": \"errors\"', '\"measure\": \"bogus\"') WHERE name = 'a'",
     )
     .await;

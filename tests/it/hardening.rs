@@ -1390,7 +1390,7 @@ async fn history_tables_have_a_retention(s: &TestStore) {
          VALUES ('optimize', {old}, 'manual', 'x', {old}, {old}, 'ok')"
     ));
     for sql in &all {
-        exec(s, sql).await;
+        s.exec(sql).await;
     }
     let ctx = JobContext {
         store: s.store.clone(),
@@ -1457,19 +1457,6 @@ fn bad_record(id: &str) -> tally::store::Rejected {
         content_type: None,
         payload: b"{}".to_vec(),
         subject: None,
-    }
-}
-
-async fn exec(s: &TestStore, sql: &str) {
-    match s.store.backend() {
-        Backend::Postgres => {
-            let pool = sqlx::PgPool::connect(&s.url).await.expect("pg");
-            sqlx::query(sql).execute(&pool).await.expect(sql);
-        }
-        Backend::Sqlite => {
-            let pool = sqlx::SqlitePool::connect(&s.url).await.expect("sqlite");
-            sqlx::query(sql).execute(&pool).await.expect(sql);
-        }
     }
 }
 

@@ -824,20 +824,8 @@ async fn overwrite_sketches(s: &TestStore, table: &str, ms: f64) {
         Backend::Postgres => format!("decode('{hex}', 'hex')"),
         Backend::Sqlite => format!("X'{hex}'"),
     };
-    raw_exec(s, &format!("UPDATE {table} SET latency_sketch = {literal}")).await;
-}
-
-async fn raw_exec(s: &TestStore, sql: &str) {
-    match s.store.backend() {
-        Backend::Postgres => {
-            let pool = sqlx::PgPool::connect(&s.url).await.expect("pg");
-            sqlx::query(sql).execute(&pool).await.expect(sql);
-        }
-        Backend::Sqlite => {
-            let pool = sqlx::SqlitePool::connect(&s.url).await.expect("sqlite");
-            sqlx::query(sql).execute(&pool).await.expect(sql);
-        }
-    }
+    s.exec(&format!("UPDATE {table} SET latency_sketch = {literal}"))
+        .await;
 }
 
 /// The one row of `spec`'s minute table: its requests and its sketch.
@@ -896,11 +884,8 @@ async fn known_sketches_are_used_until_another_writer_moves_the_generation(s: &T
     // The same write under a new generation (what a restatement commits)
     // makes the fold read the checkpoint again and forget what it knew.
     overwrite_sketches(s, "agg_kn_minute", 7.0).await;
-    raw_exec(
-        s,
-        "UPDATE projection_checkpoints SET generation = generation + 1 WHERE name = 'kn'",
-    )
-    .await;
+    s.exec("UPDATE projection_checkpoints SET generation = generation + 1 WHERE name = 'kn'")
+        .await;
     append_all(&s.store, &[latency_event("k3", at(3), 300.0)], 1).await;
     fold_all(&mut p, &s.store, 100).await;
     assert_eq!(

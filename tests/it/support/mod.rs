@@ -29,6 +29,23 @@ pub struct TestStore {
     pub _dir: Option<tempfile::TempDir>,
 }
 
+impl TestStore {
+    /// Runs `sql` on the database over a connection of its own, as an
+    /// operator by hand (or a writer Tally does not know) would.
+    pub async fn exec(&self, sql: &str) {
+        match self.store.backend() {
+            Backend::Postgres => {
+                let pool = sqlx::PgPool::connect(&self.url).await.expect("pg");
+                sqlx::query(sql).execute(&pool).await.expect(sql);
+            }
+            Backend::Sqlite => {
+                let pool = sqlx::SqlitePool::connect(&self.url).await.expect("sqlite");
+                sqlx::query(sql).execute(&pool).await.expect(sql);
+            }
+        }
+    }
+}
+
 /// A migrated store of the given backend on a fresh database.
 pub async fn store(backend: Backend) -> TestStore {
     let (url, dir) = database(backend, "t");
