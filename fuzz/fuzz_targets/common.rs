@@ -1,7 +1,7 @@
 //! Shared by the body decoder targets: decode, validate every item, and check
 //! the invariants a hostile body must never break.
 
-use tally::event::codec::{decode_body, Encoding};
+use tally::event::codec::{decode_body, Decoded, Encoding};
 use tally::event::{validate, ValidationRules};
 
 /// Decodes `data` as `encoding` (and sniffs it under generic content types),
@@ -17,7 +17,14 @@ pub fn body(data: &[u8], encoding: Encoding) {
     assert!(items.len() <= 10_000);
     for item in items {
         let Ok(v) = item.value else { continue };
-        match validate(&v, &rules) {
+        let result = v.validate(&rules);
+        if let Decoded::Fields(_) = v {
+            // Read in place, the item means what it means as a JSON value.
+            let value: serde_json::Value =
+                serde_json::from_slice(&item.raw).expect("the fast path took invalid JSON");
+            assert_eq!(result, validate(&value, &rules), "the two paths disagree");
+        }
+        match result {
             Ok(e) => {
                 // A valid event round-trips through the wire JSON unchanged.
                 let wire = tally::event::codec::to_wire_json(&e);

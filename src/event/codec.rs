@@ -4,12 +4,14 @@
 //! rejected on its own (with its raw bytes kept) while its neighbours go on.
 //! Only a body that cannot be split into items at all fails as a whole.
 
+use std::borrow::Cow;
+
 use serde_json::{Map, Number, Value};
 
 mod msgpack;
 
 use super::cost::format_nanos_short;
-use super::validate::{self, describe, ValidationError};
+use super::validate::{self, describe, Fields, ValidationError, ValidationRules};
 use super::{format_ts, Event};
 
 /// The content types `POST /v1/events` and NATS messages may carry.
@@ -169,13 +171,41 @@ fn strip_bom(body: &[u8]) -> &[u8] {
         .unwrap_or(body)
 }
 
-/// One element of a body: its raw bytes, and its decoded map or why it failed.
+/// One element of a body: its raw bytes, and its decoded fields or why it failed.
 #[derive(Debug)]
-pub struct Item {
-    /// The element's bytes as received (re-encoded for MessagePack array elements).
-    pub raw: Vec<u8>,
-    /// The flat event map (CloudEvents already unwrapped), or the item-level error.
-    pub value: Result<Value, ValidationError>,
+pub struct Item<'a> {
+    /// The element's bytes as received.
+    pub raw: Cow<'a, [u8]>,
+    /// The event's fields (CloudEvents already unwrapped), or the item-level error.
+    pub value: Result<Decoded<'a>, ValidationError>,
+}
+
+/// An item's fields, read one of two ways with the same meaning.
+#[derive(Debug)]
+pub enum Decoded<'a> {
+    /// A plain JSON object of known fields, read without building a map
+    /// (most events): [`validate::validate_fields`].
+    Fields(Fields<'a>),
+    /// Anything else, as a JSON value: [`validate::validate`].
+    Value(Value),
+}
+
+impl Decoded<'_> {
+    /// Validates and normalises the item.
+    pub fn validate(&self, rules: &ValidationRules) -> Result<Event, ValidationError> {
+        match self {
+            Decoded::Fields(f) => validate::validate_fields(f, rules),
+            Decoded::Value(v) => validate::validate(v, rules),
+        }
+    }
+
+    /// The item's `id` when it is a string.
+    pub fn id(&self) -> Option<&str> {
+        match self {
+            Decoded::Fields(f) => f.id(),
+            Decoded::Value(v) => v.get("id").and_then(Value::as_str),
+        }
+    }
 }
 
 /// Splits a body into items. `max_events` bounds the work done on hostile input.
@@ -183,7 +213,7 @@ pub fn decode_body(
     body: &[u8],
     encoding: Encoding,
     max_events: usize,
-) -> Result<Vec<Item>, CodecError> {
+) -> Result<Vec<Item<'_>>, CodecError> {
     let items = match encoding {
         Encoding::Json | Encoding::CloudEvents | Encoding::CloudEventsBatch => {
             decode_json(body, encoding, max_events)?
@@ -197,7 +227,7 @@ pub fn decode_body(
     Ok(items)
 }
 
-fn decode_json(body: &[u8], encoding: Encoding, max: usize) -> Result<Vec<Item>, CodecError> {
+fn decode_json(body: &[u8], encoding: Encoding, max: usize) -> Result<Vec<Item<'_>>, CodecError> {
     use serde_json::value::RawValue;
     let body = strip_bom(body);
     let invalid = |e: serde_json::Error| CodecError::Unparseable(format!("invalid JSON: {e}"));
@@ -218,10 +248,12 @@ fn decode_json(body: &[u8], encoding: Encoding, max: usize) -> Result<Vec<Item>,
     let cloud = matches!(encoding, Encoding::CloudEvents | Encoding::CloudEventsBatch);
     Ok(raws
         .into_iter()
-        .map(|raw| Item {
-            raw: raw.get().as_bytes().to_vec(),
-            value: json_item(raw.get().as_bytes(), "invalid JSON")
-                .and_then(|v| unwrap_cloudevent(v, cloud)),
+        .map(|raw| {
+            let raw = raw.get().as_bytes();
+            Item {
+                raw: Cow::Borrowed(raw),
+                value: json_item(raw, "invalid JSON", cloud),
+            }
         })
         .collect())
 }
@@ -262,7 +294,7 @@ fn bounded_array(body: &[u8], max: usize) -> Result<Vec<&serde_json::value::RawV
     })
 }
 
-fn decode_ndjson(body: &[u8], max: usize) -> Result<Vec<Item>, CodecError> {
+fn decode_ndjson(body: &[u8], max: usize) -> Result<Vec<Item<'_>>, CodecError> {
     let mut items = Vec::new();
     for line in strip_bom(body)
         .split(|b| *b == b'\n')
@@ -273,20 +305,33 @@ fn decode_ndjson(body: &[u8], max: usize) -> Result<Vec<Item>, CodecError> {
             return Err(CodecError::TooManyEvents { max });
         }
         items.push(Item {
-            raw: line.to_vec(),
-            value: json_item(line, "invalid JSON on this line")
-                .and_then(|v| unwrap_cloudevent(v, false)),
+            raw: Cow::Borrowed(line),
+            value: json_item(line, "invalid JSON on this line", false),
         });
     }
     Ok(items)
 }
 
 /// One JSON item, refused before it is built when its shape is not an event's
-/// (see [`MAX_ITEM_VALUES`], [`MAX_ITEM_DEPTH`]).
-fn json_item(raw: &[u8], invalid: &str) -> Result<Value, ValidationError> {
+/// (see [`MAX_ITEM_VALUES`], [`MAX_ITEM_DEPTH`]). A plain object of known
+/// fields is read in place ([`Fields::parse`]); anything else (a CloudEvent,
+/// an unknown field, an error to report) as a [`Value`]. `cloud`: the body
+/// was declared CloudEvents, so every item must be one.
+fn json_item<'a>(
+    raw: &'a [u8],
+    invalid: &str,
+    cloud: bool,
+) -> Result<Decoded<'a>, ValidationError> {
     json_shape(raw).map_err(|m| ValidationError::single(None, m))?;
+    if !cloud {
+        if let Some(fields) = Fields::parse(raw) {
+            return Ok(Decoded::Fields(fields));
+        }
+    }
     serde_json::from_slice::<Value>(raw)
         .map_err(|e| ValidationError::single(None, format!("{invalid}: {e}")))
+        .and_then(|v| unwrap_cloudevent(v, cloud))
+        .map(Decoded::Value)
 }
 
 /// Most values (map entries and array elements, at any depth) in one item.
@@ -333,7 +378,7 @@ fn json_shape(raw: &[u8]) -> Result<(), String> {
     Ok(())
 }
 
-fn decode_msgpack(body: &[u8], max: usize) -> Result<Vec<Item>, CodecError> {
+fn decode_msgpack(body: &[u8], max: usize) -> Result<Vec<Item<'_>>, CodecError> {
     let invalid = |e: String| CodecError::Unparseable(format!("invalid MessagePack: {e}"));
     let mut reader = msgpack::Reader::new(body);
     // The count is read from the array header, before any element is decoded.
@@ -355,12 +400,12 @@ fn decode_msgpack(body: &[u8], max: usize) -> Result<Vec<Item>, CodecError> {
             .element(MAX_ITEM_VALUES, MAX_ITEM_DEPTH)
             .map_err(invalid)?;
         let value = if shape_ok {
-            decode_msgpack_item(raw)
+            decode_msgpack_item(raw).map(Decoded::Value)
         } else {
             Err(ValidationError::single(None, shape_error()))
         };
         items.push(Item {
-            raw: raw.to_vec(),
+            raw: Cow::Borrowed(raw),
             value,
         });
     }

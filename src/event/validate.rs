@@ -8,7 +8,8 @@ use std::fmt;
 use std::time::Duration;
 
 use chrono::{DateTime, SubsecRound, TimeZone, Timelike, Utc};
-use serde_json::{Map, Value};
+use serde_json::{Map, Number, Value};
+use std::borrow::Cow;
 
 use super::cost::parse_nanos;
 use super::{ErrorType, Event};
@@ -164,8 +165,9 @@ pub fn validate(item: &Value, rules: &ValidationRules) -> Result<Event, Validati
             format!("an event must be an object (a map), got {}", describe(item)),
         ));
     };
+    let fields = Fields::of_map(map);
     let mut v = Validator {
-        map,
+        fields: &fields,
         problems: Vec::new(),
         more: 0,
     };
@@ -177,74 +179,239 @@ pub fn validate(item: &Value, rules: &ValidationRules) -> Result<Event, Validati
             v.problem(name, format!("unknown field{hint}"));
         }
     }
+    v.event(rules)
+}
 
-    let id = v.required_string("id", 128, Text::Printable);
-    let ts = v.timestamp("ts", rules);
-    let api = v.required_string("api", 128, Text::Printable);
-    let endpoint = v.optional_string("endpoint", 256, Text::Printable);
-    let method = v.optional_string("method", 16, Text::Printable);
-    let key = v.optional_string("key", MAX_KEY_CHARS, Text::Printable);
-    let user = v.optional_string("user", 256, Text::Printable);
-    let model = v.optional_string("model", 256, Text::Printable);
-    let status = v.integer("status", 100, 599).map(|s| s as i32);
-    let success_given = v.boolean("success");
-    let error_type_given = v.error_type();
-    let error_message = v.optional_string("error_message", 1024, Text::Lines);
-    let latency_ms = v.latency();
-    let request_bytes = v.integer("request_bytes", 0, MAX_BYTES);
-    let response_bytes = v.integer("response_bytes", 0, MAX_BYTES);
-    let tokens_in = v.integer("tokens_in", 0, MAX_TOKENS);
-    let tokens_out = v.integer("tokens_out", 0, MAX_TOKENS);
-    let cost_nanos = v.cost();
-    let cached = v.boolean("cached").unwrap_or(false);
-    let metadata = v.metadata();
+/// Validates an item whose fields are all known (see [`Fields::parse`]):
+/// the same rules and answers as [`validate`] on the same item as a map.
+pub fn validate_fields(
+    fields: &Fields<'_>,
+    rules: &ValidationRules,
+) -> Result<Event, ValidationError> {
+    Validator {
+        fields,
+        problems: Vec::new(),
+        more: 0,
+    }
+    .event(rules)
+}
 
-    // An explicit `success` wins; an `error_type` alone marks a failure (timeouts
-    // often have no status); otherwise the status decides; no status means success.
-    let success = match (success_given, error_type_given) {
-        (Some(s), _) => s,
-        (None, Some(_)) => false,
-        (None, None) => status.is_none_or(|s| s < 400),
-    };
-    if success && error_type_given.is_some() {
-        v.problem(
+/// One field's value as validation reads it, borrowed from the input where it can be.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Field<'a> {
+    /// A string.
+    Str(Cow<'a, str>),
+    /// A number, as written.
+    Num(Cow<'a, Number>),
+    /// A boolean.
+    Bool(bool),
+    /// An object or an array.
+    Json(Cow<'a, Value>),
+}
+
+impl Field<'_> {
+    fn as_str(&self) -> Option<&str> {
+        match self {
+            Field::Str(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    fn as_number(&self) -> Option<&Number> {
+        match self {
+            Field::Num(n) => Some(n),
+            _ => None,
+        }
+    }
+
+    fn as_bool(&self) -> Option<bool> {
+        match self {
+            Field::Bool(b) => Some(*b),
+            _ => None,
+        }
+    }
+
+    fn as_f64(&self) -> Option<f64> {
+        self.as_number().and_then(Number::as_f64)
+    }
+
+    fn as_object(&self) -> Option<&Map<String, Value>> {
+        match self {
+            Field::Json(v) => v.as_object(),
+            _ => None,
+        }
+    }
+
+    /// As [`describe`] says it of the same JSON value.
+    fn describe(&self) -> String {
+        match self {
+            Field::Str(s) => describe_str(s),
+            Field::Num(n) => format!("number {n}"),
+            Field::Bool(b) => format!("boolean {b}"),
+            Field::Json(v) => describe(v),
+        }
+    }
+}
+
+/// The fields of one item, by their place in [`FIELDS`]; JSON `null` counts as absent.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Fields<'a> {
+    slots: [Option<Field<'a>>; FIELD_COUNT],
+}
+
+const FIELD_COUNT: usize = 20;
+const _: () = assert!(FIELDS.len() == FIELD_COUNT);
+
+impl<'a> Fields<'a> {
+    /// The known fields of `map` (unknown ones are the caller's to report).
+    fn of_map(map: &'a Map<String, Value>) -> Self {
+        let mut out = Fields::default();
+        for (slot, name) in out.slots.iter_mut().zip(FIELDS) {
+            *slot = map.get(*name).and_then(|v| match v {
+                Value::Null => None,
+                Value::String(s) => Some(Field::Str(Cow::Borrowed(s))),
+                Value::Number(n) => Some(Field::Num(Cow::Borrowed(n))),
+                Value::Bool(b) => Some(Field::Bool(*b)),
+                other => Some(Field::Json(Cow::Borrowed(other))),
+            });
+        }
+        out
+    }
+
+    /// Reads a JSON object whose keys are all in [`FIELDS`] without building
+    /// a map: strings without escapes are borrowed from `raw`. `None` when
+    /// anything is unusual (not an object, an unknown or escaped key, invalid
+    /// JSON): the caller then decodes the item as a [`Value`], whose path
+    /// reports every problem. The last of duplicate keys wins, as in a map.
+    pub fn parse(raw: &'a [u8]) -> Option<Self> {
+        use serde::de::{Deserializer as _, MapAccess, Visitor};
+        use serde_json::value::RawValue;
+        struct Flat;
+        impl<'de> Visitor<'de> for Flat {
+            type Value = Fields<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("an event")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                use serde::de::Error as _;
+                let mut out = Fields::default();
+                while let Some(key) = map.next_key::<&'de str>()? {
+                    let Some(at) = FIELDS.iter().position(|f| *f == key) else {
+                        return Err(A::Error::custom("unknown field"));
+                    };
+                    let raw = map.next_value::<&'de RawValue>()?;
+                    out.slots[at] = Field::of_raw(raw.get()).map_err(A::Error::custom)?;
+                }
+                Ok(out)
+            }
+        }
+        let mut de = serde_json::Deserializer::from_slice(raw);
+        let fields = de.deserialize_map(Flat).ok()?;
+        de.end().ok()?;
+        Some(fields)
+    }
+
+    /// The field named `name` (one of [`FIELDS`]).
+    fn get(&self, name: &str) -> Option<&Field<'a>> {
+        let at = FIELDS.iter().position(|f| *f == name)?;
+        self.slots[at].as_ref()
+    }
+
+    /// `id` when it is a string.
+    pub fn id(&self) -> Option<&str> {
+        self.get("id").and_then(Field::as_str)
+    }
+}
+
+impl<'a> Field<'a> {
+    /// One JSON value's text; `None` for `null`.
+    fn of_raw(text: &'a str) -> Result<Option<Self>, serde_json::Error> {
+        Ok(match text.as_bytes().first() {
+            Some(b'n') => None,
+            Some(b't') => Some(Field::Bool(true)),
+            Some(b'f') => Some(Field::Bool(false)),
+            Some(b'"') if !text.contains('\\') => Some(Field::Str(Cow::Borrowed(
+                text.get(1..text.len() - 1).unwrap_or_default(),
+            ))),
+            Some(b'"') => Some(Field::Str(Cow::Owned(serde_json::from_str(text)?))),
+            Some(b'{' | b'[') => Some(Field::Json(Cow::Owned(serde_json::from_str(text)?))),
+            _ => Some(Field::Num(Cow::Owned(serde_json::from_str(text)?))),
+        })
+    }
+}
+
+impl Validator<'_, '_> {
+    /// Every field checked; the event, or every problem found.
+    fn event(mut self, rules: &ValidationRules) -> Result<Event, ValidationError> {
+        let v = &mut self;
+        let id = v.required_string("id", 128, Text::Printable);
+        let ts = v.timestamp("ts", rules);
+        let api = v.required_string("api", 128, Text::Printable);
+        let endpoint = v.optional_string("endpoint", 256, Text::Printable);
+        let method = v.optional_string("method", 16, Text::Printable);
+        let key = v.optional_string("key", MAX_KEY_CHARS, Text::Printable);
+        let user = v.optional_string("user", 256, Text::Printable);
+        let model = v.optional_string("model", 256, Text::Printable);
+        let status = v.integer("status", 100, 599).map(|s| s as i32);
+        let success_given = v.boolean("success");
+        let error_type_given = v.error_type();
+        let error_message = v.optional_string("error_message", 1024, Text::Lines);
+        let latency_ms = v.latency();
+        let request_bytes = v.integer("request_bytes", 0, MAX_BYTES);
+        let response_bytes = v.integer("response_bytes", 0, MAX_BYTES);
+        let tokens_in = v.integer("tokens_in", 0, MAX_TOKENS);
+        let tokens_out = v.integer("tokens_out", 0, MAX_TOKENS);
+        let cost_nanos = v.cost();
+        let cached = v.boolean("cached").unwrap_or(false);
+        let metadata = v.metadata();
+
+        // An explicit `success` wins; an `error_type` alone marks a failure (timeouts
+        // often have no status); otherwise the status decides; no status means success.
+        let success = match (success_given, error_type_given) {
+            (Some(s), _) => s,
+            (None, Some(_)) => false,
+            (None, None) => status.is_none_or(|s| s < 400),
+        };
+        if success && error_type_given.is_some() {
+            v.problem(
             "error_type",
             "is only allowed on a failed call, but `success` is true; drop `error_type` or set `success` to false",
         );
-    }
-    let error_type = if success {
-        None
-    } else {
-        Some(error_type_given.unwrap_or_else(|| ErrorType::from_status(status)))
-    };
+        }
+        let error_type = if success {
+            None
+        } else {
+            Some(error_type_given.unwrap_or_else(|| ErrorType::from_status(status)))
+        };
 
-    match (v.problems.is_empty(), id, ts, api) {
-        (true, Some(id), Some(ts), Some(api)) => Ok(Event {
-            id,
-            ts,
-            api,
-            endpoint,
-            method,
-            key,
-            user,
-            model,
-            status,
-            success,
-            error_type,
-            error_message,
-            latency_ms,
-            request_bytes,
-            response_bytes,
-            tokens_in,
-            tokens_out,
-            cost_nanos,
-            cached,
-            metadata,
-        }),
-        _ => Err(ValidationError {
-            problems: v.problems,
-            more: v.more,
-        }),
+        match (v.problems.is_empty(), id, ts, api) {
+            (true, Some(id), Some(ts), Some(api)) => Ok(Event {
+                id,
+                ts,
+                api,
+                endpoint,
+                method,
+                key,
+                user,
+                model,
+                status,
+                success,
+                error_type,
+                error_message,
+                latency_ms,
+                request_bytes,
+                response_bytes,
+                tokens_in,
+                tokens_out,
+                cost_nanos,
+                cached,
+                metadata,
+            }),
+            _ => Err(ValidationError {
+                problems: std::mem::take(&mut v.problems),
+                more: v.more,
+            }),
+        }
     }
 }
 
@@ -254,14 +421,20 @@ pub fn describe(value: &Value) -> String {
         Value::Null => "null".into(),
         Value::Bool(b) => format!("boolean {b}"),
         Value::Number(n) => format!("number {n}"),
-        Value::String(s) if s.chars().count() > 40 => {
-            let head: String = s.chars().take(40).collect();
-            // Debug-quoted, like short strings: control characters escaped.
-            format!("string {head:?}…")
-        }
-        Value::String(s) => format!("string {s:?}"),
+        Value::String(s) => describe_str(s),
         Value::Array(_) => "an array".into(),
         Value::Object(_) => "an object".into(),
+    }
+}
+
+/// [`describe`] of a string.
+fn describe_str(s: &str) -> String {
+    if s.chars().count() > 40 {
+        let head: String = s.chars().take(40).collect();
+        // Debug-quoted, like short strings: control characters escaped.
+        format!("string {head:?}…")
+    } else {
+        format!("string {s:?}")
     }
 }
 
@@ -323,8 +496,8 @@ fn suggest(name: &str) -> Option<&'static str> {
         .or_else(|| aliases.iter().find(|(a, _)| *a == n).map(|(_, f)| *f))
 }
 
-struct Validator<'a> {
-    map: &'a Map<String, Value>,
+struct Validator<'f, 'a> {
+    fields: &'f Fields<'a>,
     problems: Vec<Problem>,
     more: usize,
 }
@@ -351,7 +524,7 @@ impl Text {
     }
 }
 
-impl<'a> Validator<'a> {
+impl<'f, 'a> Validator<'f, 'a> {
     fn problem(&mut self, field: &str, message: impl Into<String>) {
         if self.problems.len() >= MAX_PROBLEMS {
             self.more += 1;
@@ -364,8 +537,8 @@ impl<'a> Validator<'a> {
     }
 
     /// The field's value; JSON `null` counts as absent.
-    fn get(&self, field: &str) -> Option<&'a Value> {
-        self.map.get(field).filter(|v| !v.is_null())
+    fn get(&self, field: &str) -> Option<&'f Field<'a>> {
+        self.fields.get(field)
     }
 
     fn required_string(&mut self, field: &str, max: usize, text: Text) -> Option<String> {
@@ -384,7 +557,7 @@ impl<'a> Validator<'a> {
     fn optional_string(&mut self, field: &str, max: usize, text: Text) -> Option<String> {
         let value = self.get(field)?;
         let Some(s) = value.as_str() else {
-            self.problem(field, format!("must be a string, got {}", describe(value)));
+            self.problem(field, format!("must be a string, got {}", value.describe()));
             return None;
         };
         let chars = s.chars().count();
@@ -407,7 +580,7 @@ impl<'a> Validator<'a> {
         let Some(n) = value.as_number() else {
             self.problem(
                 field,
-                format!("must be an integer, got {}", describe(value)),
+                format!("must be an integer, got {}", value.describe()),
             );
             return None;
         };
@@ -455,7 +628,7 @@ impl<'a> Validator<'a> {
             None => {
                 self.problem(
                     field,
-                    format!("must be true or false, got {}", describe(value)),
+                    format!("must be true or false, got {}", value.describe()),
                 );
                 None
             }
@@ -471,7 +644,7 @@ impl<'a> Validator<'a> {
             return None;
         };
         let ts = match value {
-            Value::String(s) => match DateTime::parse_from_rfc3339(s) {
+            Field::Str(s) => match DateTime::parse_from_rfc3339(s) {
                 Ok(t) => match without_leap_second(t.with_timezone(&Utc)) {
                     Ok(t) => t,
                     Err(message) => {
@@ -490,7 +663,7 @@ impl<'a> Validator<'a> {
                     return None;
                 }
             },
-            Value::Number(n) => match n
+            Field::Num(n) => match n
                 .as_i64()
                 .and_then(|ms| Utc.timestamp_millis_opt(ms).single())
             {
@@ -510,7 +683,7 @@ impl<'a> Validator<'a> {
                     field,
                     format!(
                         "must be an RFC 3339 string or integer epoch milliseconds, got {}",
-                        describe(other)
+                        other.describe()
                     ),
                 );
                 return None;
@@ -555,7 +728,7 @@ impl<'a> Validator<'a> {
                 format!(
                     "must be one of {}, got {}",
                     allowed.join(", "),
-                    describe(value)
+                    value.describe()
                 ),
             );
         }
@@ -576,7 +749,7 @@ impl<'a> Validator<'a> {
             None => {
                 self.problem(
                     "latency_ms",
-                    format!("must be a number of milliseconds, got {}", describe(value)),
+                    format!("must be a number of milliseconds, got {}", value.describe()),
                 );
                 None
             }
@@ -586,14 +759,14 @@ impl<'a> Validator<'a> {
     fn cost(&mut self) -> Option<i64> {
         let value = self.get("cost")?;
         let text = match value {
-            Value::String(s) => s.clone(),
-            Value::Number(n) => n.to_string(),
+            Field::Str(s) => s.to_string(),
+            Field::Num(n) => n.to_string(),
             other => {
                 self.problem(
                     "cost",
                     format!(
                         "must be a decimal string like \"0.0023\" or a number, got {}",
-                        describe(other)
+                        other.describe()
                     ),
                 );
                 return None;
@@ -629,7 +802,7 @@ impl<'a> Validator<'a> {
                 "metadata",
                 format!(
                     "must be an object of string → string, got {}",
-                    describe(value)
+                    value.describe()
                 ),
             );
             return out;
@@ -675,5 +848,128 @@ impl<'a> Validator<'a> {
             }
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn rules() -> ValidationRules {
+        ValidationRules {
+            now: Utc
+                .with_ymd_and_hms(2026, 11, 24, 12, 0, 0)
+                .single()
+                .expect("a valid instant"),
+            late_arrival_horizon: Duration::from_secs(7 * 86_400),
+            max_future_skew: Duration::from_secs(300),
+        }
+    }
+
+    /// Both ways of reading an item, when the fast one takes it.
+    fn both(
+        raw: &str,
+    ) -> Option<(
+        Result<Event, ValidationError>,
+        Result<Event, ValidationError>,
+    )> {
+        let fields = Fields::parse(raw.as_bytes())?;
+        let value: Value = serde_json::from_str(raw).expect("the fast path took invalid JSON");
+        Some((
+            validate_fields(&fields, &rules()),
+            validate(&value, &rules()),
+        ))
+    }
+
+    #[test]
+    fn ordinary_events_take_the_fast_path_and_read_the_same() {
+        for raw in [
+            r#"{"id":"a","ts":"2026-11-24T11:00:00Z","api":"openai","key":"k","status":200,"latency_ms":12.5,"cost":"0.0023","tokens_in":10,"cached":true,"metadata":{"team":"x"}}"#,
+            r#"{"id":"b\"q","ts":1795000000000,"api":"a\u00e9","status":503.0,"error_type":"server_error"}"#,
+            r#"{"id":"c","ts":"2026-11-24T11:00:00Z","api":"a","status":99,"cost":12,"user":null,"id":"d"}"#,
+            r#"{"id":"","ts":"bad","api":7,"success":"yes","metadata":[1]}"#,
+        ] {
+            let (fast, slow) = both(raw).unwrap_or_else(|| panic!("not on the fast path: {raw}"));
+            assert_eq!(fast, slow, "{raw}");
+        }
+        let (fast, _) = both(r#"{"id":"c","ts":"2026-11-24T11:00:00Z","api":"a","id":"d"}"#)
+            .expect("fast path");
+        assert_eq!(
+            fast.expect("valid").id,
+            "d",
+            "the last of duplicate keys wins"
+        );
+    }
+
+    #[test]
+    fn unusual_items_are_left_to_the_value_path() {
+        for raw in [
+            r#"{"id":"a","ts":"2026-11-24T11:00:00Z","api":"a","latencyMs":3}"#,
+            r#"{"specversion":"1.0","id":"a","source":"s","type":"t"}"#,
+            r#"{"\u0069d":"a","ts":"2026-11-24T11:00:00Z","api":"a"}"#,
+            r#"[{"id":"a"}]"#,
+            r#"{"id":"a","api":"a"} x"#,
+            "{\"id\":\"a\u{1}\",\"api\":\"a\"}",
+            "5",
+        ] {
+            assert!(Fields::parse(raw.as_bytes()).is_none(), "{raw}");
+        }
+    }
+
+    fn json_value() -> impl Strategy<Value = String> {
+        prop_oneof![
+            "[a-z0-9 ]{0,12}".prop_map(|s| format!("\"{s}\"")),
+            Just(r#""x\"y\\z\n""#.to_string()),
+            Just(r#""\u0000""#.to_string()),
+            Just(r#""\ud83d\ude00 é""#.to_string()),
+            Just(format!("\"{}\"", "w".repeat(300))),
+            Just(r#""2026-11-24T11:59:59.1234567Z""#.to_string()),
+            Just(r#""2026-11-24T23:59:60Z""#.to_string()),
+            Just(r#""2026-01-01T00:00:00Z""#.to_string()),
+            Just(r#""0.0023""#.to_string()),
+            Just(r#""server_error""#.to_string()),
+            any::<i64>().prop_map(|n| n.to_string()),
+            (0i64..1_000).prop_map(|n| n.to_string()),
+            (1_795_000_000_000i64..1_796_000_000_000).prop_map(|n| n.to_string()),
+            any::<f64>()
+                .prop_filter("finite", |f| f.is_finite())
+                .prop_map(|f| format!("{f:?}")),
+            Just("200.0".to_string()),
+            Just("1e3".to_string()),
+            Just("-0".to_string()),
+            Just("123456789012345678901234567890".to_string()),
+            Just("true".to_string()),
+            Just("false".to_string()),
+            Just("null".to_string()),
+            Just("{}".to_string()),
+            Just(r#"{"a":"b","c":"d\u0001"}"#.to_string()),
+            Just(r#"{"a":1}"#.to_string()),
+            Just("[1,2]".to_string()),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2_000))]
+        #[test]
+        fn the_fast_path_reads_every_item_it_takes_as_the_value_path_does(
+            fields in proptest::collection::vec((0..FIELD_COUNT + 1, json_value()), 0..14),
+            spaced in any::<bool>(),
+        ) {
+            let sep = if spaced { " , " } else { "," };
+            let body: Vec<String> = fields
+                .iter()
+                .map(|(at, v)| {
+                    let name = FIELDS.get(*at).copied().unwrap_or("latency");
+                    format!("\"{name}\":{v}")
+                })
+                .collect();
+            let raw = format!("{{{}}}", body.join(sep));
+            let known = fields.iter().all(|(at, _)| *at < FIELD_COUNT);
+            match both(&raw) {
+                Some((fast, slow)) => prop_assert_eq!(fast, slow, "{}", raw),
+                None => prop_assert!(!known, "a valid object of known fields missed the fast path: {}", raw),
+            }
+        }
     }
 }

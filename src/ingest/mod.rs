@@ -12,10 +12,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 
 use crate::event::codec::{decode_body, to_wire_json, CodecError, Encoding};
-use crate::event::{escape_controls, validate, Event, ValidationRules};
+use crate::event::{escape_controls, Event, ValidationRules};
 use crate::store::{Origin, Outcome, RejectKind, Rejected, Store, StoreError};
 
 /// Limits applied to every body, whatever its source.
@@ -220,7 +219,7 @@ impl Intake {
         for (index, item) in items.into_iter().enumerate() {
             let result = match item.value {
                 Err(e) => Err((None, e)),
-                Ok(v) => validate(&v, rules).map_err(|e| (readable_id(&v), e)),
+                Ok(v) => v.validate(rules).map_err(|e| (readable_id(v.id()), e)),
             };
             match result {
                 Ok(event) => {
@@ -240,7 +239,7 @@ impl Intake {
                         item_index: i32::try_from(index).ok(),
                         reason: message,
                         content_type: Some(encoding.content_type().to_string()),
-                        payload: item.raw,
+                        payload: item.raw.into_owned(),
                         subject: subject.map(str::to_string),
                     });
                 }
@@ -339,8 +338,8 @@ impl Prepared {
 
 /// The item's `id` when it is a string, so the sender can match the error:
 /// at most 128 characters, control characters escaped.
-fn readable_id(v: &Value) -> Option<String> {
-    v.get("id").and_then(Value::as_str).map(|s| {
+fn readable_id(id: Option<&str>) -> Option<String> {
+    id.map(|s| {
         let head: String = s.chars().take(128).collect();
         escape_controls(&head).into_owned()
     })

@@ -146,7 +146,7 @@ fn fuzz_regressions_give_bounded_nul_free_reasons() {
             for item in items {
                 let reason = match item.value {
                     Err(e) => e.to_string(),
-                    Ok(v) => match tally::event::validate(&v, &rules()) {
+                    Ok(v) => match v.validate(&rules()) {
                         Ok(_) => continue,
                         Err(e) => e.to_string(),
                     },
