@@ -213,6 +213,10 @@ impl App {
         let mut projector_config = self.projector_config.clone();
         projector_config.on_commit = Some(signal.clone());
         projector_config.wake = Some(self.state.intake.appended());
+        if !self.projectors.is_empty() {
+            // What this process appends is folded from memory (`LogTail`).
+            store.log_tail().keep(crate::store::DEFAULT_TAIL_BYTES);
+        }
         let projectors = crate::projection::projector::spawn_all(
             self.state.store.clone(),
             self.projectors,

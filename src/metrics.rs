@@ -310,6 +310,22 @@ pub async fn render(store: &Store) -> String {
         "Database pool connections: used, idle and the maximum.",
         &pools,
     );
+    let tail = store.log_tail().stats();
+    let _ = writeln!(
+        out,
+        "# HELP tally_projector_events_read_total Events the projectors folded, by where their columns came from: \
+         `tail` (kept in memory since this process appended them) or `log` (read back from the event log).\n\
+         # TYPE tally_projector_events_read_total counter\n\
+         tally_projector_events_read_total{{source=\"tail\"}} {}\n\
+         tally_projector_events_read_total{{source=\"log\"}} {}",
+        tail.hits, tail.misses
+    );
+    gauge(
+        &mut out,
+        "tally_projector_log_tail_bytes",
+        "Memory held by the log's tail: appended events waiting for the projectors (estimated).",
+        &[(String::new(), tail.bytes as f64)],
+    );
     let mut db_up = true;
     match store.projections().projection_states().await {
         Ok(states) => {

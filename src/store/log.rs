@@ -6,10 +6,12 @@
 //! one conformance suite against both.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 
 use super::db::{Db, Row, Sql, Tx};
+use super::tail::LogTail;
 use super::{
     postgres, sqlite, Cursor, LogCounts, LogTotals, Origin, Outcome, RejectKind, Rejected,
     RejectedRow, StoreError,
@@ -21,11 +23,15 @@ use crate::event::{ErrorType, Event};
 #[derive(Debug, Clone)]
 pub struct EventLog {
     db: Db,
+    tail: Arc<LogTail>,
 }
 
+/// The ids an append inserted, each with its log position.
+pub(crate) type Inserted = HashMap<String, Cursor>;
+
 impl EventLog {
-    pub(crate) fn new(db: Db) -> Self {
-        Self { db }
+    pub(crate) fn new(db: Db, tail: Arc<LogTail>) -> Self {
+        Self { db, tail }
     }
 
     /// Appends a batch in one transaction: all of it commits or none (an
@@ -82,6 +88,14 @@ impl EventLog {
         insert_rejects(&mut tx, rejects, origin).await?;
         insert_rejects(&mut tx, &conflicts, origin).await?;
         tx.commit().await?;
+        // Only now: an append that rolled back must leave nothing behind.
+        if self.tail.is_on() {
+            self.tail.push(
+                unique
+                    .iter()
+                    .filter_map(|e| inserted.get(&e.id).map(|at| (*at, (*e).clone()))),
+            );
+        }
         Ok(outcomes)
     }
 
@@ -273,9 +287,9 @@ impl EventLog {
     }
 }
 
-async fn insert_events(tx: &mut Tx, unique: &[&Event]) -> Result<HashSet<String>, StoreError> {
+async fn insert_events(tx: &mut Tx, unique: &[&Event]) -> Result<Inserted, StoreError> {
     if unique.is_empty() {
-        return Ok(HashSet::new());
+        return Ok(Inserted::new());
     }
     match tx {
         Tx::Postgres(tx) => postgres::insert_events(tx, unique).await,
@@ -354,11 +368,11 @@ pub(crate) fn first_occurrences(events: &[Event]) -> Vec<usize> {
 
 /// The ids of `unique` that were not inserted: only these need their stored
 /// version read back (none in the common, duplicate-free case).
-pub(crate) fn not_inserted<'a>(unique: &[&'a Event], inserted: &HashSet<String>) -> Vec<&'a str> {
+pub(crate) fn not_inserted<'a>(unique: &[&'a Event], inserted: &Inserted) -> Vec<&'a str> {
     unique
         .iter()
         .map(|e| e.id.as_str())
-        .filter(|id| !inserted.contains(*id))
+        .filter(|id| !inserted.contains_key(*id))
         .collect()
 }
 
@@ -374,7 +388,7 @@ pub(crate) const REJECTED_COLUMNS: &str =
 /// equals the winner and a conflict otherwise.
 pub(crate) fn classify(
     events: &[Event],
-    inserted: &HashSet<String>,
+    inserted: &Inserted,
     existing: &HashMap<String, Event>,
 ) -> (Vec<Outcome>, Vec<Rejected>) {
     let mut first: HashMap<&str, usize> = HashMap::new();
@@ -382,7 +396,7 @@ pub(crate) fn classify(
     let mut conflicts = Vec::new();
     for (i, e) in events.iter().enumerate() {
         let first_index = *first.entry(e.id.as_str()).or_insert(i);
-        let is_new = inserted.contains(&e.id);
+        let is_new = inserted.contains_key(&e.id);
         if is_new && first_index == i {
             outcomes.push(Outcome::Inserted);
             continue;

@@ -23,6 +23,7 @@ pub mod prices;
 pub mod projections;
 mod snapshot;
 pub mod sqlite;
+pub mod tail;
 pub mod tokens;
 
 pub use agg::{
@@ -37,8 +38,10 @@ pub use log::EventLog;
 pub use prices::Prices;
 pub use projections::{EventChunk, Folded, Projections, Restating, READ_CHUNK, UPSERT_CHUNK};
 pub use snapshot::{AlertSnapshot, LedgerRestored, LedgerSnapshot};
+pub use tail::{LogTail, TailStats, DEFAULT_TAIL_BYTES};
 pub use tokens::Tokens;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -312,13 +315,16 @@ pub struct Store {
     jobs: Jobs,
     corrections: Corrections,
     prices: Prices,
+    tail: Arc<LogTail>,
 }
 
 impl Store {
     fn new(db: Db) -> Self {
+        let tail = Arc::new(LogTail::default());
         Self {
-            log: EventLog::new(db.clone()),
-            projections: Projections::new(db.clone()),
+            log: EventLog::new(db.clone(), tail.clone()),
+            projections: Projections::new(db.clone(), tail.clone()),
+            tail,
             leases: Leases::new(db.clone()),
             alerts: Alerts::new(db.clone()),
             tokens: Tokens::new(db.clone()),
@@ -337,6 +343,12 @@ impl Store {
     /// The event log.
     pub fn log(&self) -> &EventLog {
         &self.log
+    }
+
+    /// The events this process appended, kept for its projectors (off until
+    /// [`LogTail::keep`]; `serve` turns it on when it folds).
+    pub fn log_tail(&self) -> &LogTail {
+        &self.tail
     }
 
     /// Checkpoints and aggregate tables.

@@ -14,9 +14,10 @@ use sqlx::{Postgres, Row, Transaction};
 
 use super::agg::{all_columns, index_name, upsert_clause, FLOAT_COLUMNS, INT_COLUMNS};
 use super::db::{timed_out, Row as DbRow, Sql};
-use super::log::{each_event, voided_indices, EventColumns, FOLD_COLUMNS};
+use super::log::{each_event, voided_indices, EventColumns, Inserted, FOLD_COLUMNS};
 use super::log::{metadata_json, EVENT_COLUMNS};
 use super::projections::{Target, Upserts};
+use super::tail::{self, LogTail};
 use super::{Backend, Cursor, LogBatch, Origin, Rejected, StoreError, StoreOptions, Watermark};
 use crate::aggregate::measures::RowKey;
 use crate::aggregate::spec::Spec;
@@ -131,7 +132,7 @@ pub(crate) fn is_retryable(e: &sqlx::Error) -> bool {
 pub(crate) async fn insert_events(
     tx: &mut Tx<'_>,
     events: &[&Event],
-) -> Result<HashSet<String>, StoreError> {
+) -> Result<Inserted, StoreError> {
     let n = events.len();
     let mut id = Vec::with_capacity(n);
     let mut ts: Vec<DateTime<Utc>> = Vec::with_capacity(n);
@@ -188,9 +189,9 @@ pub(crate) async fn insert_events(
                 error_message, latency_ms, request_bytes, response_bytes, tokens_in, tokens_out, \
                 cost_nanos, cached, metadata) \
          ON CONFLICT (id) DO NOTHING \
-         RETURNING id"
+         RETURNING id, tx::text::bigint, seq"
     );
-    let rows: Vec<String> = sqlx::query_scalar(&sql)
+    let rows: Vec<(String, i64, i64)> = sqlx::query_as(&sql)
         .bind(id)
         .bind(ts)
         .bind(api)
@@ -213,7 +214,10 @@ pub(crate) async fn insert_events(
         .bind(metadata)
         .fetch_all(&mut **tx)
         .await?;
-    Ok(rows.into_iter().collect())
+    Ok(rows
+        .into_iter()
+        .map(|(id, tx, seq)| (id, Cursor { tx, seq }))
+        .collect())
 }
 
 /// Records rejected payloads.
@@ -319,7 +323,12 @@ pub(crate) fn log_event(cols: &EventColumns, r: &PgRow) -> Result<(Cursor, Event
 /// will never add an event, and a fold's own commit (or a coarse tier's,
 /// or a restatement, seconds long) would otherwise hide every event
 /// appended while it runs.
-pub(crate) async fn read_log(p: &Pools, after: Cursor, limit: i64) -> Result<LogBatch, StoreError> {
+pub(crate) async fn read_log(
+    p: &Pools,
+    after: Cursor,
+    limit: i64,
+    tail: Option<&LogTail>,
+) -> Result<LogBatch, StoreError> {
     // One REPEATABLE READ snapshot for both statements; now() (transaction
     // start) is no later than the snapshot, as `Watermark::at` requires.
     let mut tx = p.main.begin().await?;
@@ -342,11 +351,15 @@ pub(crate) async fn read_log(p: &Pools, after: Cursor, limit: i64) -> Result<Log
         .min()
         .unwrap_or(xmax)
         .max(xmin);
+    // Below the horizon, in cursor order; with the tail on, positions only.
+    let select = match tail {
+        None => log_columns(),
+        Some(_) => "tx::text::bigint AS cursor_tx, seq".to_string(),
+    };
     let sql = format!(
-        "SELECT {} FROM usage_events \
+        "SELECT {select} FROM usage_events \
          WHERE (tx, seq) > ($1::text::xid8, $2) AND tx < $4::text::xid8 \
-         ORDER BY tx, seq LIMIT $3",
-        log_columns()
+         ORDER BY tx, seq LIMIT $3"
     );
     // xmin of this transaction's snapshot, read above: a constant, where
     // `pg_current_snapshot()` in the WHERE clause would be rebuilt per row.
@@ -357,7 +370,41 @@ pub(crate) async fn read_log(p: &Pools, after: Cursor, limit: i64) -> Result<Log
         .bind(xmin.to_string())
         .fetch_all(&mut *tx)
         .await?;
-    let events = each_event(&rows, log_event)?;
+    let found = rows.len();
+    let events = match tail {
+        None => each_event(&rows, log_event)?,
+        Some(tail) => {
+            let positions = rows
+                .iter()
+                .map(|r| {
+                    Ok(Cursor {
+                        tx: r.try_get(0)?,
+                        seq: r.try_get(1)?,
+                    })
+                })
+                .collect::<Result<Vec<_>, sqlx::Error>>()?;
+            let slots = tail.take(&positions);
+            let read = match tail::missing_range(&positions, &slots) {
+                Some((first, last)) => {
+                    let rows = sqlx::query(&format!(
+                        "SELECT {} FROM usage_events \
+                         WHERE (tx, seq) >= ($1::text::xid8, $2) AND (tx, seq) <= ($3::text::xid8, $4) \
+                         ORDER BY tx, seq",
+                        log_columns()
+                    ))
+                    .bind(first.tx.to_string())
+                    .bind(first.seq)
+                    .bind(last.tx.to_string())
+                    .bind(last.seq)
+                    .fetch_all(&mut *tx)
+                    .await?;
+                    each_event(&rows, log_event)?
+                }
+                None => Vec::new(),
+            };
+            tail::assemble(positions, slots, read)?
+        }
+    };
     // The voided among them, from the same snapshot: one range lookup (the
     // table is small, usually empty).
     let voided = match (events.first(), events.last()) {
@@ -378,7 +425,7 @@ pub(crate) async fn read_log(p: &Pools, after: Cursor, limit: i64) -> Result<Log
         _ => Vec::new(),
     };
     let mut held_back = false;
-    if (rows.len() as i64) < limit {
+    if (found as i64) < limit {
         // Caught up below xmin: do committed events wait above it?
         let last = events.last().map_or(after, |(c, _)| *c);
         // `ORDER BY … LIMIT 1`, not `EXISTS`: the cached generic plan of an

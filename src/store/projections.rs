@@ -3,7 +3,7 @@
 //! a rebuild, read by queries and by reconciliation).
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use chrono::{DateTime, Utc};
 
@@ -14,6 +14,7 @@ use super::agg::{
 use super::corrections::Scope;
 use super::db::{Arg, Db, Row, Sql, Tx};
 use super::log::{EventColumns, NOT_VOIDED};
+use super::tail::LogTail;
 use super::{
     postgres, sqlite, AggAnswer, AggQuery, AggRow, Apply, ApplyOutcome, Cursor, KnownSketches,
     LogBatch, ProjectionState, ReconcileRead, StoreError,
@@ -26,6 +27,7 @@ use crate::aggregate::spec::{Dimension, Granularity, Spec};
 #[derive(Debug, Clone)]
 pub struct Projections {
     db: Db,
+    tail: Arc<LogTail>,
 }
 
 const CHECKPOINT_COLUMNS: &str = "name, spec_hash, spec, cursor_tx, cursor_seq, as_of, \
@@ -60,16 +62,21 @@ fn agg_row(r: &Row, dims: usize, table: &str) -> Result<AggRow, StoreError> {
 }
 
 impl Projections {
-    pub(crate) fn new(db: Db) -> Self {
-        Self { db }
+    pub(crate) fn new(db: Db, tail: Arc<LogTail>) -> Self {
+        Self { db, tail }
     }
 
     /// Up to `limit` events after `after`, in cursor order, from one snapshot.
     /// Never returns an event while an event that will sort before it can still commit.
+    ///
+    /// With the log's tail on, the read returns positions and the columns of
+    /// those this process appended come from the tail ([`LogTail`]); the
+    /// others are read in the same snapshot.
     pub async fn read_log(&self, after: Cursor, limit: i64) -> Result<LogBatch, StoreError> {
+        let tail = (self.tail.is_on() && self.tail.reading()).then_some(&*self.tail);
         match &self.db {
-            Db::Postgres(p) => postgres::read_log(p, after, limit).await,
-            Db::Sqlite(p) => sqlite::read_log(p, after, limit).await,
+            Db::Postgres(p) => postgres::read_log(p, after, limit, tail).await,
+            Db::Sqlite(p) => sqlite::read_log(p, after, limit, tail).await,
         }
     }
 

@@ -8,7 +8,7 @@
 //! transactions commit one after another and `seq` (the rowid) order is commit
 //! order. The projector relies on this to use `seq` alone as its cursor.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -21,9 +21,10 @@ use sqlx::{QueryBuilder, Row, Sqlite, Transaction};
 
 use super::agg::{all_columns, index_name, index_sql, key_columns, upsert_clause};
 use super::db::{timed_out, Row as DbRow, Sql};
-use super::log::{each_event, voided_indices, EventColumns, FOLD_COLUMNS};
+use super::log::{each_event, voided_indices, EventColumns, Inserted, FOLD_COLUMNS};
 use super::log::{metadata_json, EVENT_COLUMNS};
 use super::projections::{Target, Upserts};
+use super::tail::{self, LogTail};
 use super::{Backend, Cursor, LogBatch, Origin, Rejected, StoreError, StoreOptions, Watermark};
 use crate::aggregate::measures::RowKey;
 use crate::aggregate::spec::Spec;
@@ -120,14 +121,17 @@ pub fn parse_ts(text: &str) -> Option<DateTime<Utc>> {
 pub(crate) async fn insert_events(
     tx: &mut Tx<'_>,
     events: &[&Event],
-) -> Result<HashSet<String>, StoreError> {
+) -> Result<Inserted, StoreError> {
     let now = format_ts(&Utc::now());
-    let mut inserted = HashSet::with_capacity(events.len());
+    let mut inserted = Inserted::with_capacity(events.len());
     for chunk in events.chunks(ROWS_PER_STATEMENT) {
         let mut qb = insert_rows(chunk.iter().copied(), &now);
-        qb.push(" ON CONFLICT (id) DO NOTHING RETURNING id");
-        let ids: Vec<String> = qb.build_query_scalar().fetch_all(&mut **tx).await?;
-        inserted.extend(ids);
+        qb.push(" ON CONFLICT (id) DO NOTHING RETURNING id, seq");
+        let rows: Vec<(String, i64)> = qb.build_query_as().fetch_all(&mut **tx).await?;
+        inserted.extend(
+            rows.into_iter()
+                .map(|(id, seq)| (id, Cursor { tx: 0, seq })),
+        );
     }
     Ok(inserted)
 }
@@ -258,20 +262,57 @@ pub(crate) fn log_event(cols: &EventColumns, r: &SqliteRow) -> Result<(Cursor, E
 }
 
 /// The log after `after`: `seq` order is commit order.
-pub(crate) async fn read_log(p: &Pools, after: Cursor, limit: i64) -> Result<LogBatch, StoreError> {
+pub(crate) async fn read_log(
+    p: &Pools,
+    after: Cursor,
+    limit: i64,
+    tail: Option<&LogTail>,
+) -> Result<LogBatch, StoreError> {
     // Taken before the read: everything committed before it is visible to
     // the read, which starts its WAL snapshot afterwards.
     let at = Utc::now();
-    let sql = format!(
-        "SELECT {} FROM usage_events WHERE seq > ? ORDER BY seq LIMIT ?",
-        log_columns()
-    );
-    let rows = sqlx::query(&sql)
-        .bind(after.seq)
-        .bind(limit)
-        .fetch_all(&p.reader)
-        .await?;
-    let events = each_event(&rows, log_event)?;
+    // One snapshot for every statement below.
+    let mut tx = p.reader.begin().await?;
+    let full = |range: &str| {
+        format!(
+            "SELECT {} FROM usage_events WHERE {range} ORDER BY seq",
+            log_columns()
+        )
+    };
+    let events = match tail {
+        None => {
+            let rows = sqlx::query(&format!("{} LIMIT ?", full("seq > ?")))
+                .bind(after.seq)
+                .bind(limit)
+                .fetch_all(&mut *tx)
+                .await?;
+            each_event(&rows, log_event)?
+        }
+        Some(tail) => {
+            let seqs: Vec<i64> = sqlx::query_scalar(
+                "SELECT seq FROM usage_events WHERE seq > ? ORDER BY seq LIMIT ?",
+            )
+            .bind(after.seq)
+            .bind(limit)
+            .fetch_all(&mut *tx)
+            .await?;
+            let positions: Vec<Cursor> =
+                seqs.into_iter().map(|seq| Cursor { tx: 0, seq }).collect();
+            let slots = tail.take(&positions);
+            let read = match tail::missing_range(&positions, &slots) {
+                Some((first, last)) => {
+                    let rows = sqlx::query(&full("seq >= ? AND seq <= ?"))
+                        .bind(first.seq)
+                        .bind(last.seq)
+                        .fetch_all(&mut *tx)
+                        .await?;
+                    each_event(&rows, log_event)?
+                }
+                None => Vec::new(),
+            };
+            tail::assemble(positions, slots, read)?
+        }
+    };
     // The voided among them: one range lookup (the table is small, usually empty).
     let voided = match (events.first(), events.last()) {
         (Some((first, _)), Some((last, _))) => {
@@ -280,13 +321,14 @@ pub(crate) async fn read_log(p: &Pools, after: Cursor, limit: i64) -> Result<Log
             )
             .bind(first.seq)
             .bind(last.seq)
-            .fetch_all(&p.reader)
+            .fetch_all(&mut *tx)
             .await?;
             let at: Vec<Cursor> = seqs.into_iter().map(|seq| Cursor { tx: 0, seq }).collect();
             voided_indices(&events, &at)
         }
         _ => Vec::new(),
     };
+    tx.commit().await?;
     Ok(LogBatch {
         events,
         voided,

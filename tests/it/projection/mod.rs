@@ -933,7 +933,91 @@ async fn known_sketches_skip_rows_retention_may_delete(s: &TestStore) {
     );
 }
 
+/// The log's tail (`store::LogTail`) holds only what an append committed:
+/// an append that rolls back after inserting its events leaves nothing, so
+/// the events another writer commits next (on SQLite at the very positions
+/// the rolled-back ones had) are folded as they are in the log.
+async fn a_rolled_back_append_leaves_nothing_in_the_log_tail(s: &TestStore) {
+    let spec = spec("by_api");
+    s.store.log_tail().keep(1 << 20);
+    let mut p = projector(&s.store, &spec).await;
+    // A projector reads: from now on the tail keeps this store's appends.
+    fold_all(&mut p, &s.store, 100).await;
+    // The append's last statement (its rejected item) fails after its events went in.
+    match s.store.backend() {
+        Backend::Sqlite => {
+            s.exec("CREATE TRIGGER refuse BEFORE INSERT ON rejected_events BEGIN SELECT RAISE(ABORT, 'refused by the test'); END")
+                .await
+        }
+        Backend::Postgres => {
+            s.exec("CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RAISE EXCEPTION 'refused by the test'; END $$")
+                .await;
+            s.exec("CREATE TRIGGER refuse BEFORE INSERT ON rejected_events FOR EACH ROW EXECUTE FUNCTION refuse()")
+                .await
+        }
+    }
+    let rolled_back: Vec<Event> = seeded_events("rolled-back", 20, 7)
+        .into_iter()
+        .map(|mut e| {
+            e.api = "rolled-back".into();
+            e
+        })
+        .collect();
+    let reject = tally::store::Rejected {
+        kind: tally::store::RejectKind::Invalid,
+        event_id: None,
+        item_index: Some(20),
+        reason: "bad".into(),
+        content_type: None,
+        payload: b"{}".to_vec(),
+        subject: None,
+    };
+    s.store
+        .log()
+        .append(&rolled_back, &[reject], &oracle::origin())
+        .await
+        .expect_err("the trigger fails the append");
+    s.exec(match s.store.backend() {
+        Backend::Sqlite => "DROP TRIGGER refuse",
+        Backend::Postgres => "DROP TRIGGER refuse ON rejected_events",
+    })
+    .await;
+    // Another writer, without this tail, appends next.
+    let other = support::open(&s.url).await;
+    let committed = seeded_events("committed", 20, 8);
+    append_all(&other, &committed, 20).await;
+    fold_all(&mut p, &s.store, 100).await;
+    assert_matches_oracle(&s.store, &spec, &committed).await;
+}
+
+/// With the tail on, a fold whose events come partly from the tail and
+/// partly from the log (appended by another writer, or dropped for the
+/// tail's budget) equals the fold of the log.
+async fn the_log_tail_and_the_log_fold_the_same(s: &TestStore) {
+    let spec = spec("by_key");
+    // Room for about 40 events: most of a 50-event chunk overflows.
+    s.store.log_tail().keep(40 * 400);
+    let other = support::open(&s.url).await;
+    let mut p = projector(&s.store, &spec).await;
+    fold_all(&mut p, &s.store, 100).await;
+    let events = seeded_events("tail", 600, 11);
+    for (i, chunk) in events.chunks(30).enumerate() {
+        let writer = if i % 3 == 2 { &other } else { &s.store };
+        append_all(writer, chunk, 30).await;
+        if i % 4 == 3 {
+            p.catch_up(45).await.expect("catch up");
+        }
+    }
+    fold_all(&mut p, &s.store, 70).await;
+    assert_matches_oracle(&s.store, &spec, &events).await;
+    let stats = s.store.log_tail().stats();
+    assert!(stats.hits > 100, "the tail was used: {stats:?}");
+    assert!(stats.misses > 100, "the log was read too: {stats:?}");
+}
+
 both_backends!(
+    a_rolled_back_append_leaves_nothing_in_the_log_tail,
+    the_log_tail_and_the_log_fold_the_same,
     known_sketches_are_used_until_another_writer_moves_the_generation,
     known_sketches_skip_rows_retention_may_delete,
     a_fold_gives_way_to_a_waiting_restatement_once_between_commits,
