@@ -76,6 +76,9 @@ pub struct EmitConfig {
     /// Realistic timestamps spread over this span ending now, instead of the
     /// time the run takes at its rate (`bench e2e`'s 30-day live shape).
     pub span: Option<Duration>,
+    /// With `realistic`: still in time order, but every field drawn
+    /// independently (`bench e2e`'s high-cardinality shape).
+    pub independent: bool,
 }
 
 impl Default for EmitConfig {
@@ -99,6 +102,7 @@ impl Default for EmitConfig {
             progress: false,
             realistic: false,
             span: None,
+            independent: false,
         }
     }
 }
@@ -246,7 +250,7 @@ pub async fn emit(js: &Context, cfg: &EmitConfig) -> Result<(EmitSummary, Expect
                 keys: cfg.keys,
                 models: cfg.models,
                 id_prefix: cfg.id_prefix.clone(),
-                correlated: cfg.realistic,
+                correlated: cfg.realistic && !cfg.independent,
                 arrival_order: cfg.realistic.then_some(cfg.count),
                 span,
                 now,

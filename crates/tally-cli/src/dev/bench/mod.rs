@@ -694,7 +694,12 @@ fn spawn_tally_with(
     let port = crate::dev::devserver::free_port()?;
     // `TALLY_BENCH_WRAP="heaptrack -o /tmp/serve"` (or `perf record …`) runs
     // serve under a profiler; VmHWM is then the profiler's, not serve's.
-    let exe = std::env::current_exe()?;
+    // `TALLY_BENCH_SERVE=<binary>` serves with another build (an A/B under
+    // one driver, so both are measured alike).
+    let exe = match std::env::var_os("TALLY_BENCH_SERVE") {
+        Some(path) => std::path::PathBuf::from(path),
+        None => std::env::current_exe()?,
+    };
     let wrap = std::env::var("TALLY_BENCH_WRAP").unwrap_or_default();
     let mut words = wrap.split_whitespace();
     let mut command = match words.next() {
@@ -776,6 +781,31 @@ pub(super) fn peak_rss_mib(child: &std::process::Child) -> f64 {
                 .and_then(|v| v.parse::<f64>().ok())
         })
         .map_or(0.0, |kib| kib / 1024.0)
+}
+
+/// CPU seconds (user + system) `child` has used so far (Linux: USER_HZ is 100).
+pub(super) fn cpu_seconds(child: &std::process::Child) -> f64 {
+    std::fs::read_to_string(format!("/proc/{}/stat", child.id()))
+        .ok()
+        .and_then(|s| {
+            // Fields after the command name, which is in parentheses.
+            let rest = s.rsplit_once(')')?.1;
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            let ticks = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+            Some(ticks / 100.0)
+        })
+        .unwrap_or(0.0)
+}
+
+/// The value of one series in `serve`'s `/metrics` (0 when absent).
+pub(super) async fn metric(base: &str, series: &str) -> f64 {
+    let Ok(resp) = reqwest::get(format!("{base}/metrics")).await else {
+        return 0.0;
+    };
+    let text = resp.text().await.unwrap_or_default();
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or(0.0)
 }
 
 fn stop(mut child: std::process::Child) {

@@ -49,6 +49,8 @@ pub struct Load {
     pub per_message: usize,
     /// Timestamps over the last `span` (in arrival order, 1% late).
     pub span: Option<Duration>,
+    /// Every field drawn independently (the high-cardinality shape).
+    pub independent: bool,
     pub seed: u64,
 }
 
@@ -174,6 +176,7 @@ async fn step(t: &mut Target<'_>, load: Load, rate: f64) -> Result<StepFigures, 
         id_prefix: format!("live{}-", load.seed),
         progress: false,
         realistic: true,
+        independent: load.independent,
         span: load.span,
         ..crate::dev::emit::EmitConfig::default()
     };
