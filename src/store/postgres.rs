@@ -383,26 +383,22 @@ pub(crate) async fn read_log(
                     })
                 })
                 .collect::<Result<Vec<_>, sqlx::Error>>()?;
-            let slots = tail.take(&positions);
-            let read = match tail::missing_range(&positions, &slots) {
-                Some((first, last)) => {
-                    let rows = sqlx::query(&format!(
-                        "SELECT {} FROM usage_events \
-                         WHERE (tx, seq) >= ($1::text::xid8, $2) AND (tx, seq) <= ($3::text::xid8, $4) \
-                         ORDER BY tx, seq",
-                        log_columns()
-                    ))
-                    .bind(first.tx.to_string())
-                    .bind(first.seq)
-                    .bind(last.tx.to_string())
-                    .bind(last.seq)
-                    .fetch_all(&mut *tx)
-                    .await?;
-                    each_event(&rows, log_event)?
-                }
-                None => Vec::new(),
-            };
-            tail::assemble(positions, slots, read)?
+            tail::fill(tail, positions, async |first, last| {
+                let rows = sqlx::query(&format!(
+                    "SELECT {} FROM usage_events \
+                     WHERE (tx, seq) >= ($1::text::xid8, $2) AND (tx, seq) <= ($3::text::xid8, $4) \
+                     ORDER BY tx, seq",
+                    log_columns()
+                ))
+                .bind(first.tx.to_string())
+                .bind(first.seq)
+                .bind(last.tx.to_string())
+                .bind(last.seq)
+                .fetch_all(&mut *tx)
+                .await?;
+                each_event(&rows, log_event)
+            })
+            .await?
         }
     };
     // The voided among them, from the same snapshot: one range lookup (the

@@ -298,19 +298,15 @@ pub(crate) async fn read_log(
             .await?;
             let positions: Vec<Cursor> =
                 seqs.into_iter().map(|seq| Cursor { tx: 0, seq }).collect();
-            let slots = tail.take(&positions);
-            let read = match tail::missing_range(&positions, &slots) {
-                Some((first, last)) => {
-                    let rows = sqlx::query(&full("seq >= ? AND seq <= ?"))
-                        .bind(first.seq)
-                        .bind(last.seq)
-                        .fetch_all(&mut *tx)
-                        .await?;
-                    each_event(&rows, log_event)?
-                }
-                None => Vec::new(),
-            };
-            tail::assemble(positions, slots, read)?
+            tail::fill(tail, positions, async |first, last| {
+                let rows = sqlx::query(&full("seq >= ? AND seq <= ?"))
+                    .bind(first.seq)
+                    .bind(last.seq)
+                    .fetch_all(&mut *tx)
+                    .await?;
+                each_event(&rows, log_event)
+            })
+            .await?
         }
     };
     // The voided among them: one range lookup (the table is small, usually empty).

@@ -175,10 +175,26 @@ impl LogTail {
     }
 }
 
+/// The events at `positions` (a log read's, ascending): each from the tail
+/// when it holds it, the others from `read_range(first, last)`, the log's
+/// rows from the first to the last missing position in the same snapshot.
+pub(crate) async fn fill(
+    tail: &LogTail,
+    positions: Vec<Cursor>,
+    read_range: impl AsyncFnOnce(Cursor, Cursor) -> Result<Vec<(Cursor, Event)>, StoreError>,
+) -> Result<Vec<(Cursor, Event)>, StoreError> {
+    let slots = tail.take(&positions);
+    let read = match missing_range(&positions, &slots) {
+        Some((first, last)) => read_range(first, last).await?,
+        None => Vec::new(),
+    };
+    assemble(positions, slots, read)
+}
+
 /// The positions a log read found, each with its event: from the tail
 /// (`slots`) or, where the tail had none, from `read` (the log's rows over
 /// [`missing_range`], in cursor order, from the same snapshot).
-pub(crate) fn assemble(
+fn assemble(
     positions: Vec<Cursor>,
     slots: Vec<Option<Event>>,
     read: Vec<(Cursor, Event)>,
@@ -204,10 +220,7 @@ pub(crate) fn assemble(
 }
 
 /// The first and last of `positions` the tail had no event for.
-pub(crate) fn missing_range(
-    positions: &[Cursor],
-    slots: &[Option<Event>],
-) -> Option<(Cursor, Cursor)> {
+fn missing_range(positions: &[Cursor], slots: &[Option<Event>]) -> Option<(Cursor, Cursor)> {
     let mut missing = positions
         .iter()
         .zip(slots)

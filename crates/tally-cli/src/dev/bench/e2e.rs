@@ -444,15 +444,7 @@ async fn bulk_load(backend: Backend, url: &str, events: &[Event]) -> Result<Dura
             Ok(took)
         }
         Backend::Sqlite => {
-            use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqliteSynchronous};
-            use std::str::FromStr;
-            let options = SqliteConnectOptions::from_str(url)?
-                .journal_mode(SqliteJournalMode::Wal)
-                .synchronous(SqliteSynchronous::Full);
-            let pool = sqlx::sqlite::SqlitePoolOptions::new()
-                .max_connections(1)
-                .connect_with(options)
-                .await?;
+            let pool = sqlite_writer(url).await?;
             let now = tally::event::format_ts(&chrono::Utc::now());
             let started = Instant::now();
             let mut tx = pool.begin().await?;
@@ -523,19 +515,13 @@ async fn bulk_load_aggregates(
             Ok((took, rows))
         }
         Backend::Sqlite => {
-            use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqliteSynchronous};
+            use sqlx::sqlite::SqliteConnectOptions;
             use std::str::FromStr;
             let src_path = SqliteConnectOptions::from_str(from)?
                 .get_filename()
                 .display()
                 .to_string();
-            let options = SqliteConnectOptions::from_str(to)?
-                .journal_mode(SqliteJournalMode::Wal)
-                .synchronous(SqliteSynchronous::Full);
-            let pool = sqlx::sqlite::SqlitePoolOptions::new()
-                .max_connections(1)
-                .connect_with(options)
-                .await?;
+            let pool = sqlite_writer(to).await?;
             sqlx::query("ATTACH DATABASE ? AS src")
                 .bind(&src_path)
                 .execute(&pool)
@@ -560,6 +546,19 @@ async fn bulk_load_aggregates(
             Ok((took, rows))
         }
     }
+}
+
+/// One connection to the SQLite file `url` with Tally's durable settings.
+async fn sqlite_writer(url: &str) -> Result<sqlx::SqlitePool, BenchError> {
+    use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqliteSynchronous};
+    use std::str::FromStr;
+    let options = SqliteConnectOptions::from_str(url)?
+        .journal_mode(SqliteJournalMode::Wal)
+        .synchronous(SqliteSynchronous::Full);
+    Ok(sqlx::sqlite::SqlitePoolOptions::new()
+        .max_connections(1)
+        .connect_with(options)
+        .await?)
 }
 
 /// Installs the bench's alert rules into a fresh database.
