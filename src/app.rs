@@ -215,7 +215,7 @@ impl App {
         projector_config.wake = Some(self.state.intake.appended());
         if !self.projectors.is_empty() {
             // What this process appends is folded from memory (`LogTail`).
-            store.log_tail().keep(crate::store::DEFAULT_TAIL_BYTES);
+            store.log_tail().keep(self.projector_config.tail_bytes);
         }
         let projectors = crate::projection::projector::spawn_all(
             self.state.store.clone(),

@@ -219,6 +219,13 @@ pub struct ProjectionConfig {
     #[arg(long, env = "TALLY_COARSE_COMMIT_INTERVAL", default_value = "10s", value_parser = crate::duration::parse)]
     pub coarse_commit_interval: Duration,
 
+    /// Memory for the events this process appends, kept so its projectors
+    /// need not read them back from the log, in bytes (0: read everything
+    /// from the log). Full, it keeps the oldest: what a lagging projector
+    /// reads next.
+    #[arg(long, env = "TALLY_PROJECTOR_TAIL_BYTES", default_value_t = crate::store::DEFAULT_TAIL_BYTES)]
+    pub projector_tail_bytes: usize,
+
     /// Crash-test hooks (`projector.before_commit=0.1,projector.after_commit=0.1`).
     /// Never set this in production: the process aborts at random commits.
     #[arg(long, env = "TALLY_FAILPOINTS", hide = true, default_value = "")]
@@ -236,6 +243,7 @@ impl ProjectionConfig {
             on_commit: None,
             wake: None,
             coarse_every: self.coarse_commit_interval,
+            tail_bytes: self.projector_tail_bytes,
         })
     }
 }

@@ -79,6 +79,9 @@ pub struct ProjectorConfig {
     /// the projector finds nothing new or they reach [`PENDING_MAX_ROWS`].
     /// Zero: with every batch, like the fine tier.
     pub coarse_every: Duration,
+    /// Bytes of the events this process appends kept for its projectors
+    /// (`store::LogTail`); 0 turns the tail off.
+    pub tail_bytes: usize,
 }
 
 impl Default for ProjectorConfig {
@@ -91,6 +94,7 @@ impl Default for ProjectorConfig {
             on_commit: None,
             wake: None,
             coarse_every: COARSE_EVERY,
+            tail_bytes: crate::store::DEFAULT_TAIL_BYTES,
         }
     }
 }

@@ -291,16 +291,17 @@ async fn backlog_with_database_down_keeps_memory_bounded() {
     let mut pg = TempPostgres::start(true).expect("private postgres");
     let db = pg.create_database("backpressure").expect("db");
     let n = nats();
-    // Small projector batches, and no day or month rows held between them:
-    // this test bounds what NATS ingest holds; the projector's own budgets
-    // (TALLY_PROJECTOR_BATCH, the coarse tier's pending rows) are measured
-    // in BENCHMARKS.md.
+    // Small projector batches, no day or month rows held between them and
+    // no log tail: this test bounds what NATS ingest holds; the projector's
+    // own budgets (TALLY_PROJECTOR_BATCH, the coarse tier's pending rows,
+    // TALLY_PROJECTOR_TAIL_BYTES) are measured in BENCHMARKS.md.
     let tally = TallyProc::start(
         &db,
         &n.url(),
         &[
             ("TALLY_PROJECTOR_BATCH", "500"),
             ("TALLY_COARSE_COMMIT_INTERVAL", "0s"),
+            ("TALLY_PROJECTOR_TAIL_BYTES", "0"),
         ],
     )
     .await;
