@@ -73,9 +73,12 @@ impl Db {
     }
 
     /// A write transaction for derived data (aggregates and the checkpoint
-    /// that commits with them). On PostgreSQL it does not wait for its WAL
-    /// flush: a commit lost in a database crash loses rows and checkpoint
-    /// together, and they are folded again.
+    /// that commits with them). It does not wait for its log flush
+    /// (PostgreSQL `synchronous_commit = off`, SQLite `synchronous = NORMAL`):
+    /// a commit lost in a crash of the machine loses rows and checkpoint
+    /// together, and they are folded again. A later durable commit flushes
+    /// it too, so a lost derived commit never leaves a hole before a kept
+    /// one (see [`sqlite::begin_derived`]).
     ///
     /// On PostgreSQL its transaction id is registered until the returned
     /// guard is dropped (after the commit or rollback): it writes no event,
@@ -83,7 +86,10 @@ impl Db {
     pub(crate) async fn begin_derived(
         &self,
     ) -> Result<(Tx, Option<postgres::XidGuard>), StoreError> {
-        let mut tx = self.begin().await?;
+        let mut tx = match self {
+            Db::Sqlite(p) => Tx::Sqlite(sqlite::begin_derived(&p.writer).await?),
+            Db::Postgres(_) => self.begin().await?,
+        };
         let mut guard = None;
         if let (Tx::Postgres(t), Db::Postgres(p)) = (&mut tx, self) {
             sqlx::query("SET LOCAL synchronous_commit = off")

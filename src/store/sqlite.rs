@@ -63,6 +63,14 @@ pub(crate) async fn connect(url: &str, options: &StoreOptions) -> Result<Pools, 
         .foreign_keys(true);
     let writer = SqlitePoolOptions::new()
         .max_connections(1)
+        // Every connection back in the pool is durable again, whatever
+        // `begin_derived` set (a failure closes it; a new one is durable).
+        .after_release(|conn, _| {
+            Box::pin(async move {
+                sqlx::query(DURABLE).execute(conn).await?;
+                Ok(true)
+            })
+        })
         .acquire_timeout(options.acquire_timeout.max(Duration::from_secs(30)))
         .connect_with(base.clone())
         .await?;
@@ -76,6 +84,28 @@ pub(crate) async fn connect(url: &str, options: &StoreOptions) -> Result<Pools, 
         reader,
         statement_timeout: options.statement_timeout,
     })
+}
+
+/// The writer's durable setting: a commit returns once the WAL is on disk.
+const DURABLE: &str = "PRAGMA synchronous = FULL";
+
+/// A write transaction for derived data only (aggregates, checkpoints,
+/// restatement progress) whose commit does not wait for the WAL's fsync
+/// (`synchronous = NORMAL`; SQLite refuses to change it inside a
+/// transaction, so it is set before `BEGIN`). The writer pool's release hook
+/// sets it back to FULL before the connection serves anything else.
+///
+/// Why a power cut cannot lose anything but derived commits: WAL recovery
+/// keeps the longest prefix of whole, checksummed commits, and a durable
+/// commit's fsync writes every frame before it. So a lost derived commit
+/// takes only later derived commits with it; each carries its own checkpoint
+/// compare-and-set, so the lost rows are folded again from the log.
+pub(crate) async fn begin_derived(pool: &SqlitePool) -> Result<Tx<'static>, StoreError> {
+    let mut conn = pool.acquire().await?;
+    sqlx::query("PRAGMA synchronous = NORMAL")
+        .execute(&mut *conn)
+        .await?;
+    Ok(sqlx::Transaction::begin(conn, Some("BEGIN IMMEDIATE".into())).await?)
 }
 
 /// Creates a missing database file empty and readable by its owner only
@@ -537,5 +567,44 @@ impl Drop for Deadline {
 impl DeadlineWatch {
     fn passed(&self) -> bool {
         process_nanos() >= self.0.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `synchronous` of the writer connection: 2 is FULL, 1 NORMAL.
+    async fn writer_sync(p: &Pools) -> i64 {
+        sqlx::query_scalar("PRAGMA synchronous")
+            .fetch_one(&p.writer)
+            .await
+            .expect("pragma")
+    }
+
+    #[tokio::test]
+    async fn the_writer_is_durable_again_after_a_derived_transaction() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let url = format!("sqlite://{}", dir.path().join("t.db").display());
+        let p = connect(&url, &StoreOptions::default())
+            .await
+            .expect("connect");
+        assert_eq!(writer_sync(&p).await, 2, "the writer opens durable");
+        for commit in [true, false] {
+            let mut tx = begin_derived(&p.writer).await.expect("begin");
+            let inside: i64 = sqlx::query_scalar("PRAGMA synchronous")
+                .fetch_one(&mut *tx)
+                .await
+                .expect("pragma");
+            assert_eq!(inside, 1, "a derived transaction commits without the fsync");
+            if commit {
+                tx.commit().await.expect("commit");
+            } else {
+                drop(tx);
+            }
+            // The release hook runs on a task of its own: the next acquire
+            // waits for it, as every writer does.
+            assert_eq!(writer_sync(&p).await, 2, "committed: {commit}");
+        }
     }
 }
