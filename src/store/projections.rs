@@ -260,10 +260,11 @@ impl Projections {
     /// their own connections: a projection's rows commit with its own
     /// checkpoint (all exactly-once needs), and one backend per projection
     /// spreads the upserts over the cores. SQLite has one writer: one
-    /// transaction for all.
+    /// transaction for all. Either way it is a derived transaction
+    /// ([`Db::begin_derived`]): it does not wait for its flush.
     pub async fn apply_fold(&self, applies: &[Apply<'_>]) -> Result<ApplyOutcome, StoreError> {
         if let Db::Sqlite(_) = self.db {
-            let mut tx = self.db.begin().await?;
+            let (mut tx, _registered) = self.db.begin_derived().await?;
             for apply in applies {
                 let outcome = apply_in(&mut tx, apply).await?;
                 if outcome != ApplyOutcome::Applied {
