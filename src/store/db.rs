@@ -72,13 +72,33 @@ impl Db {
         })
     }
 
+    /// Where writes of derived data outside a transaction go (projection
+    /// tables and checkpoints, leases on them; SQLite: the aggregates file's
+    /// writer connection).
+    pub(crate) fn derived_writer(&self) -> Pool<'_> {
+        match self {
+            Db::Postgres(p) => Pool::Postgres("main", &p.main),
+            Db::Sqlite(p) => Pool::Sqlite("derived", &p.derived),
+        }
+    }
+
+    /// A durable write transaction on the tables of derived data (creating,
+    /// dropping and swapping projection tables, their checkpoint rows; on
+    /// SQLite the aggregates file's writer). It must not write the main
+    /// file's tables: on SQLite they are read-only there.
+    pub(crate) async fn begin_aggregates(&self) -> Result<Tx, StoreError> {
+        Ok(match self {
+            Db::Postgres(p) => Tx::Postgres(p.main.begin().await?),
+            Db::Sqlite(p) => Tx::Sqlite(p.derived.begin_with("BEGIN IMMEDIATE").await?),
+        })
+    }
+
     /// A write transaction for derived data (aggregates and the checkpoint
     /// that commits with them). It does not wait for its log flush
-    /// (PostgreSQL `synchronous_commit = off`, SQLite `synchronous = NORMAL`):
-    /// a commit lost in a crash of the machine loses rows and checkpoint
-    /// together, and they are folded again. A later durable commit flushes
-    /// it too, so a lost derived commit never leaves a hole before a kept
-    /// one (see [`sqlite::begin_derived`]).
+    /// (PostgreSQL `synchronous_commit = off`; SQLite: the aggregates file,
+    /// `synchronous = NORMAL`, with a writer connection of its own): a
+    /// commit lost in a crash of the machine loses rows and checkpoint
+    /// together, and they are folded again.
     ///
     /// On PostgreSQL its transaction id is registered until the returned
     /// guard is dropped (after the commit or rollback): it writes no event,
@@ -87,7 +107,7 @@ impl Db {
         &self,
     ) -> Result<(Tx, Option<postgres::XidGuard>), StoreError> {
         let mut tx = match self {
-            Db::Sqlite(p) => Tx::Sqlite(sqlite::begin_derived(&p.writer).await?),
+            Db::Sqlite(p) => Tx::Sqlite(p.derived.begin_with("BEGIN IMMEDIATE").await?),
             Db::Postgres(_) => self.begin().await?,
         };
         let mut guard = None;
@@ -120,34 +140,37 @@ impl Db {
     pub(crate) async fn migrate(&self) -> Result<(), StoreError> {
         match self {
             Db::Postgres(p) => postgres::MIGRATOR.run(&p.main).await?,
-            Db::Sqlite(p) => sqlite::MIGRATOR.run(&p.writer).await?,
+            Db::Sqlite(p) => {
+                sqlite::MIGRATOR.run(&p.writer).await?;
+                sqlite::move_derived_tables(p).await?;
+            }
         }
         Ok(())
     }
 
     /// Closes the pools, waiting for connections to be returned.
     pub(crate) async fn close(&self) {
-        let (a, b) = self.pools();
-        a.close().await;
-        b.close().await;
+        for p in self.pools() {
+            p.close().await;
+        }
     }
 
     /// Connection pool usage, for `/metrics`.
     pub(crate) fn pool_stats(&self) -> Vec<super::PoolStats> {
-        let (a, b) = self.pools();
-        [a, b].into_iter().map(Pool::stats).collect()
+        self.pools().into_iter().map(Pool::stats).collect()
     }
 
-    fn pools(&self) -> (Pool<'_>, Pool<'_>) {
+    fn pools(&self) -> Vec<Pool<'_>> {
         match self {
-            Db::Postgres(p) => (
+            Db::Postgres(p) => vec![
                 Pool::Postgres("main", &p.main),
                 Pool::Postgres("query", &p.query),
-            ),
-            Db::Sqlite(p) => (
+            ],
+            Db::Sqlite(p) => vec![
                 Pool::Sqlite("writer", &p.writer),
+                Pool::Sqlite("derived", &p.derived),
                 Pool::Sqlite("reader", &p.reader),
-            ),
+            ],
         }
     }
 
@@ -179,6 +202,17 @@ impl Db {
     ) -> Result<u64, StoreError> {
         let q = Sql::new(sql).bind(cutoff).bind(limit);
         Ok(self.writer().execute(q).await?)
+    }
+
+    /// [`Db::delete_batch`] on a table of derived data.
+    pub(crate) async fn delete_derived_batch<'a>(
+        &self,
+        sql: &'a str,
+        cutoff: impl Into<Arg<'a>>,
+        limit: i64,
+    ) -> Result<u64, StoreError> {
+        let q = Sql::new(sql).bind(cutoff).bind(limit);
+        Ok(self.derived_writer().execute(q).await?)
     }
 
     /// The suffix that locks a row read in a write transaction until commit

@@ -30,6 +30,7 @@ impl Leases {
         ttl: Duration,
     ) -> Result<bool, StoreError> {
         self.take(
+            Held::InCheckpoint,
             "UPDATE projection_checkpoints SET leader = $2, lease_until_ms = $3 \
              WHERE name = $1 AND (leader IS NULL OR leader = $2 OR lease_until_ms < $4)",
             (state, owner),
@@ -41,6 +42,7 @@ impl Leases {
     /// Gives the projector lease up (clean shutdown), if `owner` holds it.
     pub async fn release_lease(&self, state: &str, owner: &str) -> Result<(), StoreError> {
         self.release(
+            Held::InCheckpoint,
             "UPDATE projection_checkpoints SET leader = NULL, lease_until_ms = 0 \
              WHERE name = $1 AND leader = $2",
             (state, owner),
@@ -56,6 +58,7 @@ impl Leases {
         ttl: Duration,
     ) -> Result<bool, StoreError> {
         self.take(
+            Held::Named,
             "INSERT INTO leases (name, holder, until_ms) VALUES ($1, $2, $3) \
              ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, until_ms = excluded.until_ms \
              WHERE leases.holder = excluded.holder OR leases.until_ms < $4",
@@ -68,6 +71,7 @@ impl Leases {
     /// Gives the named lease up, if `holder` has it.
     pub async fn release_named_lease(&self, name: &str, holder: &str) -> Result<(), StoreError> {
         self.release(
+            Held::Named,
             "DELETE FROM leases WHERE name = $1 AND holder = $2",
             (name, holder),
         )
@@ -78,6 +82,7 @@ impl Leases {
     /// the new expiry, `$4` now (all Unix ms); true when it changed one row.
     async fn take(
         &self,
+        held: Held,
         sql: &str,
         (name, holder): (&str, &str),
         ttl: Duration,
@@ -85,12 +90,35 @@ impl Leases {
         let now = Utc::now().timestamp_millis();
         let until = now.saturating_add(i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX / 4));
         let q = Sql::new(sql).bind(name).bind(holder).bind(until).bind(now);
-        Ok(self.db.writer().execute(q).await? == 1)
+        Ok(self.pool(held).execute(q).await? == 1)
     }
 
-    async fn release(&self, sql: &str, (name, holder): (&str, &str)) -> Result<(), StoreError> {
+    async fn release(
+        &self,
+        held: Held,
+        sql: &str,
+        (name, holder): (&str, &str),
+    ) -> Result<(), StoreError> {
         let q = Sql::new(sql).bind(name).bind(holder);
-        self.db.writer().execute(q).await?;
+        self.pool(held).execute(q).await?;
         Ok(())
     }
+
+    /// Where a lease is written: a projector's with its checkpoint (on
+    /// SQLite, the aggregates file), a named one in `leases`.
+    fn pool(&self, held: Held) -> super::db::Pool<'_> {
+        match held {
+            Held::InCheckpoint => self.db.derived_writer(),
+            Held::Named => self.db.writer(),
+        }
+    }
+}
+
+/// Which table holds a lease.
+#[derive(Clone, Copy)]
+enum Held {
+    /// A projector's, in its `projection_checkpoints` row.
+    InCheckpoint,
+    /// A named one (jobs, the alert evaluator and relay), in `leases`.
+    Named,
 }

@@ -19,6 +19,17 @@ use super::StoreError;
 use crate::aggregate::price::{Catalog, Price};
 use crate::event::cost::format_nanos_short;
 
+/// Moves every checkpoint's generation: a fold priced before it is refused.
+const BUMP_GENERATIONS: &str = "UPDATE projection_checkpoints SET generation = generation + 1";
+
+/// [`BUMP_GENERATIONS`] on its own, where the checkpoints are written.
+pub(crate) async fn bump_generations(db: &Db) -> Result<(), StoreError> {
+    db.derived_writer()
+        .execute(Sql::new(BUMP_GENERATIONS))
+        .await?;
+    Ok(())
+}
+
 /// A validated price to store: `id` given updates (or creates) that price;
 /// without one, the price with the same (api, model, effective_from) is
 /// updated, or a new one is created.
@@ -236,17 +247,25 @@ impl Prices {
 
     /// Opens a catalog change: serialises it with other changes, bumps every
     /// checkpoint's generation and reads the stored prices.
+    ///
+    /// SQLite keeps the checkpoints in the aggregates file, which a main
+    /// file transaction cannot write: they are bumped there before it (which
+    /// waits for a fold in flight, as the bump in the transaction does on
+    /// PostgreSQL) and again after its commit ([`Prices::committed`]), so a
+    /// fold that reloaded the old catalog between the two fails its
+    /// compare-and-set. A crash between the commit and the second bump
+    /// restarts every projector, which loads the catalog anew.
     async fn begin(&self) -> Result<(Tx, Vec<PriceRow>), StoreError> {
+        if let Db::Sqlite(_) = self.db {
+            bump_generations(&self.db).await?;
+        }
         let mut tx = self.db.begin().await?;
         if let Tx::Postgres(t) = &mut tx {
             sqlx::query("LOCK TABLE prices IN SHARE ROW EXCLUSIVE MODE")
                 .execute(&mut **t)
                 .await?;
+            tx.execute(Sql::new(BUMP_GENERATIONS)).await?;
         }
-        tx.execute(Sql::new(
-            "UPDATE projection_checkpoints SET generation = generation + 1",
-        ))
-        .await?;
         let rows = tx
             .fetch_all(Sql::new(format!("SELECT {COLUMNS} FROM prices")))
             .await?;
@@ -255,6 +274,15 @@ impl Prices {
             .map(price_from_row)
             .collect::<Result<Vec<_>, _>>()?;
         Ok((tx, rows))
+    }
+
+    /// Commits a catalog change (see [`Prices::begin`]).
+    async fn committed(&self, tx: Tx) -> Result<(), StoreError> {
+        tx.commit().await?;
+        if let Db::Sqlite(_) = self.db {
+            bump_generations(&self.db).await?;
+        }
+        Ok(())
     }
 
     /// Creates or updates prices, in one transaction, auditing each change
@@ -386,7 +414,7 @@ impl Prices {
             .collect();
         let scope = scoped(models);
         done.restatements = queue_repricing(&mut tx, ranges, "price change", &scope, now).await?;
-        tx.commit().await?;
+        self.committed(tx).await?;
         Ok(PutOutcome::Done(done))
     }
 
@@ -419,7 +447,7 @@ impl Prices {
             now,
         )
         .await?;
-        tx.commit().await?;
+        self.committed(tx).await?;
         Ok(Some(n))
     }
 
@@ -459,7 +487,7 @@ impl Prices {
             now,
         )
         .await?;
-        tx.commit().await?;
+        self.committed(tx).await?;
         Ok(n)
     }
 }

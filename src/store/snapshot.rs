@@ -448,10 +448,12 @@ impl Store {
                 .await? as usize;
         }
         if done.prices + done.corrections + done.voided > 0 {
-            tx.execute(Sql::new(
-                "UPDATE projection_checkpoints SET generation = generation + 1",
-            ))
-            .await?;
+            if let super::db::Tx::Postgres(_) = tx {
+                tx.execute(Sql::new(
+                    "UPDATE projection_checkpoints SET generation = generation + 1",
+                ))
+                .await?;
+            }
             let names: Vec<String> = tx
                 .fetch_all(Sql::new("SELECT name FROM projection_checkpoints"))
                 .await?
@@ -475,6 +477,13 @@ impl Store {
             .await?;
         }
         tx.commit().await?;
+        // SQLite: the checkpoints are in the aggregates file (see
+        // `Prices::begin`); the restore's restatements redo every bucket.
+        if let (super::db::Db::Sqlite(_), true) =
+            (&self.db, done.prices + done.corrections + done.voided > 0)
+        {
+            super::prices::bump_generations(&self.db).await?;
+        }
         Ok(done)
     }
 }

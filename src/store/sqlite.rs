@@ -9,6 +9,7 @@
 //! order. The projector relies on this to use `seq` alone as its cursor.
 
 use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -38,74 +39,201 @@ pub(crate) static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./schema/s
 /// Events per INSERT statement: 21 binds each stays well under SQLite's 32,766-variable limit.
 pub const ROWS_PER_STATEMENT: usize = 500;
 
-/// The pools of one SQLite file.
+/// The pools of one SQLite database: the main file (the event log and
+/// everything that must survive a power cut) and the aggregates file beside
+/// it (projection tables and their checkpoints, all derived from the log).
 #[derive(Debug, Clone)]
 pub(crate) struct Pools {
-    /// Exactly one connection: SQLite allows one writer, and queuing in the pool
-    /// is cheaper than SQLITE_BUSY retries.
+    /// The main file's one writer connection: SQLite allows one writer per
+    /// file, and queuing in the pool is cheaper than SQLITE_BUSY retries.
+    /// The aggregates file is attached read-only as `agg`.
     pub(crate) writer: SqlitePool,
-    /// Readers never block the writer in WAL mode.
+    /// The aggregates file's one writer connection, so folding never waits
+    /// for ingest's commits nor they for it. Its `main` is the aggregates
+    /// file (unqualified `CREATE TABLE` lands there); the main file is
+    /// attached read-only as `log`.
+    pub(crate) derived: SqlitePool,
+    /// Read-only connections to the main file with the aggregates file
+    /// attached as `agg`: a name resolves to whichever file holds it.
     pub(crate) reader: SqlitePool,
     /// Longest a query-module read may run.
     statement_timeout: Duration,
 }
 
-/// Opens (creating if missing) the database file with durable settings:
-/// WAL and `synchronous = FULL`, because an acknowledged event must survive a power cut.
+/// The aggregates file of the database at `main`: `tally.db` →
+/// `tally.aggregates.db`, in the same directory.
+pub fn aggregates_path(main: &Path) -> PathBuf {
+    let stem = main
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "tally".into());
+    main.with_file_name(format!("{stem}.aggregates.db"))
+}
+
+/// `file:` URI of `path` opened read-only, for `ATTACH` (SQLite reads `?`
+/// and `#` as the start of parameters and `%` as an escape).
+fn read_only_uri(path: &Path) -> String {
+    let mut uri = String::from("file:");
+    for c in path.to_string_lossy().chars() {
+        match c {
+            '%' => uri.push_str("%25"),
+            '?' => uri.push_str("%3F"),
+            '#' => uri.push_str("%23"),
+            c => uri.push(c),
+        }
+    }
+    uri.push_str("?mode=ro");
+    uri
+}
+
+/// Attaches `path` read-only as `schema` on every new connection of a pool.
+fn attaching(pool: SqlitePoolOptions, path: &Path, schema: &'static str) -> SqlitePoolOptions {
+    let uri = read_only_uri(path);
+    pool.after_connect(move |conn, _| {
+        let uri = uri.clone();
+        Box::pin(async move {
+            sqlx::query(&format!("ATTACH DATABASE $1 AS {schema}"))
+                .bind(uri)
+                .execute(conn)
+                .await?;
+            Ok(())
+        })
+    })
+}
+
+/// Opens (creating if missing) the main file with durable settings (WAL and
+/// `synchronous = FULL`, because an acknowledged event must survive a power
+/// cut) and the aggregates file beside it (WAL and `synchronous = NORMAL`:
+/// a commit lost in a power cut loses rows and checkpoint together, and they
+/// are folded again).
 pub(crate) async fn connect(url: &str, options: &StoreOptions) -> Result<Pools, StoreError> {
     let opts = SqliteConnectOptions::from_str(url)?;
-    create_private(opts.get_filename());
+    let main = opts.get_filename().to_path_buf();
+    let aggregates = aggregates_path(&main);
+    create_private(&main);
+    create_private(&aggregates);
     let base = opts
         .create_if_missing(true)
         .journal_mode(SqliteJournalMode::Wal)
         .synchronous(SqliteSynchronous::Full)
         .busy_timeout(Duration::from_secs(10))
         .foreign_keys(true);
-    let writer = SqlitePoolOptions::new()
+    // The aggregates file first: the others attach it, so it must exist.
+    let derived_opts = SqliteConnectOptions::new()
+        .filename(&aggregates)
+        .create_if_missing(true)
+        .journal_mode(SqliteJournalMode::Wal)
+        .synchronous(SqliteSynchronous::Normal)
+        .busy_timeout(Duration::from_secs(10));
+    let derived = attaching(SqlitePoolOptions::new(), &main, "log")
         .max_connections(1)
-        // Every connection back in the pool is durable again, whatever
-        // `begin_derived` set (a failure closes it; a new one is durable).
-        .after_release(|conn, _| {
-            Box::pin(async move {
-                sqlx::query(DURABLE).execute(conn).await?;
-                Ok(true)
-            })
-        })
+        .acquire_timeout(options.acquire_timeout.max(Duration::from_secs(30)))
+        .connect_with(derived_opts)
+        .await?;
+    let writer = attaching(SqlitePoolOptions::new(), &aggregates, "agg")
+        .max_connections(1)
         .acquire_timeout(options.acquire_timeout.max(Duration::from_secs(30)))
         .connect_with(base.clone())
         .await?;
-    let reader = SqlitePoolOptions::new()
+    let reader = attaching(SqlitePoolOptions::new(), &aggregates, "agg")
         .max_connections(options.max_connections.max(1))
         .acquire_timeout(options.acquire_timeout)
         .connect_with(base.read_only(true))
         .await?;
     Ok(Pools {
         writer,
+        derived,
         reader,
         statement_timeout: options.statement_timeout,
     })
 }
 
-/// The writer's durable setting: a commit returns once the WAL is on disk.
-const DURABLE: &str = "PRAGMA synchronous = FULL";
+/// The main file's own tables (its migrations create them): every other
+/// table in it belongs to the aggregates file and is moved there once.
+pub(crate) const MAIN_TABLES: [&str; 23] = [
+    "_sqlx_migrations",
+    "alert_audit",
+    "alert_instances",
+    "alert_outbox",
+    "alert_rule_status",
+    "alert_rules",
+    "alert_rules_version",
+    "api_tokens",
+    "correction_events",
+    "corrections",
+    "job_runs",
+    "key_quotas",
+    "leases",
+    "price_audit",
+    "prices",
+    "rejected_events",
+    "restatements",
+    "settings",
+    "sqlite_sequence",
+    "sqlite_stat1",
+    "usage_events",
+    "usage_events_v5",
+    "voided_events",
+];
 
-/// A write transaction for derived data only (aggregates, checkpoints,
-/// restatement progress) whose commit does not wait for the WAL's fsync
-/// (`synchronous = NORMAL`; SQLite refuses to change it inside a
-/// transaction, so it is set before `BEGIN`). The writer pool's release hook
-/// sets it back to FULL before the connection serves anything else.
-///
-/// Why a power cut cannot lose anything but derived commits: WAL recovery
-/// keeps the longest prefix of whole, checksummed commits, and a durable
-/// commit's fsync writes every frame before it. So a lost derived commit
-/// takes only later derived commits with it; each carries its own checkpoint
-/// compare-and-set, so the lost rows are folded again from the log.
-pub(crate) async fn begin_derived(pool: &SqlitePool) -> Result<Tx<'static>, StoreError> {
-    let mut conn = pool.acquire().await?;
-    sqlx::query("PRAGMA synchronous = NORMAL")
-        .execute(&mut *conn)
+/// Moves the derived tables a main file holds (`projection_checkpoints`,
+/// which the main migrations create, and the projection tables of a
+/// database made before the aggregates file existed) to the aggregates
+/// file, with their rows and indexes. Two ordered commits, each safe to
+/// redo: the aggregates file's copy first (skipped for a table it already
+/// has), then the main file's drop. A crash between leaves the table in
+/// both; the next start sees the copy and only drops.
+pub(crate) async fn move_derived_tables(p: &Pools) -> Result<(), StoreError> {
+    let tables: Vec<(String, String)> = sqlx::query_as(
+        "SELECT name, sql FROM main.sqlite_master WHERE type = 'table' AND sql IS NOT NULL \
+         AND name NOT LIKE 'sqlite_%' ORDER BY name",
+    )
+    .fetch_all(&p.writer)
+    .await?;
+    let moving: Vec<(String, String)> = tables
+        .into_iter()
+        .filter(|(name, _)| !MAIN_TABLES.contains(&name.as_str()))
+        .collect();
+    if moving.is_empty() {
+        return Ok(());
+    }
+    let mut tx = p.derived.begin_with("BEGIN IMMEDIATE").await?;
+    for (name, create) in &moving {
+        let there: Option<i64> = sqlx::query_scalar(
+            "SELECT 1 FROM main.sqlite_master WHERE type = 'table' AND name = $1",
+        )
+        .bind(name)
+        .fetch_optional(&mut *tx)
         .await?;
-    Ok(sqlx::Transaction::begin(conn, Some("BEGIN IMMEDIATE".into())).await?)
+        if there.is_some() {
+            continue;
+        }
+        sqlx::query(create).execute(&mut *tx).await?;
+        sqlx::query(&format!(
+            "INSERT INTO main.\"{name}\" SELECT * FROM log.\"{name}\""
+        ))
+        .execute(&mut *tx)
+        .await?;
+        let indexes: Vec<String> = sqlx::query_scalar(
+            "SELECT sql FROM log.sqlite_master WHERE type = 'index' AND tbl_name = $1 \
+             AND sql IS NOT NULL",
+        )
+        .bind(name)
+        .fetch_all(&mut *tx)
+        .await?;
+        for create in indexes {
+            sqlx::query(&create).execute(&mut *tx).await?;
+        }
+    }
+    tx.commit().await?;
+    let mut tx = p.writer.begin_with("BEGIN IMMEDIATE").await?;
+    for (name, _) in &moving {
+        sqlx::query(&format!("DROP TABLE main.\"{name}\""))
+            .execute(&mut *tx)
+            .await?;
+    }
+    tx.commit().await?;
+    Ok(())
 }
 
 /// Creates a missing database file empty and readable by its owner only
@@ -246,16 +374,19 @@ pub(crate) async fn table_rows(
 
 pub(crate) async fn maintenance(p: &Pools) -> Result<Vec<String>, StoreError> {
     let mut done = Vec::new();
-    sqlx::query("PRAGMA optimize").execute(&p.writer).await?;
-    done.push("PRAGMA optimize".to_string());
-    // TRUNCATE waits for readers and resets the WAL file to zero bytes, so
-    // a WAL grown by a large delete gives its disk space back.
-    let (busy, log, moved): (i64, i64, i64) = sqlx::query_as("PRAGMA wal_checkpoint(TRUNCATE)")
-        .fetch_one(&p.writer)
-        .await?;
-    done.push(format!(
-        "PRAGMA wal_checkpoint(TRUNCATE): busy={busy} wal_pages={log} checkpointed={moved}"
-    ));
+    for (file, pool) in [("main", &p.writer), ("aggregates", &p.derived)] {
+        sqlx::query("PRAGMA main.optimize").execute(pool).await?;
+        done.push(format!("{file}: PRAGMA optimize"));
+        // TRUNCATE waits for readers and resets the WAL file to zero bytes,
+        // so a WAL grown by a large delete gives its disk space back.
+        let (busy, log, moved): (i64, i64, i64) =
+            sqlx::query_as("PRAGMA main.wal_checkpoint(TRUNCATE)")
+                .fetch_one(pool)
+                .await?;
+        done.push(format!(
+            "{file}: PRAGMA wal_checkpoint(TRUNCATE): busy={busy} wal_pages={log} checkpointed={moved}"
+        ));
+    }
     Ok(done)
 }
 
@@ -518,10 +649,12 @@ pub(crate) async fn table_sizes(
     p: &Pools,
     t: &[String],
 ) -> Result<HashMap<String, i64>, StoreError> {
-    let existing: Vec<String> =
-        sqlx::query_scalar("SELECT name FROM sqlite_master WHERE type = 'table'")
-            .fetch_all(&p.reader)
-            .await?;
+    let existing: Vec<String> = sqlx::query_scalar(
+        "SELECT name FROM main.sqlite_master WHERE type = 'table' \
+             UNION ALL SELECT name FROM agg.sqlite_master WHERE type = 'table'",
+    )
+    .fetch_all(&p.reader)
+    .await?;
     let mut out = HashMap::new();
     for t in t.iter().filter(|t| existing.contains(t)) {
         let n: Option<i64> = sqlx::query_scalar(&format!("SELECT max(rowid) FROM {t}"))
@@ -574,37 +707,38 @@ impl DeadlineWatch {
 mod tests {
     use super::*;
 
-    /// `synchronous` of the writer connection: 2 is FULL, 1 NORMAL.
-    async fn writer_sync(p: &Pools) -> i64 {
-        sqlx::query_scalar("PRAGMA synchronous")
-            .fetch_one(&p.writer)
+    async fn sync_of(pool: &SqlitePool) -> i64 {
+        sqlx::query_scalar("PRAGMA main.synchronous")
+            .fetch_one(pool)
             .await
             .expect("pragma")
     }
 
     #[tokio::test]
-    async fn the_writer_is_durable_again_after_a_derived_transaction() {
+    async fn events_are_durable_and_aggregates_are_not() {
         let dir = tempfile::tempdir().expect("tempdir");
         let url = format!("sqlite://{}", dir.path().join("t.db").display());
         let p = connect(&url, &StoreOptions::default())
             .await
             .expect("connect");
-        assert_eq!(writer_sync(&p).await, 2, "the writer opens durable");
-        for commit in [true, false] {
-            let mut tx = begin_derived(&p.writer).await.expect("begin");
-            let inside: i64 = sqlx::query_scalar("PRAGMA synchronous")
-                .fetch_one(&mut *tx)
-                .await
-                .expect("pragma");
-            assert_eq!(inside, 1, "a derived transaction commits without the fsync");
-            if commit {
-                tx.commit().await.expect("commit");
-            } else {
-                drop(tx);
-            }
-            // The release hook runs on a task of its own: the next acquire
-            // waits for it, as every writer does.
-            assert_eq!(writer_sync(&p).await, 2, "committed: {commit}");
-        }
+        assert_eq!(sync_of(&p.writer).await, 2, "the main file: FULL");
+        assert_eq!(sync_of(&p.derived).await, 1, "the aggregates file: NORMAL");
+        assert!(dir.path().join("t.aggregates.db").exists());
+    }
+
+    #[test]
+    fn the_aggregates_file_sits_beside_the_main_file() {
+        assert_eq!(
+            aggregates_path(Path::new("/var/lib/tally/tally.db")),
+            PathBuf::from("/var/lib/tally/tally.aggregates.db")
+        );
+        assert_eq!(
+            aggregates_path(Path::new("data")),
+            PathBuf::from("data.aggregates.db")
+        );
+        assert_eq!(
+            read_only_uri(Path::new("/a b/x?y#z%.db")),
+            "file:/a b/x%3Fy%23z%25.db?mode=ro"
+        );
     }
 }

@@ -272,7 +272,7 @@ async fn refuse_id_in(s: &TestStore, id: &str) {
             .expect("constraint");
         }
         Backend::Sqlite => {
-            let pool = sqlx::SqlitePool::connect(&url).await.expect("sqlite");
+            let pool = crate::support::sqlite_pool(&url).await;
             sqlx::query(&format!(
                 "CREATE TRIGGER tally_test_refuse BEFORE INSERT ON usage_events WHEN NEW.id = '{id}' \
                  BEGIN SELECT RAISE(ABORT, 'CHECK constraint failed: tally_test_refuse'); END"
@@ -460,7 +460,7 @@ async fn hostile_bodies_cost_bounded_memory_and_short_reasons() {
         peak / 1024
     );
     // Every bad item was kept, with a bounded reason.
-    let pool = sqlx::SqlitePool::connect(&url).await.expect("sqlite");
+    let pool = crate::support::sqlite_pool(&url).await;
     let longest: i64 =
         sqlx::query_scalar("SELECT COALESCE(MAX(length(reason)), 0) FROM rejected_events")
             .fetch_one(&pool)
@@ -566,7 +566,7 @@ async fn refuse_record_in(s: &TestStore, id: &str) {
             .expect("constraint");
         }
         Backend::Sqlite => {
-            let pool = sqlx::SqlitePool::connect(&url).await.expect("sqlite");
+            let pool = crate::support::sqlite_pool(&url).await;
             sqlx::query(&format!(
                 "CREATE TRIGGER tally_test_refuse_record BEFORE INSERT ON rejected_events WHEN NEW.event_id = '{id}' \
                  BEGIN SELECT RAISE(ABORT, 'CHECK constraint failed: tally_test_refuse_record'); END"
@@ -1600,7 +1600,7 @@ async fn a_timed_out_sqlite_query_is_interrupted() {
             .duration_trunc(chrono::Duration::hours(1))
             .expect("trunc"),
     );
-    let pool = sqlx::SqlitePool::connect(&url).await.expect("sqlite");
+    let pool = crate::support::sqlite_pool(&url).await;
     sqlx::query(&format!(
         "INSERT INTO agg_by_key_hour (bucket, api, key, model, requests) \
          WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 1500000) \

@@ -691,7 +691,7 @@ async fn retention_deletes_only_past_the_horizon_postgres() {
 
 async fn corrupt(url: &str, sql: &str) {
     if url.starts_with("sqlite:") {
-        let pool = sqlx::SqlitePool::connect(url).await.expect("sqlite");
+        let pool = crate::support::sqlite_pool(url).await;
         let done = sqlx::query(sql).execute(&pool).await.expect("corrupt");
         assert_eq!(done.rows_affected(), 1, "{sql}");
         pool.close().await;

@@ -370,7 +370,7 @@ async fn old_tables_are_upgraded(backend: Backend) {
             }
         }
         Backend::Sqlite => {
-            let pool = sqlx::SqlitePool::connect(&st.url).await.expect("sqlite");
+            let pool = crate::support::sqlite_pool(&st.url).await;
             for d in &drops {
                 sqlx::query(d).execute(&pool).await.expect("drop column");
             }

@@ -39,7 +39,7 @@ impl TestStore {
                 sqlx::query(sql).execute(&pool).await.expect(sql);
             }
             Backend::Sqlite => {
-                let pool = sqlx::SqlitePool::connect(&self.url).await.expect("sqlite");
+                let pool = crate::support::sqlite_pool(&self.url).await;
                 sqlx::query(sql).execute(&pool).await.expect(sql);
             }
         }
@@ -310,3 +310,27 @@ macro_rules! both_backends {
     };
 }
 pub(crate) use both_backends;
+
+/// A pool on a SQLite database as an operator's `sqlite3` would open it:
+/// the main file, with the aggregates file beside it attached (read-write)
+/// as `agg`, so a name resolves to whichever file holds the table.
+pub async fn sqlite_pool(url: &str) -> sqlx::SqlitePool {
+    use std::str::FromStr;
+    let opts = sqlx::sqlite::SqliteConnectOptions::from_str(url).expect("sqlite url");
+    let aggregates = tally::store::sqlite::aggregates_path(opts.get_filename());
+    let attach = format!(
+        "ATTACH DATABASE '{}' AS agg",
+        aggregates.display().to_string().replace('\'', "''")
+    );
+    sqlx::sqlite::SqlitePoolOptions::new()
+        .after_connect(move |conn, _| {
+            let attach = attach.clone();
+            Box::pin(async move {
+                sqlx::query(&attach).execute(conn).await?;
+                Ok(())
+            })
+        })
+        .connect_with(opts)
+        .await
+        .expect("sqlite")
+}

@@ -226,7 +226,7 @@ pub async fn log_sums(db_url: &str) -> (i64, Sums) {
                COALESCE(SUM(tokens_in), 0), COALESCE(SUM(tokens_out), 0), COALESCE(SUM(cost_nanos), 0) \
                FROM usage_events GROUP BY 1, 2";
     let rows: Vec<SumRow> = if db_url.starts_with("sqlite:") {
-        let pool = sqlx::SqlitePool::connect(db_url).await.expect("sqlite");
+        let pool = crate::support::sqlite_pool(db_url).await;
         let r = sqlx::query_as(sql).fetch_all(&pool).await.expect("sums");
         pool.close().await;
         r
