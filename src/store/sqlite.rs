@@ -117,14 +117,16 @@ pub(crate) async fn connect(url: &str, options: &StoreOptions) -> Result<Pools, 
         .journal_mode(SqliteJournalMode::Wal)
         .synchronous(SqliteSynchronous::Full)
         .busy_timeout(Duration::from_secs(10))
-        .foreign_keys(true);
+        .foreign_keys(true)
+        .row_buffer_size(ROW_BUFFER);
     // The aggregates file first: the others attach it, so it must exist.
     let derived_opts = SqliteConnectOptions::new()
         .filename(&aggregates)
         .create_if_missing(true)
         .journal_mode(SqliteJournalMode::Wal)
         .synchronous(SqliteSynchronous::Normal)
-        .busy_timeout(Duration::from_secs(10));
+        .busy_timeout(Duration::from_secs(10))
+        .row_buffer_size(ROW_BUFFER);
     let derived = attaching(SqlitePoolOptions::new(), &main, "log")
         .max_connections(1)
         .acquire_timeout(options.acquire_timeout.max(Duration::from_secs(30)))
@@ -147,6 +149,13 @@ pub(crate) async fn connect(url: &str, options: &StoreOptions) -> Result<Pools, 
         statement_timeout: options.statement_timeout,
     })
 }
+
+/// Rows a statement's worker thread may hand over before the reading task
+/// takes them (sqlx's default is 50). A busy runtime takes a while to
+/// schedule the reading task, and the append's `RETURNING` (a row an event)
+/// and the fold's reads return thousands; every caller collects all rows
+/// anyway, so this bounds nothing a statement would not hold.
+const ROW_BUFFER: usize = 8_192;
 
 /// The main file's own tables (its migrations create them): every other
 /// table in it belongs to the aggregates file and is moved there once.
