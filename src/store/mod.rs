@@ -245,7 +245,7 @@ pub struct ReconcileRead {
 /// One connection pool's usage.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PoolStats {
-    /// `main`, `query`, `reader` or `writer`.
+    /// `main`, `query` (PostgreSQL); `writer`, `derived`, `reader` (SQLite).
     pub pool: &'static str,
     /// Open connections.
     pub size: u32,

@@ -185,6 +185,25 @@ pub(crate) const MAIN_TABLES: [&str; 23] = [
     "voided_events",
 ];
 
+/// `projection_checkpoints` as the main file's migrations left it, for an
+/// aggregates file that lost it (deleted to be rebuilt, or restored without
+/// it). Checked against the migrations by
+/// `store::sqlite::tests::a_lost_aggregates_file_gets_the_migrated_checkpoints_table`.
+const CHECKPOINTS: &str = "CREATE TABLE IF NOT EXISTS projection_checkpoints (
+    name           TEXT PRIMARY KEY,
+    spec_hash      TEXT NOT NULL,
+    spec           TEXT NOT NULL,
+    cursor_tx      INTEGER NOT NULL DEFAULT 0,
+    cursor_seq     INTEGER NOT NULL DEFAULT 0,
+    as_of          TEXT,
+    events_folded  INTEGER NOT NULL DEFAULT 0,
+    leader         TEXT,
+    lease_until_ms INTEGER NOT NULL DEFAULT 0,
+    created_at     TEXT NOT NULL,
+    updated_at     TEXT NOT NULL,
+    generation     INTEGER NOT NULL DEFAULT 0
+)";
+
 /// Moves the derived tables a main file holds (`projection_checkpoints`,
 /// which the main migrations create, and the projection tables of a
 /// database made before the aggregates file existed) to the aggregates
@@ -204,6 +223,9 @@ pub(crate) async fn move_derived_tables(p: &Pools) -> Result<(), StoreError> {
         .filter(|(name, _)| !MAIN_TABLES.contains(&name.as_str()))
         .collect();
     if moving.is_empty() {
+        // A new or lost aggregates file: its checkpoints start empty, and
+        // every projection is folded again from the log.
+        sqlx::query(CHECKPOINTS).execute(&p.derived).await?;
         return Ok(());
     }
     let mut tx = p.derived.begin_with("BEGIN IMMEDIATE").await?;
@@ -733,6 +755,48 @@ mod tests {
         assert_eq!(sync_of(&p.writer).await, 2, "the main file: FULL");
         assert_eq!(sync_of(&p.derived).await, 1, "the aggregates file: NORMAL");
         assert!(dir.path().join("t.aggregates.db").exists());
+    }
+
+    async fn checkpoint_columns(p: &Pools) -> Vec<(String, String, i64, Option<String>, i64)> {
+        sqlx::query_as(
+            "SELECT name, type, \"notnull\", dflt_value, pk \
+             FROM pragma_table_info('projection_checkpoints', 'main') ORDER BY cid",
+        )
+        .fetch_all(&p.derived)
+        .await
+        .expect("columns")
+    }
+
+    #[tokio::test]
+    async fn a_lost_aggregates_file_gets_the_migrated_checkpoints_table() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let url = format!("sqlite://{}", dir.path().join("t.db").display());
+        let open = || async {
+            let p = connect(&url, &StoreOptions::default())
+                .await
+                .expect("connect");
+            MIGRATOR.run(&p.writer).await.expect("migrate");
+            move_derived_tables(&p).await.expect("move");
+            p
+        };
+        let p = open().await;
+        let migrated = checkpoint_columns(&p).await;
+        assert!(migrated.len() >= 12, "{migrated:?}");
+        let in_main: Option<String> = sqlx::query_scalar(
+            "SELECT name FROM main.sqlite_master WHERE name = 'projection_checkpoints'",
+        )
+        .fetch_optional(&p.writer)
+        .await
+        .expect("main");
+        assert_eq!(in_main, None, "moved out of the main file");
+        p.writer.close().await;
+        p.derived.close().await;
+        p.reader.close().await;
+        for side in ["", "-wal", "-shm"] {
+            let _ = std::fs::remove_file(dir.path().join(format!("t.aggregates.db{side}")));
+        }
+        let p = open().await;
+        assert_eq!(checkpoint_columns(&p).await, migrated);
     }
 
     #[test]

@@ -444,7 +444,7 @@ async fn bulk_load(backend: Backend, url: &str, events: &[Event]) -> Result<Dura
             Ok(took)
         }
         Backend::Sqlite => {
-            let pool = sqlite_writer(url).await?;
+            let pool = sqlite_writer(url, true).await?;
             let now = tally::event::format_ts(&chrono::Utc::now());
             let started = Instant::now();
             let mut tx = pool.begin().await?;
@@ -517,11 +517,16 @@ async fn bulk_load_aggregates(
         Backend::Sqlite => {
             use sqlx::sqlite::SqliteConnectOptions;
             use std::str::FromStr;
-            let src_path = SqliteConnectOptions::from_str(from)?
-                .get_filename()
-                .display()
-                .to_string();
-            let pool = sqlite_writer(to).await?;
+            // Both sides' aggregates files, where `serve` writes these
+            // tables, with its settings for them (`synchronous = NORMAL`).
+            let aggregates = |url: &str| -> Result<std::path::PathBuf, BenchError> {
+                Ok(tally::store::sqlite::aggregates_path(
+                    SqliteConnectOptions::from_str(url)?.get_filename(),
+                ))
+            };
+            let src_path = aggregates(from)?.display().to_string();
+            let dst = format!("sqlite://{}", aggregates(to)?.display());
+            let pool = sqlite_writer(&dst, false).await?;
             sqlx::query("ATTACH DATABASE ? AS src")
                 .bind(&src_path)
                 .execute(&pool)
@@ -548,13 +553,18 @@ async fn bulk_load_aggregates(
     }
 }
 
-/// One connection to the SQLite file `url` with Tally's durable settings.
-async fn sqlite_writer(url: &str) -> Result<sqlx::SqlitePool, BenchError> {
+/// One connection to the SQLite file `url` with Tally's settings for it:
+/// `durable` (the main file) or not (the aggregates file).
+async fn sqlite_writer(url: &str, durable: bool) -> Result<sqlx::SqlitePool, BenchError> {
     use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqliteSynchronous};
     use std::str::FromStr;
     let options = SqliteConnectOptions::from_str(url)?
         .journal_mode(SqliteJournalMode::Wal)
-        .synchronous(SqliteSynchronous::Full);
+        .synchronous(if durable {
+            SqliteSynchronous::Full
+        } else {
+            SqliteSynchronous::Normal
+        });
     Ok(sqlx::sqlite::SqlitePoolOptions::new()
         .max_connections(1)
         .connect_with(options)

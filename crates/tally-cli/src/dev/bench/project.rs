@@ -395,7 +395,15 @@ impl Probe {
     pub(super) async fn connect(url: &str) -> Result<Self, BenchError> {
         Ok(match Backend::from_url(url)? {
             Backend::Postgres => Probe::Pg(sqlx::PgPool::connect(url).await?),
-            Backend::Sqlite => Probe::Sqlite(sqlx::SqlitePool::connect(url).await?),
+            Backend::Sqlite => {
+                // The probed tables are in the aggregates file beside it.
+                use std::str::FromStr;
+                let main = sqlx::sqlite::SqliteConnectOptions::from_str(url)?;
+                let options = sqlx::sqlite::SqliteConnectOptions::new()
+                    .filename(tally::store::sqlite::aggregates_path(main.get_filename()))
+                    .read_only(true);
+                Probe::Sqlite(sqlx::SqlitePool::connect_with(options).await?)
+            }
         })
     }
 
