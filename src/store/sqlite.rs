@@ -1,12 +1,14 @@
-//! What SQLite does its own way: one writer connection and a read-only pool,
-//! multi-row inserts of up to [`ROWS_PER_STATEMENT`] events, the log cursor
-//! `seq`, index re-creation after a swap, and a statement deadline enforced by
-//! a progress handler. Everything else is in the shared store modules, over
-//! [`super::db::Db`].
+//! What SQLite does its own way: two files (the main file and the
+//! aggregates file beside it), each with one writer connection, and a
+//! read-only pool that sees both; multi-row inserts of up to
+//! [`ROWS_PER_STATEMENT`] events, the log cursor `seq`, index re-creation
+//! after a swap, and a statement deadline enforced by a progress handler.
+//! Everything else is in the shared store modules, over [`super::db::Db`].
 //!
-//! Invariant: all writes go through the single-connection writer pool, so
-//! transactions commit one after another and `seq` (the rowid) order is commit
-//! order. The projector relies on this to use `seq` alone as its cursor.
+//! Invariant: every write of the main file goes through its single-connection
+//! writer pool, so the log's transactions commit one after another and `seq`
+//! (the rowid) order is commit order. The projector relies on this to use
+//! `seq` alone as its cursor.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
