@@ -101,7 +101,8 @@ impl Default for ProjectorConfig {
 
 /// Probabilities of aborting the process at the projector's crash points,
 /// set by `TALLY_FAILPOINTS=projector.before_commit=0.2,projector.after_commit=0.2`
-/// (and `restate.before_commit`, `restate.between_tiers`, `projector.drop_ring_feed`).
+/// (and `restate.before_commit`, `restate.between_tiers`, `restate.after_commit`,
+/// `projector.drop_ring_feed`, `projector.fail_background_commit`).
 /// Only the crash tests set them.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Failpoints {
@@ -113,6 +114,9 @@ pub struct Failpoints {
     pub restate_before_commit: f64,
     /// A restatement, after one tier's commit and before the next tier's.
     pub restate_between_tiers: f64,
+    /// A restatement on SQLite, after its last commit (aggregates file) and
+    /// before its queue row is deleted (main file).
+    pub restate_after_commit: f64,
     /// Not a crash: a committed minute slice is not handed to the alert
     /// ring, which must notice the gap and reload (`projector.drop_ring_feed`).
     pub drop_ring_feed: f64,
@@ -139,9 +143,10 @@ impl Failpoints {
                 "projector.after_commit" => f.after_commit = p,
                 "restate.before_commit" => f.restate_before_commit = p,
                 "restate.between_tiers" => f.restate_between_tiers = p,
+                "restate.after_commit" => f.restate_after_commit = p,
                 "projector.drop_ring_feed" => f.drop_ring_feed = p,
                 "projector.fail_background_commit" => f.fail_background_commit = p,
-                _ => return Err(format!("unknown failpoint `{name}`; known: projector.before_commit, projector.after_commit, restate.before_commit, restate.between_tiers, projector.drop_ring_feed, projector.fail_background_commit")),
+                _ => return Err(format!("unknown failpoint `{name}`; known: projector.before_commit, projector.after_commit, restate.before_commit, restate.between_tiers, restate.after_commit, projector.drop_ring_feed, projector.fail_background_commit")),
             }
         }
         Ok(f)

@@ -36,7 +36,8 @@ pub use jobs::Jobs;
 pub use leases::Leases;
 pub use log::EventLog;
 pub use prices::Prices;
-pub use projections::{EventChunk, Folded, Projections, Restating, READ_CHUNK, UPSERT_CHUNK};
+pub use projections::{
+    EventChunk, Finished, Folded, Projections, Restating, READ_CHUNK, UPSERT_CHUNK};
 pub use snapshot::{AlertSnapshot, LedgerRestored, LedgerSnapshot};
 pub use tail::{LogTail, TailStats, DEFAULT_TAIL_BYTES};
 pub use tokens::Tokens;

@@ -1187,6 +1187,17 @@ pub struct Folded {
     catalog: crate::aggregate::price::Catalog,
 }
 
+/// What is left to do once a restatement committed.
+#[must_use = "a queue row handed back must be deleted"]
+#[derive(Debug, PartialEq, Eq)]
+pub enum Finished {
+    /// Nothing: the queue row (if any) went with the commit.
+    Done,
+    /// Delete this queue row ([`crate::store::Corrections::done`]): the
+    /// restated rows are committed in another file than the queue.
+    Dequeue(i64),
+}
+
 /// A restatement being swapped in: one write transaction that holds a
 /// projection's checkpoint row (so no fold commits beside it) and has bumped
 /// its generation (so a batch read before it is refused and read again).
@@ -1504,22 +1515,28 @@ impl Restating {
 
     /// Commits, deleting the queue row `done`: in the same transaction on
     /// PostgreSQL (so a crash before it redoes the whole restatement, never
-    /// half of it); on SQLite, whose queue is in the main file, right after
-    /// the commit (a crash between redoes the whole restatement, which
-    /// computes the same rows again).
-    pub async fn finish(mut self, done: Option<i64>) -> Result<(), StoreError> {
-        let delete = |id| Sql::new("DELETE FROM restatements WHERE id = $1").bind(id);
+    /// half of it). SQLite's queue is in the main file, which this
+    /// transaction cannot write: the row is handed back as
+    /// [`Finished::Dequeue`] for the caller to delete after the commit (a
+    /// crash between redoes the whole restatement, which computes the same
+    /// rows again).
+    pub async fn finish(mut self, done: Option<i64>) -> Result<Finished, StoreError> {
         match (&self.folded.db, done) {
             (Db::Postgres(_), Some(id)) => {
-                self.tx.execute(delete(id)).await?;
-                self.tx.commit().await
+                self.tx
+                    .execute(Sql::new("DELETE FROM restatements WHERE id = $1").bind(id))
+                    .await?;
+                self.tx.commit().await?;
+                Ok(Finished::Done)
             }
             (Db::Sqlite(_), Some(id)) => {
                 self.tx.commit().await?;
-                self.folded.db.writer().execute(delete(id)).await?;
-                Ok(())
+                Ok(Finished::Dequeue(id))
             }
-            (_, None) => self.tx.commit().await,
+            (_, None) => {
+                self.tx.commit().await?;
+                Ok(Finished::Done)
+            }
         }
     }
 

@@ -175,7 +175,13 @@ async fn apply_held(store: &Store, held: Vec<(i64, Arc<Spec>, Prepared)>) {
             .await
             .expect("apply")
         {
-            Some(_) => r.finish(Some(id)).await.expect("finish"),
+            Some(_) => {
+                if let tally::store::Finished::Dequeue(id) =
+                    r.finish(Some(id)).await.expect("finish")
+                {
+                    store.corrections().done(id).await.expect("dequeue");
+                }
+            }
             None => r.abandon().await.expect("abandon"),
         }
     }
