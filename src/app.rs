@@ -144,6 +144,7 @@ impl App {
                 source,
             })?;
         let projector_config = server.projections.projector().map_err(AppError::Config)?;
+        crate::failpoint::arm(projector_config.failpoints);
         let projectors =
             open_projectors(&store, server.projections.projections_dir.as_deref()).await?;
         let health = Arc::new(Health::default());

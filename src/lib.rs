@@ -56,6 +56,7 @@ pub mod config;
 pub mod correction;
 pub mod duration;
 pub mod event;
+pub mod failpoint;
 pub mod health;
 pub mod http;
 pub mod ingest;

@@ -34,6 +34,7 @@
 //! `xmin`, every older mark with `xmax <= xmin` is fully folded, so its time
 //! is a true "everything committed before this is in the aggregates".
 
+pub use crate::failpoint::Failpoints;
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -96,64 +97,6 @@ impl Default for ProjectorConfig {
             coarse_every: COARSE_EVERY,
             tail_bytes: crate::store::DEFAULT_TAIL_BYTES,
         }
-    }
-}
-
-/// Probabilities of aborting the process at the projector's crash points,
-/// set by `TALLY_FAILPOINTS=projector.before_commit=0.2,projector.after_commit=0.2`
-/// (and `restate.before_commit`, `restate.between_tiers`, `restate.after_commit`,
-/// `projector.drop_ring_feed`, `projector.fail_background_commit`).
-/// Only the crash tests set them.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
-pub struct Failpoints {
-    /// Between writing the rows and committing.
-    pub before_commit: f64,
-    /// Right after the commit.
-    pub after_commit: f64,
-    /// A restatement, between writing its rows and committing.
-    pub restate_before_commit: f64,
-    /// A restatement, after one tier's commit and before the next tier's.
-    pub restate_between_tiers: f64,
-    /// A restatement on SQLite, after its last commit (aggregates file) and
-    /// before its queue row is deleted (main file).
-    pub restate_after_commit: f64,
-    /// Not a crash: a committed minute slice is not handed to the alert
-    /// ring, which must notice the gap and reload (`projector.drop_ring_feed`).
-    pub drop_ring_feed: f64,
-    /// Not a crash: a commit running in the background fails without
-    /// writing, a while after it began (as when its connection is lost);
-    /// the rows folded after it meanwhile must be read again
-    /// (`projector.fail_background_commit`).
-    pub fail_background_commit: f64,
-}
-
-impl Failpoints {
-    /// Parses `name=probability` pairs; unknown names are an error.
-    pub fn parse(text: &str) -> Result<Self, String> {
-        let mut f = Failpoints::default();
-        for pair in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-            let (name, p) = pair
-                .split_once('=')
-                .ok_or_else(|| format!("failpoint `{pair}`: expected name=probability"))?;
-            let p: f64 = p
-                .parse()
-                .map_err(|_| format!("failpoint `{pair}`: probability must be a number"))?;
-            match name {
-                "projector.before_commit" => f.before_commit = p,
-                "projector.after_commit" => f.after_commit = p,
-                "restate.before_commit" => f.restate_before_commit = p,
-                "restate.between_tiers" => f.restate_between_tiers = p,
-                "restate.after_commit" => f.restate_after_commit = p,
-                "projector.drop_ring_feed" => f.drop_ring_feed = p,
-                "projector.fail_background_commit" => f.fail_background_commit = p,
-                _ => return Err(format!("unknown failpoint `{name}`; known: projector.before_commit, projector.after_commit, restate.before_commit, restate.between_tiers, restate.after_commit, projector.drop_ring_feed, projector.fail_background_commit")),
-            }
-        }
-        Ok(f)
-    }
-
-    pub(super) fn fires(p: f64) -> bool {
-        p > 0.0 && rand::random::<f64>() < p
     }
 }
 
@@ -910,7 +853,7 @@ impl FoldGroup {
             };
             if let Ok(ApplyOutcome::Applied) = outcome {
                 if Failpoints::fires(self.failpoints.after_commit) {
-                    failpoint_abort("projector.after_commit");
+                    crate::failpoint::abort("projector.after_commit");
                 }
                 m.cursor = c.to;
                 m.committed(&c.tops);
@@ -1302,7 +1245,7 @@ impl FoldGroup {
         match outcome {
             ApplyOutcome::Applied => {
                 if Failpoints::fires(self.failpoints.after_commit) {
-                    failpoint_abort("projector.after_commit");
+                    crate::failpoint::abort("projector.after_commit");
                 }
                 for (&i, &(to, member_as_of)) in chosen.iter().zip(&commits) {
                     let m = &mut self.members[i];
@@ -1902,12 +1845,6 @@ async fn run_one(
     projector.run(config, owner, shutdown).await;
 }
 
-/// Test hook: stops the process the way `kill -9` would, at a named point.
-pub(super) fn failpoint_abort(point: &str) -> ! {
-    eprintln!("failpoint {point}: aborting");
-    std::process::abort()
-}
-
 fn crash_before_commit() {
-    failpoint_abort("projector.before_commit")
+    crate::failpoint::abort("projector.before_commit")
 }

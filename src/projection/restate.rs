@@ -46,13 +46,14 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use super::fold::Fold;
-use super::projector::{failpoint_abort, Announced, Failpoints, FoldSignal};
+use super::projector::{Announced, FoldSignal};
 use super::rebuild::{shadow_state, SHADOW_SUFFIX};
 use super::ProjectionError;
 use crate::aggregate::bucket::{bucket_start, next_bucket};
 use crate::aggregate::measures::{RowKey, Rows};
 use crate::aggregate::spec::{Dimension, Granularity, Spec, FOLD_MARGIN};
 use crate::backoff::Backoff;
+use crate::failpoint::{abort as failpoint_abort, Failpoints};
 use crate::store::corrections::{Restatement, Scope};
 use crate::store::{AggRow, Cursor, Finished, Folded, Restating, Store};
 

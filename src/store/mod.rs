@@ -37,7 +37,8 @@ pub use leases::Leases;
 pub use log::EventLog;
 pub use prices::Prices;
 pub use projections::{
-    EventChunk, Finished, Folded, Projections, Restating, READ_CHUNK, UPSERT_CHUNK};
+    EventChunk, Finished, Folded, Projections, Restating, READ_CHUNK, UPSERT_CHUNK,
+};
 pub use snapshot::{AlertSnapshot, LedgerRestored, LedgerSnapshot};
 pub use tail::{LogTail, TailStats, DEFAULT_TAIL_BYTES};
 pub use tokens::Tokens;

@@ -118,6 +118,28 @@ impl Projections {
         state: &str,
         suffix: &str,
     ) -> Result<ProjectionState, StoreError> {
+        // Tables from before the price catalog: their rows lack the new
+        // measures, so every bucket is restated (in month pieces). On
+        // PostgreSQL the restatement is queued in the transaction that adds
+        // the columns. SQLite's queue is in the main file, which that
+        // transaction cannot write: it is queued first, in its own commit,
+        // so a crash in between leaves the columns missing and the next
+        // start queues it again (restating twice changes nothing).
+        let live = state.split('~').next().unwrap_or(state).to_string();
+        if let Db::Sqlite(_) = self.db {
+            let mut stale = false;
+            for &g in &spec.granularities {
+                stale |= lacks_added_columns(&self.db, &table(spec, g, suffix)).await?;
+            }
+            if stale {
+                let mut tx = self.db.begin().await?;
+                queue_upgrade(&mut tx, &live).await?;
+                tx.commit().await?;
+                if crate::failpoint::Failpoints::fires(crate::failpoint::armed().upgrade_queued) {
+                    crate::failpoint::abort("store.upgrade_queued");
+                }
+            }
+        }
         let mut tx = self.db.begin_aggregates().await?;
         if let Tx::Postgres(tx) = &mut tx {
             postgres::ddl_lock(tx).await?;
@@ -129,12 +151,6 @@ impl Projections {
                 .await?;
             upgraded |= add_missing_columns(&mut tx, &self.db, &t).await?;
         }
-        // Tables from before the price catalog: their rows lack the new
-        // measures, so every bucket is restated (in month pieces). The queue
-        // is in the main file: on SQLite, queued after this commit.
-        // TODO(derived file): a crash between the two commits loses the
-        // queue row; queue first, or mark the upgrade in the checkpoint.
-        let live = state.split('~').next().unwrap_or(state).to_string();
         if upgraded && matches!(self.db, Db::Postgres(_)) {
             queue_upgrade(&mut tx, &live).await?;
         }
@@ -169,11 +185,6 @@ impl Projections {
             }
         }
         tx.commit().await?;
-        if upgraded && matches!(self.db, Db::Sqlite(_)) {
-            let mut tx = self.db.begin().await?;
-            queue_upgrade(&mut tx, &live).await?;
-            tx.commit().await?;
-        }
         Ok(found)
     }
 
@@ -692,8 +703,19 @@ async fn add_missing_columns(tx: &mut Tx, db: &Db, table: &str) -> Result<bool, 
     Ok(added)
 }
 
-/// One projection's share of [`Projections::apply_fold`] inside `tx`: the
-/// checkpoint's compare-and-set, then its tables.
+/// Whether `table` exists (in the aggregates file on SQLite) without some
+/// of [`ADDED_COLUMNS`].
+async fn lacks_added_columns(db: &Db, table: &str) -> Result<bool, StoreError> {
+    let have: Vec<String> = db
+        .derived_writer()
+        .fetch_all(Sql::new(sqlite::TABLE_COLUMNS).bind(table))
+        .await?
+        .iter()
+        .map(|r| r.get::<String, _>("name"))
+        .collect::<Result<_, _>>()?;
+    Ok(!have.is_empty() && ADDED_COLUMNS.iter().any(|c| !have.iter().any(|h| h == c)))
+}
+
 /// Queues the restatement of every bucket of `live`, whose tables gained
 /// measure columns their rows lack.
 async fn queue_upgrade(tx: &mut Tx, live: &str) -> Result<(), StoreError> {
@@ -709,6 +731,8 @@ async fn queue_upgrade(tx: &mut Tx, live: &str) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// One projection's share of [`Projections::apply_fold`] inside `tx`: the
+/// checkpoint's compare-and-set, then its tables.
 async fn apply_in(tx: &mut Tx, apply: &Apply<'_>) -> Result<ApplyOutcome, StoreError> {
     // The compare-and-set comes first: its row lock serialises every
     // writer of this projection until commit.

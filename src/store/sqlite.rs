@@ -214,6 +214,13 @@ const CHECKPOINTS: &str = "CREATE TABLE IF NOT EXISTS projection_checkpoints (
 /// has), then the main file's drop. A crash between leaves the table in
 /// both; the next start sees the copy and only drops.
 pub(crate) async fn move_derived_tables(p: &Pools) -> Result<(), StoreError> {
+    let moving = copy_derived_tables(p).await?;
+    drop_moved_tables(p, &moving).await
+}
+
+/// The first commit of [`move_derived_tables`]: copies the derived tables
+/// the aggregates file lacks and names every derived table of the main file.
+async fn copy_derived_tables(p: &Pools) -> Result<Vec<String>, StoreError> {
     let tables: Vec<(String, String)> = sqlx::query_as(
         "SELECT name, sql FROM main.sqlite_master WHERE type = 'table' AND sql IS NOT NULL \
          AND name NOT LIKE 'sqlite_%' ORDER BY name",
@@ -228,7 +235,7 @@ pub(crate) async fn move_derived_tables(p: &Pools) -> Result<(), StoreError> {
         // A new or lost aggregates file: its checkpoints start empty, and
         // every projection is folded again from the log.
         sqlx::query(CHECKPOINTS).execute(&p.derived).await?;
-        return Ok(());
+        return Ok(Vec::new());
     }
     let mut tx = p.derived.begin_with("BEGIN IMMEDIATE").await?;
     for (name, create) in &moving {
@@ -258,9 +265,21 @@ pub(crate) async fn move_derived_tables(p: &Pools) -> Result<(), StoreError> {
             sqlx::query(&create).execute(&mut *tx).await?;
         }
     }
+    // A lost aggregates file and a main file without checkpoints (moved
+    // already): folded again from the log.
+    sqlx::query(CHECKPOINTS).execute(&mut *tx).await?;
     tx.commit().await?;
+    Ok(moving.into_iter().map(|(name, _)| name).collect())
+}
+
+/// The second commit of [`move_derived_tables`]: drops the copied tables
+/// from the main file.
+async fn drop_moved_tables(p: &Pools, moving: &[String]) -> Result<(), StoreError> {
+    if moving.is_empty() {
+        return Ok(());
+    }
     let mut tx = p.writer.begin_with("BEGIN IMMEDIATE").await?;
-    for (name, _) in &moving {
+    for name in moving {
         sqlx::query(&format!("DROP TABLE main.\"{name}\""))
             .execute(&mut *tx)
             .await?;
@@ -799,6 +818,100 @@ mod tests {
         }
         let p = open().await;
         assert_eq!(checkpoint_columns(&p).await, migrated);
+    }
+
+    async fn names_in(pool: &SqlitePool, schema: &str) -> Vec<String> {
+        sqlx::query_scalar(&format!(
+            "SELECT type || ' ' || name FROM {schema}.sqlite_master \
+             WHERE name IN ('projection_checkpoints', 'by_x_hour', 'by_x_hour_k') ORDER BY name"
+        ))
+        .fetch_all(pool)
+        .await
+        .expect("names")
+    }
+
+    async fn close(p: Pools) {
+        p.writer.close().await;
+        p.derived.close().await;
+        p.reader.close().await;
+    }
+
+    /// A database of the one-file layout (its projection tables and
+    /// checkpoints in the main file, no aggregates file), opened by a process
+    /// that dies after the move's first commit (the copy) and before its
+    /// second (the drop): the next start only drops, and the aggregates
+    /// file holds each table once, with its rows and indexes.
+    #[tokio::test]
+    async fn a_crash_between_the_moves_two_commits_copies_nothing_twice() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let url = format!("sqlite://{}", dir.path().join("t.db").display());
+        let connected = || async {
+            let p = connect(&url, &StoreOptions::default())
+                .await
+                .expect("connect");
+            MIGRATOR.run(&p.writer).await.expect("migrate");
+            p
+        };
+        // The one-file layout, as an older Tally left it.
+        let p = connected().await;
+        move_derived_tables(&p).await.expect("move");
+        for sql in [
+            CHECKPOINTS,
+            "INSERT INTO main.projection_checkpoints \
+             (name, spec_hash, spec, cursor_seq, created_at, updated_at) \
+             VALUES ('by_x', 'h', '{}', 42, 't', 't')",
+            "CREATE TABLE main.by_x_hour (bucket TEXT NOT NULL, k TEXT NOT NULL, \
+             requests INTEGER NOT NULL, PRIMARY KEY (bucket, k))",
+            "CREATE INDEX main.by_x_hour_k ON by_x_hour (k)",
+            "INSERT INTO main.by_x_hour VALUES ('h1', 'a', 1), ('h1', 'b', 2), ('h2', 'a', 3)",
+        ] {
+            sqlx::query(sql).execute(&p.writer).await.expect(sql);
+        }
+        close(p).await;
+        for side in ["", "-wal", "-shm"] {
+            let _ = std::fs::remove_file(dir.path().join(format!("t.aggregates.db{side}")));
+        }
+        // Killed after the copy's commit.
+        let p = connected().await;
+        let moving = copy_derived_tables(&p).await.expect("copy");
+        assert_eq!(moving, ["by_x_hour", "projection_checkpoints"]);
+        assert_eq!(
+            names_in(&p.writer, "main").await.len(),
+            3,
+            "not dropped yet"
+        );
+        close(p).await;
+        // The next start.
+        let p = connected().await;
+        move_derived_tables(&p).await.expect("move after the crash");
+        assert!(names_in(&p.writer, "main").await.is_empty());
+        assert_eq!(
+            names_in(&p.derived, "main").await,
+            [
+                "table by_x_hour",
+                "index by_x_hour_k",
+                "table projection_checkpoints"
+            ]
+        );
+        let rows: Vec<(String, String, i64)> =
+            sqlx::query_as("SELECT bucket, k, requests FROM by_x_hour ORDER BY bucket, k")
+                .fetch_all(&p.derived)
+                .await
+                .expect("rows");
+        assert_eq!(
+            rows,
+            [
+                ("h1".into(), "a".into(), 1),
+                ("h1".into(), "b".into(), 2),
+                ("h2".into(), "a".into(), 3)
+            ]
+        );
+        let cursor: Vec<i64> =
+            sqlx::query_scalar("SELECT cursor_seq FROM projection_checkpoints WHERE name = 'by_x'")
+                .fetch_all(&p.derived)
+                .await
+                .expect("checkpoint");
+        assert_eq!(cursor, [42]);
     }
 
     #[test]

@@ -4,6 +4,7 @@
 
 use std::process::Command;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use serde_json::{json, Value};
@@ -15,6 +16,7 @@ use crate::projection::oracle::{
     append_all, assert_matches_priced_oracle, fold_all, oracle_charge, projector, seeded_events,
     shipped, OraclePrice,
 };
+use crate::support::proc::TallyProc;
 use crate::support::{self, TestServer};
 
 fn t(s: &str) -> DateTime<Utc> {
@@ -403,6 +405,112 @@ async fn tables_from_before_the_catalog_are_upgraded_sqlite() {
 #[tokio::test]
 async fn tables_from_before_the_catalog_are_upgraded_postgres() {
     old_tables_are_upgraded(Backend::Postgres).await;
+}
+
+/// Lag of every shipped projection's checkpoints (None: one is missing).
+async fn lag(store: &tally::store::Store) -> Option<i64> {
+    let states = store.projections().projection_states().await.ok()?;
+    let mut total = 0;
+    for spec in shipped() {
+        for name in spec.checkpoints() {
+            let s = states.iter().find(|s| s.name == name)?;
+            total += store.projections().events_after(s.cursor).await.ok()?;
+        }
+    }
+    Some(total)
+}
+
+/// Columns of `table` in the aggregates file.
+async fn columns(pool: &sqlx::SqlitePool, table: &str) -> Vec<String> {
+    sqlx::query_scalar("SELECT name FROM pragma_table_info($1, 'agg')")
+        .bind(table)
+        .fetch_all(pool)
+        .await
+        .expect("columns")
+}
+
+/// `kill -9` on SQLite while opening tables from before the catalog, after
+/// their restatement is queued (main file) and before the columns are added
+/// (aggregates file): the restart finds the columns still missing, adds
+/// them, restates, and every table equals the oracle. Queueing after adding
+/// the columns would lose the restatement here.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_while_upgrading_old_tables_still_restates_them_sqlite() {
+    let (url, _dir) = support::database(Backend::Sqlite, "upgrade_crash");
+    let store = support::open(&url).await;
+    let events = seeded_events("uc", 1500, 43);
+    append_all(&store, &events, 500).await;
+    let specs = shipped();
+    for spec in &specs {
+        let mut p = projector(&store, spec).await;
+        fold_all(&mut p, &store, 1000).await;
+    }
+    let pool = crate::support::sqlite_pool(&url).await;
+    let tables: Vec<String> = specs
+        .iter()
+        .flat_map(|s| s.granularities.iter().map(|&g| s.table(g)))
+        .collect();
+    for t in &tables {
+        for c in ["cost_from_catalog_nanos", "unpriced"] {
+            sqlx::query(&format!("ALTER TABLE {t} DROP COLUMN {c}"))
+                .execute(&pool)
+                .await
+                .expect("drop column");
+        }
+    }
+    let mut tally = TallyProc::prepared_http(
+        &url,
+        &[
+            ("TALLY_FAILPOINTS", "store.upgrade_queued=1"),
+            ("TALLY_LATE_ARRIVAL_HORIZON", "3650d"),
+            ("TALLY_RETENTION_REJECTED", "forever"),
+            ("TALLY_PROJECTOR_POLL", "20ms"),
+        ],
+    );
+    tally.launch();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while tally.running() {
+        assert!(Instant::now() < deadline, "the failpoint did not fire");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        tally.log_text().contains("failpoint store.upgrade_queued"),
+        "{}",
+        tally.log_text()
+    );
+    assert!(
+        !store
+            .corrections()
+            .pending(10)
+            .await
+            .expect("queue")
+            .is_empty(),
+        "the restatement is queued"
+    );
+    let mut missing = 0;
+    for t in &tables {
+        missing += usize::from(!columns(&pool, t).await.iter().any(|c| c == "unpriced"));
+    }
+    assert!(missing > 0, "the crash came before the columns were added");
+    tally.set_env("TALLY_FAILPOINTS", "");
+    tally.spawn().await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let queued = store.corrections().pending(10).await.expect("queue");
+        if queued.is_empty() && lag(&store).await == Some(0) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not restated after the restart");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tally.kill9();
+    for t in &tables {
+        assert!(
+            columns(&pool, t).await.iter().any(|c| c == "unpriced"),
+            "{t}"
+        );
+    }
+    assert_priced(&store, &events, &[]).await;
 }
 
 #[tokio::test]

@@ -40,9 +40,21 @@ impl TallyProc {
     }
 
     async fn start_with(db_url: &str, nats_url: Option<&str>, extra: &[(&str, &str)]) -> Self {
+        let mut p = Self::prepared(db_url, nats_url, extra);
+        p.spawn().await;
+        p
+    }
+
+    /// An HTTP-only process, set up but not started ([`TallyProc::launch`]
+    /// starts it without waiting: for one that dies at start-up).
+    pub fn prepared_http(db_url: &str, extra: &[(&str, &str)]) -> Self {
+        Self::prepared(db_url, None, extra)
+    }
+
+    fn prepared(db_url: &str, nats_url: Option<&str>, extra: &[(&str, &str)]) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let port = free_port().expect("free port");
-        let mut p = Self {
+        Self {
             child: None,
             base: format!("http://127.0.0.1:{port}"),
             log: dir.path().join("tally.log"),
@@ -54,9 +66,7 @@ impl TallyProc {
                 .collect(),
             port,
             _dir: dir,
-        };
-        p.spawn().await;
-        p
+        }
     }
 
     /// Sets (or replaces) an environment variable for the next launch.
