@@ -77,7 +77,8 @@ pub struct ProjectorConfig {
     pub wake: Option<Arc<tokio::sync::Notify>>,
     /// Longest the coarse tier's rows (day and month tables) wait in memory
     /// before they commit while events keep coming; they commit sooner once
-    /// the projector finds nothing new or they reach [`PENDING_MAX_ROWS`].
+    /// the projector has found nothing new for [`COARSE_IDLE_GRACE`] or they
+    /// reach [`PENDING_MAX_ROWS`].
     /// Zero: with every batch, like the fine tier.
     pub coarse_every: Duration,
     /// Bytes of the events this process appends kept for its projectors
@@ -625,8 +626,8 @@ impl Member {
     }
 
     /// Whether the pending rows commit now: their interval passed, or `now`
-    /// (the projector found nothing new, or the group's pending rows reached
-    /// [`PENDING_MAX_ROWS`]).
+    /// (the projector found nothing new for [`COARSE_IDLE_GRACE`], or the
+    /// group's pending rows reached [`PENDING_MAX_ROWS`]).
     fn due(&self, now: bool) -> bool {
         self.pending
             .as_ref()
@@ -652,6 +653,12 @@ pub struct FoldGroup {
     /// The next batch, read and folded while the previous one committed.
     prefetched: Option<Prepared>,
     last_write: Instant,
+    /// Since when every step found nothing new (`None`: the last one read
+    /// events).
+    idle_since: Option<Instant>,
+    /// Commit the coarse tiers at the first step that finds nothing new,
+    /// without [`COARSE_IDLE_GRACE`] ([`Projector::catch_up`]).
+    flush_idle: bool,
     failpoints: Failpoints,
     /// The price catalog events are costed with; `None`: load it before the
     /// next read. Loaded only after the members' generations were read, so
@@ -677,6 +684,10 @@ const HELD_BACK_NOTICE: Duration = Duration::from_secs(5);
 
 /// Most watermarks remembered while waiting for old transactions to finish.
 const MAX_MARKS: usize = 1024;
+
+/// How long a group finds nothing new before its coarse tiers commit
+/// their pending rows ahead of [`ProjectorConfig::coarse_every`].
+pub const COARSE_IDLE_GRACE: Duration = Duration::from_millis(500);
 
 /// An idle group persists a newer `as_of` at most this often.
 const IDLE_AS_OF_EVERY: Duration = Duration::from_millis(500);
@@ -737,6 +748,8 @@ impl FoldGroup {
             marks: VecDeque::new(),
             prefetched: None,
             last_write: Instant::now(),
+            idle_since: None,
+            flush_idle: false,
             failpoints: Failpoints::default(),
             catalog: None,
             signal: None,
@@ -1037,6 +1050,18 @@ impl FoldGroup {
         // rows are due commit them (the fine tier every step).
         let idle = caught_up && read == 0;
         let idle_write_due = self.last_write.elapsed() >= IDLE_AS_OF_EVERY;
+        // The coarse tier's rows wait for their interval while events keep
+        // coming; once none came for [`COARSE_IDLE_GRACE`], they commit.
+        // (Under a steady load the projector catches up between batches
+        // every few hundred milliseconds: committing then rewrote every
+        // active group's day and month rows about once a second.)
+        self.idle_since = match idle {
+            true => Some(self.idle_since.unwrap_or_else(Instant::now)),
+            false => None,
+        };
+        let settled = self
+            .idle_since
+            .is_some_and(|t| self.flush_idle || t.elapsed() >= COARSE_IDLE_GRACE);
         for ((&i, &to), delta) in leading.iter().zip(&to).zip(deltas) {
             self.members[i].absorb(to, delta, as_of, oldest);
         }
@@ -1048,7 +1073,7 @@ impl FoldGroup {
                 // One commit at a time: its next rows wait for it.
                 continue;
             }
-            if m.due(idle || full) {
+            if m.due(settled || full) {
                 chosen.push(i);
             } else if m.pending.is_none()
                 && idle_write_due
@@ -1655,6 +1680,8 @@ impl Projector {
                 marks: VecDeque::new(),
                 prefetched: None,
                 last_write: Instant::now(),
+                idle_since: None,
+                flush_idle: false,
                 failpoints: Failpoints::default(),
                 catalog: None,
                 signal: None,
@@ -1713,6 +1740,15 @@ impl Projector {
     /// any database) are waited for, not left out: a copy verified against
     /// its log right after would otherwise find them missing.
     pub async fn catch_up(&mut self, limit: i64) -> Result<u64, ProjectionError> {
+        // Everything there is, the coarse tier's rows too: they commit at
+        // the first step that finds nothing new.
+        self.group.flush_idle = true;
+        let folded = self.fold_everything(limit).await;
+        self.group.flush_idle = false;
+        folded
+    }
+
+    async fn fold_everything(&mut self, limit: i64) -> Result<u64, ProjectionError> {
         let mut total = 0u64;
         let mut wait = HELD_BACK_RETRY;
         let mut waited = Duration::ZERO;

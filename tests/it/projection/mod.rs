@@ -719,6 +719,49 @@ async fn the_coarse_tier_waits_under_its_own_checkpoint_and_a_crash_loses_nothin
     assert_matches_oracle(store, &spec, &events).await;
 }
 
+/// Caught up, the projector does not commit the coarse tier's rows at its
+/// first step that finds nothing new (under a steady load it catches up
+/// between batches, and committing then rewrote every active group's day
+/// and month rows about once a second), but once it has found nothing for
+/// [`tally::projection::projector::COARSE_IDLE_GRACE`].
+async fn the_coarse_tier_commits_once_the_projector_stays_idle(s: &TestStore) {
+    let store = &s.store;
+    let spec = spec("by_key");
+    let events = seeded_events("idle", 300, 6);
+    append_all(store, &events, 100).await;
+    let mut p = projector(store, &spec)
+        .await
+        .with_coarse_every(Duration::from_secs(3600));
+    let mut folded = 0;
+    while folded < 300 {
+        folded += p.step(1000).await.expect("step").folded;
+    }
+    // Idle for half the grace (250 ms), stepping as the projector does (a
+    // commit started by one step lands by a later one).
+    let idle_from = std::time::Instant::now();
+    while idle_from.elapsed() < Duration::from_millis(250) {
+        assert_eq!(p.step(1000).await.expect("idle step").folded, 0);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(requests_in(store, &spec, Granularity::Hour).await, 300);
+    assert_eq!(
+        requests_in(store, &spec, Granularity::Day).await,
+        0,
+        "the coarse rows committed at the first idle step"
+    );
+    tokio::time::sleep(tally::projection::projector::COARSE_IDLE_GRACE).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while requests_in(store, &spec, Granularity::Day).await != 300 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the coarse rows never committed while idle"
+        );
+        p.step(1000).await.expect("step");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_matches_oracle(store, &spec, &events).await;
+}
+
 /// A checkpoint written before tiers (one row with the whole spec's hash,
 /// every table committed with it) is split when a tiered projector opens it:
 /// both tiers start at its cursor, nothing is folded again, and a fold by an
@@ -1022,6 +1065,7 @@ both_backends!(
     known_sketches_skip_rows_retention_may_delete,
     a_fold_gives_way_to_a_waiting_restatement_once_between_commits,
     the_coarse_tier_waits_under_its_own_checkpoint_and_a_crash_loses_nothing,
+    the_coarse_tier_commits_once_the_projector_stays_idle,
     a_checkpoint_from_before_tiers_is_split_without_folding_again,
     an_apply_larger_than_one_statement_writes_every_chunk,
     an_ingested_event_wakes_a_sleeping_projector,
