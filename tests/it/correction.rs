@@ -9,7 +9,9 @@ use tally::aggregate::spec::load_dir;
 use tally::event::Event;
 use tally::store::Backend;
 
-use crate::projection::oracle::{append_all, assert_matches_oracle, seeded_events};
+use crate::projection::oracle::{
+    append_all, assert_matches_oracle, lag, seeded_events, wait_restated,
+};
 use crate::support::proc::TallyProc;
 use crate::support::{self, TestServer};
 
@@ -408,15 +410,7 @@ async fn a_crash_mid_restatement_redoes_it(backend: Backend, failpoint: &str) {
     events.extend(later);
     tally.set_env("TALLY_FAILPOINTS", "");
     tally.spawn().await;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let queued = store.corrections().pending(10).await.expect("queue");
-        if queued.is_empty() && lag(&store).await == Some(0) {
-            break;
-        }
-        assert!(Instant::now() < deadline, "not restated after the restart");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_restated(&store).await;
     tally.kill9();
     let voided: HashSet<String> = events
         .iter()
@@ -480,19 +474,6 @@ async fn snapshot(store: &tally::store::Store) -> Vec<String> {
         }
     }
     out
-}
-
-/// Lag of every shipped projection (None: a checkpoint is missing).
-async fn lag(store: &tally::store::Store) -> Option<i64> {
-    let states = store.projections().projection_states().await.ok()?;
-    let mut total = 0;
-    for spec in specs() {
-        for name in spec.checkpoints() {
-            let s = states.iter().find(|s| s.name == name)?;
-            total += store.projections().events_after(s.cursor).await.ok()?;
-        }
-    }
-    Some(total)
 }
 
 async fn wait_caught_up(store: &tally::store::Store) {

@@ -14,7 +14,7 @@ use tally::store::Backend;
 
 use crate::projection::oracle::{
     append_all, assert_matches_priced_oracle, fold_all, oracle_charge, projector, seeded_events,
-    shipped, OraclePrice,
+    shipped, wait_restated, OraclePrice,
 };
 use crate::support::proc::TallyProc;
 use crate::support::{self, TestServer};
@@ -407,19 +407,6 @@ async fn tables_from_before_the_catalog_are_upgraded_postgres() {
     old_tables_are_upgraded(Backend::Postgres).await;
 }
 
-/// Lag of every shipped projection's checkpoints (None: one is missing).
-async fn lag(store: &tally::store::Store) -> Option<i64> {
-    let states = store.projections().projection_states().await.ok()?;
-    let mut total = 0;
-    for spec in shipped() {
-        for name in spec.checkpoints() {
-            let s = states.iter().find(|s| s.name == name)?;
-            total += store.projections().events_after(s.cursor).await.ok()?;
-        }
-    }
-    Some(total)
-}
-
 /// Columns of `table` in the aggregates file.
 async fn columns(pool: &sqlx::SqlitePool, table: &str) -> Vec<String> {
     sqlx::query_scalar("SELECT name FROM pragma_table_info($1, 'agg')")
@@ -494,15 +481,7 @@ async fn a_crash_while_upgrading_old_tables_still_restates_them_sqlite() {
     assert!(missing > 0, "the crash came before the columns were added");
     tally.set_env("TALLY_FAILPOINTS", "");
     tally.spawn().await;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let queued = store.corrections().pending(10).await.expect("queue");
-        if queued.is_empty() && lag(&store).await == Some(0) {
-            break;
-        }
-        assert!(Instant::now() < deadline, "not restated after the restart");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_restated(&store).await;
     tally.kill9();
     for t in &tables {
         assert!(

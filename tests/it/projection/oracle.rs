@@ -490,3 +490,33 @@ pub async fn fold_all(p: &mut Projector, store: &Store, limit: i64) {
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
 }
+
+/// Lag of every shipped projection's checkpoints (None: one is missing).
+pub async fn lag(store: &Store) -> Option<i64> {
+    let states = store.projections().projection_states().await.ok()?;
+    let mut total = 0;
+    for spec in shipped() {
+        for name in spec.checkpoints() {
+            let s = states.iter().find(|s| s.name == name)?;
+            total += store.projections().events_after(s.cursor).await.ok()?;
+        }
+    }
+    Some(total)
+}
+
+/// Waits (up to a minute) until no restatement is queued and every shipped
+/// projection has folded the whole log: what a restarted `serve` does.
+pub async fn wait_restated(store: &Store) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let queued = store.corrections().pending(10).await.expect("queue");
+        if queued.is_empty() && lag(store).await == Some(0) {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not restated after the restart"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
