@@ -1416,6 +1416,10 @@ impl FoldGroup {
                             }
                             .clamp(HELD_BACK_RETRY, most.max(HELD_BACK_RETRY));
                             held_back_wait
+                        } else if self.members.iter().any(|m| m.pending.is_some()) {
+                            // Rows wait for the idle grace: look again then,
+                            // whatever the poll interval.
+                            config.poll_interval.min(COARSE_IDLE_GRACE)
                         } else {
                             config.poll_interval
                         };
