@@ -19,8 +19,8 @@ pub struct Failpoints {
     pub restate_before_commit: f64,
     /// A restatement, after one tier's commit and before the next tier's.
     pub restate_between_tiers: f64,
-    /// A restatement on SQLite, after its last commit (aggregates file) and
-    /// before its queue row is deleted (main file).
+    /// A restatement on SQLite that wrote rows, after its last commit
+    /// (aggregates file) and before its queue row is deleted (main file).
     pub restate_after_commit: f64,
     /// SQLite, opening a projection whose tables lack measure columns: after
     /// queueing its restatement (main file), before adding the columns
