@@ -5,22 +5,9 @@ use std::time::{Duration, Instant};
 
 use tally::store::{Backend, Store};
 
-use super::oracle::{append_all, assert_matches_oracle, seeded_events, shipped};
+use super::oracle::{append_all, assert_matches_oracle, lag, seeded_events, shipped};
 use crate::support::proc::TallyProc;
 use crate::support::{database, open};
-
-/// Lag of every shipped projection, 0 when all caught up (None: no checkpoint yet).
-async fn total_lag(store: &Store) -> Option<i64> {
-    let states = store.projections().projection_states().await.ok()?;
-    let mut lag = 0;
-    for spec in shipped() {
-        for name in spec.checkpoints() {
-            let s = states.iter().find(|s| s.name == name)?;
-            lag += store.projections().events_after(s.cursor).await.ok()?;
-        }
-    }
-    Some(lag)
-}
 
 async fn crash_points_never_lose_or_double_count(backend: Backend) {
     let (url, _dir) = database(backend, "crash");
@@ -60,13 +47,13 @@ async fn crash_points_never_lose_or_double_count(backend: Backend) {
         let after = log.matches("failpoint projector.after_commit").count();
         // Enough crashes of each kind, then caught up. (Once the stream is
         // folded, the idle `as_of` commits keep hitting the failpoints.)
-        if total_lag(&store).await == Some(0) && before >= 2 && after >= 2 && restarts >= 5 {
+        if lag(&store).await == Some(0) && before >= 2 && after >= 2 && restarts >= 5 {
             break;
         }
         assert!(
             Instant::now() < deadline,
             "not caught up after 180s ({restarts} restarts, {before} before-commit and {after} after-commit crashes, lag {:?})",
-            total_lag(&store).await
+            lag(&store).await
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -120,7 +107,7 @@ async fn two_instances_fold_one_at_a_time_and_take_over(backend: Backend) {
     let mut events = seeded_events("two", 3000, 12);
     append_all(&store, &events, 200).await;
     let deadline = Instant::now() + Duration::from_secs(60);
-    while total_lag(&store).await != Some(0) {
+    while lag(&store).await != Some(0) {
         assert!(Instant::now() < deadline, "two instances did not catch up");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -186,7 +173,7 @@ async fn two_instances_fold_one_at_a_time_and_take_over(backend: Backend) {
                 .and_then(|s| s.leader.as_deref())
                 .is_some_and(|l| l.contains(&survivor))
         });
-        if all_led_by_survivor && total_lag(&store).await == Some(0) {
+        if all_led_by_survivor && lag(&store).await == Some(0) {
             break;
         }
         assert!(
@@ -269,7 +256,7 @@ async fn a_kill_with_coarse_rows_pending_loses_nothing(backend: Backend) {
     }
     tally.launch();
     let deadline = Instant::now() + Duration::from_secs(60);
-    while total_lag(&store).await != Some(0) {
+    while lag(&store).await != Some(0) {
         assert!(Instant::now() < deadline, "not caught up after the restart");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -312,7 +299,7 @@ async fn a_background_commit_that_fails_is_folded_again(backend: Backend) {
         tokio::time::sleep(Duration::from_millis(4)).await;
     }
     let deadline = Instant::now() + Duration::from_secs(120);
-    while total_lag(&store).await != Some(0) {
+    while lag(&store).await != Some(0) {
         assert!(Instant::now() < deadline, "not caught up");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
